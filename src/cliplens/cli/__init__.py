@@ -1,0 +1,1 @@
+"""The `cliplens` command: parse input, call the library, format output."""

@@ -1,0 +1,61 @@
+"""Entry point: one Typer app; cliplens errors become one-line messages and exit codes."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from cliplens.cli import classify, datasets, models
+from cliplens.errors import ClipLensError
+
+app = typer.Typer(
+    name="cliplens",
+    help="CLIP toolkit: zero-shot classification, photo search, moderation and more.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+app.command("classify")(classify.classify_command)
+app.add_typer(models.app, name="models")
+app.add_typer(datasets.app, name="datasets")
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", help="Print the version and exit."),
+) -> None:
+    if version:
+        from cliplens import __version__
+
+        typer.echo(__version__)
+        raise typer.Exit()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns the exit code instead of a traceback for every cliplens error."""
+    try:
+        app(args=argv, prog_name="cliplens", standalone_mode=False)
+    except ClipLensError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except typer.Exit as e:
+        return e.exit_code
+    except typer.Abort:
+        print("aborted", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # click usage errors and the like
+        import click
+
+        if isinstance(e, click.ClickException):
+            e.show()
+            return e.exit_code
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Small datasets for tests, demos and docs, made or installed, never downloaded."""

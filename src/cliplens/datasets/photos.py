@@ -1,0 +1,50 @@
+"""Real photos that scikit-image ships, written out as a folder for the demo and tests."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from cliplens.errors import DependencyMissingError
+
+# file name -> (scikit-image function, what it shows: the label a classifier should give)
+PHOTOS: dict[str, tuple[str, str]] = {
+    "cat.jpg": ("chelsea", "cat"),
+    "coffee.jpg": ("coffee", "coffee"),
+    "rocket.jpg": ("rocket", "rocket"),
+    "astronaut.jpg": ("astronaut", "astronaut"),
+    "motorcycle.jpg": ("stereo_motorcycle", "motorcycle"),
+    "cameraman.png": ("camera", "camera"),
+    "coins.png": ("coins", "coins"),
+    "moon.png": ("moon", "moon"),
+    "brick.png": ("brick", "brick wall"),
+    "hubble.jpg": ("hubble_deep_field", "galaxy"),
+    "page.png": ("page", "text"),
+}
+
+
+def write_photos(out_dir: str | os.PathLike) -> list[Path]:
+    """Write the photos (JPEG for colour photos, PNG for the rest); returns the paths."""
+    try:
+        from skimage import data
+    except ImportError as e:
+        raise DependencyMissingError(
+            "the demo photos come from scikit-image: pip install scikit-image"
+        ) from e
+    from PIL import Image
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, (func, _) in PHOTOS.items():
+        pixels = getattr(data, func)()
+        if func == "stereo_motorcycle":
+            pixels = pixels[0]  # (left, right, disparity)
+        path = out / name
+        Image.fromarray(pixels).save(path, **({"quality": 92} if path.suffix == ".jpg" else {}))
+        written.append(path)
+    return written
+
+
+def expected_labels() -> dict[str, str]:
+    return {name: label for name, (_, label) in PHOTOS.items()}

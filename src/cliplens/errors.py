@@ -1,0 +1,90 @@
+"""Typed errors. Every message is one line that names the input and says what to do.
+
+The library raises these and never exits or prints; the CLI and the server turn them
+into exit codes, one-line messages and HTTP statuses at the edge.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class ClipLensError(Exception):
+    """Base class: anything cliplens raises on purpose."""
+
+    #: exit code the CLI uses for this kind of error
+    exit_code: int = 1
+
+
+class InvalidInputError(ClipLensError, ValueError):
+    """An argument the caller gave cannot be used (empty labels, bad template...)."""
+
+    exit_code = 2
+
+
+class DependencyMissingError(ClipLensError, ImportError):
+    """An optional package a feature needs is not installed."""
+
+
+# ---------------------------------------------------------------- models
+
+
+class ModelError(ClipLensError):
+    """Base class for model loading problems."""
+
+
+class UnknownModelError(ModelError, InvalidInputError):
+    """The model name does not match any known form."""
+
+    exit_code = 2
+
+
+class ModelUnavailableError(ModelError):
+    """Weights could not be fetched (no network, hub down, gated repo...)."""
+
+    def __init__(self, name: str, cache_dir: Path, reason: str) -> None:
+        self.name, self.cache_dir, self.reason = name, cache_dir, reason
+        super().__init__(
+            f"cannot fetch weights for model '{name}' ({reason}); they are cached under "
+            f"{cache_dir} once downloaded. Without network use '--model offline' (bundled, "
+            f"no download) or '--model local:PATH' (a checkpoint you already have)"
+        )
+
+
+class ModelIntegrityError(ModelError):
+    """A weights file does not have the checksum it must have."""
+
+
+# ---------------------------------------------------------------- images
+
+
+class ImageError(ClipLensError):
+    """An image could not be read. `path` names it, `reason` says why in a few words."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        self.path, self.reason = path, reason
+        super().__init__(f"{path}: {reason}")
+
+
+class ImageNotFoundError(ImageError):
+    pass
+
+
+class EmptyImageError(ImageError):
+    pass
+
+
+class NotAnImageError(ImageError):
+    pass
+
+
+class UnsupportedImageError(ImageError):
+    pass
+
+
+class TruncatedImageError(ImageError):
+    pass
+
+
+class ImageTooLargeError(ImageError):
+    pass

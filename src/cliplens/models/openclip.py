@@ -1,0 +1,321 @@
+"""PyTorch backend through open_clip: OpenAI CLIP, OpenCLIP, SigLIP, MobileCLIP and friends."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cliplens.device import Precision
+from cliplens.errors import InvalidInputError, ModelError, ModelUnavailableError
+from cliplens.models.base import Encoder, ModelInfo, Preprocessing
+from cliplens.models.weights import combined_digest
+from cliplens.settings import get_settings
+
+CHECKPOINT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
+# open_clip's file names for weights on the hub, safetensors first
+HUB_WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+
+
+class OpenClipEncoder(Encoder):
+    def __init__(self, model: Any, tokenizer: Callable, info: ModelInfo) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.info = info
+        self._device = torch.device(info.device)
+        self._dtype = Precision(info.precision).dtype
+
+    def _encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_image(pixels.to(self._device, self._dtype))
+
+    def _encode_text_batch(self, texts: list[str]) -> torch.Tensor:
+        tokens = self.tokenizer(texts).to(self._device)
+        return self.model.encode_text(tokens)
+
+    @classmethod
+    def from_model(
+        cls,
+        model: Any,
+        tokenizer: Callable,
+        *,
+        name: str,
+        arch: str,
+        model_id: str,
+        device: torch.device,
+        precision: Precision,
+        weights: tuple[Path, ...] = (),
+    ) -> OpenClipEncoder:
+        """Wrap an open_clip model (already built) as an Encoder on a device and precision."""
+        model = model.to(device=device, dtype=precision.dtype).eval()
+        model.requires_grad_(False)
+        pp = dict(model.visual.preprocess_cfg)
+        size = pp.get("size", 224)
+        size = size if isinstance(size, int) else int(size[0])
+        logit_bias = getattr(model, "logit_bias", None)
+        info = ModelInfo(
+            name=name,
+            model_id=model_id,
+            arch=arch,
+            dim=_embed_dim(model),
+            preprocessing=Preprocessing(
+                image_size=size,
+                resize_size=size,
+                mean=tuple(pp.get("mean", (0.48145466, 0.4578275, 0.40821073))),
+                std=tuple(pp.get("std", (0.26862954, 0.26130258, 0.27577711))),
+                interpolation=pp.get("interpolation", "bicubic"),
+                resize_mode=pp.get("resize_mode", "shortest"),
+            ),
+            logit_scale=float(model.logit_scale.exp().item()),
+            logit_bias=float(logit_bias.item()) if logit_bias is not None else None,
+            context_length=getattr(model, "context_length", None),
+            weights=weights,
+            n_params=sum(p.numel() for p in model.parameters()),
+            device=str(device),
+            precision=precision.value,
+        )
+        return cls(model, tokenizer, info)
+
+
+def _embed_dim(model: Any) -> int:
+    with torch.inference_mode():
+        proj = getattr(model, "text_projection", None)
+        if isinstance(proj, torch.Tensor):
+            return int(proj.shape[-1])
+        tokens = torch.zeros(1, getattr(model, "context_length", 77) or 77, dtype=torch.long)
+        return int(model.encode_text(tokens.to(next(model.parameters()).device)).shape[-1])
+
+
+def _short_reason(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    text = text if len(text) <= 200 else text[:197] + "..."
+    return type(e).__name__ + (f": {text}" if text else "")
+
+
+# ---------------------------------------------------------------- weights on the hub
+
+
+def cached_weights(arch: str, tag: str) -> Path | None:
+    """The weights file for arch:tag if it is already in the cache (no network)."""
+    import open_clip
+    from huggingface_hub import try_to_load_from_cache
+
+    cfg = open_clip.get_pretrained_cfg(arch, tag)
+    cache = str(get_settings().model_cache)
+    if cfg.get("hf_hub"):
+        # 'org/repo/' means the default file names; 'org/repo/file.bin' names one
+        repo, filename = os.path.split(cfg["hf_hub"])
+        for fn in (filename,) if filename else HUB_WEIGHT_FILES:
+            hit = try_to_load_from_cache(repo, fn, cache_dir=cache)
+            if isinstance(hit, str):
+                return Path(hit)
+    elif cfg.get("url"):
+        path = Path(cache) / os.path.basename(cfg["url"])
+        if path.is_file():
+            return path
+    return None
+
+
+def _check_hub_reachable(name: str, cache: Path, url: str | None = None) -> None:
+    """Fail in milliseconds when offline, instead of the hub client's minute of retries."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        raise ModelUnavailableError(name, cache, "HF_HUB_OFFLINE is set")
+    host = urlparse(url or constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError as e:
+        raise ModelUnavailableError(name, cache, f"no network: cannot resolve {host}") from e
+
+
+def fetch_weights(name: str, arch: str, tag: str) -> Path:
+    import open_clip
+
+    hit = cached_weights(arch, tag)
+    if hit is not None:
+        return hit
+    cache = get_settings().model_cache
+    cfg = open_clip.get_pretrained_cfg(arch, tag)
+    _check_hub_reachable(name, cache, None if cfg.get("hf_hub") else cfg.get("url"))
+    cache.mkdir(parents=True, exist_ok=True)
+    try:
+        path = open_clip.download_pretrained(cfg, cache_dir=str(cache))
+    except Exception as e:  # network, hub, auth: all mean "could not fetch"
+        raise ModelUnavailableError(name, cache, _short_reason(e)) from e
+    if not path:
+        raise ModelUnavailableError(name, cache, "open_clip names no download for this tag")
+    return Path(path)
+
+
+# ---------------------------------------------------------------- loaders
+
+
+def load_pretrained(
+    name: str, arch: str, pretrained: str, device: torch.device, precision: Precision
+) -> OpenClipEncoder:
+    """`arch:tag` (downloaded and cached) or `arch:PATH` (a state-dict file for that arch)."""
+    import open_clip
+
+    tag_cfg = open_clip.get_pretrained_cfg(arch, pretrained)
+    kwargs: dict[str, Any] = {}
+    if tag_cfg:
+        weights = fetch_weights(name, arch, pretrained)
+        kwargs["force_preprocess_cfg"] = {
+            k: tag_cfg[k] for k in ("mean", "std", "interpolation", "resize_mode") if k in tag_cfg
+        }
+        if tag_cfg.get("quick_gelu"):
+            kwargs["force_quick_gelu"] = True
+        tag_id = pretrained
+    else:
+        weights = Path(pretrained).expanduser()
+        if not weights.is_file():
+            raise InvalidInputError(
+                f"model '{name}': '{pretrained}' is neither a weights tag of {arch} nor a file; "
+                f"see 'cliplens models' for tags"
+            )
+        tag_id = "file"
+    model = _create(name, arch, pretrained=str(weights), **kwargs)
+    tokenizer = open_clip.get_tokenizer(arch)
+    model_id = f"{arch}:{tag_id}@{combined_digest([weights])}"
+    return OpenClipEncoder.from_model(
+        model, tokenizer, name=name, arch=arch, model_id=model_id, device=device,
+        precision=precision, weights=(weights,),
+    )
+
+
+def load_hub(name: str, repo: str, device: torch.device, precision: Precision) -> OpenClipEncoder:
+    """`hf-hub:org/name`: an open_clip model published on the Hugging Face hub."""
+    import open_clip
+    from huggingface_hub import try_to_load_from_cache
+
+    cache = get_settings().model_cache
+    if try_to_load_from_cache(repo, "open_clip_config.json", cache_dir=str(cache)) is None:
+        _check_hub_reachable(name, cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    try:
+        model = open_clip.create_model(f"hf-hub:{repo}", cache_dir=str(cache))
+        tokenizer = open_clip.get_tokenizer(f"hf-hub:{repo}", cache_dir=str(cache))
+    except Exception as e:
+        raise ModelUnavailableError(name, cache, _short_reason(e)) from e
+    weights = tuple(
+        Path(hit) for fn in HUB_WEIGHT_FILES
+        if isinstance(hit := try_to_load_from_cache(repo, fn, cache_dir=str(cache)), str)
+    )[:1]
+    digest = combined_digest(weights) if weights else "unknown"
+    return OpenClipEncoder.from_model(
+        model, tokenizer, name=name, arch=f"hf-hub:{repo}", model_id=f"hf-hub:{repo}@{digest}",
+        device=device, precision=precision, weights=weights,
+    )
+
+
+LOCAL_FILE_FORMAT = "cliplens-checkpoint"
+
+
+def load_local(name: str, path: Path, device: torch.device, precision: Precision) -> OpenClipEncoder:
+    """`local:PATH`: a checkpoint that records its own architecture.
+
+    Either a folder in open_clip's layout (open_clip_config.json + weights; what
+    open_clip's `local-dir:` and the hub use, and what `cliplens train` writes), or a
+    single file saved by `save_checkpoint` ({"format", "model_cfg", "state_dict"}).
+    """
+    import open_clip
+
+    path = path.expanduser()
+    if path.is_dir():
+        config = path / "open_clip_config.json"
+        if not config.is_file():
+            raise InvalidInputError(
+                f"model '{name}': folder {path} has no open_clip_config.json; save checkpoints "
+                f"with cliplens.models.save_checkpoint or open_clip's hub layout"
+            )
+        weights = tuple(p for p in sorted(path.iterdir()) if p.suffix in CHECKPOINT_SUFFIXES)
+        if not weights:
+            raise InvalidInputError(f"model '{name}': folder {path} holds no weights file")
+        arch = json.loads(config.read_text()).get("model_cfg", {}).get("arch", path.name)
+        model = _create(name, f"local-dir:{path}")
+        tokenizer = open_clip.get_tokenizer(f"local-dir:{path}")
+    elif path.is_file():
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(ckpt, dict) or ckpt.get("format") != LOCAL_FILE_FORMAT:
+            raise InvalidInputError(
+                f"model '{name}': {path} does not record its architecture; load a bare "
+                f"state dict as 'ARCH:{path}' (e.g. ViT-B-32:{path})"
+            )
+        arch = ckpt.get("arch", "custom")
+        model, tokenizer = _build_from_cfg(name, ckpt["model_cfg"], ckpt.get("preprocess_cfg"))
+        model.load_state_dict(ckpt["state_dict"])
+        weights = (path,)
+    else:
+        raise InvalidInputError(f"model '{name}': {path} does not exist")
+    model_id = f"local:{arch}@{combined_digest(weights)}"
+    return OpenClipEncoder.from_model(
+        model, tokenizer, name=name, arch=arch, model_id=model_id, device=device,
+        precision=precision, weights=weights,
+    )
+
+
+def _build_from_cfg(name: str, model_cfg: dict, preprocess_cfg: dict | None) -> tuple[Any, Callable]:
+    """An open_clip CLIP with its own tokenizer, from a config dict (single-file checkpoints)."""
+    from dataclasses import asdict
+
+    import open_clip
+    from open_clip.transform import PreprocessCfg
+
+    cfg = {k: v for k, v in model_cfg.items() if k != "arch"}
+    if "hf_model_name" in cfg.get("text_cfg", {}) or "multimodal_cfg" in cfg:
+        raise InvalidInputError(
+            f"model '{name}': single-file checkpoints hold CLIP-style text towers only; save "
+            f"this model as a folder with save_checkpoint"
+        )
+    model = open_clip.CLIP(**cfg)
+    pp = {**asdict(PreprocessCfg()), **(preprocess_cfg or {}), "size": model.visual.image_size}
+    model.visual.preprocess_cfg = pp
+    context = cfg.get("text_cfg", {}).get("context_length", 77)
+    return model, open_clip.tokenizer.SimpleTokenizer(context_length=context)
+
+
+def save_checkpoint(
+    model: Any,
+    path: str | os.PathLike,
+    model_cfg: dict,
+    arch: str,
+    preprocess_cfg: dict | None = None,
+) -> Path:
+    """Write `model` so that `load_model("local:PATH")` loads it for every task.
+
+    A folder gets open_clip's layout (open_clip_config.json + safetensors, which open_clip's
+    own `local-dir:` also reads); a path ending in .pt gets one self-describing file.
+    """
+    path = Path(path)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    if path.suffix == ".pt":
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(
+            {"format": LOCAL_FILE_FORMAT, "arch": arch, "model_cfg": model_cfg,
+             "preprocess_cfg": preprocess_cfg or {}, "state_dict": state},
+            path,
+        )
+        return path
+    from safetensors.torch import save_file
+
+    path.mkdir(parents=True, exist_ok=True)
+    cfg = {"model_cfg": {**model_cfg, "arch": arch}, "preprocess_cfg": preprocess_cfg or {}}
+    (path / "open_clip_config.json").write_text(json.dumps(cfg, indent=2))
+    save_file(state, str(path / "open_clip_model.safetensors"))
+    return path
+
+
+def _create(name: str, model_name: str, **kwargs: Any) -> Any:
+    import open_clip
+
+    try:
+        return open_clip.create_model(model_name, load_weights=True, **kwargs)
+    except (RuntimeError, ValueError, KeyError, FileNotFoundError) as e:
+        raise ModelError(f"model '{name}': open_clip could not build it ({_short_reason(e)})") from e

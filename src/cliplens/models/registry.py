@@ -1,0 +1,102 @@
+"""Model names and what they resolve to.
+
+    offline                     the bundled ConSE model (no download)
+    ARCH:TAG                    open_clip architecture + pretrained tag (downloaded, cached)
+    ARCH:PATH                   open_clip architecture + a state-dict file
+    hf-hub:ORG/NAME             an open_clip model on the Hugging Face hub
+    local:PATH                  a checkpoint folder or file that records its architecture
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+
+from cliplens.device import Precision, choose_device, choose_precision
+from cliplens.errors import UnknownModelError
+from cliplens.models.base import Encoder
+from cliplens.settings import get_settings
+
+OFFLINE = "offline"
+
+
+class Kind(str, Enum):
+    OFFLINE = "offline"
+    PRETRAINED = "pretrained"  # arch:tag or arch:path
+    HUB = "hf-hub"
+    LOCAL = "local"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    kind: Kind
+    arch: str = ""
+    target: str = ""  # tag, file path, hub repo or local path
+
+
+def parse_model_name(name: str | None) -> ModelSpec:
+    name = (name or "").strip()
+    if name in ("", "default"):
+        name = get_settings().default_model
+    if name == OFFLINE:
+        return ModelSpec(name, Kind.OFFLINE)
+    if name.startswith("hf-hub:"):
+        repo = name.removeprefix("hf-hub:").strip("/")
+        if repo.count("/") != 1:
+            raise UnknownModelError(f"model '{name}': write hf-hub:ORG/NAME")
+        return ModelSpec(name, Kind.HUB, target=repo)
+    if name.startswith("local:"):
+        path = name.removeprefix("local:")
+        if not path:
+            raise UnknownModelError(f"model '{name}': write local:PATH to a checkpoint")
+        return ModelSpec(name, Kind.LOCAL, target=path)
+    import open_clip
+
+    arch, sep, target = name.partition(":")
+    known = open_clip.list_models()
+    if arch not in known:
+        close = difflib.get_close_matches(arch, known + [OFFLINE], n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise UnknownModelError(
+            f"model '{name}' is unknown{hint} (see 'cliplens models'; other forms: offline, "
+            f"hf-hub:ORG/NAME, local:PATH)"
+        )
+    tags = open_clip.list_pretrained_tags_by_model(arch)
+    if not sep or not target:
+        raise UnknownModelError(
+            f"model '{name}' names no weights; write {arch}:TAG with TAG one of "
+            f"{', '.join(tags) or '(none published)'}, or {arch}:PATH to a state-dict file"
+        )
+    if target not in tags and not Path(target).expanduser().exists():
+        close = difflib.get_close_matches(target, tags, n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise UnknownModelError(
+            f"model '{name}': '{target}' is neither a weights tag of {arch} nor a file{hint} "
+            f"(tags: {', '.join(tags) or 'none'})"
+        )
+    return ModelSpec(name, Kind.PRETRAINED, arch=arch, target=target)
+
+
+def load_model(
+    name: str | None = None,
+    device: str | None = None,
+    precision: str | Precision | None = None,
+) -> Encoder:
+    """Load a model by name on the best device and precision (or the ones asked for)."""
+    spec = parse_model_name(name)
+    dev = choose_device(device)
+    prec = choose_precision(dev, precision)
+    if spec.kind is Kind.OFFLINE:
+        from cliplens.models.offline import OfflineEncoder
+
+        return OfflineEncoder(dev, prec)
+    from cliplens.models import openclip
+
+    if spec.kind is Kind.HUB:
+        return openclip.load_hub(spec.name, spec.target, dev, prec)
+    if spec.kind is Kind.LOCAL:
+        return openclip.load_local(spec.name, Path(spec.target), dev, prec)
+    return openclip.load_pretrained(spec.name, spec.arch, spec.target, dev, prec)

@@ -1,0 +1,1 @@
+"""Tasks: small modules of plain functions over embeddings."""

@@ -1,0 +1,164 @@
+"""Zero-shot classification: compare an image with the embedding of each label's prompts.
+
+Prompt ensembling as in the CLIP paper: each label is embedded through several
+templates ("a photo of a {}."), the normalised embeddings are averaged and
+renormalised. Single-label mode takes a softmax over labels at the model's logit
+scale; multi-label mode scores each label on its own against a threshold (a sigmoid
+for models trained with one, such as SigLIP, else the cosine similarity).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+from cliplens.errors import ImageError, InvalidInputError
+from cliplens.images import ImageSource, describe
+from cliplens.models.base import Encoder
+
+TEMPLATE_SETS = ("default", "imagenet", "photo", "none")
+
+
+def load_templates(spec: str | Sequence[str] | None = "default") -> list[str]:
+    """A named set (default: 7, imagenet: the paper's 80, photo, none), a file, or a list."""
+    if spec is None or spec == "default":
+        spec = "default"
+    if isinstance(spec, str):
+        if spec == "photo":
+            return ["a photo of a {}."]
+        if spec == "none":
+            return ["{}"]
+        if spec in ("default", "imagenet"):
+            text = resources.files("cliplens.tasks").joinpath("data", f"templates_{spec}.txt")
+            lines = text.read_text("utf-8").splitlines()
+        else:
+            path = Path(spec).expanduser()
+            if not path.is_file():
+                raise InvalidInputError(
+                    f"templates '{spec}': not a set ({', '.join(TEMPLATE_SETS)}) nor a file"
+                )
+            lines = path.read_text("utf-8").splitlines()
+        templates = [t.strip() for t in lines if t.strip() and not t.lstrip().startswith("#")]
+    else:
+        templates = [str(t) for t in spec]
+    bad = [t for t in templates if t.count("{}") != 1]
+    if not templates or bad:
+        raise InvalidInputError(
+            f"templates: each must contain '{{}}' once where the label goes; bad: {bad[:3]}"
+            if bad else "templates: the list is empty"
+        )
+    return templates
+
+
+def parse_labels(text: str) -> list[str]:
+    return clean_labels(text.split(","))
+
+
+def read_labels_file(path: str | os.PathLike) -> list[str]:
+    p = Path(path)
+    if not p.is_file():
+        raise InvalidInputError(f"labels file {p} does not exist; give one label per line")
+    return clean_labels(p.read_text("utf-8").splitlines())
+
+
+def labels_from_folder(path: str | os.PathLike) -> list[str]:
+    """Subfolder names, the layout of ImageFolder-style datasets (DIR/cat/..., DIR/dog/...)."""
+    p = Path(path)
+    if not p.is_dir():
+        raise InvalidInputError(f"labels folder {p} is not a folder of one subfolder per label")
+    return clean_labels(sorted(d.name for d in p.iterdir() if d.is_dir() and not d.name.startswith(".")))
+
+
+def clean_labels(labels: Sequence[str]) -> list[str]:
+    out: list[str] = []
+    for raw in labels:
+        label = raw.strip()
+        if label and not label.startswith("#") and label not in out:
+            out.append(label)
+    if len(out) < 1:
+        raise InvalidInputError("labels: none given; pass --labels cat,dog or --labels-file F")
+    return out
+
+
+def zero_shot_weights(model: Encoder, labels: Sequence[str], templates: Sequence[str]) -> np.ndarray:
+    """(C, D) classifier: mean of the normalised template embeddings of each label."""
+    prompts = [t.format(label.replace("_", " ")) for label in labels for t in templates]
+    emb = model.encode_texts(prompts).reshape(len(labels), len(templates), -1).mean(axis=1)
+    return emb / np.linalg.norm(emb, axis=1, keepdims=True)
+
+
+@dataclass
+class Prediction:
+    path: str
+    labels: list[tuple[str, float]]  # sorted by score, highest first
+
+    @property
+    def top(self) -> str | None:
+        return self.labels[0][0] if self.labels else None
+
+    def to_dict(self) -> dict:
+        return {"path": self.path, "labels": [{"label": lb, "score": s} for lb, s in self.labels]}
+
+
+@dataclass
+class ClassifyResult:
+    predictions: list[Prediction]
+    failures: list[ImageError] = field(default_factory=list)
+    multi_label: bool = False
+    threshold: float | None = None
+
+
+def scores(
+    model: Encoder, image_emb: np.ndarray, weights: np.ndarray, multi_label: bool
+) -> np.ndarray:
+    """(N, C): softmax probabilities, or independent per-label scores in multi-label mode."""
+    sims = image_emb @ weights.T
+    info = model.info
+    if multi_label:
+        if info.logit_bias is not None:
+            return 1.0 / (1.0 + np.exp(-(info.logit_scale * sims + info.logit_bias)))
+        return sims
+    logits = info.logit_scale * sims
+    logits -= logits.max(axis=1, keepdims=True)
+    p = np.exp(logits)
+    return p / p.sum(axis=1, keepdims=True)
+
+
+def default_threshold(model: Encoder) -> float:
+    return 0.5 if model.info.logit_bias is not None else model.info.cosine_threshold
+
+
+def classify(
+    model: Encoder,
+    images: Sequence[ImageSource],
+    labels: Sequence[str],
+    templates: str | Sequence[str] | None = "default",
+    top_k: int | None = None,
+    multi_label: bool = False,
+    threshold: float | None = None,
+    batch_size: int | None = None,
+    progress: bool = False,
+    max_megapixels: float | None = None,
+) -> ClassifyResult:
+    """Classify images among labels; unreadable images are skipped and reported."""
+    labels = clean_labels(labels)
+    if top_k is not None and top_k < 1:
+        raise InvalidInputError(f"top-k {top_k} must be at least 1")
+    weights = zero_shot_weights(model, labels, load_templates(templates))
+    enc = model.encode_images_lenient(images, batch_size, progress, max_megapixels)
+    table = scores(model, enc.vectors, weights, multi_label)
+    if multi_label and threshold is None:
+        threshold = default_threshold(model)
+    predictions = []
+    for row, index in zip(table, enc.kept, strict=True):
+        order = np.argsort(-row, kind="stable")
+        ranked = [(labels[j], round(float(row[j]), 6)) for j in order]
+        if multi_label:
+            ranked = [(lb, s) for lb, s in ranked if s >= threshold]
+        predictions.append(Prediction(describe(images[index]), ranked[:top_k]))
+    return ClassifyResult(predictions, enc.failures, multi_label, threshold)
