@@ -62,38 +62,94 @@ STOP = frozenset(
     instrumentality.n.03 device.n.01 organism.n.01 living_thing.n.01 animal.n.01
     vertebrate.n.01 chordate.n.01 placental.n.01 mammal.n.01 invertebrate.n.01
     arthropod.n.01 matter.n.03 substance.n.01 substance.n.07 solid.n.01 fluid.n.01
-    abstraction.n.06 part.n.01 relation.n.01 location.n.01 point.n.02 commodity.n.01
-    consumer_goods.n.01 covering.n.02 protective_covering.n.01 conveyance.n.03
-    container.n.01 system.n.01 causal_agent.n.01 agent.n.03 article.n.02 attribute.n.02
-    shape.n.02 natural_object.n.01 material.n.01 establishment.n.04 instrument.n.01
-    equipment.n.01 surface.n.01 communication.n.02 food.n.01 food.n.02 nutriment.n.01
-    house.n.01""".split()
+    liquid.n.01 abstraction.n.06 part.n.01 relation.n.01 location.n.01 point.n.02
+    commodity.n.01 consumer_goods.n.01 covering.n.02 protective_covering.n.01
+    conveyance.n.03 container.n.01 system.n.01 causal_agent.n.01 agent.n.03 article.n.02
+    attribute.n.02 shape.n.02 natural_object.n.01 material.n.01 establishment.n.04
+    instrument.n.01 equipment.n.01 surface.n.01 communication.n.02 food.n.01 food.n.02
+    nutriment.n.01 drug.n.01 house.n.01""".split()
 )
+
+# When every candidate has count 0: the nearest of these, else the direct hypernym.
+FALLBACK = ("mammal.n.01",)
 
 # Basic-level ancestors taken whenever present (SemCor counts them too rarely).
 PREFER = frozenset(
-    """shark.n.01 turtle.n.02 big_cat.n.01 ape.n.01 dinosaur.n.01 flower.n.01
-    helmet.n.01 helmet.n.02 jewelry.n.01 bowl.n.03 towel.n.01 cushion.n.03
-    sailing_vessel.n.01 mollusk.n.01 fungus.n.01 electro-acoustic_transducer.n.01
-    home_appliance.n.01""".split()
+    """shark.n.01 turtle.n.02 big_cat.n.01 ape.n.01 dinosaur.n.01 mollusk.n.01
+    rodent.n.01 swine.n.01 camel.n.01 lemur.n.01 marsupial.n.01 whale.n.02 seal.n.09
+    sloth.n.02
+    fungus.n.01 flower.n.01 building.n.01 computer.n.01 home_appliance.n.01
+    electro-acoustic_transducer.n.01 sailing_vessel.n.01 helmet.n.01 helmet.n.02
+    jewelry.n.01 bowl.n.03 towel.n.01 cushion.n.03 piece_of_cloth.n.01""".split()
 )
 
-# Chosen synset (or class synset) -> readable kind.
+# Chosen synset -> readable kind (jargon or misleading lemmas).
 RENAME = {
     "acarine.n.01": "arachnid",
-    "monotreme.n.01": "mammal",
-    "phalanger.n.01": "marsupial",
     "coelenterate.n.01": "sea animal",
+    "anthozoan.n.01": "sea animal",
     "echinoderm.n.01": "sea animal",
+    "stony_coral.n.01": "coral",
     "decapod_crustacean.n.01": "crustacean",
     "malacostracan_crustacean.n.01": "crustacean",
     "true_lobster.n.01": "lobster",
     "fungus.n.01": "mushroom",
+    "piece_of_cloth.n.01": "cloth",
     "plaything.n.01": "toy",
     "sailing_vessel.n.01": "boat",
     "electro-acoustic_transducer.n.01": "audio equipment",
     "brass.n.02": "brass instrument",
     "bowed_stringed_instrument.n.01": "string instrument",
+    "astronomical_telescope.n.01": "telescope",
+    "loaf_of_bread.n.01": "bread",
+    "geological_formation.n.01": "landform",
+    "natural_depression.n.01": "landform",
+}
+
+# Class synset -> kind, where ImageNet's photos differ from the WordNet sense or
+# WordNet's hypernym misleads (e.g. "menu" is filed under food, "Dutch oven" under ovens).
+CLASS_KIND = {
+    "tusker.n.01": "elephant",
+    "bell_cote.n.01": "tower",
+    "binder.n.03": "office supply",
+    "breastplate.n.01": "armor",
+    "cloak.n.01": "clothing",
+    "coffeepot.n.01": "home appliance",
+    "dutch_oven.n.01": "pot",
+    "face_powder.n.01": "makeup",
+    "flagpole.n.02": "pole",
+    "grocery_store.n.01": "shop",
+    "home_theater.n.01": "electronic equipment",
+    "ipod.n.01": "music player",
+    "loupe.n.01": "magnifier",
+    "lumbermill.n.01": "factory",
+    "manhole_cover.n.01": "cover",
+    "maze.n.01": "puzzle",
+    "measuring_cup.n.01": "cup",
+    "nipple.n.02": "pacifier",
+    "pier.n.03": "structure",
+    "piggy_bank.n.01": "money box",
+    "punching_bag.n.02": "sports equipment",
+    "radio.n.03": "electronic device",
+    "television.n.02": "electronic device",
+    "seat_belt.n.01": "belt",
+    "ski.n.01": "sports equipment",
+    "space_bar.n.01": "key",
+    "spider_web.n.01": "web",
+    "table_lamp.n.01": "lamp",
+    "web_site.n.01": "web page",
+    "comic_book.n.01": "publication",
+    "menu.n.02": "document",
+    "plate.n.08": "meal",
+    "mashed_potato.n.01": "dish",
+    "meat_loaf.n.01": "dish",
+    "dough.n.01": "food",
+    "cup.n.06": "cup",
+    "bubble.n.01": "bubble",
+    "coral_reef.n.01": "reef",
+    "rapeseed.n.01": "crop",
+    "corn.n.02": "grain",
+    "ear.n.05": "vegetable",
 }
 
 # Texts without an article: plural or mass nouns.
@@ -137,11 +193,12 @@ def count(s: Synset) -> int:
     return sum(lemma.count() for lemma in s.lemmas())
 
 
-def ancestors(s: Synset, depth: int) -> dict[Synset, int]:
-    """Hypernyms (and instance hypernyms) up to ``depth`` steps, with their distance."""
+def ancestors(s: Synset) -> dict[Synset, int]:
+    """All hypernyms (and instance hypernyms) of ``s``, with their distance from it."""
     dist: dict[Synset, int] = {}
-    frontier = [s]
-    for d in range(1, depth + 1):
+    frontier, d = [s], 0
+    while frontier:
+        d += 1
         nxt = []
         for x in frontier:
             for h in x.hypernyms() + x.instance_hypernyms():
@@ -153,18 +210,20 @@ def ancestors(s: Synset, depth: int) -> dict[Synset, int]:
 
 
 def choose_kind(s: Synset, depth: int) -> str:
-    if s.name() in RENAME:
-        return RENAME[s.name()]
-    dist = ancestors(s, depth)
+    if s.name() in CLASS_KIND:
+        return CLASS_KIND[s.name()]
+    dist = ancestors(s)
     order = sorted(dist, key=lambda a: (dist[a], a.name()))
-    preferred = [a for a in order if a.name() in PREFER]
+    near = [a for a in order if dist[a] <= depth]
+    preferred = [a for a in near if a.name() in PREFER]
     if preferred:
         best = preferred[0]
     else:
-        cands = [a for a in order if a.name() not in STOP]
+        cands = [a for a in near if a.name() not in STOP]
         best = max(cands, key=lambda a: (count(a), -dist[a]), default=None)
         if best is None or count(best) == 0:
-            best = parent_of(s)
+            fallback = [a for a in order if a.name() in FALLBACK]
+            best = fallback[0] if fallback else parent_of(s)
     return RENAME.get(best.name(), readable(best))
 
 
@@ -199,6 +258,8 @@ def default_synsets() -> Path:
 
 
 def build(wn: WordNetCorpusReader, wnids: list[str], names: list[str], depth: int) -> list[list]:
+    for key in (*STOP, *FALLBACK, *PREFER, *RENAME, *CLASS_KIND):
+        wn.synset(key)  # a typo in the tables raises WordNetError here
     rows = []
     for index, (wnid, name) in enumerate(zip(wnids, names, strict=True)):
         s = wn.synset_from_pos_and_offset("n", int(wnid[1:]))

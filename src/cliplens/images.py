@@ -126,7 +126,7 @@ def open_image(
         raise
     except Image.DecompressionBombError as e:  # above 2x Pillow's limit, raised by open()
         m = re.search(r"\((\d+) pixels\)", str(e))
-        raise ImageTooLargeError(label, _too_large(int(m[1]) if m else 0, cap, None)) from e
+        raise ImageTooLargeError(label, _too_large(int(m[1]) if m else None, cap, None)) from e
     except UnidentifiedImageError as e:
         raise _unidentified(path, label) from e
     except FileNotFoundError as e:
@@ -169,10 +169,14 @@ def _raise_pillow_limit(cap: float) -> None:
         Image.MAX_IMAGE_PIXELS = math.ceil(cap * 1e6)
 
 
-def _too_large(pixels: int, cap: float, size: tuple[int, int] | None) -> str:
-    dims = f" ({size[0]}x{size[1]})" if size else ""
-    what = f"image is {pixels / 1e6:.1f} MP{dims}" if pixels else "image is too large"
-    return f"{what}; the limit is {cap:g} MP (raise it with --max-megapixels or CLIPLENS_MAX_MEGAPIXELS)"  # noqa: E501
+def _too_large(pixels: int | None, cap: float, size: tuple[int, int] | None) -> str:
+    what = "image is too large"
+    if pixels:
+        mp = pixels / 1e6
+        what = f"image is {mp:.1f} MP" if mp >= 0.1 else f"image is {mp:.2g} MP"
+        what += f" ({size[0]}x{size[1]})" if size else ""
+    hint = "raise it with --max-megapixels or CLIPLENS_MAX_MEGAPIXELS"
+    return f"{what}; the limit is {cap:g} MP ({hint})"
 
 
 def _exif_transpose(img: Image.Image, label: str) -> None:
@@ -330,6 +334,34 @@ def iter_image_files(
     exts = {e.lower() if e.startswith(".") else f".{e.lower()}" for e in extensions}
     seen_dirs: set[tuple[int, int]] = set()
     seen_files: set[tuple[int, int]] = set()
+
+    def walk(root: Path, dev: int) -> Iterator[Path]:
+        """Depth-first with an explicit stack, so deep trees hit no recursion limit."""
+        stack = [(dev, _scandir_sorted(root))]
+        while stack:
+            dir_dev, entries = stack[-1]
+            entry = next(entries, None)
+            if entry is None:
+                stack.pop()
+                continue
+            if not include_hidden and entry.name.startswith("."):
+                continue
+            try:
+                if entry.is_dir():  # follows symlinks; broken links are neither dir nor file
+                    st = entry.stat()
+                    if (st.st_dev, st.st_ino) not in seen_dirs:
+                        seen_dirs.add((st.st_dev, st.st_ino))
+                        stack.append((st.st_dev, _scandir_sorted(Path(entry.path))))
+                elif entry.is_file() and Path(entry.name).suffix.lower() in exts:
+                    # d_ino is free for a plain file; a symlink needs stat() for its target
+                    st = entry.stat() if entry.is_symlink() else None
+                    key = (st.st_dev, st.st_ino) if st else (dir_dev, entry.inode())
+                    if key not in seen_files:
+                        seen_files.add(key)
+                        yield Path(entry.path)
+            except OSError as e:  # vanished or unreadable entry
+                logger.warning("skipping %s: %s", entry.path, _one_line(e))
+
     for given in paths:
         root = Path(given)
         try:
@@ -344,40 +376,7 @@ def iter_image_files(
                 yield root
         elif key not in seen_dirs:
             seen_dirs.add(key)
-            yield from _walk(root, st.st_dev, exts, include_hidden, seen_dirs, seen_files)
-
-
-def _walk(
-    root: Path,
-    dev: int,
-    exts: set[str],
-    include_hidden: bool,
-    seen_dirs: set[tuple[int, int]],
-    seen_files: set[tuple[int, int]],
-) -> Iterator[Path]:
-    """Depth-first with an explicit stack, so deep trees hit no recursion limit."""
-    stack = [(dev, _scandir_sorted(root))]
-    while stack:
-        dir_dev, entries = stack[-1]
-        entry = next(entries, None)
-        if entry is None:
-            stack.pop()
-        elif include_hidden or not entry.name.startswith("."):
-            try:
-                if entry.is_dir():  # follows symlinks; broken links are neither dir nor file
-                    st = entry.stat()
-                    if (st.st_dev, st.st_ino) not in seen_dirs:
-                        seen_dirs.add((st.st_dev, st.st_ino))
-                        stack.append((st.st_dev, _scandir_sorted(Path(entry.path))))
-                elif entry.is_file() and Path(entry.name).suffix.lower() in exts:
-                    # d_ino costs nothing for a plain file; a symlink needs stat() for its target
-                    st = entry.stat() if entry.is_symlink() else None
-                    key = (st.st_dev, st.st_ino) if st else (dir_dev, entry.inode())
-                    if key not in seen_files:
-                        seen_files.add(key)
-                        yield Path(entry.path)
-            except OSError as e:  # vanished or unreadable entry
-                logger.warning("skipping %s: %s", entry.path, _one_line(e))
+            yield from walk(root, st.st_dev)
 
 
 def _scandir_sorted(path: Path) -> Iterator[os.DirEntry[str]]:

@@ -14,6 +14,7 @@ encoder does not know that a Pekinese is a dog (scripts/build_imagenet_texts.py)
 from __future__ import annotations
 
 import csv
+import hashlib
 import importlib.util
 from importlib import resources
 from pathlib import Path
@@ -67,10 +68,6 @@ def read_class_table() -> list[dict[str, str]]:
     return rows
 
 
-def _table_path() -> Path:
-    return Path(str(resources.files("cliplens.models").joinpath("data", CLASS_TABLE)))
-
-
 class MiniLM:
     """all-MiniLM-L6-v2 through transformers: BERT, mean pooling over real tokens.
 
@@ -98,7 +95,14 @@ class MiniLM:
 class OfflineEncoder(Encoder):
     default_batch_size = 64
 
-    def __init__(self, device: torch.device, precision: Precision, top_k: int = TOP_K) -> None:
+    def __init__(
+        self,
+        device: torch.device,
+        precision: Precision,
+        top_k: int = TOP_K,
+        class_texts: list[str] | None = None,
+    ) -> None:
+        """`class_texts` replaces the 1000 class sentences (for measuring other wordings)."""
         from torchvision.models import mobilenet_v2
 
         weights, text_dir = mobilenet_weights(), minilm_dir()
@@ -111,10 +115,14 @@ class OfflineEncoder(Encoder):
         self.net = net.to(device=device, dtype=self._dtype).eval().requires_grad_(False)
         self.text = MiniLM(text_dir, device, self._dtype)
         self.classes = read_class_table()
-        files = (weights, text_dir / "model.safetensors", _table_path())
+        self.class_texts = class_texts or [row["text"] for row in self.classes]
+        if len(self.class_texts) != len(self.classes):
+            raise ValueError(f"class_texts has {len(self.class_texts)} entries, need 1000")
+        texts_digest = hashlib.sha256("\n".join(self.class_texts).encode()).hexdigest()[:8]
+        digest = combined_digest((weights, text_dir / "model.safetensors"), length=8)
         self.info = ModelInfo(
             name="offline",
-            model_id=f"offline-conse-k{top_k}@{combined_digest(files)}",
+            model_id=f"offline-conse-k{top_k}@{digest}{texts_digest}",
             arch="conse(mobilenet_v2, all-MiniLM-L6-v2)",
             dim=384,
             preprocessing=Preprocessing(
@@ -123,7 +131,7 @@ class OfflineEncoder(Encoder):
             ),
             logit_scale=LOGIT_SCALE,
             context_length=self.text.max_length,
-            weights=files[:2],
+            weights=(weights, text_dir / "model.safetensors"),
             n_params=sum(p.numel() for p in self.net.parameters())
             + sum(p.numel() for p in self.text.model.parameters()),
             device=str(device),
@@ -137,7 +145,7 @@ class OfflineEncoder(Encoder):
         path = get_settings().home / "offline" / f"class-texts-{key}-{self.info.precision}.npy"
         if path.is_file():
             return np.load(path)
-        vectors = self.encode_texts([row["text"] for row in self.classes])
+        vectors = self.encode_texts(self.class_texts)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp.npy")
         np.save(tmp, vectors)

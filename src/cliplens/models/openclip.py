@@ -238,7 +238,7 @@ def load_local(name: str, path: Path, device: torch.device, precision: Precision
         weights = tuple(p for p in sorted(path.iterdir()) if p.suffix in CHECKPOINT_SUFFIXES)
         if not weights:
             raise InvalidInputError(f"model '{name}': folder {path} holds no weights file")
-        arch = json.loads(config.read_text()).get("model_cfg", {}).get("arch", path.name)
+        arch = json.loads(config.read_text()).get("cliplens", {}).get("arch", path.name)
         model = _create(name, f"local-dir:{path}")
         tokenizer = open_clip.get_tokenizer(f"local-dir:{path}")
     elif path.is_file():
@@ -268,7 +268,7 @@ def _build_from_cfg(name: str, model_cfg: dict, preprocess_cfg: dict | None) -> 
     import open_clip
     from open_clip.transform import PreprocessCfg
 
-    cfg = {k: v for k, v in model_cfg.items() if k != "arch"}
+    cfg = dict(model_cfg)
     if "hf_model_name" in cfg.get("text_cfg", {}) or "multimodal_cfg" in cfg:
         raise InvalidInputError(
             f"model '{name}': single-file checkpoints hold CLIP-style text towers only; save "
@@ -306,7 +306,8 @@ def save_checkpoint(
     from safetensors.torch import save_file
 
     path.mkdir(parents=True, exist_ok=True)
-    cfg = {"model_cfg": {**model_cfg, "arch": arch}, "preprocess_cfg": preprocess_cfg or {}}
+    # open_clip reads model_cfg and preprocess_cfg and ignores the rest
+    cfg = {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg or {}, "cliplens": {"arch": arch}}
     (path / "open_clip_config.json").write_text(json.dumps(cfg, indent=2))
     save_file(state, str(path / "open_clip_model.safetensors"))
     return path

@@ -1,0 +1,106 @@
+"""Zero-shot accuracy of the offline model on the Fashion-MNIST test set.
+
+Needs Debian's dataset-fashion-mnist (apt-get install dataset-fashion-mnist). The
+MobileNetV2 class probabilities are computed once; every variant below (class
+wordings, top-k, softmax scale) reuses them, so the comparison is exact.
+
+    python benchmarks/bench_offline_zero_shot.py [--n 10000] [--out results.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cliplens import load_model
+from cliplens.tasks.classify import load_templates, zero_shot_weights
+
+DATA = Path("/usr/share/datasets/fashion-mnist")
+LABELS = ["t-shirt", "trousers", "pullover sweater", "dress", "coat", "sandal", "shirt",
+          "sneaker", "bag", "ankle boot"]
+
+
+def read_idx(path: Path) -> np.ndarray:
+    raw = gzip.decompress(path.read_bytes())
+    ndim = raw[3]
+    shape = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    return np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def conse(probs: torch.Tensor, class_emb: torch.Tensor, k: int) -> np.ndarray:
+    top, idx = probs.topk(k, dim=-1)
+    emb = torch.einsum("bk,bkd->bd", top / top.sum(-1, keepdim=True), class_emb[idx])
+    return torch.nn.functional.normalize(emb, dim=-1).numpy()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--n", type=int, default=10000)
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    if not DATA.is_dir():
+        raise SystemExit(f"{DATA} is missing: apt-get install dataset-fashion-mnist")
+    images = read_idx(DATA / "t10k-images-idx3-ubyte.gz")[: args.n]
+    truth = read_idx(DATA / "t10k-labels-idx1-ubyte.gz")[: args.n].astype(int)
+
+    model = load_model("offline", device="cpu")
+    t0 = time.perf_counter()
+    chunks = []
+    for start in range(0, len(images), 256):
+        pixels = torch.from_numpy(np.stack([model.load_pixels(im) for im in images[start:start + 256]]))
+        with torch.inference_mode():
+            chunks.append(model.class_probabilities(pixels).float())
+    probs = torch.cat(chunks)
+    seconds = time.perf_counter() - t0
+
+    rows = model.classes
+    wordings = {
+        "class names only": [r["name"] for r in rows],
+        "names + WordNet kind (shipped)": [r["text"] for r in rows],
+        "names + parent + kind": [
+            r["text"] if r["parent"] in (r["kind"], r["name"]) or r["parent"] in r["name"]
+            else f"{r['text'].split(',')[0]}, a {r['parent']}, a kind of {r['kind']}"
+            for r in rows
+        ],
+    }
+    templates = load_templates("default")
+    weights = zero_shot_weights(model, LABELS, templates)
+
+    def accuracy(emb: np.ndarray, w: np.ndarray = weights) -> float:
+        return float(((emb @ w.T).argmax(1) == truth).mean())
+
+    results: dict = {"n": int(len(images)), "encode_seconds": round(seconds, 1),
+                     "images_per_s": round(len(images) / seconds, 1), "chance": 0.1,
+                     "wordings": {}, "top_k": {}, "templates": {}}
+    for name, texts in wordings.items():
+        class_emb = torch.from_numpy(model.encode_texts(texts))
+        results["wordings"][name] = accuracy(conse(probs, class_emb, 10))
+    for k in (1, 3, 5, 10, 20, 50):
+        results["top_k"][k] = accuracy(conse(probs, model.class_embeddings.float(), k))
+    shipped = conse(probs, model.class_embeddings.float(), model.top_k)
+    for tset in ("default", "photo", "none", "imagenet"):
+        results["templates"][tset] = accuracy(shipped, zero_shot_weights(model, LABELS, load_templates(tset)))
+    sims = shipped @ weights.T
+    nll = {}
+    for scale in (10, 20, 30, 40, 50, 70, 100):
+        z = scale * sims
+        z = z - z.max(1, keepdims=True)
+        logp = z - np.log(np.exp(z).sum(1, keepdims=True))
+        nll[scale] = float(-logp[np.arange(len(truth)), truth].mean())
+    results["nll_by_logit_scale"] = nll
+    per_class = {LABELS[c]: float(((sims.argmax(1) == truth) & (truth == c)).sum() / (truth == c).sum())
+                 for c in range(10)}
+    results["per_class"] = per_class
+    print(json.dumps(results, indent=2))
+    if args.out:
+        args.out.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,61 @@
+"""Shared fixtures: an isolated CLIPLENS_HOME, tiny random open_clip models, real photos."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+# every test run writes caches into its own home, never the user's
+os.environ["CLIPLENS_HOME"] = tempfile.mkdtemp(prefix="cliplens-test-home-")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+TINY_CFG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+
+
+def make_tiny_clip(seed: int = 0):
+    import open_clip
+    import torch
+
+    torch.manual_seed(seed)
+    return open_clip.CLIP(**TINY_CFG).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A checkpoint folder in open_clip's layout holding a tiny random CLIP."""
+    from cliplens.models import save_checkpoint
+
+    return save_checkpoint(make_tiny_clip(), tmp_path_factory.mktemp("tiny") / "ckpt", TINY_CFG,
+                           arch="tiny-test")
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_model_dir: Path):
+    from cliplens import load_model
+
+    return load_model(f"local:{tiny_model_dir}", device="cpu", precision="fp32")
+
+
+@pytest.fixture(scope="session")
+def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """scikit-image's real photos as files (cat.jpg, coffee.jpg, rocket.jpg, ...)."""
+    from cliplens.datasets.photos import write_photos
+
+    folder = tmp_path_factory.mktemp("photos")
+    write_photos(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def offline():
+    """The bundled offline model (real weights), loaded once for the session."""
+    from cliplens import load_model
+
+    return load_model("offline", device="cpu")
