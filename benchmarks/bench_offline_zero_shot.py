@@ -22,8 +22,18 @@ from cliplens import load_model
 from cliplens.tasks.classify import load_templates, zero_shot_weights
 
 DATA = Path("/usr/share/datasets/fashion-mnist")
-LABELS = ["t-shirt", "trousers", "pullover sweater", "dress", "coat", "sandal", "shirt",
-          "sneaker", "bag", "ankle boot"]
+LABELS = [
+    "t-shirt",
+    "trousers",
+    "pullover sweater",
+    "dress",
+    "coat",
+    "sandal",
+    "shirt",
+    "sneaker",
+    "bag",
+    "ankle boot",
+]
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -53,7 +63,9 @@ def main() -> None:
     t0 = time.perf_counter()
     chunks = []
     for start in range(0, len(images), 256):
-        pixels = torch.from_numpy(np.stack([model.load_pixels(im) for im in images[start:start + 256]]))
+        pixels = torch.from_numpy(
+            np.stack([model.load_pixels(im) for im in images[start : start + 256]])
+        )
         with torch.inference_mode():
             chunks.append(model.class_probabilities(pixels).float())
     probs = torch.cat(chunks)
@@ -64,7 +76,8 @@ def main() -> None:
         "class names only": [r["name"] for r in rows],
         "names + WordNet kind (shipped)": [r["text"] for r in rows],
         "names + parent + kind": [
-            r["text"] if r["parent"] in (r["kind"], r["name"]) or r["parent"] in r["name"]
+            r["text"]
+            if r["parent"] in (r["kind"], r["name"]) or r["parent"] in r["name"]
             else f"{r['text'].split(',')[0]}, a {r['parent']}, a kind of {r['kind']}"
             for r in rows
         ],
@@ -75,9 +88,15 @@ def main() -> None:
     def accuracy(emb: np.ndarray, w: np.ndarray = weights) -> float:
         return float(((emb @ w.T).argmax(1) == truth).mean())
 
-    results: dict = {"n": int(len(images)), "encode_seconds": round(seconds, 1),
-                     "images_per_s": round(len(images) / seconds, 1), "chance": 0.1,
-                     "wordings": {}, "top_k": {}, "templates": {}}
+    results: dict = {
+        "n": len(images),
+        "encode_seconds": round(seconds, 1),
+        "images_per_s": round(len(images) / seconds, 1),
+        "chance": 0.1,
+        "wordings": {},
+        "top_k": {},
+        "templates": {},
+    }
     for name, texts in wordings.items():
         class_emb = torch.from_numpy(model.encode_texts(texts))
         results["wordings"][name] = accuracy(conse(probs, class_emb, 10))
@@ -85,7 +104,9 @@ def main() -> None:
         results["top_k"][k] = accuracy(conse(probs, model.class_embeddings.float(), k))
     shipped = conse(probs, model.class_embeddings.float(), model.top_k)
     for tset in ("default", "photo", "none", "imagenet"):
-        results["templates"][tset] = accuracy(shipped, zero_shot_weights(model, LABELS, load_templates(tset)))
+        results["templates"][tset] = accuracy(
+            shipped, zero_shot_weights(model, LABELS, load_templates(tset))
+        )
     sims = shipped @ weights.T
     nll = {}
     for scale in (10, 20, 30, 40, 50, 70, 100):
@@ -94,8 +115,10 @@ def main() -> None:
         logp = z - np.log(np.exp(z).sum(1, keepdims=True))
         nll[scale] = float(-logp[np.arange(len(truth)), truth].mean())
     results["nll_by_logit_scale"] = nll
-    per_class = {LABELS[c]: float(((sims.argmax(1) == truth) & (truth == c)).sum() / (truth == c).sum())
-                 for c in range(10)}
+    per_class = {
+        LABELS[c]: float(((sims.argmax(1) == truth) & (truth == c)).sum() / (truth == c).sum())
+        for c in range(10)
+    }
     results["per_class"] = per_class
     print(json.dumps(results, indent=2))
     if args.out:

@@ -32,8 +32,9 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A checkpoint folder in open_clip's layout holding a tiny random CLIP."""
     from cliplens.models import save_checkpoint
 
-    return save_checkpoint(make_tiny_clip(), tmp_path_factory.mktemp("tiny") / "ckpt", TINY_CFG,
-                           arch="tiny-test")
+    return save_checkpoint(
+        make_tiny_clip(), tmp_path_factory.mktemp("tiny") / "ckpt", TINY_CFG, arch="tiny-test"
+    )
 
 
 @pytest.fixture(scope="session")

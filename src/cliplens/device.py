@@ -55,9 +55,13 @@ def choose_device(requested: str | None = None) -> torch.device:
             f"device '{requested}' is not a device name; use cpu, cuda, cuda:N or mps"
         ) from e
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise InvalidInputError(f"device '{requested}': CUDA is not available here; use --device cpu")
+        raise InvalidInputError(
+            f"device '{requested}': CUDA is not available here; use --device cpu"
+        )
     if device.type == "mps" and not torch.backends.mps.is_available():
-        raise InvalidInputError(f"device '{requested}': MPS is not available here; use --device cpu")
+        raise InvalidInputError(
+            f"device '{requested}': MPS is not available here; use --device cpu"
+        )
     return device
 
 

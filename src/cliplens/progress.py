@@ -7,7 +7,9 @@ from contextlib import contextmanager
 
 
 @contextmanager
-def progress_bar(total: int, description: str, enabled: bool = True) -> Iterator[Callable[[int], None]]:
+def progress_bar(
+    total: int, description: str, enabled: bool = True
+) -> Iterator[Callable[[int], None]]:
     """Yields `advance(n)`; shows nothing when disabled or when stderr is not a terminal."""
     if not enabled or total <= 0:
         yield lambda n: None

@@ -7,7 +7,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_CFG, make_tiny_clip
 from PIL import Image
 
 from cliplens import load_model
@@ -20,11 +19,14 @@ from cliplens.errors import (
 )
 from cliplens.models import parse_model_name, save_checkpoint
 from cliplens.models.registry import Kind
+from conftest import TINY_CFG, make_tiny_clip
 
 
 def _images(n: int, seed: int = 0) -> list[Image.Image]:
     rng = np.random.default_rng(seed)
-    return [Image.fromarray(rng.integers(0, 255, (40 + i, 50, 3), dtype=np.uint8)) for i in range(n)]
+    return [
+        Image.fromarray(rng.integers(0, 255, (40 + i, 50, 3), dtype=np.uint8)) for i in range(n)
+    ]
 
 
 def test_encode_images_shape_norm_and_order(tiny):
@@ -62,7 +64,7 @@ def test_encode_texts(tiny):
 def test_strict_encode_raises_on_bad_image_naming_it(tiny, tmp_path):
     bad = tmp_path / "bad.jpg"
     bad.write_text("not an image")
-    with pytest.raises(NotAnImageError, match="bad.jpg"):
+    with pytest.raises(NotAnImageError, match=r"bad\.jpg"):
         tiny.encode_images([_images(1)[0], str(bad)])
 
 
@@ -70,8 +72,9 @@ def test_lenient_encode_skips_and_reports(tiny, tmp_path):
     bad = tmp_path / "bad.jpg"
     bad.write_text("not an image")
     imgs = _images(3)
-    res = tiny.encode_images_lenient([imgs[0], str(bad), imgs[1], str(tmp_path / "gone.png"), imgs[2]],
-                                     batch_size=2)
+    res = tiny.encode_images_lenient(
+        [imgs[0], str(bad), imgs[1], str(tmp_path / "gone.png"), imgs[2]], batch_size=2
+    )
     assert res.kept == [0, 2, 4]
     assert res.vectors.shape == (3, 32)
     assert [type(f) for f in res.failures] == [NotAnImageError, ImageNotFoundError]
@@ -120,8 +123,13 @@ def test_bf16_matches_fp32(tiny_model_dir):
 
 @pytest.mark.parametrize(
     ("name", "kind"),
-    [("offline", Kind.OFFLINE), ("hf-hub:laion/x", Kind.HUB), ("local:/x", Kind.LOCAL),
-     ("ViT-B-32:openai", Kind.PRETRAINED), ("ViT-B-32-256:datacomp_s34b_b86k", Kind.PRETRAINED)],
+    [
+        ("offline", Kind.OFFLINE),
+        ("hf-hub:laion/x", Kind.HUB),
+        ("local:/x", Kind.LOCAL),
+        ("ViT-B-32:openai", Kind.PRETRAINED),
+        ("ViT-B-32-256:datacomp_s34b_b86k", Kind.PRETRAINED),
+    ],
 )
 def test_parse_model_names(name, kind):
     assert parse_model_name(name).kind is kind
@@ -129,9 +137,13 @@ def test_parse_model_names(name, kind):
 
 @pytest.mark.parametrize(
     ("name", "match"),
-    [("ViT-B-33:openai", "did you mean"), ("ViT-B-32", "names no weights"),
-     ("ViT-B-32:no-such-tag", "neither a weights tag"), ("hf-hub:justone", "ORG/NAME"),
-     ("local:", "local:PATH")],
+    [
+        ("ViT-B-33:openai", "did you mean"),
+        ("ViT-B-32", "names no weights"),
+        ("ViT-B-32:no-such-tag", "neither a weights tag"),
+        ("hf-hub:justone", "ORG/NAME"),
+        ("local:", "local:PATH"),
+    ],
 )
 def test_bad_model_names(name, match):
     with pytest.raises(UnknownModelError, match=match):

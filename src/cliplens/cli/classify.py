@@ -15,25 +15,44 @@ from cliplens.cli.common import (
     PrecisionOpt,
     collect_images,
 )
-from cliplens.cli.output import Format, info, print_csv, print_json, print_table, show_progress, warn
+from cliplens.cli.output import (
+    Format,
+    info,
+    print_csv,
+    print_json,
+    print_table,
+    show_progress,
+    warn,
+)
 from cliplens.errors import InvalidInputError
 
 
 def classify_command(
-    paths: Annotated[list[Path], typer.Argument(help="Image files or folders (searched recursively).")],
-    labels: Annotated[str | None, typer.Option("--labels", "-l", help="Comma-separated labels.")] = None,
+    paths: Annotated[
+        list[Path], typer.Argument(help="Image files or folders (searched recursively).")
+    ],
+    labels: Annotated[
+        str | None, typer.Option("--labels", "-l", help="Comma-separated labels.")
+    ] = None,
     labels_file: Annotated[
         Path | None, typer.Option("--labels-file", help="A file with one label per line.")
     ] = None,
     labels_dir: Annotated[
-        Path | None, typer.Option("--labels-dir", help="A folder whose subfolder names are the labels.")
+        Path | None,
+        typer.Option("--labels-dir", help="A folder whose subfolder names are the labels."),
     ] = None,
     top_k: Annotated[int, typer.Option("--top-k", "-k", help="Labels to show per image.")] = 3,
     templates: Annotated[
-        str, typer.Option("--templates", help="Prompt templates: default, imagenet, photo, none or a FILE.")
+        str,
+        typer.Option(
+            "--templates", help="Prompt templates: default, imagenet, photo, none or a FILE."
+        ),
     ] = "default",
     multi_label: Annotated[
-        bool, typer.Option("--multi-label", help="Score each label on its own; keep those above --threshold.")
+        bool,
+        typer.Option(
+            "--multi-label", help="Score each label on its own; keep those above --threshold."
+        ),
     ] = False,
     threshold: Annotated[
         float | None, typer.Option("--threshold", help="Multi-label cut-off (default: per model).")
@@ -51,7 +70,9 @@ def classify_command(
 
     given = [x for x in (labels, labels_file, labels_dir) if x is not None]
     if len(given) != 1:
-        raise InvalidInputError("give the labels once: --labels a,b or --labels-file F or --labels-dir D")
+        raise InvalidInputError(
+            "give the labels once: --labels a,b or --labels-file F or --labels-dir D"
+        )
     if labels is not None:
         label_list = task.parse_labels(labels)
     elif labels_file is not None:
@@ -63,9 +84,16 @@ def classify_command(
     files, failures = collect_images(paths)
     encoder = load_model(model, device=device, precision=precision)
     result = task.classify(
-        encoder, [str(f) for f in files], label_list, templates=templates, top_k=top_k,
-        multi_label=multi_label, threshold=threshold, batch_size=batch_size,
-        progress=show_progress(), max_megapixels=max_megapixels,
+        encoder,
+        [str(f) for f in files],
+        label_list,
+        templates=templates,
+        top_k=top_k,
+        multi_label=multi_label,
+        threshold=threshold,
+        batch_size=batch_size,
+        progress=show_progress(),
+        max_megapixels=max_megapixels,
     )
     failures += result.failures
     for failure in failures:
@@ -75,15 +103,22 @@ def classify_command(
     if fmt is Format.json:
         print_json([p.to_dict() for p in preds])
     elif fmt is Format.csv:
-        print_csv(["path", "rank", "label", "score"],
-                  [(p.path, i + 1, lb, f"{s:.4f}") for p in preds for i, (lb, s) in enumerate(p.labels)])
+        print_csv(
+            ["path", "rank", "label", "score"],
+            [(p.path, i + 1, lb, f"{s:.4f}") for p in preds for i, (lb, s) in enumerate(p.labels)],
+        )
     else:
         kind = f"score ≥ {result.threshold:g}" if multi_label else "probability"
-        rows = [(p.path, *(f"{lb} {s:.2f}" for lb, s in p.labels),
-                 *([""] * (top_k - len(p.labels)))) for p in preds]
+        rows = [
+            (p.path, *(f"{lb} {s:.2f}" for lb, s in p.labels), *([""] * (top_k - len(p.labels))))
+            for p in preds
+        ]
         header = ["image", *(f"#{i + 1}" for i in range(top_k))]
         print_table(header, rows, title=f"{encoder.info.name}: {len(label_list)} labels ({kind})")
     total = len(preds) + len(failures)
-    info(f"classified {len(preds)} of {total} images" + (f", skipped {len(failures)}" if failures else ""))
+    info(
+        f"classified {len(preds)} of {total} images"
+        + (f", skipped {len(failures)}" if failures else "")
+    )
     if not preds:
         raise typer.Exit(1)

@@ -11,8 +11,13 @@ from cliplens.errors import ImageError, ImageNotFoundError
 
 ModelOpt = Annotated[
     str | None,
-    typer.Option("--model", "-m", help="Model name: offline, ARCH:TAG, hf-hub:ORG/NAME, local:PATH.",
-                 envvar="CLIPLENS_MODEL", show_default="ViT-B-32-256:datacomp_s34b_b86k"),
+    typer.Option(
+        "--model",
+        "-m",
+        help="Model name: offline, ARCH:TAG, hf-hub:ORG/NAME, local:PATH.",
+        envvar="CLIPLENS_MODEL",
+        show_default="ViT-B-32-256:datacomp_s34b_b86k",
+    ),
 ]
 DeviceOpt = Annotated[
     str | None, typer.Option("--device", help="cpu, cuda, cuda:N or mps (default: best available).")
@@ -23,7 +28,9 @@ PrecisionOpt = Annotated[
 BatchOpt = Annotated[int | None, typer.Option("--batch-size", "-b", help="Images per batch.")]
 MegapixelsOpt = Annotated[
     float | None,
-    typer.Option("--max-megapixels", help="Skip images larger than this (decompression-bomb guard)."),
+    typer.Option(
+        "--max-megapixels", help="Skip images larger than this (decompression-bomb guard)."
+    ),
 ]
 
 

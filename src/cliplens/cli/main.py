@@ -35,7 +35,8 @@ def _root(
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit code instead of a traceback for every cliplens error."""
     try:
-        app(args=argv, prog_name="cliplens", standalone_mode=False)
+        # without standalone mode click returns the exit code of typer.Exit instead of exiting
+        code = app(args=argv, prog_name="cliplens", standalone_mode=False)
     except ClipLensError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
@@ -54,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
             e.show()
             return e.exit_code
         raise
-    return 0
+    return code if isinstance(code, int) else 0
 
 
 if __name__ == "__main__":

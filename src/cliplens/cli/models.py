@@ -16,7 +16,9 @@ FormatOpt = Annotated[Format, typer.Option("--format", "-f", help="Output format
 @app.callback()
 def list_models(
     ctx: typer.Context,
-    cached: Annotated[bool, typer.Option("--cached", help="Only models ready to use offline.")] = False,
+    cached: Annotated[
+        bool, typer.Option("--cached", help="Only models ready to use offline.")
+    ] = False,
     fmt: FormatOpt = Format.table,
 ) -> None:
     """List known model names (offline, and every open_clip ARCH:TAG), marking what is cached."""
@@ -31,7 +33,9 @@ def list_models(
     elif fmt is Format.csv:
         print_csv(["name", "cached", "default"], [(e.name, e.cached, e.default) for e in entries])
     else:
-        rows = [(e.name, "yes" if e.cached else "", "default" if e.default else "") for e in entries]
+        rows = [
+            (e.name, "yes" if e.cached else "", "default" if e.default else "") for e in entries
+        ]
         title = f"{len(entries)} models; cache: {get_settings().model_cache}"
         print_table(["name", "cached", ""], rows, title=title)
         print("Other forms: hf-hub:ORG/NAME, local:PATH (a checkpoint), ARCH:PATH (a state dict).")

@@ -35,14 +35,17 @@ def print_csv(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
     writer.writerows(rows)
 
 
-def print_table(header: Sequence[str], rows: Sequence[Sequence[Any]], title: str | None = None) -> None:
+def print_table(
+    header: Sequence[str], rows: Sequence[Sequence[Any]], title: str | None = None
+) -> None:
     from rich.console import Console
     from rich.table import Table
 
     table = Table(*header, title=title, title_justify="left", header_style="bold")
     for row in rows:
         table.add_row(*(str(c) for c in row))
-    Console(soft_wrap=True).print(table)
+    # piped output keeps whole rows (a table is only as wide as its content)
+    Console(width=None if sys.stdout.isatty() else 1000).print(table)
 
 
 def show_progress() -> bool:

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from cliplens.errors import ImageError, InvalidInputError
-from cliplens.images import ImageSource, describe, open_image
+from cliplens.images import ImageSource, open_image
 from cliplens.progress import progress_bar
 
 _RESAMPLE = {
@@ -174,7 +174,9 @@ class Encoder(ABC):
                         kept.append(start + offset)
                 if ok:
                     with torch.inference_mode():
-                        rows.append(l2_normalize(self._encode_pixels(torch.from_numpy(np.stack(ok)))))
+                        rows.append(
+                            l2_normalize(self._encode_pixels(torch.from_numpy(np.stack(ok))))
+                        )
                 advance(len(decoded))
         vectors = np.concatenate(rows) if rows else np.zeros((0, self.info.dim), np.float32)
         return ImageEncoding(vectors=vectors, kept=kept, failures=failures)
@@ -210,7 +212,9 @@ class Encoder(ABC):
         self, texts: Sequence[str], batch_size: int = 256, progress: bool = False
     ) -> np.ndarray:
         if isinstance(texts, str):
-            raise InvalidInputError("encode_texts takes a list of texts; wrap a single text in a list")
+            raise InvalidInputError(
+                "encode_texts takes a list of texts; wrap a single text in a list"
+            )
         rows: list[np.ndarray] = []
         with progress_bar(len(texts), "encoding texts", progress) as advance:
             for start in range(0, len(texts), batch_size):

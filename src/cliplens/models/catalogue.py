@@ -66,9 +66,13 @@ def describe(name: str) -> dict:
             "cache_path": str(get_settings().home / "offline"),
         }
     if spec.kind is not Kind.PRETRAINED:
-        return {"name": spec.name, "kind": spec.kind.value, "target": spec.target,
-                "note": "load the model to see its details (cliplens models info shows "
-                        "open_clip architectures and tags)"}
+        return {
+            "name": spec.name,
+            "kind": spec.kind.value,
+            "target": spec.target,
+            "note": "load the model to see its details (cliplens models info shows "
+            "open_clip architectures and tags)",
+        }
     import open_clip
     import torch
 

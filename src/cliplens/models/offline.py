@@ -77,6 +77,9 @@ class MiniLM:
 
     def __init__(self, folder: Path, device: torch.device, dtype: torch.dtype) -> None:
         from transformers import AutoModel, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
 
         self.tokenizer = AutoTokenizer.from_pretrained(str(folder))
         self.model = AutoModel.from_pretrained(str(folder)).to(device=device, dtype=dtype).eval()
@@ -112,8 +115,11 @@ class OfflineEncoder(Encoder):
 
         net = mobilenet_v2()
         net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-        self.net = net.to(device=device, dtype=self._dtype).eval().requires_grad_(False)
-        self.text = MiniLM(text_dir, device, self._dtype)
+        # The CNN stays fp32: in bf16 its depthwise convolutions run slower on CPU, and the
+        # rounding reorders ConSE's top-k classes on ambiguous photos (cosine 0.977 to fp32).
+        self.net = net.to(device=device).eval().requires_grad_(False)
+        # class sentences are embedded once in fp32 (then cached); queries use the precision
+        self.text = MiniLM(text_dir, device, torch.float32)
         self.classes = read_class_table()
         self.class_texts = class_texts or [row["text"] for row in self.classes]
         if len(self.class_texts) != len(self.classes):
@@ -126,8 +132,11 @@ class OfflineEncoder(Encoder):
             arch="conse(mobilenet_v2, all-MiniLM-L6-v2)",
             dim=384,
             preprocessing=Preprocessing(
-                image_size=224, resize_size=256, mean=(0.485, 0.456, 0.406),
-                std=(0.229, 0.224, 0.225), interpolation="bilinear",
+                image_size=224,
+                resize_size=256,
+                mean=(0.485, 0.456, 0.406),
+                std=(0.229, 0.224, 0.225),
+                interpolation="bilinear",
             ),
             logit_scale=LOGIT_SCALE,
             context_length=self.text.max_length,
@@ -138,11 +147,12 @@ class OfflineEncoder(Encoder):
             precision=precision.value,
         )
         self.class_embeddings = torch.from_numpy(self._class_embeddings()).to(device)
+        self.text.model.to(self._dtype)
 
     def _class_embeddings(self) -> np.ndarray:
         """MiniLM embeddings of the 1000 class texts, cached on disk per weights + table."""
         key = self.info.model_id.split("@")[1]
-        path = get_settings().home / "offline" / f"class-texts-{key}-{self.info.precision}.npy"
+        path = get_settings().home / "offline" / f"class-texts-{key}.npy"
         if path.is_file():
             return np.load(path)
         vectors = self.encode_texts(self.class_texts)
@@ -153,7 +163,7 @@ class OfflineEncoder(Encoder):
         return vectors
 
     def class_probabilities(self, pixels: torch.Tensor) -> torch.Tensor:
-        logits = self.net(pixels.to(self._device, self._dtype)).float()
+        logits = self.net(pixels.to(self._device)).float()
         return logits.softmax(-1)
 
     def _encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:

@@ -113,7 +113,7 @@ def cached_weights(arch: str, tag: str) -> Path | None:
             if isinstance(hit, str):
                 return Path(hit)
     elif cfg.get("url"):
-        path = Path(cache) / os.path.basename(cfg["url"])
+        path = Path(cache) / Path(cfg["url"]).name
         if path.is_file():
             return path
     return None
@@ -185,8 +185,14 @@ def load_pretrained(
     tokenizer = open_clip.get_tokenizer(arch)
     model_id = f"{arch}:{tag_id}@{combined_digest([weights])}"
     return OpenClipEncoder.from_model(
-        model, tokenizer, name=name, arch=arch, model_id=model_id, device=device,
-        precision=precision, weights=(weights,),
+        model,
+        tokenizer,
+        name=name,
+        arch=arch,
+        model_id=model_id,
+        device=device,
+        precision=precision,
+        weights=(weights,),
     )
 
 
@@ -205,20 +211,29 @@ def load_hub(name: str, repo: str, device: torch.device, precision: Precision) -
     except Exception as e:
         raise ModelUnavailableError(name, cache, _short_reason(e)) from e
     weights = tuple(
-        Path(hit) for fn in HUB_WEIGHT_FILES
+        Path(hit)
+        for fn in HUB_WEIGHT_FILES
         if isinstance(hit := try_to_load_from_cache(repo, fn, cache_dir=str(cache)), str)
     )[:1]
     digest = combined_digest(weights) if weights else "unknown"
     return OpenClipEncoder.from_model(
-        model, tokenizer, name=name, arch=f"hf-hub:{repo}", model_id=f"hf-hub:{repo}@{digest}",
-        device=device, precision=precision, weights=weights,
+        model,
+        tokenizer,
+        name=name,
+        arch=f"hf-hub:{repo}",
+        model_id=f"hf-hub:{repo}@{digest}",
+        device=device,
+        precision=precision,
+        weights=weights,
     )
 
 
 LOCAL_FILE_FORMAT = "cliplens-checkpoint"
 
 
-def load_local(name: str, path: Path, device: torch.device, precision: Precision) -> OpenClipEncoder:
+def load_local(
+    name: str, path: Path, device: torch.device, precision: Precision
+) -> OpenClipEncoder:
     """`local:PATH`: a checkpoint that records its own architecture.
 
     Either a folder in open_clip's layout (open_clip_config.json + weights; what
@@ -256,12 +271,20 @@ def load_local(name: str, path: Path, device: torch.device, precision: Precision
         raise InvalidInputError(f"model '{name}': {path} does not exist")
     model_id = f"local:{arch}@{combined_digest(weights)}"
     return OpenClipEncoder.from_model(
-        model, tokenizer, name=name, arch=arch, model_id=model_id, device=device,
-        precision=precision, weights=weights,
+        model,
+        tokenizer,
+        name=name,
+        arch=arch,
+        model_id=model_id,
+        device=device,
+        precision=precision,
+        weights=weights,
     )
 
 
-def _build_from_cfg(name: str, model_cfg: dict, preprocess_cfg: dict | None) -> tuple[Any, Callable]:
+def _build_from_cfg(
+    name: str, model_cfg: dict, preprocess_cfg: dict | None
+) -> tuple[Any, Callable]:
     """An open_clip CLIP with its own tokenizer, from a config dict (single-file checkpoints)."""
     from dataclasses import asdict
 
@@ -298,8 +321,13 @@ def save_checkpoint(
     if path.suffix == ".pt":
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(
-            {"format": LOCAL_FILE_FORMAT, "arch": arch, "model_cfg": model_cfg,
-             "preprocess_cfg": preprocess_cfg or {}, "state_dict": state},
+            {
+                "format": LOCAL_FILE_FORMAT,
+                "arch": arch,
+                "model_cfg": model_cfg,
+                "preprocess_cfg": preprocess_cfg or {},
+                "state_dict": state,
+            },
             path,
         )
         return path
@@ -307,7 +335,11 @@ def save_checkpoint(
 
     path.mkdir(parents=True, exist_ok=True)
     # open_clip reads model_cfg and preprocess_cfg and ignores the rest
-    cfg = {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg or {}, "cliplens": {"arch": arch}}
+    cfg = {
+        "model_cfg": model_cfg,
+        "preprocess_cfg": preprocess_cfg or {},
+        "cliplens": {"arch": arch},
+    }
     (path / "open_clip_config.json").write_text(json.dumps(cfg, indent=2))
     save_file(state, str(path / "open_clip_model.safetensors"))
     return path
@@ -319,4 +351,6 @@ def _create(name: str, model_name: str, **kwargs: Any) -> Any:
     try:
         return open_clip.create_model(model_name, load_weights=True, **kwargs)
     except (RuntimeError, ValueError, KeyError, FileNotFoundError) as e:
-        raise ModelError(f"model '{name}': open_clip could not build it ({_short_reason(e)})") from e
+        raise ModelError(
+            f"model '{name}': open_clip could not build it ({_short_reason(e)})"
+        ) from e

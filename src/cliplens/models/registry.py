@@ -1,10 +1,10 @@
 """Model names and what they resolve to.
 
-    offline                     the bundled ConSE model (no download)
-    ARCH:TAG                    open_clip architecture + pretrained tag (downloaded, cached)
-    ARCH:PATH                   open_clip architecture + a state-dict file
-    hf-hub:ORG/NAME             an open_clip model on the Hugging Face hub
-    local:PATH                  a checkpoint folder or file that records its architecture
+offline                     the bundled ConSE model (no download)
+ARCH:TAG                    open_clip architecture + pretrained tag (downloaded, cached)
+ARCH:PATH                   open_clip architecture + a state-dict file
+hf-hub:ORG/NAME             an open_clip model on the Hugging Face hub
+local:PATH                  a checkpoint folder or file that records its architecture
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def parse_model_name(name: str | None) -> ModelSpec:
     arch, sep, target = name.partition(":")
     known = open_clip.list_models()
     if arch not in known:
-        close = difflib.get_close_matches(arch, known + [OFFLINE], n=3)
+        close = difflib.get_close_matches(arch, [*known, OFFLINE], n=3)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
         raise UnknownModelError(
             f"model '{name}' is unknown{hint} (see 'cliplens models'; other forms: offline, "

@@ -50,7 +50,8 @@ def load_templates(spec: str | Sequence[str] | None = "default") -> list[str]:
     if not templates or bad:
         raise InvalidInputError(
             f"templates: each must contain '{{}}' once where the label goes; bad: {bad[:3]}"
-            if bad else "templates: the list is empty"
+            if bad
+            else "templates: the list is empty"
         )
     return templates
 
@@ -71,7 +72,9 @@ def labels_from_folder(path: str | os.PathLike) -> list[str]:
     p = Path(path)
     if not p.is_dir():
         raise InvalidInputError(f"labels folder {p} is not a folder of one subfolder per label")
-    return clean_labels(sorted(d.name for d in p.iterdir() if d.is_dir() and not d.name.startswith(".")))
+    return clean_labels(
+        sorted(d.name for d in p.iterdir() if d.is_dir() and not d.name.startswith("."))
+    )
 
 
 def clean_labels(labels: Sequence[str]) -> list[str]:
@@ -85,7 +88,9 @@ def clean_labels(labels: Sequence[str]) -> list[str]:
     return out
 
 
-def zero_shot_weights(model: Encoder, labels: Sequence[str], templates: Sequence[str]) -> np.ndarray:
+def zero_shot_weights(
+    model: Encoder, labels: Sequence[str], templates: Sequence[str]
+) -> np.ndarray:
     """(C, D) classifier: mean of the normalised template embeddings of each label."""
     prompts = [t.format(label.replace("_", " ")) for label in labels for t in templates]
     emb = model.encode_texts(prompts).reshape(len(labels), len(templates), -1).mean(axis=1)
