@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -104,7 +105,8 @@ class Encoder(ABC):
 
     info: ModelInfo
     default_batch_size: int = 32
-    decode_workers: int = 2
+    # threads decoding the next batch while this one encodes; a GPU needs many to stay busy
+    decode_workers: int = min(8, os.cpu_count() or 1)
 
     @abstractmethod
     def _encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
