@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 # e.g. make test TORCH="torch torchvision --index-url https://download.pytorch.org/whl/cpu"
 TORCH  ?= torch==2.14.1 torchvision==0.29.1
 DEMO_DIR    ?= demo-photos
-DEMO_LABELS ?= cat,dog,car,coffee,rocket,astronaut,motorcycle,camera,coins,moon,brick wall,galaxy,text,flower,bird
+DEMO_LABELS ?= cat,dog,car,coffee,rocket,motorcycle,camera,galaxy,text,flower,bird,horse,pizza,tree
 
 .PHONY: venv demo test lint format bench clean
 

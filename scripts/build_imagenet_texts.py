@@ -103,7 +103,8 @@ CLASS_KIND = _map("""tusker.n.01: elephant, bell_cote.n.01: tower, binder.n.03: 
     comic_book.n.01: publication, menu.n.02: document, plate.n.08: meal, cup.n.06: cup,
     mashed_potato.n.01: dish, meat_loaf.n.01: dish, dough.n.01: food, bubble.n.01: bubble,
     coral_reef.n.01: reef, rapeseed.n.01: crop, corn.n.02: grain, ear.n.05: vegetable,
-    reel.n.03: fishing gear, rain_barrel.n.01: barrel, book_jacket.n.01: book cover""")
+    reel.n.03: fishing gear, rain_barrel.n.01: barrel, book_jacket.n.01: book cover,
+    moped.n.01: motorcycle, motor_scooter.n.01: motorcycle""")
 
 # Texts without an article: plural or mass nouns.
 NO_ARTICLE = _set(

@@ -151,7 +151,7 @@ def test_models_list_and_info(capsys):
 def test_datasets_photos(capsys, tmp_path):
     code, _, err = run(capsys, "datasets", "photos", str(tmp_path / "p"))
     assert code == 0 and (tmp_path / "p" / "cat.jpg").is_file()
-    assert "wrote 11 photos" in err
+    assert "wrote 7 photos" in err
 
 
 def test_subprocess_entry_point(photos):

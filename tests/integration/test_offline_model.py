@@ -61,3 +61,18 @@ def test_corrupted_weights_are_refused(monkeypatch, tmp_path):
     monkeypatch.setattr(offline_mod, "mobilenet_weights", lambda: fake)
     with pytest.raises(ModelIntegrityError, match="sha256"):
         load_model("offline", device="cpu")
+
+
+def test_demo_photos_get_their_labels(offline, photos):
+    """What `make demo` prints: every demo photo's top label is the right one."""
+    from pathlib import Path
+
+    from cliplens.datasets.photos import expected_labels
+
+    makefile = (Path(__file__).parents[2] / "Makefile").read_text()
+    line = next(x for x in makefile.splitlines() if x.startswith("DEMO_LABELS"))
+    labels = line.split("?=", 1)[1].strip().split(",")
+    truth = expected_labels()
+    res = classify(offline, [str(photos / name) for name in truth], labels)
+    got = {Path(p.path).name: p.top for p in res.predictions}
+    assert got == truth
