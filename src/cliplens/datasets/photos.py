@@ -21,6 +21,7 @@ PHOTOS: dict[str, tuple[str, str]] = {
     "page.png": ("page", "text"),
 }
 
+
 def write_photos(out_dir: str | os.PathLike) -> list[Path]:
     """Write the photos (JPEG for colour photos, PNG for the rest); returns the paths."""
     try:
