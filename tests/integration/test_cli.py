@@ -131,6 +131,20 @@ def test_usage_errors_are_one_line(capsys, photos, args, needle):
     assert needle in err and err.count("\n") == 1 and err.startswith("error:")
 
 
+def test_empty_folder_and_unexpected_errors(capsys, tmp_path, monkeypatch):
+    code, _, err = run(capsys, "classify", str(tmp_path), "--labels", "a,b")
+    assert code == 2 and "no images under" in err
+
+    def boom(*args, **kwargs):
+        raise OSError("disk on fire")
+
+    monkeypatch.setattr("cliplens.models.load_model", boom)
+    (tmp_path / "x.png").write_bytes(b"")
+    monkeypatch.delenv("CLIPLENS_DEBUG", raising=False)
+    code, _, err = run(capsys, "classify", str(tmp_path), "--labels", "a,b")
+    assert code == 1 and "disk on fire" in err and "Traceback" not in err
+
+
 def test_models_list_and_info(capsys):
     code, out, _ = run(capsys, "models", "--format", "json")
     assert code == 0

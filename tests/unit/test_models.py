@@ -165,6 +165,17 @@ def test_missing_weights_without_network_names_alternatives(monkeypatch, tmp_pat
     assert "\n" not in msg
 
 
+def test_hub_model_without_network(monkeypatch):
+    import socket
+
+    def no_dns(*args, **kwargs):
+        raise socket.gaierror(-2, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    with pytest.raises(ModelUnavailableError, match="cannot resolve"):
+        load_model("hf-hub:laion/CLIP-ViT-B-32-laion2B-s34B-b79K")
+
+
 def test_cached_weights_are_used_without_network(monkeypatch):
     """A tag whose weights are in the cache loads with the network gone."""
     import socket

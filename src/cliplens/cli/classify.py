@@ -82,6 +82,10 @@ def classify_command(
     task.load_templates(templates)  # bad templates fail before the model loads
 
     files, failures = collect_images(paths)
+    if not files and not failures:
+        raise InvalidInputError(
+            f"no images under {', '.join(map(str, paths))} (extensions: jpg, png, webp, ...)"
+        )
     encoder = load_model(model, device=device, precision=precision)
     result = task.classify(
         encoder,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import typer
@@ -48,13 +49,17 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except Exception as e:  # click usage errors and the like
+    except Exception as e:
         import click
 
-        if isinstance(e, click.ClickException):
+        if isinstance(e, click.ClickException):  # usage errors
             e.show()
             return e.exit_code
-        raise
+        if os.environ.get("CLIPLENS_DEBUG"):
+            raise
+        print(f"error: unexpected {type(e).__name__}: {e} (CLIPLENS_DEBUG=1 shows where)",
+              file=sys.stderr)  # fmt: skip
+        return 1
     return code if isinstance(code, int) else 0
 
 
