@@ -6,7 +6,9 @@ import os
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 # every test run writes caches into its own home, never the user's
 os.environ["CLIPLENS_HOME"] = tempfile.mkdtemp(prefix="cliplens-test-home-")
@@ -60,3 +62,18 @@ def offline():
     from cliplens import load_model
 
     return load_model("offline", device="cpu")
+
+
+def make_photos(
+    folder: Path, n: int, seed: int = 0, size: tuple[int, int] = (64, 48)
+) -> list[Path]:
+    """n random-noise JPEGs, distinct and deterministic."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(n):
+        img = Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
+        path = folder / f"img{i:03d}.jpg"
+        img.save(path, quality=90)
+        paths.append(path)
+    return paths

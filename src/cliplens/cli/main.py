@@ -7,7 +7,7 @@ import sys
 
 import typer
 
-from cliplens.cli import classify, datasets, models
+from cliplens.cli import classify, datasets, models, search
 from cliplens.errors import ClipLensError
 
 app = typer.Typer(
@@ -18,6 +18,10 @@ app = typer.Typer(
     add_completion=False,
 )
 app.command("classify")(classify.classify_command)
+app.command("index")(search.index_command)
+app.command("search")(search.search_command)
+app.command("similar")(search.similar_command)
+app.command("duplicates")(search.duplicates_command)
 app.add_typer(models.app, name="models")
 app.add_typer(datasets.app, name="datasets")
 

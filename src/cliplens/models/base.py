@@ -15,46 +15,8 @@ from PIL import Image
 
 from cliplens.errors import ImageError, InvalidInputError
 from cliplens.images import ImageSource, open_image
+from cliplens.preprocess import Preprocessing
 from cliplens.progress import progress_bar
-
-_RESAMPLE = {
-    "bicubic": Image.Resampling.BICUBIC,
-    "bilinear": Image.Resampling.BILINEAR,
-    "lanczos": Image.Resampling.LANCZOS,
-    "nearest": Image.Resampling.NEAREST,
-}
-
-
-@dataclass(frozen=True)
-class Preprocessing:
-    """How pixels become the model's input: resize, centre crop, normalise."""
-
-    image_size: int
-    resize_size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    interpolation: str = "bicubic"
-    resize_mode: str = "shortest"  # shortest (resize + centre crop) or squash
-
-    def __call__(self, image: Image.Image) -> np.ndarray:
-        """RGB PIL image -> float32 CHW array, as torchvision's Resize + CenterCrop would."""
-        resample = _RESAMPLE.get(self.interpolation, Image.Resampling.BICUBIC)
-        w, h = image.size
-        if self.resize_mode == "squash":
-            image = image.resize((self.image_size, self.image_size), resample)
-        else:
-            short, long = (w, h) if w <= h else (h, w)
-            new_short, new_long = self.resize_size, int(self.resize_size * long / short)
-            size = (new_short, new_long) if w <= h else (new_long, new_short)
-            if size != (w, h):
-                image = image.resize(size, resample)
-            w, h = image.size
-            s = self.image_size
-            left, top = round((w - s) / 2.0), round((h - s) / 2.0)
-            image = image.crop((left, top, left + s, top + s))
-        x = np.asarray(image, dtype=np.float32) / 255.0
-        x = (x - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
-        return np.ascontiguousarray(x.transpose(2, 0, 1))
 
 
 @dataclass(frozen=True)
@@ -134,6 +96,12 @@ class Encoder(ABC):
         """Embed images in input order; the first unreadable image raises its ImageError."""
         result = self._encode(items, batch_size, progress, max_megapixels, strict=True)
         return result.vectors
+
+    def encode_crops(self, crops: np.ndarray) -> np.ndarray:
+        """Embed uint8 NHWC crops made by `info.preprocessing.crop` (in worker processes)."""
+        pixels = torch.from_numpy(self.info.preprocessing.normalize(crops))
+        with torch.inference_mode():
+            return l2_normalize(self._encode_pixels(pixels))
 
     def encode_images_lenient(
         self,

@@ -1,0 +1,203 @@
+"""`cliplens index | search | similar | duplicates`: the photo catalog from the terminal."""
+
+from __future__ import annotations
+
+import enum
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cliplens.cli.common import BatchOpt, DeviceOpt, MegapixelsOpt, ModelOpt, PrecisionOpt
+from cliplens.cli.output import Format, info, print_json, print_table, show_progress, warn
+
+DbOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--db", help="Catalog file (default: CLIPLENS_HOME/catalog.db).", envvar="CLIPLENS_DB"
+    ),
+]
+WorkersOpt = Annotated[
+    int | None, typer.Option("--workers", help="Decoder processes (default: one per CPU; 0: none).")
+]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Show stage timings.")]
+InOpt = Annotated[
+    list[Path] | None,
+    typer.Option("--in", help="Folder to search (repeatable; default: the current folder)."),
+]
+NoIndexOpt = Annotated[
+    bool, typer.Option("--no-index", help="Search the catalog as it is, without updating it.")
+]
+
+
+class HitFormat(str, enum.Enum):
+    table = "table"
+    json = "json"
+    paths = "paths"
+
+
+def _index(db, model, device, precision, folders, batch_size=None, workers=None,
+           max_megapixels=None, verbose=False, quiet=False):  # fmt: skip
+    from cliplens.models import load_model
+    from cliplens.pipeline import index_folders
+    from cliplens.store.catalog import Catalog
+
+    encoder = load_model(model, device=device, precision=precision)
+    catalog = Catalog(db)
+    stats = index_folders(catalog, encoder, folders, batch_size=batch_size, workers=workers,
+                          progress=show_progress(), max_megapixels=max_megapixels)  # fmt: skip
+    for path, error in stats.errors:
+        warn(f"{path}: {error} (not indexed)")
+    if not quiet or stats.new or stats.changed or stats.removed or stats.failed:
+        info(f"index: {stats.summary()}")
+    if verbose:
+        t = stats.timings
+        line = ", ".join(f"{k} {v:.2f}s" for k, v in t.items())
+        if t.get("encode"):
+            line += f"; encoding {stats.encoded / t['encode']:.1f} img/s"
+        info(f"timings: {line}")
+    return catalog, encoder, stats
+
+
+def index_command(
+    folders: Annotated[list[Path], typer.Argument(help="Folders (or files) to index.")],
+    fmt: Annotated[Format, typer.Option("--format", "-f")] = Format.table,
+    model: ModelOpt = None,
+    device: DeviceOpt = None,
+    precision: PrecisionOpt = None,
+    batch_size: BatchOpt = None,
+    workers: WorkersOpt = None,
+    max_megapixels: MegapixelsOpt = None,
+    db: DbOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Bring the catalog up to date: new and changed photos are encoded, moved ones reuse
+    their embedding, deleted ones leave; a killed run resumes where it stopped."""
+    _, _, stats = _index(db, model, device, precision, folders, batch_size, workers,
+                         max_megapixels, verbose, quiet=fmt is Format.json)  # fmt: skip
+    if fmt is Format.json:
+        print_json({k: v for k, v in vars(stats).items() if k != "errors"}
+                   | {"errors": [{"path": p, "error": e} for p, e in stats.errors]})  # fmt: skip
+
+
+def _print_hits(hits, fmt: HitFormat) -> None:
+    if fmt is HitFormat.json:
+        print_json([h.to_dict() for h in hits])
+    elif fmt is HitFormat.paths:
+        for h in hits:
+            print(h.path)
+    else:
+        print_table(
+            ["#", "score", "path"], [(i + 1, f"{h.score:.3f}", h.path) for i, h in enumerate(hits)]
+        )
+
+
+def _folders(in_dirs: list[Path] | None) -> list[Path]:
+    return in_dirs or [Path.cwd()]
+
+
+def search_command(
+    query: Annotated[
+        list[str], typer.Argument(help='Text, image path, or "2:sunset + ./beach.jpg - people".')
+    ],
+    in_dirs: InOpt = None,
+    n: Annotated[int, typer.Option("-n", "--top", help="Number of results.")] = 10,
+    fmt: Annotated[HitFormat, typer.Option("--format", "-f")] = HitFormat.table,
+    no_index: NoIndexOpt = False,
+    model: ModelOpt = None,
+    device: DeviceOpt = None,
+    precision: PrecisionOpt = None,
+    db: DbOpt = None,
+) -> None:
+    """Find photos by a sentence, an example photo, or a weighted mix of both."""
+    from cliplens.tasks.search import parse_query, query_vector, search
+
+    text = " ".join(query)
+    terms = parse_query(text)  # bad queries fail before any model loads
+    folders = _folders(in_dirs)
+    if no_index:
+        from cliplens.models import load_model
+        from cliplens.store.catalog import Catalog
+
+        catalog, encoder = (
+            Catalog(db, readonly=True),
+            load_model(model, device=device, precision=precision),
+        )
+    else:
+        catalog, encoder, _ = _index(db, model, device, precision, folders, quiet=True)
+    hits = search(catalog, encoder, query_vector(encoder, terms, catalog), n, folders)
+    _print_hits(hits, fmt)
+
+
+def similar_command(
+    photo: Annotated[Path, typer.Argument(help="A photo; need not be indexed.")],
+    in_dirs: InOpt = None,
+    n: Annotated[int, typer.Option("-n", "--top")] = 10,
+    fmt: Annotated[HitFormat, typer.Option("--format", "-f")] = HitFormat.table,
+    no_index: NoIndexOpt = False,
+    model: ModelOpt = None,
+    device: DeviceOpt = None,
+    precision: PrecisionOpt = None,
+    db: DbOpt = None,
+) -> None:
+    """Photos that look like PHOTO."""
+    from cliplens.errors import ImageNotFoundError
+    from cliplens.tasks.search import similar
+
+    if not photo.is_file():
+        raise ImageNotFoundError(str(photo), "no such file")
+    folders = _folders(in_dirs)
+    if no_index:
+        from cliplens.models import load_model
+        from cliplens.store.catalog import Catalog
+
+        catalog, encoder = (
+            Catalog(db, readonly=True),
+            load_model(model, device=device, precision=precision),
+        )
+    else:
+        catalog, encoder, _ = _index(db, model, device, precision, folders, quiet=True)
+    _print_hits(similar(catalog, encoder, photo, n, folders), fmt)
+
+
+def duplicates_command(
+    folders: Annotated[list[Path], typer.Argument(help="Folders to look in.")],
+    threshold: Annotated[
+        float, typer.Option("--threshold", help="Cosine for near-duplicates.")
+    ] = 0.95,
+    fmt: Annotated[Format, typer.Option("--format", "-f")] = Format.table,
+    no_index: NoIndexOpt = False,
+    model: ModelOpt = None,
+    device: DeviceOpt = None,
+    precision: PrecisionOpt = None,
+    db: DbOpt = None,
+) -> None:
+    """Groups of exact copies (same bytes) and near-duplicates (embeddings above --threshold)."""
+    from cliplens.errors import InvalidInputError
+    from cliplens.tasks.search import duplicates
+
+    if not 0 < threshold <= 1:
+        raise InvalidInputError(f"--threshold {threshold} must be in (0, 1]")
+    if no_index:
+        from cliplens.models import load_model
+        from cliplens.store.catalog import Catalog
+
+        catalog, encoder = (
+            Catalog(db, readonly=True),
+            load_model(model, device=device, precision=precision),
+        )
+    else:
+        catalog, encoder, _ = _index(db, model, device, precision, folders, quiet=True)
+    groups = duplicates(catalog, encoder.info.model_id, folders, threshold)
+    if fmt is Format.json:
+        print_json([g.to_dict() for g in groups])
+    elif fmt is Format.csv:
+        print("group,kind,score,path")
+        for i, g in enumerate(groups):
+            for p in g.paths:
+                print(f"{i + 1},{g.kind},{g.score:.4f},{json.dumps(p)}")
+    else:
+        rows = [(i + 1, g.kind, f"{g.score:.3f}", "\n".join(g.paths)) for i, g in enumerate(groups)]
+        print_table(["group", "kind", "score", "paths"], rows)
+        info(f"{len(groups)} groups")

@@ -1,0 +1,197 @@
+"""Indexing: scan -> decide what changed -> decode in worker processes -> encode in
+batches -> commit each batch. A killed run loses at most the batch in flight; the next
+run skips what was committed and carries on.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import sys
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from cliplens.decode import Decoded, decode_file, init_worker
+from cliplens.errors import ImageNotFoundError, InvalidInputError
+from cliplens.images import iter_image_files
+from cliplens.models.base import Encoder
+from cliplens.progress import progress_bar
+from cliplens.store.catalog import Catalog
+
+
+@dataclass
+class IndexStats:
+    new: int = 0
+    changed: int = 0
+    moved: int = 0  # new paths whose content was already embedded (renamed, moved, copied)
+    unchanged: int = 0
+    removed: int = 0
+    failed: int = 0  # newly failed in this run
+    failed_before: int = 0  # failed earlier and unchanged since: not retried
+    encoded: int = 0
+    timings: dict[str, float] = field(default_factory=dict)
+    errors: list[tuple[str, str]] = field(default_factory=list)
+
+    def summary(self) -> str:
+        parts = [
+            f"{self.new} new",
+            f"{self.changed} changed",
+            f"{self.moved} moved or copied",
+            f"{self.removed} removed",
+            f"{self.failed} failed",
+            f"{self.unchanged} unchanged",
+        ]
+        if self.failed_before:
+            parts.append(f"{self.failed_before} failed before, not retried")
+        return ", ".join(parts)
+
+
+def _scan(roots: Sequence[str]) -> dict[str, tuple[int, int]]:
+    found: dict[str, tuple[int, int]] = {}
+    for path in iter_image_files(roots):
+        try:
+            st = path.stat()
+        except OSError:
+            continue
+        found[str(path)] = (st.st_size, st.st_mtime_ns)
+    return found
+
+
+def resolve_roots(roots: Sequence[str | os.PathLike]) -> list[str]:
+    if not roots:
+        raise InvalidInputError("name at least one folder to index")
+    out = []
+    for root in roots:
+        p = Path(root).expanduser()
+        if not p.exists():
+            raise ImageNotFoundError(str(root), "no such file or folder")
+        out.append(str(p.resolve()))
+    return out
+
+
+def index_folders(
+    catalog: Catalog,
+    encoder: Encoder,
+    roots: Sequence[str | os.PathLike],
+    batch_size: int | None = None,
+    workers: int | None = None,
+    progress: bool = False,
+    max_megapixels: float | None = None,
+    on_batch: Callable[[IndexStats], None] | None = None,
+) -> IndexStats:
+    """Bring the catalog up to date with the image files under `roots` for one model."""
+    t0 = time.perf_counter()
+    stats = IndexStats()
+    folders = resolve_roots(roots)
+    found = _scan(folders)
+    existing = catalog.files_under(folders)
+    info = encoder.info
+    model = catalog.model_key(info.model_id, info.dim)
+    known = catalog.hashes_with_embedding(model)
+    jobs: list[tuple[str, int, int]] = []
+    kinds: dict[str, str] = {}
+    for path, (size, mtime) in found.items():
+        row = existing.get(path)
+        if row is not None and (row.size, row.mtime_ns) == (size, mtime):
+            if row.status == "failed":
+                stats.failed_before += 1
+                continue
+            if row.hash in known:
+                stats.unchanged += 1
+                continue
+            kinds[path] = "new"  # readable, but not embedded by this model yet
+        else:
+            kinds[path] = "new" if row is None else "changed"
+        jobs.append((path, size, mtime))
+    gone = [p for p in existing if p not in found]
+    stats.timings["scan"] = time.perf_counter() - t0
+
+    bs = batch_size or encoder.default_batch_size
+    pending: list[Decoded] = []
+    t_encode = t_write = t_decode = 0.0
+
+    def flush() -> None:
+        nonlocal t_encode, t_write
+        crops = [d for d in pending if d.crop is not None]
+        t = time.perf_counter()
+        vectors = encoder.encode_crops(np.stack([d.crop for d in crops])) if crops else None
+        t_encode += time.perf_counter() - t
+        t = time.perf_counter()
+        with catalog.transaction():
+            if vectors is not None:
+                catalog.put_embeddings(model, [d.hash for d in crops], vectors)
+            catalog.upsert_files(
+                (d.path, d.size, d.mtime_ns, d.hash, "failed" if d.error else "ok", d.error)
+                for d in pending
+            )
+        t_write += time.perf_counter() - t
+        stats.encoded += len(crops)
+        pending.clear()
+        if on_batch:
+            on_batch(stats)
+
+    with progress_bar(len(jobs), "indexing", progress) as advance:
+        for item in _decoded(jobs, known, encoder, workers, max_megapixels):
+            t_decode += item.seconds
+            if item.error:
+                stats.failed += 1
+                stats.errors.append((item.path, item.error))
+            elif item.crop is None:
+                stats.moved += 1
+                known.add(item.hash or "")
+            elif kinds[item.path] == "changed":
+                stats.changed += 1
+            else:
+                stats.new += 1
+            pending.append(item)
+            if sum(d.crop is not None for d in pending) >= bs or len(pending) >= 4 * bs:
+                flush()
+            advance(1)
+        if pending:
+            flush()
+    if gone:
+        with catalog.transaction():
+            stats.removed = catalog.remove_files(gone)
+    with catalog.transaction():
+        catalog.collect_garbage()
+    stats.timings.update(decode_cpu=t_decode, encode=t_encode, write=t_write,
+                         total=time.perf_counter() - t0)  # fmt: skip
+    return stats
+
+
+def _decoded(
+    jobs: list[tuple[str, int, int]],
+    known: set[str],
+    encoder: Encoder,
+    workers: int | None,
+    max_megapixels: float | None,
+):
+    """Decoded files in job order, from a process pool with a bounded window in flight."""
+    if not jobs:
+        return
+    n = workers if workers is not None else (os.cpu_count() or 1)
+    args = (frozenset(known), encoder.info.preprocessing, max_megapixels)
+    if n <= 0:
+        init_worker(*args)
+        yield from (decode_file(j) for j in jobs)
+        return
+    method = "fork" if sys.platform == "linux" else "spawn"
+    window = max(4 * n, 2 * (encoder.default_batch_size or 32))
+    with mp.get_context(method).Pool(n, initializer=init_worker, initargs=args) as pool:
+        queue: deque = deque()
+        it = iter(jobs)
+        for job in it:
+            queue.append(pool.apply_async(decode_file, (job,)))
+            if len(queue) >= window:
+                break
+        while queue:
+            result = queue.popleft().get()
+            nxt = next(it, None)
+            if nxt is not None:
+                queue.append(pool.apply_async(decode_file, (nxt,)))
+            yield result

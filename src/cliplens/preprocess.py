@@ -1,0 +1,57 @@
+"""Pixels to model input: resize, centre crop, normalise. No torch here, so worker
+processes that decode images stay light."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+_RESAMPLE = {
+    "bicubic": Image.Resampling.BICUBIC,
+    "bilinear": Image.Resampling.BILINEAR,
+    "lanczos": Image.Resampling.LANCZOS,
+    "nearest": Image.Resampling.NEAREST,
+}
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How pixels become the model's input: resize, centre crop, normalise."""
+
+    image_size: int
+    resize_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str = "bicubic"
+    resize_mode: str = "shortest"  # shortest (resize + centre crop) or squash
+
+    def crop(self, image: Image.Image) -> np.ndarray:
+        """RGB PIL image -> uint8 HWC array, resized and cropped as torchvision's Resize +
+        CenterCrop would. Small enough to pass between processes cheaply."""
+        resample = _RESAMPLE.get(self.interpolation, Image.Resampling.BICUBIC)
+        w, h = image.size
+        if self.resize_mode == "squash":
+            image = image.resize((self.image_size, self.image_size), resample)
+        else:
+            short, long = (w, h) if w <= h else (h, w)
+            new_short, new_long = self.resize_size, int(self.resize_size * long / short)
+            size = (new_short, new_long) if w <= h else (new_long, new_short)
+            if size != (w, h):
+                image = image.resize(size, resample)
+            w, h = image.size
+            s = self.image_size
+            left, top = round((w - s) / 2.0), round((h - s) / 2.0)
+            image = image.crop((left, top, left + s, top + s))
+        return np.asarray(image, dtype=np.uint8)
+
+    def normalize(self, crops: np.ndarray) -> np.ndarray:
+        """uint8 NHWC crops -> float32 NCHW model input."""
+        x = crops.astype(np.float32) * np.float32(1 / 255.0)
+        x = (x - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
+        return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+
+    def __call__(self, image: Image.Image) -> np.ndarray:
+        """RGB PIL image -> float32 CHW model input."""
+        return self.normalize(self.crop(image)[None])[0]

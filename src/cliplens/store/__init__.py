@@ -1,0 +1,1 @@
+"""Storage: the SQLite catalog of files and embeddings, and vector search over it."""

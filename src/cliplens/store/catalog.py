@@ -1,0 +1,319 @@
+"""The catalog: one SQLite file (WAL) holding files and their embeddings per model.
+
+Embeddings are keyed by (model, content hash), not by path, so a renamed, moved or
+copied photo reuses its embedding and several models coexist. Every write happens in
+a transaction; `generation` counts committed changes so readers can tell when their
+cached vector matrix is stale. Readers never block the indexer (WAL).
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from cliplens.errors import ClipLensError, InvalidInputError
+
+SCHEMA_VERSION = 1
+
+# Migrations: MIGRATIONS[v] brings a catalog from version v to v + 1.
+MIGRATIONS: dict[int, str] = {
+    0: """
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    CREATE TABLE files (
+        id INTEGER PRIMARY KEY,
+        path TEXT NOT NULL UNIQUE,
+        size INTEGER NOT NULL,
+        mtime_ns INTEGER NOT NULL,
+        hash TEXT,
+        status TEXT NOT NULL CHECK (status IN ('ok', 'failed')),
+        error TEXT,
+        updated_at REAL NOT NULL
+    );
+    CREATE INDEX files_hash ON files (hash);
+    CREATE TABLE models (
+        id INTEGER PRIMARY KEY,
+        model_id TEXT NOT NULL UNIQUE,
+        dim INTEGER NOT NULL
+    );
+    CREATE TABLE embeddings (
+        model INTEGER NOT NULL REFERENCES models (id) ON DELETE CASCADE,
+        hash TEXT NOT NULL,
+        vector BLOB NOT NULL,
+        PRIMARY KEY (model, hash)
+    ) WITHOUT ROWID;
+    INSERT INTO meta VALUES ('generation', '0');
+    """,
+}
+
+
+class CatalogError(ClipLensError):
+    """The catalog cannot be opened or used."""
+
+
+@dataclass(frozen=True)
+class FileRow:
+    id: int
+    path: str
+    size: int
+    mtime_ns: int
+    hash: str | None
+    status: str
+    error: str | None
+
+
+def default_db_path() -> Path:
+    from cliplens.settings import get_settings
+
+    return get_settings().home / "catalog.db"
+
+
+def folder_range(folder: str | os.PathLike) -> tuple[str, str]:
+    """[low, high) bounds of the paths under an absolute folder, for an indexed range scan."""
+    prefix = str(folder).rstrip(os.sep) + os.sep
+    return prefix, prefix[:-1] + chr(ord(os.sep) + 1)
+
+
+class Catalog:
+    """Files, content hashes and embeddings per model, in one SQLite database."""
+
+    def __init__(self, path: str | os.PathLike | None = None, readonly: bool = False) -> None:
+        self.path = Path(path) if path else default_db_path()
+        if readonly and not self.path.exists():
+            raise CatalogError(
+                f"catalog {self.path} does not exist; run 'cliplens index DIR' first"
+            )
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=NORMAL")
+            self.db.execute("PRAGMA foreign_keys=ON")
+            self._migrate()
+        except sqlite3.DatabaseError as e:
+            raise CatalogError(f"catalog {self.path} cannot be opened ({e}); move it aside") from e
+        self._model_ids: dict[str, int] = {}
+
+    def close(self) -> None:
+        self.db.close()
+
+    def __enter__(self) -> Catalog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------ schema
+
+    def _version(self) -> int:
+        return int(self.db.execute("PRAGMA user_version").fetchone()[0])
+
+    def _migrate(self) -> None:
+        version = self._version()
+        if version > SCHEMA_VERSION:
+            raise CatalogError(
+                f"catalog {self.path} was written by a newer cliplens (schema {version}, this "
+                f"one reads up to {SCHEMA_VERSION}); upgrade cliplens or use another --db"
+            )
+        while version < SCHEMA_VERSION:
+            # one script, one transaction: a migration lands whole or not at all
+            # (executescript commits whatever is open, so the script carries its own BEGIN)
+            script = MIGRATIONS[version]
+            self.db.executescript(
+                f"BEGIN IMMEDIATE; {script}; PRAGMA user_version={version + 1}; COMMIT;"
+            )
+            version += 1
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """One atomic unit of work: all of it lands, or none of it (a kill loses only this)."""
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.db
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    def _bump(self) -> None:
+        self.db.execute("UPDATE meta SET value = value + 1 WHERE key = 'generation'")
+
+    @property
+    def generation(self) -> int:
+        return int(self.db.execute("SELECT value FROM meta WHERE key='generation'").fetchone()[0])
+
+    # ------------------------------------------------------------ models
+
+    def model_key(self, model_id: str, dim: int) -> int:
+        if model_id in self._model_ids:
+            return self._model_ids[model_id]
+        row = self.db.execute("SELECT id, dim FROM models WHERE model_id=?", (model_id,)).fetchone()
+        if row is None:
+            self.db.execute(
+                "INSERT OR IGNORE INTO models (model_id, dim) VALUES (?, ?)", (model_id, dim)
+            )
+            row = self.db.execute(
+                "SELECT id, dim FROM models WHERE model_id=?", (model_id,)
+            ).fetchone()
+        if row[1] != dim:
+            raise CatalogError(f"model {model_id} is stored with dim {row[1]}, not {dim}")
+        self._model_ids[model_id] = row[0]
+        return row[0]
+
+    def models(self) -> list[tuple[str, int, int]]:
+        """(model_id, dim, number of embeddings) for every model in the catalog."""
+        return self.db.execute(
+            "SELECT m.model_id, m.dim, COUNT(e.hash) FROM models m "
+            "LEFT JOIN embeddings e ON e.model = m.id GROUP BY m.id ORDER BY m.model_id"
+        ).fetchall()
+
+    # ------------------------------------------------------------ files
+
+    def files_under(self, folders: Sequence[str | os.PathLike]) -> dict[str, FileRow]:
+        rows: dict[str, FileRow] = {}
+        for folder in folders:
+            low, high = folder_range(folder)
+            for r in self.db.execute(
+                "SELECT id, path, size, mtime_ns, hash, status, error FROM files "
+                "WHERE (path >= ? AND path < ?) OR path = ?",
+                (low, high, str(folder)),
+            ):
+                rows[r[1]] = FileRow(*r)
+        return rows
+
+    def file(self, path: str | os.PathLike) -> FileRow | None:
+        r = self.db.execute(
+            "SELECT id, path, size, mtime_ns, hash, status, error FROM files WHERE path=?",
+            (str(path),),
+        ).fetchone()
+        return FileRow(*r) if r else None
+
+    def hashes_with_embedding(self, model: int) -> set[str]:
+        return {
+            h for (h,) in self.db.execute("SELECT hash FROM embeddings WHERE model=?", (model,))
+        }
+
+    def upsert_files(
+        self,
+        rows: Iterable[tuple[str, int, int, str | None, str, str | None]],
+    ) -> None:
+        """(path, size, mtime_ns, hash, status, error) rows; call inside a transaction."""
+        now = time.time()
+        self.db.executemany(
+            "INSERT INTO files (path, size, mtime_ns, hash, status, error, updated_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(path) DO UPDATE SET size=excluded.size, "
+            "mtime_ns=excluded.mtime_ns, hash=excluded.hash, status=excluded.status, "
+            "error=excluded.error, updated_at=excluded.updated_at",
+            [(*r, now) for r in rows],
+        )
+        self._bump()
+
+    def put_embeddings(self, model: int, hashes: Sequence[str], vectors: np.ndarray) -> None:
+        """Store float16 vectors by content hash; call inside a transaction."""
+        blobs = np.ascontiguousarray(vectors, dtype="<f2")
+        self.db.executemany(
+            "INSERT OR REPLACE INTO embeddings (model, hash, vector) VALUES (?, ?, ?)",
+            [(model, h, blobs[i].tobytes()) for i, h in enumerate(hashes)],
+        )
+        self._bump()
+
+    def remove_files(self, paths: Iterable[str]) -> int:
+        """Forget files; inside a transaction."""
+        n = 0
+        for path in paths:
+            n += self.db.execute("DELETE FROM files WHERE path=?", (path,)).rowcount
+        if n:
+            self._bump()
+        return n
+
+    def collect_garbage(self) -> int:
+        """Drop embeddings that no file refers to any more (deleted or changed content)."""
+        n = self.db.execute(
+            "DELETE FROM embeddings WHERE hash NOT IN "
+            "(SELECT hash FROM files WHERE hash IS NOT NULL)"
+        ).rowcount
+        if n:
+            self._bump()
+        return n
+
+    # ------------------------------------------------------------ reading vectors
+
+    def vectors(self, model_id: str) -> tuple[np.ndarray, np.ndarray]:
+        """(file ids, float16 matrix) of every readable file with an embedding for the model."""
+        row = self.db.execute("SELECT id, dim FROM models WHERE model_id=?", (model_id,)).fetchone()
+        if row is None:
+            return np.zeros(0, np.int64), np.zeros((0, 0), np.float16)
+        model, dim = row
+        cur = self.db.execute(
+            "SELECT f.id, e.vector FROM files f JOIN embeddings e ON e.hash = f.hash "
+            "WHERE e.model = ? AND f.status = 'ok' ORDER BY f.id",
+            (model,),
+        )
+        rows = cur.fetchall()
+        ids = np.fromiter((r[0] for r in rows), np.int64, len(rows))
+        matrix = np.frombuffer(b"".join(r[1] for r in rows), "<f2").reshape(len(rows), dim)
+        return ids, matrix
+
+    def paths(self, ids: Iterable[int]) -> dict[int, str]:
+        ids = [int(i) for i in ids]
+        out: dict[int, str] = {}
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            out.update(self.db.execute(f"SELECT id, path FROM files WHERE id IN ({marks})", chunk))
+        return out
+
+    def ids_under(self, folders: Sequence[str | os.PathLike]) -> np.ndarray:
+        ids: list[int] = []
+        for folder in folders:
+            low, high = folder_range(folder)
+            ids += [i for (i,) in self.db.execute(
+                "SELECT id FROM files WHERE (path >= ? AND path < ?) OR path = ?",
+                (low, high, str(folder)),
+            )]  # fmt: skip
+        return np.asarray(sorted(set(ids)), np.int64)
+
+    def embedding_of(self, path: str, model_id: str) -> np.ndarray | None:
+        r = self.db.execute(
+            "SELECT e.vector FROM files f JOIN embeddings e ON e.hash = f.hash "
+            "JOIN models m ON m.id = e.model WHERE f.path = ? AND m.model_id = ?",
+            (path, model_id),
+        ).fetchone()
+        return np.frombuffer(r[0], "<f2").astype(np.float32) if r else None
+
+    def failures(self) -> list[tuple[str, str]]:
+        return self.db.execute(
+            "SELECT path, error FROM files WHERE status='failed' ORDER BY path"
+        ).fetchall()
+
+    def duplicate_hashes(self, folders: Sequence[str | os.PathLike]) -> list[list[str]]:
+        """Groups of paths with identical content (same hash), under the folders."""
+        under = set(self.files_under(folders))
+        groups: dict[str, list[str]] = {}
+        for path, h in self.db.execute(
+            "SELECT path, hash FROM files WHERE hash IN "
+            "(SELECT hash FROM files WHERE hash IS NOT NULL GROUP BY hash HAVING COUNT(*) > 1) "
+            "ORDER BY hash, path"
+        ):
+            if path in under:
+                groups.setdefault(h, []).append(path)
+        return [g for g in groups.values() if len(g) > 1]
+
+    def integrity_check(self) -> str:
+        return self.db.execute("PRAGMA integrity_check").fetchone()[0]
+
+
+def require_absolute(folders: Sequence[str | os.PathLike]) -> list[str]:
+    out = []
+    for f in folders:
+        p = Path(f).expanduser()
+        if not p.exists():
+            raise InvalidInputError(f"{f}: no such file or folder")
+        out.append(str(p.resolve()))
+    return out

@@ -1,0 +1,184 @@
+"""Search a catalog: text, image and weighted queries; similar photos; duplicates.
+
+Query syntax (as rclip's): terms joined by + and -, each a text or an image path, with an
+optional weight: `2:sunset + ./beach.jpg - people`. A term is an image when it names an
+existing file or starts with ./, ../, / or ~.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from cliplens.errors import InvalidInputError
+from cliplens.models.base import Encoder
+from cliplens.store.catalog import Catalog
+from cliplens.store.vectors import load_index
+
+_WEIGHT = re.compile(r"^\s*([-+]?\d+(?:\.\d+)?)\s*:(.+)$")
+
+
+@dataclass(frozen=True)
+class Term:
+    weight: float
+    text: str | None = None
+    image: str | None = None
+
+
+@dataclass(frozen=True)
+class Hit:
+    path: str
+    score: float
+
+    def to_dict(self) -> dict:
+        return {"path": self.path, "score": round(self.score, 6)}
+
+
+def _is_image_term(term: str) -> bool:
+    return term.startswith(("./", "../", "/", "~")) or Path(term).is_file()
+
+
+def parse_query(query: str) -> list[Term]:
+    """`2:sunset + ./beach.jpg - people` -> weighted text and image terms."""
+    parts = re.split(r"\s+([+-])\s+", " " + query.strip() + " ")
+    terms: list[Term] = []
+    sign = 1.0
+    for i, part in enumerate(parts):
+        if i % 2 == 1:
+            sign = 1.0 if part == "+" else -1.0
+            continue
+        part = part.strip().strip("\"'")
+        if not part:
+            raise InvalidInputError(f"query '{query}': an empty term around + or -")
+        weight = 1.0
+        if m := _WEIGHT.match(part):
+            weight, part = float(m.group(1)), m.group(2).strip().strip("\"'")
+        if _is_image_term(part):
+            path = Path(part).expanduser()
+            if not path.is_file():
+                raise InvalidInputError(f"query '{query}': image {part} does not exist")
+            terms.append(Term(sign * weight, image=str(path.resolve())))
+        else:
+            terms.append(Term(sign * weight, text=part))
+    return terms
+
+
+def query_vector(encoder: Encoder, terms: list[Term], catalog: Catalog | None = None) -> np.ndarray:
+    """Weighted sum of the terms' embeddings, normalised. Indexed images are not re-encoded."""
+    total = np.zeros(encoder.info.dim, np.float32)
+    texts = [t for t in terms if t.text is not None]
+    if texts:
+        for t, v in zip(texts, encoder.encode_texts([t.text for t in texts]), strict=True):
+            total += t.weight * v
+    for t in terms:
+        if t.image is not None:
+            v = catalog.embedding_of(t.image, encoder.info.model_id) if catalog else None
+            if v is None:
+                v = encoder.encode_images([t.image])[0]
+            total += t.weight * v
+    norm = float(np.linalg.norm(total))
+    if norm == 0:
+        raise InvalidInputError("the query's terms cancel out; change the weights")
+    return total / norm
+
+
+def search(
+    catalog: Catalog,
+    encoder: Encoder,
+    query: str | np.ndarray,
+    n: int = 10,
+    folders: list[str | os.PathLike] | None = None,
+    exclude: set[str] | None = None,
+) -> list[Hit]:
+    """The n best matches for a query string (or a ready query vector) in the catalog."""
+    vec = (
+        query
+        if isinstance(query, np.ndarray)
+        else query_vector(encoder, parse_query(query), catalog)
+    )
+    index = load_index(catalog, encoder.info.model_id)
+    allowed = (
+        catalog.ids_under([str(Path(f).expanduser().resolve()) for f in folders])
+        if folders
+        else None
+    )
+    extra = len(exclude) if exclude else 0
+    hits = index.search(vec, n + extra, allowed)
+    paths = catalog.paths(i for i, _ in hits)
+    out = [Hit(paths[i], s) for i, s in hits if i in paths and paths[i] not in (exclude or ())]
+    return out[:n]
+
+
+def similar(
+    catalog: Catalog,
+    encoder: Encoder,
+    photo: str | os.PathLike,
+    n: int = 10,
+    folders: list[str | os.PathLike] | None = None,
+) -> list[Hit]:
+    """Photos most like `photo` (itself excluded), using its stored embedding when indexed."""
+    path = str(Path(photo).expanduser().resolve())
+    vec = catalog.embedding_of(path, encoder.info.model_id)
+    if vec is None:
+        vec = encoder.encode_images([path])[0]
+    return search(catalog, encoder, vec / np.linalg.norm(vec), n, folders, exclude={path})
+
+
+@dataclass
+class DuplicateGroup:
+    kind: str  # "exact" (same bytes) or "near" (embeddings above the threshold)
+    paths: list[str]
+    score: float  # lowest similarity inside the group (1.0 for exact copies)
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "score": round(self.score, 6), "paths": self.paths}
+
+
+def duplicates(
+    catalog: Catalog,
+    model_id: str,
+    folders: list[str | os.PathLike],
+    threshold: float = 0.95,
+    block: int = 4096,
+) -> list[DuplicateGroup]:
+    """Exact copies (same content hash) and near-duplicates (cosine >= threshold), as groups."""
+    resolved = [str(Path(f).expanduser().resolve()) for f in folders]
+    groups = [DuplicateGroup("exact", g, 1.0) for g in catalog.duplicate_hashes(resolved)]
+    index = load_index(catalog, model_id)
+    mask = np.isin(index.ids, catalog.ids_under(resolved))
+    ids, m = index.ids[mask], index.matrix[mask]
+    paths = catalog.paths(ids)
+    exact_of = {p: i for i, g in enumerate(groups) for p in g.paths}
+    parent = list(range(len(ids)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    best: dict[tuple[int, int], float] = {}
+    for start in range(0, len(ids), block):
+        sims = m[start : start + block] @ m.T
+        rows, cols = np.nonzero(sims >= threshold)
+        for r, c in zip(rows + start, cols, strict=True):
+            if c <= r:
+                continue
+            a, b = paths[int(ids[r])], paths[int(ids[c])]
+            if a in exact_of and exact_of.get(b) == exact_of[a]:
+                continue  # already an exact group
+            parent[find(r)] = find(c)
+            best[(r, c)] = float(sims[r - start, c])
+    members: dict[int, list[int]] = {}
+    for i in {i for pair in best for i in pair}:
+        members.setdefault(find(i), []).append(i)
+    for rows_ in members.values():
+        inside = [s for (a, b), s in best.items() if find(a) == find(rows_[0])]
+        groups.append(
+            DuplicateGroup("near", sorted(paths[int(ids[i])] for i in rows_), min(inside))
+        )
+    return groups
