@@ -25,6 +25,10 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/cliplens datasets photos $(DEMO_DIR)
 	$(BIN)/cliplens classify $(DEMO_DIR) --model offline --labels "$(DEMO_LABELS)" --top-k 3
+	$(BIN)/cliplens index $(DEMO_DIR) --model offline --db $(DEMO_DIR)/.catalog.db
+	$(BIN)/cliplens search "a cat" --in $(DEMO_DIR) --model offline --db $(DEMO_DIR)/.catalog.db -n 3 --no-index
+	$(BIN)/cliplens search "2:a cup of coffee - a cat" --in $(DEMO_DIR) --model offline --db $(DEMO_DIR)/.catalog.db -n 3 --no-index
+	$(BIN)/cliplens similar $(DEMO_DIR)/rocket.jpg --in $(DEMO_DIR) --model offline --db $(DEMO_DIR)/.catalog.db -n 3 --no-index
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
