@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# cliplens against rclip 4.0.8 on rclip's corpus, in one sitting, runs alternating.
+# Needs ../shared/bench/rclip/run_rclip_baseline.sh to have built $BENCH (venvs, model, corpus).
+#   bash benchmarks/bench_vs_rclip.sh      (env: BENCH=/tmp/rclip_bench RUNS=2 QRUNS=3)
+# Whole-process wall time and peak RSS from /usr/bin/time; medians printed.
+set -euo pipefail
+HERE="$(cd "$(dirname "$0")/.." && pwd)"
+BENCH="${BENCH:-/tmp/rclip_bench}" RUNS="${RUNS:-2}" QRUNS="${QRUNS:-3}"
+PY="${PYTHON:-$HERE/.venv/bin/python}"
+read -ra CL <<< "${CLIPLENS:-$HERE/.venv/bin/cliplens}"  # a command, possibly with arguments
+RCLIP="$BENCH/venv/bin/rclip"
+export RCLIP_DATADIR="$BENCH/datadir" CLIPLENS_HOME="$BENCH/cliplens_home"
+QUERY="a photo of a cat"
+WEIGHTS="$BENCH/cliplens_vit_b_32_256_seed0.pt"
+[ -f "$WEIGHTS" ] || "$PY" -c "
+import torch, open_clip; torch.manual_seed(0)
+torch.save(open_clip.create_model('ViT-B-32-256', pretrained=None).state_dict(), '$WEIGHTS')"
+MODEL="ViT-B-32-256:$WEIGHTS" DB="$BENCH/cliplens.db" T="$BENCH/cl_times.txt"
+cd "$BENCH/corpus"
+cat ./* > /dev/null
+
+run() {  # run LABEL PREP CMD...: one timed run appended to $T.LABEL
+  local label=$1 prep=$2; shift 2
+  eval "$prep"
+  /usr/bin/time -a -o "$T.$label" -f "%e %M" "$@" > "$BENCH/cl_last.out" 2> "$BENCH/cl_last.err"
+}
+report() {
+  "$PY" -c '
+import statistics as st, sys
+rows = [tuple(map(float, l.split())) for l in open(sys.argv[1]) if l[:1].isdigit()]
+w = [r[0] for r in rows]; m = st.median(r[1] for r in rows) / 1024
+print(f"{sys.argv[2]:44s} wall median {st.median(w):7.3f} s (min {min(w):.3f}, max {max(w):.3f}, n={len(w)}), peak RSS {m:5.0f} MiB")' "$T.$1" "$2"
+}
+rm -f "$T".*
+for _ in $(seq "$RUNS"); do
+  run rclip_a "rm -f $RCLIP_DATADIR/db.sqlite3" "$RCLIP" -f "$QUERY"
+  run cl_a "rm -rf $DB $DB-wal $DB-shm $DB.vectors" "${CL[@]}" index . --db "$DB" --model "$MODEL"
+done
+for _ in $(seq "$QRUNS"); do
+  run rclip_b ":" "$RCLIP" -f "$QUERY"
+  run cl_b ":" "${CL[@]}" index . --db "$DB" --model "$MODEL"
+  run rclip_c ":" "$RCLIP" -n -f "$QUERY"
+  run cl_c ":" "${CL[@]}" search "$QUERY" --db "$DB" --model "$MODEL" --no-index -n 10
+done
+"${CL[@]}" index . --db "$DB" --model "$MODEL" --verbose 2>&1 | tail -1 || true
+echo "== $(lscpu | sed -n 's/Model name: *//p'), $(nproc) cores; $(ls | wc -l) photos"
+report rclip_a "rclip (a) first index + 1 query"
+report cl_a "cliplens (a) first index"
+report rclip_b "rclip (b) no-op re-run + query"
+report cl_b "cliplens (b) no-op re-index"
+report rclip_c "rclip (c) query only (-n)"
+report cl_c "cliplens (c) query only (--no-index)"
