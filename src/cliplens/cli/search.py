@@ -81,6 +81,17 @@ def index_command(
                    | {"errors": [{"path": p, "error": e} for p, e in stats.errors]})  # fmt: skip
 
 
+def _open(db, model, device, precision, folders, no_index: bool):
+    """The catalog and model for a query, the folders brought up to date unless no_index."""
+    if not no_index:
+        catalog, encoder, _ = _index(db, model, device, precision, folders, quiet=True)
+        return catalog, encoder
+    from cliplens.models import load_model
+    from cliplens.store.catalog import Catalog
+
+    return Catalog(db, readonly=True), load_model(model, device=device, precision=precision)
+
+
 def _print_hits(hits, fmt: HitFormat) -> None:
     if fmt is HitFormat.json:
         print_json([h.to_dict() for h in hits])
@@ -116,16 +127,7 @@ def search_command(
     text = " ".join(query)
     terms = parse_query(text)  # bad queries fail before any model loads
     folders = _folders(in_dirs)
-    if no_index:
-        from cliplens.models import load_model
-        from cliplens.store.catalog import Catalog
-
-        catalog, encoder = (
-            Catalog(db, readonly=True),
-            load_model(model, device=device, precision=precision),
-        )
-    else:
-        catalog, encoder, _ = _index(db, model, device, precision, folders, quiet=True)
+    catalog, encoder = _open(db, model, device, precision, folders, no_index)
     hits = search(catalog, encoder, query_vector(encoder, terms, catalog), n, folders)
     _print_hits(hits, fmt)
 
@@ -148,16 +150,7 @@ def similar_command(
     if not photo.is_file():
         raise ImageNotFoundError(str(photo), "no such file")
     folders = _folders(in_dirs)
-    if no_index:
-        from cliplens.models import load_model
-        from cliplens.store.catalog import Catalog
-
-        catalog, encoder = (
-            Catalog(db, readonly=True),
-            load_model(model, device=device, precision=precision),
-        )
-    else:
-        catalog, encoder, _ = _index(db, model, device, precision, folders, quiet=True)
+    catalog, encoder = _open(db, model, device, precision, folders, no_index)
     _print_hits(similar(catalog, encoder, photo, n, folders), fmt)
 
 
@@ -179,16 +172,7 @@ def duplicates_command(
 
     if not 0 < threshold <= 1:
         raise InvalidInputError(f"--threshold {threshold} must be in (0, 1]")
-    if no_index:
-        from cliplens.models import load_model
-        from cliplens.store.catalog import Catalog
-
-        catalog, encoder = (
-            Catalog(db, readonly=True),
-            load_model(model, device=device, precision=precision),
-        )
-    else:
-        catalog, encoder, _ = _index(db, model, device, precision, folders, quiet=True)
+    catalog, encoder = _open(db, model, device, precision, folders, no_index)
     groups = duplicates(catalog, encoder.info.model_id, folders, threshold)
     if fmt is Format.json:
         print_json([g.to_dict() for g in groups])
