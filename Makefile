@@ -45,6 +45,9 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_encode.py
 	$(BIN)/python benchmarks/bench_decode.py
 	$(BIN)/python benchmarks/bench_offline_zero_shot.py
+	$(BIN)/python benchmarks/bench_search.py
+	# against rclip (needs ../shared/bench/rclip/run_rclip_baseline.sh to have built its corpus):
+	# bash benchmarks/bench_vs_rclip.sh
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache .ruff_cache
