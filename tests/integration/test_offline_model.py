@@ -76,3 +76,18 @@ def test_demo_photos_get_their_labels(offline, photos):
     res = classify(offline, [str(photos / name) for name in truth], labels)
     got = {Path(p.path).name: p.top for p in res.predictions}
     assert got == truth
+
+
+def test_minilm_matches_sentence_transformers():
+    """Our pooling over transformers equals the sentence-transformers pipeline it replaces."""
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    texts = ["a photo of a cat", "a Pekingese, a kind of dog", "espresso"]
+    ours = offline_mod.MiniLM(offline_mod.minilm_dir(), torch.device("cpu"), torch.float32)
+    with torch.inference_mode():
+        a = torch.nn.functional.normalize(ours(texts), dim=-1).numpy()
+    b = SentenceTransformer(str(offline_mod.minilm_dir()), device="cpu").encode(
+        texts, normalize_embeddings=True
+    )
+    np.testing.assert_allclose(a, b, atol=1e-5)
