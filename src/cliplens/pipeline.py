@@ -10,18 +10,16 @@ import os
 import sys
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
 from cliplens.decode import Decoded, decode_file, init_worker
-from cliplens.errors import ImageNotFoundError, InvalidInputError
 from cliplens.images import iter_image_files
 from cliplens.models.base import Encoder
 from cliplens.progress import progress_bar
-from cliplens.store.catalog import Catalog
+from cliplens.store.catalog import Catalog, resolve_folders
 
 
 @dataclass
@@ -62,18 +60,6 @@ def _scan(roots: Sequence[str]) -> dict[str, tuple[int, int]]:
     return found
 
 
-def resolve_roots(roots: Sequence[str | os.PathLike]) -> list[str]:
-    if not roots:
-        raise InvalidInputError("name at least one folder to index")
-    out = []
-    for root in roots:
-        p = Path(root).expanduser()
-        if not p.exists():
-            raise ImageNotFoundError(str(root), "no such file or folder")
-        out.append(str(p.resolve()))
-    return out
-
-
 def index_folders(
     catalog: Catalog,
     encoder: Encoder,
@@ -82,12 +68,11 @@ def index_folders(
     workers: int | None = None,
     progress: bool = False,
     max_megapixels: float | None = None,
-    on_batch: Callable[[IndexStats], None] | None = None,
 ) -> IndexStats:
     """Bring the catalog up to date with the image files under `roots` for one model."""
     t0 = time.perf_counter()
     stats = IndexStats()
-    folders = resolve_roots(roots)
+    folders = resolve_folders(roots)
     found = _scan(folders)
     existing = catalog.files_under(folders)
     info = encoder.info
@@ -132,8 +117,6 @@ def index_folders(
         t_write += time.perf_counter() - t
         stats.encoded += len(crops)
         pending.clear()
-        if on_batch:
-            on_batch(stats)
 
     with progress_bar(len(jobs), "indexing", progress) as advance:
         for item in _decoded(jobs, known, encoder, workers, max_megapixels):
@@ -157,8 +140,9 @@ def index_folders(
     if gone:
         with catalog.transaction():
             stats.removed = catalog.remove_files(gone)
-    with catalog.transaction():
-        catalog.collect_garbage()
+    if stats.removed or stats.changed:  # only these can orphan an embedding
+        with catalog.transaction():
+            catalog.collect_garbage()
     stats.timings.update(decode_cpu=t_decode, encode=t_encode, write=t_write,
                          total=time.perf_counter() - t0)  # fmt: skip
     return stats

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from cliplens.errors import ImageError, ImageNotFoundError
+from cliplens.settings import DEFAULT_MODEL
 
 ModelOpt = Annotated[
     str | None,
@@ -16,7 +17,7 @@ ModelOpt = Annotated[
         "-m",
         help="Model name: offline, ARCH:TAG, hf-hub:ORG/NAME, local:PATH.",
         envvar="CLIPLENS_MODEL",
-        show_default="ViT-B-32-256:datacomp_s34b_b86k",
+        show_default=DEFAULT_MODEL,
     ),
 ]
 DeviceOpt = Annotated[

@@ -6,7 +6,7 @@ import os
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +37,6 @@ class ModelInfo:
     precision: str = "fp32"
     # multi-label default: cosine similarity above which a label counts as present
     cosine_threshold: float = 0.25
-    extra: dict[str, str] = field(default_factory=dict)
 
     @property
     def weights_bytes(self) -> int:

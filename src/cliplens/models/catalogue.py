@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from cliplens.models.registry import OFFLINE, Kind, parse_model_name
@@ -14,7 +14,6 @@ class ModelEntry:
     name: str
     cached: bool
     default: bool = False
-    details: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -176,18 +176,3 @@ class OfflineEncoder(Encoder):
 
     def _encode_text_batch(self, texts: list[str]) -> torch.Tensor:
         return self.text(texts)
-
-
-def weights_status() -> dict[str, str]:
-    """Which of the bundled weight files are installed, for `cliplens models`."""
-    out = {}
-    for what, fn in (("mobilenet_v2", mobilenet_weights), ("minilm", minilm_dir)):
-        try:
-            path = fn()
-            out[what] = str(path)
-        except DependencyMissingError as e:
-            out[what] = f"missing ({e})"
-    return out
-
-
-__all__ = ["OfflineEncoder", "read_class_table", "weights_status"]

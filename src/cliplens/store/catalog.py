@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cliplens.errors import ClipLensError, InvalidInputError
+from cliplens.errors import ClipLensError, ImageNotFoundError, InvalidInputError
 
 SCHEMA_VERSION = 1
 
@@ -187,13 +187,6 @@ class Catalog:
                 rows[r[1]] = FileRow(*r)
         return rows
 
-    def file(self, path: str | os.PathLike) -> FileRow | None:
-        r = self.db.execute(
-            "SELECT id, path, size, mtime_ns, hash, status, error FROM files WHERE path=?",
-            (str(path),),
-        ).fetchone()
-        return FileRow(*r) if r else None
-
     def hashes_with_embedding(self, model: int) -> set[str]:
         return {
             h for (h,) in self.db.execute("SELECT hash FROM embeddings WHERE model=?", (model,))
@@ -309,11 +302,14 @@ class Catalog:
         return self.db.execute("PRAGMA integrity_check").fetchone()[0]
 
 
-def require_absolute(folders: Sequence[str | os.PathLike]) -> list[str]:
+def resolve_folders(roots: Sequence[str | os.PathLike]) -> list[str]:
+    """Absolute, resolved paths, as the catalog stores them; a missing one is an error."""
+    if not roots:
+        raise InvalidInputError("name at least one folder to index")
     out = []
-    for f in folders:
-        p = Path(f).expanduser()
+    for root in roots:
+        p = Path(root).expanduser()
         if not p.exists():
-            raise InvalidInputError(f"{f}: no such file or folder")
+            raise ImageNotFoundError(str(root), "no such file or folder")
         out.append(str(p.resolve()))
     return out

@@ -16,7 +16,7 @@ import numpy as np
 
 from cliplens.errors import InvalidInputError
 from cliplens.models.base import Encoder
-from cliplens.store.catalog import Catalog
+from cliplens.store.catalog import Catalog, resolve_folders
 from cliplens.store.vectors import load_index
 
 _WEIGHT = re.compile(r"^\s*([-+]?\d+(?:\.\d+)?)\s*:(.+)$")
@@ -101,11 +101,7 @@ def search(
         else query_vector(encoder, parse_query(query), catalog)
     )
     index = load_index(catalog, encoder.info.model_id)
-    allowed = (
-        catalog.ids_under([str(Path(f).expanduser().resolve()) for f in folders])
-        if folders
-        else None
-    )
+    allowed = catalog.ids_under(resolve_folders(folders)) if folders else None
     extra = len(exclude) if exclude else 0
     hits = index.search(vec, n + extra, allowed)
     paths = catalog.paths(i for i, _ in hits)
@@ -146,7 +142,7 @@ def duplicates(
     block: int = 4096,
 ) -> list[DuplicateGroup]:
     """Exact copies (same content hash) and near-duplicates (cosine >= threshold), as groups."""
-    resolved = [str(Path(f).expanduser().resolve()) for f in folders]
+    resolved = resolve_folders(folders)
     groups = [DuplicateGroup("exact", g, 1.0) for g in catalog.duplicate_hashes(resolved)]
     index = load_index(catalog, model_id)
     mask = np.isin(index.ids, catalog.ids_under(resolved))
