@@ -21,6 +21,7 @@ _EXPORTS = {
     "Encoder": "cliplens.models",
     "ModelInfo": "cliplens.models",
     "load_model": "cliplens.models",
+    "ModelRef": "cliplens.models",
     "save_checkpoint": "cliplens.models",
     "ClassifyResult": "cliplens.tasks.classify",
     "Prediction": "cliplens.tasks.classify",

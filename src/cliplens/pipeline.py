@@ -12,14 +12,19 @@ import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from cliplens.decode import Decoded, decode_file, init_worker
 from cliplens.images import iter_image_files
-from cliplens.models.base import Encoder
+from cliplens.models.ref import ModelRef
 from cliplens.progress import progress_bar
 from cliplens.store.catalog import Catalog, resolve_folders
+from cliplens.store.vectors import refresh_ann
+
+if TYPE_CHECKING:
+    from cliplens.models.base import Encoder
 
 
 @dataclass
@@ -62,22 +67,25 @@ def _scan(roots: Sequence[str]) -> dict[str, tuple[int, int]]:
 
 def index_folders(
     catalog: Catalog,
-    encoder: Encoder,
+    model: Encoder | ModelRef,
     roots: Sequence[str | os.PathLike],
     batch_size: int | None = None,
     workers: int | None = None,
     progress: bool = False,
     max_megapixels: float | None = None,
 ) -> IndexStats:
-    """Bring the catalog up to date with the image files under `roots` for one model."""
+    """Bring the catalog up to date with the image files under `roots` for one model.
+
+    With a ModelRef, the network is loaded only if some file needs encoding.
+    """
     t0 = time.perf_counter()
     stats = IndexStats()
     folders = resolve_folders(roots)
     found = _scan(folders)
     existing = catalog.files_under(folders)
-    info = encoder.info
-    model = catalog.model_key(info.model_id, info.dim)
-    known = catalog.hashes_with_embedding(model)
+    info = model.info
+    key = catalog.model_key(info.model_id, info.dim)
+    known = catalog.hashes_with_embedding(key)
     jobs: list[tuple[str, int, int]] = []
     kinds: dict[str, str] = {}
     for path, (size, mtime) in found.items():
@@ -95,8 +103,13 @@ def index_folders(
         jobs.append((path, size, mtime))
     gone = [p for p in existing if p not in found]
     stats.timings["scan"] = time.perf_counter() - t0
+    if not jobs and not gone:
+        refresh_ann(catalog, info.model_id, changed=False)
+        stats.timings["total"] = time.perf_counter() - t0
+        return stats
+    encoder = model.load() if jobs else None
 
-    bs = batch_size or encoder.default_batch_size
+    bs = batch_size or (encoder.default_batch_size if encoder else 1)
     pending: list[Decoded] = []
     t_encode = t_write = t_decode = 0.0
 
@@ -109,7 +122,7 @@ def index_folders(
         t = time.perf_counter()
         with catalog.transaction():
             if vectors is not None:
-                catalog.put_embeddings(model, [d.hash for d in crops], vectors)
+                catalog.put_embeddings(key, [d.hash for d in crops], vectors)
             catalog.upsert_files(
                 (d.path, d.size, d.mtime_ns, d.hash, "failed" if d.error else "ok", d.error)
                 for d in pending
@@ -143,8 +156,10 @@ def index_folders(
     if stats.removed or stats.changed:  # only these can orphan an embedding
         with catalog.transaction():
             catalog.collect_garbage()
+    t = time.perf_counter()
+    refresh_ann(catalog, info.model_id, changed=True)
     stats.timings.update(decode_cpu=t_decode, encode=t_encode, write=t_write,
-                         total=time.perf_counter() - t0)  # fmt: skip
+                         ann=time.perf_counter() - t, total=time.perf_counter() - t0)  # fmt: skip
     return stats
 
 

@@ -113,8 +113,8 @@ def test_vector_cache_follows_generation(tmp_path, tiny):
     first = load_index(cat, tiny.info.model_id)
     assert len(first) == 3
     files = list((tmp_path / "c.db.vectors").glob("*.npy"))
-    assert len(files) == 2
+    assert len(files) == 3  # file ids, content keys, float16 matrix
     make_photos(tmp_path / "p2", 2, seed=3)
     index_folders(cat, tiny, [tmp_path / "p2"], workers=0)
     assert len(load_index(cat, tiny.info.model_id)) == 5
-    assert len(list((tmp_path / "c.db.vectors").glob("*.npy"))) == 2  # old generation removed
+    assert len(list((tmp_path / "c.db.vectors").glob("*.npy"))) == 3  # old generation removed

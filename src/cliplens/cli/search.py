@@ -37,15 +37,13 @@ class HitFormat(str, enum.Enum):
     paths = "paths"
 
 
-def _index(db, model, device, precision, folders, batch_size=None, workers=None,
-           max_megapixels=None, verbose=False, quiet=False):  # fmt: skip
-    from cliplens.models import load_model
+def _index(db, ref, folders, batch_size=None, workers=None, max_megapixels=None,
+           verbose=False, quiet=False):  # fmt: skip
     from cliplens.pipeline import index_folders
     from cliplens.store.catalog import Catalog
 
-    encoder = load_model(model, device=device, precision=precision)
     catalog = Catalog(db)
-    stats = index_folders(catalog, encoder, folders, batch_size=batch_size, workers=workers,
+    stats = index_folders(catalog, ref, folders, batch_size=batch_size, workers=workers,
                           progress=show_progress(), max_megapixels=max_megapixels)  # fmt: skip
     for path, error in stats.errors:
         warn(f"{path}: {error} (not indexed)")
@@ -57,7 +55,16 @@ def _index(db, model, device, precision, folders, batch_size=None, workers=None,
         if t.get("encode"):
             line += f"; encoding {stats.encoded / t['encode']:.1f} img/s"
         info(f"timings: {line}")
-    return catalog, encoder, stats
+    return catalog, stats
+
+
+def _prepare_fast_text(ref) -> None:
+    """Once per model, while it is loaded anyway: export the text tower so that later
+    text queries need neither torch nor the full model."""
+    if ref.loaded and ref.needs_fast_text():
+        info(f"preparing fast text queries for {ref.name} (once per model)")
+        if not ref.prepare_fast_text():
+            warn(f"{ref.name}: text tower not exportable; queries will load the full model")
 
 
 def index_command(
@@ -74,22 +81,30 @@ def index_command(
 ) -> None:
     """Bring the catalog up to date: new and changed photos are encoded, moved ones reuse
     their embedding, deleted ones leave; a killed run resumes where it stopped."""
-    _, _, stats = _index(db, model, device, precision, folders, batch_size, workers,
-                         max_megapixels, verbose, quiet=fmt is Format.json)  # fmt: skip
+    from cliplens.models.ref import ModelRef
+
+    ref = ModelRef(model, device=device, precision=precision)
+    _, stats = _index(db, ref, folders, batch_size, workers, max_megapixels, verbose,
+                      quiet=fmt is Format.json)  # fmt: skip
     if fmt is Format.json:
         print_json({k: v for k, v in vars(stats).items() if k != "errors"}
                    | {"errors": [{"path": p, "error": e} for p, e in stats.errors]})  # fmt: skip
+    _prepare_fast_text(ref)
 
 
-def _open(db, model, device, precision, folders, no_index: bool):
-    """The catalog and model for a query, the folders brought up to date unless no_index."""
-    if not no_index:
-        catalog, encoder, _ = _index(db, model, device, precision, folders, quiet=True)
-        return catalog, encoder
-    from cliplens.models import load_model
+def _open(db, model, device, precision, folders, no_index: bool, texts: bool = False):
+    """The catalog and model for a query, the folders brought up to date unless no_index.
+    With `texts`, the text encoder loads in the background meanwhile."""
+    from cliplens.models.ref import ModelRef
     from cliplens.store.catalog import Catalog
 
-    return Catalog(db, readonly=True), load_model(model, device=device, precision=precision)
+    ref = ModelRef(model, device=device, precision=precision)
+    if texts:
+        ref.preload_text()
+    if no_index:
+        return Catalog(db, readonly=True), ref
+    catalog, _ = _index(db, ref, folders, quiet=True)
+    return catalog, ref
 
 
 def _print_hits(hits, fmt: HitFormat) -> None:
@@ -116,6 +131,9 @@ def search_command(
     n: Annotated[int, typer.Option("-n", "--top", help="Number of results.")] = 10,
     fmt: Annotated[HitFormat, typer.Option("--format", "-f")] = HitFormat.table,
     no_index: NoIndexOpt = False,
+    exact: Annotated[
+        bool, typer.Option("--exact", help="Exact search even where an ANN index exists.")
+    ] = False,
     model: ModelOpt = None,
     device: DeviceOpt = None,
     precision: PrecisionOpt = None,
@@ -127,9 +145,11 @@ def search_command(
     text = " ".join(query)
     terms = parse_query(text)  # bad queries fail before any model loads
     folders = _folders(in_dirs)
-    catalog, encoder = _open(db, model, device, precision, folders, no_index)
-    hits = search(catalog, encoder, query_vector(encoder, terms, catalog), n, folders)
+    texts = any(t.text is not None for t in terms)
+    catalog, ref = _open(db, model, device, precision, folders, no_index, texts)
+    hits = search(catalog, ref, query_vector(ref, terms, catalog), n, folders, exact=exact)
     _print_hits(hits, fmt)
+    _prepare_fast_text(ref)
 
 
 def similar_command(
@@ -150,8 +170,8 @@ def similar_command(
     if not photo.is_file():
         raise ImageNotFoundError(str(photo), "no such file")
     folders = _folders(in_dirs)
-    catalog, encoder = _open(db, model, device, precision, folders, no_index)
-    _print_hits(similar(catalog, encoder, photo, n, folders), fmt)
+    catalog, ref = _open(db, model, device, precision, folders, no_index)
+    _print_hits(similar(catalog, ref, photo, n, folders), fmt)
 
 
 def duplicates_command(
@@ -172,8 +192,8 @@ def duplicates_command(
 
     if not 0 < threshold <= 1:
         raise InvalidInputError(f"--threshold {threshold} must be in (0, 1]")
-    catalog, encoder = _open(db, model, device, precision, folders, no_index)
-    groups = duplicates(catalog, encoder.info.model_id, folders, threshold)
+    catalog, ref = _open(db, model, device, precision, folders, no_index)
+    groups = duplicates(catalog, ref.info.model_id, folders, threshold)
     if fmt is Format.json:
         print_json([g.to_dict() for g in groups])
     elif fmt is Format.csv:

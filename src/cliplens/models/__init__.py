@@ -1,15 +1,33 @@
-"""load_model(name) -> Encoder, for every backend."""
+"""load_model(name) -> Encoder, for every backend; ModelRef for one loaded on demand.
 
-from cliplens.models.base import Encoder, ImageEncoding, ModelInfo, Preprocessing
-from cliplens.models.openclip import save_checkpoint
-from cliplens.models.registry import load_model, parse_model_name
+Names are imported lazily: `cliplens.models.ref` and `cliplens.models.fast_text` must
+stay importable without torch.
+"""
 
-__all__ = [
-    "Encoder",
-    "ImageEncoding",
-    "ModelInfo",
-    "Preprocessing",
-    "load_model",
-    "parse_model_name",
-    "save_checkpoint",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "Encoder": "cliplens.models.base",
+    "ImageEncoding": "cliplens.models.base",
+    "ModelInfo": "cliplens.models.info",
+    "ModelRef": "cliplens.models.ref",
+    "Preprocessing": "cliplens.preprocess",
+    "load_model": "cliplens.models.registry",
+    "parse_model_name": "cliplens.models.registry",
+    "save_checkpoint": "cliplens.models.openclip",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'cliplens.models' has no attribute '{name}'")
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -15,32 +15,9 @@ from PIL import Image
 
 from cliplens.errors import ImageError, InvalidInputError
 from cliplens.images import ImageSource, open_image
-from cliplens.preprocess import Preprocessing
+from cliplens.models.fast_text import TextGraph
+from cliplens.models.info import ModelInfo
 from cliplens.progress import progress_bar
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """What a loaded model is. `model_id` (arch + weights hash) keys stored embeddings."""
-
-    name: str
-    model_id: str
-    arch: str
-    dim: int
-    preprocessing: Preprocessing
-    logit_scale: float
-    logit_bias: float | None = None
-    context_length: int | None = None
-    weights: tuple[Path, ...] = ()
-    n_params: int = 0
-    device: str = "cpu"
-    precision: str = "fp32"
-    # multi-label default: cosine similarity above which a label counts as present
-    cosine_threshold: float = 0.25
-
-    @property
-    def weights_bytes(self) -> int:
-        return sum(p.stat().st_size for p in self.weights if p.exists())
 
 
 @dataclass
@@ -76,6 +53,17 @@ class Encoder(ABC):
     @abstractmethod
     def _encode_text_batch(self, texts: list[str]) -> torch.Tensor:
         """list of texts -> (B, D) unnormalised embeddings."""
+
+    def load(self) -> Encoder:
+        """Itself: an Encoder is already loaded (see ModelRef for one loaded on demand)."""
+        return self
+
+    def text_graph(self) -> TextGraph | None:
+        """The text tower and tokenizer for an ONNX export (models.fast_text), if supported.
+
+        Called on an fp32 CPU encoder; backends without an exportable tower return None.
+        """
+        return None
 
     # ------------------------------------------------------------------ images
 

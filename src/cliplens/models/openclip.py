@@ -12,8 +12,11 @@ import torch
 
 from cliplens.device import Precision
 from cliplens.errors import InvalidInputError, ModelError, ModelUnavailableError
-from cliplens.models.base import Encoder, ModelInfo, Preprocessing
+from cliplens.models.base import Encoder
+from cliplens.models.fast_text import TextGraph
+from cliplens.models.info import ModelInfo
 from cliplens.models.weights import combined_digest
+from cliplens.preprocess import Preprocessing
 from cliplens.settings import get_settings
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
@@ -35,6 +38,23 @@ class OpenClipEncoder(Encoder):
     def _encode_text_batch(self, texts: list[str]) -> torch.Tensor:
         tokens = self.tokenizer(texts).to(self._device)
         return self.model.encode_text(tokens)
+
+    def text_graph(self) -> TextGraph | None:
+        from open_clip.tokenizer import SimpleTokenizer
+
+        tok = self.tokenizer
+        if not isinstance(tok, SimpleTokenizer) or self._dtype != torch.float32:
+            return None  # HF tokenizers (SigLIP and others) keep the PyTorch path
+        return TextGraph(
+            module=_TextTower(self.model).eval(),
+            tokenizer=_clip_tokenizer(tok, tok.context_length),
+            cleaner="clip",
+            with_mask=False,
+            token_ids=lambda texts: [
+                [*[tok.sot_token_id, *tok.encode(t)][: tok.context_length - 1], tok.eot_token_id]
+                for t in texts
+            ],
+        )
 
     @classmethod
     def from_model(
@@ -78,6 +98,37 @@ class OpenClipEncoder(Encoder):
             precision=precision.value,
         )
         return cls(model, tokenizer, info)
+
+
+class _TextTower(torch.nn.Module):
+    def __init__(self, model: Any) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_text(ids)
+
+
+def _clip_tokenizer(tok: Any, context_length: int) -> Any:
+    """open_clip's SimpleTokenizer (CLIP's byte-level BPE) as a `tokenizers` Tokenizer."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors
+
+    merges = [pair for pair, _ in sorted(tok.bpe_ranks.items(), key=lambda kv: kv[1])]
+    out = Tokenizer(models.BPE(vocab=dict(tok.encoder), merges=merges, end_of_word_suffix="</w>"))
+    out.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(tok.pat.pattern), behavior="removed", invert=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    sot, eot = tok.decoder[tok.sot_token_id], tok.decoder[tok.eot_token_id]
+    out.post_processor = processors.TemplateProcessing(
+        single=f"{sot} $A {eot}",
+        special_tokens=[(sot, tok.sot_token_id), (eot, tok.eot_token_id)],
+    )
+    out.enable_truncation(max_length=context_length)
+    out.enable_padding(length=context_length, pad_id=0, pad_token="<pad>")
+    return out
 
 
 def _embed_dim(model: Any) -> int:

@@ -237,21 +237,48 @@ class Catalog:
 
     # ------------------------------------------------------------ reading vectors
 
-    def vectors(self, model_id: str) -> tuple[np.ndarray, np.ndarray]:
-        """(file ids, float16 matrix) of every readable file with an embedding for the model."""
+    def vectors(self, model_id: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(file ids, content keys, float16 matrix) of every readable file embedded by the
+        model. A content key is the first 60 bits of the file's hash: it changes when the
+        file does, which tells an ANN index which rows to replace."""
         row = self.db.execute("SELECT id, dim FROM models WHERE model_id=?", (model_id,)).fetchone()
         if row is None:
-            return np.zeros(0, np.int64), np.zeros((0, 0), np.float16)
+            return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, 0), np.float16)
         model, dim = row
         cur = self.db.execute(
-            "SELECT f.id, e.vector FROM files f JOIN embeddings e ON e.hash = f.hash "
+            "SELECT f.id, substr(f.hash, 1, 15), e.vector FROM files f "
+            "JOIN embeddings e ON e.hash = f.hash "
             "WHERE e.model = ? AND f.status = 'ok' ORDER BY f.id",
             (model,),
         )
         rows = cur.fetchall()
         ids = np.fromiter((r[0] for r in rows), np.int64, len(rows))
-        matrix = np.frombuffer(b"".join(r[1] for r in rows), "<f2").reshape(len(rows), dim)
-        return ids, matrix
+        keys = np.fromiter((int(r[1], 16) for r in rows), np.int64, len(rows))
+        matrix = np.frombuffer(b"".join(r[2] for r in rows), "<f2").reshape(len(rows), dim)
+        return ids, keys, matrix
+
+    def count_files(self, folders: Sequence[str | os.PathLike] | None = None) -> int:
+        """Readable files in the catalog, or under `folders` (absolute; files or folders)."""
+        if folders is None:
+            return int(
+                self.db.execute("SELECT count(*) FROM files WHERE status='ok'").fetchone()[0]
+            )
+        if len(folders) != 1:
+            return len(self.ids_under(folders, status="ok"))  # overlaps must not count twice
+        low, high = folder_range(folders[0])
+        return int(self.db.execute(
+            "SELECT count(*) FROM files WHERE ((path >= ? AND path < ?) OR path = ?) "
+            "AND status = 'ok'", (low, high, str(folders[0])),
+        ).fetchone()[0])  # fmt: skip
+
+    def count_embedded(self, model_id: str) -> int:
+        """How many readable files have an embedding by the model (rows of `vectors`)."""
+        row = self.db.execute(
+            "SELECT count(*) FROM files f JOIN embeddings e ON e.hash = f.hash "
+            "JOIN models m ON m.id = e.model WHERE m.model_id = ? AND f.status = 'ok'",
+            (model_id,),
+        ).fetchone()
+        return int(row[0])
 
     def paths(self, ids: Iterable[int]) -> dict[int, str]:
         ids = [int(i) for i in ids]
@@ -262,13 +289,15 @@ class Catalog:
             out.update(self.db.execute(f"SELECT id, path FROM files WHERE id IN ({marks})", chunk))
         return out
 
-    def ids_under(self, folders: Sequence[str | os.PathLike]) -> np.ndarray:
+    def ids_under(
+        self, folders: Sequence[str | os.PathLike], status: str | None = None
+    ) -> np.ndarray:
         ids: list[int] = []
         for folder in folders:
             low, high = folder_range(folder)
             ids += [i for (i,) in self.db.execute(
-                "SELECT id FROM files WHERE (path >= ? AND path < ?) OR path = ?",
-                (low, high, str(folder)),
+                "SELECT id FROM files WHERE ((path >= ? AND path < ?) OR path = ?) "
+                "AND status = coalesce(?, status)", (low, high, str(folder), status),
             )]  # fmt: skip
         return np.asarray(sorted(set(ids)), np.int64)
 

@@ -1,50 +1,95 @@
-"""Exact vector search over a catalog's embeddings.
+"""Vector search over a catalog's embeddings: exact, and approximate for large catalogs.
 
 The matrix of one model is cached beside the catalog as .npy files named by the
 catalog's generation, memory-mapped when fresh and rebuilt (atomically) when the
 catalog changed; a process loads it once and then answers each query with one
-matrix product.
+matrix product. Above CLIPLENS_ANN_MIN vectors a faiss IVF index (store.ann) answers
+instead, kept in step with the catalog.
 """
 
 from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
+from cliplens.store import ann as ann_mod
 from cliplens.store.catalog import Catalog
 
+AnnMode = Literal["auto", "train", "off"]
 
-@dataclass
+
 class VectorIndex:
-    ids: np.ndarray  # (N,) int64 file ids
-    matrix: np.ndarray  # (N, D) float32, rows L2-normalised
+    """ids (N,) int64 file ids; matrix (N, D) rows L2-normalised (float16 or float32)."""
+
+    def __init__(
+        self,
+        ids: np.ndarray,
+        matrix: np.ndarray,
+        keys: np.ndarray | None = None,
+        ann: ann_mod.AnnIndex | None = None,
+    ) -> None:
+        self.ids = ids
+        self.keys = keys if keys is not None else np.zeros(len(ids), np.int64)
+        self.ann = ann
+        self._source = matrix
+        self._matrix: np.ndarray | None = matrix if matrix.dtype == np.float32 else None
 
     def __len__(self) -> int:
         return len(self.ids)
 
+    @property
+    def matrix(self) -> np.ndarray:
+        """float32 rows, converted once on first use (ANN-only processes never pay for it)."""
+        if self._matrix is None:
+            self._matrix = np.asarray(self._source, dtype=np.float32)
+        return self._matrix
+
     def search(
-        self, query: np.ndarray, k: int, allowed: np.ndarray | None = None
+        self,
+        query: np.ndarray,
+        k: int,
+        allowed: np.ndarray | None = None,
+        exact: bool = False,
     ) -> list[tuple[int, float]]:
-        """The k rows most similar to `query` (cosine), optionally among allowed file ids."""
+        """The k rows most similar to `query` (cosine), optionally among allowed file ids.
+
+        Uses the ANN index when there is one, unless `exact`; a folder filter that keeps
+        under half the rows is searched exactly over those rows.
+        """
         if len(self.ids) == 0 or k <= 0:
             return []
-        scores = self.matrix @ query.astype(np.float32)
+        if self.ann is not None and not exact:
+            if allowed is None:
+                return self.ann.search(query, k)
+            if len(allowed) >= len(self.ids) // 2:
+                ok = set(np.asarray(allowed).tolist())
+                hits = [h for h in self.ann.search(query, 4 * k) if h[0] in ok]
+                if len(hits) >= k:
+                    return hits[:k]
+        return self._exact(query, k, allowed)
+
+    def _exact(self, query: np.ndarray, k: int, allowed: np.ndarray | None):
+        ids, matrix = self.ids, self.matrix
         if allowed is not None:
-            scores = np.where(np.isin(self.ids, allowed), scores, -np.inf)
+            keep = np.isin(ids, allowed)
+            ids, matrix = ids[keep], matrix[keep]
+        if len(ids) == 0:
+            return []
+        scores = matrix @ query.astype(np.float32)
         k = min(k, len(scores))
         top = np.argpartition(-scores, k - 1)[:k]
         top = top[np.argsort(-scores[top], kind="stable")]
-        return [(int(self.ids[i]), float(scores[i])) for i in top if np.isfinite(scores[i])]
+        return [(int(ids[i]), float(scores[i])) for i in top]
 
 
 _loaded: dict[tuple[str, str, int], VectorIndex] = {}
 
 
-def _cache_dir(catalog: Catalog) -> Path:
+def cache_dir(catalog: Catalog) -> Path:
     return catalog.path.with_name(catalog.path.name + ".vectors")
 
 
@@ -52,37 +97,60 @@ def _key(model_id: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", model_id)
 
 
-def load_index(catalog: Catalog, model_id: str) -> VectorIndex:
-    """The model's vectors, from this process's memory, the .npy cache, or the catalog."""
+def load_index(catalog: Catalog, model_id: str, ann: AnnMode = "auto") -> VectorIndex:
+    """The model's vectors, from this process's memory, the .npy cache, or the catalog.
+
+    ann: "auto" uses (and updates) an existing ANN index; "train" also builds one when
+    missing or outgrown (what `cliplens index` does); "off" searches exactly.
+    """
     gen = catalog.generation
     mem_key = (str(catalog.path), model_id, gen)
-    if mem_key in _loaded:
-        return _loaded[mem_key]
-    folder = _cache_dir(catalog)
-    stem = folder / f"{_key(model_id)}-g{gen}"
-    ids_path, mat_path = stem.with_suffix(".ids.npy"), stem.with_suffix(".f16.npy")
-    if ids_path.exists() and mat_path.exists():
-        ids = np.load(ids_path)
-        matrix16 = np.load(mat_path, mmap_mode="r")
-    else:
-        ids, matrix16 = catalog.vectors(model_id)
-        _write_cache(folder, _key(model_id), ids_path, mat_path, ids, matrix16)
-    index = VectorIndex(ids, np.asarray(matrix16, dtype=np.float32))
-    _loaded.clear()  # keep one matrix per process: they can be large
-    _loaded[mem_key] = index
+    index = _loaded.get(mem_key)
+    if index is None:
+        index = _load_exact(catalog, model_id, gen)
+        _loaded.clear()  # keep one matrix per process: they can be large
+        _loaded[mem_key] = index
+    if ann != "off" and index.ann is None and len(index) >= ann_mod.ann_min():
+        index.ann = ann_mod.refresh(cache_dir(catalog), _key(model_id), index.ids, index.keys,
+                                    index._source, train=ann == "train")  # fmt: skip
     return index
 
 
-def _write_cache(folder: Path, key: str, ids_path: Path, mat_path: Path, ids, matrix) -> None:
+def _load_exact(catalog: Catalog, model_id: str, gen: int) -> VectorIndex:
+    folder = cache_dir(catalog)
+    stem = folder / f"{_key(model_id)}-g{gen}"
+    files = {part: stem.with_suffix(f".{part}.npy") for part in ("ids", "keys", "f16")}
+    if all(p.exists() for p in files.values()):
+        ids, keys = np.load(files["ids"]), np.load(files["keys"])
+        matrix16 = np.load(files["f16"], mmap_mode="r")
+    else:
+        ids, keys, matrix16 = catalog.vectors(model_id)
+        _write_cache(folder, _key(model_id), files, {"ids": ids, "keys": keys, "f16": matrix16})
+    return VectorIndex(ids, matrix16, keys)
+
+
+def _write_cache(folder: Path, key: str, files: dict[str, Path], data: dict) -> None:
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        for target, data in ((mat_path, matrix), (ids_path, ids)):
+        for part in ("f16", "keys", "ids"):  # ids last: their presence marks a whole set
+            target = files[part]
             tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
             with tmp.open("wb") as f:
-                np.save(f, data)
+                np.save(f, data[part])
             tmp.replace(target)
         for old in folder.glob(f"{key}-g*.npy"):
-            if old not in (ids_path, mat_path):
+            if old not in files.values():
                 old.unlink(missing_ok=True)
     except OSError:
         pass  # a read-only folder only costs rebuilding from the catalog next time
+
+
+def refresh_ann(catalog: Catalog, model_id: str, changed: bool) -> bool:
+    """After indexing: build or update the ANN index when the catalog is large enough.
+    Returns True when an ANN index is current. Cheap when nothing changed."""
+    index_path, _ = ann_mod.paths(cache_dir(catalog), _key(model_id))
+    if not changed and index_path.exists():
+        return True
+    if catalog.count_embedded(model_id) < ann_mod.ann_min():
+        return False
+    return load_index(catalog, model_id, ann="train").ann is not None

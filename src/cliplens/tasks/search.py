@@ -11,13 +11,17 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from cliplens.errors import InvalidInputError
-from cliplens.models.base import Encoder
 from cliplens.store.catalog import Catalog, resolve_folders
 from cliplens.store.vectors import load_index
+
+if TYPE_CHECKING:
+    from cliplens.models.base import Encoder
+    from cliplens.models.ref import ModelRef
 
 _WEIGHT = re.compile(r"^\s*([-+]?\d+(?:\.\d+)?)\s*:(.+)$")
 
@@ -67,7 +71,9 @@ def parse_query(query: str) -> list[Term]:
     return terms
 
 
-def query_vector(encoder: Encoder, terms: list[Term], catalog: Catalog | None = None) -> np.ndarray:
+def query_vector(
+    encoder: Encoder | ModelRef, terms: list[Term], catalog: Catalog | None = None
+) -> np.ndarray:
     """Weighted sum of the terms' embeddings, normalised. Indexed images are not re-encoded."""
     total = np.zeros(encoder.info.dim, np.float32)
     texts = [t for t in terms if t.text is not None]
@@ -88,22 +94,29 @@ def query_vector(encoder: Encoder, terms: list[Term], catalog: Catalog | None = 
 
 def search(
     catalog: Catalog,
-    encoder: Encoder,
+    encoder: Encoder | ModelRef,
     query: str | np.ndarray,
     n: int = 10,
     folders: list[str | os.PathLike] | None = None,
     exclude: set[str] | None = None,
+    exact: bool = False,
 ) -> list[Hit]:
-    """The n best matches for a query string (or a ready query vector) in the catalog."""
+    """The n best matches for a query string (or a ready query vector) in the catalog.
+
+    Large catalogs are searched through their ANN index unless `exact`."""
     vec = (
         query
         if isinstance(query, np.ndarray)
         else query_vector(encoder, parse_query(query), catalog)
     )
-    index = load_index(catalog, encoder.info.model_id)
-    allowed = catalog.ids_under(resolve_folders(folders)) if folders else None
+    index = load_index(catalog, encoder.info.model_id, ann="off" if exact else "auto")
+    allowed = None
+    if folders:
+        resolved = resolve_folders(folders)
+        if catalog.count_files(resolved) < catalog.count_files():
+            allowed = catalog.ids_under(resolved)  # a filter only when it excludes something
     extra = len(exclude) if exclude else 0
-    hits = index.search(vec, n + extra, allowed)
+    hits = index.search(vec, n + extra, allowed, exact=exact)
     paths = catalog.paths(i for i, _ in hits)
     out = [Hit(paths[i], s) for i, s in hits if i in paths and paths[i] not in (exclude or ())]
     return out[:n]
@@ -111,7 +124,7 @@ def search(
 
 def similar(
     catalog: Catalog,
-    encoder: Encoder,
+    encoder: Encoder | ModelRef,
     photo: str | os.PathLike,
     n: int = 10,
     folders: list[str | os.PathLike] | None = None,

@@ -1,0 +1,52 @@
+"""What a model is, without importing torch: enough to key, scan and search a catalog."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cliplens.preprocess import Preprocessing
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a loaded model is. `model_id` (arch + weights hash) keys stored embeddings."""
+
+    name: str
+    model_id: str
+    arch: str
+    dim: int
+    preprocessing: Preprocessing
+    logit_scale: float
+    logit_bias: float | None = None
+    context_length: int | None = None
+    weights: tuple[Path, ...] = ()
+    n_params: int = 0
+    device: str = "cpu"
+    precision: str = "fp32"
+    # multi-label default: cosine similarity above which a label counts as present
+    cosine_threshold: float = 0.25
+
+    @property
+    def weights_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.weights if p.exists())
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["weights"] = [str(p) for p in self.weights]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelInfo:
+        d = dict(d)
+        pp = d.pop("preprocessing")
+        for key in ("mean", "std"):
+            pp[key] = tuple(pp[key])
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(
+            preprocessing=Preprocessing(**pp),
+            weights=tuple(Path(p) for p in d.pop("weights", ())),
+            **{k: v for k, v in d.items() if k in known},
+        )

@@ -1,0 +1,161 @@
+"""A model by name, loaded only when something has to be encoded.
+
+A catalog needs a model's identity (model_id, dim, preprocessing) to know what is
+already indexed; only new photos need the network itself. Every load records the
+identity under CLIPLENS_HOME/loaded-models.json together with the size and mtime of
+its weight files, so a later process that finds nothing to encode never imports torch
+while those files are unchanged. Text queries go through the ONNX export of the text
+tower when there is one (models.fast_text).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cliplens import __version__
+from cliplens.models.info import ModelInfo
+from cliplens.settings import get_settings
+
+
+def _records_path() -> Path:
+    return get_settings().home / "loaded-models.json"
+
+
+def _record_key(name: str) -> str:
+    """Names with relative paths in them mean different files in different folders."""
+    prefix, sep, target = name.rpartition(":")
+    looks_like_path = target.startswith((".", "~", os.sep)) or os.sep in target
+    if sep and looks_like_path and not name.startswith("hf-hub:"):
+        return f"{prefix}:{Path(target).expanduser().resolve()}"
+    return name
+
+
+def _stamps(paths: Sequence[Path]) -> list[list[Any]] | None:
+    try:
+        return [[str(p), (st := p.stat()).st_size, st.st_mtime_ns] for p in paths]
+    except OSError:
+        return None
+
+
+def _read_records() -> dict[str, Any]:
+    try:
+        return json.loads(_records_path().read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def recorded_info(name: str) -> ModelInfo | None:
+    """The identity of `name` from an earlier load, if its weight files are unchanged."""
+    rec = _read_records().get(_record_key(name))
+    if not rec or rec.get("version") != __version__:
+        return None
+    info = ModelInfo.from_dict(rec["info"])
+    if not info.weights or _stamps(info.weights) != rec.get("stamps"):
+        return None
+    return info
+
+
+def record_info(name: str, info: ModelInfo) -> None:
+    stamps = _stamps(info.weights)
+    if not info.weights or stamps is None:
+        return  # nothing to check a record against: always load
+    records = _read_records()
+    records[_record_key(name)] = {"version": __version__, "stamps": stamps, "info": info.to_dict()}
+    path = _records_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(records, indent=1))
+        tmp.replace(path)
+    except OSError:
+        pass  # a read-only home only costs loading the model next time
+
+
+class ModelRef:
+    """Encoder-like handle: `info` and text queries without loading the model if possible."""
+
+    def __init__(
+        self, name: str | None = None, device: str | None = None, precision: Any = None
+    ) -> None:
+        name = (name or "").strip()
+        self.name = get_settings().default_model if name in ("", "default") else name
+        self.device, self.precision = device, precision
+        self._encoder: Any = None
+        self._info: ModelInfo | None = None
+        self._text: Any = None
+        self._text_lock = threading.Lock()
+
+    @property
+    def loaded(self) -> bool:
+        return self._encoder is not None
+
+    @property
+    def info(self) -> ModelInfo:
+        if self._encoder is not None:
+            return self._encoder.info
+        if self._info is None:
+            self._info = recorded_info(self.name) or self.load().info
+        return self._info
+
+    def load(self) -> Any:
+        """The Encoder itself (imports torch and builds the network the first time)."""
+        if self._encoder is None:
+            from cliplens.models.registry import load_model
+
+            self._encoder = load_model(self.name, device=self.device, precision=self.precision)
+            record_info(self.name, self._encoder.info)
+        return self._encoder
+
+    def fast_text(self) -> Any:
+        """The ONNX text encoder for this model, or None."""
+        with self._text_lock:
+            if self._text is None:
+                from cliplens.models.fast_text import find_text_encoder
+
+                self._text = find_text_encoder(self.info.model_id) or False
+        return self._text or None
+
+    def preload_text(self) -> None:
+        """Start loading the ONNX text encoder in a thread, to overlap with other work
+        (a catalog scan); `encode_texts` waits for it."""
+        if self._text is None and self._encoder is None:
+            threading.Thread(target=self.fast_text, daemon=True).start()
+
+    def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
+        if self._encoder is None and (fast := self.fast_text()) is not None:
+            return fast.encode_texts(list(texts))
+        return self.load().encode_texts(texts)
+
+    def encode_images(self, items: Sequence[Any], **kwargs: Any) -> np.ndarray:
+        return self.load().encode_images(items, **kwargs)
+
+    def needs_fast_text(self) -> bool:
+        """True when the text tower could be exported for torch-free queries but is not yet."""
+        from cliplens.models.fast_text import can_export, exported
+
+        return not exported(self.info.model_id) and can_export()
+
+    def prepare_fast_text(self) -> bool:
+        """Export the text tower for torch-free queries, once per model. True if ready."""
+        from cliplens.models.fast_text import export_text
+
+        if not self.needs_fast_text():
+            return self.fast_text() is not None
+        from cliplens.models.registry import load_model
+
+        encoder = self._encoder
+        if encoder is None or encoder.info.precision != "fp32" or encoder.info.device != "cpu":
+            encoder = load_model(self.name, device="cpu", precision="fp32")
+        self._text = export_text(encoder) or False
+        return bool(self._text)
+
+    def __repr__(self) -> str:
+        state = "loaded" if self.loaded else "not loaded"
+        return f"<ModelRef {self.name} ({state})>"
