@@ -63,8 +63,13 @@ def _prepare_fast_text(ref) -> None:
     text queries need neither torch nor the full model."""
     if ref.loaded and ref.needs_fast_text():
         info(f"preparing fast text queries for {ref.name} (once per model)")
-        if not ref.prepare_fast_text():
-            warn(f"{ref.name}: text tower not exportable; queries will load the full model")
+        try:
+            ready = ref.prepare_fast_text()
+            reason = "its export did not reproduce the model"
+        except Exception as e:  # an exporter failure must not fail the command that ran
+            ready, reason = False, f"{type(e).__name__}: {e}"
+        if not ready:
+            warn(f"{ref.name}: no fast text path ({reason}); queries will load the full model")
 
 
 def index_command(

@@ -87,7 +87,7 @@ class MiniLM:
 
         self.tokenizer = AutoTokenizer.from_pretrained(str(folder))
         self.model = AutoModel.from_pretrained(str(folder)).to(device=device, dtype=dtype).eval()
-        self.pooled = _MeanPooled(self.model)
+        self.pooled = _MeanPooled(self.model).eval()
         self.device = device
         self.max_length = 256  # sentence_bert_config.json
 

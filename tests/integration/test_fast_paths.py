@@ -1,0 +1,137 @@
+"""What a query or a no-op index must not pay for: loading the model, importing torch."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+
+from cliplens.cli.main import main
+from cliplens.models.fast_text import PROBES, find_text_encoder
+from cliplens.models.ref import ModelRef, recorded_info
+from cliplens.pipeline import index_folders
+from cliplens.store.catalog import Catalog
+from cliplens.tasks.search import parse_query, query_vector, search
+from conftest import make_photos
+
+
+def test_noop_index_does_not_load_the_model(tmp_path, tiny_model_dir):
+    name = f"local:{tiny_model_dir}"
+    folder = tmp_path / "p"
+    make_photos(folder, 4)
+    cat = Catalog(tmp_path / "c.db")
+    first = ModelRef(name, device="cpu", precision="fp32")
+    assert index_folders(cat, first, [folder], workers=0).new == 4
+    assert first.loaded
+
+    again = ModelRef(name, device="cpu", precision="fp32")
+    stats = index_folders(cat, again, [folder], workers=0)
+    assert stats.unchanged == 4 and stats.new == stats.changed == 0
+    assert not again.loaded
+    assert again.info.model_id == first.info.model_id
+
+    make_photos(folder, 5, seed=1)  # 4 rewritten with new pixels, 1 new
+    third = ModelRef(name, device="cpu", precision="fp32")
+    stats = index_folders(cat, third, [folder], workers=0)
+    assert (stats.changed, stats.new) == (4, 1)
+    assert third.loaded
+
+
+def test_record_is_dropped_when_weights_change(tmp_path, tiny_model_dir):
+    folder = tmp_path / "ckpt"
+    shutil.copytree(tiny_model_dir, folder)
+    name = f"local:{folder}"
+    ref = ModelRef(name, device="cpu", precision="fp32")
+    ref.load()
+    recorded = recorded_info(name)
+    assert recorded is not None and recorded.model_id == ref.info.model_id
+    assert recorded.preprocessing == ref.info.preprocessing
+    weights = next(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin", ".pt"))
+    st = weights.stat()
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert recorded_info(name) is None
+
+
+def test_text_tower_export_matches_pytorch(tiny_model_dir):
+    name = f"local:{tiny_model_dir}"
+    ref = ModelRef(name, device="cpu", precision="fp32")
+    torch_encoder = ref.load()
+    assert ref.prepare_fast_text()
+    assert not ref.needs_fast_text()
+    fast = find_text_encoder(ref.info.model_id)
+    assert fast is not None
+    texts = [*PROBES, "a red boat on a lake", "Ünïcödé Straße"]
+    want = torch_encoder.encode_texts(texts)
+    got = fast.encode_texts(texts)
+    assert got.shape == want.shape
+    assert float((want * got).sum(1).min()) > 0.9999
+
+    fresh = ModelRef(name)  # a later process: text queries without loading the model
+    vec = fresh.encode_texts(["a red boat on a lake"])
+    assert not fresh.loaded
+    np.testing.assert_allclose(vec[0], want[-2], atol=1e-4)
+
+
+def test_offline_text_export_matches_pytorch():
+    ref = ModelRef("offline", device="cpu", precision="fp32")
+    texts = [*PROBES, "a cup of coffee"]
+    before = ref.load().encode_texts(texts)
+    assert ref.prepare_fast_text()
+    # exporting must leave the model as it was (the exporter restores the module's mode)
+    np.testing.assert_allclose(ref.load().encode_texts(texts), before, atol=1e-6)
+    fast = find_text_encoder(ref.info.model_id)
+    assert float((before * fast.encode_texts(texts)).sum(1).min()) > 0.9999
+
+
+def test_cli_runs_noop_index_and_text_query_without_torch(tmp_path, tiny_model_dir, capsys):
+    """After one normal run, `index` (nothing new) and `search "text"` run with torch and
+    open_clip made unimportable, and find what the PyTorch path finds."""
+    name = f"local:{tiny_model_dir}"
+    folder, db = tmp_path / "p", tmp_path / "c.db"
+    make_photos(folder, 6)
+    assert main(["index", str(folder), "--db", str(db), "--model", name]) == 0
+    capsys.readouterr()
+    cat = Catalog(db, readonly=True)
+    ref = ModelRef(name)
+    expected = [
+        h.path
+        for h in search(
+            cat, ref.load(), query_vector(ref.load(), parse_query("a red boat"), cat), 3
+        )
+    ]  # noqa: E501
+
+    blocker = tmp_path / "blocked"
+    for mod in ("torch", "open_clip", "torchvision", "transformers"):
+        (blocker / mod).mkdir(parents=True)
+        (blocker / mod / "__init__.py").write_text(f"raise ImportError('{mod} is blocked')\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(blocker), *sys.path])}
+    cmd = [sys.executable, "-m", "cliplens.cli.main"]
+    noop = subprocess.run([*cmd, "index", str(folder), "--db", str(db), "--model", name,
+                           "--format", "json"], capture_output=True, text=True, env=env,
+                          timeout=120)  # fmt: skip
+    assert noop.returncode == 0, noop.stderr
+    assert json.loads(noop.stdout)["unchanged"] == 6
+    query = subprocess.run([*cmd, "search", "a red boat", "--in", str(folder), "--db", str(db),
+                            "--model", name, "-n", "3", "--format", "json"],
+                           capture_output=True, text=True, env=env, timeout=120)  # fmt: skip
+    assert query.returncode == 0, query.stderr
+    assert [h["path"] for h in json.loads(query.stdout)] == expected
+    # a photo that needs encoding does need torch: the error says so instead of hanging
+    make_photos(folder / "new", 1, seed=9)
+    needs = subprocess.run([*cmd, "index", str(folder), "--db", str(db), "--model", name],
+                           capture_output=True, text=True, env=env, timeout=120)  # fmt: skip
+    assert needs.returncode != 0
+    assert "blocked" in needs.stderr
+
+
+def test_fast_text_can_be_switched_off(monkeypatch, tiny_model_dir):
+    name = f"local:{tiny_model_dir}"
+    assert ModelRef(name, device="cpu", precision="fp32").prepare_fast_text()
+    monkeypatch.setenv("CLIPLENS_FAST_TEXT", "0")
+    ref = ModelRef(name, device="cpu", precision="fp32")
+    ref.encode_texts(["a cat"])
+    assert ref.loaded  # went through PyTorch
