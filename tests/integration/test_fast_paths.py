@@ -16,7 +16,7 @@ from cliplens.models.ref import ModelRef, recorded_info
 from cliplens.pipeline import index_folders
 from cliplens.store.catalog import Catalog
 from cliplens.tasks.search import parse_query, query_vector, search
-from conftest import make_photos
+from conftest import TINY_CFG, make_photos, make_tiny_clip
 
 
 def test_noop_index_does_not_load_the_model(tmp_path, tiny_model_dir):
@@ -102,7 +102,7 @@ def test_cli_runs_noop_index_and_text_query_without_torch(tmp_path, tiny_model_d
         for h in search(
             cat, ref.load(), query_vector(ref.load(), parse_query("a red boat"), cat), 3
         )
-    ]  # noqa: E501
+    ]
 
     blocker = tmp_path / "blocked"
     for mod in ("torch", "open_clip", "torchvision", "transformers"):
@@ -135,3 +135,18 @@ def test_fast_text_can_be_switched_off(monkeypatch, tiny_model_dir):
     ref = ModelRef(name, device="cpu", precision="fp32")
     ref.encode_texts(["a cat"])
     assert ref.loaded  # went through PyTorch
+
+
+def test_unexportable_model_is_noted_once(tmp_path, monkeypatch):
+    from cliplens.models import fast_text, save_checkpoint
+    from cliplens.models.openclip import OpenClipEncoder
+
+    folder = save_checkpoint(make_tiny_clip(seed=5), tmp_path / "ckpt", TINY_CFG, arch="tiny-test")
+    monkeypatch.setattr(OpenClipEncoder, "text_graph", lambda self: None)
+    ref = ModelRef(f"local:{folder}", device="cpu", precision="fp32")
+    assert ref.needs_fast_text()
+    assert ref.prepare_fast_text() is False
+    model_id = ref.info.model_id
+    assert fast_text.attempted(model_id) and not fast_text.exported(model_id)
+    assert not ref.needs_fast_text()  # not tried again
+    assert find_text_encoder(model_id) is None

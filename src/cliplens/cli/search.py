@@ -63,6 +63,7 @@ def _prepare_fast_text(ref) -> None:
     text queries need neither torch nor the full model."""
     if ref.loaded and ref.needs_fast_text():
         info(f"preparing fast text queries for {ref.name} (once per model)")
+        ref.unload()  # the export loads an fp32 copy: do not hold both
         try:
             ready = ref.prepare_fast_text()
             reason = "its export did not reproduce the model"

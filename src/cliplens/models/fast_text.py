@@ -12,6 +12,7 @@ This module imports neither torch nor open_clip until `export_text` is called.
 
 from __future__ import annotations
 
+import contextlib
 import html
 import json
 import os
@@ -143,13 +144,24 @@ def _enabled() -> bool:
     return os.environ.get("CLIPLENS_FAST_TEXT", "1") != "0"
 
 
-def exported(model_id: str) -> bool:
-    """Whether `model_id` has a checked export (without loading it)."""
+def _meta(model_id: str) -> dict[str, Any] | None:
     try:
         meta = json.loads((folder_for(model_id) / "meta.json").read_text())
     except (OSError, ValueError):
-        return False
-    return meta.get("format") == FORMAT and meta.get("model_id") == model_id
+        return None
+    ok = meta.get("format") == FORMAT and meta.get("model_id") == model_id
+    return meta if ok else None
+
+
+def attempted(model_id: str) -> bool:
+    """Whether an export of `model_id` was tried (and either kept or found unsupported)."""
+    return _meta(model_id) is not None
+
+
+def exported(model_id: str) -> bool:
+    """Whether `model_id` has a checked export (without loading it)."""
+    meta = _meta(model_id)
+    return meta is not None and not meta.get("unsupported")
 
 
 def find_text_encoder(model_id: str) -> OnnxTextEncoder | None:
@@ -176,13 +188,14 @@ def export_text(encoder: Any) -> OnnxTextEncoder | None:
     """Export `encoder`'s text tower (load it in fp32 for an exact tower) and check it.
 
     Returns the ready encoder, or None when the backend cannot be exported or the check
-    fails (then nothing is left on disk and queries keep using PyTorch).
+    fails; then only a note of why stays on disk (so it is not retried) and queries keep
+    using PyTorch.
     """
     import torch
 
     graph = encoder.text_graph()
     if graph is None:
-        return None
+        return _unsupported(encoder.info, "this backend's tokenizer or tower is not exportable")
     graph.module.eval()  # the exporter restores the mode it finds: make that inference
     info = encoder.info
     final = folder_for(info.model_id)
@@ -194,7 +207,7 @@ def export_text(encoder: Any) -> OnnxTextEncoder | None:
         batch = graph.tokenizer.encode_batch([clean(t) for t in PROBES])
         ours = [[i for i, m in zip(e.ids, e.attention_mask, strict=True) if m] for e in batch]
         if ours != graph.token_ids(PROBES):
-            return None
+            return _unsupported(info, "the exported tokenizer gives other token ids")
         ids = torch.tensor([e.ids for e in batch])
         mask = torch.tensor([e.attention_mask for e in batch])
         args = (ids, mask) if graph.with_mask else (ids,)
@@ -228,7 +241,7 @@ def export_text(encoder: Any) -> OnnxTextEncoder | None:
         backwards = fast.encode_texts(PROBES[::-1])[::-1]
         cosine = float(min((got * want).sum(1).min(), (backwards * want).sum(1).min()))
         if cosine < MIN_COSINE:
-            return None
+            return _unsupported(info, f"the exported tower reaches cosine {cosine:.5f} only")
         meta["min_cosine"] = round(cosine, 7)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         shutil.rmtree(final, ignore_errors=True)
@@ -237,3 +250,13 @@ def export_text(encoder: Any) -> OnnxTextEncoder | None:
         return OnnxTextEncoder(final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _unsupported(info: Any, reason: str) -> None:
+    """Remember that this model keeps the PyTorch path, so it is not tried again."""
+    folder = folder_for(info.model_id)
+    meta = {"format": FORMAT, "model_id": info.model_id, "unsupported": reason}
+    with contextlib.suppress(OSError):
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "meta.json").write_text(json.dumps(meta, indent=1))
+    return None

@@ -113,6 +113,11 @@ class ModelRef:
             record_info(self.name, self._encoder.info)
         return self._encoder
 
+    def unload(self) -> None:
+        """Drop the loaded network (its memory returns once nothing else holds it)."""
+        self._info = self._info or (self._encoder.info if self._encoder else None)
+        self._encoder = None
+
     def fast_text(self) -> Any:
         """The ONNX text encoder for this model, or None."""
         with self._text_lock:
@@ -138,9 +143,9 @@ class ModelRef:
 
     def needs_fast_text(self) -> bool:
         """True when the text tower could be exported for torch-free queries but is not yet."""
-        from cliplens.models.fast_text import can_export, exported
+        from cliplens.models.fast_text import attempted, can_export
 
-        return not exported(self.info.model_id) and can_export()
+        return not attempted(self.info.model_id) and can_export()
 
     def prepare_fast_text(self) -> bool:
         """Export the text tower for torch-free queries, once per model. True if ready."""
