@@ -36,11 +36,20 @@ for _ in $(seq "$RUNS"); do
   run rclip_a "rm -f $RCLIP_DATADIR/db.sqlite3" "$RCLIP" -f "$QUERY"
   run cl_a "rm -rf $DB $DB-wal $DB-shm $DB.vectors" "${CL[@]}" index . --db "$DB" --model "$MODEL"
 done
+# once: the text tower export (what a first `cliplens search` does; rclip's ONNX files were
+# exported by its baseline script) and a 100k-vector catalog (rclip's: probe_rclip.py inflate)
+"${CL[@]}" search "$QUERY" --db "$DB" --model "$MODEL" -n 1 > /dev/null 2>&1
+DB100K="$BENCH/cl100k.db" SYN="$BENCH/syn100k"
+[ -f "$DB100K" ] || "$PY" "$HERE/benchmarks/make_synthetic_catalog.py" "$DB100K" --model "$MODEL" \
+  --n 100000 --folder "$SYN"
 for _ in $(seq "$QRUNS"); do
   run rclip_b ":" "$RCLIP" -f "$QUERY"
   run cl_b ":" "${CL[@]}" index . --db "$DB" --model "$MODEL"
+  run cl_bq ":" "${CL[@]}" search "$QUERY" --db "$DB" --model "$MODEL" -n 10
   run rclip_c ":" "$RCLIP" -n -f "$QUERY"
   run cl_c ":" "${CL[@]}" search "$QUERY" --db "$DB" --model "$MODEL" --no-index -n 10
+  RCLIP_DATADIR="$BENCH/datadir100k" run rclip_d ":" "$RCLIP" -n -f "$QUERY"
+  run cl_d ":" "${CL[@]}" search "$QUERY" --db "$DB100K" --model "$MODEL" --no-index --in "$SYN" -n 10
 done
 "${CL[@]}" index . --db "$DB" --model "$MODEL" --verbose 2>&1 | tail -1 || true
 echo "== $(lscpu | sed -n 's/Model name: *//p'), $(nproc) cores; $(ls | wc -l) photos"
@@ -48,5 +57,8 @@ report rclip_a "rclip (a) first index + 1 query"
 report cl_a "cliplens (a) first index"
 report rclip_b "rclip (b) no-op re-run + query"
 report cl_b "cliplens (b) no-op re-index"
+report cl_bq "cliplens (b') search (no-op re-index + query)"
 report rclip_c "rclip (c) query only (-n)"
 report cl_c "cliplens (c) query only (--no-index)"
+report rclip_d "rclip (d) query only, 100k vectors"
+report cl_d "cliplens (d) query only, 100k vectors"

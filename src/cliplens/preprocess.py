@@ -4,16 +4,12 @@ processes that decode images stay light."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-from PIL import Image
 
-_RESAMPLE = {
-    "bicubic": Image.Resampling.BICUBIC,
-    "bilinear": Image.Resampling.BILINEAR,
-    "lanczos": Image.Resampling.LANCZOS,
-    "nearest": Image.Resampling.NEAREST,
-}
+if TYPE_CHECKING:  # Pillow loads when pixels do: a text query never needs it
+    from PIL import Image
 
 
 @dataclass(frozen=True)
@@ -30,7 +26,13 @@ class Preprocessing:
     def crop(self, image: Image.Image) -> np.ndarray:
         """RGB PIL image -> uint8 HWC array, resized and cropped as torchvision's Resize +
         CenterCrop would. Small enough to pass between processes cheaply."""
-        resample = _RESAMPLE.get(self.interpolation, Image.Resampling.BICUBIC)
+        from PIL import Image
+
+        resample = {
+            "bilinear": Image.Resampling.BILINEAR,
+            "lanczos": Image.Resampling.LANCZOS,
+            "nearest": Image.Resampling.NEAREST,
+        }.get(self.interpolation, Image.Resampling.BICUBIC)
         w, h = image.size
         if self.resize_mode == "squash":
             image = image.resize((self.image_size, self.image_size), resample)

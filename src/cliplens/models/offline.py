@@ -205,6 +205,7 @@ class OfflineEncoder(Encoder):
             tokenizer=tok,
             cleaner="none",
             with_mask=True,
+            any_length=True,
             token_ids=lambda texts: self.text.tokenizer(
                 texts, truncation=True, max_length=self.text.max_length
             )["input_ids"],

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 DEFAULT_MIN = 200_000
-DEFAULT_NPROBE = 32
+DEFAULT_NPROBE = 64
 RETRAIN_GROWTH = 4
 TRAIN_PER_LIST = 64  # training sample: this many vectors per inverted list
 

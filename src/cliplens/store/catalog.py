@@ -257,19 +257,17 @@ class Catalog:
         matrix = np.frombuffer(b"".join(r[2] for r in rows), "<f2").reshape(len(rows), dim)
         return ids, keys, matrix
 
-    def count_files(self, folders: Sequence[str | os.PathLike] | None = None) -> int:
-        """Readable files in the catalog, or under `folders` (absolute; files or folders)."""
-        if folders is None:
-            return int(
-                self.db.execute("SELECT count(*) FROM files WHERE status='ok'").fetchone()[0]
-            )
-        if len(folders) != 1:
-            return len(self.ids_under(folders, status="ok"))  # overlaps must not count twice
-        low, high = folder_range(folders[0])
-        return int(self.db.execute(
-            "SELECT count(*) FROM files WHERE ((path >= ? AND path < ?) OR path = ?) "
-            "AND status = 'ok'", (low, high, str(folders[0])),
-        ).fetchone()[0])  # fmt: skip
+    def holds_only(self, folders: Sequence[str | os.PathLike]) -> bool:
+        """True when every file in the catalog lies under one of `folders` (absolute):
+        then a folder filter excludes nothing. Two index lookups, whatever the size."""
+        for folder in folders:
+            low, high = folder_range(folder)
+            outside = self.db.execute(
+                "SELECT 1 FROM files WHERE path < ? OR path >= ? LIMIT 1", (low, high)
+            ).fetchone()
+            if outside is None:
+                return True
+        return False
 
     def count_embedded(self, model_id: str) -> int:
         """How many readable files have an embedding by the model (rows of `vectors`)."""

@@ -113,8 +113,8 @@ def search(
     allowed = None
     if folders:
         resolved = resolve_folders(folders)
-        if catalog.count_files(resolved) < catalog.count_files():
-            allowed = catalog.ids_under(resolved)  # a filter only when it excludes something
+        if not catalog.holds_only(resolved):  # a filter only when it excludes something
+            allowed = catalog.ids_under(resolved)
     extra = len(exclude) if exclude else 0
     hits = index.search(vec, n + extra, allowed, exact=exact)
     paths = catalog.paths(i for i, _ in hits)
