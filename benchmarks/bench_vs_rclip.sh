@@ -10,6 +10,8 @@ PY="${PYTHON:-$HERE/.venv/bin/python}"
 read -ra CL <<< "${CLIPLENS:-$HERE/.venv/bin/cliplens}"  # a command, possibly with arguments
 RCLIP="$BENCH/venv/bin/rclip"
 export RCLIP_DATADIR="$BENCH/datadir" CLIPLENS_HOME="$BENCH/cliplens_home"
+# as on a usual machine, Python may cache compiled modules (both tools' start-up depends on it)
+unset PYTHONDONTWRITEBYTECODE
 QUERY="a photo of a cat"
 WEIGHTS="$BENCH/cliplens_vit_b_32_256_seed0.pt"
 [ -f "$WEIGHTS" ] || "$PY" -c "
@@ -62,3 +64,17 @@ report rclip_c "rclip (c) query only (-n)"
 report cl_c "cliplens (c) query only (--no-index)"
 report rclip_d "rclip (d) query only, 100k vectors"
 report cl_d "cliplens (d) query only, 100k vectors"
+
+# robustness set: what cliplens does with each file (rclip's behaviour: its baseline RESULTS.md)
+cd "$BENCH/bad"
+rm -rf "$BENCH/cl_bad.db" "$BENCH/cl_bad.db-wal" "$BENCH/cl_bad.db-shm"
+/usr/bin/time -o "$BENCH/cl_bad.time" -f "cliplens (e) robustness set: wall %e s, peak RSS %M KiB" \
+  "${CL[@]}" index . --db "$BENCH/cl_bad.db" --model "$MODEL" --format json > "$BENCH/cl_bad.json" \
+  2> /dev/null || true
+cat "$BENCH/cl_bad.time"
+"$PY" -c '
+import json, sys
+stats = json.load(open(sys.argv[1]))
+print("    indexed", stats["new"], "failed", stats["failed"])
+for e in stats["errors"]:
+    print("    ", e["path"].rsplit("/", 1)[-1], "->", e["error"])' "$BENCH/cl_bad.json"
