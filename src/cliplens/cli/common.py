@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+import typer.core
 
 from cliplens.errors import ImageError, ImageNotFoundError
 from cliplens.settings import DEFAULT_MODEL
@@ -39,11 +40,43 @@ def collect_images(paths: list[Path]) -> tuple[list[Path], list[ImageError]]:
     """Files as given and image files under folders; a missing path is a failure, not fatal."""
     from cliplens.images import iter_image_files
 
-    files: list[Path] = []
+    files: dict[Path, None] = {}  # ordered, each file once
     missing: list[ImageError] = []
     for path in paths:
         if not path.exists() and not path.is_symlink():
             missing.append(ImageNotFoundError(str(path), "no such file or folder"))
             continue
-        files.extend(f for f in iter_image_files([path]) if f not in files)
-    return files, missing
+        files.update(dict.fromkeys(iter_image_files([path])))
+    return list(files), missing
+
+
+DbOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--db", help="Catalog file (default: CLIPLENS_HOME/catalog.db).", envvar="CLIPLENS_DB"
+    ),
+]
+
+
+def embed_paths(model, files, db: Path | None, max_megapixels: float | None = None,
+                features: bool = False):  # fmt: skip
+    """Embed files, taking unchanged ones from the catalog (--db, or the default one when it
+    exists) so a folder already indexed is not encoded again."""
+    from cliplens.cli.output import show_progress
+    from cliplens.store.catalog import Catalog, default_db_path
+    from cliplens.tasks.embed import embed_files
+
+    path = db or default_db_path()
+    catalog = Catalog(path, readonly=True) if path.exists() else None
+    return embed_files(model, files, catalog, progress=show_progress(),
+                       max_megapixels=max_megapixels, features=features)  # fmt: skip
+
+
+class DefaultCommandGroup(typer.core.TyperGroup):
+    """A command group whose first command runs when no subcommand is named:
+    `cliplens moderate PHOTOS` is `cliplens moderate check PHOTOS`."""
+
+    def parse_args(self, ctx, args):
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h"):
+            args = [next(iter(self.commands)), *args]
+        return super().parse_args(ctx, args)

@@ -7,7 +7,7 @@ import sys
 
 import typer
 
-from cliplens.cli import classify, datasets, models, search
+from cliplens.cli import classify, datasets, models, moderate, quality, search
 from cliplens.errors import ClipLensError
 
 app = typer.Typer(
@@ -22,6 +22,8 @@ app.command("index")(search.index_command)
 app.command("search")(search.search_command)
 app.command("similar")(search.similar_command)
 app.command("duplicates")(search.duplicates_command)
+app.add_typer(moderate.app, name="moderate")
+app.add_typer(quality.app, name="quality")
 app.add_typer(models.app, name="models")
 app.add_typer(datasets.app, name="datasets")
 

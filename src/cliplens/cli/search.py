@@ -9,15 +9,9 @@ from typing import Annotated
 
 import typer
 
-from cliplens.cli.common import BatchOpt, DeviceOpt, MegapixelsOpt, ModelOpt, PrecisionOpt
+from cliplens.cli.common import BatchOpt, DbOpt, DeviceOpt, MegapixelsOpt, ModelOpt, PrecisionOpt
 from cliplens.cli.output import Format, info, print_json, print_table, show_progress, warn
 
-DbOpt = Annotated[
-    Path | None,
-    typer.Option(
-        "--db", help="Catalog file (default: CLIPLENS_HOME/catalog.db).", envvar="CLIPLENS_DB"
-    ),
-]
 WorkersOpt = Annotated[
     int | None, typer.Option("--workers", help="Decoder processes (default: one per CPU; 0: none).")
 ]

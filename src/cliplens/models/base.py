@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,7 +107,9 @@ class Encoder(ABC):
         progress: bool,
         max_megapixels: float | None,
         strict: bool,
+        network: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> ImageEncoding:
+        network = network or self._encode_pixels
         if isinstance(items, (str, Path, Image.Image, np.ndarray)):
             raise InvalidInputError(
                 "encode_images takes a list of images; wrap a single image in a list"
@@ -131,12 +133,29 @@ class Encoder(ABC):
                         kept.append(start + offset)
                 if ok:
                     with torch.inference_mode():
-                        rows.append(
-                            l2_normalize(self._encode_pixels(torch.from_numpy(np.stack(ok))))
-                        )
+                        rows.append(l2_normalize(network(torch.from_numpy(np.stack(ok)))))
                 advance(len(decoded))
         vectors = np.concatenate(rows) if rows else np.zeros((0, self.info.dim), np.float32)
         return ImageEncoding(vectors=vectors, kept=kept, failures=failures)
+
+    @property
+    def feature_id(self) -> str:
+        """Names the space of `encode_features`; probes trained there record it."""
+        return self.info.model_id
+
+    def encode_features(
+        self,
+        items: Sequence[ImageSource],
+        batch_size: int | None = None,
+        progress: bool = False,
+        max_megapixels: float | None = None,
+    ) -> ImageEncoding:
+        """Image features for linear probes (distortion type, custom labels), lenient.
+
+        The embeddings themselves, unless a backend has features that keep more of what a
+        probe needs (the offline model: its CNN's pooled features, see there).
+        """
+        return self.encode_images_lenient(items, batch_size, progress, max_megapixels)
 
     def _decoded_batches(
         self, items: Sequence[ImageSource], bs: int, max_megapixels: float | None

@@ -307,6 +307,28 @@ class Catalog:
         ).fetchone()
         return np.frombuffer(r[0], "<f2").astype(np.float32) if r else None
 
+    def fresh_embeddings(self, paths: Sequence[str], model_id: str) -> dict[str, np.ndarray]:
+        """Stored embeddings of those paths whose file is unchanged since it was indexed
+        (same size and mtime), as float32 rows keyed by path."""
+        out: dict[str, np.ndarray] = {}
+        for start in range(0, len(paths), 500):
+            chunk = list(paths[start : start + 500])
+            marks = ",".join("?" * len(chunk))
+            rows = self.db.execute(
+                "SELECT f.path, f.size, f.mtime_ns, e.vector FROM files f "
+                "JOIN embeddings e ON e.hash = f.hash JOIN models m ON m.id = e.model "
+                f"WHERE m.model_id = ? AND f.status = 'ok' AND f.path IN ({marks})",
+                (model_id, *chunk),
+            ).fetchall()
+            for path, size, mtime_ns, blob in rows:
+                try:
+                    st = Path(path).stat()
+                except OSError:
+                    continue
+                if (st.st_size, st.st_mtime_ns) == (size, mtime_ns):
+                    out[path] = np.frombuffer(blob, "<f2").astype(np.float32)
+        return out
+
     def failures(self) -> list[tuple[str, str]]:
         return self.db.execute(
             "SELECT path, error FROM files WHERE status='failed' ORDER BY path"

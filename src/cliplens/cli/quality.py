@@ -1,0 +1,148 @@
+"""`cliplens quality`: corrupt files, CLIP-IQA scores, distortion type; `quality train`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cliplens.cli.common import (
+    DbOpt,
+    DefaultCommandGroup,
+    DeviceOpt,
+    MegapixelsOpt,
+    ModelOpt,
+    PrecisionOpt,
+    collect_images,
+    embed_paths,
+)
+from cliplens.cli.output import Format, info, print_csv, print_json, print_table
+from cliplens.errors import InvalidInputError
+
+app = typer.Typer(
+    cls=DefaultCommandGroup,
+    help="Screen images: corrupt files, quality scores (CLIP-IQA), distortion type.",
+    no_args_is_help=True,
+)
+
+
+@app.command("check")
+def check_command(
+    paths: Annotated[list[Path], typer.Argument(help="Image files or folders.")],
+    integrity_only: Annotated[
+        bool, typer.Option("--integrity-only", help="Only find corrupt files (no model).")
+    ] = False,
+    probe: Annotated[
+        Path | None, typer.Option("--probe", help="A distortion probe from 'quality train'.")
+    ] = None,
+    worst: Annotated[
+        int | None, typer.Option("--worst", help="Show the N lowest-scoring images.")
+    ] = None,
+    sort: Annotated[
+        str, typer.Option("--sort", help="Attribute to sort by (quality, sharpness, ...).")
+    ] = "quality",
+    fmt: Annotated[Format, typer.Option("--format", "-f")] = Format.table,
+    model: ModelOpt = None,
+    device: DeviceOpt = None,
+    precision: PrecisionOpt = None,
+    db: DbOpt = None,
+    max_megapixels: MegapixelsOpt = None,
+) -> None:
+    """Report corrupt files (exit code 1 if any), then score the readable ones."""
+    from cliplens.tasks.quality import ATTRIBUTES, DistortionProbe, build_screener, check_file
+
+    if sort not in ATTRIBUTES:
+        raise InvalidInputError(f"--sort {sort}: one of {', '.join(ATTRIBUTES)}")
+    if worst is not None and worst < 1:
+        raise InvalidInputError(f"--worst {worst} must be at least 1")
+    files, missing = collect_images(paths)
+    checks = [check_file(f, max_megapixels) for f in files]
+    problems = [c for c in checks if not c.ok]
+    for e in missing:
+        from cliplens.tasks.quality import Integrity
+
+        problems.append(Integrity(e.path, False, "missing", e.reason))
+    readable = [Path(c.path) for c in checks if c.ok or c.problem == "wrong_extension"]
+    scores = []
+    if not integrity_only and readable:
+        from cliplens.models.ref import ModelRef
+
+        ref = ModelRef(model, device=device, precision=precision)
+        screener = build_screener(ref, DistortionProbe.load(probe) if probe else None)
+        done = embed_paths(ref, readable, db, max_megapixels)
+        features = None
+        if probe is not None:
+            feats = embed_paths(ref, done.paths, db, max_megapixels, features=True)
+            features = feats.vectors
+        scores = screener.score(done.paths, done.vectors, features)
+        scores.sort(key=lambda s: s.attributes[sort])
+        if worst is not None:
+            scores = scores[:worst]
+    if fmt is Format.json:
+        print_json({"problems": [p.to_dict() for p in problems],
+                    "scores": [s.to_dict() for s in scores]})  # fmt: skip
+    elif fmt is Format.csv:
+        names = list(ATTRIBUTES)
+        print_csv(
+            ["path", "problem", "reason", *names, "distortion", "distortion_probability"],
+            [(p.path, p.problem, p.reason, *[""] * len(names), "", "") for p in problems]
+            + [(s.path, "", "", *[f"{s.attributes[n]:.4f}" for n in names], s.distortion,
+                f"{s.distortion_probability:.4f}") for s in scores],
+        )  # fmt: skip
+    else:
+        if problems:
+            print_table(["problem", "reason", "path"],
+                        [(p.problem, p.reason, p.path) for p in problems],
+                        title="Problems")  # fmt: skip
+        if scores:
+            names = list(ATTRIBUTES)
+            print_table(
+                [*names, "distortion", "path"],
+                [(*[f"{s.attributes[n]:.2f}" for n in names],
+                  f"{s.distortion} {s.distortion_probability:.2f}", s.path) for s in scores],
+                title=f"Scores (0-1, higher is better; sorted by {sort})",
+            )  # fmt: skip
+        info(f"{len(files) + len(missing)} files, {len(problems)} with problems")
+    if problems:
+        raise typer.Exit(1)
+
+
+@app.command("train")
+def train_command(
+    data: Annotated[Path, typer.Option("--data", help="A folder with one subfolder per type.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the probe (.npz).")],
+    fmt: Annotated[Format, typer.Option("--format", "-f")] = Format.table,
+    model: ModelOpt = None,
+    device: DeviceOpt = None,
+    precision: PrecisionOpt = None,
+    db: DbOpt = None,
+    max_megapixels: MegapixelsOpt = None,
+) -> None:
+    """Fit a few-shot distortion probe on embeddings; accuracy is cross-validated."""
+    from cliplens.models.ref import ModelRef
+    from cliplens.tasks.quality import train_probe
+
+    if not data.is_dir():
+        raise InvalidInputError(f"--data {data} is not a folder")
+    classes = sorted(d for d in data.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if len(classes) < 2:
+        raise InvalidInputError(f"--data {data} needs one subfolder per distortion type (>= 2)")
+    ref = ModelRef(model, device=device, precision=precision)
+    files, labels = [], []
+    for folder in classes:
+        found, _ = collect_images([folder])
+        files += found
+        labels += [folder.name] * len(found)
+    done = embed_paths(ref, files, db, max_megapixels, features=True)
+    by_path = dict(zip([str(Path(f).resolve()) for f in files], labels, strict=True))
+    probe = train_probe(done.vectors, [by_path[p] for p in done.paths], ref.load().feature_id)
+    probe.save(out)
+    m = probe.metrics
+    if fmt is Format.json:
+        print_json({"probe": str(out), "classes": probe.classes, "metrics": m})
+    else:
+        acc = f"{m['cv_accuracy']:.3f}" if "cv_accuracy" in m else "n/a (too few per type)"
+        print_table(["types", "examples", "cv accuracy"],
+                    [(", ".join(probe.classes), int(m["examples"]), acc)])  # fmt: skip
+        info(f"probe written to {out}")

@@ -1,0 +1,59 @@
+"""Embeddings for a list of image files: from the catalog when a file is indexed and
+unchanged, encoded otherwise. Moderation, screening and classification share it, so a
+folder already indexed is not encoded again."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cliplens.errors import ImageError
+
+
+@dataclass
+class Embedded:
+    paths: list[str]  # the files that could be read, in input order
+    vectors: np.ndarray  # (len(paths), D) float32, L2-normalised
+    failures: list[ImageError] = field(default_factory=list)
+    reused: int = 0  # rows taken from the catalog
+
+
+def embed_files(
+    model: Any,
+    files: Sequence[str | os.PathLike],
+    catalog: Any = None,
+    progress: bool = False,
+    max_megapixels: float | None = None,
+    features: bool = False,
+) -> Embedded:
+    """Embed image files with `model` (an Encoder or ModelRef), reusing a catalog's rows.
+
+    With `features`, the encoder's probe features instead (`Encoder.encode_features`); the
+    catalog serves them only where they are the embeddings."""
+    paths = [str(Path(f).resolve()) for f in files]
+    encoder = model.load() if features else model
+    if features and encoder.feature_id != encoder.info.model_id:
+        catalog = None
+    stored = catalog.fresh_embeddings(paths, model.info.model_id) if catalog is not None else {}
+    todo = [p for p in paths if p not in stored]
+    encoded: dict[str, np.ndarray] = {}
+    failures: list[ImageError] = []
+    if todo:
+        encode = (
+            encoder.load().encode_features if features else encoder.load().encode_images_lenient
+        )
+        result = encode(todo, progress=progress, max_megapixels=max_megapixels)
+        encoded = {todo[i]: v for i, v in zip(result.kept, result.vectors, strict=True)}
+        failures = result.failures
+    kept = [p for p in paths if p in stored or p in encoded]
+    rows = [stored.get(p, encoded.get(p)) for p in kept]
+    dim = 0 if features else model.info.dim
+    vectors = np.stack(rows).astype(np.float32) if rows else np.zeros((0, dim), np.float32)
+    if stored:  # float16 storage: renormalise the reused rows
+        vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+    return Embedded(kept, vectors, failures, reused=len([p for p in kept if p in stored]))

@@ -1,0 +1,615 @@
+"""Content moderation by cosine similarity to unsafe concepts, with per-concept thresholds.
+
+The scheme is the Stable Diffusion safety checker's: an image is flagged when its cosine
+to some concept's embedding passes that concept's threshold; when a "special care"
+concept hits, every threshold is lowered by the policy's adjustment. A policy is a YAML
+file (see `Policy` and policies/default.yaml); thresholds belong to the model they were
+set for. A trained head (logistic regression on embeddings, as LAION's CLIP NSFW
+detector) can be added to a policy and flags on its own probability.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field, replace
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cliplens.errors import InvalidInputError
+
+DEFAULT_POLICY = "default"
+_TOP_KEYS = {"name", "model", "note", "special_care", "categories", "head"}
+_CONCEPT_KEYS = {"text", "image", "threshold"}
+_SPECIAL_KEYS = {"adjustment", "concepts"}
+_HEAD_KEYS = {"file", "threshold", "category"}
+
+
+class PolicyError(InvalidInputError):
+    """A policy file that cannot be used; the message names the file, line and key."""
+
+
+# ---------------------------------------------------------------------------- policy
+
+
+@dataclass(frozen=True)
+class Concept:
+    threshold: float
+    text: str | None = None
+    image: str | None = None  # absolute path
+
+    @property
+    def label(self) -> str:
+        return self.text if self.text is not None else f"image:{Path(self.image or '').name}"
+
+
+@dataclass(frozen=True)
+class Category:
+    name: str
+    concepts: tuple[Concept, ...]
+
+
+@dataclass(frozen=True)
+class Head:
+    file: Path
+    threshold: float = 0.5
+    category: str = "trained head"
+
+
+@dataclass(frozen=True)
+class Policy:
+    name: str
+    categories: tuple[Category, ...]
+    model: str | None = None  # the model the thresholds were set for
+    note: str = ""
+    special_care: tuple[Concept, ...] = ()
+    adjustment: float = 0.0  # subtracted from every threshold when a special concept hits
+    head: Head | None = None
+    source: Path | None = None
+
+    @property
+    def concepts(self) -> list[tuple[str, Concept]]:
+        return [(c.name, k) for c in self.categories for k in c.concepts]
+
+    def shifted(self, offsets: dict[str, float]) -> Policy:
+        """A copy with each category's thresholds raised by offsets[category]."""
+
+        def shift(name: str, k: Concept) -> Concept:
+            return replace(k, threshold=_round(k.threshold + offsets.get(name, 0.0)))
+
+        cats = tuple(
+            Category(c.name, tuple(shift(c.name, k) for k in c.concepts)) for c in self.categories
+        )
+        return replace(self, categories=cats)
+
+    def to_yaml(self, folder: Path | None = None) -> str:
+        """The policy as YAML; image paths relative to `folder` where they lie under it."""
+        import yaml
+
+        def concept(k: Concept) -> dict[str, Any]:
+            if k.text is not None:
+                return {"text": k.text, "threshold": k.threshold}
+            image = Path(k.image or "")
+            if folder is not None and image.is_relative_to(folder):
+                image = image.relative_to(folder)
+            return {"image": str(image), "threshold": k.threshold}
+
+        doc: dict[str, Any] = {"name": self.name}
+        if self.model:
+            doc["model"] = self.model
+        if self.note:
+            doc["note"] = self.note
+        if self.special_care:
+            doc["special_care"] = {
+                "adjustment": self.adjustment,
+                "concepts": [concept(k) for k in self.special_care],
+            }
+        doc["categories"] = {c.name: [concept(k) for k in c.concepts] for c in self.categories}
+        if self.head is not None:
+            head = self.head.file
+            if folder is not None and head.is_relative_to(folder):
+                head = head.relative_to(folder)
+            doc["head"] = {"file": str(head), "threshold": self.head.threshold,
+                           "category": self.head.category}  # fmt: skip
+        return yaml.safe_dump(doc, sort_keys=False, allow_unicode=True, width=100)
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(self.to_yaml(path.parent.resolve()), encoding="utf-8")
+        tmp.replace(path)
+        return path
+
+
+def _round(x: float) -> float:
+    return round(float(x), 4)
+
+
+def load_policy(source: str | Path | None = None) -> Policy:
+    """`default` (the shipped policy), or a YAML file; errors name the line and key."""
+    if source is None or str(source) == DEFAULT_POLICY:
+        text = resources.files("cliplens.tasks").joinpath("data", "policy-default.yaml")
+        return parse_policy(text.read_text("utf-8"), label="default policy", folder=None)
+    path = Path(source).expanduser()
+    if not path.is_file():
+        raise PolicyError(f"policy {source}: no such file (use 'default' or a YAML file)")
+    return replace(
+        parse_policy(path.read_text("utf-8"), label=str(path), folder=path.parent.resolve()),
+        source=path,
+    )
+
+
+class _Lines:
+    """YAML mappings and lists that remember the line of each key and item."""
+
+    class Map(dict):
+        line = 0
+        lines: dict[Any, int]
+
+    class Seq(list):
+        line = 0
+        lines: list[int]
+
+
+def _yaml_load(text: str, label: str) -> Any:
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    def mapping(loader: Any, node: Any) -> _Lines.Map:
+        loader.flatten_mapping(node)
+        out = _Lines.Map()
+        out.line, out.lines = node.start_mark.line + 1, {}
+        for key_node, value_node in node.value:
+            key = loader.construct_object(key_node, deep=True)
+            if key in out:
+                raise PolicyError(
+                    f"{label} line {key_node.start_mark.line + 1}: duplicate key '{key}'"
+                )
+            out[key] = loader.construct_object(value_node, deep=True)
+            out.lines[key] = key_node.start_mark.line + 1
+        return out
+
+    def sequence(loader: Any, node: Any) -> _Lines.Seq:
+        out = _Lines.Seq(loader.construct_object(n, deep=True) for n in node.value)
+        out.line, out.lines = node.start_mark.line + 1, [n.start_mark.line + 1 for n in node.value]
+        return out
+
+    Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
+    Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_SEQUENCE_TAG, sequence)
+    try:
+        return yaml.load(text, Loader=Loader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise PolicyError(f"{label}{where}: not valid YAML ({problem})") from None
+
+
+def parse_policy(text: str, label: str = "policy", folder: Path | None = None) -> Policy:
+    doc = _yaml_load(text, label)
+    if not isinstance(doc, dict):
+        raise PolicyError(f"{label}: expected a mapping with 'name' and 'categories'")
+
+    def at(mapping: Any, key: Any) -> str:
+        line = getattr(mapping, "lines", {}).get(key) if isinstance(mapping, dict) else None
+        return f"{label} line {line}" if line else label
+
+    def check_keys(mapping: dict, allowed: set[str], where: str) -> None:
+        for key in mapping:
+            if key not in allowed:
+                raise PolicyError(
+                    f"{at(mapping, key)}: unknown key '{key}' in {where} "
+                    f"(expected {', '.join(sorted(allowed))})"
+                )
+
+    def number(mapping: dict, key: str, lo: float, hi: float, where: str) -> float:
+        value = mapping.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+            raise PolicyError(
+                f"{at(mapping, key)}: {where} '{key}' must be a number, got {value!r}"
+            )
+        if not lo <= value <= hi:
+            raise PolicyError(
+                f"{at(mapping, key)}: {where} '{key}' is {value}, outside [{lo:g}, {hi:g}]"
+            )
+        return float(value)
+
+    def concept(item: Any, where: str, parent: Any, index: int) -> Concept:
+        line = parent.lines[index] if hasattr(parent, "lines") else None
+        here = f"{label} line {line}" if line else label
+        if not isinstance(item, dict):
+            raise PolicyError(f"{here}: each concept in {where} is a mapping with text or image "
+                              "and threshold")  # fmt: skip
+        check_keys(item, _CONCEPT_KEYS, where)
+        if ("text" in item) == ("image" in item):
+            raise PolicyError(f"{here}: a concept in {where} needs exactly one of text or image")
+        if "threshold" not in item:
+            raise PolicyError(f"{here}: a concept in {where} has no threshold")
+        threshold = number(item, "threshold", -1.0, 1.0, f"{where} concept")
+        if "text" in item:
+            if not isinstance(item["text"], str) or not item["text"].strip():
+                raise PolicyError(f"{at(item, 'text')}: concept text in {where} must be a text")
+            return Concept(threshold, text=item["text"].strip())
+        image = Path(str(item["image"])).expanduser()
+        if not image.is_absolute():
+            if folder is None:
+                raise PolicyError(f"{at(item, 'image')}: relative image path in {where}")
+            image = folder / image
+        if not image.is_file():
+            raise PolicyError(f"{at(item, 'image')}: example image {image} does not exist")
+        return Concept(threshold, image=str(image.resolve()))
+
+    def concepts(items: Any, where: str, owner: Any, key: Any) -> tuple[Concept, ...]:
+        if not isinstance(items, list) or not items:
+            raise PolicyError(f"{at(owner, key)}: {where} needs a non-empty list of concepts")
+        return tuple(concept(it, where, items, i) for i, it in enumerate(items))
+
+    check_keys(doc, _TOP_KEYS, "the policy")
+    for key in ("name", "categories"):
+        if key not in doc:
+            raise PolicyError(f"{label}: missing '{key}'")
+    cats_doc = doc["categories"]
+    if not isinstance(cats_doc, dict) or not cats_doc:
+        raise PolicyError(f"{at(doc, 'categories')}: 'categories' must map names to concept lists")
+    categories = tuple(
+        Category(str(name), concepts(items, f"category '{name}'", cats_doc, name))
+        for name, items in cats_doc.items()
+    )
+    special: tuple[Concept, ...] = ()
+    adjustment = 0.0
+    if "special_care" in doc:
+        sc = doc["special_care"]
+        if not isinstance(sc, dict):
+            raise PolicyError(f"{at(doc, 'special_care')}: 'special_care' must be a mapping")
+        check_keys(sc, _SPECIAL_KEYS, "special_care")
+        special = concepts(sc.get("concepts"), "special_care", sc, "concepts")
+        adjustment = (
+            number(sc, "adjustment", 0.0, 0.5, "special_care") if "adjustment" in sc else 0.01
+        )
+    head = None
+    if doc.get("head") is not None:
+        h = doc["head"]
+        if not isinstance(h, dict) or "file" not in h:
+            raise PolicyError(f"{at(doc, 'head')}: 'head' needs a file (and a threshold)")
+        check_keys(h, _HEAD_KEYS, "head")
+        file = Path(str(h["file"])).expanduser()
+        if not file.is_absolute() and folder is not None:
+            file = folder / file
+        if not file.is_file():
+            raise PolicyError(f"{at(h, 'file')}: head file {file} does not exist")
+        threshold = number(h, "threshold", 0.0, 1.0, "head") if "threshold" in h else 0.5
+        head = Head(file, threshold, str(h.get("category", "trained head")))
+    model = doc.get("model")
+    if model is not None and not isinstance(model, str):
+        raise PolicyError(f"{at(doc, 'model')}: 'model' must be a model name")
+    return Policy(
+        name=str(doc["name"]),
+        categories=categories,
+        model=model,
+        note=str(doc.get("note") or "").strip(),
+        special_care=special,
+        adjustment=adjustment,
+        head=head,
+    )
+
+
+# ---------------------------------------------------------------------------- heads
+
+
+@dataclass(frozen=True)
+class LinearHead:
+    """A logistic-regression head on embeddings: p = sigmoid(x . w + b)."""
+
+    weights: np.ndarray  # (D,)
+    bias: float
+    model_id: str
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    def probability(self, vectors: np.ndarray) -> np.ndarray:
+        z = vectors @ self.weights + self.bias
+        return 1.0 / (1.0 + np.exp(-np.clip(z, -50, 50)))
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("wb") as f:  # np.savez would add .npz to a name without it
+            np.savez(f, weights=self.weights, bias=self.bias, model_id=self.model_id,
+                     metric_names=list(self.metrics),
+                     metric_values=list(self.metrics.values()))  # fmt: skip
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> LinearHead:
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                metrics = dict(zip(z["metric_names"].tolist(), z["metric_values"].tolist(),
+                                   strict=True))  # fmt: skip
+                return cls(z["weights"], float(z["bias"]), str(z["model_id"]), metrics)
+        except (OSError, KeyError, ValueError) as e:
+            raise PolicyError(f"head {path}: not a cliplens head file ({e})") from e
+
+
+# ---------------------------------------------------------------------------- verdicts
+
+
+@dataclass
+class Verdict:
+    path: str
+    flagged: bool
+    category: str  # of the concept closest to (or past) its threshold
+    concept: str
+    score: float  # cosine to that concept
+    threshold: float  # its threshold, after any special-care adjustment
+    special_care: str | None = None  # the special concept that hit, if any
+    head_probability: float | None = None
+
+    @property
+    def margin(self) -> float:
+        return self.score - self.threshold
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {
+            "path": self.path,
+            "flagged": self.flagged,
+            "category": self.category,
+            "concept": self.concept,
+            "score": round(self.score, 4),
+            "threshold": round(self.threshold, 4),
+            "margin": round(self.margin, 4),
+            "special_care": self.special_care,
+        }
+        if self.head_probability is not None:
+            d["head_probability"] = round(self.head_probability, 4)
+        return d
+
+
+@dataclass
+class Moderator:
+    """A policy with its concepts embedded by one model, ready to judge embeddings."""
+
+    policy: Policy
+    model_id: str
+    concept_vectors: np.ndarray  # (C, D)
+    thresholds: np.ndarray  # (C,)
+    categories: list[str]
+    labels: list[str]
+    special_vectors: np.ndarray  # (S, D)
+    special_thresholds: np.ndarray  # (S,)
+    special_labels: list[str]
+    head: LinearHead | None = None
+
+    def margins(self, vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(scores (N, C), effective thresholds (N, C), special hit index or -1 (N,))."""
+        scores = vectors @ self.concept_vectors.T
+        special = np.full(len(vectors), -1)
+        adjust = np.zeros(len(vectors))
+        if len(self.special_labels):
+            sm = vectors @ self.special_vectors.T - self.special_thresholds
+            hit = sm.max(axis=1) > 0
+            special[hit] = sm[hit].argmax(axis=1)
+            adjust[hit] = self.policy.adjustment
+        return scores, self.thresholds[None, :] - adjust[:, None], special
+
+    def judge(self, paths: list[str], vectors: np.ndarray) -> list[Verdict]:
+        scores, thresholds, special = self.margins(vectors)
+        probs = self.head.probability(vectors) if self.head is not None else None
+        out = []
+        for i, path in enumerate(paths):
+            j = int(np.argmax(scores[i] - thresholds[i]))
+            v = Verdict(
+                path=path,
+                flagged=bool(scores[i, j] > thresholds[i, j]),
+                category=self.categories[j],
+                concept=self.labels[j],
+                score=float(scores[i, j]),
+                threshold=float(thresholds[i, j]),
+                special_care=self.special_labels[special[i]] if special[i] >= 0 else None,
+            )
+            if probs is not None:
+                v.head_probability = float(probs[i])
+                if not v.flagged and probs[i] >= self.policy.head.threshold:  # type: ignore[union-attr]
+                    v.flagged, v.category = True, self.policy.head.category  # type: ignore[union-attr]
+                    v.concept = "trained head"
+            out.append(v)
+        return out
+
+
+def build_moderator(policy: Policy, model: Any) -> Moderator:
+    """Embed the policy's concepts (texts and example images) with `model`."""
+    info = model.info
+    if policy.model and policy.model != info.name:
+        warnings.warn(
+            f"policy '{policy.name}' was calibrated for {policy.model}, not {info.name}: its "
+            "thresholds may not fit; run 'cliplens moderate calibrate' for this model",
+            stacklevel=2,
+        )
+
+    def embed(concepts: list[Concept]) -> np.ndarray:
+        out = np.zeros((len(concepts), info.dim), np.float32)
+        texts = [i for i, k in enumerate(concepts) if k.text is not None]
+        images = [i for i, k in enumerate(concepts) if k.image is not None]
+        if texts:
+            out[texts] = model.encode_texts([concepts[i].text for i in texts])
+        if images:
+            out[images] = model.encode_images([concepts[i].image for i in images])
+        return out
+
+    pairs = policy.concepts
+    head = None
+    if policy.head is not None:
+        head = LinearHead.load(policy.head.file)
+        if head.model_id != info.model_id:
+            raise PolicyError(
+                f"head {policy.head.file} was trained on {head.model_id}, not {info.model_id}; "
+                "train one for this model with 'cliplens moderate train-head'"
+            )
+    return Moderator(
+        policy=policy,
+        model_id=info.model_id,
+        concept_vectors=embed([k for _, k in pairs]),
+        thresholds=np.array([k.threshold for _, k in pairs], np.float64),
+        categories=[c for c, _ in pairs],
+        labels=[k.label for _, k in pairs],
+        special_vectors=embed(list(policy.special_care)),
+        special_thresholds=np.array([k.threshold for k in policy.special_care], np.float64),
+        special_labels=[k.label for k in policy.special_care],
+        head=head,
+    )
+
+
+# ---------------------------------------------------------------------------- calibration
+
+
+@dataclass
+class OperatingPoint:
+    offset: float  # added to the thresholds
+    precision: float
+    recall: float
+    roc_auc: float
+    pr_auc: float
+    positives: int
+    negatives: int
+
+    def to_dict(self) -> dict[str, float]:
+        return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in vars(self).items()}
+
+
+def choose_offset(
+    margins: np.ndarray,
+    labels: np.ndarray,
+    target_precision: float | None = None,
+    target_recall: float | None = None,
+) -> OperatingPoint:
+    """The offset to add to thresholds so that flagging `margin > offset` meets the target.
+
+    With a precision target: the lowest offset (most recall) whose precision on these
+    examples is at least the target. With a recall target: the highest offset (most
+    precision) whose recall is at least the target.
+    """
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    if (target_precision is None) == (target_recall is None):
+        raise InvalidInputError("give exactly one of --target-precision or --target-recall")
+    labels = np.asarray(labels, bool)
+    if labels.all() or not labels.any():
+        raise InvalidInputError("calibration needs both positive and negative examples")
+    order = np.argsort(-margins, kind="stable")
+    m, y = margins[order], labels[order]
+    tp = np.cumsum(y)
+    fp = np.cumsum(~y)
+    last = np.r_[m[1:] != m[:-1], True]  # cut only between distinct margins
+    precision, recall = (tp / (tp + fp))[last], (tp / y.sum())[last]
+    cuts = m[last]
+    # flagging the first k rows means offset just below m[k-1]; midpoint to the next value
+    below = np.r_[m[np.flatnonzero(last)[:-1] + 1], m[-1] - 1e-3]
+    offsets = (cuts + below) / 2
+    if target_precision is not None:
+        ok = np.flatnonzero(precision >= target_precision)
+        k = ok[-1] if len(ok) else 0  # the deepest cut that still meets it
+    else:
+        ok = np.flatnonzero(recall >= target_recall)
+        k = ok[0]
+    return OperatingPoint(
+        offset=float(offsets[k]),
+        precision=float(precision[k]),
+        recall=float(recall[k]),
+        roc_auc=float(roc_auc_score(labels, margins)),
+        pr_auc=float(average_precision_score(labels, margins)),
+        positives=int(labels.sum()),
+        negatives=int((~labels).sum()),
+    )
+
+
+def calibrate(
+    moderator: Moderator,
+    positives: np.ndarray,
+    negatives: np.ndarray,
+    target_precision: float | None = None,
+    target_recall: float | None = None,
+    positive_categories: list[str] | None = None,
+) -> tuple[Policy, dict[str, OperatingPoint]]:
+    """Thresholds chosen from labelled embeddings: one offset for the whole policy, or, when
+    each positive names its category, one per category (against all the negatives)."""
+    vectors = np.concatenate([positives, negatives])
+    labels = np.r_[np.ones(len(positives), bool), np.zeros(len(negatives), bool)]
+    scores, thresholds, _ = moderator.margins(vectors)
+    margins = scores - thresholds
+    cats = np.array(moderator.categories)
+    points: dict[str, OperatingPoint] = {}
+    if positive_categories is None:
+        point = choose_offset(margins.max(axis=1), labels, target_precision, target_recall)
+        points["all"] = point
+        offsets = dict.fromkeys(moderator.categories, point.offset)
+    else:
+        offsets = {}
+        pos_cats = np.array(positive_categories)
+        for cat in dict.fromkeys(moderator.categories):
+            rows = np.r_[pos_cats == cat, np.ones(len(negatives), bool)]
+            if not rows[: len(positives)].any():
+                continue  # no examples for this category: leave it as it was
+            cat_margin = margins[:, cats == cat].max(axis=1)[rows]
+            points[cat] = choose_offset(cat_margin, labels[rows], target_precision, target_recall)
+            offsets[cat] = points[cat].offset
+    return moderator.policy.shifted(offsets), points
+
+
+def train_head(
+    positives: np.ndarray, negatives: np.ndarray, model_id: str, folds: int = 5, seed: int = 0
+) -> LinearHead:
+    """Logistic regression on embeddings, its metrics cross-validated (stratified folds)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import accuracy_score, average_precision_score, roc_auc_score
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+
+    x = np.concatenate([positives, negatives]).astype(np.float64)
+    y = np.r_[np.ones(len(positives), int), np.zeros(len(negatives), int)]
+    folds = min(folds, int(y.sum()), int(len(y) - y.sum()))
+    if folds < 2:
+        raise InvalidInputError("a head needs at least 2 positive and 2 negative images")
+    clf = LogisticRegression(C=10.0, max_iter=2000, class_weight="balanced")
+    cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    p = cross_val_predict(clf, x, y, cv=cv, method="predict_proba")[:, 1]
+    metrics = {
+        "cv_accuracy": float(accuracy_score(y, p >= 0.5)),
+        "cv_roc_auc": float(roc_auc_score(y, p)),
+        "cv_pr_auc": float(average_precision_score(y, p)),
+        "folds": float(folds),
+        "positives": float(y.sum()),
+        "negatives": float(len(y) - y.sum()),
+    }
+    clf.fit(x, y)
+    return LinearHead(clf.coef_[0].astype(np.float32), float(clf.intercept_[0]), model_id, metrics)
+
+
+# ---------------------------------------------------------------------------- redaction
+
+
+def redact(path: str | Path, out_dir: str | Path, radius_fraction: float = 0.06) -> Path:
+    """Write a heavily blurred copy of an image into out_dir; the original is not touched."""
+    from PIL import ImageFilter
+
+    from cliplens.images import open_image
+
+    src = Path(path).resolve()
+    out_dir = Path(out_dir).resolve()
+    out = out_dir / f"{src.stem}.redacted.jpg"
+    n = 1
+    while out.exists():
+        n += 1
+        out = out_dir / f"{src.stem}.redacted-{n}.jpg"
+    if out == src:
+        raise InvalidInputError(f"--redact {out_dir} would overwrite {src}")
+    image = open_image(src)
+    radius = max(4.0, radius_fraction * max(image.size))
+    blurred = image.filter(ImageFilter.GaussianBlur(radius))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    blurred.save(tmp, format="JPEG", quality=85)
+    tmp.replace(out)
+    return out
