@@ -116,6 +116,11 @@ def test_quality_reports_broken_files_and_exits_1(tmp_path, photos, capsys):
     assert {p["path"].rsplit("/", 1)[-1]: p["problem"] for p in report["problems"]} == {
         "empty.jpg": "empty", "half.jpg": "truncated"}  # fmt: skip
     assert report["scores"] == []
+    # scoring decodes each file once, through the encoder, and finds the same problems
+    assert main(["quality", str(folder), "--model", "offline", "--format", "json"]) == 1
+    full = json.loads(capsys.readouterr().out)
+    assert full["problems"] == report["problems"]
+    assert len(full["scores"]) == 7
     assert main(["quality", str(photos), "--model", "offline", "--worst", "3", "--format",
                  "json"]) == 0  # fmt: skip
     scores = json.loads(capsys.readouterr().out)["scores"]
@@ -143,3 +148,14 @@ def test_distortion_probe_beats_chance_on_held_out_photos(tmp_path, capsys):
     right = [s["distortion"] == s["path"].split("/")[-2] for s in scores]
     accuracy = sum(right) / len(right)
     assert accuracy >= 0.45, accuracy  # chance: 0.20
+
+
+def test_datasets_distortions_writes_a_probe_layout(tmp_path, capsys):
+    assert main(["datasets", "distortions", str(tmp_path / "d"), "--levels", "2,4"]) == 0
+    folders = {p.name: len(list(p.iterdir())) for p in (tmp_path / "d").iterdir()}
+    assert folders["clean"] == 28  # 7 photos x 4 tiles
+    assert folders["blur"] == folders["jpeg"] == 56  # x 2 levels
+    assert set(folders) == {"clean", "blur", "noise", "jpeg", "underexposed", "overexposed",
+                            "low_resolution"}  # fmt: skip
+    assert main(["datasets", "distortions", str(tmp_path / "e"), "--levels", "9"]) == 2
+    assert "level 9" in capsys.readouterr().err

@@ -19,3 +19,24 @@ def photos(out_dir: Annotated[Path, typer.Argument(help="Folder to write into.")
 
     paths = write_photos(out_dir)
     info(f"wrote {len(paths)} photos to {out_dir}")
+
+
+@app.command("distortions")
+def distortions(
+    out_dir: Annotated[Path, typer.Argument(help="Folder to write into (one subfolder per type).")],
+    levels: Annotated[str, typer.Option("--levels", help="Severities 1-5, comma-separated.")] = "3",
+) -> None:
+    """The demo photos' tiles under each distortion type: data for 'cliplens quality train'."""
+    import tempfile
+
+    from cliplens.datasets.distortions import write_distortions
+    from cliplens.datasets.photos import write_photos
+    from cliplens.errors import InvalidInputError
+
+    try:
+        chosen = tuple(int(x) for x in levels.split(","))
+    except ValueError:
+        raise InvalidInputError(f"--levels {levels}: write numbers 1-5, e.g. 2,4") from None
+    with tempfile.TemporaryDirectory() as tmp:
+        written = write_distortions(out_dir, write_photos(tmp), levels=chosen)
+    info(f"wrote {sum(map(len, written.values()))} images in {len(written)} folders to {out_dir}")

@@ -50,31 +50,35 @@ def check_command(
     max_megapixels: MegapixelsOpt = None,
 ) -> None:
     """Report corrupt files (exit code 1 if any), then score the readable ones."""
-    from cliplens.tasks.quality import ATTRIBUTES, DistortionProbe, build_screener, check_file
+    from cliplens.tasks.quality import (
+        ATTRIBUTES,
+        DistortionProbe,
+        build_screener,
+        check_file,
+        problem_of,
+    )
 
     if sort not in ATTRIBUTES:
         raise InvalidInputError(f"--sort {sort}: one of {', '.join(ATTRIBUTES)}")
     if worst is not None and worst < 1:
         raise InvalidInputError(f"--worst {worst} must be at least 1")
     files, missing = collect_images(paths)
-    checks = [check_file(f, max_megapixels) for f in files]
-    problems = [c for c in checks if not c.ok]
-    for e in missing:
-        from cliplens.tasks.quality import Integrity
-
-        problems.append(Integrity(e.path, False, "missing", e.reason))
-    readable = [Path(c.path) for c in checks if c.ok or c.problem == "wrong_extension"]
+    problems = [problem_of(e) for e in missing]
     scores = []
-    if not integrity_only and readable:
+    if integrity_only:
+        problems += [c for c in (check_file(f, max_megapixels) for f in files) if not c.ok]
+    elif files:
+        # each file is decoded once, by the encoder: what it cannot read is the finding
         from cliplens.models.ref import ModelRef
 
         ref = ModelRef(model, device=device, precision=precision)
         screener = build_screener(ref, DistortionProbe.load(probe) if probe else None)
-        done = embed_paths(ref, readable, db, max_megapixels)
+        done = embed_paths(ref, files, db, max_megapixels)
+        problems += [problem_of(e) for e in done.failures]
+        problems += [c for p in done.paths if not (c := check_file(p, decode=False)).ok]
         features = None
         if probe is not None:
-            feats = embed_paths(ref, done.paths, db, max_megapixels, features=True)
-            features = feats.vectors
+            features = embed_paths(ref, done.paths, db, max_megapixels, features=True).vectors
         scores = screener.score(done.paths, done.vectors, features)
         scores.sort(key=lambda s: s.attributes[sort])
         if worst is not None:

@@ -83,17 +83,28 @@ _PROBLEMS = {
 }
 
 
-def check_file(path: str | Path, max_megapixels: float | None = None) -> Integrity:
-    """Decode the whole file and say what, if anything, is wrong with it."""
+def problem_of(error: ImageError) -> Integrity:
+    """An image error (from any reader) as an integrity finding."""
+    return Integrity(error.path, False, _PROBLEMS.get(type(error).__name__, "unreadable"),
+                     error.reason)  # fmt: skip
+
+
+def check_file(
+    path: str | Path, max_megapixels: float | None = None, decode: bool = True
+) -> Integrity:
+    """Say what, if anything, is wrong with a file. `decode` reads all of it (JPEGs at
+    reduced scale, which still reads every byte); without it only the header is checked,
+    for files already decoded elsewhere (by the encoder)."""
     from PIL import Image
 
     from cliplens.images import open_image
 
     label = str(path)
-    try:
-        open_image(path, max_megapixels=max_megapixels)
-    except ImageError as e:
-        return Integrity(label, False, _PROBLEMS.get(type(e).__name__, "unreadable"), e.reason)
+    if decode:
+        try:
+            open_image(path, min_size=256, max_megapixels=max_megapixels)
+        except ImageError as e:
+            return problem_of(e)
     with Image.open(path) as img:
         fmt = img.format
     expected = _EXTENSIONS.get(fmt or "")
