@@ -135,3 +135,10 @@ def test_probe_learns_separable_types_and_round_trips(tmp_path):
     binary = train_probe(x[two].astype(np.float32), [labels[i] for i in two], "fake@1")
     assert binary.classes == ["blur", "noise"]
     assert binary.predict(x[two[:6]]) == [labels[i] for i in two[:6]]
+
+
+def test_a_file_that_is_not_a_probe_is_a_clear_error(tmp_path):
+    junk = tmp_path / "probe.npz"
+    junk.write_bytes(b"not an npz")
+    with pytest.raises(ValueError, match=r"probe .*probe\.npz: not a cliplens probe file"):
+        DistortionProbe.load(junk)

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from cliplens.errors import InvalidInputError
+from cliplens.store.npz import load_arrays, save_arrays
 
 DEFAULT_POLICY = "default"
 _TOP_KEYS = {"name", "model", "note", "special_care", "categories", "head"}
@@ -316,23 +317,17 @@ class LinearHead:
         return 1.0 / (1.0 + np.exp(-np.clip(z, -50, 50)))
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("wb") as f:  # np.savez would add .npz to a name without it
-            np.savez(f, weights=self.weights, bias=self.bias, model_id=self.model_id,
-                     metric_names=list(self.metrics),
-                     metric_values=list(self.metrics.values()))  # fmt: skip
-        return path
+        return save_arrays(path, self.metrics, weights=self.weights, bias=self.bias,
+                           model_id=self.model_id)  # fmt: skip
 
     @classmethod
     def load(cls, path: str | Path) -> LinearHead:
         try:
-            with np.load(path, allow_pickle=False) as z:
-                metrics = dict(zip(z["metric_names"].tolist(), z["metric_values"].tolist(),
-                                   strict=True))  # fmt: skip
-                return cls(z["weights"], float(z["bias"]), str(z["model_id"]), metrics)
-        except (OSError, KeyError, ValueError) as e:
-            raise PolicyError(f"head {path}: not a cliplens head file ({e})") from e
+            a, metrics = load_arrays(path, "head")
+            return cls(a["weights"], float(a["bias"]), str(a["model_id"]), metrics)
+        except (InvalidInputError, KeyError) as e:
+            raise PolicyError(str(e).split(" (")[0] + " (train it with 'cliplens moderate "
+                              "train-head')") from e  # fmt: skip
 
 
 # ---------------------------------------------------------------------------- verdicts

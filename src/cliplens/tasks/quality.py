@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from cliplens.errors import ImageError, InvalidInputError
+from cliplens.store.npz import load_arrays, save_arrays
 
 # name -> (positive prompt, negative prompt), from CLIP-IQA
 ATTRIBUTES: dict[str, tuple[str, str]] = {
@@ -226,24 +227,17 @@ class DistortionProbe:
         return [self.classes[i] for i in self.probabilities(vectors).argmax(axis=1)]
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("wb") as f:
-            np.savez(f, weights=self.weights, bias=self.bias, classes=self.classes,
-                     model_id=self.model_id, metric_names=list(self.metrics),
-                     metric_values=list(self.metrics.values()))  # fmt: skip
-        return path
+        classes = np.array(self.classes, dtype=str)
+        return save_arrays(path, self.metrics, weights=self.weights, bias=self.bias,
+                           classes=classes, model_id=self.model_id)  # fmt: skip
 
     @classmethod
     def load(cls, path: str | Path) -> DistortionProbe:
+        a, metrics = load_arrays(path, "probe")
         try:
-            with np.load(path, allow_pickle=False) as z:
-                metrics = dict(zip(z["metric_names"].tolist(), z["metric_values"].tolist(),
-                                   strict=True))  # fmt: skip
-                return cls(z["weights"], z["bias"], z["classes"].tolist(), str(z["model_id"]),
-                           metrics)  # fmt: skip
-        except (OSError, KeyError, ValueError) as e:
-            raise InvalidInputError(f"probe {path}: not a cliplens probe file ({e})") from e
+            return cls(a["weights"], a["bias"], a["classes"].tolist(), str(a["model_id"]), metrics)
+        except KeyError as e:
+            raise InvalidInputError(f"probe {path}: not a cliplens probe file (no {e})") from e
 
 
 def train_probe(
