@@ -29,6 +29,7 @@ demo: $(STAMP)
 	$(BIN)/cliplens search "a cat" --in $(DEMO_DIR) --model offline --db $(DEMO_DIR)/.catalog.db -n 3 --no-index
 	$(BIN)/cliplens search "2:a cup of coffee - a cat" --in $(DEMO_DIR) --model offline --db $(DEMO_DIR)/.catalog.db -n 3 --no-index
 	$(BIN)/cliplens similar $(DEMO_DIR)/rocket.jpg --in $(DEMO_DIR) --model offline --db $(DEMO_DIR)/.catalog.db -n 3 --no-index
+	$(BIN)/cliplens quality $(DEMO_DIR) --model offline --db $(DEMO_DIR)/.catalog.db --worst 3
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
