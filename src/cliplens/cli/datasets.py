@@ -40,3 +40,18 @@ def distortions(
     with tempfile.TemporaryDirectory() as tmp:
         written = write_distortions(out_dir, write_photos(tmp), levels=chosen)
     info(f"wrote {sum(map(len, written.values()))} images in {len(written)} folders to {out_dir}")
+
+
+@app.command("shapes")
+def shapes(
+    out_dir: Annotated[Path, typer.Argument(help="Folder to write into.")],
+    n: Annotated[int, typer.Option("--n", help="Training-split images (5% become val).")] = 20000,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    size: Annotated[int, typer.Option("--size", help="Image side in pixels.")] = 64,
+) -> None:
+    """Captioned coloured shapes, with a held-out split of unseen (shape, colour) pairs."""
+    from cliplens.cli.output import show_progress
+    from cliplens.datasets.shapes import write_shapes
+
+    counts = write_shapes(out_dir, n=n, seed=seed, size=size, progress=show_progress())
+    info(f"wrote {', '.join(f'{v} {k}' for k, v in counts.items())} images to {out_dir}")

@@ -1,0 +1,225 @@
+"""A procedural captioned dataset: coloured shapes on varied backgrounds, with captions.
+
+Each image holds one or two shapes (circle, square, triangle, star, hexagon, diamond) in a
+named colour and size; the caption says what is there and where ("a small red circle above
+a large blue square"). Everything is drawn from a seed, so the same seed gives the same
+bytes. Some (shape, colour) combinations are held out: they never appear in the training
+split, and the `heldout` split is made of them, to measure compositional generalisation
+(a model that learnt "red" and "star" separately should still find "a red star").
+
+On disk (`write_shapes`): images/NNNNNN.png, and train.jsonl, val.jsonl and heldout.jsonl
+with one {"image", "caption", "objects"} per line (image paths relative to the file), the
+format `cliplens train` reads; classes.txt lists the "colour shape" class names.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from cliplens.errors import InvalidInputError
+from cliplens.progress import progress_bar
+
+SHAPES = ("circle", "square", "triangle", "star", "hexagon", "diamond")
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 30),
+    "green": (30, 170, 50),
+    "blue": (35, 70, 220),
+    "yellow": (240, 210, 20),
+    "purple": (140, 40, 180),
+    "orange": (245, 130, 20),
+    "white": (245, 245, 245),
+    "black": (15, 15, 15),
+}
+SIZES = {"small": 0.18, "medium": 0.28, "large": 0.4}  # fraction of the image side
+# held out of training: one colour per shape, a different one each time (a Latin square)
+HELDOUT: frozenset[tuple[str, str]] = frozenset(
+    (shape, list(COLOURS)[(3 * i + 1) % len(COLOURS)]) for i, shape in enumerate(SHAPES)
+)
+SPLITS = ("train", "val", "heldout")
+
+
+@dataclass(frozen=True)
+class Shape:
+    kind: str
+    colour: str
+    size: str
+    x: float  # centre, as a fraction of the width
+    y: float
+
+    @property
+    def phrase(self) -> str:
+        return f"a {self.size} {self.colour} {self.kind}"
+
+
+@dataclass
+class Sample:
+    image: np.ndarray  # (H, W, 3) uint8
+    caption: str
+    objects: list[Shape]
+
+
+def _relation(a: Shape, b: Shape) -> str:
+    dx, dy = b.x - a.x, b.y - a.y
+    if abs(dx) >= abs(dy):
+        return "to the left of" if dx > 0 else "to the right of"
+    return "above" if dy > 0 else "below"
+
+
+def _position(s: Shape) -> str:
+    horizontal = "left" if s.x < 0.4 else "right" if s.x > 0.6 else ""
+    vertical = "top" if s.y < 0.4 else "bottom" if s.y > 0.6 else ""
+    if horizontal and vertical:
+        return f"in the {vertical} {horizontal}"
+    if horizontal:
+        return f"on the {horizontal}"
+    return f"at the {vertical}" if vertical else "in the centre"
+
+
+def caption_of(objects: list[Shape]) -> str:
+    if len(objects) == 1:
+        return f"{objects[0].phrase} {_position(objects[0])}"
+    a, b = objects
+    return f"{a.phrase} {_relation(a, b)} {b.phrase}"
+
+
+def _background(rng: np.random.Generator, size: int) -> np.ndarray:
+    """Muted colours that no shape uses: a flat tone, a gradient, or soft noise."""
+    base = rng.integers(90, 170, 3).astype(np.float32)
+    kind = rng.integers(0, 3)
+    img = np.broadcast_to(base, (size, size, 3)).copy()
+    if kind == 1:
+        ramp = np.linspace(-25, 25, size, dtype=np.float32)
+        img += ramp[:, None, None] if rng.random() < 0.5 else ramp[None, :, None]
+    elif kind == 2:
+        img += rng.normal(0, 12, (size, size, 1)).astype(np.float32)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def _polygon(kind: str, cx: float, cy: float, r: float, angle: float) -> list[tuple[float, float]]:
+    if kind == "square":
+        n, start = 4, math.pi / 4
+    elif kind == "diamond":
+        n, start = 4, 0.0
+    elif kind == "triangle":
+        n, start = 3, -math.pi / 2
+    elif kind == "hexagon":
+        n, start = 6, 0.0
+    else:  # star: 5 points, alternating radii
+        pts = []
+        for i in range(10):
+            rad = r if i % 2 == 0 else r * 0.45
+            a = -math.pi / 2 + i * math.pi / 5 + angle
+            pts.append((cx + rad * math.cos(a), cy + rad * math.sin(a)))
+        return pts
+    return [(cx + r * math.cos(start + angle + 2 * math.pi * i / n),
+             cy + r * math.sin(start + angle + 2 * math.pi * i / n)) for i in range(n)]  # fmt: skip
+
+
+def render(objects: list[Shape], size: int, rng: np.random.Generator) -> np.ndarray:
+    from PIL import Image, ImageDraw
+
+    img = Image.fromarray(_background(rng, size))
+    draw = ImageDraw.Draw(img)
+    for s in objects:
+        cx, cy, r = s.x * size, s.y * size, SIZES[s.size] * size / 2
+        fill = COLOURS[s.colour]
+        if s.kind == "circle":
+            draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
+        else:
+            angle = float(rng.uniform(-0.15, 0.15))  # a slight tilt; a diamond stays a diamond
+            draw.polygon(_polygon(s.kind, cx, cy, r, angle), fill=fill)
+    return np.asarray(img)
+
+
+def _objects(rng: np.random.Generator, split: str) -> list[Shape]:
+    """One or two shapes; train/val avoid the held-out combinations, heldout uses one."""
+    n = 1 if rng.random() < 0.5 else 2
+    allowed = [
+        (k, c) for k in SHAPES for c in COLOURS if ((k, c) in HELDOUT) == (split == "heldout")
+    ]
+    others = [(k, c) for k in SHAPES for c in COLOURS if (k, c) not in HELDOUT]
+    combos = [allowed[rng.integers(len(allowed))]]
+    if n == 2:
+        pool = others if split == "heldout" else allowed  # one held-out object is enough
+        combos.append(pool[rng.integers(len(pool))])
+    out: list[Shape] = []
+    for kind, colour in combos:
+        for _ in range(200):  # a size and place clear of the first shape
+            size = list(SIZES)[rng.integers(len(SIZES))]
+            margin = SIZES[size] / 2 + 0.04
+            x, y = rng.uniform(margin, 1 - margin, 2)
+            if (
+                not out
+                or math.hypot(x - out[0].x, y - out[0].y)
+                > (SIZES[size] + SIZES[out[0].size]) / 2 + 0.06
+            ):
+                break
+        else:  # cannot happen for a small second shape, which always fits
+            raise RuntimeError("no room for a second shape")
+        out.append(Shape(kind, colour, size, float(round(x, 3)), float(round(y, 3))))
+    return out
+
+
+def sample(seed: int, index: int, split: str = "train", size: int = 64) -> Sample:
+    """The index-th sample of a split: the same (seed, split, index) gives the same image."""
+    if split not in SPLITS:
+        raise InvalidInputError(f"split '{split}': one of {', '.join(SPLITS)}")
+    rng = np.random.default_rng([seed, SPLITS.index(split), index])
+    objects = _objects(rng, split)
+    return Sample(render(objects, size, rng), caption_of(objects), objects)
+
+
+def class_names() -> list[str]:
+    """'colour shape' for every combination: the labels for zero-shot evaluation."""
+    return [f"{c} {k}" for k in SHAPES for c in COLOURS]
+
+
+def write_shapes(
+    out_dir: str | os.PathLike,
+    n: int = 20000,
+    seed: int = 0,
+    size: int = 64,
+    val_fraction: float = 0.05,
+    heldout: int | None = None,
+    progress: bool = False,
+) -> dict[str, int]:
+    """Write n training-split samples (a val_fraction of them as val) plus a heldout split
+    (default: as many as val). Returns the number written per split."""
+    if n < 1 or size < 16:
+        raise InvalidInputError(f"--n {n} must be >= 1 and --size {size} >= 16")
+    out = Path(out_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    n_val = round(n * val_fraction)
+    counts = {"train": n - n_val, "val": n_val, "heldout": n_val if heldout is None else heldout}
+    # val continues the training stream after its last sample; heldout has its own stream
+    streams = {"train": ("train", 0), "val": ("train", counts["train"]), "heldout": ("heldout", 0)}
+    first = 0
+    with progress_bar(sum(counts.values()), "drawing shapes", progress) as advance:
+        for split, count in counts.items():
+            source, offset = streams[split]
+            rows = []
+            for i in range(count):
+                s = sample(seed, offset + i, source, size)
+                name = f"images/{first + i:06d}.png"
+                _save_png(s.image, out / name)
+                rows.append({"image": name, "caption": s.caption,
+                             "objects": [asdict(o) for o in s.objects]})  # fmt: skip
+                advance(1)
+            tmp = out / f".{split}.jsonl.tmp"
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+            tmp.replace(out / f"{split}.jsonl")
+            first += count
+    (out / "classes.txt").write_text("\n".join(class_names()) + "\n", encoding="utf-8")
+    return counts
+
+
+def _save_png(pixels: np.ndarray, path: Path) -> None:
+    from PIL import Image
+
+    Image.fromarray(pixels).save(path)

@@ -1,0 +1,62 @@
+"""The procedural captioned shapes dataset: deterministic, truthful captions, held-out pairs."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from cliplens.cli.main import main
+from cliplens.datasets.shapes import COLOURS, HELDOUT, SHAPES, class_names, sample, write_shapes
+
+
+def test_same_seed_same_bytes_other_seed_other_image():
+    a, b = sample(0, 7), sample(0, 7)
+    assert a.caption == b.caption and np.array_equal(a.image, b.image)
+    assert not np.array_equal(sample(1, 7).image, a.image)
+    assert a.image.shape == (64, 64, 3) and a.image.dtype == np.uint8
+    assert sample(0, 7, size=96).image.shape == (96, 96, 3)
+
+
+def test_captions_say_what_is_drawn_and_where():
+    for i in range(300):
+        s = sample(3, i)
+        for obj in s.objects:
+            assert obj.phrase in s.caption
+            # the shape's colour is painted at its centre
+            h, w, _ = s.image.shape
+            px = s.image[int(obj.y * h), int(obj.x * w)]
+            assert tuple(px) == COLOURS[obj.colour], (s.caption, obj, px)
+        if len(s.objects) == 2:
+            a, b = s.objects
+            dx, dy = b.x - a.x, b.y - a.y
+            if "to the left of" in s.caption:
+                assert dx > 0 and abs(dx) >= abs(dy)
+            elif "above" in s.caption:
+                assert dy > 0 and abs(dy) > abs(dx)
+        else:
+            assert s.caption.split()[-1] in {"left", "right", "top", "bottom", "centre"}
+
+
+def test_heldout_pairs_never_appear_in_training():
+    assert len(HELDOUT) == len(SHAPES)  # one colour per shape
+    assert len({c for _, c in HELDOUT}) == len(SHAPES)  # each a different colour
+    for i in range(1500):
+        assert all((o.kind, o.colour) not in HELDOUT for o in sample(0, i, "train").objects)
+        assert any((o.kind, o.colour) in HELDOUT for o in sample(0, i, "heldout").objects)
+
+
+def test_write_shapes_and_cli(tmp_path, capsys):
+    counts = write_shapes(tmp_path / "a", n=40, seed=2)
+    assert counts == {"train": 38, "val": 2, "heldout": 2}
+    rows = [json.loads(line) for line in (tmp_path / "a" / "train.jsonl").read_text().splitlines()]
+    assert len(rows) == 38 and all((tmp_path / "a" / r["image"]).is_file() for r in rows)
+    assert rows[0]["caption"] == sample(2, 0).caption
+    val = json.loads((tmp_path / "a" / "val.jsonl").read_text().splitlines()[0])
+    assert val["caption"] == sample(2, 38).caption  # val continues the training stream
+    assert (tmp_path / "a" / "classes.txt").read_text().split("\n")[:-1] == class_names()
+    assert main(["datasets", "shapes", str(tmp_path / "b"), "--n", "20", "--seed", "2"]) == 0
+    again = (tmp_path / "b" / "train.jsonl").read_text().splitlines()
+    assert [json.loads(x)["caption"] for x in again] == [r["caption"] for r in rows[:19]]
+    assert main(["datasets", "shapes", str(tmp_path / "c"), "--n", "0"]) == 2
+    assert "--n 0" in capsys.readouterr().err
