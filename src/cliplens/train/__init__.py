@@ -1,0 +1,1 @@
+"""Training: data readers, contrastive losses (and, to come, the loop, robust encoders, probes)."""

@@ -1,0 +1,121 @@
+"""Image-caption pairs for training, from the formats people keep them in.
+
+- JSONL: one {"image": PATH, "caption": TEXT} per line (extra keys are ignored);
+- CSV: a header with `image` and `caption` columns (or `filepath` and `title`, as
+  open_clip's training scripts write them);
+- a folder of images with a sidecar caption file each (photo.jpg + photo.txt).
+
+Image paths are relative to the file that lists them. A malformed row is an error that
+names the file and the row, not a silent skip: a training run should not quietly lose data.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from cliplens.errors import InvalidInputError
+
+_IMAGE_KEYS = ("image", "filepath", "path")
+_CAPTION_KEYS = ("caption", "title", "text")
+
+
+@dataclass(frozen=True)
+class Pair:
+    image: Path
+    caption: str
+
+
+class DataError(InvalidInputError):
+    """Training data that cannot be used: names the file and the row."""
+
+
+def read_pairs(source: str | os.PathLike, check_files: bool = True) -> list[Pair]:
+    """All (image, caption) pairs listed by a .jsonl or .csv file, or found in a folder."""
+    path = Path(source)
+    if path.is_dir():
+        return _read_folder(path)
+    if not path.is_file():
+        raise DataError(f"training data {source}: no such file or folder")
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".json"):
+        rows = _read_jsonl(path)
+    elif suffix in (".csv", ".tsv"):
+        rows = _read_csv(path, "\t" if suffix == ".tsv" else ",")
+    else:
+        raise DataError(f"training data {source}: expected .jsonl, .csv, .tsv or a folder")
+    pairs = []
+    for line, image, caption in rows:
+        pair = Pair((path.parent / image).resolve(), caption)
+        if check_files and not pair.image.is_file():
+            raise DataError(f"{path} row {line}: image {image} does not exist")
+        pairs.append(pair)
+    if not pairs:
+        raise DataError(f"training data {source}: no rows")
+    return pairs
+
+
+def _field(row: dict, keys: tuple[str, ...], where: str, what: str) -> str:
+    for key in keys:
+        value = row.get(key)
+        if value is not None:
+            if not isinstance(value, str) or not value.strip():
+                raise DataError(f"{where}: '{key}' must be a non-empty text")
+            return value.strip()
+    raise DataError(f"{where}: no {what} (expected one of {', '.join(keys)})")
+
+
+def _read_jsonl(path: Path) -> list[tuple[int, str, str]]:
+    rows = []
+    with path.open(encoding="utf-8") as f:
+        for n, text in enumerate(f, start=1):
+            if not text.strip():
+                continue
+            where = f"{path} row {n}"
+            try:
+                row = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{where}: expected an object with image and caption")
+            rows.append((n, _field(row, _IMAGE_KEYS, where, "image"),
+                         _field(row, _CAPTION_KEYS, where, "caption")))  # fmt: skip
+    return rows
+
+
+def _read_csv(path: Path, delimiter: str) -> list[tuple[int, str, str]]:
+    with path.open(encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f, delimiter=delimiter)
+        header = reader.fieldnames or []
+        if not any(k in header for k in _IMAGE_KEYS) or not any(k in header for k in _CAPTION_KEYS):
+            images, captions = ", ".join(_IMAGE_KEYS), ", ".join(_CAPTION_KEYS)
+            raise DataError(f"{path} row 1: the header needs an image column ({images}) "
+                            f"and a caption column ({captions})")  # fmt: skip
+        rows = []
+        for row in reader:
+            where = f"{path} row {reader.line_num}"
+            if None in row:
+                raise DataError(f"{where}: more fields than the header has")
+            rows.append((reader.line_num, _field(row, _IMAGE_KEYS, where, "image"),
+                         _field(row, _CAPTION_KEYS, where, "caption")))  # fmt: skip
+    return rows
+
+
+def _read_folder(folder: Path) -> list[Pair]:
+    from cliplens.images import iter_image_files
+
+    pairs = []
+    for image in iter_image_files([folder]):
+        text = image.with_suffix(".txt")
+        if not text.is_file():
+            raise DataError(f"{image}: no caption file {text.name} beside it")
+        caption = text.read_text(encoding="utf-8").strip()
+        if not caption:
+            raise DataError(f"{text}: empty caption")
+        pairs.append(Pair(image.resolve(), caption))
+    if not pairs:
+        raise DataError(f"training data {folder}: no images")
+    return pairs

@@ -1,0 +1,111 @@
+"""Training basics: contrastive losses against hand computation, data readers' errors."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cliplens.train.data import DataError, read_pairs
+from cliplens.train.loss import clip_loss, siglip_loss
+
+
+def test_clip_loss_matches_a_hand_computed_case():
+    image = torch.tensor([[1.0, 0.0], [0.6, 0.8]])
+    text = torch.tensor([[0.8, 0.6], [0.0, 1.0]])
+    scale = torch.tensor(10.0)
+    sims = np.array([[0.8, 0.0], [0.96, 0.8]])  # image @ text.T, by hand
+    logits = 10 * sims
+
+    def ce(rows):  # mean cross-entropy with the diagonal as the answer
+        return np.mean([-(r[i] - math.log(np.exp(r).sum())) for i, r in enumerate(rows)])
+
+    expected = (ce(logits) + ce(logits.T)) / 2
+    assert clip_loss(image, text, scale).item() == pytest.approx(expected, rel=1e-6)
+    # symmetric in its two towers
+    assert clip_loss(text, image, scale).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_clip_loss_rewards_alignment():
+    rng = torch.Generator().manual_seed(0)
+    x = torch.nn.functional.normalize(torch.randn(8, 16, generator=rng), dim=-1)
+    y = torch.nn.functional.normalize(torch.randn(8, 16, generator=rng), dim=-1)
+    scale = torch.tensor(100.0)
+    assert clip_loss(x, x, scale) < 0.01 < clip_loss(x, y, scale)
+    assert clip_loss(x, x[torch.randperm(8, generator=rng)], scale) > 1.0
+
+
+def test_siglip_loss_matches_a_hand_computed_case():
+    image = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    text = torch.tensor([[1.0, 0.0], [0.6, 0.8]])
+    scale, bias = torch.tensor(10.0), torch.tensor(-5.0)
+    sims = np.array([[1.0, 0.6], [0.0, 0.8]])
+    z = 10 * sims - 5
+    signs = np.array([[1, -1], [-1, 1]])
+    expected = -np.log(1 / (1 + np.exp(-signs * z))).sum() / 2
+    assert siglip_loss(image, text, scale, bias).item() == pytest.approx(expected, rel=1e-6)
+
+
+def write_image(path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (8, 8), "red").save(path)
+    return path
+
+
+def test_readers_for_jsonl_csv_and_caption_folders(tmp_path):
+    write_image(tmp_path / "img" / "a.png")
+    write_image(tmp_path / "img" / "b.png")
+    (tmp_path / "d.jsonl").write_text(
+        '{"image": "img/a.png", "caption": "a red square", "extra": 1}\n\n'
+        '{"image": "img/b.png", "caption": "another"}\n'
+    )
+    pairs = read_pairs(tmp_path / "d.jsonl")
+    assert [p.caption for p in pairs] == ["a red square", "another"]
+    assert pairs[0].image == (tmp_path / "img" / "a.png").resolve()
+    (tmp_path / "d.csv").write_text('filepath,title\nimg/a.png,"a red, square"\n')
+    assert read_pairs(tmp_path / "d.csv")[0].caption == "a red, square"
+    (tmp_path / "img" / "a.txt").write_text("sidecar caption\n")
+    (tmp_path / "img" / "b.txt").write_text("second\n")
+    assert [p.caption for p in read_pairs(tmp_path / "img")] == ["sidecar caption", "second"]
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "message"),
+    [
+        (
+            "d.jsonl",
+            '{"image": "a.png", "caption": "x"}\n{"image": "a.png"\n',
+            "row 2: not valid JSON",
+        ),
+        (
+            "d.jsonl",
+            '{"image": "a.png", "caption": "x"}\n{"image": "a.png"}\n',
+            "row 2: no caption",
+        ),
+        ("d.jsonl", '{"image": "a.png", "caption": ""}\n', "row 1: 'caption' must be a non-empty"),
+        ("d.jsonl", '["a.png", "x"]\n', "row 1: expected an object"),
+        (
+            "d.jsonl",
+            '{"image": "gone.png", "caption": "x"}\n',
+            "row 1: image gone.png does not exist",
+        ),
+        ("d.csv", "image,caption\na.png,x\na.png,y,z\n", "row 3: more fields than the header"),
+        ("d.csv", "picture,words\na.png,x\n", "row 1: the header needs an image column"),
+        ("d.txt", "a.png x\n", "expected .jsonl, .csv, .tsv or a folder"),
+    ],
+)
+def test_malformed_rows_are_errors_with_the_row_number(tmp_path, name, text, message):
+    write_image(tmp_path / "a.png")
+    (tmp_path / name).write_text(text)
+    with pytest.raises(DataError) as err:
+        read_pairs(tmp_path / name)
+    assert message in str(err.value) and str(tmp_path / name) in str(err.value)
+
+
+def test_caption_folder_needs_a_caption_per_image(tmp_path):
+    write_image(tmp_path / "f" / "a.png")
+    with pytest.raises(DataError, match=r"a\.png: no caption file a\.txt"):
+        read_pairs(tmp_path / "f")
