@@ -9,7 +9,8 @@ split, and the `heldout` split is made of them, to measure compositional general
 
 On disk (`write_shapes`): images/NNNNNN.png, and train.jsonl, val.jsonl and heldout.jsonl
 with one {"image", "caption", "objects"} per line (image paths relative to the file), the
-format `cliplens train` reads; classes.txt lists the "colour shape" class names.
+format `cliplens train` reads; single-shape rows also carry "label" ("red circle"), one of
+the class names in classes.txt, for zero-shot evaluation.
 """
 
 from __future__ import annotations
@@ -208,8 +209,11 @@ def write_shapes(
                 s = sample(seed, offset + i, source, size)
                 name = f"images/{first + i:06d}.png"
                 _save_png(s.image, out / name)
-                rows.append({"image": name, "caption": s.caption,
-                             "objects": [asdict(o) for o in s.objects]})  # fmt: skip
+                row = {"image": name, "caption": s.caption,
+                       "objects": [asdict(o) for o in s.objects]}  # fmt: skip
+                if len(s.objects) == 1:  # a class label for zero-shot evaluation
+                    row["label"] = f"{s.objects[0].colour} {s.objects[0].kind}"
+                rows.append(row)
                 advance(1)
             tmp = out / f".{split}.jsonl.tmp"
             tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")

@@ -1,0 +1,330 @@
+"""Contrastive training of an open_clip CLIP: from scratch, fine-tuning, or with a tower
+locked (LiT). Single process for now; checkpoints resume exactly.
+
+The loop: AdamW (no decay on gains, biases and the temperature), linear warmup then cosine
+decay, gradient accumulation, bf16 autocast where the CPU or GPU has it, gradient clipping,
+the temperature clamped at 100. Each checkpoint holds the model, optimiser, schedule, every
+random generator and the position in the data, so a resumed run takes the same steps as
+one that never stopped. The final model is written with `save_checkpoint`, so every task
+loads it as `local:PATH`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cliplens.errors import InvalidInputError
+from cliplens.train.data import Pair
+from cliplens.train.loss import MAX_LOGIT_SCALE, clip_loss, siglip_loss
+
+# small CLIPs to train from scratch (open_clip.CLIP keyword arguments)
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny-shapes": {
+        "embed_dim": 128,
+        "vision_cfg": {
+            "image_size": 64,
+            "layers": 4,
+            "width": 128,
+            "patch_size": 8,
+            "head_width": 32,
+        },
+        "text_cfg": {
+            "context_length": 32,
+            "vocab_size": 49408,
+            "width": 128,
+            "heads": 4,
+            "layers": 3,
+        },
+    },
+}
+LOCKS = ("none", "image", "text")
+LOSSES = ("clip", "siglip")
+
+
+@dataclass
+class TrainConfig:
+    model_cfg: dict[str, Any]  # open_clip.CLIP keyword arguments
+    arch: str = "custom"
+    epochs: int = 10
+    max_minutes: float | None = None  # stop (and checkpoint) after this much training
+    batch_size: int = 128
+    accumulate: int = 1  # micro-batches per optimiser step
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    warmup_steps: int = 50
+    grad_clip: float = 1.0
+    precision: str = "fp32"  # or bf16 (autocast)
+    loss: str = "clip"
+    lock: str = "none"  # LiT: "image" trains the text tower only
+    seed: int = 0
+    checkpoint_every: int = 200  # optimiser steps
+    classes: list[str] = field(default_factory=list)  # for zero-shot evaluation
+    template: str = "a {}"
+
+    def validate(self) -> None:
+        if self.loss not in LOSSES:
+            raise InvalidInputError(f"loss '{self.loss}': one of {', '.join(LOSSES)}")
+        if self.lock not in LOCKS:
+            raise InvalidInputError(f"lock '{self.lock}': one of {', '.join(LOCKS)}")
+        if self.precision not in ("fp32", "bf16"):
+            raise InvalidInputError(f"precision '{self.precision}': fp32 or bf16")
+        if self.batch_size < 2 or self.accumulate < 1 or self.epochs < 1:
+            raise InvalidInputError("batch size >= 2, accumulate >= 1 and epochs >= 1")
+
+
+class Pairs:
+    """Images decoded and cropped once (uint8, in memory) and captions tokenised once."""
+
+    def __init__(self, pairs: Sequence[Pair], model: Any, tokenizer: Callable) -> None:
+        from cliplens.images import open_image
+        from cliplens.preprocess import Preprocessing
+
+        pp = model.visual.preprocess_cfg
+        size = model.visual.image_size
+        size = size if isinstance(size, int) else int(size[0])
+        self.prep = Preprocessing(size, size, tuple(pp["mean"]), tuple(pp["std"]),
+                                  pp.get("interpolation", "bicubic"))  # fmt: skip
+        self.images = np.stack([self.prep.crop(open_image(p.image)) for p in pairs])
+        self.tokens = tokenizer([p.caption for p in pairs])
+        self.captions = [p.caption for p in pairs]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def batch(self, index: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        pixels = torch.from_numpy(self.prep.normalize(self.images[index]))
+        return pixels, self.tokens[torch.from_numpy(index)]
+
+
+def build_model(cfg: TrainConfig) -> tuple[Any, Callable]:
+    """A fresh CLIP from the config (the same builder `local:` checkpoints load with)."""
+    from cliplens.models.openclip import _build_from_cfg
+
+    torch.manual_seed(cfg.seed)
+    model, tokenizer = _build_from_cfg(cfg.arch, cfg.model_cfg, None)
+    if cfg.loss == "siglip":
+        model.logit_bias = torch.nn.Parameter(torch.tensor(-10.0))
+        with torch.no_grad():
+            model.logit_scale.fill_(math.log(10.0))
+    return model, tokenizer
+
+
+def _parameters(model: Any, cfg: TrainConfig) -> list[dict[str, Any]]:
+    if cfg.lock == "image":
+        model.visual.requires_grad_(False)
+    elif cfg.lock == "text":
+        for name, p in model.named_parameters():
+            if not name.startswith("visual.") and name not in ("logit_scale", "logit_bias"):
+                p.requires_grad_(False)
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 or "logit_" in name else decay).append(p)
+    return [{"params": decay, "weight_decay": cfg.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]  # fmt: skip
+
+
+def _schedule(cfg: TrainConfig, total_steps: int) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    epochs_done: int
+    losses: list[float]  # per optimiser step, this run
+    metrics: list[dict[str, Any]]  # per evaluation
+    model_path: Path | None
+    stopped_early: bool = False
+
+
+def _rng_state() -> dict[str, Any]:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+            "python": random.getstate()}  # fmt: skip
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+
+
+def train(
+    cfg: TrainConfig,
+    train_pairs: Sequence[Pair],
+    out_dir: str | os.PathLike,
+    val_pairs: Sequence[Pair] = (),
+    eval_pairs: Sequence[tuple[Pair, str]] = (),
+    resume: bool = True,
+    max_steps: int | None = None,
+    progress: bool = False,
+) -> TrainResult:
+    """Train, checkpointing to out_dir/last.pt; resume from it when present.
+
+    `eval_pairs` are (image, class name) for zero-shot accuracy over `cfg.classes`;
+    `val_pairs` give image-text retrieval R@1/5/10. `max_steps` stops after that many
+    optimiser steps in total (a checkpoint is written first).
+    """
+    from cliplens.progress import progress_bar
+
+    cfg.validate()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model, tokenizer = build_model(cfg)
+    data = Pairs(train_pairs, model, tokenizer)
+    if len(data) < cfg.batch_size:
+        raise InvalidInputError(
+            f"{len(data)} training pairs: fewer than one batch of {cfg.batch_size}"
+        )
+    params = _parameters(model, cfg)
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
+    per_epoch = len(data) // (cfg.batch_size * cfg.accumulate)
+    total = per_epoch * cfg.epochs
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg, total))
+    step, epoch = 0, 0
+    ckpt = out / "last.pt"
+    if resume and ckpt.is_file():
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        if state["config"] != asdict(cfg):
+            raise InvalidInputError(f"{ckpt} was written with other settings; use another --out")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        step, epoch = state["step"], state["epoch"]
+        _set_rng_state(state["rng"])
+    else:
+        _set_seed(cfg.seed)
+    log = (out / "log.jsonl").open("a", encoding="utf-8")
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+    losses: list[float] = []
+    metrics: list[dict[str, Any]] = []
+    start = time.perf_counter()
+    stopped = False
+
+    def save() -> None:
+        tmp = ckpt.with_name(".last.pt.tmp")
+        torch.save({"config": asdict(cfg), "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "step": step, "epoch": epoch, "rng": _rng_state()}, tmp)  # fmt: skip
+        tmp.replace(ckpt)
+
+    with progress_bar(total - step, "training", progress) as advance:
+        while epoch < cfg.epochs and not stopped:
+            order = np.random.default_rng([cfg.seed, epoch]).permutation(len(data))
+            first = step - epoch * per_epoch  # resume inside an epoch
+            for k in range(first, per_epoch):
+                model.train()
+                optimizer.zero_grad(set_to_none=True)
+                total_loss = 0.0
+                for a in range(cfg.accumulate):
+                    lo = (k * cfg.accumulate + a) * cfg.batch_size
+                    pixels, tokens = data.batch(order[lo : lo + cfg.batch_size])
+                    with autocast:
+                        img = model.encode_image(pixels, normalize=True).float()
+                        txt = model.encode_text(tokens, normalize=True).float()
+                        scale = model.logit_scale.exp()
+                        if cfg.loss == "siglip":
+                            loss = siglip_loss(img, txt, scale, model.logit_bias)
+                        else:
+                            loss = clip_loss(img, txt, scale)
+                    (loss / cfg.accumulate).backward()
+                    total_loss += loss.item() / cfg.accumulate
+                if cfg.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                optimizer.step()
+                scheduler.step()
+                with torch.no_grad():
+                    model.logit_scale.clamp_(0, math.log(MAX_LOGIT_SCALE))
+                step += 1
+                losses.append(total_loss)
+                advance(1)
+                log.write(json.dumps({"step": step, "epoch": epoch, "loss": round(total_loss, 6),
+                                      "lr": scheduler.get_last_lr()[0]}) + "\n")  # fmt: skip
+                out_of_time = cfg.max_minutes and time.perf_counter() - start > 60 * cfg.max_minutes
+                if (max_steps and step >= max_steps) or out_of_time:
+                    stopped = True
+                    break
+                if step % cfg.checkpoint_every == 0:
+                    save()
+            if not stopped:
+                epoch += 1
+                m = evaluate(model, tokenizer, val_pairs, eval_pairs, cfg)
+                m.update(
+                    epoch=epoch, step=step, minutes=round((time.perf_counter() - start) / 60, 2)
+                )
+                metrics.append(m)
+                log.write(json.dumps(m) + "\n")
+            save()
+    log.close()
+    model_path = None
+    if epoch >= cfg.epochs or stopped:
+        from cliplens.models.openclip import save_checkpoint
+
+        model_path = save_checkpoint(model.eval(), out / "model", cfg.model_cfg, arch=cfg.arch)
+    return TrainResult(step, epoch, losses, metrics, model_path, stopped)
+
+
+def _set_seed(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+@torch.inference_mode()
+def evaluate(
+    model: Any,
+    tokenizer: Callable,
+    val_pairs: Sequence[Pair],
+    eval_pairs: Sequence[tuple[Pair, str]],
+    cfg: TrainConfig,
+) -> dict[str, Any]:
+    """Retrieval R@1/5/10 (image to text and back) on val_pairs; zero-shot accuracy over
+    cfg.classes on eval_pairs."""
+    model.eval()
+    out: dict[str, Any] = {}
+    if len(val_pairs) >= 2:
+        data = Pairs(val_pairs, model, tokenizer)
+        img, txt = _embed(model, data)
+        sims = img @ txt.T
+        ranks_i2t = (sims > sims.diagonal()[:, None]).sum(1)
+        ranks_t2i = (sims.diagonal()[:, None] < sims.T).sum(1)
+        for k in (1, 5, 10):
+            out[f"i2t_R@{k}"] = round(float((ranks_i2t < k).float().mean()), 4)
+            out[f"t2i_R@{k}"] = round(float((ranks_t2i < k).float().mean()), 4)
+    if eval_pairs and cfg.classes:
+        data = Pairs([p for p, _ in eval_pairs], model, tokenizer)
+        img, _ = _embed(model, data, texts=False)
+        prompts = tokenizer([cfg.template.format(c) for c in cfg.classes])
+        cls = torch.nn.functional.normalize(model.encode_text(prompts).float(), dim=-1)
+        pred = (img @ cls.T).argmax(1)
+        truth = torch.tensor([cfg.classes.index(c) for _, c in eval_pairs])
+        out["zero_shot_accuracy"] = round(float((pred == truth).float().mean()), 4)
+        out["zero_shot_n"] = len(eval_pairs)
+    return out
+
+
+def _embed(model: Any, data: Pairs, texts: bool = True, batch: int = 256):
+    imgs, txts = [], []
+    for lo in range(0, len(data), batch):
+        pixels, tokens = data.batch(np.arange(lo, min(lo + batch, len(data))))
+        imgs.append(model.encode_image(pixels, normalize=True).float())
+        if texts:
+            txts.append(model.encode_text(tokens, normalize=True).float())
+    return torch.cat(imgs), (torch.cat(txts) if texts else None)

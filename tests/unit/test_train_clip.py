@@ -1,0 +1,100 @@
+"""The training loop: it learns, it resumes exactly, locks hold, its model loads everywhere."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from cliplens.cli.main import main
+from cliplens.datasets.shapes import class_names, write_shapes
+from cliplens.train.clip import TrainConfig, build_model, train
+from cliplens.train.data import read_pairs
+
+TINY = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},
+    "text_cfg": {"context_length": 24, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shapes")
+    write_shapes(root, n=200, seed=0, size=32, val_fraction=0.1)
+    return root
+
+
+def config(**kw) -> TrainConfig:
+    base = dict(model_cfg=TINY, arch="tiny-shapes", epochs=50, batch_size=32, lr=2e-3,
+                warmup_steps=5, checkpoint_every=1000)  # fmt: skip
+    return TrainConfig(**(base | kw))
+
+
+def test_training_lowers_the_loss(shapes, tmp_path):
+    pairs = read_pairs(shapes / "train.jsonl")
+    result = train(config(), pairs, tmp_path / "run", max_steps=30)
+    assert result.steps == 30 and result.stopped_early
+    assert np.mean(result.losses[-5:]) < np.mean(result.losses[:5]) - 0.3
+    log = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "loss" in r] == list(range(1, 31))
+
+
+def test_resume_continues_the_loss_curve_exactly(shapes, tmp_path):
+    pairs = read_pairs(shapes / "train.jsonl")
+    straight = train(config(), pairs, tmp_path / "a", max_steps=16)
+    first = train(config(), pairs, tmp_path / "b", max_steps=8)
+    resumed = train(config(), pairs, tmp_path / "b", max_steps=16)  # picks up last.pt
+    assert first.losses == pytest.approx(straight.losses[:8], abs=1e-6)
+    assert len(resumed.losses) == 8
+    np.testing.assert_allclose(resumed.losses, straight.losses[8:], atol=1e-6)
+    with pytest.raises(ValueError, match="other settings"):
+        train(config(lr=1e-4), pairs, tmp_path / "b", max_steps=20)
+
+
+def test_locked_image_tower_does_not_move(shapes, tmp_path):
+    pairs = read_pairs(shapes / "train.jsonl")
+    before, _ = build_model(config())
+    train(config(lock="image"), pairs, tmp_path / "lit", max_steps=5)
+    state = torch.load(tmp_path / "lit" / "last.pt", weights_only=False)["model"]
+    for name, value in before.state_dict().items():
+        if name.startswith("visual."):
+            assert torch.equal(value, state[name]), name
+    assert not torch.equal(before.state_dict()["text_projection"], state["text_projection"])
+
+
+def test_trained_model_evaluates_and_loads_for_every_task(shapes, tmp_path, capsys):
+    pairs = read_pairs(shapes / "train.jsonl")
+    val = read_pairs(shapes / "val.jsonl")
+    rows = [json.loads(x) for x in (shapes / "heldout.jsonl").read_text().splitlines()]
+    held = [(p, f"{r['objects'][0]['colour']} {r['objects'][0]['kind']}")
+            for p, r in zip(read_pairs(shapes / "heldout.jsonl"), rows, strict=True)
+            if len(r["objects"]) == 1]  # fmt: skip
+    result = train(config(epochs=1, classes=class_names()), pairs, tmp_path / "run", val, held)
+    [m] = result.metrics
+    assert {"i2t_R@1", "t2i_R@10", "zero_shot_accuracy"} <= set(m)
+    assert 0 <= m["zero_shot_accuracy"] <= 1 and m["zero_shot_n"] == len(held)
+    model = f"local:{result.model_path}"
+    image = str(pairs[0].image)
+    assert main(["classify", image, "--model", model, "--labels", "red circle,blue square",
+                 "--format", "json"]) == 0  # fmt: skip
+    assert json.loads(capsys.readouterr().out)[0]["labels"][0]["label"] in {
+        "red circle", "blue square"}  # fmt: skip
+
+
+def test_train_cli_runs_and_reports(shapes, tmp_path, capsys):
+    cfg = tmp_path / "tiny.json"
+    cfg.write_text(json.dumps(TINY))
+    code = main(["train", "clip", "--data", str(shapes / "train.jsonl"), "--val",
+                 str(shapes / "val.jsonl"), "--zero-shot", str(shapes / "heldout.jsonl"),
+                 "--classes", str(shapes / "classes.txt"), "--model-config", str(cfg),
+                 "--epochs", "1", "--batch-size", "32", "--out", str(tmp_path / "run"),
+                 "--format", "json"])  # fmt: skip
+    report = json.loads(capsys.readouterr().out)
+    assert code == 0 and report["epochs"] == 1 and report["model"]
+    assert "zero_shot_accuracy" in report["metrics"][0]
+    assert main(["train", "clip", "--data", str(shapes / "train.jsonl"), "--out",
+                 str(tmp_path / "x"), "--model-config", "huge"]) == 2  # fmt: skip
+    assert "--model-config huge" in capsys.readouterr().err
