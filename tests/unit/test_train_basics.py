@@ -109,3 +109,16 @@ def test_caption_folder_needs_a_caption_per_image(tmp_path):
     write_image(tmp_path / "f" / "a.png")
     with pytest.raises(DataError, match=r"a\.png: no caption file a\.txt"):
         read_pairs(tmp_path / "f")
+
+
+def test_sharded_loss_in_one_process_is_the_plain_loss():
+    from cliplens.train.loss import sharded_loss
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.nn.functional.normalize(torch.randn(6, 8, generator=g), dim=-1)
+    y = torch.nn.functional.normalize(torch.randn(6, 8, generator=g), dim=-1)
+    s, b = torch.tensor(20.0), torch.tensor(-3.0)
+    assert sharded_loss("clip", x, y, s).item() == pytest.approx(clip_loss(x, y, s).item())
+    assert sharded_loss("siglip", x, y, s, b).item() == pytest.approx(
+        siglip_loss(x, y, s, b).item()
+    )

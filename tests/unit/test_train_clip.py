@@ -98,3 +98,35 @@ def test_train_cli_runs_and_reports(shapes, tmp_path, capsys):
     assert main(["train", "clip", "--data", str(shapes / "train.jsonl"), "--out",
                  str(tmp_path / "x"), "--model-config", "huge"]) == 2  # fmt: skip
     assert "--model-config huge" in capsys.readouterr().err
+
+
+def test_two_processes_take_the_same_steps_as_one(shapes, tmp_path):
+    """torchrun with 2 CPU processes (gloo), 16 rows each, against 1 process with 32."""
+    import os
+    import subprocess
+    import sys
+
+    cfg = tmp_path / "tiny.json"
+    cfg.write_text(json.dumps(TINY))
+    args = ["train", "clip", "--data", str(shapes / "train.jsonl"), "--model-config", str(cfg),
+            "--epochs", "1", "--batch-size", "32", "--lr", "2e-3", "--warmup", "2"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, "-m", "cliplens.cli.main", *args, "--out",
+                          str(tmp_path / "one")], capture_output=True, text=True, env=env,
+                         timeout=300)  # fmt: skip
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                          "--nproc_per_node", "2", "-m", "cliplens.cli.main", *args, "--out",
+                          str(tmp_path / "two")], capture_output=True, text=True, env=env,
+                         timeout=300)  # fmt: skip
+    assert two.returncode == 0, two.stderr[-3000:]
+
+    def losses(run):
+        rows = (tmp_path / run / "log.jsonl").read_text().splitlines()
+        return [json.loads(x)["loss"] for x in rows if '"loss"' in x]
+
+    assert len(losses("one")) == len(losses("two")) == 5  # 180 pairs, 32 a step
+    np.testing.assert_allclose(losses("two"), losses("one"), rtol=1e-4)
+    a = torch.load(tmp_path / "one" / "last.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "two" / "last.pt", weights_only=False)["model"]
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-4

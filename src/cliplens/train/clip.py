@@ -1,5 +1,5 @@
 """Contrastive training of an open_clip CLIP: from scratch, fine-tuning, or with a tower
-locked (LiT). Single process for now; checkpoints resume exactly.
+locked (LiT), in one process or several under torchrun; checkpoints resume exactly.
 
 The loop: AdamW (no decay on gains, biases and the temperature), linear warmup then cosine
 decay, gradient accumulation, bf16 autocast where the CPU or GPU has it, gradient clipping,
@@ -7,6 +7,10 @@ the temperature clamped at 100. Each checkpoint holds the model, optimiser, sche
 random generator and the position in the data, so a resumed run takes the same steps as
 one that never stopped. The final model is written with `save_checkpoint`, so every task
 loads it as `local:PATH`.
+
+Under torchrun every process takes its rows of each global batch, the loss is computed
+over the whole batch (`sharded_loss`) and gradients are summed across processes, so N
+processes take the same steps as one process with the same global batch.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import torch
 
 from cliplens.errors import InvalidInputError
 from cliplens.train.data import Pair
-from cliplens.train.loss import MAX_LOGIT_SCALE, clip_loss, siglip_loss
+from cliplens.train.loss import MAX_LOGIT_SCALE, sharded_loss
 
 # small CLIPs to train from scratch (open_clip.CLIP keyword arguments)
 PRESETS: dict[str, dict[str, Any]] = {
@@ -185,6 +189,10 @@ def train(
     from cliplens.progress import progress_bar
 
     cfg.validate()
+    rank, world = _init_distributed()
+    if cfg.batch_size % world:
+        raise InvalidInputError(f"batch size {cfg.batch_size} must divide among {world} processes")
+    local = cfg.batch_size // world  # this process's rows of each global batch
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model, tokenizer = build_model(cfg)
@@ -211,7 +219,7 @@ def train(
         _set_rng_state(state["rng"])
     else:
         _set_seed(cfg.seed)
-    log = (out / "log.jsonl").open("a", encoding="utf-8")
+    log = (out / "log.jsonl").open("a", encoding="utf-8") if rank == 0 else None
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
     losses: list[float] = []
     metrics: list[dict[str, Any]] = []
@@ -219,6 +227,8 @@ def train(
     stopped = False
 
     def save() -> None:
+        if rank != 0:
+            return
         tmp = ckpt.with_name(".last.pt.tmp")
         torch.save({"config": asdict(cfg), "model": model.state_dict(),
                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
@@ -234,18 +244,17 @@ def train(
                 optimizer.zero_grad(set_to_none=True)
                 total_loss = 0.0
                 for a in range(cfg.accumulate):
-                    lo = (k * cfg.accumulate + a) * cfg.batch_size
-                    pixels, tokens = data.batch(order[lo : lo + cfg.batch_size])
+                    lo = (k * cfg.accumulate + a) * cfg.batch_size + rank * local
+                    pixels, tokens = data.batch(order[lo : lo + local])
                     with autocast:
                         img = model.encode_image(pixels, normalize=True).float()
                         txt = model.encode_text(tokens, normalize=True).float()
-                        scale = model.logit_scale.exp()
-                        if cfg.loss == "siglip":
-                            loss = siglip_loss(img, txt, scale, model.logit_bias)
-                        else:
-                            loss = clip_loss(img, txt, scale)
+                        bias = getattr(model, "logit_bias", None)
+                        loss = sharded_loss(cfg.loss, img, txt, model.logit_scale.exp(), bias)
                     (loss / cfg.accumulate).backward()
                     total_loss += loss.item() / cfg.accumulate
+                if world > 1:  # the shares' gradients add up to the whole batch's
+                    total_loss = _sum_grads(model, total_loss)
                 if cfg.grad_clip:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
                 optimizer.step()
@@ -255,9 +264,15 @@ def train(
                 step += 1
                 losses.append(total_loss)
                 advance(1)
-                log.write(json.dumps({"step": step, "epoch": epoch, "loss": round(total_loss, 6),
-                                      "lr": scheduler.get_last_lr()[0]}) + "\n")  # fmt: skip
-                out_of_time = cfg.max_minutes and time.perf_counter() - start > 60 * cfg.max_minutes
+                if log:
+                    row = {"step": step, "epoch": epoch, "loss": round(total_loss, 6),
+                           "lr": scheduler.get_last_lr()[0]}  # fmt: skip
+                    log.write(json.dumps(row) + "\n")
+                out_of_time = bool(cfg.max_minutes) and (
+                    time.perf_counter() - start > 60 * (cfg.max_minutes or 0)
+                )
+                if world > 1:  # every process stops at the same step
+                    out_of_time = _any(out_of_time)
                 if (max_steps and step >= max_steps) or out_of_time:
                     stopped = True
                     break
@@ -265,20 +280,61 @@ def train(
                     save()
             if not stopped:
                 epoch += 1
-                m = evaluate(model, tokenizer, val_pairs, eval_pairs, cfg)
-                m.update(
-                    epoch=epoch, step=step, minutes=round((time.perf_counter() - start) / 60, 2)
-                )
-                metrics.append(m)
-                log.write(json.dumps(m) + "\n")
+                if rank == 0:
+                    m = evaluate(model, tokenizer, val_pairs, eval_pairs, cfg)
+                    minutes = round((time.perf_counter() - start) / 60, 2)
+                    m.update(epoch=epoch, step=step, minutes=minutes)
+                    metrics.append(m)
+                    if log:
+                        log.write(json.dumps(m) + "\n")
             save()
-    log.close()
+            _barrier(world)
+    if log:
+        log.close()
     model_path = None
-    if epoch >= cfg.epochs or stopped:
+    if (epoch >= cfg.epochs or stopped) and rank == 0:
         from cliplens.models.openclip import save_checkpoint
 
         model_path = save_checkpoint(model.eval(), out / "model", cfg.model_cfg, arch=cfg.arch)
     return TrainResult(step, epoch, losses, metrics, model_path, stopped)
+
+
+def _init_distributed() -> tuple[int, int]:
+    """(rank, world size); joins torchrun's process group (gloo on CPU, nccl on GPU)."""
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _sum_grads(model: Any, loss: float) -> float:
+    """All-reduce (sum) every gradient across processes; returns the whole batch's loss."""
+    import torch.distributed as dist
+
+    for p in model.parameters():
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+    total = torch.tensor(loss, dtype=torch.float64)
+    dist.all_reduce(total)
+    return float(total)
+
+
+def _any(flag: bool) -> bool:
+    import torch.distributed as dist
+
+    t = torch.tensor(int(flag))
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t)
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
 
 
 def _set_seed(seed: int) -> None:

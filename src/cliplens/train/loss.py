@@ -7,8 +7,8 @@
 - `siglip_loss`: SigLIP's pairwise sigmoid loss, every pair a binary decision (matching
   or not), with a learnable scale and bias; it needs no softmax over the batch.
 
-Both take L2-normalised (N, D) features. With features gathered from every process
-(`gather_features`), each process sees the whole global batch as negatives.
+Both take L2-normalised (N, D) features. `sharded_loss` is the form for several processes:
+each sees the whole global batch as negatives.
 """
 
 from __future__ import annotations
@@ -33,13 +33,51 @@ def siglip_loss(
     return -F.logsigmoid(signs * logits).sum() / len(image)
 
 
-def gather_features(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate `x` from every process, keeping this process's rows differentiable."""
+def sharded_loss(
+    kind: str,
+    image: torch.Tensor,
+    text: torch.Tensor,
+    logit_scale: torch.Tensor,
+    logit_bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """This process's share of the global-batch loss (CLIP or SigLIP).
+
+    Every process holds its own rows of the global batch. Features are gathered with their
+    gradients (so a row used as another process's negative still learns from it), each
+    process scores its own rows against everything, and the shares add up to the loss of
+    one process holding the whole batch; summing gradients across processes then gives
+    exactly that process's gradients. In a single process it is the plain loss.
+    """
+    all_image, all_text, offset = _gather_with_grad(image), _gather_with_grad(text), _offset(image)
+    n, total = len(image), len(all_image)
+    rows = torch.arange(n, device=image.device) + offset
+    if kind == "siglip":
+        logits = logit_scale * image @ all_text.T + logit_bias
+        signs = -torch.ones_like(logits)
+        signs[torch.arange(n), rows] = 1
+        return -F.logsigmoid(signs * logits).sum() / total
+    per_image = F.cross_entropy(logit_scale * image @ all_text.T, rows, reduction="sum")
+    per_text = F.cross_entropy(logit_scale * text @ all_image.T, rows, reduction="sum")
+    return (per_image + per_text) / (2 * total)
+
+
+def _world() -> tuple[int, int]:
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _offset(x: torch.Tensor) -> int:
+    rank, _ = _world()
+    return rank * len(x)
+
+
+def _gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    _, world = _world()
+    if world == 1:
         return x
-    parts = [torch.zeros_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, x.detach())
-    parts[dist.get_rank()] = x
-    return torch.cat(parts)
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(x))
