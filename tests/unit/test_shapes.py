@@ -55,6 +55,9 @@ def test_write_shapes_and_cli(tmp_path, capsys):
     val = json.loads((tmp_path / "a" / "val.jsonl").read_text().splitlines()[0])
     assert val["caption"] == sample(2, 38).caption  # val continues the training stream
     assert (tmp_path / "a" / "classes.txt").read_text().split("\n")[:-1] == class_names()
+    prompts = (tmp_path / "a" / "templates.txt").read_text().split("\n")[:-1]
+    assert len(prompts) == 15 and all("{}" in t for t in prompts)
+    assert prompts[0].format("red circle") == "a small red circle on the left"
     assert main(["datasets", "shapes", str(tmp_path / "b"), "--n", "20", "--seed", "2"]) == 0
     again = (tmp_path / "b" / "train.jsonl").read_text().splitlines()
     assert [json.loads(x)["caption"] for x in again] == [r["caption"] for r in rows[:19]]

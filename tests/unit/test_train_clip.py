@@ -90,6 +90,7 @@ def test_train_cli_runs_and_reports(shapes, tmp_path, capsys):
     code = main(["train", "clip", "--data", str(shapes / "train.jsonl"), "--val",
                  str(shapes / "val.jsonl"), "--zero-shot", str(shapes / "heldout.jsonl"),
                  "--classes", str(shapes / "classes.txt"), "--model-config", str(cfg),
+                 "--templates", str(shapes / "templates.txt"),
                  "--epochs", "1", "--batch-size", "32", "--out", str(tmp_path / "run"),
                  "--format", "json"])  # fmt: skip
     report = json.loads(capsys.readouterr().out)
@@ -98,6 +99,11 @@ def test_train_cli_runs_and_reports(shapes, tmp_path, capsys):
     assert main(["train", "clip", "--data", str(shapes / "train.jsonl"), "--out",
                  str(tmp_path / "x"), "--model-config", "huge"]) == 2  # fmt: skip
     assert "--model-config huge" in capsys.readouterr().err
+    bad = tmp_path / "bad-templates.txt"
+    bad.write_text("no placeholder here\n")
+    assert main(["train", "clip", "--data", str(shapes / "train.jsonl"), "--out",
+                 str(tmp_path / "y"), "--templates", str(bad)]) == 2  # fmt: skip
+    assert "each with {}" in capsys.readouterr().err
 
 
 def test_two_processes_take_the_same_steps_as_one(shapes, tmp_path):

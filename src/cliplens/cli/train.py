@@ -54,6 +54,10 @@ def clip_command(
     classes: Annotated[
         Path | None, typer.Option("--classes", help="Class names, one per line (default: labels).")
     ] = None,
+    templates: Annotated[
+        Path | None,
+        typer.Option("--templates", help="Zero-shot prompt templates, one per line, with {}."),
+    ] = None,
     model_config: Annotated[
         str, typer.Option("--model-config", help="Preset or JSON file.")
     ] = "tiny-shapes",
@@ -79,11 +83,19 @@ def clip_command(
         names = [x.strip() for x in lines if x.strip()]
     else:
         names = sorted({label for _, label in evals})
+    prompts = ["a {}"]
+    if templates is not None:
+        prompts = [x.strip() for x in templates.read_text(encoding="utf-8").splitlines()
+                   if x.strip()]  # fmt: skip
+        if not prompts or not all("{}" in t for t in prompts):
+            raise InvalidInputError(
+                f"--templates {templates}: one template per line, each with {{}}"
+            )
     arch = Path(model_config).stem if model_config.endswith(".json") else model_config
     cfg = TrainConfig(
         model_cfg=_model_config(model_config), arch=arch, epochs=epochs, batch_size=batch_size,
         accumulate=accumulate, lr=lr, warmup_steps=warmup, precision=precision, loss=loss,
-        lock=lock, max_minutes=max_minutes, seed=seed, classes=names,
+        lock=lock, max_minutes=max_minutes, seed=seed, classes=names, templates=prompts,
     )  # fmt: skip
     result = train(cfg, read_pairs(data), out, read_pairs(val) if val else (), evals,
                    progress=show_progress())  # fmt: skip

@@ -10,7 +10,7 @@ split, and the `heldout` split is made of them, to measure compositional general
 On disk (`write_shapes`): images/NNNNNN.png, and train.jsonl, val.jsonl and heldout.jsonl
 with one {"image", "caption", "objects"} per line (image paths relative to the file), the
 format `cliplens train` reads; single-shape rows also carry "label" ("red circle"), one of
-the class names in classes.txt, for zero-shot evaluation.
+the class names in classes.txt, for zero-shot evaluation with the prompts in templates.txt.
 """
 
 from __future__ import annotations
@@ -220,7 +220,15 @@ def write_shapes(
             tmp.replace(out / f"{split}.jsonl")
             first += count
     (out / "classes.txt").write_text("\n".join(class_names()) + "\n", encoding="utf-8")
+    (out / "templates.txt").write_text("\n".join(templates()) + "\n", encoding="utf-8")
     return counts
+
+
+def templates() -> list[str]:
+    """Zero-shot prompts shaped like the captions (a size, the class, a place), to average:
+    a model trained on these captions has never read "a red circle" on its own."""
+    places = ("on the left", "on the right", "at the top", "at the bottom", "in the centre")
+    return [f"a {size} {{}} {place}" for size in SIZES for place in places]
 
 
 def _save_png(pixels: np.ndarray, path: Path) -> None:

@@ -34,7 +34,20 @@ from cliplens.train.loss import MAX_LOGIT_SCALE, sharded_loss
 
 # small CLIPs to train from scratch (open_clip.CLIP keyword arguments)
 PRESETS: dict[str, dict[str, Any]] = {
+    # a small ResNet image tower: on shapes it learns shape as well as colour, where a ViT
+    # with 8 px patches at 64 px learns colour only (benchmarks/RESULTS.md)
     "tiny-shapes": {
+        "embed_dim": 128,
+        "vision_cfg": {"image_size": 64, "layers": [1, 1, 1, 1], "width": 32, "head_width": 32},
+        "text_cfg": {
+            "context_length": 32,
+            "vocab_size": 49408,
+            "width": 128,
+            "heads": 4,
+            "layers": 3,
+        },
+    },
+    "tiny-shapes-vit": {
         "embed_dim": 128,
         "vision_cfg": {
             "image_size": 64,
@@ -74,7 +87,7 @@ class TrainConfig:
     seed: int = 0
     checkpoint_every: int = 200  # optimiser steps
     classes: list[str] = field(default_factory=list)  # for zero-shot evaluation
-    template: str = "a {}"
+    templates: list[str] = field(default_factory=lambda: ["a {}"])  # averaged per class
 
     def validate(self) -> None:
         if self.loss not in LOSSES:
@@ -367,8 +380,11 @@ def evaluate(
     if eval_pairs and cfg.classes:
         data = Pairs([p for p, _ in eval_pairs], model, tokenizer)
         img, _ = _embed(model, data, texts=False)
-        prompts = tokenizer([cfg.template.format(c) for c in cfg.classes])
-        cls = torch.nn.functional.normalize(model.encode_text(prompts).float(), dim=-1)
+        rows = []
+        for c in cfg.classes:  # prompt ensembling: the mean of the normalised templates
+            t = model.encode_text(tokenizer([tpl.format(c) for tpl in cfg.templates]))
+            rows.append(torch.nn.functional.normalize(t.float(), dim=-1).mean(0))
+        cls = torch.nn.functional.normalize(torch.stack(rows), dim=-1)
         pred = (img @ cls.T).argmax(1)
         truth = torch.tensor([cfg.classes.index(c) for _, c in eval_pairs])
         out["zero_shot_accuracy"] = round(float((pred == truth).float().mean()), 4)
