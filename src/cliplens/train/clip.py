@@ -33,19 +33,14 @@ from cliplens.train.data import Pair
 from cliplens.train.loss import MAX_LOGIT_SCALE, sharded_loss
 
 # small CLIPs to train from scratch (open_clip.CLIP keyword arguments)
+_SHAPES_TEXT = {"context_length": 32, "vocab_size": 49408, "width": 128, "heads": 4, "layers": 3}
 PRESETS: dict[str, dict[str, Any]] = {
     # a small ResNet image tower: on shapes it learns shape as well as colour, where a ViT
     # with 8 px patches at 64 px learns colour only (benchmarks/RESULTS.md)
     "tiny-shapes": {
         "embed_dim": 128,
         "vision_cfg": {"image_size": 64, "layers": [1, 1, 1, 1], "width": 32, "head_width": 32},
-        "text_cfg": {
-            "context_length": 32,
-            "vocab_size": 49408,
-            "width": 128,
-            "heads": 4,
-            "layers": 3,
-        },
+        "text_cfg": _SHAPES_TEXT,
     },
     "tiny-shapes-vit": {
         "embed_dim": 128,
@@ -56,13 +51,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "patch_size": 8,
             "head_width": 32,
         },
-        "text_cfg": {
-            "context_length": 32,
-            "vocab_size": 49408,
-            "width": 128,
-            "heads": 4,
-            "layers": 3,
-        },
+        "text_cfg": _SHAPES_TEXT,
     },
 }
 LOCKS = ("none", "image", "text")
