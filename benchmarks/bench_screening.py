@@ -29,7 +29,8 @@ from cliplens.datasets.distortions import write_distortions
 from cliplens.datasets.photos import write_photos
 from cliplens.images import iter_image_files
 from cliplens.models.ref import ModelRef
-from cliplens.tasks.moderate import build_moderator, load_policy
+from cliplens.tasks.moderate import build_moderator
+from cliplens.tasks.policy import load_policy
 from cliplens.tasks.quality import ATTRIBUTES, build_screener, check_file, train_probe
 
 

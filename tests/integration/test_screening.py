@@ -14,7 +14,8 @@ from cliplens.datasets.photos import write_photos
 from cliplens.pipeline import index_folders
 from cliplens.store.catalog import Catalog
 from cliplens.tasks.embed import embed_files
-from cliplens.tasks.moderate import build_moderator, parse_policy
+from cliplens.tasks.moderate import build_moderator
+from cliplens.tasks.policy import parse_policy
 from tests_helpers import run_json
 
 

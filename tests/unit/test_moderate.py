@@ -12,15 +12,13 @@ from PIL import Image
 
 from cliplens.tasks.moderate import (
     LinearHead,
-    PolicyError,
     build_moderator,
     calibrate,
     choose_offset,
-    load_policy,
-    parse_policy,
     redact,
     train_head,
 )
+from cliplens.tasks.policy import PolicyError, load_policy, parse_policy
 
 
 @dataclass

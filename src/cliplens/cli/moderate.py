@@ -31,7 +31,8 @@ PolicyOpt = Annotated[str, typer.Option("--policy", "-p", help="'default' or a p
 
 def _moderator(policy_name: str, model, device, precision):
     from cliplens.models.ref import ModelRef
-    from cliplens.tasks.moderate import build_moderator, load_policy
+    from cliplens.tasks.moderate import build_moderator
+    from cliplens.tasks.policy import load_policy
 
     policy = load_policy(policy_name)
     ref = ModelRef(model, device=device, precision=precision)
@@ -193,7 +194,8 @@ def train_head_command(
     """Fit a logistic-regression head on embeddings (cross-validated) and add it to a policy."""
     from dataclasses import replace
 
-    from cliplens.tasks.moderate import Head, load_policy, train_head
+    from cliplens.tasks.moderate import train_head
+    from cliplens.tasks.policy import Head, load_policy
 
     if not 0 < threshold < 1:
         raise InvalidInputError(f"--threshold {threshold} must be in (0, 1)")

@@ -287,15 +287,13 @@ class Catalog:
             out.update(self.db.execute(f"SELECT id, path FROM files WHERE id IN ({marks})", chunk))
         return out
 
-    def ids_under(
-        self, folders: Sequence[str | os.PathLike], status: str | None = None
-    ) -> np.ndarray:
+    def ids_under(self, folders: Sequence[str | os.PathLike]) -> np.ndarray:
         ids: list[int] = []
         for folder in folders:
             low, high = folder_range(folder)
             ids += [i for (i,) in self.db.execute(
-                "SELECT id FROM files WHERE ((path >= ? AND path < ?) OR path = ?) "
-                "AND status = coalesce(?, status)", (low, high, str(folder), status),
+                "SELECT id FROM files WHERE (path >= ? AND path < ?) OR path = ?",
+                (low, high, str(folder)),
             )]  # fmt: skip
         return np.asarray(sorted(set(ids)), np.int64)
 

@@ -36,17 +36,15 @@ def embed_files(
     With `features`, the encoder's probe features instead (`Encoder.encode_features`); the
     catalog serves them only where they are the embeddings."""
     paths = [str(Path(f).resolve()) for f in files]
-    encoder = model.load() if features else model
-    if features and encoder.feature_id != encoder.info.model_id:
-        catalog = None
+    if features and model.load().feature_id != model.info.model_id:
+        catalog = None  # the catalog holds embeddings, not these features
     stored = catalog.fresh_embeddings(paths, model.info.model_id) if catalog is not None else {}
     todo = [p for p in paths if p not in stored]
     encoded: dict[str, np.ndarray] = {}
     failures: list[ImageError] = []
     if todo:
-        encode = (
-            encoder.load().encode_features if features else encoder.load().encode_images_lenient
-        )
+        encoder = model.load()
+        encode = encoder.encode_features if features else encoder.encode_images_lenient
         result = encode(todo, progress=progress, max_megapixels=max_megapixels)
         encoded = {todo[i]: v for i, v in zip(result.kept, result.vectors, strict=True)}
         failures = result.failures
@@ -56,4 +54,4 @@ def embed_files(
     vectors = np.stack(rows).astype(np.float32) if rows else np.zeros((0, dim), np.float32)
     if stored:  # float16 storage: renormalise the reused rows
         vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
-    return Embedded(kept, vectors, failures, reused=len([p for p in kept if p in stored]))
+    return Embedded(kept, vectors, failures, reused=len(stored))

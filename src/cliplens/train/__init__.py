@@ -1,1 +1,1 @@
-"""Training: data readers, contrastive losses (and, to come, the loop, robust encoders, probes)."""
+"""Training: data readers, contrastive losses, the CLIP training loop."""

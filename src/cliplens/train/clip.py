@@ -221,6 +221,12 @@ def train(
         _set_rng_state(state["rng"])
     else:
         _set_seed(cfg.seed)
+    # evaluation data is decoded once, by the process that evaluates
+    val_data = Pairs(val_pairs, model, tokenizer) if rank == 0 and len(val_pairs) >= 2 else None
+    labels = [c for _, c in eval_pairs]
+    eval_data = None
+    if rank == 0 and eval_pairs and cfg.classes:
+        eval_data = Pairs([p for p, _ in eval_pairs], model, tokenizer)
     log = (out / "log.jsonl").open("a", encoding="utf-8") if rank == 0 else None
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
     losses: list[float] = []
@@ -283,7 +289,7 @@ def train(
             if not stopped:
                 epoch += 1
                 if rank == 0:
-                    m = evaluate(model, tokenizer, val_pairs, eval_pairs, cfg)
+                    m = evaluate(model, tokenizer, val_data, eval_data, labels, cfg)
                     minutes = round((time.perf_counter() - start) / 60, 2)
                     m.update(epoch=epoch, step=step, minutes=minutes)
                     metrics.append(m)
@@ -349,35 +355,34 @@ def _set_seed(seed: int) -> None:
 def evaluate(
     model: Any,
     tokenizer: Callable,
-    val_pairs: Sequence[Pair],
-    eval_pairs: Sequence[tuple[Pair, str]],
+    val: Pairs | None,
+    zero_shot: Pairs | None,
+    labels: Sequence[str],
     cfg: TrainConfig,
 ) -> dict[str, Any]:
-    """Retrieval R@1/5/10 (image to text and back) on val_pairs; zero-shot accuracy over
-    cfg.classes on eval_pairs."""
+    """Retrieval R@1/5/10 (image to text and back) on `val`; zero-shot accuracy over
+    cfg.classes on the `zero_shot` images, whose classes are `labels`."""
     model.eval()
     out: dict[str, Any] = {}
-    if len(val_pairs) >= 2:
-        data = Pairs(val_pairs, model, tokenizer)
-        img, txt = _embed(model, data)
+    if val is not None:
+        img, txt = _embed(model, val)
         sims = img @ txt.T
         ranks_i2t = (sims > sims.diagonal()[:, None]).sum(1)
         ranks_t2i = (sims.diagonal()[:, None] < sims.T).sum(1)
         for k in (1, 5, 10):
             out[f"i2t_R@{k}"] = round(float((ranks_i2t < k).float().mean()), 4)
             out[f"t2i_R@{k}"] = round(float((ranks_t2i < k).float().mean()), 4)
-    if eval_pairs and cfg.classes:
-        data = Pairs([p for p, _ in eval_pairs], model, tokenizer)
-        img, _ = _embed(model, data, texts=False)
+    if zero_shot is not None:
+        img, _ = _embed(model, zero_shot, texts=False)
         rows = []
         for c in cfg.classes:  # prompt ensembling: the mean of the normalised templates
             t = model.encode_text(tokenizer([tpl.format(c) for tpl in cfg.templates]))
             rows.append(torch.nn.functional.normalize(t.float(), dim=-1).mean(0))
         cls = torch.nn.functional.normalize(torch.stack(rows), dim=-1)
         pred = (img @ cls.T).argmax(1)
-        truth = torch.tensor([cfg.classes.index(c) for _, c in eval_pairs])
+        truth = torch.tensor([cfg.classes.index(c) for c in labels])
         out["zero_shot_accuracy"] = round(float((pred == truth).float().mean()), 4)
-        out["zero_shot_n"] = len(eval_pairs)
+        out["zero_shot_n"] = len(labels)
     return out
 
 
