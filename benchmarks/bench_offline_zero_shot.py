@@ -10,7 +10,6 @@ wordings, top-k, softmax scale) reuses them, so the comparison is exact.
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import time
 from pathlib import Path
@@ -19,28 +18,11 @@ import numpy as np
 import torch
 
 from cliplens import load_model
+from cliplens.datasets.fashion_mnist import DEBIAN_DIR, LABELS, read_idx
 from cliplens.tasks.classify import load_templates, zero_shot_weights
 
-DATA = Path("/usr/share/datasets/fashion-mnist")
-LABELS = [
-    "t-shirt",
-    "trousers",
-    "pullover sweater",
-    "dress",
-    "coat",
-    "sandal",
-    "shirt",
-    "sneaker",
-    "bag",
-    "ankle boot",
-]
-
-
-def read_idx(path: Path) -> np.ndarray:
-    raw = gzip.decompress(path.read_bytes())
-    ndim = raw[3]
-    shape = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
-    return np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(shape)
+DATA = DEBIAN_DIR
+LABELS = list(LABELS)
 
 
 def conse(probs: torch.Tensor, class_emb: torch.Tensor, k: int) -> np.ndarray:

@@ -55,3 +55,25 @@ def shapes(
 
     counts = write_shapes(out_dir, n=n, seed=seed, size=size, progress=show_progress())
     info(f"wrote {', '.join(f'{v} {k}' for k, v in counts.items())} images to {out_dir}")
+
+
+@app.command("fashion-mnist")
+def fashion_mnist(
+    out_dir: Annotated[
+        Path, typer.Argument(help="Folder to write into (one subfolder per class).")
+    ],
+    split: Annotated[str, typer.Option("--split", help="train or test.")] = "test",
+    per_class: Annotated[
+        int | None, typer.Option("--per-class", help="Images per class (default: all).")
+    ] = None,
+    offset: Annotated[int, typer.Option("--offset", help="Skip this many per class first.")] = 0,
+    source: Annotated[
+        Path | None, typer.Option("--source", help="Folder with the idx .gz files.")
+    ] = None,
+) -> None:
+    """Fashion-MNIST from Debian's dataset-fashion-mnist, one folder of PNGs per class."""
+    from cliplens.cli.output import show_progress
+    from cliplens.datasets.fashion_mnist import write_fashion_mnist
+
+    counts = write_fashion_mnist(out_dir, split, per_class, offset, source, show_progress())
+    info(f"wrote {sum(counts.values())} images in {len(counts)} class folders to {out_dir}")
