@@ -58,6 +58,16 @@ class Encoder(ABC):
         """Itself: an Encoder is already loaded (see ModelRef for one loaded on demand)."""
         return self
 
+    def image_tower(self) -> torch.nn.Module:
+        """The image network as a module from normalised pixels to unnormalised embeddings,
+        for fine-tuning it (robust training). The module is this encoder's own: copy it."""
+        raise InvalidInputError(f"model {self.info.name}: no image tower that can be trained")
+
+    def with_image_tower(self, tower: torch.nn.Module, model_id: str) -> Encoder:
+        """This encoder with images embedded by `tower` (a trained copy of `image_tower()`)
+        under a new model_id; the text side is shared."""
+        raise InvalidInputError(f"model {self.info.name}: its image tower cannot be replaced")
+
     def text_graph(self) -> TextGraph | None:
         """The text tower and tokenizer for an ONNX export (models.fast_text), if supported.
 

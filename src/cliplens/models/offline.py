@@ -13,9 +13,11 @@ encoder does not know that a Pekinese is a dog (scripts/build_imagenet_texts.py)
 
 from __future__ import annotations
 
+import copy
 import csv
 import hashlib
 import importlib.util
+from dataclasses import replace
 from importlib import resources
 from pathlib import Path
 
@@ -23,7 +25,7 @@ import numpy as np
 import torch
 
 from cliplens.device import Precision
-from cliplens.errors import DependencyMissingError
+from cliplens.errors import DependencyMissingError, InvalidInputError
 from cliplens.models.base import Encoder
 from cliplens.models.fast_text import TextGraph
 from cliplens.models.info import ModelInfo
@@ -111,6 +113,22 @@ class _MeanPooled(torch.nn.Module):
         return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
 
 
+class ConSETower(torch.nn.Module):
+    """Pixels -> the mean of the top-k ImageNet class-text embeddings, weighted by the
+    CNN's probabilities (renormalised over the k)."""
+
+    def __init__(self, net: torch.nn.Module, class_embeddings: torch.Tensor, top_k: int) -> None:
+        super().__init__()
+        self.net, self.top_k = net, top_k
+        self.register_buffer("class_embeddings", class_embeddings, persistent=False)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        probs = self.net(pixels).float().softmax(-1)
+        top, idx = probs.topk(self.top_k, dim=-1)
+        weights = top / top.sum(-1, keepdim=True)
+        return torch.einsum("bk,bkd->bd", weights, self.class_embeddings[idx])
+
+
 class OfflineEncoder(Encoder):
     default_batch_size = 64
 
@@ -164,6 +182,7 @@ class OfflineEncoder(Encoder):
             precision=precision.value,
         )
         self.class_embeddings = torch.from_numpy(self._class_embeddings()).to(device)
+        self._tower = ConSETower(self.net, self.class_embeddings, top_k)
         self.text.model.to(self._dtype)
 
     def _class_embeddings(self) -> np.ndarray:
@@ -184,10 +203,21 @@ class OfflineEncoder(Encoder):
         return logits.softmax(-1)
 
     def _encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
-        probs = self.class_probabilities(pixels)
-        top, idx = probs.topk(self.top_k, dim=-1)
-        weights = top / top.sum(-1, keepdim=True)
-        return torch.einsum("bk,bkd->bd", weights, self.class_embeddings[idx])
+        return self._tower(pixels.to(self._device))
+
+    def image_tower(self) -> torch.nn.Module:
+        """MobileNetV2 and the ConSE average as one module; gradients reach the CNN through
+        the weights of the top-k classes."""
+        return self._tower
+
+    def with_image_tower(self, tower: torch.nn.Module, model_id: str) -> OfflineEncoder:
+        if not isinstance(tower, ConSETower):
+            raise InvalidInputError("the offline model's image tower is a ConSETower")
+        out = copy.copy(self)
+        out._tower = tower.to(self._device).eval()
+        out.net = out._tower.net
+        out.info = replace(self.info, model_id=model_id)
+        return out
 
     def _encode_text_batch(self, texts: list[str]) -> torch.Tensor:
         return self.text(texts)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +33,20 @@ class OpenClipEncoder(Encoder):
         self.info = info
         self._device = torch.device(info.device)
         self._dtype = Precision(info.precision).dtype
+        # open_clip.CLIP keyword arguments, where known: what save_checkpoint needs to
+        # write a fine-tuned copy (None for hub models)
+        self.model_cfg: dict | None = None
+
+    def image_tower(self) -> torch.nn.Module:
+        return self.model.visual
+
+    def with_image_tower(self, tower: torch.nn.Module, model_id: str) -> OpenClipEncoder:
+        model = copy.copy(self.model)
+        model._modules = dict(self.model._modules)  # a shallow copy shares the dict
+        model.visual = tower.to(self._device, self._dtype).eval()
+        out = OpenClipEncoder(model, self.tokenizer, replace(self.info, model_id=model_id))
+        out.model_cfg = self.model_cfg
+        return out
 
     def _encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.model.encode_image(pixels.to(self._device, self._dtype))
@@ -262,7 +278,7 @@ def load_pretrained(
     model = _create(name, arch, pretrained=str(weights), **kwargs)
     tokenizer = open_clip.get_tokenizer(arch)
     model_id = f"{arch}:{tag_id}@{combined_digest([weights])}"
-    return OpenClipEncoder.from_model(
+    encoder = OpenClipEncoder.from_model(
         model,
         tokenizer,
         name=name,
@@ -272,6 +288,8 @@ def load_pretrained(
         precision=precision,
         weights=(weights,),
     )
+    encoder.model_cfg = open_clip.get_model_config(arch)
+    return encoder
 
 
 def load_hub(name: str, repo: str, device: torch.device, precision: Precision) -> OpenClipEncoder:
@@ -331,7 +349,9 @@ def load_local(
         weights = tuple(p for p in sorted(path.iterdir()) if p.suffix in CHECKPOINT_SUFFIXES)
         if not weights:
             raise InvalidInputError(f"model '{name}': folder {path} holds no weights file")
-        arch = json.loads(config.read_text()).get("cliplens", {}).get("arch", path.name)
+        saved = json.loads(config.read_text())
+        arch = saved.get("cliplens", {}).get("arch", path.name)
+        model_cfg = saved.get("model_cfg")
         model = _create(name, f"local-dir:{path}")
         tokenizer = open_clip.get_tokenizer(f"local-dir:{path}")
     elif path.is_file():
@@ -342,13 +362,14 @@ def load_local(
                 f"state dict as 'ARCH:{path}' (e.g. ViT-B-32:{path})"
             )
         arch = ckpt.get("arch", "custom")
+        model_cfg = ckpt["model_cfg"]
         model, tokenizer = _build_from_cfg(name, ckpt["model_cfg"], ckpt.get("preprocess_cfg"))
         model.load_state_dict(ckpt["state_dict"])
         weights = (path,)
     else:
         raise InvalidInputError(f"model '{name}': {path} does not exist")
     model_id = f"local:{arch}@{combined_digest(weights)}"
-    return OpenClipEncoder.from_model(
+    encoder = OpenClipEncoder.from_model(
         model,
         tokenizer,
         name=name,
@@ -358,6 +379,8 @@ def load_local(
         precision=precision,
         weights=weights,
     )
+    encoder.model_cfg = model_cfg
+    return encoder
 
 
 def _build_from_cfg(
