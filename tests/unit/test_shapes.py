@@ -38,6 +38,18 @@ def test_captions_say_what_is_drawn_and_where():
             assert s.caption.split()[-1] in {"left", "right", "top", "bottom", "centre"}
 
 
+def test_training_captions_mix_details_and_stay_truthful():
+    details = {"full": 0, "sizes": 0, "bare": 0}
+    for i in range(400):
+        s = sample(4, i)
+        bare = " and ".join(f"a {o.colour} {o.kind}" for o in s.objects)
+        sizes = " and ".join(o.phrase for o in s.objects)
+        kind = {s.caption: "full", sizes: "sizes", bare: "bare"}[s.train_caption]
+        details[kind] += 1
+        assert np.array_equal(s.image, sample(4, i).image)
+    assert 160 < details["full"] < 240 and details["sizes"] > 60 and details["bare"] > 60
+
+
 def test_heldout_pairs_never_appear_in_training():
     assert len(HELDOUT) == len(SHAPES)  # one colour per shape
     assert len({c for _, c in HELDOUT}) == len(SHAPES)  # each a different colour
@@ -51,7 +63,7 @@ def test_write_shapes_and_cli(tmp_path, capsys):
     assert counts == {"train": 38, "val": 2, "heldout": 2}
     rows = [json.loads(line) for line in (tmp_path / "a" / "train.jsonl").read_text().splitlines()]
     assert len(rows) == 38 and all((tmp_path / "a" / r["image"]).is_file() for r in rows)
-    assert rows[0]["caption"] == sample(2, 0).caption
+    assert rows[0]["caption"] == sample(2, 0).train_caption
     val = json.loads((tmp_path / "a" / "val.jsonl").read_text().splitlines()[0])
     assert val["caption"] == sample(2, 38).caption  # val continues the training stream
     assert (tmp_path / "a" / "classes.txt").read_text().split("\n")[:-1] == class_names()
@@ -61,5 +73,7 @@ def test_write_shapes_and_cli(tmp_path, capsys):
     assert main(["datasets", "shapes", str(tmp_path / "b"), "--n", "20", "--seed", "2"]) == 0
     again = (tmp_path / "b" / "train.jsonl").read_text().splitlines()
     assert [json.loads(x)["caption"] for x in again] == [r["caption"] for r in rows[:19]]
+    held = [json.loads(x) for x in (tmp_path / "a" / "heldout.jsonl").read_text().splitlines()]
+    assert held[0]["caption"] == sample(2, 0, "heldout").caption  # evaluation: full detail
     assert main(["datasets", "shapes", str(tmp_path / "c"), "--n", "0"]) == 2
     assert "--n 0" in capsys.readouterr().err

@@ -122,3 +122,57 @@ def test_sharded_loss_in_one_process_is_the_plain_loss():
     assert sharded_loss("siglip", x, y, s, b).item() == pytest.approx(
         siglip_loss(x, y, s, b).item()
     )
+
+
+def _shard(path, samples):
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w") as tar:
+        for name, payload in samples:
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+
+
+def _png(colour) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), colour).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_webdataset_shards_with_brace_patterns(tmp_path):
+    from cliplens.train.data import expand_shards
+
+    assert expand_shards("a-{08..10}.tar") == ["a-08.tar", "a-09.tar", "a-10.tar"]
+    assert expand_shards("{x,y}-{0..1}.tar") == ["x-0.tar", "x-1.tar", "y-0.tar", "y-1.tar"]
+    _shard(tmp_path / "s-0.tar", [("k1.png", _png("red")), ("k1.txt", b"a red square"),
+                                  ("d/k2.jpg", _png("blue")),
+                                  ("d/k2.json", b'{"caption": "a blue square"}')])  # fmt: skip
+    _shard(tmp_path / "s-1.tar", [("k3.txt", b"a green square"), ("k3.webp", _png("green"))])
+    pairs = read_pairs(tmp_path / "s-{0..1}.tar")
+    assert [p.caption for p in pairs] == ["a red square", "a blue square", "a green square"]
+    red = np.asarray(pairs[0].source().convert("RGB"))
+    assert tuple(red[0, 0]) == (255, 0, 0)
+    assert str(pairs[1].image).endswith("s-0.tar/d/k2.jpg")
+
+
+@pytest.mark.parametrize(
+    "samples, message",
+    [
+        ([("k1.png", b"x")], "sample k1: no caption"),
+        ([("k1.txt", b"a caption")], "sample k1: no image"),
+        ([("k1.png", b"x"), ("k1.json", b"[1]")], "sample k1: .json must be an object"),
+        ([("k1.png", b"x"), ("k1.txt", b"  ")], "sample k1: empty caption"),
+    ],
+)
+def test_malformed_shards_name_the_sample(tmp_path, samples, message):
+    _shard(tmp_path / "bad.tar", samples)
+    with pytest.raises(DataError, match=message):
+        read_pairs(tmp_path / "bad.tar")
+    with pytest.raises(DataError, match=r"missing-1\.tar does not exist"):
+        read_pairs(tmp_path / "missing-{1..2}.tar")

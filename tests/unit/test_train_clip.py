@@ -136,3 +136,29 @@ def test_two_processes_take_the_same_steps_as_one(shapes, tmp_path):
     a = torch.load(tmp_path / "one" / "last.pt", weights_only=False)["model"]
     b = torch.load(tmp_path / "two" / "last.pt", weights_only=False)["model"]
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-4
+
+
+def test_fine_tuning_starts_from_the_initial_model(shapes, tmp_path, tiny_model_dir):
+    from cliplens.models.openclip import load_local
+
+    pairs = read_pairs(shapes / "train.jsonl")
+    cfg = config(init=f"local:{tiny_model_dir}", model_cfg={}, lr=1e-4, epochs=1)
+    result = train(cfg, pairs, tmp_path / "ft", max_steps=3)
+    saved = json.loads((result.model_path / "open_clip_config.json").read_text())
+    from conftest import TINY_CFG
+
+    assert saved["model_cfg"] == TINY_CFG
+    initial = load_local("a", tiny_model_dir, torch.device("cpu"), _fp32()).model.state_dict()
+    tuned = load_local("b", result.model_path, torch.device("cpu"), _fp32()).model.state_dict()
+    moved = [k for k in initial if not torch.equal(initial[k], tuned[k])]
+    assert moved  # it trained
+    w = "visual.transformer.resblocks.0.mlp.c_fc.weight"
+    assert (tuned[w] - initial[w]).norm() < 0.05 * initial[w].norm()  # from the initial weights
+    with pytest.raises(ValueError, match="--init offline"):
+        train(config(init="offline", model_cfg={}), pairs, tmp_path / "off", max_steps=1)
+
+
+def _fp32():
+    from cliplens.device import Precision
+
+    return Precision("fp32")

@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from cliplens.cli.common import DeviceOpt
 from cliplens.cli.output import Format, info, print_json, print_table, show_progress
 from cliplens.errors import InvalidInputError
 
@@ -42,7 +43,14 @@ def _labelled(path: Path):
 
 @app.command("clip")
 def clip_command(
-    data: Annotated[Path, typer.Option("--data", help="Training pairs: .jsonl, .csv or a folder.")],
+    data: Annotated[
+        Path,
+        typer.Option(
+            "--data",
+            help="Training pairs: .jsonl, .csv, a folder, or WebDataset "
+            "shards ('train-{000..009}.tar').",
+        ),
+    ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Run folder (checkpoints, log, model).")],
     val: Annotated[Path | None, typer.Option("--val", help="Pairs for retrieval R@k.")] = None,
     zero_shot: Annotated[
@@ -59,8 +67,13 @@ def clip_command(
         typer.Option("--templates", help="Zero-shot prompt templates, one per line, with {}."),
     ] = None,
     model_config: Annotated[
-        str, typer.Option("--model-config", help="Preset or JSON file.")
-    ] = "tiny-shapes",
+        str | None,
+        typer.Option("--model-config", help="From scratch: a preset or JSON file [tiny-shapes]."),
+    ] = None,
+    init: Annotated[
+        str | None,
+        typer.Option("--init", help="Fine-tune this model (e.g. ViT-B-32:openai, local:PATH)."),
+    ] = None,
     epochs: Annotated[int, typer.Option("--epochs")] = 10,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b")] = 128,
     accumulate: Annotated[int, typer.Option("--accumulate", help="Micro-batches per step.")] = 1,
@@ -73,7 +86,8 @@ def clip_command(
     seed: Annotated[int, typer.Option("--seed")] = 0,
     fmt: Annotated[Format, typer.Option("--format", "-f")] = Format.table,
 ) -> None:
-    """Train a CLIP from scratch; resumes from OUT/last.pt when it exists."""
+    """Train a CLIP from scratch, or fine-tune one with --init; resumes from OUT/last.pt
+    when it exists."""
     from cliplens.train.clip import TrainConfig, train
     from cliplens.train.data import read_pairs
 
@@ -91,9 +105,18 @@ def clip_command(
             raise InvalidInputError(
                 f"--templates {templates}: one template per line, each with {{}}"
             )
-    arch = Path(model_config).stem if model_config.endswith(".json") else model_config
+    if init and model_config:
+        raise InvalidInputError(
+            "give --init (fine-tune) or --model-config (from scratch), not both"
+        )
+    if init:
+        model_cfg, arch = {}, "custom"  # taken from the initial model
+    else:
+        model_config = model_config or "tiny-shapes"
+        model_cfg = _model_config(model_config)
+        arch = Path(model_config).stem if model_config.endswith(".json") else model_config
     cfg = TrainConfig(
-        model_cfg=_model_config(model_config), arch=arch, epochs=epochs, batch_size=batch_size,
+        model_cfg=model_cfg, arch=arch, init=init, epochs=epochs, batch_size=batch_size,
         accumulate=accumulate, lr=lr, warmup_steps=warmup, precision=precision, loss=loss,
         lock=lock, max_minutes=max_minutes, seed=seed, classes=names, templates=prompts,
     )  # fmt: skip
@@ -109,3 +132,132 @@ def clip_command(
         print_table(keys, [[m.get(k, "") for k in keys] for m in result.metrics])
     if result.model_path:
         info(f"model: {result.model_path} (use it as --model local:{result.model_path})")
+
+
+def _labelled_images(path: Path, what: str) -> tuple[list[Path], list[str]]:
+    """(images, labels) from a folder of class subfolders or a .jsonl whose rows carry a
+    "label" (rows without one are left out)."""
+    from cliplens.train.probe import labelled_folder
+
+    if path.is_dir():
+        return labelled_folder(path)
+    if path.suffix == ".jsonl" and path.is_file():
+        rows = _labelled(path)
+        if rows:
+            return [Path(p.image) for p, _ in rows], [label for _, label in rows]
+    raise InvalidInputError(
+        f"{what} {path}: give a folder with one subfolder per class, or a .jsonl whose rows "
+        'carry a "label"'
+    )
+
+
+def _images_of(path: Path) -> list:
+    """Every image under a folder, or the images of pairs (.jsonl, .csv, .tsv, shards)."""
+    from cliplens.images import iter_image_files
+    from cliplens.train.data import read_pairs
+
+    if path.is_dir():
+        return list(iter_image_files([path]))
+    return [p.source() for p in read_pairs(path)]
+
+
+@app.command("robust")
+def robust_command(
+    teacher: Annotated[str, typer.Option("--teacher", help="The model to make robust.")],
+    data: Annotated[
+        Path, typer.Option("--data", help="Training images: a folder, or a .jsonl/.csv of pairs.")
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder (student, log, eval).")],
+    corruptions: Annotated[
+        str,
+        typer.Option("--corruptions", help="Comma-separated: blur,noise,jpeg,pixelate,occlusion."),
+    ] = "blur,noise,jpeg,pixelate,occlusion",
+    severity: Annotated[
+        str, typer.Option("--severity", help="Levels to train on: 1-5, 3,5...")
+    ] = "1-5",
+    eval_data: Annotated[
+        Path | None,
+        typer.Option(
+            "--eval", help="Held-out labelled images: class subfolders or .jsonl with labels."
+        ),
+    ] = None,
+    eval_mode: Annotated[
+        str,
+        typer.Option(
+            "--eval-mode", help="zero-shot (class names) or probe (fit on --data's labels)."
+        ),
+    ] = "zero-shot",
+    templates: Annotated[
+        str,
+        typer.Option(
+            "--templates", help="Zero-shot templates: default, imagenet, photo, none or FILE."
+        ),
+    ] = "default",
+    epochs: Annotated[int, typer.Option("--epochs")] = 3,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b")] = 64,
+    lr: Annotated[float, typer.Option("--lr")] = 1e-4,
+    clean_fraction: Annotated[
+        float, typer.Option("--clean-fraction", help="Share of images shown clean.")
+    ] = 0.3,
+    temperature: Annotated[float, typer.Option("--temperature", help="Of the InfoNCE loss.")] = 0.1,
+    align_weight: Annotated[
+        float, typer.Option("--align-weight", help="Of the 1 - cosine term to the clean target.")
+    ] = 10.0,
+    precision: Annotated[str, typer.Option("--precision", help="Student: fp32 or bf16.")] = "bf16",
+    max_minutes: Annotated[float | None, typer.Option("--max-minutes")] = None,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    device: DeviceOpt = None,
+    fmt: Annotated[Format, typer.Option("--format", "-f")] = Format.table,
+) -> None:
+    """Distil a corruption-robust image tower from a teacher (contrastive distillation),
+    then compare teacher and student on corrupted held-out images."""
+    from cliplens.datasets.corruptions import parse_corruptions, parse_severities
+    from cliplens.models import load_model
+    from cliplens.tasks.classify import load_templates
+    from cliplens.train.robust import RobustConfig, decode_all, evaluate_robust, train_robust
+
+    kinds = parse_corruptions(corruptions)
+    levels = parse_severities(severity)
+    if eval_mode not in ("zero-shot", "probe"):
+        raise InvalidInputError(f"--eval-mode {eval_mode}: zero-shot or probe")
+    prompts = load_templates(templates)
+    probe_files: list[Path] = []
+    probe_labels: list[str] = []
+    if eval_data is not None:
+        eval_files, eval_labels = _labelled_images(eval_data, "--eval")
+        if eval_mode == "probe":
+            probe_files, probe_labels = _labelled_images(data, "--data (for --eval-mode probe)")
+    images = _images_of(data)
+    cfg = RobustConfig(corruptions=kinds, severities=levels, clean_fraction=clean_fraction,
+                       epochs=epochs, batch_size=batch_size, lr=lr, temperature=temperature,
+                       align_weight=align_weight, precision=precision, seed=seed,
+                       max_minutes=max_minutes)  # fmt: skip
+    cfg.validate()
+    # the teacher in fp32: the student starts from its exact weights
+    model = load_model(teacher, device=device, precision="fp32")
+    result = train_robust(model, images, out, cfg, progress=show_progress())
+    saved = result.model_path or result.tower_path
+    summary: dict = {"steps": result.steps, "minutes": round(result.minutes, 2),
+                     "student": str(saved), "final_loss": result.losses[-1]}  # fmt: skip
+    rows: list[dict] = []
+    if eval_data is not None:
+        probe = None
+        if eval_mode == "probe":
+            probe = (decode_all(model, probe_files), probe_labels)
+        rows = evaluate_robust({"teacher": model, "student": result.student},
+                               decode_all(model, eval_files), eval_labels, kinds,
+                               (1, 2, 3, 4, 5), prompts, probe, seed,
+                               progress=show_progress())  # fmt: skip
+        (out / "eval.json").write_text(json.dumps({"mode": eval_mode, "rows": rows}, indent=1))
+    if fmt is Format.json:
+        print_json({**summary, "eval_mode": eval_mode if rows else None, "eval": rows})
+        return
+    if rows:
+        print_table(["corruption", "severity", "teacher", "student", "gain"],
+                    [(r["corruption"], r["severity"] or "", f"{r['teacher']:.3f}",
+                      f"{r['student']:.3f}", f"{r['student'] - r['teacher']:+.3f}")
+                     for r in rows])  # fmt: skip
+    if result.model_path:
+        info(f"student: {saved} (use it as --model local:{saved})")
+    else:
+        info(f"student image tower: {saved}")

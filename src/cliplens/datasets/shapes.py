@@ -2,9 +2,11 @@
 
 Each image holds one or two shapes (circle, square, triangle, star, hexagon, diamond) in a
 named colour and size; the caption says what is there and where ("a small red circle above
-a large blue square"). Everything is drawn from a seed, so the same seed gives the same
-bytes. Some (shape, colour) combinations are held out: they never appear in the training
-split, and the `heldout` split is made of them, to measure compositional generalisation
+a large blue square"). Training captions mix that full detail with shorter ones ("a small
+red circle and a large blue square", "a red circle and a blue square"; see TRAIN_DETAIL).
+Everything is drawn from a seed, so the same seed gives the same bytes. Some (shape, colour)
+combinations are held out: they never appear in the training split, and the `heldout`
+split is made of them, to measure compositional generalisation
 (a model that learnt "red" and "star" separately should still find "a red star").
 
 On disk (`write_shapes`): images/NNNNNN.png, and train.jsonl, val.jsonl and heldout.jsonl
@@ -61,8 +63,9 @@ class Shape:
 @dataclass
 class Sample:
     image: np.ndarray  # (H, W, 3) uint8
-    caption: str
+    caption: str  # full detail
     objects: list[Shape]
+    train_caption: str = ""  # the caption the training split uses (see TRAIN_DETAIL)
 
 
 def _relation(a: Shape, b: Shape) -> str:
@@ -82,11 +85,24 @@ def _position(s: Shape) -> str:
     return f"at the {vertical}" if vertical else "in the centre"
 
 
-def caption_of(objects: list[Shape]) -> str:
+def caption_of(objects: list[Shape], detail: str = "full") -> str:
+    """The caption at a level of detail: "full" (sizes and places), "sizes" (no places) or
+    "bare" (colours and shapes only: "a red circle and a blue square")."""
+    if detail == "bare":
+        return " and ".join(f"a {o.colour} {o.kind}" for o in objects)
+    if detail == "sizes":
+        return " and ".join(o.phrase for o in objects)
     if len(objects) == 1:
         return f"{objects[0].phrase} {_position(objects[0])}"
     a, b = objects
     return f"{a.phrase} {_relation(a, b)} {b.phrase}"
+
+
+# the mix of caption details in the training split (val and heldout keep the full ones).
+# Short captions are what teaches shape: "a red circle" must be told apart from every other
+# red image in the batch, wherever it sits, and only its shape can do that. With full
+# captions alone, place and size separate most pairs and shape is learnt late.
+TRAIN_DETAIL = {"full": 0.5, "sizes": 0.25, "bare": 0.25}
 
 
 def _background(rng: np.random.Generator, size: int) -> np.ndarray:
@@ -173,7 +189,16 @@ def sample(seed: int, index: int, split: str = "train", size: int = 64) -> Sampl
         raise InvalidInputError(f"split '{split}': one of {', '.join(SPLITS)}")
     rng = np.random.default_rng([seed, SPLITS.index(split), index])
     objects = _objects(rng, split)
-    return Sample(render(objects, size, rng), caption_of(objects), objects)
+    image = render(objects, size, rng)
+    # the detail has its own stream, so the images do not depend on it
+    pick = np.random.default_rng([seed, SPLITS.index(split), index, 1]).random()
+    detail = "full"
+    for name, share in TRAIN_DETAIL.items():
+        if pick < share:
+            detail = name
+            break
+        pick -= share
+    return Sample(image, caption_of(objects), objects, caption_of(objects, detail))
 
 
 def class_names() -> list[str]:
@@ -209,7 +234,8 @@ def write_shapes(
                 s = sample(seed, offset + i, source, size)
                 name = f"images/{first + i:06d}.png"
                 _save_png(s.image, out / name)
-                row = {"image": name, "caption": s.caption,
+                caption = s.train_caption if split == "train" else s.caption
+                row = {"image": name, "caption": caption,
                        "objects": [asdict(o) for o in s.objects]}  # fmt: skip
                 if len(s.objects) == 1:  # a class label for zero-shot evaluation
                     row["label"] = f"{s.objects[0].colour} {s.objects[0].kind}"

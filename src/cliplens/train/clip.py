@@ -21,7 +21,7 @@ import os
 import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,7 @@ from cliplens.train.data import Pair
 from cliplens.train.loss import MAX_LOGIT_SCALE, sharded_loss
 
 # small CLIPs to train from scratch (open_clip.CLIP keyword arguments)
-_SHAPES_TEXT = {"context_length": 32, "vocab_size": 49408, "width": 128, "heads": 4, "layers": 3}
+_SHAPES_TEXT = {"context_length": 24, "vocab_size": 49408, "width": 128, "heads": 4, "layers": 3}
 PRESETS: dict[str, dict[str, Any]] = {
     # a small ResNet image tower: on shapes it learns shape as well as colour, where a ViT
     # with 8 px patches at 64 px learns colour only (benchmarks/RESULTS.md)
@@ -62,6 +62,7 @@ LOSSES = ("clip", "siglip")
 class TrainConfig:
     model_cfg: dict[str, Any]  # open_clip.CLIP keyword arguments
     arch: str = "custom"
+    init: str | None = None  # a model to fine-tune (any open_clip name load_model takes)
     epochs: int = 10
     max_minutes: float | None = None  # stop (and checkpoint) after this much training
     batch_size: int = 128
@@ -101,7 +102,7 @@ class Pairs:
         size = size if isinstance(size, int) else int(size[0])
         self.prep = Preprocessing(size, size, tuple(pp["mean"]), tuple(pp["std"]),
                                   pp.get("interpolation", "bicubic"))  # fmt: skip
-        self.images = np.stack([self.prep.crop(open_image(p.image)) for p in pairs])
+        self.images = np.stack([self.prep.crop(open_image(p.source())) for p in pairs])
         self.tokens = tokenizer([p.caption for p in pairs])
         self.captions = [p.caption for p in pairs]
 
@@ -110,7 +111,23 @@ class Pairs:
 
     def batch(self, index: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         pixels = torch.from_numpy(self.prep.normalize(self.images[index]))
+        # channels-last: oneDNN's convolutions run about 1.35x faster on it (bf16, CPU)
+        pixels = pixels.contiguous(memory_format=torch.channels_last)
         return pixels, self.tokens[torch.from_numpy(index)]
+
+
+def initial_model(name: str) -> tuple[Any, Callable, dict[str, Any], str]:
+    """(model in fp32, tokenizer, model config, arch) of a model to fine-tune."""
+    from cliplens.models import load_model
+
+    encoder = load_model(name, device="cpu", precision="fp32")
+    cfg = getattr(encoder, "model_cfg", None)
+    if not cfg:
+        raise InvalidInputError(
+            f"--init {name}: fine-tuning needs an open_clip model whose config is known "
+            "(a pretrained tag such as ViT-B-32:openai, or a local: checkpoint)"
+        )
+    return encoder.model.float().requires_grad_(True), encoder.tokenizer, cfg, encoder.info.arch
 
 
 def build_model(cfg: TrainConfig) -> tuple[Any, Callable]:
@@ -191,20 +208,29 @@ def train(
     from cliplens.progress import progress_bar
 
     cfg.validate()
+    if cfg.init:  # fine-tuning: the saved model records the initial model's config
+        model, tokenizer, model_cfg, arch = initial_model(cfg.init)
+        cfg = replace(cfg, model_cfg=model_cfg, arch=arch)
+        torch.manual_seed(cfg.seed)
+        if cfg.loss == "siglip" and getattr(model, "logit_bias", None) is None:
+            model.logit_bias = torch.nn.Parameter(torch.tensor(-10.0))
+    else:
+        model, tokenizer = build_model(cfg)
     rank, world = _init_distributed()
     if cfg.batch_size % world:
         raise InvalidInputError(f"batch size {cfg.batch_size} must divide among {world} processes")
     local = cfg.batch_size // world  # this process's rows of each global batch
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model, tokenizer = build_model(cfg)
     data = Pairs(train_pairs, model, tokenizer)
     if len(data) < cfg.batch_size:
         raise InvalidInputError(
             f"{len(data)} training pairs: fewer than one batch of {cfg.batch_size}"
         )
+    model.visual.to(memory_format=torch.channels_last)
     params = _parameters(model, cfg)
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
+    # the fused kernel: 9 ms a step instead of 51 for the tiny presets' 12M parameters
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6, fused=True)
     per_epoch = len(data) // (cfg.batch_size * cfg.accumulate)
     total = per_epoch * cfg.epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg, total))
@@ -227,7 +253,7 @@ def train(
     eval_data = None
     if rank == 0 and eval_pairs and cfg.classes:
         eval_data = Pairs([p for p, _ in eval_pairs], model, tokenizer)
-    log = (out / "log.jsonl").open("a", encoding="utf-8") if rank == 0 else None
+    log = (out / "log.jsonl").open("a", encoding="utf-8", buffering=1) if rank == 0 else None
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
     losses: list[float] = []
     metrics: list[dict[str, Any]] = []
@@ -274,7 +300,8 @@ def train(
                 advance(1)
                 if log:
                     row = {"step": step, "epoch": epoch, "loss": round(total_loss, 6),
-                           "lr": scheduler.get_last_lr()[0]}  # fmt: skip
+                           "lr": scheduler.get_last_lr()[0],
+                           "seconds": round(time.perf_counter() - start, 3)}  # fmt: skip
                     log.write(json.dumps(row) + "\n")
                 out_of_time = bool(cfg.max_minutes) and (
                     time.perf_counter() - start > 60 * (cfg.max_minutes or 0)
@@ -303,7 +330,9 @@ def train(
     if (epoch >= cfg.epochs or stopped) and rank == 0:
         from cliplens.models.openclip import save_checkpoint
 
-        model_path = save_checkpoint(model.eval(), out / "model", cfg.model_cfg, arch=cfg.arch)
+        pp = dict(model.visual.preprocess_cfg) if cfg.init else None  # e.g. OpenAI's mean/std
+        model_path = save_checkpoint(model.eval(), out / "model", cfg.model_cfg, arch=cfg.arch,
+                                     preprocess_cfg=pp)  # fmt: skip
     return TrainResult(step, epoch, losses, metrics, model_path, stopped)
 
 

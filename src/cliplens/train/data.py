@@ -3,7 +3,9 @@
 - JSONL: one {"image": PATH, "caption": TEXT} per line (extra keys are ignored);
 - CSV: a header with `image` and `caption` columns (or `filepath` and `title`, as
   open_clip's training scripts write them);
-- a folder of images with a sidecar caption file each (photo.jpg + photo.txt).
+- a folder of images with a sidecar caption file each (photo.jpg + photo.txt);
+- WebDataset tar shards ("shards/train-{0000..0099}.tar"): files grouped by key, an image
+  (.jpg, .jpeg, .png, .webp) and a caption (.txt, or .json with "caption" or "text").
 
 Image paths are relative to the file that lists them. A malformed row is an error that
 names the file and the row, not a silent skip: a training run should not quietly lose data.
@@ -12,8 +14,11 @@ names the file and the row, not a silent skip: a training run should not quietly
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
+import re
+import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,10 +28,22 @@ _IMAGE_KEYS = ("image", "filepath", "path")
 _CAPTION_KEYS = ("caption", "title", "text")
 
 
+_SHARD_IMAGES = ("jpg", "jpeg", "png", "webp")
+
+
 @dataclass(frozen=True)
 class Pair:
-    image: Path
+    image: Path  # for a shard member: "SHARD.tar/KEY.EXT", which names it in errors
     caption: str
+    data: bytes | None = None  # the encoded image, for shard members
+
+    def source(self):
+        """What `open_image` takes: the path, or the shard member's decoded image."""
+        if self.data is None:
+            return self.image
+        from PIL import Image
+
+        return Image.open(io.BytesIO(self.data))
 
 
 class DataError(InvalidInputError):
@@ -34,7 +51,10 @@ class DataError(InvalidInputError):
 
 
 def read_pairs(source: str | os.PathLike, check_files: bool = True) -> list[Pair]:
-    """All (image, caption) pairs listed by a .jsonl or .csv file, or found in a folder."""
+    """All (image, caption) pairs listed by a .jsonl or .csv file, found in a folder, or
+    held in WebDataset shards (a .tar path, or a pattern like "train-{000..009}.tar")."""
+    if _is_shards(source):
+        return _read_shards(str(source))
     path = Path(source)
     if path.is_dir():
         return _read_folder(path)
@@ -119,3 +139,77 @@ def _read_folder(folder: Path) -> list[Pair]:
     if not pairs:
         raise DataError(f"training data {folder}: no images")
     return pairs
+
+
+def _is_shards(source: str | os.PathLike) -> bool:
+    text = str(source)
+    return text.endswith(".tar") or (".tar" in text and "{" in text)
+
+
+def expand_shards(spec: str) -> list[str]:
+    """Brace patterns as WebDataset writes them: "a-{000..002}.tar" -> a-000, a-001, a-002;
+    "{x,y}.tar" -> x.tar, y.tar; several braces multiply."""
+    m = re.search(r"\{([^{}]*)\}", spec)
+    if not m:
+        return [spec]
+    body, head, tail = m.group(1), spec[: m.start()], spec[m.end() :]
+    rng = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+    if rng:
+        lo, hi = rng.groups()
+        items = [str(i).zfill(len(lo)) for i in range(int(lo), int(hi) + 1)]
+    else:
+        items = body.split(",")
+    return [out for item in items for out in expand_shards(head + item + tail)]
+
+
+def _read_shards(spec: str) -> list[Pair]:
+    shards = expand_shards(spec)
+    missing = [s for s in shards if not Path(s).is_file()]
+    if missing:
+        raise DataError(f"training data {spec}: shard {missing[0]} does not exist")
+    pairs = []
+    for shard in shards:
+        samples: dict[str, dict[str, bytes]] = {}
+        try:
+            with tarfile.open(shard) as tar:
+                for member in tar:
+                    if not member.isfile():
+                        continue
+                    folder, _, base = member.name.rpartition("/")
+                    stem, dot, ext = base.partition(
+                        "."
+                    )  # WebDataset: the key ends at the first dot
+                    if not dot or stem.startswith("."):
+                        continue
+                    key = f"{folder}/{stem}" if folder else stem
+                    f = tar.extractfile(member)
+                    samples.setdefault(key, {})[ext.lower()] = f.read() if f else b""
+        except (tarfile.TarError, OSError) as e:
+            raise DataError(f"training data {shard}: not a readable tar shard ({e})") from None
+        for key, files in samples.items():
+            where = f"{shard} sample {key}"
+            image_ext = next((e for e in _SHARD_IMAGES if e in files), None)
+            if image_ext is None:
+                raise DataError(f"{where}: no image ({', '.join(_SHARD_IMAGES)})")
+            pairs.append(Pair(Path(shard) / f"{key}.{image_ext}", _shard_caption(files, where),
+                              files[image_ext]))  # fmt: skip
+    if not pairs:
+        raise DataError(f"training data {spec}: the shards hold no samples")
+    return pairs
+
+
+def _shard_caption(files: dict[str, bytes], where: str) -> str:
+    if "txt" in files:
+        caption = files["txt"].decode("utf-8", errors="replace").strip()
+        if not caption:
+            raise DataError(f"{where}: empty caption")
+        return caption
+    if "json" in files:
+        try:
+            row = json.loads(files["json"])
+        except ValueError as e:
+            raise DataError(f"{where}: .json is not valid JSON ({e})") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{where}: .json must be an object with a caption")
+        return _field(row, _CAPTION_KEYS, where, "caption")
+    raise DataError(f"{where}: no caption (.txt, or .json with caption or text)")
