@@ -20,12 +20,13 @@ import importlib.util
 from dataclasses import replace
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from cliplens.device import Precision
-from cliplens.errors import DependencyMissingError, InvalidInputError
+from cliplens.errors import DependencyMissingError, InvalidInputError, ModelError
 from cliplens.models.base import Encoder
 from cliplens.models.fast_text import TextGraph
 from cliplens.models.info import ModelInfo
@@ -255,3 +256,59 @@ class OfflineEncoder(Encoder):
                 texts, truncation=True, max_length=self.text.max_length
             )["input_ids"],
         )
+
+
+# ------------------------------------------------------------------ towers as a CLIP
+
+TOWERS_ARCH = "offline-towers"
+# stands for the MiniLM folder in saved configs, which differs per installation
+MINILM_MARKER = "cliplens:offline-minilm"
+_IMAGENET = {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225),
+             "interpolation": "bilinear", "resize_mode": "shortest"}  # fmt: skip
+
+
+def towers_config(embed_dim: int = 256, context_length: int = 64) -> dict:
+    """open_clip config of a CLIP made of the offline model's towers: MobileNetV2 (timm's
+    mobilenetv2_100, average-pooled) and MiniLM (mean-pooled), each with a new linear
+    projection into `embed_dim`."""
+    return {
+        "embed_dim": embed_dim,
+        "custom_text": True,
+        "vision_cfg": {"timm_model_name": "mobilenetv2_100", "timm_model_pretrained": False,
+                       "timm_pool": "avg", "timm_proj": "linear", "image_size": 224},
+        "text_cfg": {"hf_model_name": MINILM_MARKER, "hf_tokenizer_name": MINILM_MARKER,
+                     "hf_proj_type": "linear", "hf_pooler_type": "mean_pooler",
+                     "context_length": context_length},
+    }  # fmt: skip
+
+
+def is_towers_config(cfg: dict) -> bool:
+    return cfg.get("text_cfg", {}).get("hf_model_name") == MINILM_MARKER
+
+
+def build_towers_clip(cfg: dict, pretrained: bool) -> tuple[torch.nn.Module, Any]:
+    """(open_clip CustomTextCLIP, tokenizer) from `towers_config`; with `pretrained`, the
+    towers start from the offline model's verified MobileNetV2 and MiniLM weights."""
+    import open_clip
+
+    text_dir = minilm_dir()
+    text_cfg = {k: (str(text_dir) if v == MINILM_MARKER else v) for k, v in cfg["text_cfg"].items()}
+    text_cfg["hf_model_pretrained"] = pretrained
+    if pretrained:
+        verify_sha256(text_dir / "model.safetensors", MINILM_SHA256, "all-MiniLM-L6-v2 weights")
+    model = open_clip.CustomTextCLIP(cfg["embed_dim"], cfg["vision_cfg"], text_cfg)
+    if pretrained:
+        weights = mobilenet_weights()
+        verify_sha256(weights, MOBILENET_SHA256, "MobileNetV2 ImageNet weights")
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+        features = [v for k, v in state.items() if k.startswith("features.")]
+        trunk = model.visual.trunk.state_dict()
+        if len(trunk) != len(features) or any(
+            a.shape != b.shape for a, b in zip(trunk.values(), features, strict=True)
+        ):
+            raise ModelError("timm's mobilenetv2_100 no longer matches torchvision's MobileNetV2")
+        # the same network under other names, in the same order
+        model.visual.trunk.load_state_dict(dict(zip(trunk, features, strict=True)))
+    model.visual.preprocess_cfg = {**_IMAGENET, "size": 224}
+    tokenizer = open_clip.tokenizer.HFTokenizer(str(text_dir), cfg["text_cfg"]["context_length"])
+    return model, tokenizer

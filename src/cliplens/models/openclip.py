@@ -17,6 +17,7 @@ from cliplens.errors import InvalidInputError, ModelError, ModelUnavailableError
 from cliplens.models.base import Encoder
 from cliplens.models.fast_text import TextGraph
 from cliplens.models.info import ModelInfo
+from cliplens.models.offline import build_towers_clip, is_towers_config
 from cliplens.models.weights import combined_digest
 from cliplens.preprocess import Preprocessing
 from cliplens.settings import get_settings
@@ -352,8 +353,12 @@ def load_local(
         saved = json.loads(config.read_text())
         arch = saved.get("cliplens", {}).get("arch", path.name)
         model_cfg = saved.get("model_cfg")
-        model = _create(name, f"local-dir:{path}")
-        tokenizer = open_clip.get_tokenizer(f"local-dir:{path}")
+        if model_cfg and is_towers_config(model_cfg):  # the offline towers, fine-tuned
+            model, tokenizer = build_towers_clip(model_cfg, pretrained=False)
+            _load_state(name, model, weights[0])
+        else:
+            model = _create(name, f"local-dir:{path}")
+            tokenizer = open_clip.get_tokenizer(f"local-dir:{path}")
     elif path.is_file():
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
         if not isinstance(ckpt, dict) or ckpt.get("format") != LOCAL_FILE_FORMAT:
@@ -381,6 +386,19 @@ def load_local(
     )
     encoder.model_cfg = model_cfg
     return encoder
+
+
+def _load_state(name: str, model: Any, weights: Path) -> None:
+    if weights.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(weights))
+    else:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise InvalidInputError(f"model '{name}': {weights} does not fit its config ({e})") from e
 
 
 def _build_from_cfg(

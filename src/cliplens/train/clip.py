@@ -117,15 +117,22 @@ class Pairs:
 
 
 def initial_model(name: str) -> tuple[Any, Callable, dict[str, Any], str]:
-    """(model in fp32, tokenizer, model config, arch) of a model to fine-tune."""
+    """(model in fp32, tokenizer, model config, arch) of a model to fine-tune. `offline`
+    gives a CLIP made of the offline model's pretrained towers with new projections."""
     from cliplens.models import load_model
 
+    if name == "offline":
+        from cliplens.models.offline import TOWERS_ARCH, build_towers_clip, towers_config
+
+        cfg = towers_config()
+        model, tokenizer = build_towers_clip(cfg, pretrained=True)
+        return model.float().requires_grad_(True), tokenizer, cfg, TOWERS_ARCH
     encoder = load_model(name, device="cpu", precision="fp32")
     cfg = getattr(encoder, "model_cfg", None)
     if not cfg:
         raise InvalidInputError(
             f"--init {name}: fine-tuning needs an open_clip model whose config is known "
-            "(a pretrained tag such as ViT-B-32:openai, or a local: checkpoint)"
+            "(a pretrained tag such as ViT-B-32:openai, a local: checkpoint, or offline)"
         )
     return encoder.model.float().requires_grad_(True), encoder.tokenizer, cfg, encoder.info.arch
 

@@ -1,0 +1,40 @@
+"""The offline model's towers as a CLIP to fine-tune (`train clip --init offline`)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from cliplens.datasets.shapes import sample, write_shapes
+from cliplens.models.offline import build_towers_clip, towers_config
+from cliplens.train.clip import TrainConfig, train
+from cliplens.train.data import read_pairs
+
+
+def test_image_tower_starts_as_the_offline_mobilenet(offline):
+    model, tokenizer = build_towers_clip(towers_config(), pretrained=True)
+    model.eval()
+    pixels = torch.from_numpy(np.stack([offline.load_pixels(sample(0, i).image) for i in range(3)]))
+    with torch.no_grad():
+        ours = model.visual.trunk(pixels)  # pooled, before the new projection
+        theirs = offline._pooled_features(pixels)
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+    ids = tokenizer(["a red circle"])
+    assert ids.shape == (1, 64) and int(ids[0, 0]) == 101  # MiniLM's [CLS]
+
+
+def test_fine_tuned_towers_save_and_load_for_every_task(tmp_path, capsys):
+    from cliplens import load_model
+
+    write_shapes(tmp_path / "s", n=12, seed=0, size=32, val_fraction=0.0, heldout=0)
+    pairs = read_pairs(tmp_path / "s" / "train.jsonl")
+    cfg = TrainConfig(model_cfg={}, init="offline", epochs=1, batch_size=4, lr=1e-5,
+                      warmup_steps=1, precision="bf16")  # fmt: skip
+    result = train(cfg, pairs, tmp_path / "run", max_steps=2)
+    assert result.steps == 2 and np.isfinite(result.losses).all()
+    model = load_model(f"local:{result.model_path}", device="cpu", precision="fp32")
+    assert model.info.arch == "offline-towers" and model.info.dim == 256
+    img = model.encode_images([pairs[0].image])
+    txt = model.encode_texts(["a red circle", "a blue square"])
+    assert img.shape == (1, 256) and txt.shape == (2, 256)
+    assert np.allclose(np.linalg.norm(txt, axis=1), 1, atol=1e-4)
