@@ -154,8 +154,9 @@ def test_fine_tuning_starts_from_the_initial_model(shapes, tmp_path, tiny_model_
     assert moved  # it trained
     w = "visual.transformer.resblocks.0.mlp.c_fc.weight"
     assert (tuned[w] - initial[w]).norm() < 0.05 * initial[w].norm()  # from the initial weights
-    with pytest.raises(ValueError, match="--init offline"):
-        train(config(init="offline", model_cfg={}), pairs, tmp_path / "off", max_steps=1)
+    code = main(["train", "clip", "--data", str(shapes / "train.jsonl"), "--out", str(tmp_path),
+                 "--init", "offline", "--model-config", "tiny-shapes"])  # fmt: skip
+    assert code == 2
 
 
 def _fp32():
