@@ -48,7 +48,8 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_offline_zero_shot.py
 	$(BIN)/python benchmarks/bench_search.py
 	$(BIN)/python benchmarks/bench_screening.py
-	# training (10 minutes): cliplens datasets shapes /tmp/shapes, then the command in RESULTS.md
+	# training (10 minutes): cliplens datasets shapes /tmp/shapes, then the command in RESULTS.md;
+	# then bench_train.py /tmp/shapes and bench_robust.py (fmnist, and shapes with the trained model)
 	# against rclip (needs ../shared/bench/rclip/run_rclip_baseline.sh to have built its corpus):
 	# bash benchmarks/bench_vs_rclip.sh
 

@@ -180,7 +180,10 @@ def train_robust(
                 break
     minutes = (time.perf_counter() - start) / 60
     student.eval().requires_grad_(False)
-    digest = hashlib.sha256(json.dumps(asdict(cfg), sort_keys=True).encode()).hexdigest()[:8]
+    weights = hashlib.sha256()  # the student's identity is its weights
+    for value in student.state_dict().values():
+        weights.update(value.detach().cpu().contiguous().numpy().tobytes())
+    digest = weights.hexdigest()[:12]
     model_path = tower_path = None
     if getattr(teacher, "model_cfg", None):  # open_clip: a checkpoint every task loads
         from cliplens.models.openclip import save_checkpoint
@@ -247,8 +250,10 @@ def evaluate_robust(
     conditions = [(None, 0)] + [(c, s) for c in corruptions for s in severities]
     rows = []
     with progress_bar(len(conditions), "evaluating", progress) as advance:
-        for ci, (kind, sev) in enumerate(conditions):
-            rngs = [np.random.default_rng([seed, ci, i]) for i in range(len(images))]
+        for kind, sev in conditions:
+            # seeded by the condition itself: the same images whatever else is evaluated
+            key = CORRUPTIONS.index(kind) + 1 if kind else 0
+            rngs = [np.random.default_rng([seed, key, sev, i]) for i in range(len(images))]
             crops = corrupted_crops(first, images, [kind] * len(images), [sev] * len(images),
                                     rngs)  # fmt: skip
             row: dict[str, Any] = {"corruption": kind or "clean", "severity": sev}
