@@ -13,6 +13,7 @@ from cliplens.cli.common import (
     MegapixelsOpt,
     ModelOpt,
     PrecisionOpt,
+    TemplatesOpt,
     collect_images,
 )
 from cliplens.cli.output import (
@@ -42,12 +43,7 @@ def classify_command(
         typer.Option("--labels-dir", help="A folder whose subfolder names are the labels."),
     ] = None,
     top_k: Annotated[int, typer.Option("--top-k", "-k", help="Labels to show per image.")] = 3,
-    templates: Annotated[
-        str,
-        typer.Option(
-            "--templates", help="Prompt templates: default, imagenet, photo, none or a FILE."
-        ),
-    ] = "default",
+    templates: TemplatesOpt = "default",
     multi_label: Annotated[
         bool,
         typer.Option(

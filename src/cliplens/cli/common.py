@@ -50,6 +50,12 @@ def collect_images(paths: list[Path]) -> tuple[list[Path], list[ImageError]]:
     return list(files), missing
 
 
+TemplatesOpt = Annotated[
+    str,
+    typer.Option(
+        "--templates", help="Zero-shot prompt templates: default, imagenet, photo, none or a FILE."
+    ),
+]
 DbOpt = Annotated[
     Path | None,
     typer.Option(

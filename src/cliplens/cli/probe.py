@@ -13,6 +13,7 @@ from cliplens.cli.common import (
     MegapixelsOpt,
     ModelOpt,
     PrecisionOpt,
+    TemplatesOpt,
     collect_images,
     embed_paths,
 )
@@ -142,12 +143,7 @@ def kshot_command(
         str, typer.Option("--shots", help="Images per class, comma-separated.")
     ] = "1,2,4,8,16",
     repeats: Annotated[int, typer.Option("--repeats", help="Draws per k (mean, std).")] = 5,
-    templates: Annotated[
-        str,
-        typer.Option(
-            "--templates", help="Zero-shot templates: default, imagenet, photo, none or a FILE."
-        ),
-    ] = "default",
+    templates: TemplatesOpt = "default",
     features: FeaturesOpt = False,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     fmt: Annotated[Format, typer.Option("--format", "-f")] = Format.table,

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from cliplens.cli.common import DeviceOpt
+from cliplens.cli.common import DeviceOpt, TemplatesOpt
 from cliplens.cli.output import Format, info, print_json, print_table, show_progress
 from cliplens.errors import InvalidInputError
 
@@ -187,12 +187,7 @@ def robust_command(
             "--eval-mode", help="zero-shot (class names) or probe (fit on --data's labels)."
         ),
     ] = "zero-shot",
-    templates: Annotated[
-        str,
-        typer.Option(
-            "--templates", help="Zero-shot templates: default, imagenet, photo, none or FILE."
-        ),
-    ] = "default",
+    templates: TemplatesOpt = "default",
     epochs: Annotated[int, typer.Option("--epochs")] = 3,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b")] = 64,
     lr: Annotated[float, typer.Option("--lr")] = 1e-4,
