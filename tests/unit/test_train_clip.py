@@ -82,6 +82,13 @@ def test_trained_model_evaluates_and_loads_for_every_task(shapes, tmp_path, caps
                  "--format", "json"]) == 0  # fmt: skip
     assert json.loads(capsys.readouterr().out)[0]["labels"][0]["label"] in {
         "red circle", "blue square"}  # fmt: skip
+    db = str(tmp_path / "catalog.db")
+    assert main(["index", str(shapes / "images"), "--model", model, "--db", db]) == 0
+    capsys.readouterr()
+    assert main(["search", "a red circle", "--in", str(shapes / "images"), "--model", model,
+                 "--db", db, "-n", "3", "--format", "json"]) == 0  # fmt: skip
+    hits = json.loads(capsys.readouterr().out)
+    assert len(hits) == 3 and all(h["path"].endswith(".png") for h in hits)
 
 
 def test_train_cli_runs_and_reports(shapes, tmp_path, capsys):
