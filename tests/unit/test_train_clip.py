@@ -42,6 +42,23 @@ def test_training_lowers_the_loss(shapes, tmp_path):
     assert [r["step"] for r in log if "loss" in r] == list(range(1, 31))
 
 
+def test_one_step_lowers_the_loss_on_a_fixed_batch(shapes, tmp_path):
+    from cliplens.train.clip import Pairs
+    from cliplens.train.loss import clip_loss
+
+    batch = read_pairs(shapes / "train.jsonl")[:32]  # the whole data is one batch
+    cfg = config(batch_size=32, warmup_steps=1, lr=1e-4)  # a small step: the gradient's way
+    result = train(cfg, batch, tmp_path / "one", max_steps=1)
+    model, tokenizer = build_model(cfg)
+    model.load_state_dict(torch.load(tmp_path / "one" / "last.pt", weights_only=False)["model"])
+    pixels, tokens = Pairs(batch, model, tokenizer).batch(np.arange(32))
+    with torch.no_grad():
+        img = model.encode_image(pixels, normalize=True)
+        txt = model.encode_text(tokens, normalize=True)
+        after = clip_loss(img, txt, model.logit_scale.exp())
+    assert float(after) < result.losses[0] - 0.05  # losses[0] is the loss before the step
+
+
 def test_resume_continues_the_loss_curve_exactly(shapes, tmp_path):
     pairs = read_pairs(shapes / "train.jsonl")
     straight = train(config(), pairs, tmp_path / "a", max_steps=16)
