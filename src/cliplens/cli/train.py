@@ -209,7 +209,7 @@ def robust_command(
     from cliplens.datasets.corruptions import parse_corruptions, parse_severities
     from cliplens.models import load_model
     from cliplens.tasks.classify import load_templates
-    from cliplens.train.robust import RobustConfig, decode_all, evaluate_robust, train_robust
+    from cliplens.train.robust import RobustConfig, evaluate_robust, train_robust
 
     kinds = parse_corruptions(corruptions)
     levels = parse_severities(severity)
@@ -238,9 +238,9 @@ def robust_command(
     if eval_data is not None:
         probe = None
         if eval_mode == "probe":
-            probe = (decode_all(model, probe_files), probe_labels)
+            probe = (probe_files, probe_labels)
         rows = evaluate_robust({"teacher": model, "student": result.student},
-                               decode_all(model, eval_files), eval_labels, kinds,
+                               eval_files, eval_labels, kinds,
                                (1, 2, 3, 4, 5), prompts, probe, seed,
                                progress=show_progress())  # fmt: skip
         (out / "eval.json").write_text(json.dumps({"mode": eval_mode, "rows": rows}, indent=1))

@@ -216,8 +216,8 @@ def evaluate_robust(
     progress: bool = False,
 ) -> list[dict[str, Any]]:
     """Accuracy of each encoder (name -> Encoder sharing one preprocessing and text tower)
-    on `images` clean and under every corruption and severity: one row per condition,
-    {"corruption", "severity", <name>: accuracy, ...}.
+    on `images` (paths or decoded images) clean and under every corruption and severity:
+    one row per condition, {"corruption", "severity", <name>: accuracy, ...}.
 
     By default zero-shot among the sorted label names. With `probe` = (images, labels), a
     linear probe is fit on the *first* encoder's clean embeddings of those images and
@@ -228,6 +228,7 @@ def evaluate_robust(
 
     names = list(encoders)
     first = encoders[names[0]]
+    images = decode_all(first, images)  # once: every condition corrupts the same pixels
     classes = sorted(set(labels))
     truth = np.array([classes.index(label) for label in labels])
     if probe is not None:
@@ -235,7 +236,9 @@ def evaluate_robust(
         unknown = sorted(set(labels) - set(p_labels))
         if unknown:
             raise InvalidInputError(f"evaluation classes {unknown} are not in the probe data")
-        crops = np.stack([first.info.preprocessing.crop(img) for img in p_images])
+        crops = np.stack(
+            [first.info.preprocessing.crop(img) for img in decode_all(first, p_images)]
+        )
         head = fit_probe(_embed_crops(first, crops), list(p_labels), first.info.model_id)
         order = [head.classes.index(c) for c in classes]
 
