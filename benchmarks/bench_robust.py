@@ -29,6 +29,7 @@ from PIL import Image
 
 from cliplens import load_model
 from cliplens.datasets.corruptions import CORRUPTIONS, parse_severities
+from cliplens.train.probe import fit_probe
 from cliplens.train.robust import RobustConfig, evaluate_robust, train_robust
 
 
@@ -90,10 +91,11 @@ def main() -> None:
         (train, train_labels), (test, test_labels) = fmnist_data(
             args.train_per_class, args.test_per_class
         )
-        probe, templates = (train, train_labels), ("a photo of a {}.",)
+        templates = ("a photo of a {}.",)
     else:
-        (train, _), (test, test_labels) = shapes_data(args.data, args.n_train, args.n_eval)
-        probe = None
+        (train, train_labels), (test, test_labels) = shapes_data(
+            args.data, args.n_train, args.n_eval
+        )
         templates = tuple((args.data / "templates.txt").read_text().split("\n")[:-1])
     cfg = RobustConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                        clean_fraction=args.clean_fraction, temperature=args.temperature,
@@ -104,6 +106,9 @@ def main() -> None:
     train_s = time.perf_counter() - t0
     severities = tuple(int(s) for s in args.severities.split(","))
     t0 = time.perf_counter()
+    probe = None  # shapes: zero-shot; Fashion-MNIST: a probe built in the teacher's space
+    if train_labels is not None:
+        probe = fit_probe(result.teacher_embeddings, train_labels, teacher.info.model_id)
     rows = evaluate_robust({"teacher": teacher, "student": result.student}, test, test_labels,
                            CORRUPTIONS, severities, templates, probe, progress=True)  # fmt: skip
     eval_s = time.perf_counter() - t0

@@ -12,12 +12,14 @@ from PIL import Image
 
 from cliplens.cli.main import main
 from cliplens.datasets.shapes import sample
+from cliplens.train.probe import fit_probe
 from cliplens.train.robust import (
     RobustConfig,
     corrupted_crops,
     evaluate_robust,
     train_robust,
 )
+from tests_helpers import run_json
 
 
 @pytest.fixture(scope="module")
@@ -71,9 +73,10 @@ def test_student_keeps_the_text_tower_and_saves_a_local_model(trained, tiny, ima
 
 def test_evaluation_reports_every_condition_for_every_encoder(trained, tiny, images):
     labels = [s.objects[0].colour for s in (sample(1, i, size=32) for i in range(64))]
-    rows = evaluate_robust({"teacher": tiny, "same": tiny, "student": trained.student},
-                           images[:32], labels[:32], ("blur", "jpeg"), (1, 5),
-                           probe=(images[32:], labels[32:]))  # fmt: skip
+    probe = fit_probe(tiny.encode_images(images[32:]), labels[32:], tiny.info.model_id)
+    encoders = {"teacher": tiny, "same": tiny, "student": trained.student}
+    rows = evaluate_robust(encoders, images[:32], labels[:32], ("blur", "jpeg"), (1, 5),
+                           probe=probe)  # fmt: skip
     assert [(r["corruption"], r["severity"]) for r in rows] == [
         ("clean", 0), ("blur", 1), ("blur", 5), ("jpeg", 1), ("jpeg", 5)]  # fmt: skip
     for r in rows:
@@ -104,6 +107,14 @@ def test_robust_cli_trains_and_compares(tiny_model_dir, tmp_path, capsys):
     assert code == 0 and report["steps"] == 40 // 16
     assert len(report["eval"]) == 1 + 2 * 5  # clean, then 2 corruptions x 5 severities
     assert (tmp_path / "run" / "eval.json").is_file()
+    # a probe fit on the labelled training rows' teacher embeddings (the mechanics only:
+    # evaluated on those rows, so that every class has been seen)
+    rows = str(s / "train.jsonl")
+    probe = run_json(capsys, ["train", "robust", "--teacher", f"local:{tiny_model_dir}",
+                              "--data", rows, "--eval", rows, "--eval-mode", "probe",
+                              "--corruptions", "blur", "--epochs", "1", "--batch-size", "16",
+                              "--out", str(tmp_path / "p"), "-f", "json"])  # fmt: skip
+    assert len(probe["eval"]) == 1 + 5 and probe["eval"][0]["teacher"] > 0.5
     assert main(["train", "robust", "--teacher", f"local:{tiny_model_dir}", "--data", str(s),
                  "--out", str(tmp_path / "x"), "--severity", "9"]) == 2  # fmt: skip
     assert "severity '9'" in capsys.readouterr().err

@@ -15,6 +15,7 @@ from cliplens.cli.common import (
     PrecisionOpt,
     TemplatesOpt,
     collect_images,
+    embed_labelled,
     embed_paths,
 )
 from cliplens.cli.output import Format, info, print_csv, print_json, print_table, warn
@@ -31,15 +32,6 @@ FeaturesOpt = Annotated[
         "the embeddings.",
     ),
 ]
-
-
-def _embed_labelled(ref, files, labels, db, max_megapixels, features):
-    """(vectors, labels) of the files that could be read; the others are warned about."""
-    done = embed_paths(ref, files, db, max_megapixels, features=features)
-    for failure in done.failures:
-        warn(f"{failure} (skipped)")
-    by_path = dict(zip([str(Path(f).resolve()) for f in files], labels, strict=True))
-    return done.vectors, [by_path[p] for p in done.paths]
 
 
 @app.command("fit")
@@ -62,7 +54,7 @@ def fit_command(
 
     files, labels = labelled_folder(data)
     ref = ModelRef(model, device=device, precision=precision)
-    x, y = _embed_labelled(ref, files, labels, db, max_megapixels, features)
+    x, y = embed_labelled(ref, files, labels, db, max_megapixels, features)
     space = ref.load().feature_id if features else ref.info.model_id
     probe = fit_probe(x, y, space)
     probe.save(out)
@@ -167,10 +159,10 @@ def kshot_command(
     prompts = load_templates(templates)
     files, labels = labelled_folder(data)
     ref = ModelRef(model, device=device, precision=precision)
-    x, y = _embed_labelled(ref, files, labels, db, max_megapixels, features)
+    x, y = embed_labelled(ref, files, labels, db, max_megapixels, features)
     if test is not None:
         tfiles, tlabels = labelled_folder(test)
-        tx, ty = _embed_labelled(ref, tfiles, tlabels, db, max_megapixels, features)
+        tx, ty = embed_labelled(ref, tfiles, tlabels, db, max_megapixels, features)
         unknown = sorted(set(ty) - set(y))
         if unknown:
             raise InvalidInputError(f"--test {test} has classes not in --data: {unknown}")

@@ -15,6 +15,7 @@ from cliplens.cli.common import (
     ModelOpt,
     PrecisionOpt,
     collect_images,
+    embed_labelled,
     embed_paths,
 )
 from cliplens.cli.output import Format, info, print_csv, print_json, print_table
@@ -126,21 +127,12 @@ def train_command(
     """Fit a few-shot distortion probe on embeddings; accuracy is cross-validated."""
     from cliplens.models.ref import ModelRef
     from cliplens.tasks.quality import train_probe
+    from cliplens.train.probe import labelled_folder
 
-    if not data.is_dir():
-        raise InvalidInputError(f"--data {data} is not a folder")
-    classes = sorted(d for d in data.iterdir() if d.is_dir() and not d.name.startswith("."))
-    if len(classes) < 2:
-        raise InvalidInputError(f"--data {data} needs one subfolder per distortion type (>= 2)")
+    files, labels = labelled_folder(data)
     ref = ModelRef(model, device=device, precision=precision)
-    files, labels = [], []
-    for folder in classes:
-        found, _ = collect_images([folder])
-        files += found
-        labels += [folder.name] * len(found)
-    done = embed_paths(ref, files, db, max_megapixels, features=True)
-    by_path = dict(zip([str(Path(f).resolve()) for f in files], labels, strict=True))
-    probe = train_probe(done.vectors, [by_path[p] for p in done.paths], ref.load().feature_id)
+    x, y = embed_labelled(ref, files, labels, db, max_megapixels, features=True)
+    probe = train_probe(x, y, ref.load().feature_id)
     probe.save(out)
     m = probe.metrics
     if fmt is Format.json:

@@ -237,8 +237,12 @@ def robust_command(
     rows: list[dict] = []
     if eval_data is not None:
         probe = None
-        if eval_mode == "probe":
-            probe = (probe_files, probe_labels)
+        if eval_mode == "probe":  # fit in the teacher's space, on the embeddings already made
+            from cliplens.train.probe import fit_probe
+
+            row = {image: i for i, image in enumerate(images) if isinstance(image, Path)}
+            clean = result.teacher_embeddings[[row[f] for f in probe_files]]
+            probe = fit_probe(clean, probe_labels, model.info.model_id)
         rows = evaluate_robust({"teacher": model, "student": result.student},
                                eval_files, eval_labels, kinds,
                                (1, 2, 3, 4, 5), prompts, probe, seed,

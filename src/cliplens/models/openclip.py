@@ -17,7 +17,6 @@ from cliplens.errors import InvalidInputError, ModelError, ModelUnavailableError
 from cliplens.models.base import Encoder
 from cliplens.models.fast_text import TextGraph
 from cliplens.models.info import ModelInfo
-from cliplens.models.offline import build_towers_clip, is_towers_config
 from cliplens.models.weights import combined_digest
 from cliplens.preprocess import Preprocessing
 from cliplens.settings import get_settings
@@ -353,6 +352,8 @@ def load_local(
         saved = json.loads(config.read_text())
         arch = saved.get("cliplens", {}).get("arch", path.name)
         model_cfg = saved.get("model_cfg")
+        from cliplens.models.offline import build_towers_clip, is_towers_config
+
         if model_cfg and is_towers_config(model_cfg):  # the offline towers, fine-tuned
             model, tokenizer = build_towers_clip(model_cfg, pretrained=False)
             _load_state(name, model, weights[0])

@@ -33,6 +33,7 @@ import torch
 
 from cliplens.datasets.corruptions import CORRUPTIONS, corrupt
 from cliplens.errors import InvalidInputError
+from cliplens.train.probe import LinearProbe
 
 
 @dataclass
@@ -71,6 +72,9 @@ class RobustResult:
     losses: list[float]
     minutes: float
     model_path: Path | None  # a local: checkpoint (open_clip teachers)
+    # the teacher's clean embeddings of the training images, in input order: the targets,
+    # and what a probe in the teacher's space is fit on (`evaluate_robust`)
+    teacher_embeddings: np.ndarray
     tower_path: Path | None = None
     log: list[dict[str, Any]] = field(default_factory=list)
 
@@ -129,7 +133,8 @@ def train_robust(
     out.mkdir(parents=True, exist_ok=True)
     decoded = decode_all(teacher, images, progress)
     prep = teacher.info.preprocessing
-    targets = torch.from_numpy(_embed_crops(teacher, np.stack([prep.crop(img) for img in decoded])))
+    teacher_clean = _embed_crops(teacher, np.stack([prep.crop(img) for img in decoded]))
+    targets = torch.from_numpy(teacher_clean)
     torch.manual_seed(cfg.seed)
     student = copy.deepcopy(teacher.image_tower()).float().requires_grad_(True)
     # eval mode throughout: BatchNorm keeps the teacher's statistics and dropout stays off,
@@ -201,7 +206,7 @@ def train_robust(
     encoder = teacher.with_image_tower(student, f"robust({teacher.info.model_id})@{digest}")
     with (out / "log.jsonl").open("w", encoding="utf-8") as f:
         f.writelines(json.dumps(row) + "\n" for row in log)
-    return RobustResult(encoder, step, losses, minutes, model_path, tower_path, log)
+    return RobustResult(encoder, step, losses, minutes, model_path, teacher_clean, tower_path, log)
 
 
 def evaluate_robust(
@@ -211,7 +216,7 @@ def evaluate_robust(
     corruptions: Sequence[str] = CORRUPTIONS,
     severities: Sequence[int] = (1, 2, 3, 4, 5),
     templates: Sequence[str] = ("a photo of a {}.",),
-    probe: tuple[Sequence[Any], Sequence[str]] | None = None,
+    probe: LinearProbe | None = None,
     seed: int = 0,
     progress: bool = False,
 ) -> list[dict[str, Any]]:
@@ -219,12 +224,11 @@ def evaluate_robust(
     on `images` (paths or decoded images) clean and under every corruption and severity:
     one row per condition, {"corruption", "severity", <name>: accuracy, ...}.
 
-    By default zero-shot among the sorted label names. With `probe` = (images, labels), a
-    linear probe is fit on the *first* encoder's clean embeddings of those images and
-    applied to every encoder: the classifier built in the teacher's space."""
+    By default zero-shot among the sorted label names. With `probe`, a linear probe fit on
+    the teacher's clean embeddings (`RobustResult.teacher_embeddings`), that classifier is
+    applied to every encoder: the one built in the teacher's space."""
     from cliplens.progress import progress_bar
     from cliplens.tasks.classify import zero_shot_weights
-    from cliplens.train.probe import fit_probe
 
     names = list(encoders)
     first = encoders[names[0]]
@@ -232,18 +236,13 @@ def evaluate_robust(
     classes = sorted(set(labels))
     truth = np.array([classes.index(label) for label in labels])
     if probe is not None:
-        p_images, p_labels = probe
-        unknown = sorted(set(labels) - set(p_labels))
+        unknown = sorted(set(labels) - set(probe.classes))
         if unknown:
             raise InvalidInputError(f"evaluation classes {unknown} are not in the probe data")
-        crops = np.stack(
-            [first.info.preprocessing.crop(img) for img in decode_all(first, p_images)]
-        )
-        head = fit_probe(_embed_crops(first, crops), list(p_labels), first.info.model_id)
-        order = [head.classes.index(c) for c in classes]
+        order = [probe.classes.index(c) for c in classes]
 
         def predict(vectors: np.ndarray) -> np.ndarray:
-            return head.probabilities(vectors)[:, order].argmax(axis=1)
+            return probe.probabilities(vectors)[:, order].argmax(axis=1)
     else:
         weights = zero_shot_weights(first, classes, templates)
 
