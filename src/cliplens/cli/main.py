@@ -7,7 +7,17 @@ import sys
 
 import typer
 
-from cliplens.cli import classify, datasets, models, moderate, probe, quality, search, train
+from cliplens.cli import (
+    caption,
+    classify,
+    datasets,
+    models,
+    moderate,
+    probe,
+    quality,
+    search,
+    train,
+)
 from cliplens.errors import ClipLensError
 
 app = typer.Typer(
@@ -24,6 +34,7 @@ app.command("similar")(search.similar_command)
 app.command("duplicates")(search.duplicates_command)
 app.add_typer(moderate.app, name="moderate")
 app.add_typer(quality.app, name="quality")
+app.add_typer(caption.app, name="caption")
 app.add_typer(train.app, name="train")
 app.add_typer(probe.app, name="probe")
 app.add_typer(models.app, name="models")

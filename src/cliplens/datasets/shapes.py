@@ -11,7 +11,8 @@ split is made of them, to measure compositional generalisation
 
 On disk (`write_shapes`): images/NNNNNN.png, and train.jsonl, val.jsonl and heldout.jsonl
 with one {"image", "caption", "objects"} per line (image paths relative to the file), the
-format `cliplens train` reads; single-shape rows also carry "label" ("red circle"), one of
+format `cliplens train` reads (train-full.jsonl is the training split with full captions,
+for captioners); single-shape rows also carry "label" ("red circle"), one of
 the class names in classes.txt, for zero-shot evaluation with the prompts in templates.txt.
 """
 
@@ -229,7 +230,7 @@ def write_shapes(
     with progress_bar(sum(counts.values()), "drawing shapes", progress) as advance:
         for split, count in counts.items():
             source, offset = streams[split]
-            rows = []
+            rows, full = [], []
             for i in range(count):
                 s = sample(seed, offset + i, source, size)
                 name = f"images/{first + i:06d}.png"
@@ -240,14 +241,44 @@ def write_shapes(
                 if len(s.objects) == 1:  # a class label for zero-shot evaluation
                     row["label"] = f"{s.objects[0].colour} {s.objects[0].kind}"
                 rows.append(row)
+                full.append({**row, "caption": s.caption})
                 advance(1)
-            tmp = out / f".{split}.jsonl.tmp"
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-            tmp.replace(out / f"{split}.jsonl")
+            _write_jsonl(out / f"{split}.jsonl", rows)
+            if split == "train":  # for captioners, which learn to say what the references say
+                _write_jsonl(out / "train-full.jsonl", full)
             first += count
     (out / "classes.txt").write_text("\n".join(class_names()) + "\n", encoding="utf-8")
     (out / "templates.txt").write_text("\n".join(templates()) + "\n", encoding="utf-8")
     return counts
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    tmp.replace(path)
+
+
+def named_objects(caption: str) -> list[tuple[str, str]]:
+    """The (colour, shape) pairs a caption names, in order: "a small red circle above a blue
+    star" -> [("red", "circle"), ("blue", "star")]. A colour counts only right before a shape
+    (a size word may sit between)."""
+    words = caption.lower().replace(",", " ").split()
+    found = []
+    for i, w in enumerate(words):
+        if w in SHAPES and i >= 1:
+            j = i - 1
+            if words[j] in SIZES and j >= 1:
+                j -= 1
+            if words[j] in COLOURS:
+                found.append((words[j], w))
+    return found
+
+
+def names_all_objects(caption: str, objects: list[Shape] | list[dict]) -> bool:
+    """True when the caption names the colour and shape of every object and nothing else."""
+    truth = sorted((o["colour"], o["kind"]) if isinstance(o, dict) else (o.colour, o.kind)
+                   for o in objects)  # fmt: skip
+    return sorted(named_objects(caption)) == truth
 
 
 def templates() -> list[str]:

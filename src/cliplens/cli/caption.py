@@ -1,0 +1,248 @@
+"""`cliplens caption`: caption images with a ClipCap captioner; train one; evaluate one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cliplens.cli.common import (
+    DbOpt,
+    DefaultCommandGroup,
+    DeviceOpt,
+    MegapixelsOpt,
+    ModelOpt,
+    PrecisionOpt,
+    collect_images,
+    embed_paths,
+)
+from cliplens.cli.output import Format, info, print_csv, print_json, print_table, show_progress
+from cliplens.cli.output import warn as warn_message
+
+app = typer.Typer(
+    cls=DefaultCommandGroup,
+    help="Caption images with a CLIP prefix and a language model (ClipCap): caption, train, eval.",
+    no_args_is_help=True,
+)
+CaptionerOpt = Annotated[
+    Path, typer.Option("--captioner", "-c", help="Captioner folder (`caption train` writes it).")
+]
+BeamOpt = Annotated[int, typer.Option("--beam", help="Beam search with this many beams.")]
+TopPOpt = Annotated[
+    float | None, typer.Option("--top-p", help="Nucleus sampling with this top-p (seeded).")
+]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for --top-p sampling.")]
+MaxTokensOpt = Annotated[
+    int | None, typer.Option("--max-tokens", help="Longest caption in tokens.")
+]
+
+
+def _captioner_and_encoder(captioner_dir: Path, model, device, precision):
+    """The captioner, and the encoder its embeddings come from (refusing any other)."""
+    from cliplens.models.ref import ModelRef
+    from cliplens.tasks.caption.model import check_encoder, load_captioner, read_config
+
+    cfg = read_config(captioner_dir)  # fails fast, before any model loads
+    ref = ModelRef(model or cfg.encoder, device=device, precision=precision)
+    if model:
+        check_encoder(cfg, ref.info.model_id, ref.name)
+    return load_captioner(captioner_dir).to(_device(device)), ref
+
+
+def _device(device: str | None):
+    from cliplens.device import choose_device
+
+    return choose_device(device)
+
+
+def _bf16(device: str | None, precision: str | None) -> bool:
+    """The LM decodes in bf16 where the encoder would (the fast choice on CPUs with bf16)."""
+    from cliplens.device import Precision, choose_precision
+
+    return choose_precision(_device(device), precision) is Precision.BF16
+
+
+@app.command("run")
+def caption_command(
+    paths: Annotated[list[Path], typer.Argument(help="Image files or folders.")],
+    captioner: CaptionerOpt,
+    beam: BeamOpt = 1,
+    top_p: TopPOpt = None,
+    temperature: Annotated[float, typer.Option("--temperature", help="With --top-p.")] = 1.0,
+    max_tokens: MaxTokensOpt = None,
+    seed: SeedOpt = 0,
+    fmt: Annotated[Format, typer.Option("--format", "-f")] = Format.table,
+    model: ModelOpt = None,
+    device: DeviceOpt = None,
+    precision: PrecisionOpt = None,
+    db: DbOpt = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Captions per batch.")] = 32,
+    max_megapixels: MegapixelsOpt = None,
+) -> None:
+    """Caption images: greedy by default, --beam N, or --top-p P sampling."""
+    files, missing = collect_images(paths)
+    cap, ref = _captioner_and_encoder(captioner, model, device, precision)
+    done = embed_paths(ref, files, db, max_megapixels)
+    for e in [*missing, *done.failures]:
+        warn_message(f"{e} (not captioned)")
+    captions = cap.generate(done.vectors, beams=beam, top_p=top_p, temperature=temperature,
+                            max_tokens=max_tokens, seed=seed, batch_size=batch_size,
+                            bf16=_bf16(device, precision))  # fmt: skip
+    rows = list(zip(done.paths, captions, strict=True))
+    if fmt is Format.json:
+        print_json([{"path": p, "caption": c} for p, c in rows])
+    elif fmt is Format.csv:
+        print_csv(["path", "caption"], rows)
+    else:
+        print_table(["path", "caption"], rows)
+    if missing or done.failures:
+        raise typer.Exit(1)
+
+
+@app.command("train")
+def train_command(
+    data: Annotated[
+        Path, typer.Option("--data", help="Training pairs: .jsonl, .csv, a folder or shards.")
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder (checkpoints, log).")],
+    lm: Annotated[
+        str,
+        typer.Option(
+            "--lm",
+            help="Language model: a hub name (gpt2), a folder, a .gguf file, smollm2-135m, "
+            "or scratch:gpt2.",
+        ),
+    ] = "gpt2",
+    variant: Annotated[
+        str, typer.Option("--variant", help="mlp (LM fine-tuned) or transformer (LM frozen).")
+    ] = "mlp",
+    train_lm: Annotated[
+        bool | None,
+        typer.Option("--train-lm/--freeze-lm", help="Override the variant's LM training."),
+    ] = None,
+    val: Annotated[
+        Path | None, typer.Option("--val", help="Pairs for validation loss and metrics.")
+    ] = None,
+    epochs: Annotated[int, typer.Option("--epochs")] = 10,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b")] = 32,
+    lr: Annotated[float, typer.Option("--lr", help="The mapper's learning rate.")] = 1e-3,
+    lm_lr: Annotated[
+        float | None,
+        typer.Option("--lm-lr", help="The LM's (default: --lr from scratch, --lr/20 else)."),
+    ] = None,
+    prefix_length: Annotated[int, typer.Option("--prefix-length")] = 10,
+    word_dropout: Annotated[
+        float,
+        typer.Option("--word-dropout", help="Share of input words hidden from the LM."),
+    ] = 0.0,
+    mapper_layers: Annotated[
+        int, typer.Option("--mapper-layers", help="Transformer mapper depth.")
+    ] = 8,
+    lm_layers: Annotated[int, typer.Option("--lm-layers", help="scratch:gpt2 depth.")] = 4,
+    lm_width: Annotated[int, typer.Option("--lm-width", help="scratch:gpt2 width.")] = 256,
+    max_minutes: Annotated[
+        float | None, typer.Option("--max-minutes", help="Stop and save after this long.")
+    ] = None,
+    max_steps: Annotated[int | None, typer.Option("--max-steps")] = None,
+    eval_images: Annotated[
+        int, typer.Option("--eval-images", help="Validation images captioned each epoch.")
+    ] = 200,
+    train_precision: Annotated[str, typer.Option("--train-precision", help="bf16 or fp32.")] = (
+        "bf16"
+    ),
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    resume: Annotated[bool, typer.Option("--resume/--restart")] = True,
+    model: ModelOpt = None,
+    device: DeviceOpt = None,
+    precision: PrecisionOpt = None,
+    db: DbOpt = None,
+) -> None:
+    """Train a captioner on image-caption pairs; writes OUT/captioner."""
+    from cliplens.models.ref import ModelRef
+    from cliplens.store.catalog import Catalog, default_db_path
+    from cliplens.tasks.caption.lm import ScratchLM
+    from cliplens.train.caption import (
+        CaptionTrainConfig,
+        embed_pairs,
+        resolve_encoder,
+        train_captioner,
+    )
+    from cliplens.train.data import read_pairs
+
+    cfg = CaptionTrainConfig(
+        lm=lm, variant=variant, train_lm=train_lm, prefix_length=prefix_length,
+        word_dropout=word_dropout,
+        mapper_layers=mapper_layers, epochs=epochs, batch_size=batch_size, lr=lr, lm_lr=lm_lr,
+        precision=train_precision, device=str(_device(device)), seed=seed,
+        max_minutes=max_minutes, eval_images=eval_images,
+        scratch=ScratchLM(layers=lm_layers, width=lm_width, heads=max(1, lm_width // 64)),
+    )  # fmt: skip
+    cfg.validate()
+    train_pairs = read_pairs(data)
+    val_pairs = read_pairs(val) if val else []
+    ref = ModelRef(model, device=device, precision=precision)
+    path = db or default_db_path()
+    catalog = Catalog(path, readonly=True) if path.exists() else None
+    cache = out / "embeddings"
+    progress = show_progress()
+    train_data = embed_pairs(ref, train_pairs, cache, catalog, progress, warn_message)
+    val_data = embed_pairs(ref, val_pairs, cache, catalog, progress, warn_message) if val else None
+    info(f"{len(train_data.captions)} pairs, {len(train_data.images)} images embedded")
+    result = train_captioner(cfg, resolve_encoder(ref), train_data, out, val_data,
+                             resume=resume, max_steps=max_steps, progress=progress)  # fmt: skip
+    for m in result.metrics:
+        info("  ".join(f"{k} {v}" for k, v in m.items()))
+    if result.captioner_path:
+        info(f"captioner: {result.captioner_path}")
+
+
+@app.command("eval")
+def eval_command(
+    captioner: CaptionerOpt,
+    data: Annotated[Path, typer.Option("--data", help="Pairs with reference captions.")],
+    beam: BeamOpt = 1,
+    top_p: TopPOpt = None,
+    seed: SeedOpt = 0,
+    max_tokens: MaxTokensOpt = None,
+    limit: Annotated[int | None, typer.Option("--limit", help="First N images only.")] = None,
+    captions_out: Annotated[
+        Path | None, typer.Option("--captions-out", help="Write the captions as JSONL.")
+    ] = None,
+    fmt: Annotated[Format, typer.Option("--format", "-f")] = Format.table,
+    model: ModelOpt = None,
+    device: DeviceOpt = None,
+    precision: PrecisionOpt = None,
+    db: DbOpt = None,
+) -> None:
+    """BLEU-1..4, ROUGE-L, CIDEr-D (and METEOR, SPICE with Java) against the references."""
+    import json
+
+    from cliplens.store.catalog import Catalog, default_db_path
+    from cliplens.tasks.caption.metrics import score_captions
+    from cliplens.train.caption import embed_pairs
+    from cliplens.train.data import read_pairs
+
+    cap, ref = _captioner_and_encoder(captioner, model, device, precision)
+    path = db or default_db_path()
+    catalog = Catalog(path, readonly=True) if path.exists() else None
+    pairs = embed_pairs(ref, read_pairs(data), None, catalog, show_progress(), warn_message)
+    k = min(limit or len(pairs.images), len(pairs.images))
+    refs = pairs.references()[:k]
+    captions = cap.generate(pairs.vectors[:k], beams=beam, top_p=top_p, seed=seed,
+                            max_tokens=max_tokens, bf16=_bf16(device, precision))  # fmt: skip
+    scores = score_captions(captions, refs)
+    if captions_out:
+        with captions_out.open("w", encoding="utf-8") as f:
+            for image, c, r in zip(pairs.images[:k], captions, refs, strict=True):
+                f.write(json.dumps({"image": image, "caption": c, "references": r}) + "\n")
+    for metric, why in scores.skipped.items():
+        warn_message(f"{metric} not computed: {why}")
+    if fmt is Format.json:
+        print_json({"images": k, "scores": scores.scores, "skipped": scores.skipped,
+                    "tokenizer": scores.tokenizer})  # fmt: skip
+    elif fmt is Format.csv:
+        print_csv(["metric", "score"], [(m, f"{v:.4f}") for m, v in scores.scores.items()])
+    else:
+        print_table(["metric", "score"], [(m, f"{v:.4f}") for m, v in scores.scores.items()],
+                    title=f"{k} images")  # fmt: skip

@@ -1,0 +1,1 @@
+"""Captioning with a CLIP prefix (ClipCap): model, language models, metrics."""

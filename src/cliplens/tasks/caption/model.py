@@ -1,0 +1,304 @@
+"""ClipCap (Mokady et al. 2021): a mapping network turns a CLIP image embedding into
+`prefix_length` input embeddings of a causal language model, which continues them as a
+caption.
+
+Two mappers, as in the paper: `mlp` (two layers with tanh; the LM is fine-tuned with it)
+and `transformer` (the embedding is projected to `clip_length` tokens, a transformer reads
+them with `prefix_length` learnt constants, and its outputs at the constants are the
+prefix; the LM stays frozen).
+
+A captioner is one folder: captioner.json (config: the encoder's name and model_id, the
+LM, the mapper), mapper.safetensors, and lm/ when the LM was trained (fine-tuned or from
+scratch). It refuses embeddings of any other encoder.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from cliplens.errors import InvalidInputError
+from cliplens.tasks.caption import lm as lms
+
+VARIANTS = ("mlp", "transformer")
+FORMAT = 1
+CONFIG_FILE = "captioner.json"
+MAPPER_FILE = "mapper.safetensors"
+
+
+@dataclass(frozen=True)
+class CaptionerConfig:
+    encoder: str  # the name the encoder loads by (`--model`)
+    encoder_id: str  # its model_id: embeddings of any other model are refused
+    embed_dim: int
+    lm: str  # the `--lm` name
+    lm_width: int  # the LM's input embedding width
+    variant: str = "mlp"
+    lm_trained: bool = True  # fine-tuned (or from scratch): saved in lm/
+    prefix_length: int = 10
+    clip_length: int = 10  # transformer: tokens the embedding is projected to
+    mapper_layers: int = 8  # transformer
+    mapper_heads: int = 8  # transformer
+    max_tokens: int = 40  # caption tokens, in training and generation
+
+    def validate(self) -> None:
+        if self.variant not in VARIANTS:
+            raise InvalidInputError(f"--variant {self.variant}: use mlp or transformer")
+        if self.prefix_length < 1 or self.clip_length < 1:
+            raise InvalidInputError("--prefix-length must be at least 1")
+        if self.variant == "transformer" and self.lm_width % self.mapper_heads:
+            raise InvalidInputError(
+                f"the LM width {self.lm_width} does not split into {self.mapper_heads} heads"
+            )
+        if lms.is_scratch(self.lm) and not self.lm_trained:
+            raise InvalidInputError(
+                f"--lm {self.lm} starts from random weights, so it cannot stay frozen; "
+                "drop --freeze-lm"
+            )
+
+
+class MLPMapper(nn.Module):
+    """embedding (B, D) -> prefix (B, k, W): D -> kW/2 -> tanh -> kW, as in ClipCap."""
+
+    def __init__(self, cfg: CaptionerConfig) -> None:
+        super().__init__()
+        k, w = cfg.prefix_length, cfg.lm_width
+        self.k, self.w = k, w
+        self.net = nn.Sequential(
+            nn.Linear(cfg.embed_dim, k * w // 2), nn.Tanh(), nn.Linear(k * w // 2, k * w)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x).view(-1, self.k, self.w)
+
+
+class TransformerMapper(nn.Module):
+    """embedding -> `clip_length` tokens; with `prefix_length` learnt constants through a
+    transformer; the outputs at the constants are the prefix."""
+
+    def __init__(self, cfg: CaptionerConfig) -> None:
+        super().__init__()
+        self.c, self.w = cfg.clip_length, cfg.lm_width
+        self.project = nn.Linear(cfg.embed_dim, cfg.clip_length * cfg.lm_width)
+        self.constants = nn.Parameter(torch.randn(cfg.prefix_length, cfg.lm_width))
+        layer = nn.TransformerEncoderLayer(
+            cfg.lm_width, cfg.mapper_heads, dim_feedforward=2 * cfg.lm_width,
+            dropout=0.0, activation="gelu", batch_first=True, norm_first=True,
+        )  # fmt: skip
+        self.transformer = nn.TransformerEncoder(
+            layer, cfg.mapper_layers, enable_nested_tensor=False
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.project(x).view(-1, self.c, self.w)
+        constants = self.constants.unsqueeze(0).expand(x.shape[0], -1, -1)
+        return self.transformer(torch.cat([tokens, constants], dim=1))[:, self.c :]
+
+
+class Captioner(nn.Module):
+    """Mapper + LM + tokenizer. Embeddings go in L2-normalised, as every Encoder gives them."""
+
+    def __init__(self, cfg: CaptionerConfig, lm: Any, tokenizer: Any) -> None:
+        super().__init__()
+        cfg.validate()
+        if lms.embedding_width(lm) != cfg.lm_width:
+            raise InvalidInputError(
+                f"the language model is {lms.embedding_width(lm)} wide, "
+                f"the captioner was built for {cfg.lm_width}"
+            )
+        self.cfg = cfg
+        self.mapper = MLPMapper(cfg) if cfg.variant == "mlp" else TransformerMapper(cfg)
+        self.lm = lm
+        self.tokenizer = tokenizer
+        self.lm.requires_grad_(cfg.lm_trained)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.mapper.parameters()).device
+
+    def prefix(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """(B, D) unit vectors -> (B, prefix_length, W); scaled to unit variance per entry."""
+        x = embeddings.to(self.device, torch.float32)
+        return self.mapper(x * math.sqrt(self.cfg.embed_dim))
+
+    def tokenize(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ids, mask): each caption then EOS, cut at max_tokens, padded on the right."""
+        tok = self.tokenizer
+        cut = self.cfg.max_tokens - 1
+        rows = [[*tok(c, add_special_tokens=False).input_ids[:cut], tok.eos_token_id]
+                for c in captions]  # fmt: skip
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)] = torch.tensor(r)
+            mask[i, : len(r)] = 1
+        return ids, mask
+
+    def inputs(
+        self,
+        embeddings: torch.Tensor,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        word_dropout: float = 0.0,
+    ) -> dict[str, torch.Tensor]:
+        """The LM's inputs for teacher forcing: prefix then caption; the loss sees only the
+        caption's real tokens (labels -100 on the prefix and the padding).
+
+        `word_dropout` replaces that share of the input words (never the targets) by the pad
+        token, as Bowman et al. (2016) did to make a decoder use its conditioning: the LM
+        cannot lean on the words before, so it reads the prefix."""
+        prefix = self.prefix(embeddings)
+        ids, mask = ids.to(prefix.device), mask.to(prefix.device)
+        shown = ids
+        if word_dropout > 0:
+            drop = torch.rand(ids.shape, device=ids.device) < word_dropout
+            shown = ids.masked_fill(drop, self.tokenizer.pad_token_id)
+        words = self.lm.get_input_embeddings()(shown)
+        batch, k = prefix.shape[0], prefix.shape[1]
+        ignore = torch.full((batch, k), -100, dtype=torch.long, device=prefix.device)
+        labels = torch.cat([ignore, ids.masked_fill(mask == 0, -100)], dim=1)
+        ones = torch.ones((batch, k), dtype=mask.dtype, device=prefix.device)
+        attention = torch.cat([ones, mask], dim=1)
+        embeds = torch.cat([prefix.to(words.dtype), words], dim=1)
+        return {"inputs_embeds": embeds, "attention_mask": attention, "labels": labels}
+
+    def loss(
+        self, embeddings: torch.Tensor, captions: list[str], word_dropout: float = 0.0
+    ) -> torch.Tensor:
+        ids, mask = self.tokenize(captions)
+        return self.lm(**self.inputs(embeddings, ids, mask, word_dropout)).loss
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        embeddings: np.ndarray | torch.Tensor,
+        beams: int = 1,
+        top_p: float | None = None,
+        temperature: float = 1.0,
+        max_tokens: int | None = None,
+        seed: int = 0,
+        batch_size: int = 32,
+        bf16: bool = False,
+    ) -> list[str]:
+        """Captions for (N, D) embeddings: greedy (beams 1), beam search, or nucleus sampling
+        with `top_p` (seeded, so the same call gives the same captions). `bf16` runs the LM
+        under bf16 autocast."""
+        if top_p is not None and not 0 < top_p <= 1:
+            raise InvalidInputError(f"--top-p {top_p}: use a value in (0, 1]")
+        if beams < 1:
+            raise InvalidInputError(f"--beam {beams}: use at least 1")
+        if top_p is not None and beams > 1:
+            raise InvalidInputError("--beam and --top-p are different searches: pick one")
+        x = torch.as_tensor(np.asarray(embeddings, dtype=np.float32))
+        if x.ndim != 2 or x.shape[1] != self.cfg.embed_dim:
+            raise InvalidInputError(
+                f"embeddings of shape {tuple(x.shape)}: the captioner takes (N, "
+                f"{self.cfg.embed_dim})"
+            )
+        self.eval()
+        tok = self.tokenizer
+        options: dict[str, Any] = {
+            "max_new_tokens": max_tokens or self.cfg.max_tokens,
+            "eos_token_id": tok.eos_token_id,
+            "pad_token_id": tok.pad_token_id,
+            "num_beams": beams,
+            "do_sample": top_p is not None,
+        }
+        if top_p is not None:
+            options.update(top_p=top_p, top_k=0, temperature=temperature)
+        else:  # plain search: no sampling settings from the LM's generation_config
+            options.update(top_p=None, top_k=None, temperature=None)
+        if beams > 1:
+            options.update(early_stopping=True, length_penalty=1.0)
+        generator = torch.Generator().manual_seed(seed)
+        dtype = self.lm.get_input_embeddings().weight.dtype
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16)
+        out: list[str] = []
+        for lo in range(0, len(x), batch_size):
+            prefix = self.prefix(x[lo : lo + batch_size]).to(dtype)
+            mask = torch.ones(prefix.shape[:2], dtype=torch.long, device=prefix.device)
+            if top_p is not None:  # HF samples from the global generator
+                torch.manual_seed(int(torch.randint(2**31, (1,), generator=generator)))
+            with autocast:
+                ids = self.lm.generate(inputs_embeds=prefix, attention_mask=mask, **options)
+            out.extend(t.strip() for t in tok.batch_decode(ids, skip_special_tokens=True))
+        return out
+
+    def check_encoder(self, model_id: str, name: str) -> None:
+        check_encoder(self.cfg, model_id, name)
+
+    def save(self, folder: str | os.PathLike) -> Path:
+        """Write the captioner folder (atomically: a folder of the same name is replaced)."""
+        import shutil
+
+        from safetensors.torch import save_file
+
+        out = Path(folder)
+        tmp = out.with_name(f".{out.name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        state = {k: v.detach().float().contiguous() for k, v in self.mapper.state_dict().items()}
+        save_file(state, tmp / MAPPER_FILE)
+        if self.cfg.lm_trained:
+            self.lm.save_pretrained(tmp / "lm")
+            self.tokenizer.save_pretrained(tmp / "lm")
+        meta = {"format": FORMAT, "config": asdict(self.cfg), "lm": lms.describe(self.lm)}
+        (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
+        if out.exists():
+            old = out.with_name(f".{out.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+        return out
+
+
+def check_encoder(cfg: CaptionerConfig, model_id: str, name: str) -> None:
+    """Refuse embeddings from any encoder but the one the captioner was trained on."""
+    if model_id != cfg.encoder_id:
+        raise InvalidInputError(
+            f"the captioner was trained on embeddings of {cfg.encoder} ({cfg.encoder_id}), "
+            f"not of {name} ({model_id}): leave --model out or pass --model {cfg.encoder}"
+        )
+
+
+def read_config(folder: str | os.PathLike) -> CaptionerConfig:
+    path = Path(folder) / CONFIG_FILE
+    if not path.is_file():
+        raise InvalidInputError(
+            f"--captioner {folder}: no {CONFIG_FILE} there; pass a folder written by "
+            "`cliplens caption train`"
+        )
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+        known = {f.name for f in fields(CaptionerConfig)}
+        cfg = CaptionerConfig(**{k: v for k, v in meta["config"].items() if k in known})
+    except (ValueError, KeyError, TypeError) as e:
+        raise InvalidInputError(f"{path} is not a captioner config ({e})") from e
+    if meta.get("format", 0) > FORMAT:
+        raise InvalidInputError(f"{path} was written by a newer cliplens; upgrade to read it")
+    return cfg
+
+
+def load_captioner(folder: str | os.PathLike) -> Captioner:
+    from safetensors.torch import load_file
+
+    cfg = read_config(folder)
+    if cfg.lm_trained:
+        lm, tokenizer = lms.load_lm(str(Path(folder) / "lm"))
+    else:
+        lm, tokenizer = lms.load_lm(cfg.lm)
+    captioner = Captioner(cfg, lm, tokenizer)
+    captioner.mapper.load_state_dict(load_file(Path(folder) / MAPPER_FILE))
+    return captioner.eval()
