@@ -7,7 +7,17 @@ import json
 import numpy as np
 
 from cliplens.cli.main import main
-from cliplens.datasets.shapes import COLOURS, HELDOUT, SHAPES, class_names, sample, write_shapes
+from cliplens.datasets.shapes import (
+    COLOURS,
+    HELDOUT,
+    SHAPES,
+    Shape,
+    class_names,
+    named_objects,
+    names_all_objects,
+    sample,
+    write_shapes,
+)
 
 
 def test_same_seed_same_bytes_other_seed_other_image():
@@ -73,7 +83,30 @@ def test_write_shapes_and_cli(tmp_path, capsys):
     assert main(["datasets", "shapes", str(tmp_path / "b"), "--n", "20", "--seed", "2"]) == 0
     again = (tmp_path / "b" / "train.jsonl").read_text().splitlines()
     assert [json.loads(x)["caption"] for x in again] == [r["caption"] for r in rows[:19]]
+    full = [json.loads(x) for x in (tmp_path / "a" / "train-full.jsonl").read_text().splitlines()]
+    assert [r["caption"] for r in full] == [sample(2, i).caption for i in range(38)]
+    assert [{**r, "caption": ""} for r in full] == [{**r, "caption": ""} for r in rows]
     held = [json.loads(x) for x in (tmp_path / "a" / "heldout.jsonl").read_text().splitlines()]
     assert held[0]["caption"] == sample(2, 0, "heldout").caption  # evaluation: full detail
     assert main(["datasets", "shapes", str(tmp_path / "c"), "--n", "0"]) == 2
     assert "--n 0" in capsys.readouterr().err
+
+
+def test_named_objects_reads_colour_shape_pairs():
+    assert named_objects("a small red circle above a large blue star") == [
+        ("red", "circle"), ("blue", "star")
+    ]  # fmt: skip
+    assert named_objects("A red circle, and a blue square") == [
+        ("red", "circle"),
+        ("blue", "square"),
+    ]
+    assert named_objects("a circle that is red") == []  # a colour counts only before its shape
+    assert named_objects("a red huge circle") == []  # only a size word may sit between
+    red, blue = Shape("circle", "red", "small", 0.2, 0.5), Shape("star", "blue", "large", 0.7, 0.5)
+    assert names_all_objects("a large blue star to the right of a small red circle", [red, blue])
+    assert not names_all_objects("a small red circle", [red, blue])  # one missing
+    assert not names_all_objects("a red star and a blue circle", [red, blue])  # swapped
+    assert not names_all_objects("a red circle and a red circle and a blue star", [red, blue])
+    for i in range(20):  # every full caption the dataset writes names its objects
+        s = sample(0, i, "heldout")
+        assert names_all_objects(s.caption, s.objects)
