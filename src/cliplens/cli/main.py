@@ -15,6 +15,7 @@ from cliplens.cli import (
     moderate,
     probe,
     quality,
+    score,
     search,
     train,
 )
@@ -32,6 +33,8 @@ app.command("index")(search.index_command)
 app.command("search")(search.search_command)
 app.command("similar")(search.similar_command)
 app.command("duplicates")(search.duplicates_command)
+app.command("score")(score.score_command)
+app.command("rerank")(score.rerank_command)
 app.add_typer(moderate.app, name="moderate")
 app.add_typer(quality.app, name="quality")
 app.add_typer(caption.app, name="caption")
