@@ -35,6 +35,8 @@ def main() -> None:
     ap.add_argument("--split", default="heldout")
     ap.add_argument("--beam", type=int, default=1)
     ap.add_argument("--limit", type=int, default=None)
+    ap.add_argument("--rerank", type=int, default=1, help="best of N, judged by the encoder")
+    ap.add_argument("--precisions", default="fp32,bf16")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = ap.parse_args()
 
@@ -49,12 +51,17 @@ def main() -> None:
     assert len(data.images) == len(rows)
     torch.set_num_threads(torch.get_num_threads())
     results = {}
-    for precision in ("fp32", "bf16"):
+    for precision in args.precisions.split(","):
         autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
         captioner.generate(data.vectors[:32], beams=args.beam)  # warm-up
         start = time.perf_counter()
         with autocast:
-            captions = captioner.generate(data.vectors, beams=args.beam)
+            if args.rerank > 1:
+                captions = captioner.generate_reranked(
+                    data.vectors, ref.encode_texts, candidates=args.rerank, top_p=1.0
+                )
+            else:
+                captions = captioner.generate(data.vectors, beams=args.beam)
         seconds = time.perf_counter() - start
         correct = np.array(
             [names_all_objects(c, r["objects"]) for c, r in zip(captions, rows, strict=True)]

@@ -87,6 +87,9 @@ def test_caption_errors(capsys, trained, shapes, tmp_path):
     assert main(["caption", str(image), "-c", str(trained / "captioner"), "--beam", "2",
                  "--top-p", "0.9"]) == 2  # fmt: skip
     assert "pick one" in capsys.readouterr().err
+    assert main(["caption", str(image), "-c", str(trained / "captioner"), "--beam", "2",
+                 "--rerank", "4"]) == 2  # fmt: skip
+    assert "pick one" in capsys.readouterr().err
     assert main(["caption", "train", "--data", str(shapes / "train.jsonl"), "--out",
                  str(tmp_path / "x"), "--variant", "lstm", *TINY_LM]) == 2  # fmt: skip
     assert "--variant lstm" in capsys.readouterr().err

@@ -213,6 +213,34 @@ def test_decoding_options():
     assert all(len(c.split()) <= 3 for c in cap.generate(emb, max_tokens=3))
 
 
+def test_rerank_keeps_the_candidate_closest_to_the_image():
+    cap = _captioner()
+    emb = _unit(len(CAPTIONS), seed=1)
+    _fit(cap, emb, CAPTIONS, steps=40)  # half-trained: the samples differ
+    seen: list[str] = []
+    vectors: dict[str, np.ndarray] = {}
+
+    def encode_texts(texts):
+        seen.extend(texts)
+        rng = np.random.default_rng(len(seen))
+        for t in texts:
+            vectors[t] = rng.normal(size=DIM).astype(np.float32)
+        return np.stack([vectors[t] for t in texts])
+
+    best = cap.generate_reranked(emb, encode_texts, candidates=6, temperature=2.0, seed=3)
+    greedy = cap.generate(emb)
+    drawn = cap.generate(emb, top_p=0.9, temperature=2.0, seed=3, samples=5)
+    assert len(drawn) == 5 * len(CAPTIONS)
+    for i, caption in enumerate(best):
+        pool = [greedy[i], *drawn[5 * i : 5 * i + 5]]
+        cos = [float(vectors[c] @ emb[i]) / np.linalg.norm(vectors[c]) for c in pool]
+        assert caption == pool[int(np.argmax(cos))]
+    assert len(set(seen)) == len(seen)  # each distinct caption is encoded once
+    assert cap.generate_reranked(emb, encode_texts, candidates=1) == greedy
+    with pytest.raises(InvalidInputError, match="need sampling"):
+        cap.generate(emb, samples=3)
+
+
 def test_bad_lm_names(tmp_path):
     with pytest.raises(InvalidInputError, match="no such GGUF"):
         lms.load_lm(str(tmp_path / "missing.gguf"))

@@ -33,6 +33,14 @@ TopPOpt = Annotated[
     float | None, typer.Option("--top-p", help="Nucleus sampling with this top-p (seeded).")
 ]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for --top-p sampling.")]
+RerankOpt = Annotated[
+    int,
+    typer.Option(
+        "--rerank",
+        help="Draw N candidates (greedy + nucleus samples) and keep the one the encoder "
+        "finds closest to the image.",
+    ),
+]
 MaxTokensOpt = Annotated[
     int | None, typer.Option("--max-tokens", help="Longest caption in tokens.")
 ]
@@ -72,6 +80,7 @@ def caption_command(
     temperature: Annotated[float, typer.Option("--temperature", help="With --top-p.")] = 1.0,
     max_tokens: MaxTokensOpt = None,
     seed: SeedOpt = 0,
+    rerank: RerankOpt = 1,
     fmt: Annotated[Format, typer.Option("--format", "-f")] = Format.table,
     model: ModelOpt = None,
     device: DeviceOpt = None,
@@ -80,15 +89,15 @@ def caption_command(
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Captions per batch.")] = 32,
     max_megapixels: MegapixelsOpt = None,
 ) -> None:
-    """Caption images: greedy by default, --beam N, or --top-p P sampling."""
+    """Caption images: greedy by default, --beam N, --top-p P sampling, or --rerank N."""
+    _check_search(beam, rerank)
     files, missing = collect_images(paths)
     cap, ref = _captioner_and_encoder(captioner, model, device, precision)
     done = embed_paths(ref, files, db, max_megapixels)
     for e in [*missing, *done.failures]:
         warn_message(f"{e} (not captioned)")
-    captions = cap.generate(done.vectors, beams=beam, top_p=top_p, temperature=temperature,
-                            max_tokens=max_tokens, seed=seed, batch_size=batch_size,
-                            bf16=_bf16(device, precision))  # fmt: skip
+    captions = _generate(cap, ref, done.vectors, beam, top_p, temperature, max_tokens, seed,
+                         rerank, batch_size, _bf16(device, precision))  # fmt: skip
     rows = list(zip(done.paths, captions, strict=True))
     if fmt is Format.json:
         print_json([{"path": p, "caption": c} for p, c in rows])
@@ -98,6 +107,26 @@ def caption_command(
         print_table(["path", "caption"], rows)
     if missing or done.failures:
         raise typer.Exit(1)
+
+
+def _check_search(beam: int, rerank: int) -> None:
+    from cliplens.errors import InvalidInputError
+
+    if rerank > 1 and beam > 1:
+        raise InvalidInputError("--beam and --rerank are different searches: pick one")
+
+
+def _generate(cap, ref, vectors, beam, top_p, temperature, max_tokens, seed, rerank,
+              batch_size, bf16):  # fmt: skip
+    if rerank > 1:
+        return cap.generate_reranked(
+            vectors, ref.encode_texts, candidates=rerank, top_p=top_p or 1.0,
+            temperature=temperature, seed=seed, bf16=bf16, max_tokens=max_tokens,
+            batch_size=batch_size,
+        )  # fmt: skip
+    return cap.generate(vectors, beams=beam, top_p=top_p, temperature=temperature,
+                        max_tokens=max_tokens, seed=seed, batch_size=batch_size,
+                        bf16=bf16)  # fmt: skip
 
 
 @app.command("train")
@@ -204,6 +233,7 @@ def eval_command(
     beam: BeamOpt = 1,
     top_p: TopPOpt = None,
     seed: SeedOpt = 0,
+    rerank: RerankOpt = 1,
     max_tokens: MaxTokensOpt = None,
     limit: Annotated[int | None, typer.Option("--limit", help="First N images only.")] = None,
     captions_out: Annotated[
@@ -219,6 +249,8 @@ def eval_command(
     import json
 
     from cliplens.store.catalog import Catalog, default_db_path
+
+    _check_search(beam, rerank)
     from cliplens.tasks.caption.metrics import score_captions
     from cliplens.train.caption import embed_pairs
     from cliplens.train.data import read_pairs
@@ -229,8 +261,8 @@ def eval_command(
     pairs = embed_pairs(ref, read_pairs(data), None, catalog, show_progress(), warn_message)
     k = min(limit or len(pairs.images), len(pairs.images))
     refs = pairs.references()[:k]
-    captions = cap.generate(pairs.vectors[:k], beams=beam, top_p=top_p, seed=seed,
-                            max_tokens=max_tokens, bf16=_bf16(device, precision))  # fmt: skip
+    captions = _generate(cap, ref, pairs.vectors[:k], beam, top_p, 1.0, max_tokens, seed,
+                         rerank, 32, _bf16(device, precision))  # fmt: skip
     scores = score_captions(captions, refs)
     if captions_out:
         with captions_out.open("w", encoding="utf-8") as f:

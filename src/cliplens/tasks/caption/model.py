@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -188,16 +189,20 @@ class Captioner(nn.Module):
         seed: int = 0,
         batch_size: int = 32,
         bf16: bool = False,
+        samples: int = 1,
     ) -> list[str]:
         """Captions for (N, D) embeddings: greedy (beams 1), beam search, or nucleus sampling
         with `top_p` (seeded, so the same call gives the same captions). `bf16` runs the LM
-        under bf16 autocast."""
+        under bf16 autocast. With `samples` > 1 (sampling only), N * samples captions come
+        back, each image's together."""
         if top_p is not None and not 0 < top_p <= 1:
             raise InvalidInputError(f"--top-p {top_p}: use a value in (0, 1]")
         if beams < 1:
             raise InvalidInputError(f"--beam {beams}: use at least 1")
         if top_p is not None and beams > 1:
             raise InvalidInputError("--beam and --top-p are different searches: pick one")
+        if samples > 1 and top_p is None:
+            raise InvalidInputError("several captions per image need sampling (--top-p)")
         x = torch.as_tensor(np.asarray(embeddings, dtype=np.float32))
         if x.ndim != 2 or x.shape[1] != self.cfg.embed_dim:
             raise InvalidInputError(
@@ -212,6 +217,7 @@ class Captioner(nn.Module):
             "pad_token_id": tok.pad_token_id,
             "num_beams": beams,
             "do_sample": top_p is not None,
+            "num_return_sequences": samples,
         }
         if top_p is not None:
             options.update(top_p=top_p, top_k=0, temperature=temperature)
@@ -232,6 +238,44 @@ class Captioner(nn.Module):
                 ids = self.lm.generate(inputs_embeds=prefix, attention_mask=mask, **options)
             out.extend(t.strip() for t in tok.batch_decode(ids, skip_special_tokens=True))
         return out
+
+    def generate_reranked(
+        self,
+        embeddings: np.ndarray,
+        encode_texts: Callable[[list[str]], np.ndarray],
+        candidates: int = 16,
+        top_p: float = 0.9,
+        temperature: float = 1.0,
+        seed: int = 0,
+        bf16: bool = False,
+        max_tokens: int | None = None,
+        batch_size: int = 32,
+    ) -> list[str]:
+        """Best of `candidates` per image, judged by CLIP: the greedy caption and
+        `candidates - 1` nucleus samples, and the one whose text embedding (`encode_texts`,
+        the captioner's own encoder) is closest to the image's wins. The encoder knows
+        combinations the decoder's training captions never showed it, so it can overrule
+        the decoder's prior."""
+        from cliplens.tasks.score import rank
+
+        if candidates < 1:
+            raise InvalidInputError(f"--rerank {candidates}: use at least 1")
+        x = np.asarray(embeddings, dtype=np.float32)
+        options = {"bf16": bf16, "max_tokens": max_tokens, "batch_size": batch_size}
+        greedy = self.generate(x, **options)
+        if candidates == 1:
+            return greedy
+        drawn = self.generate(x, top_p=top_p, temperature=temperature, seed=seed,
+                              samples=candidates - 1, **options)  # fmt: skip
+        pools = [[greedy[i], *drawn[i * (candidates - 1) : (i + 1) * (candidates - 1)]]
+                 for i in range(len(x))]  # fmt: skip
+        unique = sorted({c for pool in pools for c in pool})
+        vectors = dict(zip(unique, encode_texts(unique), strict=True))
+        best = []
+        for i, pool in enumerate(pools):
+            order, _ = rank(np.stack([vectors[c] for c in pool]), x[i])
+            best.append(pool[int(order[0])])
+        return best
 
     def check_encoder(self, model_id: str, name: str) -> None:
         check_encoder(self.cfg, model_id, name)
