@@ -16,6 +16,7 @@ from cliplens.cli.common import (
     PrecisionOpt,
     collect_images,
     embed_paths,
+    read_catalog,
 )
 from cliplens.cli.output import Format, info, print_csv, print_json, print_table, show_progress
 from cliplens.cli.output import warn as warn_message
@@ -189,7 +190,6 @@ def train_command(
 ) -> None:
     """Train a captioner on image-caption pairs; writes OUT/captioner."""
     from cliplens.models.ref import ModelRef
-    from cliplens.store.catalog import Catalog, default_db_path
     from cliplens.tasks.caption.lm import ScratchLM
     from cliplens.train.caption import (
         CaptionTrainConfig,
@@ -211,8 +211,7 @@ def train_command(
     train_pairs = read_pairs(data)
     val_pairs = read_pairs(val) if val else []
     ref = ModelRef(model, device=device, precision=precision)
-    path = db or default_db_path()
-    catalog = Catalog(path, readonly=True) if path.exists() else None
+    catalog = read_catalog(db)
     cache = out / "embeddings"
     progress = show_progress()
     train_data = embed_pairs(ref, train_pairs, cache, catalog, progress, warn_message)
@@ -248,16 +247,13 @@ def eval_command(
     """BLEU-1..4, ROUGE-L, CIDEr-D (and METEOR, SPICE with Java) against the references."""
     import json
 
-    from cliplens.store.catalog import Catalog, default_db_path
-
     _check_search(beam, rerank)
     from cliplens.tasks.caption.metrics import score_captions
     from cliplens.train.caption import embed_pairs
     from cliplens.train.data import read_pairs
 
     cap, ref = _captioner_and_encoder(captioner, model, device, precision)
-    path = db or default_db_path()
-    catalog = Catalog(path, readonly=True) if path.exists() else None
+    catalog = read_catalog(db)
     pairs = embed_pairs(ref, read_pairs(data), None, catalog, show_progress(), warn_message)
     k = min(limit or len(pairs.images), len(pairs.images))
     refs = pairs.references()[:k]

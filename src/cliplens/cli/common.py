@@ -64,17 +64,22 @@ DbOpt = Annotated[
 ]
 
 
+def read_catalog(db: Path | None):
+    """The catalog to reuse embeddings from (--db, or the default one), if it exists."""
+    from cliplens.store.catalog import Catalog, default_db_path
+
+    path = db or default_db_path()
+    return Catalog(path, readonly=True) if path.exists() else None
+
+
 def embed_paths(model, files, db: Path | None, max_megapixels: float | None = None,
                 features: bool = False):  # fmt: skip
     """Embed files, taking unchanged ones from the catalog (--db, or the default one when it
     exists) so a folder already indexed is not encoded again."""
     from cliplens.cli.output import show_progress
-    from cliplens.store.catalog import Catalog, default_db_path
     from cliplens.tasks.embed import embed_files
 
-    path = db or default_db_path()
-    catalog = Catalog(path, readonly=True) if path.exists() else None
-    return embed_files(model, files, catalog, progress=show_progress(),
+    return embed_files(model, files, read_catalog(db), progress=show_progress(),
                        max_megapixels=max_megapixels, features=features)  # fmt: skip
 
 
