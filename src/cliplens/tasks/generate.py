@@ -1,0 +1,218 @@
+"""CLIP-guided image synthesis: optimise a generator's parameters so that CLIP embeds random
+cut-outs of the image close to the prompts (CLIP+VQGAN's recipe), with augmentations so the
+result does not become an adversarial pattern.
+
+Prompts use VQGAN-CLIP's syntax: "a red circle:1 | blurry:-0.5". A negative weight pushes
+the image away from that text. The distance is the squared spherical distance between unit
+vectors, as VQGAN-CLIP uses.
+
+Generators share one interface (a module whose forward() gives a (1, 3, H, W) image in
+[0, 1]). `FourierImage` needs no weights: the image is parameterised by its Fourier
+spectrum, scaled so that low frequencies dominate, with decorrelated colour, as Lucid's
+feature visualisation does.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from cliplens.errors import InvalidInputError
+
+# Lucid's square root of the colour correlation matrix of ImageNet, from its SVD
+_COLOUR_SQRT = torch.tensor([[0.26, 0.09, 0.02], [0.27, 0.00, -0.05], [0.27, -0.09, 0.03]])
+_COLOUR_SQRT = _COLOUR_SQRT / _COLOUR_SQRT.norm(dim=0).max()
+
+
+@dataclass(frozen=True)
+class Prompt:
+    text: str | None
+    weight: float = 1.0
+    image: Path | None = None
+
+
+def parse_prompts(spec: str) -> list[Prompt]:
+    """ "a red circle:1 | blurry:-0.5" -> text prompts with weights (default 1). A colon is
+    a weight only when a number follows it, so "16:9 poster" stays text."""
+    prompts = []
+    for part in spec.split("|"):
+        part = part.strip()
+        if not part:
+            raise InvalidInputError(
+                f"prompt '{spec}': an empty part between '|'; write 'text:weight | text:weight'"
+            )
+        text, weight = part, 1.0
+        head, sep, tail = part.rpartition(":")
+        if sep:
+            try:
+                weight = float(tail)
+                text = head.strip()
+            except ValueError:
+                pass  # the colon belongs to the text
+        if not text:
+            raise InvalidInputError(f"prompt part '{part}': a weight without text")
+        if not math.isfinite(weight):
+            raise InvalidInputError(f"prompt part '{part}': the weight must be a finite number")
+        prompts.append(Prompt(text, weight))
+    if not any(p.weight > 0 for p in prompts):
+        raise InvalidInputError(f"prompt '{spec}': at least one part needs a positive weight")
+    return prompts
+
+
+class FourierImage(nn.Module):
+    """An image as a scaled Fourier spectrum with decorrelated colour (no weights needed)."""
+
+    def __init__(self, size: int, decay: float = 1.0, std: float = 0.01) -> None:
+        super().__init__()
+        if size < 16:
+            raise InvalidInputError(f"--size {size}: use at least 16 pixels")
+        fy = torch.fft.fftfreq(size)[:, None]
+        fx = torch.fft.rfftfreq(size)[None, :]
+        freqs = torch.sqrt(fx**2 + fy**2)
+        self.register_buffer("scale", 1.0 / torch.clamp(freqs, min=1.0 / size) ** decay)
+        self.spectrum = nn.Parameter(torch.randn(3, size, size // 2 + 1, 2) * std)
+        self.size = size
+
+    def forward(self) -> torch.Tensor:
+        spectrum = torch.view_as_complex(self.spectrum) * self.scale
+        image = torch.fft.irfft2(spectrum, s=(self.size, self.size), norm="ortho")
+        colour = torch.einsum("ij,jhw->ihw", _COLOUR_SQRT.to(image), image)
+        return torch.sigmoid(colour)[None]
+
+    @torch.no_grad()
+    def init_from(self, image: torch.Tensor) -> None:
+        """Start from an image (1, 3, H, W) in [0, 1]: the inverse of forward()."""
+        x = image[0].clamp(1e-3, 1 - 1e-3)
+        logits = torch.log(x / (1 - x))
+        decorrelated = torch.linalg.solve(_COLOUR_SQRT.to(x), logits.reshape(3, -1))
+        spectrum = torch.fft.rfft2(decorrelated.reshape(x.shape), norm="ortho") / self.scale
+        self.spectrum.copy_(torch.view_as_real(spectrum))
+
+
+class Cutouts(nn.Module):
+    """`n` random square crops of 10-100% of the side, resized to the model's input, with a
+    random flip and a little noise each step."""
+
+    def __init__(self, n: int, out_size: int, min_frac: float = 0.1, noise: float = 0.05):
+        super().__init__()
+        self.n, self.out_size, self.min_frac, self.noise = n, out_size, min_frac, noise
+
+    def forward(self, image: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        _, _, h, w = image.shape
+        side = min(h, w)
+        crops = []
+        for _ in range(self.n):
+            u = float(torch.rand((), generator=generator))
+            s = max(8, int(side * (self.min_frac + (1 - self.min_frac) * u**2)))
+            y = int(torch.randint(0, h - s + 1, (), generator=generator))
+            x = int(torch.randint(0, w - s + 1, (), generator=generator))
+            crop = image[:, :, y : y + s, x : x + s]
+            size = (self.out_size, self.out_size)
+            crop = nn.functional.interpolate(
+                crop, size=size, mode="bilinear", align_corners=False, antialias=s > self.out_size
+            )
+            if float(torch.rand((), generator=generator)) < 0.5:
+                crop = crop.flip(-1)
+            crops.append(crop)
+        batch = torch.cat(crops)
+        noise = torch.randn(batch.shape, generator=generator) * self.noise
+        return (batch + noise).clamp(0, 1)
+
+
+def spherical_distance(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """2 * arcsin(|x - y| / 2)^2 between unit vectors: (N, D) x (D,) -> (N,)."""
+    x = nn.functional.normalize(x, dim=-1)
+    y = nn.functional.normalize(y, dim=-1)
+    return (x - y).norm(dim=-1).div(2).arcsin().pow(2).mul(2)
+
+
+def prompt_loss(emb: torch.Tensor, targets: list[torch.Tensor], weights) -> torch.Tensor:
+    """Sum over prompts of weight * mean spherical distance of the cut-outs' embeddings."""
+    pairs = zip(weights, targets, strict=True)
+    terms = [float(w) * spherical_distance(emb, t).mean() for w, t in pairs]
+    return torch.stack(terms).sum()
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    size: int = 256
+    steps: int = 300
+    lr: float = 0.05
+    cutouts: int = 16
+    seed: int = 0
+    save_every: int = 0  # keep a frame every N steps (0: none)
+
+
+@dataclass
+class GenerateResult:
+    image: np.ndarray  # (H, W, 3) uint8
+    losses: list[float]
+    similarities: list[float]  # mean cosine of the cut-outs to the first positive prompt
+    frames: list[np.ndarray]
+
+
+def generate(
+    encoder: Any,
+    prompts: list[Prompt],
+    cfg: GenerateConfig,
+    generator: nn.Module | None = None,
+    on_step: Callable[[int, float], None] | None = None,
+) -> GenerateResult:
+    """Optimise `generator` (a FourierImage of cfg.size by default) toward the prompts.
+    The same seed gives the same image on CPU."""
+    torch.manual_seed(cfg.seed)
+    rng = torch.Generator().manual_seed(cfg.seed)
+    image_gen = generator if generator is not None else FourierImage(cfg.size)
+    tower = encoder.image_tower().eval()
+    tower.requires_grad_(False)
+    prep = encoder.info.preprocessing
+    mean = torch.tensor(prep.mean).view(1, 3, 1, 1)
+    std = torch.tensor(prep.std).view(1, 3, 1, 1)
+    targets, weights = _targets(encoder, prompts)
+    first = int(np.argmax(weights > 0))
+    cut = Cutouts(cfg.cutouts, prep.image_size)
+    opt = torch.optim.Adam(image_gen.parameters(), lr=cfg.lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, cfg.steps))
+    losses, sims, frames = [], [], []
+    for step in range(cfg.steps):
+        image = image_gen()
+        emb = tower(((cut(image, rng) - mean) / std).float())
+        loss = prompt_loss(emb, targets, weights)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            unit = nn.functional.normalize(targets[first], dim=0)
+            cos = nn.functional.normalize(emb, dim=-1) @ unit
+        losses.append(loss.item())
+        sims.append(float(cos.mean()))
+        if on_step:
+            on_step(step + 1, sims[-1])
+        if cfg.save_every and (step + 1) % cfg.save_every == 0:
+            frames.append(_to_uint8(image))
+    with torch.no_grad():
+        final = _to_uint8(image_gen())
+    return GenerateResult(final, losses, sims, frames)
+
+
+def _targets(encoder: Any, prompts: list[Prompt]) -> tuple[list[torch.Tensor], np.ndarray]:
+    texts = [p.text for p in prompts if p.text is not None]
+    text_emb = iter(encoder.encode_texts(texts)) if texts else iter(())
+    images = [p.image for p in prompts if p.image is not None]
+    image_emb = iter(encoder.encode_images(images)) if images else iter(())
+    targets = [torch.from_numpy(np.asarray(next(text_emb) if p.text is not None
+                                           else next(image_emb), np.float32))
+               for p in prompts]  # fmt: skip
+    return targets, np.array([p.weight for p in prompts], dtype=np.float64)
+
+
+def _to_uint8(image: torch.Tensor) -> np.ndarray:
+    return (image[0].detach().permute(1, 2, 0).clamp(0, 1).numpy() * 255).round().astype(np.uint8)
