@@ -9,10 +9,11 @@ from contextlib import contextmanager
 @contextmanager
 def progress_bar(
     total: int, description: str, enabled: bool = True
-) -> Iterator[Callable[[int], None]]:
-    """Yields `advance(n)`; shows nothing when disabled or when stderr is not a terminal."""
+) -> Iterator[Callable[..., None]]:
+    """Yields `advance(n, note=None)`, where a note (e.g. the current similarity) is shown
+    after the bar; shows nothing when disabled or when stderr is not a terminal."""
     if not enabled or total <= 0:
-        yield lambda n: None
+        yield lambda n, note=None: None
         return
     from rich.console import Console
     from rich.progress import (
@@ -34,12 +35,15 @@ def progress_bar(
         TimeElapsedColumn(),
         TextColumn("eta"),
         TimeRemainingColumn(),
+        TextColumn("{task.fields[note]}"),
     )
     with Progress(*columns, console=Console(stderr=True), transient=False) as bar:
-        task = bar.add_task(description, total=total, rate="")
+        task = bar.add_task(description, total=total, rate="", note="")
 
-        def advance(n: int) -> None:
+        def advance(n: int, note: str | None = None) -> None:
             bar.advance(task, n)
+            if note is not None:
+                bar.update(task, note=note)
             speed = bar.tasks[task].speed
             if speed:
                 bar.update(task, rate=f"{speed:.1f}/s")

@@ -99,3 +99,24 @@ def test_generation_is_seeded_and_moves_toward_the_prompt(tiny):
     c = generate(tiny, prompts, GenerateConfig(size=32, steps=12, cutouts=4, seed=6, lr=0.1))
     assert not np.array_equal(a.image, c.image)
     assert np.mean(a.similarities[-3:]) > np.mean(a.similarities[:3])
+
+
+def test_generate_cli(tmp_path, tiny_model_dir, photos, capsys):
+    from PIL import Image
+
+    from cliplens.cli.main import main
+
+    photo = str(next(photos.glob("*.jpg")))
+    args = ["generate", "a red circle:1 | blurry:-0.5", "--negative", "noise",
+            "--image-prompt", photo, "--init-image", photo, "--size", "32", "--steps", "4",
+            "--cutouts", "2", "--save-every", "2",
+            "--model", f"local:{tiny_model_dir}"]  # fmt: skip
+    assert main([*args, "--out", str(tmp_path / "a.png")]) == 0
+    assert "similarity" in capsys.readouterr().err
+    assert Image.open(tmp_path / "a.png").size == (32, 32)
+    assert sorted(p.name for p in (tmp_path / "a_frames").iterdir()) == ["00002.png", "00004.png"]
+    assert Image.open(tmp_path / "a.gif").n_frames == 2
+    assert main([*args, "--out", str(tmp_path / "b.png")]) == 0
+    assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()  # seeded
+    assert main(["generate", "blurry:-1", "--model", f"local:{tiny_model_dir}"]) == 2
+    assert "positive weight" in capsys.readouterr().err

@@ -11,6 +11,7 @@ from cliplens.cli import (
     caption,
     classify,
     datasets,
+    generate,
     models,
     moderate,
     probe,
@@ -35,6 +36,7 @@ app.command("similar")(search.similar_command)
 app.command("duplicates")(search.duplicates_command)
 app.command("score")(score.score_command)
 app.command("rerank")(score.rerank_command)
+app.command("generate")(generate.generate_command)
 app.add_typer(moderate.app, name="moderate")
 app.add_typer(quality.app, name="quality")
 app.add_typer(caption.app, name="caption")
