@@ -49,7 +49,6 @@ def main() -> None:
     ref = ModelRef(captioner.cfg.encoder)
     data = embed_pairs(ref, pairs)  # one caption per image here, so rows follow the file
     assert len(data.images) == len(rows)
-    torch.set_num_threads(torch.get_num_threads())
     results = {}
     for precision in args.precisions.split(","):
         autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")

@@ -181,7 +181,7 @@ def test_frozen_lm_is_referenced_not_copied(tmp_path):
 
 def test_refuses_another_encoder(tmp_path):
     cap = _captioner()
-    cap.check_encoder("enc-a", "local:/x")  # its own encoder is fine
+    check_encoder(cap.cfg, "enc-a", "local:/x")  # its own encoder is fine
     with pytest.raises(InvalidInputError, match="trained on embeddings of local:/x"):
         check_encoder(cap.cfg, "enc-b", "offline")
     with pytest.raises(InvalidInputError, match=r"shape \(2, 8\)"):

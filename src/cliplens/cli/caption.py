@@ -254,8 +254,12 @@ def eval_command(
 
     cap, ref = _captioner_and_encoder(captioner, model, device, precision)
     catalog = read_catalog(db)
-    pairs = embed_pairs(ref, read_pairs(data), None, catalog, show_progress(), warn_message)
-    k = min(limit or len(pairs.images), len(pairs.images))
+    rows = read_pairs(data)
+    if limit:  # the first `limit` images, with all their captions: only those are embedded
+        first = set(list(dict.fromkeys(p.image for p in rows))[:limit])
+        rows = [p for p in rows if p.image in first]
+    pairs = embed_pairs(ref, rows, None, catalog, show_progress(), warn_message)
+    k = len(pairs.images)
     refs = pairs.references()[:k]
     captions = _generate(cap, ref, pairs.vectors[:k], beam, top_p, 1.0, max_tokens, seed,
                          rerank, 32, _bf16(device, precision))  # fmt: skip

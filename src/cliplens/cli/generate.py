@@ -8,7 +8,7 @@ from typing import Annotated
 import numpy as np
 import typer
 
-from cliplens.cli.common import DeviceOpt, ModelOpt
+from cliplens.cli.common import ModelOpt
 from cliplens.cli.output import info
 from cliplens.errors import InvalidInputError
 
@@ -37,7 +37,6 @@ def generate_command(
         typer.Option("--save-every", help="Keep a frame every N steps: OUT_frames/ and a GIF."),
     ] = 0,
     model: ModelOpt = None,
-    device: DeviceOpt = None,
 ) -> None:
     """Optimise an image (Fourier-parameterised) so CLIP matches it to the prompts."""
     from PIL import Image
@@ -69,7 +68,8 @@ def generate_command(
         start = open_image(init_image).convert("RGB").resize((size, size))
         pixels = torch.from_numpy(np.asarray(start, np.float32) / 255).permute(2, 0, 1)[None]
         generator.init_from(pixels)
-    encoder = load_model(model, device="cpu" if device is None else device, precision="fp32")
+    # the optimisation loop runs on the CPU, in fp32 (gradients through the image tower)
+    encoder = load_model(model, device="cpu", precision="fp32")
     from cliplens.progress import progress_bar
 
     with progress_bar(steps, "generating", show_progress()) as advance:

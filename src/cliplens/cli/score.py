@@ -80,7 +80,7 @@ def score_command(
     """CLIPScore = 2.5 * max(cos(image, text), 0) per image, and the mean; RefCLIPScore with
     reference captions (Hessel et al. 2021)."""
     from cliplens.models.ref import ModelRef
-    from cliplens.tasks.score import clip_score, ref_clip_score
+    from cliplens.tasks.score import clip_score, cosine, ref_clip_score
 
     if (captions is None) == (prompt is None):
         raise InvalidInputError("give --prompt TEXT with image PATHS, or --captions FILE")
@@ -108,7 +108,7 @@ def score_command(
         kept = None
         texts = ref.encode_texts([prompt])
         ref_sets = [shared_refs] * len(done.paths) if shared_refs else None
-    signed = np.sum(done.vectors * np.broadcast_to(texts, done.vectors.shape), axis=1)
+    signed = cosine(done.vectors, texts)
     clip = clip_score(done.vectors, texts)
     ref_scores = harmonic = None
     if ref_sets is not None and all(ref_sets):
@@ -132,11 +132,10 @@ def score_command(
     mean = {"clip_score": round(float(np.mean(clip)), 4)}
     if harmonic is not None:
         mean["ref_clip_score"] = round(float(np.mean(harmonic)), 4)
+    keys = [k for k in out[0] if k != "path"]
     if fmt is Format.json:
         print_json({"images": out, "mean": mean, "model": ref.info.model_id})
-        return
-    keys = [k for k in out[0] if k != "path"]
-    if fmt is Format.csv:
+    elif fmt is Format.csv:
         print_csv(["path", *keys], [[r["path"], *(r[k] for k in keys)] for r in out])
     else:
         title = "  ".join(f"mean {k} {v}" for k, v in mean.items())
@@ -163,7 +162,7 @@ def rerank_command(
     """Order candidate images by how well they fit PROMPT (best-of-N, as DALL-E reranked its
     samples with CLIP)."""
     from cliplens.models.ref import ModelRef
-    from cliplens.tasks.score import W, rank
+    from cliplens.tasks.score import clip_score, rank
 
     if not prompt.strip():
         raise InvalidInputError("the prompt is empty")
@@ -176,9 +175,11 @@ def rerank_command(
         warn(f"{e} (not ranked)")
     if not done.paths:
         raise typer.Exit(1)
-    order, cos = rank(done.vectors, ref.encode_texts([prompt]))
+    text = ref.encode_texts([prompt])
+    order, cos = rank(done.vectors, text)
+    scores = clip_score(done.vectors, text)
     top = order[:k] if k else order
-    rows = [(r + 1, done.paths[i], round(float(cos[i]), 4), round(W * max(float(cos[i]), 0), 4))
+    rows = [(r + 1, done.paths[i], round(float(cos[i]), 4), round(float(scores[i]), 4))
             for r, i in enumerate(top)]  # fmt: skip
     if copy_top is not None:
         copy_top.mkdir(parents=True, exist_ok=True)

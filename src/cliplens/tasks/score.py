@@ -38,15 +38,25 @@ def _rows(x: np.ndarray, what: str) -> np.ndarray:
     return x
 
 
-def clip_score(images: np.ndarray, texts: np.ndarray, w: float = W) -> np.ndarray:
-    """w * max(cos, 0) row by row; one text (D,) is compared with every image."""
+def _paired(images: np.ndarray, texts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(images, texts) as rows of equal count: one text (D,) stands for every image."""
     img, txt = _rows(images, "images"), _rows(texts, "texts")
     if txt.shape[0] == 1:
         txt = np.broadcast_to(txt, img.shape)
     if img.shape != txt.shape:
         raise InvalidInputError(f"{img.shape[0]} images but {txt.shape[0]} texts to pair them")
-    cos = np.sum(_unit(img) * _unit(txt), axis=1)
-    return w * np.maximum(cos, 0.0)
+    return img, txt
+
+
+def cosine(images: np.ndarray, texts: np.ndarray) -> np.ndarray:
+    """cos(image_i, text_i) row by row (one text: against every image)."""
+    img, txt = _paired(images, texts)
+    return np.sum(_unit(img) * _unit(txt), axis=1)
+
+
+def clip_score(images: np.ndarray, texts: np.ndarray, w: float = W) -> np.ndarray:
+    """w * max(cos, 0) row by row; one text (D,) is compared with every image."""
+    return w * np.maximum(cosine(images, texts), 0.0)
 
 
 def ref_clip_score(
@@ -54,9 +64,7 @@ def ref_clip_score(
 ) -> tuple[np.ndarray, np.ndarray]:
     """(reference scores, RefCLIPScores): for candidate i, max(max_r cos(c_i, r), 0) over
     its references (R_i, D), and the harmonic mean of that with CLIPScore(c_i, v_i)."""
-    img, txt = _rows(images, "images"), _rows(texts, "texts")
-    if txt.shape[0] == 1:
-        txt = np.broadcast_to(txt, img.shape)
+    img, txt = _paired(images, texts)
     if len(references) != img.shape[0]:
         raise InvalidInputError(f"{img.shape[0]} images but {len(references)} reference sets")
     clip = clip_score(img, txt, w)

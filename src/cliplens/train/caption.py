@@ -13,12 +13,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
-import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +25,8 @@ import torch
 
 from cliplens.errors import InvalidInputError
 from cliplens.tasks.caption import lm as lms
-from cliplens.tasks.caption.model import VARIANTS, Captioner, CaptionerConfig
+from cliplens.tasks.caption.model import Captioner, CaptionerConfig, check_lm_setup
+from cliplens.train.clip import rng_state, set_rng_state, warmup_cosine
 from cliplens.train.data import Pair
 
 
@@ -62,13 +61,7 @@ class CaptionTrainConfig:
     def validate(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:
             raise InvalidInputError("--epochs and --batch-size must be at least 1")
-        if self.variant not in VARIANTS:
-            raise InvalidInputError(f"--variant {self.variant}: use mlp or transformer")
-        if lms.is_scratch(self.lm) and not self.lm_trained:
-            raise InvalidInputError(
-                f"--lm {self.lm} starts from random weights, so it cannot stay frozen; "
-                "drop --freeze-lm"
-            )
+        check_lm_setup(self.variant, self.lm, self.lm_trained)
         if not 0 <= self.word_dropout < 1:
             raise InvalidInputError(f"--word-dropout {self.word_dropout}: use a value in [0, 1)")
         if self.precision not in ("bf16", "fp32"):
@@ -168,15 +161,6 @@ def _pair_rows(pairs: Sequence[Pair], images: list[str], vectors: np.ndarray) ->
     return EmbeddedPairs(vectors, images, rows, [c for _, c in kept])
 
 
-def _schedule(warmup: int, total: int) -> Callable[[int], float]:
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
-
-    return factor
-
-
 def _build(cfg: CaptionTrainConfig, encoder: dict[str, Any], captions: list[str], out: Path):
     """The captioner to train. A scratch LM's tokenizer and config are kept in OUT/scratch-lm
     so a resumed run rebuilds the same one."""
@@ -202,11 +186,6 @@ def _build(cfg: CaptionTrainConfig, encoder: dict[str, Any], captions: list[str]
     )  # fmt: skip
     torch.manual_seed(cfg.seed)
     return Captioner(ccfg, lm, tokenizer)
-
-
-def _rng_state() -> dict[str, Any]:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
-            "python": random.getstate()}  # fmt: skip
 
 
 def train_captioner(
@@ -241,7 +220,7 @@ def train_captioner(
     optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
     per_epoch = n // cfg.batch_size
     total = per_epoch * cfg.epochs
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg.warmup, total))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.warmup, total))
     step, epoch = 0, 0
     ckpt = out / "last.pt"
     saved_cfg = {"train": asdict(cfg), "encoder": encoder}
@@ -255,9 +234,7 @@ def train_captioner(
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         step, epoch = state["step"], state["epoch"]
-        torch.set_rng_state(state["rng"]["torch"])
-        np.random.set_state(state["rng"]["numpy"])
-        random.setstate(state["rng"]["python"])
+        set_rng_state(state["rng"])
     trainable = [p for g in groups for p in g["params"]]
     bf16 = cfg.precision == "bf16"
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
@@ -272,7 +249,7 @@ def train_captioner(
         state = {"config": json.loads(json.dumps(saved_cfg)), "mapper": model.mapper.state_dict(),
                  "lm": model.lm.state_dict() if cfg.lm_trained else None,
                  "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                 "step": step, "epoch": epoch, "rng": _rng_state()}  # fmt: skip
+                 "step": step, "epoch": epoch, "rng": rng_state()}  # fmt: skip
         torch.save(state, tmp)
         tmp.replace(ckpt)
 
@@ -359,7 +336,3 @@ def resolve_encoder(ref: Any) -> dict[str, Any]:
     if name.startswith("local:"):
         name = "local:" + str(Path(name[len("local:") :]).expanduser().resolve())
     return {"name": name, "model_id": ref.info.model_id, "dim": int(ref.info.dim)}
-
-
-def with_defaults(cfg: CaptionTrainConfig, **changes: Any) -> CaptionTrainConfig:
-    return replace(cfg, **{k: v for k, v in changes.items() if v is not None})

@@ -165,11 +165,13 @@ def _parameters(model: Any, cfg: TrainConfig) -> list[dict[str, Any]]:
             {"params": no_decay, "weight_decay": 0.0}]  # fmt: skip
 
 
-def _schedule(cfg: TrainConfig, total_steps: int) -> Callable[[int], float]:
+def warmup_cosine(warmup: int, total_steps: int) -> Callable[[int], float]:
+    """LambdaLR factor: linear warmup over `warmup` steps, then cosine to 0 at total_steps."""
+
     def factor(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
         return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
     return factor
@@ -185,12 +187,13 @@ class TrainResult:
     stopped_early: bool = False
 
 
-def _rng_state() -> dict[str, Any]:
+def rng_state() -> dict[str, Any]:
+    """Every generator a training run draws from, for an exact resume."""
     return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
             "python": random.getstate()}  # fmt: skip
 
 
-def _set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
@@ -240,7 +243,7 @@ def train(
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6, fused=True)
     per_epoch = len(data) // (cfg.batch_size * cfg.accumulate)
     total = per_epoch * cfg.epochs
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg, total))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.warmup_steps, total))
     step, epoch = 0, 0
     ckpt = out / "last.pt"
     if resume and ckpt.is_file():
@@ -251,7 +254,7 @@ def train(
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         step, epoch = state["step"], state["epoch"]
-        _set_rng_state(state["rng"])
+        set_rng_state(state["rng"])
     else:
         _set_seed(cfg.seed)
     # evaluation data is decoded once, by the process that evaluates
@@ -273,7 +276,7 @@ def train(
         tmp = ckpt.with_name(".last.pt.tmp")
         torch.save({"config": asdict(cfg), "model": model.state_dict(),
                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "step": step, "epoch": epoch, "rng": _rng_state()}, tmp)  # fmt: skip
+                    "step": step, "epoch": epoch, "rng": rng_state()}, tmp)  # fmt: skip
         tmp.replace(ckpt)
 
     with progress_bar(total - step, "training", progress) as advance:

@@ -123,7 +123,7 @@ def train_robust(
 ) -> RobustResult:
     """Distil a corruption-robust student from `teacher` (an Encoder) on `images`."""
     from cliplens.progress import progress_bar
-    from cliplens.train.clip import _schedule
+    from cliplens.train.clip import warmup_cosine
     from cliplens.train.loss import clip_loss
 
     cfg.validate()
@@ -144,7 +144,7 @@ def train_robust(
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
     per_epoch = len(decoded) // cfg.batch_size
     total = per_epoch * cfg.epochs
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg, total))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.warmup_steps, total))
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
     scale = torch.tensor(1.0 / cfg.temperature)
     rng = np.random.default_rng(cfg.seed)

@@ -51,19 +51,23 @@ class CaptionerConfig:
     max_tokens: int = 40  # caption tokens, in training and generation
 
     def validate(self) -> None:
-        if self.variant not in VARIANTS:
-            raise InvalidInputError(f"--variant {self.variant}: use mlp or transformer")
+        check_lm_setup(self.variant, self.lm, self.lm_trained)
         if self.prefix_length < 1 or self.clip_length < 1:
             raise InvalidInputError("--prefix-length must be at least 1")
         if self.variant == "transformer" and self.lm_width % self.mapper_heads:
             raise InvalidInputError(
                 f"the LM width {self.lm_width} does not split into {self.mapper_heads} heads"
             )
-        if lms.is_scratch(self.lm) and not self.lm_trained:
-            raise InvalidInputError(
-                f"--lm {self.lm} starts from random weights, so it cannot stay frozen; "
-                "drop --freeze-lm"
-            )
+
+
+def check_lm_setup(variant: str, lm: str, lm_trained: bool) -> None:
+    """The variant exists, and an LM from scratch is trained (it has nothing to keep)."""
+    if variant not in VARIANTS:
+        raise InvalidInputError(f"--variant {variant}: use mlp or transformer")
+    if lms.is_scratch(lm) and not lm_trained:
+        raise InvalidInputError(
+            f"--lm {lm} starts from random weights, so it cannot stay frozen; drop --freeze-lm"
+        )
 
 
 class MLPMapper(nn.Module):
@@ -276,9 +280,6 @@ class Captioner(nn.Module):
             order, _ = rank(np.stack([vectors[c] for c in pool]), x[i])
             best.append(pool[int(order[0])])
         return best
-
-    def check_encoder(self, model_id: str, name: str) -> None:
-        check_encoder(self.cfg, model_id, name)
 
     def save(self, folder: str | os.PathLike) -> Path:
         """Write the captioner folder (atomically: a folder of the same name is replaced)."""
