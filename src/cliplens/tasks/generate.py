@@ -6,10 +6,12 @@ Prompts use VQGAN-CLIP's syntax: "a red circle:1 | blurry:-0.5". A negative weig
 the image away from that text. The distance is the squared spherical distance between unit
 vectors, as VQGAN-CLIP uses.
 
-Generators share one interface (a module whose forward() gives a (1, 3, H, W) image in
-[0, 1]). `FourierImage` needs no weights: the image is parameterised by its Fourier
-spectrum, scaled so that low frequencies dominate, with decorrelated colour, as Lucid's
-feature visualisation does.
+Generators share one interface: a module whose forward() gives a (1, 3, H, W) image in
+[0, 1], whose trainable parameters are what the loop optimises, and whose init_from(image)
+starts it from a picture. `FourierImage` needs no weights: the image is parameterised by its
+Fourier spectrum, scaled so that low frequencies dominate, with decorrelated colour, as
+Lucid's feature visualisation does. `cliplens.tasks.vqgan.VQGANImage` decodes a VQGAN
+latent grid (taming-transformers weights supplied by the user).
 """
 
 from __future__ import annotations
@@ -69,7 +71,7 @@ def parse_prompts(spec: str) -> list[Prompt]:
 class FourierImage(nn.Module):
     """An image as a scaled Fourier spectrum with decorrelated colour (no weights needed)."""
 
-    def __init__(self, size: int, decay: float = 1.0, std: float = 0.01) -> None:
+    def __init__(self, size: int, seed: int = 0, decay: float = 1.0, std: float = 0.01) -> None:
         super().__init__()
         if size < 16:
             raise InvalidInputError(f"--size {size}: use at least 16 pixels")
@@ -77,7 +79,8 @@ class FourierImage(nn.Module):
         fx = torch.fft.rfftfreq(size)[None, :]
         freqs = torch.sqrt(fx**2 + fy**2)
         self.register_buffer("scale", 1.0 / torch.clamp(freqs, min=1.0 / size) ** decay)
-        self.spectrum = nn.Parameter(torch.randn(3, size, size // 2 + 1, 2) * std)
+        rng = torch.Generator().manual_seed(seed)
+        self.spectrum = nn.Parameter(torch.randn(3, size, size // 2 + 1, 2, generator=rng) * std)
         self.size = size
 
     def forward(self) -> torch.Tensor:
@@ -97,20 +100,23 @@ class FourierImage(nn.Module):
 
 
 class Cutouts(nn.Module):
-    """`n` random square crops of 10-100% of the side, resized to the model's input, with a
-    random flip and a little noise each step."""
+    """`n` random square crops resized to the model's input, with a random flip and a little
+    noise each step. Crop sides are uniform between the model's input size (never enlarged
+    from fewer pixels; the whole image if it is smaller) and the whole image, as VQGAN-CLIP
+    draws them."""
 
-    def __init__(self, n: int, out_size: int, min_frac: float = 0.1, noise: float = 0.05):
+    def __init__(self, n: int, out_size: int, noise: float = 0.05):
         super().__init__()
-        self.n, self.out_size, self.min_frac, self.noise = n, out_size, min_frac, noise
+        self.n, self.out_size, self.noise = n, out_size, noise
 
     def forward(self, image: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         _, _, h, w = image.shape
         side = min(h, w)
+        smallest = min(side, self.out_size)
         crops = []
         for _ in range(self.n):
             u = float(torch.rand((), generator=generator))
-            s = max(8, int(side * (self.min_frac + (1 - self.min_frac) * u**2)))
+            s = int(smallest + (side - smallest) * u)
             y = int(torch.randint(0, h - s + 1, (), generator=generator))
             x = int(torch.randint(0, w - s + 1, (), generator=generator))
             crop = image[:, :, y : y + s, x : x + s]
@@ -166,10 +172,10 @@ def generate(
     on_step: Callable[[int, float], None] | None = None,
 ) -> GenerateResult:
     """Optimise `generator` (a FourierImage of cfg.size by default) toward the prompts.
-    The same seed gives the same image on CPU."""
+    The same seed gives the same image on CPU (seed the generator's start with it too)."""
     torch.manual_seed(cfg.seed)
     rng = torch.Generator().manual_seed(cfg.seed)
-    image_gen = generator if generator is not None else FourierImage(cfg.size)
+    image_gen = generator if generator is not None else FourierImage(cfg.size, cfg.seed)
     tower = encoder.image_tower().eval()
     tower.requires_grad_(False)
     prep = encoder.info.preprocessing
@@ -178,7 +184,8 @@ def generate(
     targets, weights = _targets(encoder, prompts)
     first = int(np.argmax(weights > 0))
     cut = Cutouts(cfg.cutouts, prep.image_size)
-    opt = torch.optim.Adam(image_gen.parameters(), lr=cfg.lr)
+    params = [p for p in image_gen.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=cfg.lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, cfg.steps))
     losses, sims, frames = [], [], []
     for step in range(cfg.steps):
@@ -216,3 +223,44 @@ def _targets(encoder: Any, prompts: list[Prompt]) -> tuple[list[torch.Tensor], n
 
 def _to_uint8(image: torch.Tensor) -> np.ndarray:
     return (image[0].detach().permute(1, 2, 0).clamp(0, 1).numpy() * 255).round().astype(np.uint8)
+
+
+def animation_format(path: Path) -> str:
+    """'.gif' or '.mp4', from the file name; anything else is refused."""
+    if path.suffix.lower() not in (".gif", ".mp4"):
+        raise InvalidInputError(f"animation {path}: name a .gif or .mp4 file")
+    return path.suffix.lower()
+
+
+def write_animation(frames: list[np.ndarray], path: str | Path, fps: int = 10) -> Path:
+    """Frames -> an animated GIF (Pillow) or an MP4 (H.264, through imageio-ffmpeg),
+    by the file's suffix."""
+    path = Path(path)
+    suffix = animation_format(path)
+    if not frames:
+        raise InvalidInputError(f"animation {path}: no frames were kept")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if suffix == ".gif":
+        from PIL import Image
+
+        images = [Image.fromarray(f) for f in frames]
+        images[0].save(path, save_all=True, append_images=images[1:],
+                       duration=round(1000 / fps), loop=0)  # fmt: skip
+        return path
+    try:
+        import imageio_ffmpeg
+    except ImportError as e:
+        raise InvalidInputError(
+            f"animation {path}: MP4 needs imageio-ffmpeg (pip install 'cliplens[generate]'), "
+            "or name a .gif"
+        ) from e
+    h, w = frames[0].shape[:2]
+    # yuv420p (what players expect) needs even sides
+    writer = imageio_ffmpeg.write_frames(str(path), (w - w % 2, h - h % 2), fps=fps,
+                                         codec="libx264", pix_fmt_out="yuv420p",
+                                         macro_block_size=1, quality=8)  # fmt: skip
+    writer.send(None)
+    for frame in frames:
+        writer.send(np.ascontiguousarray(frame[: h - h % 2, : w - w % 2]))
+    writer.close()
+    return path
