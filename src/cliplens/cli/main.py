@@ -18,6 +18,7 @@ from cliplens.cli import (
     quality,
     score,
     search,
+    serve,
     train,
 )
 from cliplens.errors import ClipLensError
@@ -37,6 +38,7 @@ app.command("duplicates")(search.duplicates_command)
 app.command("score")(score.score_command)
 app.command("rerank")(score.rerank_command)
 app.command("generate")(generate.generate_command)
+app.command("serve")(serve.serve_command)
 app.add_typer(moderate.app, name="moderate")
 app.add_typer(quality.app, name="quality")
 app.add_typer(caption.app, name="caption")

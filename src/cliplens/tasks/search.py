@@ -37,6 +37,7 @@ class Term:
 class Hit:
     path: str
     score: float
+    id: int | None = None  # the file's catalog id
 
     def to_dict(self) -> dict:
         return {"path": self.path, "score": round(self.score, 6)}
@@ -46,8 +47,9 @@ def _is_image_term(term: str) -> bool:
     return term.startswith(("./", "../", "/", "~")) or Path(term).is_file()
 
 
-def parse_query(query: str) -> list[Term]:
-    """`2:sunset + ./beach.jpg - people` -> weighted text and image terms."""
+def parse_query(query: str, images: bool = True) -> list[Term]:
+    """`2:sunset + ./beach.jpg - people` -> weighted text and image terms. With
+    `images=False` every term is text (no file is looked at: the server's queries)."""
     parts = re.split(r"\s+([+-])\s+", " " + query.strip() + " ")
     terms: list[Term] = []
     sign = 1.0
@@ -61,7 +63,7 @@ def parse_query(query: str) -> list[Term]:
         weight = 1.0
         if m := _WEIGHT.match(part):
             weight, part = float(m.group(1)), m.group(2).strip().strip("\"'")
-        if _is_image_term(part):
+        if images and _is_image_term(part):
             path = Path(part).expanduser()
             if not path.is_file():
                 raise InvalidInputError(f"query '{query}': image {part} does not exist")
@@ -75,19 +77,29 @@ def query_vector(
     encoder: Encoder | ModelRef, terms: list[Term], catalog: Catalog | None = None
 ) -> np.ndarray:
     """Weighted sum of the terms' embeddings, normalised. Indexed images are not re-encoded."""
-    total = np.zeros(encoder.info.dim, np.float32)
+    vectors, weights = [], []
     texts = [t for t in terms if t.text is not None]
     if texts:
         for t, v in zip(texts, encoder.encode_texts([t.text for t in texts]), strict=True):
-            total += t.weight * v
+            vectors.append(v)
+            weights.append(t.weight)
     for t in terms:
         if t.image is not None:
             v = catalog.embedding_of(t.image, encoder.info.model_id) if catalog else None
             if v is None:
                 v = encoder.encode_images([t.image])[0]
-            total += t.weight * v
+            vectors.append(v)
+            weights.append(t.weight)
+    return weighted_sum(vectors, weights)
+
+
+def weighted_sum(vectors: list[np.ndarray], weights: list[float]) -> np.ndarray:
+    """sum(w * v), normalised: the query vector of weighted terms."""
+    total = np.zeros(len(vectors[0]), np.float32)
+    for v, w in zip(vectors, weights, strict=True):
+        total += w * np.asarray(v, np.float32)
     norm = float(np.linalg.norm(total))
-    if norm == 0:
+    if not norm > 0:
         raise InvalidInputError("the query's terms cancel out; change the weights")
     return total / norm
 
@@ -118,7 +130,7 @@ def search(
     extra = len(exclude) if exclude else 0
     hits = index.search(vec, n + extra, allowed, exact=exact)
     paths = catalog.paths(i for i, _ in hits)
-    out = [Hit(paths[i], s) for i, s in hits if i in paths and paths[i] not in (exclude or ())]
+    out = [Hit(paths[i], s, i) for i, s in hits if i in paths and paths[i] not in (exclude or ())]
     return out[:n]
 
 

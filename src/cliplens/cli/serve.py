@@ -1,0 +1,79 @@
+"""`cliplens serve`: the HTTP API and the web page."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cliplens.cli.common import DbOpt, DeviceOpt, ModelOpt, PrecisionOpt
+from cliplens.cli.output import info, warn
+from cliplens.errors import DependencyMissingError, InvalidInputError
+
+
+def serve_command(
+    host: Annotated[
+        str, typer.Option("--host", help="Address to bind; loopback unless you mean otherwise.")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", "-p")] = 8765,
+    token: Annotated[
+        str | None,
+        typer.Option(
+            "--token",
+            envvar="CLIPLENS_TOKEN",
+            help="Require 'Authorization: Bearer TOKEN' on every route but health.",
+        ),
+    ] = None,
+    captioner: Annotated[
+        Path | None, typer.Option("--captioner", help="A captioner folder: enables /v1/caption.")
+    ] = None,
+    policy: Annotated[
+        str, typer.Option("--policy", help="Moderation policy: 'default' or a YAML file.")
+    ] = "default",
+    quality_probe: Annotated[
+        Path | None, typer.Option("--quality-probe", help="A distortion probe for /v1/quality.")
+    ] = None,
+    max_upload_mb: Annotated[float, typer.Option("--max-upload-mb")] = 20.0,
+    max_megapixels: Annotated[float, typer.Option("--max-megapixels")] = 40.0,
+    timeout: Annotated[
+        float, typer.Option("--timeout", help="Seconds a request may wait and run.")
+    ] = 60.0,
+    cors_origin: Annotated[
+        list[str] | None,
+        typer.Option("--cors-origin", help="Allow browser calls from this origin (repeatable)."),
+    ] = None,
+    model: ModelOpt = None,
+    db: DbOpt = None,
+    device: DeviceOpt = None,
+    precision: PrecisionOpt = None,
+) -> None:
+    """Serve the JSON API under /v1 (schema at /openapi.json, docs at /docs) and the search
+    page at /."""
+    try:
+        import uvicorn
+
+        from cliplens.server import ServerSettings, create_app
+    except ImportError as e:
+        raise DependencyMissingError(
+            f"the server needs its extra ({e}); pip install 'cliplens[server]'"
+        ) from e
+    if max_upload_mb <= 0 or max_megapixels <= 0 or timeout <= 0:
+        raise InvalidInputError("--max-upload-mb, --max-megapixels and --timeout must be > 0")
+    if captioner is not None and not captioner.is_dir():
+        raise InvalidInputError(f"--captioner {captioner}: not a folder")
+    if quality_probe is not None and not quality_probe.is_file():
+        raise InvalidInputError(f"--quality-probe {quality_probe}: no such file")
+    if host not in ("127.0.0.1", "localhost", "::1") and not token:
+        warn(f"serving on {host} without --token: anyone who can reach it can search your "
+             "photos")  # fmt: skip
+    settings = ServerSettings(
+        model=model, db=db, token=token, captioner=captioner, policy=policy,
+        quality_probe=quality_probe, max_upload_mb=max_upload_mb,
+        max_megapixels=max_megapixels, timeout_s=timeout,
+        cors_origins=tuple(cors_origin or ()), device=device, precision=precision,
+    )  # fmt: skip
+    app = create_app(settings)
+    shown = f"[{host}]" if ":" in host else host
+    info(f"cliplens on http://{shown}:{port}/ (API docs at /docs); Ctrl+C stops it")
+    uvicorn.run(app, host=host, port=port, log_level="warning")

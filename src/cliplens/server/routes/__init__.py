@@ -1,0 +1,1 @@
+"""One module of routes per task, all under /v1."""

@@ -1,0 +1,233 @@
+"""Photo search over the catalog: GET|POST /v1/search, GET /v1/similar/{id}, and the
+files themselves, by catalog id only: GET /v1/images/{id}, GET /v1/thumbs/{id}."""
+
+from __future__ import annotations
+
+import io
+import threading
+from collections import OrderedDict
+from pathlib import Path
+from typing import Annotated
+
+import numpy as np
+from fastapi import APIRouter, File, Form, Query, Request, UploadFile
+from fastapi import Path as PathParam
+from fastapi.responses import FileResponse, Response
+from pydantic import BaseModel, Field, model_validator
+
+from cliplens.server.app import ApiError, Service, service_of
+from cliplens.server.uploads import read_images
+
+router = APIRouter(prefix="/v1", tags=["search"])
+MAX_N = 200
+MAX_ID = 2**63 - 1  # catalog ids are SQLite integers
+FileId = Annotated[int, PathParam(ge=0, le=MAX_ID, description="A catalog id from a result.")]
+
+
+class SearchHit(BaseModel):
+    id: int
+    name: str
+    path: str
+    score: float
+    image_url: str
+    thumb_url: str
+
+
+class SearchOut(BaseModel):
+    query: str
+    results: list[SearchHit]
+
+
+def _hits(hits) -> list[SearchHit]:
+    return [SearchHit(id=h.id, name=Path(h.path).name, path=h.path, score=round(h.score, 6),
+                      image_url=f"/v1/images/{h.id}", thumb_url=f"/v1/thumbs/{h.id}")
+            for h in hits]  # fmt: skip
+
+
+class Term(BaseModel):
+    """One weighted term: a text, or a catalog photo by id."""
+
+    text: str | None = Field(None, min_length=1, max_length=1000)
+    id: int | None = Field(None, ge=0, le=MAX_ID)
+    weight: float = Field(1.0, ge=-100, le=100)
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> Term:
+        if (self.text is None) == (self.id is None):
+            raise ValueError("give a term either 'text' or 'id', not both")
+        return self
+
+
+class SearchRequest(BaseModel):
+    terms: list[Term] = Field(min_length=1, max_length=32)
+    n: int = Field(20, ge=1, le=MAX_N)
+
+
+async def _search(svc: Service, terms: list[Term], image, image_weight: float, n: int):
+    """Hits for weighted terms (texts, catalog ids: never paths) and an optional decoded
+    image."""
+    from cliplens.tasks.search import search, weighted_sum
+
+    texts = [t for t in terms if t.text is not None]
+    ids = [t for t in terms if t.id is not None]
+
+    def work():
+        catalog = svc.require_catalog()
+        vectors = list(svc.ref.encode_texts([t.text for t in texts])) if texts else []
+        weights = [t.weight for t in texts]
+        for t in ids:
+            vectors.append(_embedding(svc, t.id))
+            weights.append(t.weight)
+        if image is not None:
+            vectors.append(svc.ref.encode_images([image])[0])
+            weights.append(image_weight)
+        return search(catalog, svc.ref, weighted_sum(vectors, weights), n)
+
+    return _hits(await svc.run(work))
+
+
+def _text_terms(q: str) -> list[Term]:
+    from cliplens.tasks.search import parse_query
+
+    return [Term(text=t.text, weight=t.weight) for t in parse_query(q, images=False)]
+
+
+@router.get("/search", response_model=SearchOut)
+async def search_get(
+    request: Request,
+    q: Annotated[str, Query(min_length=1, max_length=1000,
+                            description='Text, with weights: "2:sunset + beach - people".')],
+    n: Annotated[int, Query(ge=1, le=MAX_N)] = 20,
+) -> SearchOut:  # fmt: skip
+    """Search the catalog with a text query."""
+    return SearchOut(query=q, results=await _search(service_of(request), _text_terms(q), None,
+                                                    1.0, n))  # fmt: skip
+
+
+@router.post("/search", response_model=SearchOut)
+async def search_post(request: Request, body: SearchRequest) -> SearchOut:
+    """Search with weighted terms: texts and catalog photos (by id), e.g.
+    {"terms": [{"text": "beach"}, {"id": 12, "weight": 0.5}, {"text": "people", "weight": -1}]}."""
+    label = " + ".join(f"{t.weight:g}:{t.text if t.text is not None else '#' + str(t.id)}"
+                       for t in body.terms)  # fmt: skip
+    svc = service_of(request)
+    return SearchOut(query=label, results=await _search(svc, body.terms, None, 1.0, body.n))
+
+
+@router.post("/search/image", response_model=SearchOut)
+async def search_image(
+    request: Request,
+    image: Annotated[UploadFile, File(description="A photo to search by.")],
+    q: Annotated[
+        str | None, Form(max_length=1000, description="Text to add (weights allowed).")
+    ] = None,
+    image_weight: Annotated[float, Form(ge=-100, le=100)] = 1.0,
+    n: Annotated[int, Form(ge=1, le=MAX_N)] = 20,
+) -> SearchOut:
+    """Search by an uploaded photo, optionally with text terms."""
+    svc = service_of(request)
+    _, pics = await read_images(svc, [image], 1)
+    terms = _text_terms(q) if q and q.strip() else []
+    label = " + ".join([f"{image_weight:g}:[image]", *([q] if terms else [])])
+    return SearchOut(query=label, results=await _search(svc, terms, pics[0], image_weight, n))
+
+
+def _embedding(svc: Service, file_id: int) -> np.ndarray:
+    """The stored embedding of a catalog photo by this server's model."""
+    path = _path_of(svc, file_id)
+    vec = svc.require_catalog().embedding_of(path, svc.ref.info.model_id)
+    if vec is None:
+        raise ApiError(404, "not_embedded", f"file {file_id} has no embedding by "
+                       f"{svc.ref.name}; run 'cliplens index' with this model")  # fmt: skip
+    return vec
+
+
+def _path_of(svc: Service, file_id: int) -> str:
+    """The catalog's path for an id; 404 when the id is unknown."""
+    path = svc.require_catalog().paths([file_id]).get(file_id)
+    if path is None:
+        raise ApiError(404, "unknown_id", f"no file with id {file_id} in the catalog")
+    return path
+
+
+@router.get("/similar/{file_id}", response_model=SearchOut)
+async def similar(
+    request: Request, file_id: FileId, n: Annotated[int, Query(ge=1, le=MAX_N)] = 20
+) -> SearchOut:
+    """Photos most like the catalog's photo `file_id` (itself excluded)."""
+    from cliplens.tasks.search import search
+
+    svc = service_of(request)
+
+    def work():
+        path = _path_of(svc, file_id)
+        vec = _embedding(svc, file_id)
+        return search(svc.require_catalog(), svc.ref, vec / np.linalg.norm(vec), n,
+                      exclude={path})  # fmt: skip
+
+    return SearchOut(query=f"similar to {file_id}", results=_hits(await svc.run(work)))
+
+
+def _existing_file(svc: Service, file_id: int) -> Path:
+    path = Path(_path_of(svc, file_id))
+    if not path.is_file():
+        raise ApiError(404, "file_missing", f"file {file_id} is in the catalog but no longer on "
+                       "disk; run 'cliplens index' to update the catalog")  # fmt: skip
+    return path
+
+
+@router.get("/images/{file_id}", response_class=FileResponse,
+            responses={200: {"content": {"image/*": {}}}})  # fmt: skip
+def image(request: Request, file_id: FileId) -> FileResponse:
+    """The original file of a catalog photo."""
+    path = _existing_file(service_of(request), file_id)
+    return FileResponse(path, headers={"Cache-Control": "private, max-age=3600"})
+
+
+class _Thumbs:
+    """JPEG thumbnails kept in memory, least recently used first out."""
+
+    def __init__(self, size: int) -> None:
+        self.size, self.items, self.lock = size, OrderedDict(), threading.Lock()
+
+    def get(self, key):
+        with self.lock:
+            if key in self.items:
+                self.items.move_to_end(key)
+            return self.items.get(key)
+
+    def put(self, key, value) -> None:
+        with self.lock:
+            self.items[key] = value
+            while len(self.items) > self.size:
+                self.items.popitem(last=False)
+
+
+def _thumbnail(path: Path, side: int, max_megapixels: float) -> bytes:
+    from PIL import Image
+
+    from cliplens.images import open_image
+
+    img = open_image(path, min_size=side, max_megapixels=max_megapixels)
+    img.thumbnail((side, side), Image.Resampling.LANCZOS)
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=85)
+    return buf.getvalue()
+
+
+@router.get("/thumbs/{file_id}", response_class=Response,
+            responses={200: {"content": {"image/jpeg": {}}}})  # fmt: skip
+def thumb(
+    request: Request, file_id: FileId, size: Annotated[int, Query(ge=16, le=1024)] = 256
+) -> Response:
+    """A JPEG thumbnail of a catalog photo, at most `size` pixels on its long side."""
+    svc = service_of(request)
+    path = _existing_file(svc, file_id)
+    key = (file_id, path.stat().st_mtime_ns, size)
+    cache = svc.cached("thumbs", lambda: _Thumbs(512))
+    data = cache.get(key)
+    if data is None:
+        data = _thumbnail(path, size, svc.settings.max_megapixels)
+        cache.put(key, data)
+    return Response(data, media_type="image/jpeg",
+                    headers={"Cache-Control": "private, max-age=3600"})  # fmt: skip

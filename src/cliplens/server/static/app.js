@@ -1,0 +1,181 @@
+// The cliplens page: search the catalog by text or photo, browse similar photos, classify a
+// dropped photo. Plain JavaScript, no external files: it works offline.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+let token = sessionStorage.getItem("cliplens-token") || "";
+
+function headers() {
+  return token ? { Authorization: `Bearer ${token}` } : {};
+}
+
+async function api(path, options = {}) {
+  const response = await fetch(path, { ...options, headers: { ...headers(), ...(options.headers || {}) } });
+  if (response.status === 401) {
+    $("token-form").hidden = false;
+    $("token").focus();
+  }
+  if (!response.ok) {
+    let detail = `${response.status} ${response.statusText}`;
+    try {
+      const body = await response.json();
+      detail = body.detail || detail;
+    } catch (_) { /* not JSON */ }
+    throw new Error(detail);
+  }
+  return response.json();
+}
+
+function status(text) {
+  $("status").textContent = text;
+}
+
+// Thumbnails: plain URLs, or fetched with the token when the server needs one.
+async function setImage(img, url) {
+  if (!token) {
+    img.src = url;
+    return;
+  }
+  const response = await fetch(url, { headers: headers() });
+  if (response.ok) img.src = URL.createObjectURL(await response.blob());
+}
+
+function showResults(data, title) {
+  $("results-title").textContent = title;
+  const list = $("results");
+  list.replaceChildren();
+  for (const hit of data.results) {
+    const item = document.createElement("li");
+    const button = document.createElement("button");
+    button.type = "button";
+    button.className = "hit";
+    button.dataset.id = hit.id;
+    button.title = `${hit.path}\nShow similar photos`;
+    const img = document.createElement("img");
+    img.alt = hit.name;
+    img.loading = "lazy";
+    img.width = 180;
+    img.height = 180;
+    setImage(img, `${hit.thumb_url}?size=360`);
+    const name = document.createElement("span");
+    name.className = "name";
+    name.textContent = hit.name;
+    const score = document.createElement("span");
+    score.className = "score";
+    score.textContent = hit.score.toFixed(3);
+    button.append(img, name, score);
+    button.addEventListener("click", () => similar(hit));
+    item.append(button);
+    list.append(item);
+  }
+  status(data.results.length ? `${data.results.length} photos` : "No photos found.");
+}
+
+async function run(title, request) {
+  status("Searching…");
+  try {
+    showResults(await request(), title);
+  } catch (error) {
+    status(`Error: ${error.message}`);
+  }
+}
+
+function searchText(q) {
+  history.replaceState(null, "", `?q=${encodeURIComponent(q)}`);
+  return run(`Results for “${q}”`, () => api(`/v1/search?q=${encodeURIComponent(q)}&n=40`));
+}
+
+function searchImage(file) {
+  const form = new FormData();
+  form.append("image", file);
+  const q = $("q").value.trim();
+  if (q) form.append("q", q);
+  form.append("n", "40");
+  return run(`Photos like ${file.name}${q ? ` + “${q}”` : ""}`,
+             () => api("/v1/search/image", { method: "POST", body: form }));
+}
+
+function similar(hit) {
+  return run(`Similar to ${hit.name}`, () => api(`/v1/similar/${hit.id}?n=40`));
+}
+
+async function classify(file) {
+  const preview = $("classify-preview");
+  preview.src = URL.createObjectURL(file);
+  preview.alt = file.name;
+  preview.hidden = false;
+  const out = $("classify-results");
+  out.replaceChildren();
+  const form = new FormData();
+  form.append("images", file);
+  form.append("labels", $("labels").value);
+  form.append("top_k", "5");
+  try {
+    const data = await api("/v1/classify", { method: "POST", body: form });
+    for (const { label, score } of data.predictions[0].labels) {
+      const item = document.createElement("li");
+      const bar = document.createElement("span");
+      bar.className = "bar";
+      bar.style.width = `${Math.round(score * 100)}%`;
+      const text = document.createElement("span");
+      text.textContent = `${label} ${(score * 100).toFixed(1)}%`;
+      item.append(bar, text);
+      out.append(item);
+    }
+  } catch (error) {
+    const item = document.createElement("li");
+    item.textContent = `Error: ${error.message}`;
+    out.append(item);
+  }
+}
+
+function dropZone(zone, input, onFile) {
+  zone.addEventListener("dragover", (e) => { e.preventDefault(); zone.classList.add("over"); });
+  zone.addEventListener("dragleave", () => zone.classList.remove("over"));
+  zone.addEventListener("drop", (e) => {
+    e.preventDefault();
+    zone.classList.remove("over");
+    const file = e.dataTransfer.files[0];
+    if (file) onFile(file);
+  });
+  zone.addEventListener("keydown", (e) => {
+    if (e.key === "Enter" || e.key === " ") { e.preventDefault(); input.click(); }
+  });
+  input.addEventListener("change", () => { if (input.files[0]) onFile(input.files[0]); });
+}
+
+$("search-form").addEventListener("submit", (e) => {
+  e.preventDefault();
+  const q = $("q").value.trim();
+  if (q) searchText(q);
+});
+$("token-form").addEventListener("submit", (e) => {
+  e.preventDefault();
+  token = $("token").value.trim();
+  sessionStorage.setItem("cliplens-token", token);
+  $("token-form").hidden = true;
+  const q = $("q").value.trim();
+  if (q) searchText(q);
+});
+$("classify-form").addEventListener("submit", (e) => e.preventDefault());
+dropZone($("drop"), $("search-file"), searchImage);
+dropZone($("classify-drop"), $("classify-file"), classify);
+document.addEventListener("keydown", (e) => {
+  const typing = ["INPUT", "TEXTAREA"].includes(document.activeElement.tagName);
+  if (e.key === "/" && !typing) { e.preventDefault(); $("q").focus(); }
+});
+
+(async () => {
+  try {
+    const health = await (await fetch("/v1/health")).json();
+    if (health.auth && !token) $("token-form").hidden = false;
+    if (!health.catalog) status("No catalog yet: run 'cliplens index FOLDER', then search.");
+  } catch (_) {
+    status("The server does not answer.");
+  }
+  const q = new URLSearchParams(location.search).get("q");
+  if (q) {
+    $("q").value = q;
+    searchText(q);
+  }
+})();

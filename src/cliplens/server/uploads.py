@@ -1,0 +1,59 @@
+"""Uploaded images: decoded with the same checks as files on disk, named by their upload."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path, PurePath
+from typing import Any
+
+from fastapi import UploadFile
+
+from cliplens.errors import ImageError, InvalidInputError
+
+
+def upload_name(upload: UploadFile, index: int) -> str:
+    """The client's file name without any folder part (for messages and results only:
+    it is never opened)."""
+    name = PurePath((upload.filename or "").replace("\\", "/")).name.strip()
+    return name[:200] or f"upload-{index + 1}"
+
+
+def decode_upload(data: bytes, name: str, max_megapixels: float, min_size: int | None) -> Any:
+    """A PIL image from uploaded bytes, or the ImageError open_image would raise for such a
+    file (not an image, truncated, too many pixels...), naming the upload. Decoded as the
+    encoder decodes files (JPEG at reduced scale down to `min_size`), so an uploaded photo
+    embeds exactly as the same photo in the catalog."""
+    from cliplens.images import open_image
+
+    fd, tmp = tempfile.mkstemp(prefix="cliplens-upload-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        return open_image(tmp, min_size=min_size, max_megapixels=max_megapixels)
+    except ImageError as e:
+        raise type(e)(f"upload {name}", e.reason) from None
+    finally:
+        Path(tmp).unlink()
+
+
+async def read_images(
+    svc: Any, uploads: list[UploadFile], max_files: int | None = None
+) -> tuple[list[str], list[Any]]:
+    """(names, images) of the uploaded files, in order; any bad file fails the request."""
+    import anyio
+
+    max_files = max_files or svc.settings.max_files
+    max_megapixels = svc.settings.max_megapixels
+    if not uploads:
+        raise InvalidInputError("no image uploaded; send one or more files as 'images'")
+    if len(uploads) > max_files:
+        raise InvalidInputError(f"{len(uploads)} images in one request; send at most {max_files}")
+    min_size = await anyio.to_thread.run_sync(lambda: svc.ref.info.preprocessing.resize_size)
+    names, images = [], []
+    for i, upload in enumerate(uploads):
+        data = await upload.read()
+        names.append(upload_name(upload, i))
+        images.append(await anyio.to_thread.run_sync(decode_upload, data, names[-1],
+                                                     max_megapixels, min_size))  # fmt: skip
+    return names, images

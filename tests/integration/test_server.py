@@ -1,0 +1,262 @@
+"""The HTTP service in-process: every route, its errors, the token, limits and concurrency."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from cliplens.models.ref import ModelRef
+from cliplens.pipeline import index_folders
+from cliplens.server import ServerSettings, create_app
+from cliplens.store.catalog import Catalog
+
+
+@pytest.fixture(scope="module")
+def catalog_db(tmp_path_factory, tiny_model_dir, photos) -> Path:
+    db = tmp_path_factory.mktemp("server") / "catalog.db"
+    with Catalog(db) as cat:
+        index_folders(cat, ModelRef(f"local:{tiny_model_dir}"), [photos], workers=0)
+    return db
+
+
+@pytest.fixture(scope="module")
+def settings(tiny_model_dir, catalog_db) -> ServerSettings:
+    return ServerSettings(model=f"local:{tiny_model_dir}", db=catalog_db, precision="fp32")
+
+
+@pytest.fixture(scope="module")
+def client(settings):
+    with TestClient(create_app(settings)) as c:
+        yield c
+
+
+def _app(settings: ServerSettings, **changes) -> TestClient:
+    from dataclasses import replace
+
+    return TestClient(create_app(replace(settings, **changes)))
+
+
+def _error(response, status: int, kind: str) -> str:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert body["error"] == kind, body
+    assert isinstance(body["detail"], str) and body["detail"]
+    return body["detail"]
+
+
+def _upload(path: Path, field: str = "images"):
+    return (field, (path.name, path.read_bytes(), "image/jpeg"))
+
+
+def test_health_models_and_page(client, tiny_model_dir):
+    health = client.get("/v1/health").json()
+    assert health["status"] == "ok" and health["catalog"] is True and health["auth"] is False
+    models = client.get("/v1/models").json()
+    assert models["model"] == f"local:{tiny_model_dir}"
+    assert [m["embeddings"] for m in models["catalog"]] == [7]
+    page = client.get("/")
+    assert page.status_code == 200 and '<input id="q"' in page.text
+    assert "http://" not in page.text and "https://" not in page.text  # no CDN
+    assert client.get("/app.js").status_code == 200
+    assert "/v1/search" in client.get("/openapi.json").json()["paths"]
+
+
+def test_embed_matches_the_library(client, tiny, photos):
+    cat = photos / "cat.jpg"
+    r = client.post("/v1/embed", data={"texts": ["a cat", "a dog"]}, files=[_upload(cat)])
+    assert r.status_code == 200, r.text
+    body = r.json()
+    np.testing.assert_allclose(body["texts"], tiny.encode_texts(["a cat", "a dog"]), atol=1e-5)
+    np.testing.assert_allclose(body["images"], tiny.encode_images([cat]), atol=1e-5)
+    assert body["image_names"] == ["cat.jpg"] and body["dim"] == len(body["texts"][0])
+    _error(client.post("/v1/embed", data={}), 400, "invalid_input")
+
+
+def test_classify_and_its_errors(client, photos, tmp_path):
+    files = [_upload(photos / "cat.jpg"), _upload(photos / "rocket.jpg")]
+    r = client.post("/v1/classify", data={"labels": "cat, rocket, car", "top_k": "3"},
+                    files=files)  # fmt: skip
+    assert r.status_code == 200, r.text
+    preds = r.json()["predictions"]
+    assert [p["name"] for p in preds] == ["cat.jpg", "rocket.jpg"]
+    for p in preds:
+        scores = [x["score"] for x in p["labels"]]
+        assert sorted(scores, reverse=True) == scores and sum(scores) == pytest.approx(1, abs=1e-4)
+    # missing field, empty labels, not an image, an empty file, a path as a name
+    _error(client.post("/v1/classify", files=files), 422, "invalid_request")
+    _error(client.post("/v1/classify", data={"labels": " , "}, files=files), 400, "invalid_input")
+    text = ("images", ("notes.jpg", b"hello, I am text", "image/jpeg"))
+    detail = _error(client.post("/v1/classify", data={"labels": "a,b"}, files=[text]),
+                    415, "not_an_image")  # fmt: skip
+    assert "notes.jpg" in detail and "text file" in detail
+    empty = ("images", ("../../etc/passwd", b"", "image/png"))
+    detail = _error(client.post("/v1/classify", data={"labels": "a,b"}, files=[empty]),
+                    400, "empty_image")  # fmt: skip
+    assert "passwd" in detail and "../" not in detail
+
+
+def test_search_get_post_and_image(client, tiny, photos):
+    r = client.get("/v1/search", params={"q": "a cat", "n": 3})
+    assert r.status_code == 200, r.text
+    hits = r.json()["results"]
+    assert len(hits) == 3 and hits[0]["score"] >= hits[1]["score"] >= hits[2]["score"]
+    for h in hits:
+        assert h["image_url"] == f"/v1/images/{h['id']}" and Path(h["path"]).name == h["name"]
+    # the same query as weighted JSON terms, and a catalog photo as a term
+    body = {"terms": [{"text": "a cat"}], "n": 3}
+    assert client.post("/v1/search", json=body).json()["results"] == hits
+    cat_id = next(h["id"] for h in client.get("/v1/search", params={"q": "x", "n": 7})
+                  .json()["results"] if h["name"] == "cat.jpg")  # fmt: skip
+    by_id = client.post("/v1/search", json={"terms": [{"id": cat_id}], "n": 1}).json()
+    assert by_id["results"][0]["id"] == cat_id and by_id["results"][0]["score"] > 0.999
+    # an uploaded photo finds itself first
+    r = client.post("/v1/search/image", files=[_upload(photos / "rocket.jpg", "image")],
+                    data={"n": "2"})  # fmt: skip
+    assert r.status_code == 200, r.text
+    assert r.json()["results"][0]["name"] == "rocket.jpg"
+    assert r.json()["results"][0]["score"] == pytest.approx(1, abs=1e-3)
+
+
+def test_weighted_queries_and_bad_json(client, tiny):
+    q = "2:sunset - people"
+    got = client.get("/v1/search", params={"q": q, "n": 7}).json()["results"]
+    a, b = tiny.encode_texts(["sunset", "people"])
+    v = (2 * a - b) / np.linalg.norm(2 * a - b)
+    with Catalog(client.app.state.service.db, readonly=True) as cat:
+        ids, _, matrix = cat.vectors(tiny.info.model_id)
+    order = ids[np.argsort(-(matrix.astype(np.float32) @ v), kind="stable")]
+    assert [h["id"] for h in got] == order.tolist()
+    bad = {"content": b'{"terms": [', "headers": {"content-type": "application/json"}}
+    r = client.post("/v1/search", **bad)
+    _error(r, 422, "invalid_request")
+    _error(client.post("/v1/search", json={"terms": []}), 422, "invalid_request")
+    _error(client.post("/v1/search", json={"terms": [{"text": "a", "id": 1}]}), 422,
+           "invalid_request")  # fmt: skip
+    _error(client.get("/v1/search", params={"q": "cat - cat"}), 400, "invalid_input")
+    _error(client.get("/v1/search"), 422, "invalid_request")
+    _error(client.get("/v1/search", params={"q": "cat", "n": 0}), 422, "invalid_request")
+
+
+def test_files_only_by_catalog_id(client, photos):
+    hits = client.get("/v1/search", params={"q": "coffee", "n": 7}).json()["results"]
+    cat = next(h for h in hits if h["name"] == "coffee.jpg")
+    r = client.get(cat["image_url"])
+    assert r.status_code == 200 and r.content == (photos / "coffee.jpg").read_bytes()
+    thumb = client.get(cat["thumb_url"], params={"size": 64})
+    assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/jpeg"
+    assert max(Image.open(io.BytesIO(thumb.content)).size) == 64
+    _error(client.get("/v1/images/999999"), 404, "unknown_id")
+    _error(client.get("/v1/thumbs/999999"), 404, "unknown_id")
+    _error(client.get("/v1/similar/999999"), 404, "unknown_id")
+    for trick in ["../../etc/passwd", "..%2F..%2Fetc%2Fpasswd", "%2Fetc%2Fpasswd",
+                  "1%2F..%2F..%2Fetc%2Fpasswd", "-1", "1.5", "0x1", "%00"]:  # fmt: skip
+        for route in ("images", "thumbs", "similar"):
+            r = client.get(f"/v1/{route}/{trick}")
+            assert r.status_code in (404, 422), (route, trick, r.status_code)
+            assert b"root:" not in r.content
+    # a query that names a file is text: nothing is opened
+    r = client.get("/v1/search", params={"q": str(photos / "cat.jpg"), "n": 1})
+    assert r.status_code == 200
+    assert r.json()["results"][0]["score"] < 0.999  # not the photo's own embedding
+
+
+def test_similar(client):
+    hits = client.get("/v1/search", params={"q": "rocket", "n": 7}).json()["results"]
+    first = hits[0]
+    r = client.get(f"/v1/similar/{first['id']}", params={"n": 3})
+    assert r.status_code == 200
+    got = r.json()["results"]
+    assert len(got) == 3 and first["id"] not in [h["id"] for h in got]
+
+
+def test_score_moderate_quality_and_caption_routes(client, tiny, photos):
+    from cliplens.tasks.score import clip_score
+
+    cat, coffee = photos / "cat.jpg", photos / "coffee.jpg"
+    r = client.post("/v1/score", data={"prompt": "a cat", "references": ["a cat", "a kitten"]},
+                    files=[_upload(cat), _upload(coffee)])  # fmt: skip
+    assert r.status_code == 200, r.text
+    body = r.json()
+    expected = clip_score(tiny.encode_images([cat, coffee]), tiny.encode_texts(["a cat"])[0])
+    assert [s["clip_score"] for s in body["scores"]] == pytest.approx(expected.tolist(), abs=1e-4)
+    assert all(s["ref_clip_score"] is not None for s in body["scores"])
+    _error(client.post("/v1/score", data={"prompt": "  "}, files=[_upload(cat)]), 400,
+           "invalid_input")  # fmt: skip
+    r = client.post("/v1/moderate", files=[_upload(cat)])
+    assert r.status_code == 200, r.text
+    verdict = r.json()["verdicts"][0]
+    assert verdict["name"] == "cat.jpg" and isinstance(verdict["flagged"], bool)
+    r = client.post("/v1/quality", files=[_upload(coffee)])
+    assert r.status_code == 200, r.text
+    scores = r.json()["scores"][0]
+    assert 0 <= scores["attributes"]["quality"] <= 1 and scores["distortion"]
+    _error(client.post("/v1/caption", files=[_upload(cat)]), 404, "no_captioner")
+
+
+def test_token(settings, photos):
+    with _app(settings, token="s3cret") as c:
+        assert c.get("/v1/health").status_code == 200
+        assert c.get("/v1/health").json()["auth"] is True
+        r = c.get("/v1/search", params={"q": "cat"})
+        _error(r, 401, "unauthorized")
+        assert r.headers["www-authenticate"] == "Bearer"
+        _error(c.get("/v1/search", params={"q": "cat"}, headers={"Authorization": "Bearer no"}),
+               401, "unauthorized")  # fmt: skip
+        _error(c.get("/v1/images/1"), 401, "unauthorized")
+        _error(c.post("/v1/embed", data={"texts": ["a"]}), 401, "unauthorized")
+        ok = c.get("/v1/search", params={"q": "cat"}, headers={"Authorization": "Bearer s3cret"})
+        assert ok.status_code == 200
+        assert c.get("/").status_code == 200  # the page itself holds no data
+
+
+def test_upload_and_pixel_limits(settings, photos):
+    with _app(settings, max_upload_mb=0.01) as c:  # about 10 kB
+        big = ("images", ("big.png", b"\x89PNG" + b"0" * 20_000, "image/png"))
+        _error(c.post("/v1/embed", files=[big]), 413, "too_large")
+    with _app(settings, max_megapixels=0.01) as c:
+        detail = _error(c.post("/v1/embed", files=[_upload(photos / "cat.jpg")]), 413,
+                        "image_too_large")  # fmt: skip
+        assert "cat.jpg" in detail
+    with _app(settings, max_files=1) as c:
+        files = [_upload(photos / "cat.jpg"), _upload(photos / "coffee.jpg")]
+        _error(c.post("/v1/embed", files=files), 400, "invalid_input")
+
+
+def test_timeout_gives_503(settings):
+    with _app(settings, timeout_s=1e-4) as c:
+        _error(c.post("/v1/embed", data={"texts": ["a cat"] * 64}), 503, "timeout")
+
+
+def test_concurrent_requests_are_safe(client, tiny):
+    """Model calls are serialised: 24 concurrent mixed requests all answer, correctly."""
+    import httpx
+
+    expected = tiny.encode_texts(["a cat"])[0]
+
+    async def go():
+        transport = httpx.ASGITransport(app=client.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as ac:
+            jobs = []
+            for i in range(12):
+                jobs.append(ac.get("/v1/search", params={"q": f"photo {i}", "n": 2}))
+                jobs.append(ac.post("/v1/embed", data={"texts": ["a cat"]}))
+            return await asyncio.gather(*jobs)
+
+    responses = asyncio.run(go())
+    assert [r.status_code for r in responses] == [200] * 24
+    for r in responses[1::2]:
+        np.testing.assert_allclose(r.json()["texts"][0], expected, atol=1e-5)
+
+
+def test_no_catalog_is_a_clear_404(tiny_model_dir, tmp_path):
+    app = create_app(ServerSettings(model=f"local:{tiny_model_dir}", db=tmp_path / "none.db"))
+    with TestClient(app) as c:
+        detail = _error(c.get("/v1/search", params={"q": "cat"}), 404, "no_catalog")
+        assert "cliplens index" in detail
+        assert c.get("/v1/health").json()["catalog"] is False

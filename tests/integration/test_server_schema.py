@@ -1,0 +1,47 @@
+"""Schemathesis fuzzes every operation of the OpenAPI schema: no 5xx, and every response
+(errors included) matches the schema."""
+
+from __future__ import annotations
+
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, given, settings
+from schemathesis.specs.openapi.checks import (
+    content_type_conformance,
+    negative_data_rejection,
+    response_schema_conformance,
+    status_code_conformance,
+)
+
+from cliplens.server import ServerSettings, create_app
+
+CHECKS = [schemathesis.checks.not_a_server_error, response_schema_conformance,
+          status_code_conformance, content_type_conformance, negative_data_rejection]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory, tiny_model_dir, photos):
+    from cliplens.models.ref import ModelRef
+    from cliplens.pipeline import index_folders
+    from cliplens.store.catalog import Catalog
+
+    db = tmp_path_factory.mktemp("schema") / "catalog.db"
+    with Catalog(db) as cat:
+        index_folders(cat, ModelRef(f"local:{tiny_model_dir}"), [photos], workers=0)
+    return create_app(ServerSettings(model=f"local:{tiny_model_dir}", db=db, timeout_s=30))
+
+
+def test_no_server_errors_and_no_schema_violations(app):
+    # each operation is fuzzed on its own, so a failure names it
+    schema = schemathesis.openapi.from_asgi("/openapi.json", app)
+    operations = [result.ok() for result in schema.get_all_operations()]
+    assert len(operations) >= 14
+    for operation in operations:
+
+        @given(operation.as_strategy())
+        @settings(max_examples=25, deadline=None, derandomize=True, database=None,
+                  suppress_health_check=list(HealthCheck))  # fmt: skip
+        def fuzz(case):
+            case.call_and_validate(checks=CHECKS)
+
+        fuzz()

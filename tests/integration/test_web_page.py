@@ -1,0 +1,138 @@
+"""The web page end to end in headless Chromium: a real server on a loopback port with the
+offline model over scikit-image's photos. Type "a cat", see the cat first, click it, see
+similar photos; classify a dropped photo. Screenshots are kept in the test's temp folder.
+
+Needs Debian's chromium (/usr/bin/chromium) and Playwright's Python package. Where the
+browser is missing the test is skipped with the reason, unless CLIPLENS_REQUIRE_BROWSER=1
+(as CI sets), which makes that a failure."""
+
+from __future__ import annotations
+
+import base64
+import os
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = os.environ.get("CLIPLENS_CHROMIUM", "/usr/bin/chromium")
+
+
+def _browser_or_skip() -> None:
+    missing = []
+    if not Path(CHROMIUM).exists() and not shutil.which("chromium"):
+        missing.append(f"no Chromium at {CHROMIUM} (apt-get install chromium)")
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        missing.append("no playwright package (pip install playwright)")
+    if missing:
+        if os.environ.get("CLIPLENS_REQUIRE_BROWSER") == "1":
+            pytest.fail("; ".join(missing))
+        pytest.skip("; ".join(missing))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def live_server(tmp_path_factory, photos):
+    import uvicorn
+
+    from cliplens.models.ref import ModelRef
+    from cliplens.pipeline import index_folders
+    from cliplens.server import ServerSettings, create_app
+    from cliplens.store.catalog import Catalog
+
+    db = tmp_path_factory.mktemp("web") / "catalog.db"
+    with Catalog(db) as cat:
+        index_folders(cat, ModelRef("offline"), [photos], workers=0)
+    app = create_app(ServerSettings(model="offline", db=db))
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(10)
+
+
+@pytest.mark.slow
+def test_search_click_similar_and_classify_in_chromium(live_server, photos, tmp_path):
+    _browser_or_skip()
+    from playwright.sync_api import expect, sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=shutil.which("chromium") or CHROMIUM,
+                                    args=["--no-sandbox"])  # fmt: skip
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        errors: list[str] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(live_server + "/")
+        expect(page.locator("#token-form")).to_be_hidden()  # this server has no token
+
+        # type a sentence, press Enter: the cat comes first
+        page.fill("#q", "a cat")
+        page.keyboard.press("Enter")
+        hits = page.locator("#results .hit")
+        expect(hits.first).to_be_visible(timeout=30_000)
+        expect(page.locator("#results-title")).to_have_text("Results for “a cat”")
+        assert hits.first.locator(".name").inner_text() == "cat.jpg"
+        assert hits.count() == 7
+        # thumbnails really loaded
+        page.wait_for_function("() => [...document.querySelectorAll('#results img')]"
+                               ".every(i => i.complete && i.naturalWidth > 0)")  # fmt: skip
+        page.screenshot(path=tmp_path / "search-a-cat.png", full_page=True)
+
+        # click it: photos similar to the cat, without the cat itself
+        hits.first.click()
+        expect(page.locator("#results-title")).to_have_text("Similar to cat.jpg", timeout=30_000)
+        names = page.locator("#results .hit .name").all_inner_texts()
+        assert len(names) == 6 and "cat.jpg" not in names
+        page.screenshot(path=tmp_path / "similar-to-cat.png", full_page=True)
+
+        # keyboard only: "/" focuses the box, Tab reaches a result, Enter opens its similar
+        page.keyboard.press("/")
+        assert page.evaluate("document.activeElement.id") == "q"
+        page.fill("#q", "a rocket")
+        page.keyboard.press("Enter")
+        expect(page.locator("#results-title")).to_have_text("Results for “a rocket”")
+        expect(hits.first.locator(".name")).to_have_text("rocket.jpg", timeout=30_000)
+        hits.first.focus()
+        page.keyboard.press("Enter")
+        expect(page.locator("#results-title")).to_have_text("Similar to rocket.jpg")
+
+        # drop a photo on the search zone: photos like it, itself first
+        page.fill("#q", "")
+        payload = base64.b64encode((photos / "motorcycle.jpg").read_bytes()).decode()
+        page.evaluate("""([data, name]) => {
+            const bytes = Uint8Array.from(atob(data), (c) => c.charCodeAt(0));
+            const transfer = new DataTransfer();
+            transfer.items.add(new File([bytes], name, { type: "image/jpeg" }));
+            document.getElementById("drop").dispatchEvent(
+                new DragEvent("drop", { dataTransfer: transfer, bubbles: true }));
+        }""", [payload, "motorcycle.jpg"])  # fmt: skip
+        expect(page.locator("#results-title")).to_have_text("Photos like motorcycle.jpg",
+                                                            timeout=30_000)  # fmt: skip
+        expect(hits.first.locator(".name")).to_have_text("motorcycle.jpg")
+
+        # classify a photo given to the panel's file input (what a drop does)
+        page.set_input_files("#classify-file", str(photos / "coffee.jpg"))
+        first = page.locator("#classify-results li").first
+        expect(first).to_contain_text("coffee", timeout=30_000)
+        page.screenshot(path=tmp_path / "classify-coffee.png", full_page=True)
+        browser.close()
+    assert errors == []
+    for shot in ("search-a-cat.png", "similar-to-cat.png", "classify-coffee.png"):
+        assert (tmp_path / shot).stat().st_size > 10_000
+    print(f"screenshots in {tmp_path}")
