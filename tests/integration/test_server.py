@@ -188,7 +188,8 @@ def test_score_moderate_quality_and_caption_routes(client, tiny, photos):
     assert all(s["ref_clip_score"] is not None for s in body["scores"])
     _error(client.post("/v1/score", data={"prompt": "  "}, files=[_upload(cat)]), 400,
            "invalid_input")  # fmt: skip
-    r = client.post("/v1/moderate", files=[_upload(cat)])
+    with pytest.warns(UserWarning, match="calibrated for"):  # the default policy's model
+        r = client.post("/v1/moderate", files=[_upload(cat)])
     assert r.status_code == 200, r.text
     verdict = r.json()["verdicts"][0]
     assert verdict["name"] == "cat.jpg" and isinstance(verdict["flagged"], bool)
@@ -260,3 +261,29 @@ def test_no_catalog_is_a_clear_404(tiny_model_dir, tmp_path):
         detail = _error(c.get("/v1/search", params={"q": "cat"}), 404, "no_catalog")
         assert "cliplens index" in detail
         assert c.get("/v1/health").json()["catalog"] is False
+
+
+def test_caption_route(settings, tiny, tmp_path_factory, tiny_model_dir, photos):
+    """A tiny captioner trained here; the route's captions are the library's."""
+    from cliplens.cli.main import main
+    from cliplens.datasets.shapes import write_shapes
+    from cliplens.tasks.caption.model import load_captioner
+
+    data, out = tmp_path_factory.mktemp("shapes"), tmp_path_factory.mktemp("cap")
+    write_shapes(data, n=40, size=32, heldout=4)
+    assert main(["caption", "train", "--data", str(data / "train-full.jsonl"),
+                 "--model", f"local:{tiny_model_dir}", "--lm", "scratch:gpt2",
+                 "--lm-layers", "1", "--lm-width", "32", "--epochs", "1", "--batch-size", "16",
+                 "--train-precision", "fp32", "--out", str(out),
+                 "--db", str(out / "none.db")]) == 0  # fmt: skip
+    images = [photos / "cat.jpg", photos / "coffee.jpg"]
+    expected = load_captioner(out / "captioner").generate(tiny.encode_images(images))
+    with _app(settings, captioner=out / "captioner") as c:
+        r = c.post("/v1/caption", files=[_upload(p) for p in images])
+        assert r.status_code == 200, r.text
+        got = r.json()["captions"]
+        assert [x["name"] for x in got] == ["cat.jpg", "coffee.jpg"]
+        assert [x["caption"] for x in got] == expected
+        assert c.get("/v1/models").json()["captioner"] is True
+        r = c.post("/v1/caption", files=[_upload(photos / "cat.jpg")], data={"rerank": "4"})
+        assert r.status_code == 200 and r.json()["captions"][0]["caption"]

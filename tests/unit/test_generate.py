@@ -18,6 +18,7 @@ from cliplens.tasks.generate import (
     parse_prompts,
     prompt_loss,
     spherical_distance,
+    total_variation,
 )
 
 
@@ -56,6 +57,14 @@ def test_fourier_image_range_shape_and_inverse():
         assert torch.allclose(gen(), target, atol=1e-4)
     with pytest.raises(InvalidInputError, match="--size 8"):
         FourierImage(8)
+
+
+def test_total_variation_penalty_smooths():
+    flat = torch.full((1, 3, 16, 16), 0.3)
+    assert float(total_variation(flat)) == 0.0
+    stripes = flat.clone()
+    stripes[..., ::2] = 0.7
+    assert float(total_variation(stripes)) == pytest.approx(0.4, abs=1e-6)
 
 
 def test_spherical_distance():
@@ -98,6 +107,14 @@ def test_generation_is_seeded_and_moves_toward_the_prompt(tiny):
     assert len(a.frames) == 3
     c = generate(tiny, prompts, GenerateConfig(size=32, steps=12, cutouts=4, seed=6, lr=0.1))
     assert not np.array_equal(a.image, c.image)
+    # a smoothness penalty gives a smoother image from the same start
+    smooth = generate(tiny, prompts, GenerateConfig(size=32, steps=12, cutouts=4, seed=5,
+                                                    lr=0.1, tv=20.0))  # fmt: skip
+
+    def tv_of(image):
+        return float(total_variation(torch.from_numpy(image).float().permute(2, 0, 1)[None]))
+
+    assert tv_of(smooth.image) < tv_of(a.image)
     assert np.mean(a.similarities[-3:]) > np.mean(a.similarities[:3])
 
 

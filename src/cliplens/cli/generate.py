@@ -34,6 +34,9 @@ def generate_command(
         typer.Option("--lr", help="Adam's step size. [default: 0.05; 0.1 with a VQGAN]"),
     ] = None,
     seed: Annotated[int, typer.Option("--seed")] = 0,
+    tv: Annotated[
+        float, typer.Option("--tv", help="Weight of a smoothness (total-variation) penalty.")
+    ] = 0.0,
     out: Annotated[Path, typer.Option("--out", "-o", help="The image (PNG).")] = Path("out.png"),
     save_every: Annotated[
         int, typer.Option("--save-every", help="Keep a frame every N steps, in OUT_frames/.")
@@ -97,8 +100,10 @@ def generate_command(
         generator = FourierImage(size, seed)
     if lr is None:
         lr = 0.1 if vqgan_config else 0.05  # VQGAN-CLIP's step; the Fourier image's
+    if tv < 0:
+        raise InvalidInputError(f"--tv {tv}: use a weight >= 0")
     cfg = GenerateConfig(size=size, steps=steps, lr=lr, cutouts=cutouts, seed=seed,
-                         save_every=save_every)  # fmt: skip
+                         save_every=save_every, tv=tv)  # fmt: skip
     if init_image:
         import torch
 

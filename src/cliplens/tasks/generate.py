@@ -139,6 +139,13 @@ def spherical_distance(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (x - y).norm(dim=-1).div(2).arcsin().pow(2).mul(2)
 
 
+def total_variation(image: torch.Tensor) -> torch.Tensor:
+    """Mean absolute difference between neighbouring pixels (1, 3, H, W) -> scalar."""
+    dy = (image[..., 1:, :] - image[..., :-1, :]).abs().mean()
+    dx = (image[..., :, 1:] - image[..., :, :-1]).abs().mean()
+    return dx + dy
+
+
 def prompt_loss(emb: torch.Tensor, targets: list[torch.Tensor], weights) -> torch.Tensor:
     """Sum over prompts of weight * mean spherical distance of the cut-outs' embeddings."""
     pairs = zip(weights, targets, strict=True)
@@ -154,6 +161,7 @@ class GenerateConfig:
     cutouts: int = 16
     seed: int = 0
     save_every: int = 0  # keep a frame every N steps (0: none)
+    tv: float = 0.0  # weight of a total-variation penalty (smoothness; 0: none)
 
 
 @dataclass
@@ -192,6 +200,8 @@ def generate(
         image = image_gen()
         emb = tower(((cut(image, rng) - mean) / std).float())
         loss = prompt_loss(emb, targets, weights)
+        if cfg.tv:
+            loss = loss + cfg.tv * total_variation(image)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

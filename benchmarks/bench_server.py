@@ -1,0 +1,136 @@
+"""A bounded load test of `cliplens serve` on loopback: concurrent clients send text queries
+to GET /v1/search over a catalog of synthetic vectors, for a fixed time.
+
+    python benchmarks/bench_server.py [--n 100000] [--clients 20] [--seconds 30]
+        [--model offline] [--work /tmp/bench-server]
+
+Builds the catalog with make_synthetic_catalog.py (once), starts the server as its own
+process, warms it with one query, then runs the clients (asyncio + httpx, one process).
+Prints requests/s, latency p50/p90/p99, errors (any non-200), and the server's RSS before
+and after; writes them to WORK/results.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+QUERIES = [
+    "a cat on a sofa", "sunset over the sea", "a red car", "people at a party", "snowy mountains",
+    "a bowl of soup", "a dog running on the beach", "city lights at night", "a birthday cake",
+    "an old castle", "2:a forest + river - people", "a page of text", "a bicycle", "fireworks",
+    "a cup of coffee", "children playing football", "a rocket launch", "a bird on a branch",
+]  # fmt: skip
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def load(base: str, clients: int, seconds: float) -> tuple[list[float], dict[str, int]]:
+    latencies: list[float] = []
+    errors: dict[str, int] = {}
+    stop = time.perf_counter() + seconds
+
+    async def client(k: int, http: httpx.AsyncClient) -> None:
+        i = k
+        while time.perf_counter() < stop:
+            q = QUERIES[i % len(QUERIES)]
+            i += clients
+            t = time.perf_counter()
+            try:
+                r = await http.get("/v1/search", params={"q": q, "n": 20})
+                ok = r.status_code == 200 and len(r.json()["results"]) == 20
+                key = None if ok else f"status {r.status_code}"
+            except httpx.HTTPError as e:
+                key = type(e).__name__
+            latencies.append(time.perf_counter() - t)
+            if key:
+                errors[key] = errors.get(key, 0) + 1
+
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=base, timeout=60, limits=limits) as http:
+        await asyncio.gather(*(client(k, http) for k in range(clients)))
+    return latencies, errors
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--n", type=int, default=100_000)
+    ap.add_argument("--clients", type=int, default=20)
+    ap.add_argument("--seconds", type=float, default=30)
+    ap.add_argument("--model", default="offline")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/bench-server"))
+    args = ap.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    db = args.work / f"catalog-{args.n}.db"
+    if not db.exists():
+        subprocess.run([sys.executable, str(HERE / "make_synthetic_catalog.py"), str(db),
+                        "--model", args.model, "--n", str(args.n),
+                        "--folder", str(args.work / "photos")], check=True)  # fmt: skip
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "cliplens.cli.main", "serve", "--db", str(db),
+                               "--model", args.model, "--port", str(port)],
+                              env={**os.environ, "PYTHONUNBUFFERED": "1"})  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(base + "/v1/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline or server.poll() is not None:
+                raise SystemExit("the server did not start")
+            time.sleep(0.2)
+        rss_idle = rss_mb(server.pid)
+        t = time.perf_counter()
+        first = httpx.get(base + "/v1/search", params={"q": "a cat", "n": 20}, timeout=300)
+        first.raise_for_status()
+        warm_s = time.perf_counter() - t
+        rss_before = rss_mb(server.pid)
+        latencies, errors = asyncio.run(load(base, args.clients, args.seconds))
+        rss_after = rss_mb(server.pid)
+    finally:
+        server.terminate()
+        server.wait(30)
+    lat = np.array(latencies) * 1000
+    result = {
+        "catalog_vectors": args.n, "model": args.model, "clients": args.clients,
+        "seconds": args.seconds, "requests": len(lat),
+        "requests_per_s": round(len(lat) / args.seconds, 1),
+        "p50_ms": round(float(np.percentile(lat, 50)), 1),
+        "p90_ms": round(float(np.percentile(lat, 90)), 1),
+        "p99_ms": round(float(np.percentile(lat, 99)), 1),
+        "max_ms": round(float(lat.max()), 1),
+        "errors": sum(errors.values()), "error_kinds": errors,
+        "first_query_s": round(warm_s, 2), "rss_idle_mb": round(rss_idle),
+        "rss_before_mb": round(rss_before), "rss_after_mb": round(rss_after),
+    }  # fmt: skip
+    print(json.dumps(result, indent=1))
+    (args.work / "results.json").write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
