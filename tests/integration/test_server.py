@@ -232,6 +232,7 @@ def test_upload_and_pixel_limits(settings, photos):
 def test_timeout_gives_503(settings):
     with _app(settings, timeout_s=1e-4) as c:
         _error(c.post("/v1/embed", data={"texts": ["a cat"] * 64}), 503, "timeout")
+        _error(c.get("/v1/search", params={"q": "a cat"}), 503, "timeout")  # batched route
 
 
 def test_concurrent_requests_are_safe(client, tiny):
@@ -253,6 +254,28 @@ def test_concurrent_requests_are_safe(client, tiny):
     assert [r.status_code for r in responses] == [200] * 24
     for r in responses[1::2]:
         np.testing.assert_allclose(r.json()["texts"][0], expected, atol=1e-5)
+
+
+def test_batched_searches_match_single_ones_and_keep_their_own_errors(client):
+    """Concurrent searches are answered in batches: each gets exactly what it would get
+    alone, and a bad query fails only itself."""
+    import httpx
+
+    queries = [f"photo number {i}" for i in range(10)]
+    alone = [client.get("/v1/search", params={"q": q, "n": 3}).json() for q in queries]
+
+    async def go():
+        transport = httpx.ASGITransport(app=client.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as ac:
+            jobs = [ac.get("/v1/search", params={"q": q, "n": 3}) for q in queries]
+            jobs.append(ac.get("/v1/search", params={"q": "cat - cat"}))
+            jobs.append(ac.post("/v1/search", json={"terms": [{"id": 999999}]}))
+            return await asyncio.gather(*jobs)
+
+    *good, cancel, unknown = asyncio.run(go())
+    assert [r.json() for r in good] == alone
+    _error(cancel, 400, "invalid_input")
+    _error(unknown, 404, "unknown_id")
 
 
 def test_no_catalog_is_a_clear_404(tiny_model_dir, tmp_path):

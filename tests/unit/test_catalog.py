@@ -118,3 +118,20 @@ def test_vector_cache_follows_generation(tmp_path, tiny):
     index_folders(cat, tiny, [tmp_path / "p2"], workers=0)
     assert len(load_index(cat, tiny.info.model_id)) == 5
     assert len(list((tmp_path / "c.db.vectors").glob("*.npy"))) == 3  # old generation removed
+
+
+def test_search_many_equals_one_search_per_query():
+    from cliplens.store.vectors import VectorIndex
+
+    rng = np.random.default_rng(0)
+    matrix = rng.standard_normal((500, 16)).astype(np.float32)
+    matrix /= np.linalg.norm(matrix, axis=1, keepdims=True)
+    index = VectorIndex(np.arange(100, 600, dtype=np.int64), matrix)
+    queries = matrix[[3, 77, 410]] + 0.1 * rng.standard_normal((3, 16)).astype(np.float32)
+    batched = index.search_many(queries, 7)
+    for q, hits in zip(queries, batched, strict=True):
+        single = index.search(q, 7)
+        assert [i for i, _ in hits] == [i for i, _ in single]
+        np.testing.assert_allclose([s for _, s in hits], [s for _, s in single], rtol=1e-5)
+    assert [h[0][0] for h in batched] == [103, 177, 510]  # each finds its source row first
+    assert index.search_many(queries, 0) == [[], [], []]

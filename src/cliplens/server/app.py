@@ -113,6 +113,9 @@ class Service:
         self._local = threading.local()
         self._cached: dict[str, Any] = {}
         self._cache_lock = threading.Lock()
+        from cliplens.server.batching import SearchBatcher
+
+        self.batcher = SearchBatcher(self)
 
     async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run `fn` in a worker thread holding the model lock, within the time limit."""
@@ -146,6 +149,21 @@ class Service:
             raise ApiError(404, "no_catalog", f"no catalog at {self.db}; run 'cliplens index "
                            "FOLDER' first, or start the server with --db")  # fmt: skip
         return cat
+
+    def path_of(self, file_id: int) -> str:
+        """The catalog's path for an id; 404 when the id is unknown."""
+        path = self.require_catalog().paths([file_id]).get(file_id)
+        if path is None:
+            raise ApiError(404, "unknown_id", f"no file with id {file_id} in the catalog")
+        return path
+
+    def embedding(self, file_id: int):
+        """The stored embedding of catalog photo `file_id` by this server's model."""
+        vec = self.require_catalog().embedding_of(self.path_of(file_id), self.ref.info.model_id)
+        if vec is None:
+            raise ApiError(404, "not_embedded", f"file {file_id} has no embedding by "
+                           f"{self.ref.name}; run 'cliplens index' with this model")  # fmt: skip
+        return vec
 
     def cached(self, name: str, build: Callable[[], T]) -> T:
         """Something built once per server (a moderator, a screener, the captioner)."""

@@ -72,6 +72,24 @@ class VectorIndex:
                     return hits[:k]
         return self._exact(query, k, allowed)
 
+    def search_many(self, queries: np.ndarray, k: int) -> list[list[tuple[int, float]]]:
+        """`search` for each row of queries (B, D), over all rows. Exact search reads the
+        matrix once for the whole batch (one matrix product), which is what makes batches
+        of concurrent queries cheaper than one at a time."""
+        if len(self.ids) == 0 or k <= 0:
+            return [[] for _ in queries]
+        if self.ann is not None:
+            return [self.ann.search(q, k) for q in queries]
+        scores = self.matrix @ np.asarray(queries, np.float32).T  # (N, B)
+        k = min(k, len(scores))
+        top = np.argpartition(-scores, k - 1, axis=0)[:k]  # (k, B)
+        out = []
+        for b in range(scores.shape[1]):
+            rows = top[:, b]
+            rows = rows[np.argsort(-scores[rows, b], kind="stable")]
+            out.append([(int(self.ids[i]), float(scores[i, b])) for i in rows])
+        return out
+
     def _exact(self, query: np.ndarray, k: int, allowed: np.ndarray | None):
         ids, matrix = self.ids, self.matrix
         if allowed is not None:

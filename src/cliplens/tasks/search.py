@@ -134,6 +134,16 @@ def search(
     return out[:n]
 
 
+def search_many(
+    catalog: Catalog, encoder: Encoder | ModelRef, queries: np.ndarray, n: int = 10
+) -> list[list[Hit]]:
+    """`search` for a batch of query vectors (B, D) over the whole catalog, in one pass."""
+    index = load_index(catalog, encoder.info.model_id)
+    found = index.search_many(np.atleast_2d(queries), n)
+    paths = catalog.paths({i for hits in found for i, _ in hits})
+    return [[Hit(paths[i], s, i) for i, s in hits if i in paths] for hits in found]
+
+
 def similar(
     catalog: Catalog,
     encoder: Encoder | ModelRef,

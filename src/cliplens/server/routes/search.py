@@ -63,27 +63,16 @@ class SearchRequest(BaseModel):
     n: int = Field(20, ge=1, le=MAX_N)
 
 
-async def _search(svc: Service, terms: list[Term], image, image_weight: float, n: int):
-    """Hits for weighted terms (texts, catalog ids: never paths) and an optional decoded
-    image."""
-    from cliplens.tasks.search import search, weighted_sum
+async def _search(svc: Service, terms: list[Term], n: int):
+    """Hits for weighted terms (texts, catalog ids: never paths), batched with concurrent
+    queries."""
+    from cliplens.server.batching import Query
 
     texts = [t for t in terms if t.text is not None]
     ids = [t for t in terms if t.id is not None]
-
-    def work():
-        catalog = svc.require_catalog()
-        vectors = list(svc.ref.encode_texts([t.text for t in texts])) if texts else []
-        weights = [t.weight for t in texts]
-        for t in ids:
-            vectors.append(_embedding(svc, t.id))
-            weights.append(t.weight)
-        if image is not None:
-            vectors.append(svc.ref.encode_images([image])[0])
-            weights.append(image_weight)
-        return search(catalog, svc.ref, weighted_sum(vectors, weights), n)
-
-    return _hits(await svc.run(work))
+    query = Query([t.text for t in texts], [t.weight for t in texts],
+                  [t.id for t in ids], [t.weight for t in ids], n)  # fmt: skip
+    return _hits(await svc.batcher.search(query))
 
 
 def _text_terms(q: str) -> list[Term]:
@@ -100,8 +89,7 @@ async def search_get(
     n: Annotated[int, Query(ge=1, le=MAX_N)] = 20,
 ) -> SearchOut:  # fmt: skip
     """Search the catalog with a text query."""
-    return SearchOut(query=q, results=await _search(service_of(request), _text_terms(q), None,
-                                                    1.0, n))  # fmt: skip
+    return SearchOut(query=q, results=await _search(service_of(request), _text_terms(q), n))
 
 
 @router.post("/search", response_model=SearchOut)
@@ -111,7 +99,7 @@ async def search_post(request: Request, body: SearchRequest) -> SearchOut:
     label = " + ".join(f"{t.weight:g}:{t.text if t.text is not None else '#' + str(t.id)}"
                        for t in body.terms)  # fmt: skip
     svc = service_of(request)
-    return SearchOut(query=label, results=await _search(svc, body.terms, None, 1.0, body.n))
+    return SearchOut(query=label, results=await _search(svc, body.terms, body.n))
 
 
 @router.post("/search/image", response_model=SearchOut)
@@ -125,29 +113,20 @@ async def search_image(
     n: Annotated[int, Form(ge=1, le=MAX_N)] = 20,
 ) -> SearchOut:
     """Search by an uploaded photo, optionally with text terms."""
+    from cliplens.tasks.search import search, weighted_sum
+
     svc = service_of(request)
     _, pics = await read_images(svc, [image], 1)
     terms = _text_terms(q) if q and q.strip() else []
     label = " + ".join([f"{image_weight:g}:[image]", *([q] if terms else [])])
-    return SearchOut(query=label, results=await _search(svc, terms, pics[0], image_weight, n))
 
+    def work():
+        vectors = list(svc.ref.encode_texts([t.text for t in terms])) if terms else []
+        vectors.append(svc.ref.encode_images(pics)[0])
+        weights = [t.weight for t in terms] + [image_weight]
+        return search(svc.require_catalog(), svc.ref, weighted_sum(vectors, weights), n)
 
-def _embedding(svc: Service, file_id: int) -> np.ndarray:
-    """The stored embedding of a catalog photo by this server's model."""
-    path = _path_of(svc, file_id)
-    vec = svc.require_catalog().embedding_of(path, svc.ref.info.model_id)
-    if vec is None:
-        raise ApiError(404, "not_embedded", f"file {file_id} has no embedding by "
-                       f"{svc.ref.name}; run 'cliplens index' with this model")  # fmt: skip
-    return vec
-
-
-def _path_of(svc: Service, file_id: int) -> str:
-    """The catalog's path for an id; 404 when the id is unknown."""
-    path = svc.require_catalog().paths([file_id]).get(file_id)
-    if path is None:
-        raise ApiError(404, "unknown_id", f"no file with id {file_id} in the catalog")
-    return path
+    return SearchOut(query=label, results=_hits(await svc.run(work)))
 
 
 @router.get("/similar/{file_id}", response_model=SearchOut)
@@ -160,8 +139,8 @@ async def similar(
     svc = service_of(request)
 
     def work():
-        path = _path_of(svc, file_id)
-        vec = _embedding(svc, file_id)
+        path = svc.path_of(file_id)
+        vec = svc.embedding(file_id)
         return search(svc.require_catalog(), svc.ref, vec / np.linalg.norm(vec), n,
                       exclude={path})  # fmt: skip
 
@@ -169,7 +148,7 @@ async def similar(
 
 
 def _existing_file(svc: Service, file_id: int) -> Path:
-    path = Path(_path_of(svc, file_id))
+    path = Path(svc.path_of(file_id))
     if not path.is_file():
         raise ApiError(404, "file_missing", f"file {file_id} is in the catalog but no longer on "
                        "disk; run 'cliplens index' to update the catalog")  # fmt: skip
