@@ -310,3 +310,47 @@ def test_caption_route(settings, tiny, tmp_path_factory, tiny_model_dir, photos)
         assert c.get("/v1/models").json()["captioner"] is True
         r = c.post("/v1/caption", files=[_upload(photos / "cat.jpg")], data={"rerank": "4"})
         assert r.status_code == 200 and r.json()["captions"][0]["caption"]
+
+
+def test_serve_command(tmp_path, tiny_model_dir, catalog_db, capsys):
+    """`cliplens serve` refuses bad files before it starts, then serves on loopback."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    from cliplens.cli.main import main
+
+    base = ["serve", "--model", f"local:{tiny_model_dir}", "--db", str(catalog_db)]
+    assert main([*base, "--captioner", str(tmp_path)]) == 2
+    assert "captioner.json" in capsys.readouterr().err
+    assert main([*base, "--policy", str(tmp_path / "none.yaml")]) == 2
+    (tmp_path / "junk.npz").write_bytes(b"junk")
+    assert main([*base, "--quality-probe", str(tmp_path / "junk.npz")]) == 2
+    assert "not a cliplens" in capsys.readouterr().err
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "cliplens.cli.main", *base, "--port", str(port), "--token", "t0k"]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                health = httpx.get(f"http://127.0.0.1:{port}/v1/health", timeout=1)
+                break
+            except httpx.HTTPError:
+                assert proc.poll() is None and time.monotonic() < deadline, "did not start"
+                time.sleep(0.2)
+        assert health.json()["auth"] is True
+        url = f"http://127.0.0.1:{port}/v1/search"
+        assert httpx.get(url, params={"q": "cat"}).status_code == 401
+        auth = {"Authorization": "Bearer t0k"}
+        r = httpx.get(url, params={"q": "cat"}, headers=auth, timeout=120)  # loads the model
+        assert r.status_code == 200 and len(r.json()["results"]) == 7
+    finally:
+        proc.terminate()
+        proc.wait(20)
+    assert f"http://127.0.0.1:{port}/" in proc.stderr.read()

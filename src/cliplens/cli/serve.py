@@ -60,10 +60,18 @@ def serve_command(
         ) from e
     if max_upload_mb <= 0 or max_megapixels <= 0 or timeout <= 0:
         raise InvalidInputError("--max-upload-mb, --max-megapixels and --timeout must be > 0")
-    if captioner is not None and not captioner.is_dir():
-        raise InvalidInputError(f"--captioner {captioner}: not a folder")
-    if quality_probe is not None and not quality_probe.is_file():
-        raise InvalidInputError(f"--quality-probe {quality_probe}: no such file")
+    # read what the routes will need now, so a bad file stops the start, not a request
+    from cliplens.tasks.policy import load_policy
+
+    load_policy(policy)
+    if captioner is not None:
+        from cliplens.tasks.caption.model import read_config
+
+        read_config(captioner)
+    if quality_probe is not None:
+        from cliplens.tasks.quality import DistortionProbe
+
+        DistortionProbe.load(quality_probe)
     if host not in ("127.0.0.1", "localhost", "::1") and not token:
         warn(f"serving on {host} without --token: anyone who can reach it can search your "
              "photos")  # fmt: skip
