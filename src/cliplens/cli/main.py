@@ -11,6 +11,7 @@ from cliplens.cli import (
     caption,
     classify,
     datasets,
+    distributed,
     generate,
     models,
     moderate,
@@ -39,6 +40,8 @@ app.command("score")(score.score_command)
 app.command("rerank")(score.rerank_command)
 app.command("generate")(generate.generate_command)
 app.command("serve")(serve.serve_command)
+app.command("embed-dataset")(distributed.embed_dataset_command)
+app.add_typer(distributed.catalog_app, name="catalog")
 app.add_typer(moderate.app, name="moderate")
 app.add_typer(quality.app, name="quality")
 app.add_typer(caption.app, name="caption")

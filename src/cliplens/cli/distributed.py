@@ -1,0 +1,72 @@
+"""`cliplens embed-dataset` (Ray) and `cliplens catalog import`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cliplens.cli.common import DbOpt, MegapixelsOpt, ModelOpt, PrecisionOpt
+from cliplens.cli.output import Format, info, print_json, print_table, show_progress
+
+catalog_app = typer.Typer(help="The catalog: import embeddings made elsewhere.",
+                          no_args_is_help=True)  # fmt: skip
+
+
+def embed_dataset_command(
+    sources: Annotated[
+        list[str], typer.Argument(help="Folders, files or URIs (file://, s3://, gs://...).")
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for shards and manifest.")],
+    address: Annotated[
+        str | None,
+        typer.Option("--address", help="A Ray cluster to run on (default: start a local one)."),
+    ] = None,
+    shard_size: Annotated[int, typer.Option("--shard-size", help="Files per shard.")] = 10_000,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b")] = 64,
+    actors: Annotated[
+        int, typer.Option("--actors", help="Encoder actors (one GPU each when there are GPUs).")
+    ] = 1,
+    dtype: Annotated[str, typer.Option("--dtype", help="float16 or float32.")] = "float16",
+    num_cpus: Annotated[
+        int | None, typer.Option("--num-cpus", help="CPUs for a local Ray instance.")
+    ] = None,
+    max_shards: Annotated[
+        int | None, typer.Option("--max-shards", help="Stop after this many shards.")
+    ] = None,
+    fmt: Annotated[Format, typer.Option("--format", "-f")] = Format.table,
+    model: ModelOpt = None,
+    precision: PrecisionOpt = None,
+    max_megapixels: MegapixelsOpt = None,
+) -> None:
+    """Embed a large image collection on Ray into Parquet shards; run again to resume."""
+    from cliplens.distributed.embed import EmbedJob, run_embed_job
+    from cliplens.settings import get_settings
+
+    job = EmbedJob(sources=tuple(sources), out=out, model=model or get_settings().default_model,
+                   shard_size=shard_size, batch_size=batch_size, actors=actors, dtype=dtype,
+                   address=address, num_cpus=num_cpus, precision=precision,
+                   max_megapixels=max_megapixels, max_shards=max_shards)  # fmt: skip
+    report = run_embed_job(job, progress=show_progress())
+    if fmt is Format.json:
+        print_json(report.to_dict())
+        return
+    print_table(["files", "shards", "written", "skipped", "rows", "failures", "seconds"],
+                [(report.files, report.shards, len(report.written), len(report.skipped),
+                  report.rows, report.failures, f"{report.seconds:.1f}")])  # fmt: skip
+    info(f"shards and manifest in {out}")
+
+
+@catalog_app.command("import")
+def import_command(
+    shards: Annotated[Path, typer.Argument(help="The --out folder of embed-dataset.")],
+    db: DbOpt = None,
+) -> None:
+    """Load embed-dataset shards into the catalog that search and the server use."""
+    from cliplens.distributed.embed import import_shards
+    from cliplens.store.catalog import Catalog
+
+    with Catalog(db) as catalog:
+        files, failures = import_shards(shards, catalog)
+    info(f"imported {files} files ({failures} unreadable) into {catalog.path}")

@@ -1,0 +1,380 @@
+"""Embed a large image collection on Ray: Parquet shards and a manifest, resumable.
+
+The job lists images under local folders or object-store URIs (fsspec: file://, s3://,
+gs://...), sorts them, and cuts the list into shards of `shard_size` files. Ray Data then
+streams every pending file through CPU tasks that read, hash and decode it to the model's
+crop (the same `decode` code as `cliplens index`), and through a pool of actors that each
+hold one cliplens Encoder (a GPU each when there are GPUs, CPUs otherwise). Rows come back
+in order; each shard is written to OUT/part-NNNNN.parquet when its last row arrives, then
+recorded in OUT/manifest.json, both by atomic rename. A killed job loses at most the shard
+in flight: run it again and finished shards are skipped. Files that cannot be read are
+listed in part-NNNNN.failures.parquet, never fatal.
+
+Ray is imported only when a job runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cliplens.errors import DependencyMissingError, ImageError, InvalidInputError
+
+MANIFEST = "manifest.json"
+VERSION = 1
+
+
+@dataclass(frozen=True)
+class EmbedJob:
+    sources: tuple[str, ...]
+    out: Path
+    model: str = "offline"
+    shard_size: int = 10_000
+    batch_size: int = 64  # images per encoder call
+    actors: int = 1  # encoder actors (one GPU each when GPUs are present)
+    dtype: str = "float16"  # of the stored embeddings: float16 or float32
+    address: str | None = None  # an existing Ray cluster; None starts a local one
+    num_cpus: int | None = None  # for a local Ray instance
+    precision: str | None = None
+    max_megapixels: float | None = None
+    max_shards: int | None = None  # stop after writing this many shards (this run)
+
+
+@dataclass
+class EmbedReport:
+    files: int
+    shards: int
+    written: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    rows: int = 0
+    failures: int = 0
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ------------------------------------------------------------------ listing
+
+
+def list_images(sources: tuple[str, ...] | list[str]) -> list[str]:
+    """Image files under each source, as local absolute paths or protocol URIs, sorted."""
+    import fsspec
+
+    from cliplens.images import IMAGE_EXTENSIONS, iter_image_files
+
+    found: set[str] = set()
+    for source in sources:
+        fs, root = fsspec.core.url_to_fs(source)
+        local = "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+        if local:
+            path = Path(root)
+            if not path.exists():
+                raise InvalidInputError(f"source {source}: no such file or folder")
+            found.update(str(p.resolve()) for p in iter_image_files([path]))
+            continue
+        if not fs.exists(root):
+            raise InvalidInputError(f"source {source}: nothing there (check the URI)")
+        names = [root] if fs.isfile(root) else fs.find(root)
+        found.update(fs.unstrip_protocol(n) for n in names
+                     if Path(n).suffix.lower() in IMAGE_EXTENSIONS)  # fmt: skip
+    if not found:
+        raise InvalidInputError(f"no image files under {', '.join(sources)}")
+    return sorted(found)
+
+
+def shard_name(i: int) -> str:
+    return f"part-{i:05d}"
+
+
+def list_hash(files: list[str]) -> str:
+    return hashlib.sha256("\n".join(files).encode()).hexdigest()
+
+
+# ------------------------------------------------------------------ manifest
+
+
+def read_manifest(out: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((out / MANIFEST).read_text())
+    except FileNotFoundError:
+        return None
+    except ValueError as e:
+        raise InvalidInputError(f"{out / MANIFEST}: not a manifest ({e}); use a new --out") from e
+
+
+def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        Path(tmp).replace(path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def _save_manifest(out: Path, manifest: dict[str, Any]) -> None:
+    _write_atomic(out / MANIFEST, lambda p: p.write_text(json.dumps(manifest, indent=1)))
+
+
+# ------------------------------------------------------------------ Ray stages
+
+
+def _decode_batch(batch: dict[str, np.ndarray], prep: Any, max_megapixels: float | None):
+    """CPU task: read, hash and decode each file to the model's uint8 crop."""
+    n = len(batch["path"])
+    crops = np.zeros((n, prep.image_size, prep.image_size, 3), np.uint8)
+    sizes = np.zeros(n, np.int64)
+    hashes, errors = [], []
+    for i, path in enumerate(batch["path"]):
+        size, digest, crop, error = _decode_one(str(path), prep, max_megapixels)
+        sizes[i] = size
+        hashes.append(digest)
+        errors.append(error)
+        if crop is not None:
+            crops[i] = crop
+    return {"path": batch["path"], "shard": batch["shard"], "size": sizes,
+            "sha256": np.array(hashes, dtype=object), "crop": crops,
+            "error": np.array(errors, dtype=object)}  # fmt: skip
+
+
+def _decode_one(path: str, prep: Any, max_megapixels: float | None):
+    """(size, sha256, crop or None, error or ""): decoded exactly as `cliplens index` does,
+    from the file itself when it is local, else from a temporary copy of its bytes."""
+    import fsspec
+
+    from cliplens.images import open_image
+
+    try:
+        with fsspec.open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        return 0, "", None, f"cannot read: {e.strerror or e}"
+    digest = hashlib.sha256(data).hexdigest()
+    tmp = None
+    try:
+        if "://" in path:
+            fd, tmp = tempfile.mkstemp(prefix="cliplens-")
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+        image = open_image(tmp or path, min_size=prep.resize_size, max_megapixels=max_megapixels)
+        return len(data), digest, prep.crop(image), ""
+    except ImageError as e:
+        return len(data), digest, None, e.reason
+    finally:
+        if tmp:
+            Path(tmp).unlink(missing_ok=True)
+
+
+class _EncodeActor:
+    """Holds one Encoder; embeds the batch's decoded crops."""
+
+    def __init__(self, model: str, precision: str | None) -> None:
+        import torch
+
+        from cliplens.models.registry import load_model
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.encoder = load_model(model, device=device, precision=precision)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        ok = np.array([e == "" for e in batch["error"]], bool)
+        dim = self.encoder.info.dim
+        emb = np.zeros((len(ok), dim), np.float32)
+        if ok.any():
+            emb[ok] = self.encoder.encode_crops(batch["crop"][ok])
+        out = {k: v for k, v in batch.items() if k != "crop"}
+        out["embedding"] = emb
+        return out
+
+
+# ------------------------------------------------------------------ the job
+
+
+def run_embed_job(
+    job: EmbedJob,
+    progress: bool = False,
+    on_shard: Callable[[str, int, int], None] | None = None,
+) -> EmbedReport:
+    """Run (or resume) the job; `on_shard(name, rows, failures)` after each shard. With
+    `progress`, a bar over the files of the pending shards."""
+    if job.shard_size < 1 or job.batch_size < 1 or job.actors < 1:
+        raise InvalidInputError("--shard-size, --batch-size and --actors must be at least 1")
+    if job.dtype not in ("float16", "float32"):
+        raise InvalidInputError(f"--dtype {job.dtype}: use float16 or float32")
+    try:
+        import pyarrow  # noqa: F401
+        import ray
+    except ImportError as e:
+        raise DependencyMissingError(
+            f"embed-dataset needs Ray Data ({e}); pip install 'cliplens[distributed]'"
+        ) from e
+    from cliplens.models.ref import ModelRef
+
+    t0 = time.perf_counter()
+    out = Path(job.out)
+    out.mkdir(parents=True, exist_ok=True)
+    files = list_images(job.sources)
+    info = ModelRef(job.model, precision=job.precision).info
+    shards = [files[i : i + job.shard_size] for i in range(0, len(files), job.shard_size)]
+    settings = {"version": VERSION, "model": job.model, "model_id": info.model_id,
+                "dim": info.dim, "dtype": job.dtype, "shard_size": job.shard_size,
+                "files": len(files), "list_hash": list_hash(files)}  # fmt: skip
+    manifest = read_manifest(out)
+    if manifest is None:
+        manifest = {**settings, "sources": list(job.sources), "shards": {}}
+    else:
+        changed = [k for k, v in settings.items() if manifest.get(k) != v]
+        if changed:
+            raise InvalidInputError(
+                f"{out} holds a job with other {', '.join(changed)} (the files, model or "
+                "sharding changed); resume it with the same settings or use a new --out"
+            )
+    done = {name for name in manifest["shards"] if (out / f"{name}.parquet").exists()}
+    report = EmbedReport(files=len(files), shards=len(shards))
+    report.skipped = sorted(done)
+    pending = [(i, s) for i, s in enumerate(shards) if shard_name(i) not in done]
+    if job.max_shards is not None:
+        pending = pending[: job.max_shards]
+    if not pending:
+        report.seconds = time.perf_counter() - t0
+        return report
+
+    if not ray.is_initialized():
+        ray.init(address=job.address, num_cpus=job.num_cpus if job.address is None else None,
+                 include_dashboard=False, log_to_driver=False)  # fmt: skip
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True  # shards complete one after another
+    ctx.enable_progress_bars = False
+    items = [{"path": p, "shard": i} for i, s in pending for p in s]
+    gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+    ds = ray.data.from_items(items)
+    ds = ds.map_batches(_decode_batch, batch_size=16, batch_format="numpy",
+                        fn_kwargs={"prep": info.preprocessing,
+                                   "max_megapixels": job.max_megapixels})  # fmt: skip
+    ds = ds.map_batches(_EncodeActor, batch_size=job.batch_size, batch_format="numpy",
+                        concurrency=job.actors, num_gpus=gpus,
+                        fn_constructor_kwargs={"model": job.model,
+                                               "precision": job.precision})  # fmt: skip
+    sizes = {i: len(s) for i, s in pending}
+    rows: dict[int, list[dict[str, Any]]] = {i: [] for i, _ in pending}
+    from cliplens.progress import progress_bar
+
+    with progress_bar(len(items), "embedding", progress) as advance:
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            _collect(batch, rows, sizes, out, info.model_id, job.dtype, manifest, report,
+                     on_shard)  # fmt: skip
+            advance(len(batch["path"]), f"{len(report.written)} shards written")
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def _collect(batch, rows, sizes, out, model_id, dtype, manifest, report, on_shard) -> None:
+    """Add a batch's rows to their shards; write each shard whose last row arrived."""
+    for k in range(len(batch["path"])):
+        i = int(batch["shard"][k])
+        rows[i].append({key: batch[key][k] for key in
+                        ("path", "size", "sha256", "error", "embedding")})  # fmt: skip
+        if len(rows[i]) == sizes[i]:
+            name = shard_name(i)
+            n_ok, n_bad = _write_shard(out, name, rows.pop(i), model_id, dtype)
+            manifest["shards"][name] = {"rows": n_ok, "failures": n_bad}
+            _save_manifest(out, manifest)
+            report.written.append(name)
+            report.rows += n_ok
+            report.failures += n_bad
+            if on_shard:
+                on_shard(name, n_ok, n_bad)
+
+
+def _write_shard(out: Path, name: str, rows: list[dict[str, Any]], model_id: str, dtype: str):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows.sort(key=lambda r: str(r["path"]))
+    good = [r for r in rows if not r["error"]]
+    bad = [r for r in rows if r["error"]]
+    dim = len(rows[0]["embedding"])
+    flat = np.asarray([r["embedding"] for r in good], np.float32).reshape(-1).astype(dtype)
+    table = pa.table({
+        "path": pa.array([str(r["path"]) for r in good], pa.string()),
+        "size": pa.array([int(r["size"]) for r in good], pa.int64()),
+        "sha256": pa.array([str(r["sha256"]) for r in good], pa.string()),
+        "model_id": pa.array([model_id] * len(good), pa.string()),
+        "embedding": pa.FixedSizeListArray.from_arrays(pa.array(flat), dim),
+    })  # fmt: skip
+    failures = pa.table({
+        "path": pa.array([str(r["path"]) for r in bad], pa.string()),
+        "error": pa.array([str(r["error"]) for r in bad], pa.string()),
+    })  # fmt: skip
+    _write_atomic(out / f"{name}.failures.parquet", lambda p: pq.write_table(failures, p))
+    _write_atomic(out / f"{name}.parquet", lambda p: pq.write_table(table, p))
+    return len(good), len(bad)
+
+
+# ------------------------------------------------------------------ reading shards
+
+
+def iter_shards(folder: str | os.PathLike) -> Iterator[tuple[str, Any]]:
+    """(name, pyarrow table) for each finished shard of a job folder, in order."""
+    import pyarrow.parquet as pq
+
+    out = Path(folder)
+    manifest = read_manifest(out)
+    if manifest is None:
+        raise InvalidInputError(f"{out}: no {MANIFEST}; give the --out folder of embed-dataset")
+    for name in sorted(manifest["shards"]):
+        yield name, pq.read_table(out / f"{name}.parquet")
+
+
+def shard_vectors(table: Any) -> np.ndarray:
+    """The (N, D) float32 embeddings of a shard table."""
+    column = table.column("embedding").combine_chunks()
+    dim = column.type.list_size
+    return column.values.to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, dim)
+
+
+def import_shards(folder: str | os.PathLike, catalog: Any) -> tuple[int, int]:
+    """Load a job's shards into the catalog: (files, failures) imported. Local files keep
+    their mtime, so a later `cliplens index` of the same folder finds them up to date."""
+    out = Path(folder)
+    manifest = read_manifest(out)
+    if manifest is None:
+        raise InvalidInputError(f"{out}: no {MANIFEST}; give the --out folder of embed-dataset")
+    key = catalog.model_key(manifest["model_id"], int(manifest["dim"]))
+    files = failures = 0
+    for name, table in iter_shards(out):
+        paths = table.column("path").to_pylist()
+        sizes = table.column("size").to_pylist()
+        hashes = table.column("sha256").to_pylist()
+        vectors = shard_vectors(table)
+        rows = [(p, s, _mtime_ns(p), h, "ok", None)
+                for p, s, h in zip(paths, sizes, hashes, strict=True)]  # fmt: skip
+        import pyarrow.parquet as pq
+
+        bad = pq.read_table(out / f"{name}.failures.parquet").to_pylist()
+        rows += [(r["path"], 0, _mtime_ns(r["path"]), None, "failed", r["error"]) for r in bad]
+        with catalog.transaction():
+            catalog.put_embeddings(key, hashes, vectors)
+            catalog.upsert_files(rows)
+        files += len(paths)
+        failures += len(bad)
+    return files, failures
+
+
+def _mtime_ns(path: str) -> int:
+    if "://" in path:
+        return 0
+    try:
+        return Path(path).stat().st_mtime_ns
+    except OSError:
+        return 0

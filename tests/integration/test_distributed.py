@@ -1,0 +1,137 @@
+"""`cliplens embed-dataset` on a local Ray instance (2 CPUs, started by the test): the same
+embeddings as `cliplens index`, failures in their table, resume without redoing shards."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+
+from cliplens.distributed.embed import (
+    EmbedJob,
+    list_images,
+    read_manifest,
+    run_embed_job,
+    shard_vectors,
+)
+from cliplens.errors import InvalidInputError
+
+ray = pytest.importorskip("ray", reason="Ray is in the dev extra")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory, photos):
+    """The real photos plus a text file named like a JPEG and an empty PNG."""
+    f = tmp_path_factory.mktemp("collection")
+    for p in photos.iterdir():
+        shutil.copy(p, f / p.name)
+    (f / "notes.jpg").write_text("not an image")
+    (f / "empty.png").write_bytes(b"")
+    return f
+
+
+def _job(tmp_path, folder, tiny_model_dir, **kw) -> EmbedJob:
+    return EmbedJob(sources=(str(folder),), out=tmp_path / "out", model=f"local:{tiny_model_dir}",
+                    shard_size=3, batch_size=4, precision="fp32", **kw)  # fmt: skip
+
+
+def test_ray_job_matches_the_single_process_index(tmp_path, folder, tiny_model_dir):
+    import pyarrow.parquet as pq
+
+    from cliplens.models.ref import ModelRef
+    from cliplens.pipeline import index_folders
+    from cliplens.store.catalog import Catalog
+
+    report = run_embed_job(_job(tmp_path, folder, tiny_model_dir))
+    assert report.files == 9 and report.shards == 3
+    assert report.written == ["part-00000", "part-00001", "part-00002"]
+    assert report.rows == 7 and report.failures == 2
+    out = tmp_path / "out"
+    tables = [pq.read_table(out / f"{n}.parquet") for n in report.written]
+    paths = [p for t in tables for p in t.column("path").to_pylist()]
+    vectors = np.concatenate([shard_vectors(t) for t in tables])
+    assert tables[0].schema.field("embedding").type.value_type == "halffloat"
+    # the single-process pipeline on the same files, same model and precision
+    with Catalog(tmp_path / "c.db") as cat:
+        index_folders(cat, ModelRef(f"local:{tiny_model_dir}", precision="fp32"), [folder],
+                      workers=0)  # fmt: skip
+        ids, _, matrix = cat.vectors(ModelRef(f"local:{tiny_model_dir}").info.model_id)
+        by_path = dict(zip(cat.paths(ids.tolist()).values(), matrix, strict=True))
+        hashes = {p: r.hash for p, r in cat.files_under([str(folder)]).items()}
+    assert sorted(paths) == sorted(by_path)
+    for path, v in zip(paths, vectors, strict=True):
+        np.testing.assert_allclose(v, by_path[path].astype(np.float32), atol=2e-3)
+    shas = [h for t in tables for h in t.column("sha256").to_pylist()]
+    assert shas == [hashes[p] for p in paths]  # the catalog's content hashes
+    # the unreadable files are listed with their reasons, not embedded
+    failures = {r["path"].rsplit("/", 1)[1]: r["error"]
+                for n in report.written
+                for r in pq.read_table(out / f"{n}.failures.parquet").to_pylist()}  # fmt: skip
+    assert set(failures) == {"notes.jpg", "empty.png"}
+    assert "text file" in failures["notes.jpg"] and "empty" in failures["empty.png"]
+    manifest = read_manifest(out)
+    assert manifest["files"] == 9 and manifest["dim"] == vectors.shape[1]
+
+
+def test_resume_skips_finished_shards(tmp_path, folder, tiny_model_dir):
+    out = tmp_path / "out"
+    first = run_embed_job(_job(tmp_path, folder, tiny_model_dir, max_shards=1))
+    assert first.written == ["part-00000"]
+    stamp = (out / "part-00000.parquet").stat().st_mtime_ns
+    # what a killed job leaves behind: a half-written temporary file of the next shard
+    (out / ".part-00001.parquet.abc.tmp").write_bytes(b"partial")
+    second = run_embed_job(_job(tmp_path, folder, tiny_model_dir))
+    assert second.skipped == ["part-00000"]
+    assert second.written == ["part-00001", "part-00002"]
+    assert (out / "part-00000.parquet").stat().st_mtime_ns == stamp  # not redone
+    assert run_embed_job(_job(tmp_path, folder, tiny_model_dir)).written == []
+    assert sorted(read_manifest(out)["shards"]) == ["part-00000", "part-00001", "part-00002"]
+    with pytest.raises(InvalidInputError, match="shard_size"):
+        run_embed_job(EmbedJob(sources=(str(folder),), out=out, model=f"local:{tiny_model_dir}",
+                               shard_size=4))  # fmt: skip
+
+
+def test_listing_local_and_uri_sources(folder, tmp_path):
+    local = list_images([str(folder)])
+    assert len(local) == 9 and local == sorted(local)
+    assert list_images([f"file://{folder}"]) == local
+    with pytest.raises(InvalidInputError, match="no such file"):
+        list_images([str(tmp_path / "missing")])
+
+
+def test_cli_embed_dataset_and_catalog_import(tmp_path, folder, tiny_model_dir, capsys):
+    """The commands end to end; imported embeddings make `cliplens index` a no-op."""
+    import json
+
+    from cliplens.cli.main import main
+    from cliplens.models.ref import ModelRef
+    from cliplens.pipeline import index_folders
+    from cliplens.store.catalog import Catalog
+    from cliplens.tasks.search import search
+    from tests_helpers import run_json
+
+    out, db = tmp_path / "shards", tmp_path / "catalog.db"
+    model = f"local:{tiny_model_dir}"
+    args = ["embed-dataset", str(folder), "--out", str(out), "--model", model,
+            "--shard-size", "4", "--precision", "fp32"]  # fmt: skip
+    report = run_json(capsys, [*args, "--format", "json"])
+    assert report["rows"] == 7 and report["failures"] == 2
+    assert main(["catalog", "import", str(out), "--db", str(db)]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert sorted(manifest["shards"]) == ["part-00000", "part-00001", "part-00002"]
+    with Catalog(db) as cat:
+        assert cat.count_embedded(ModelRef(model).info.model_id) == 7
+        assert len(cat.failures()) == 2
+        stats = index_folders(cat, ModelRef(model, precision="fp32"), [folder], workers=0)
+        assert stats.encoded == 0 and stats.unchanged == 7  # nothing to redo
+        hits = search(cat, ModelRef(model), "a cat", 3)
+        assert len(hits) == 3
+    assert main(["catalog", "import", str(tmp_path), "--db", str(db)]) == 2  # not a job folder
