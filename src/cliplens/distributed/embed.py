@@ -184,6 +184,8 @@ class _EncodeActor:
         from cliplens.models.registry import load_model
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device == "cpu":  # Ray caps threads at the actor's 1 CPU; use the node's cores
+            torch.set_num_threads(os.cpu_count() or 1)
         self.encoder = load_model(model, device=device, precision=precision)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -258,11 +260,14 @@ def run_embed_job(
     items = [{"path": p, "shard": i} for i, s in pending for p in s]
     gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
     ds = ray.data.from_items(items)
-    ds = ds.map_batches(_decode_batch, batch_size=16, batch_format="numpy",
+    # decoding gets its own tasks (half a CPU each, so a node keeps decoding while its CPUs
+    # also serve an encoder); equal resources would let Ray fuse it into the actors,
+    # which then decode one file at a time between encoder calls
+    ds = ds.map_batches(_decode_batch, batch_size=16, batch_format="numpy", num_cpus=0.5,
                         fn_kwargs={"prep": info.preprocessing,
                                    "max_megapixels": job.max_megapixels})  # fmt: skip
     ds = ds.map_batches(_EncodeActor, batch_size=job.batch_size, batch_format="numpy",
-                        concurrency=job.actors, num_gpus=gpus,
+                        compute=ray.data.ActorPoolStrategy(size=job.actors), num_gpus=gpus,
                         fn_constructor_kwargs={"model": job.model,
                                                "precision": job.precision})  # fmt: skip
     sizes = {i: len(s) for i, s in pending}
