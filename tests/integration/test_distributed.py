@@ -135,3 +135,7 @@ def test_cli_embed_dataset_and_catalog_import(tmp_path, folder, tiny_model_dir, 
         hits = search(cat, ModelRef(model), "a cat", 3)
         assert len(hits) == 3
     assert main(["catalog", "import", str(tmp_path), "--db", str(db)]) == 2  # not a job folder
+    idx = str(tmp_path / "idx")
+    built = run_json(capsys, ["build-index", str(out), "--kind", "flat", "--out", idx,
+                              "--queries", "5", "--format", "json"])  # fmt: skip
+    assert built["n"] == 7 and built["recall_at_10"] == 1.0

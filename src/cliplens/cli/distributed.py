@@ -70,3 +70,29 @@ def import_command(
     with Catalog(db) as catalog:
         files, failures = import_shards(shards, catalog)
     info(f"imported {files} files ({failures} unreadable) into {catalog.path}")
+
+
+def build_index_command(
+    shards: Annotated[Path, typer.Argument(help="The --out folder of embed-dataset.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the index.")],
+    kind: Annotated[str, typer.Option("--kind", help="ivfpq, hnsw or flat.")] = "ivfpq",
+    refine: Annotated[
+        str, typer.Option("--refine", help="ivfpq re-scoring: sq8, fp16 or none.")
+    ] = "sq8",
+    queries: Annotated[
+        int, typer.Option("--queries", help="Held-out queries for recall@10.")
+    ] = 200,
+    fmt: Annotated[Format, typer.Option("--format", "-f")] = Format.table,
+) -> None:
+    """Build a faiss index sized to the shards; report recall@10, latency and size."""
+    from cliplens.distributed.index import build_index
+
+    report = build_index(shards, out, kind, refine, queries)
+    if fmt is Format.json:
+        print_json(report.to_dict())
+        return
+    print_table(["kind", "vectors", "dim", "train s", "add s", "MB", "recall@10", "ms/query"],
+                [(report.kind, report.n, report.dim, f"{report.train_s:.1f}",
+                  f"{report.add_s:.1f}", f"{report.index_bytes / 1e6:.1f}",
+                  f"{report.recall_at_10:.3f}", f"{report.query_ms:.2f}")])  # fmt: skip
+    info(f"index in {out}")
