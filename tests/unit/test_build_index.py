@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 
 from cliplens.distributed.embed import _save_manifest, _write_shard, shard_name
-from cliplens.distributed.index import build_index, exact_top_k, load_built_index, plan_index
+from cliplens.distributed.index import (
+    build_index,
+    exact_top_k,
+    load_built_index,
+    plan_index,
+    shard_source,
+)
 from cliplens.errors import InvalidInputError
 
 
@@ -31,7 +37,7 @@ def write_synthetic_shards(folder, n, dim, clusters=50, shard=2000, seed=0):
 
 def test_plan_sizes_to_the_data():
     p = plan_index(10_000_000, 512, "ivfpq")
-    assert p.nlist == 16384 and p.pq_m == 64 and p.train_size == 64 * 16384
+    assert p.nlist == 8192 and p.pq_m == 64 and p.train_size == 32 * 8192
     small = plan_index(5_000, 64, "ivfpq")
     assert small.nlist <= 5_000 // 39 and 64 % small.pq_m == 0
     with pytest.raises(InvalidInputError, match="--kind"):
@@ -46,7 +52,9 @@ def test_ivfpq_recall_on_clustered_vectors(tmp_path):
     data = write_synthetic_shards(shards, 12_000, 64)
     # the streaming exact search is the plain one
     q = data[:5]
-    np.testing.assert_array_equal(exact_top_k(shards, q, 10)[:, 0], np.arange(5))
+    source, _ = shard_source(shards)
+    assert source.n == 12_000 and source.dim == 64
+    np.testing.assert_array_equal(exact_top_k(source, q, 10)[:, 0], np.arange(5))
     plain = build_index(shards, tmp_path / "pq", "ivfpq", refine="none", queries=100)
     refined = build_index(shards, tmp_path / "pq8", "ivfpq", refine="sq8", queries=100)
     assert refined.recall_at_10 >= 0.9 > plain.recall_at_10  # what the refine stage is for
