@@ -37,7 +37,7 @@ def write_synthetic_shards(folder, n, dim, clusters=50, shard=2000, seed=0):
 
 def test_plan_sizes_to_the_data():
     p = plan_index(10_000_000, 512, "ivfpq")
-    assert p.nlist == 8192 and p.pq_m == 64 and p.train_size == 32 * 8192
+    assert p.nlist == 8192 and p.pq_m == 64 and p.train_size == 40 * 8192
     small = plan_index(5_000, 64, "ivfpq")
     assert small.nlist <= 5_000 // 39 and 64 % small.pq_m == 0
     with pytest.raises(InvalidInputError, match="--kind"):
