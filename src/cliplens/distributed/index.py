@@ -65,8 +65,8 @@ def plan_index(n: int, dim: int, kind: str, refine: str = "sq8") -> IndexPlan:
         plan.pq_m = max(m for m in range(1, max(1, dim // 8) + 1) if dim % m == 0)
         plan.train_size = min(n, max(40 * plan.nlist, 10_000))
         plan.refine = refine
-        plan.nprobe = min(plan.nlist, max(32, plan.nlist // 32))
-        plan.k_factor = 1 if refine == "none" else 16
+        plan.nprobe = min(plan.nlist, max(32, plan.nlist // 128))
+        plan.k_factor = 1 if refine == "none" else 64
     return plan
 
 
