@@ -30,6 +30,7 @@ class SearchBatcher:
         self.service, self.max_batch = service, max_batch
         self._queue: list[tuple[Query, asyncio.Future]] = []
         self._draining = False
+        self._task: asyncio.Task | None = None  # held: the loop keeps only weak references
 
     async def search(self, query: Query) -> list[Any]:
         """The hits for one query, batched with whatever else is waiting."""
@@ -37,7 +38,7 @@ class SearchBatcher:
         self._queue.append((query, future))
         if not self._draining:
             self._draining = True
-            asyncio.create_task(self._drain())  # noqa: RUF006 (it ends when the queue does)
+            self._task = asyncio.create_task(self._drain())
         timeout = self.service.settings.timeout_s
         try:
             with anyio.fail_after(timeout):
