@@ -139,3 +139,12 @@ def test_cli_embed_dataset_and_catalog_import(tmp_path, folder, tiny_model_dir, 
     built = run_json(capsys, ["build-index", str(out), "--kind", "flat", "--out", idx,
                               "--queries", "5", "--format", "json"])  # fmt: skip
     assert built["n"] == 7 and built["recall_at_10"] == 1.0
+    # the index answers queries like the catalog does
+    top3 = ["-n", "3", "--format", "json"]
+    via_index = run_json(capsys, ["search", "a cat", "--index", idx, *top3])
+    via_catalog = run_json(capsys, ["search", "a cat", "--db", str(db), "--in", str(folder),
+                                    "--no-index", "--model", model, *top3])  # fmt: skip
+    assert [h["path"] for h in via_index] == [h["path"] for h in via_catalog]
+    np.testing.assert_allclose([h["score"] for h in via_index],
+                               [h["score"] for h in via_catalog], atol=1e-3)  # fmt: skip
+    assert main(["search", "a cat", "--index", idx, "--model", "offline"]) == 2  # other model

@@ -134,6 +134,10 @@ def search_command(
     exact: Annotated[
         bool, typer.Option("--exact", help="Exact search even where an ANN index exists.")
     ] = False,
+    index: Annotated[
+        Path | None,
+        typer.Option("--index", help="Search a 'cliplens build-index' folder, not the catalog."),
+    ] = None,
     model: ModelOpt = None,
     device: DeviceOpt = None,
     precision: PrecisionOpt = None,
@@ -144,12 +148,33 @@ def search_command(
 
     text = " ".join(query)
     terms = parse_query(text)  # bad queries fail before any model loads
+    if index is not None:
+        _search_built_index(index, terms, n, fmt, model, device, precision)
+        return
     folders = _folders(in_dirs)
     texts = any(t.text is not None for t in terms)
     catalog, ref = _open(db, model, device, precision, folders, no_index, texts)
     hits = search(catalog, ref, query_vector(ref, terms, catalog), n, folders, exact=exact)
     _print_hits(hits, fmt)
     _prepare_fast_text(ref)
+
+
+def _search_built_index(folder, terms, n, fmt, model, device, precision) -> None:
+    """A query against a build-index folder: the model is the one its vectors came from."""
+    from cliplens.distributed.index import open_built_index
+    from cliplens.errors import InvalidInputError
+    from cliplens.models.ref import ModelRef
+    from cliplens.tasks.search import Hit, query_vector
+
+    built = open_built_index(folder)
+    ref = ModelRef(model or built.model, device=device, precision=precision)
+    if ref.info.model_id != built.model_id:
+        raise InvalidInputError(
+            f"--index {folder} holds vectors of {built.model_id}, not of {ref.name} "
+            f"({ref.info.model_id}); leave --model out or pass the model it was built with"
+        )
+    hits = [Hit(p, s) for p, s in built.search(query_vector(ref, terms), n)]
+    _print_hits(hits, fmt)
 
 
 def similar_command(

@@ -33,6 +33,7 @@ KINDS = ("flat", "hnsw", "ivfpq")
 REFINES = ("none", "sq8", "fp16")
 INDEX_FILE = "index.faiss"
 META_FILE = "index.json"
+PATHS_FILE = "paths.parquet"  # row number -> path, in the order vectors were added
 
 
 @dataclass
@@ -159,12 +160,48 @@ def build_index(
     seed: int = 0,
 ) -> IndexReport:
     """Build, save (index.faiss + index.json) and evaluate an index over a job's shards."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from cliplens.distributed.embed import iter_shards
+
     source, manifest = shard_source(shards)
     report, _, _ = build_from(source, out, kind, refine, queries, seed)
-    meta = {"shards": str(Path(shards).resolve()), "model_id": manifest["model_id"],
-            **report.to_dict()}  # fmt: skip
+    paths = pa.concat_arrays([t.column("path").combine_chunks() for _, t in iter_shards(shards)])
+    pq.write_table(pa.table({"path": paths}), Path(out) / PATHS_FILE)
+    meta = {"shards": str(Path(shards).resolve()), "model": manifest.get("model"),
+            "model_id": manifest["model_id"], **report.to_dict()}  # fmt: skip
     (Path(out) / META_FILE).write_text(json.dumps(meta, indent=1))
     return report
+
+
+@dataclass
+class BuiltIndex:
+    """A saved index with its row -> path table and the model its vectors came from."""
+
+    index: Any
+    paths: list[str]
+    model: str | None
+    model_id: str
+
+    def search(self, query: np.ndarray, k: int) -> list[tuple[str, float]]:
+        scores, rows = self.index.search(np.asarray(query, np.float32).reshape(1, -1), k)
+        return [(self.paths[r], float(s)) for r, s in zip(rows[0], scores[0], strict=True)
+                if r >= 0]  # fmt: skip
+
+
+def open_built_index(folder: str | os.PathLike) -> BuiltIndex:
+    """An index written by `build-index`, ready to search (IVF memory-mapped)."""
+    import pyarrow.parquet as pq
+
+    folder = Path(folder)
+    index = load_built_index(folder)
+    try:
+        meta = json.loads((folder / META_FILE).read_text())
+        paths = pq.read_table(folder / PATHS_FILE).column("path").to_pylist()
+    except (OSError, ValueError) as e:
+        raise InvalidInputError(f"{folder}: not a complete build-index folder ({e})") from e
+    return BuiltIndex(index, paths, meta.get("model"), meta["model_id"])
 
 
 def build_from(
