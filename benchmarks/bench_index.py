@@ -7,7 +7,8 @@ generated on the fly (10M float16 vectors would take 10 GB of disk as shards).
 
 Reports train and add time, the index file size, the process's peak RSS, and recall@10 and
 ms per query (one query at a time, 200 held-out queries against exact search) for several
-nprobe values; writes OUT/results.json.
+nprobe values; writes OUT/results.json. At 10M the index in OUT is about 6 GB and the run
+needs about 9 GB of RAM and 25 minutes on 2 cores: delete OUT afterwards.
 """
 
 from __future__ import annotations
