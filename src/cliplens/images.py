@@ -13,6 +13,7 @@ import os
 import re
 import stat
 import struct
+import tempfile
 import warnings
 from collections.abc import Collection, Iterable, Iterator
 from pathlib import Path
@@ -135,6 +136,22 @@ def open_image(
         raise ImageError(label, "permission denied") from e
     except _DECODE_ERRORS as e:
         raise _decode_error(label, e, path) from e
+
+
+def open_image_bytes(
+    data: bytes, label: str, *, min_size: int | None = None, max_megapixels: float | None = None
+) -> Image.Image:
+    """`open_image` for bytes (an upload, an object-store read): the same checks and
+    decoding as for a file on disk, with errors naming `label`."""
+    fd, tmp = tempfile.mkstemp(prefix="cliplens-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        return open_image(tmp, min_size=min_size, max_megapixels=max_megapixels)
+    except ImageError as e:
+        raise type(e)(label, e.reason) from None
+    finally:
+        Path(tmp).unlink(missing_ok=True)
 
 
 def _check_file(path: Path, label: str) -> None:

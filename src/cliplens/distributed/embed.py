@@ -152,7 +152,7 @@ def _decode_one(path: str, prep: Any, max_megapixels: float | None):
     from the file itself when it is local, else from a temporary copy of its bytes."""
     import fsspec
 
-    from cliplens.images import open_image
+    from cliplens.images import open_image, open_image_bytes
 
     try:
         with fsspec.open(path, "rb") as f:
@@ -160,19 +160,15 @@ def _decode_one(path: str, prep: Any, max_megapixels: float | None):
     except OSError as e:
         return 0, "", None, f"cannot read: {e.strerror or e}"
     digest = hashlib.sha256(data).hexdigest()
-    tmp = None
     try:
         if "://" in path:
-            fd, tmp = tempfile.mkstemp(prefix="cliplens-")
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-        image = open_image(tmp or path, min_size=prep.resize_size, max_megapixels=max_megapixels)
+            image = open_image_bytes(data, path, min_size=prep.resize_size,
+                                     max_megapixels=max_megapixels)  # fmt: skip
+        else:
+            image = open_image(path, min_size=prep.resize_size, max_megapixels=max_megapixels)
         return len(data), digest, prep.crop(image), ""
     except ImageError as e:
         return len(data), digest, None, e.reason
-    finally:
-        if tmp:
-            Path(tmp).unlink(missing_ok=True)
 
 
 class _EncodeActor:

@@ -128,8 +128,12 @@ class Service:
             with anyio.fail_after(self.settings.timeout_s):
                 return await anyio.to_thread.run_sync(locked, abandon_on_cancel=True)
         except TimeoutError:
-            raise ApiError(503, "timeout", f"the request took over {self.settings.timeout_s:g} s;"
-                           " the server is busy, retry later") from None  # fmt: skip
+            raise self.timed_out() from None
+
+    def timed_out(self) -> ApiError:
+        """The 503 for a request that waited and ran past --timeout."""
+        return ApiError(503, "timeout", f"the request took over {self.settings.timeout_s:g} s; "
+                        "the server is busy, retry later")  # fmt: skip
 
     def catalog(self):
         """This thread's read-only connection to the catalog (sqlite connections stay in

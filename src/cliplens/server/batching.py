@@ -29,44 +29,36 @@ class SearchBatcher:
     def __init__(self, service: Any, max_batch: int = 32) -> None:
         self.service, self.max_batch = service, max_batch
         self._queue: list[tuple[Query, asyncio.Future]] = []
-        self._draining = False
         self._task: asyncio.Task | None = None  # held: the loop keeps only weak references
 
     async def search(self, query: Query) -> list[Any]:
         """The hits for one query, batched with whatever else is waiting."""
         future = asyncio.get_running_loop().create_future()
         self._queue.append((query, future))
-        if not self._draining:
-            self._draining = True
+        if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._drain())
         timeout = self.service.settings.timeout_s
         try:
             with anyio.fail_after(timeout):
                 return await asyncio.shield(future)
         except TimeoutError:
-            from cliplens.server.app import ApiError
-
-            raise ApiError(503, "timeout", f"the request took over {timeout:g} s; the server "
-                           "is busy, retry later") from None  # fmt: skip
+            raise self.service.timed_out() from None
 
     async def _drain(self) -> None:
-        try:
-            while self._queue:
-                batch = self._queue[: self.max_batch]
-                del self._queue[: self.max_batch]
-                try:
-                    results = await self.service.run(self._answer, [q for q, _ in batch])
-                except Exception as e:  # the batch as a whole failed (timeout, model)
-                    results = [e] * len(batch)
-                for (_, future), result in zip(batch, results, strict=True):
-                    if future.done():
-                        continue
-                    if isinstance(result, BaseException):
-                        future.set_exception(result)
-                    else:
-                        future.set_result(result)
-        finally:
-            self._draining = False
+        while self._queue:
+            batch = self._queue[: self.max_batch]
+            del self._queue[: self.max_batch]
+            try:
+                results = await self.service.run(self._answer, [q for q, _ in batch])
+            except Exception as e:  # the batch as a whole failed (timeout, model)
+                results = [e] * len(batch)
+            for (_, future), result in zip(batch, results, strict=True):
+                if future.done():
+                    continue
+                if isinstance(result, BaseException):
+                    future.set_exception(result)
+                else:
+                    future.set_result(result)
 
     def _answer(self, queries: list[Query]) -> list[Any]:
         """In the worker thread, holding the model: hits or an error per query."""

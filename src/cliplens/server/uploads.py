@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
-from pathlib import Path, PurePath
+from functools import partial
+from pathlib import PurePath
 from typing import Any
 
 from fastapi import UploadFile
 
-from cliplens.errors import ImageError, InvalidInputError
+from cliplens.errors import InvalidInputError
+from cliplens.images import open_image_bytes
 
 
 def upload_name(upload: UploadFile, index: int) -> str:
@@ -17,24 +17,6 @@ def upload_name(upload: UploadFile, index: int) -> str:
     it is never opened)."""
     name = PurePath((upload.filename or "").replace("\\", "/")).name.strip()
     return name[:200] or f"upload-{index + 1}"
-
-
-def decode_upload(data: bytes, name: str, max_megapixels: float, min_size: int | None) -> Any:
-    """A PIL image from uploaded bytes, or the ImageError open_image would raise for such a
-    file (not an image, truncated, too many pixels...), naming the upload. Decoded as the
-    encoder decodes files (JPEG at reduced scale down to `min_size`), so an uploaded photo
-    embeds exactly as the same photo in the catalog."""
-    from cliplens.images import open_image
-
-    fd, tmp = tempfile.mkstemp(prefix="cliplens-upload-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        return open_image(tmp, min_size=min_size, max_megapixels=max_megapixels)
-    except ImageError as e:
-        raise type(e)(f"upload {name}", e.reason) from None
-    finally:
-        Path(tmp).unlink()
 
 
 async def read_images(
@@ -54,6 +36,9 @@ async def read_images(
     for i, upload in enumerate(uploads):
         data = await upload.read()
         names.append(upload_name(upload, i))
-        images.append(await anyio.to_thread.run_sync(decode_upload, data, names[-1],
-                                                     max_megapixels, min_size))  # fmt: skip
+        # decoded as the indexer decodes files (JPEG at reduced scale down to min_size),
+        # so an uploaded photo embeds exactly as the same photo in the catalog
+        decode = partial(open_image_bytes, data, f"upload {names[-1]}", min_size=min_size,
+                         max_megapixels=max_megapixels)  # fmt: skip
+        images.append(await anyio.to_thread.run_sync(decode))
     return names, images
