@@ -354,3 +354,103 @@ def test_serve_command(tmp_path, tiny_model_dir, catalog_db, capsys):
         proc.terminate()
         proc.wait(20)
     assert f"http://127.0.0.1:{port}/" in proc.stderr.read()
+
+
+# ------------------------------------------------------------ serving a build-index folder
+
+
+def _built_index(folder: Path, catalog_db: Path, model: str, path_of) -> Path:
+    """A flat build-index folder over the catalog's own vectors, with each photo's path
+    rewritten by `path_of` (a local path, or an object-store URI)."""
+    from cliplens.distributed.embed import _save_manifest, _write_shard, shard_name
+    from cliplens.distributed.index import build_index
+
+    model_id = ModelRef(model).info.model_id
+    with Catalog(catalog_db) as cat:
+        ids, _, matrix = cat.vectors(model_id)
+        paths = cat.paths(ids.tolist())
+    rows = [{"path": path_of(paths[i]), "size": 1, "sha256": "x", "error": "",
+             "embedding": v} for i, v in zip(ids.tolist(), matrix, strict=True)]  # fmt: skip
+    shards = folder / "shards"
+    shards.mkdir(parents=True)
+    ok, bad = _write_shard(shards, shard_name(0), rows, model_id, "float32")
+    done = {shard_name(0): {"rows": ok, "failures": bad}}
+    _save_manifest(shards, {"version": 1, "model": model, "model_id": model_id,
+                            "dim": matrix.shape[1], "shards": done})  # fmt: skip
+    build_index(shards, folder / "index", "flat", queries=3)
+    return folder / "index"
+
+
+@pytest.fixture(scope="module")
+def index_dir(tmp_path_factory, catalog_db, tiny_model_dir) -> Path:
+    return _built_index(tmp_path_factory.mktemp("built"), catalog_db, f"local:{tiny_model_dir}",
+                        str)  # fmt: skip
+
+
+def test_search_a_built_index_like_the_catalog(client, settings, index_dir, photos):
+    """With --index, search, similar, weighted ids, files and thumbnails work by the index's
+    row ids, and rank as the catalog does over the same vectors."""
+    with _app(settings, index=index_dir, model=None, db=index_dir / "none.db") as c:
+        health = c.get("/v1/health").json()
+        assert health["searches"] == "index" and health["searchable"] is True
+        assert health["catalog"] is False and health["model"] == settings.model
+        assert [m["embeddings"] for m in c.get("/v1/models").json()["catalog"]] == [7]
+        for q in ("a cat", "rocket"):
+            got = c.get("/v1/search", params={"q": q, "n": 5}).json()["results"]
+            want = client.get("/v1/search", params={"q": q, "n": 5}).json()["results"]
+            assert [h["path"] for h in got] == [h["path"] for h in want]
+            np.testing.assert_allclose([h["score"] for h in got], [h["score"] for h in want],
+                                       atol=1e-4)  # fmt: skip
+        hits = c.get("/v1/search", params={"q": "coffee", "n": 7}).json()["results"]
+        assert sorted(h["id"] for h in hits) == list(range(7))  # row numbers
+        coffee = next(h for h in hits if h["name"] == "coffee.jpg")
+        assert c.get(coffee["image_url"]).content == (photos / "coffee.jpg").read_bytes()
+        thumb = c.get(coffee["thumb_url"], params={"size": 48})
+        assert max(Image.open(io.BytesIO(thumb.content)).size) == 48
+        similar = c.get(f"/v1/similar/{coffee['id']}", params={"n": 3}).json()["results"]
+        assert len(similar) == 3 and coffee["id"] not in [h["id"] for h in similar]
+        by_id = c.post("/v1/search", json={"terms": [{"id": coffee["id"]}], "n": 1}).json()
+        assert by_id["results"][0]["id"] == coffee["id"]
+        assert by_id["results"][0]["score"] == pytest.approx(1.0, abs=1e-4)
+        for route in ("images", "thumbs", "similar"):
+            assert "0 to 6" in _error(c.get(f"/v1/{route}/7"), 404, "unknown_id")
+        r = c.post("/v1/search/image", files=[_upload(photos / "cat.jpg", "image")])
+        assert r.status_code == 200 and r.json()["results"][0]["name"] == "cat.jpg"
+
+
+def test_built_index_refuses_another_model(settings, index_dir, capsys):
+    from cliplens.cli.main import main
+
+    with _app(settings, index=index_dir, model="offline") as c:
+        detail = _error(c.get("/v1/search", params={"q": "a cat"}), 400, "invalid_input")
+        assert str(index_dir) in detail and "leave --model out" in detail
+    assert main(["serve", "--index", str(index_dir), "--model", "offline"]) == 2
+    assert "holds vectors of" in capsys.readouterr().err
+    assert main(["serve", "--index", str(index_dir.parent)]) == 2  # not an index folder
+    assert "build-index" in capsys.readouterr().err
+
+
+def test_built_index_of_object_store_photos(tmp_path, settings, catalog_db, photos):
+    """Photos that live behind fsspec URIs are served and thumbnailed from there."""
+    import fsspec
+
+    memory = fsspec.filesystem("memory")
+    uri = lambda p: f"memory://cliplens-test/{Path(p).name}"  # noqa: E731
+    for p in photos.iterdir():
+        memory.pipe(uri(p), p.read_bytes())
+    index = _built_index(tmp_path, catalog_db, settings.model, uri)
+    try:
+        with _app(settings, index=index) as c:
+            hits = c.get("/v1/search", params={"q": "a cat", "n": 7}).json()["results"]
+            cat = next(h for h in hits if h["name"] == "cat.jpg")
+            assert cat["path"] == "memory://cliplens-test/cat.jpg"
+            r = c.get(cat["image_url"])
+            assert r.content == (photos / "cat.jpg").read_bytes()
+            assert r.headers["content-type"] == "image/jpeg"
+            thumb = c.get(cat["thumb_url"], params={"size": 32})
+            assert max(Image.open(io.BytesIO(thumb.content)).size) == 32
+            memory.rm(uri(photos / "coffee.jpg"))
+            gone = next(h for h in hits if h["name"] == "coffee.jpg")
+            assert "cannot be read" in _error(c.get(gone["image_url"]), 404, "file_missing")
+    finally:
+        memory.rm("memory://cliplens-test", recursive=True)

@@ -10,6 +10,7 @@ from cliplens.distributed.index import (
     build_index,
     exact_top_k,
     load_built_index,
+    open_built_index,
     plan_index,
     shard_source,
 )
@@ -66,3 +67,32 @@ def test_ivfpq_recall_on_clustered_vectors(tmp_path):
     assert ids.shape == (1, 3) and ids[0, 0] >= 0
     with pytest.raises(InvalidInputError, match=r"no index\.faiss"):
         load_built_index(tmp_path)
+    _check_stored_vectors(tmp_path, data)
+
+
+def _cos(a, b) -> float:
+    return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+
+
+def _check_stored_vectors(tmp_path, data):
+    """What the server's similar-photo lookups read back: exact from flat, within SQ8
+    error from the refine stage, the PQ approximation (through a direct map) without it."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [0, 4321, 11_999]
+    flat, pq8, plain = (open_built_index(tmp_path / k) for k in ("flat", "pq8", "pq"))
+    for r in rows:
+        np.testing.assert_allclose(flat.vector(r), data[r], atol=1e-6)
+        assert _cos(pq8.vector(r), data[r]) > 0.99
+        assert 0.5 < _cos(plain.vector(r), data[r]) < 0.99
+    assert flat.path(4321) == "/photos/0004321.jpg" and flat.path(12_000) is None
+    # a batch of queries answers as the queries one at a time
+    batch = pq8.search_rows(data[rows], 5)
+    assert batch == [pq8.search_rows(data[r], 5)[0] for r in rows]
+    assert [b[0][0] for b in batch] == rows
+    assert pq8.search(data[0], 1)[0][0] == "/photos/0000000.jpg"
+    # a path table that does not match the index is refused
+    pq.write_table(pa.table({"path": ["/photos/x.jpg"]}), tmp_path / "flat" / "paths.parquet")
+    with pytest.raises(InvalidInputError, match="1 paths for 12000 vectors"):
+        open_built_index(tmp_path / "flat")

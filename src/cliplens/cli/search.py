@@ -162,17 +162,12 @@ def search_command(
 def _search_built_index(folder, terms, n, fmt, model, device, precision) -> None:
     """A query against a build-index folder: the model is the one its vectors came from."""
     from cliplens.distributed.index import open_built_index
-    from cliplens.errors import InvalidInputError
     from cliplens.models.ref import ModelRef
     from cliplens.tasks.search import Hit, query_vector
 
     built = open_built_index(folder)
     ref = ModelRef(model or built.model, device=device, precision=precision)
-    if ref.info.model_id != built.model_id:
-        raise InvalidInputError(
-            f"--index {folder} holds vectors of {built.model_id}, not of {ref.name} "
-            f"({ref.info.model_id}); leave --model out or pass the model it was built with"
-        )
+    built.require_model(ref)
     hits = [Hit(p, s) for p, s in built.search(query_vector(ref, terms), n)]
     _print_hits(hits, fmt)
 

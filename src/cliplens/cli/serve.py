@@ -43,13 +43,17 @@ def serve_command(
         list[str] | None,
         typer.Option("--cors-origin", help="Allow browser calls from this origin (repeatable)."),
     ] = None,
+    index: Annotated[
+        Path | None,
+        typer.Option("--index", help="Search a 'cliplens build-index' folder, not the catalog."),
+    ] = None,
     model: ModelOpt = None,
     db: DbOpt = None,
     device: DeviceOpt = None,
     precision: PrecisionOpt = None,
 ) -> None:
     """Serve the JSON API under /v1 (schema at /openapi.json, docs at /docs) and the search
-    page at /."""
+    page at /. Search reads the catalog, or a build-index folder with --index."""
     try:
         import uvicorn
 
@@ -76,12 +80,14 @@ def serve_command(
         warn(f"serving on {host} without --token: anyone who can reach it can search your "
              "photos")  # fmt: skip
     settings = ServerSettings(
-        model=model, db=db, token=token, captioner=captioner, policy=policy,
+        model=model, db=db, index=index, token=token, captioner=captioner, policy=policy,
         quality_probe=quality_probe, max_upload_mb=max_upload_mb,
         max_megapixels=max_megapixels, timeout_s=timeout,
         cors_origins=tuple(cors_origin or ()), device=device, precision=precision,
     )  # fmt: skip
     app = create_app(settings)
+    if index is not None:
+        app.state.service.photos.check_model()  # the index's model, not another
     shown = f"[{host}]" if ":" in host else host
     info(f"cliplens on http://{shown}:{port}/ (API docs at /docs); Ctrl+C stops it")
     uvicorn.run(app, host=host, port=port, log_level="warning")

@@ -51,6 +51,7 @@ STATIC = Path(__file__).parent / "static"
 class ServerSettings:
     model: str | None = None  # default: the settings' default model
     db: Path | None = None  # default: the catalog the CLI uses
+    index: Path | None = None  # a build-index folder: search it instead of the catalog
     token: str | None = None  # every route but health needs "Authorization: Bearer TOKEN"
     captioner: Path | None = None  # a captioner folder: enables POST /v1/caption
     max_upload_mb: float = 20.0
@@ -104,17 +105,24 @@ class Service:
 
     def __init__(self, settings: ServerSettings) -> None:
         from cliplens.models.ref import ModelRef
+        from cliplens.server.batching import SearchBatcher
+        from cliplens.server.photos import CatalogPhotos, IndexPhotos
         from cliplens.store.catalog import default_db_path
 
         self.settings = settings
-        self.ref = ModelRef(settings.model, device=settings.device, precision=settings.precision)
         self.db = Path(settings.db) if settings.db else default_db_path()
+        built = None
+        if settings.index is not None:
+            from cliplens.distributed.index import open_built_index
+
+            built = open_built_index(settings.index)
+        model = settings.model or (built.model if built else None)
+        self.ref = ModelRef(model, device=settings.device, precision=settings.precision)
+        self.photos = IndexPhotos(self, built) if built else CatalogPhotos(self)
         self._lock = threading.Lock()
         self._local = threading.local()
         self._cached: dict[str, Any] = {}
         self._cache_lock = threading.Lock()
-        from cliplens.server.batching import SearchBatcher
-
         self.batcher = SearchBatcher(self)
 
     async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -146,28 +154,6 @@ class Service:
                 return None
             cat = self._local.catalog = Catalog(self.db, readonly=True)
         return cat
-
-    def require_catalog(self):
-        cat = self.catalog()
-        if cat is None:
-            raise ApiError(404, "no_catalog", f"no catalog at {self.db}; run 'cliplens index "
-                           "FOLDER' first, or start the server with --db")  # fmt: skip
-        return cat
-
-    def path_of(self, file_id: int) -> str:
-        """The catalog's path for an id; 404 when the id is unknown."""
-        path = self.require_catalog().paths([file_id]).get(file_id)
-        if path is None:
-            raise ApiError(404, "unknown_id", f"no file with id {file_id} in the catalog")
-        return path
-
-    def embedding(self, file_id: int):
-        """The stored embedding of catalog photo `file_id` by this server's model."""
-        vec = self.require_catalog().embedding_of(self.path_of(file_id), self.ref.info.model_id)
-        if vec is None:
-            raise ApiError(404, "not_embedded", f"file {file_id} has no embedding by "
-                           f"{self.ref.name}; run 'cliplens index' with this model")  # fmt: skip
-        return vec
 
     def cached(self, name: str, build: Callable[[], T]) -> T:
         """Something built once per server (a moderator, a screener, the captioner)."""

@@ -1,9 +1,9 @@
 """Concurrent text searches, answered in batches.
 
 While the model is busy with one batch, new queries queue; the next batch takes all of them
-(up to `max_batch`): their texts are encoded in one call and the catalog is scanned once
-for all of them (one matrix product). Each query still gets its own result or its own
-error. Queries alone in the queue are answered as they come, with no added wait.
+(up to `max_batch`): their texts are encoded in one call and the vectors are searched once
+for all of them (one matrix product, or one faiss call). Each query still gets its own
+result or its own error. Queries alone in the queue are answered as they come, with no added wait.
 """
 
 from __future__ import annotations
@@ -62,17 +62,17 @@ class SearchBatcher:
 
     def _answer(self, queries: list[Query]) -> list[Any]:
         """In the worker thread, holding the model: hits or an error per query."""
-        from cliplens.tasks.search import search_many, weighted_sum
+        from cliplens.tasks.search import weighted_sum
 
         svc = self.service
-        catalog = svc.require_catalog()
+        photos = svc.photos
         texts = list(dict.fromkeys(t for q in queries for t in q.texts))
         encoded = dict(zip(texts, svc.ref.encode_texts(texts), strict=True)) if texts else {}
         vectors: list[np.ndarray] = []
         answers: list[Any] = []
         for q in queries:
             try:
-                parts = [encoded[t] for t in q.texts] + [svc.embedding(i) for i in q.ids]
+                parts = [encoded[t] for t in q.texts] + [photos.embedding(i) for i in q.ids]
                 vectors.append(weighted_sum(parts, q.text_weights + q.id_weights))
                 answers.append(None)
             except Exception as e:  # bad terms, unknown id: that request's own error
@@ -80,7 +80,7 @@ class SearchBatcher:
         ok = [i for i, a in enumerate(answers) if a is None]
         if ok:
             n = max(queries[i].n for i in ok)
-            found = search_many(catalog, svc.ref, np.stack(vectors), n)
+            found = photos.search_many(np.stack(vectors), n)
             for i, hits in zip(ok, found, strict=True):
                 answers[i] = hits[: queries[i].n]
         return answers

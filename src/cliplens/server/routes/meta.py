@@ -17,7 +17,9 @@ class Health(BaseModel):
     version: str
     model: str
     model_loaded: bool
-    catalog: bool
+    catalog: bool  # the catalog file exists
+    searches: str  # what search reads: "catalog" or "index" (a build-index folder)
+    searchable: bool  # there is something to search
     auth: bool
 
 
@@ -26,6 +28,7 @@ def health(request: Request) -> Health:
     svc = service_of(request)
     return Health(status="ok", version=__version__, model=svc.ref.name,
                   model_loaded=svc.ref.loaded, catalog=svc.db.exists(),
+                  searches=svc.photos.kind, searchable=svc.photos.available(),
                   auth=svc.settings.token is not None)  # fmt: skip
 
 
@@ -45,11 +48,10 @@ class ModelsOut(BaseModel):
 
 @router.get("/models", response_model=ModelsOut)
 async def models(request: Request) -> ModelsOut:
-    """The model this server uses, and the models the catalog holds embeddings of."""
+    """The model this server uses, and the models whose embeddings it searches (the
+    catalog's, or the built index's one)."""
     svc = service_of(request)
     info = await svc.run(lambda: svc.ref.info)
-    cat = svc.catalog()
-    stored = [CatalogModel(model_id=m, dim=d, embeddings=n) for m, d, n in cat.models()] \
-        if cat else []  # fmt: skip
+    stored = [CatalogModel(model_id=m, dim=d, embeddings=n) for m, d, n in svc.photos.models()]
     return ModelsOut(model=svc.ref.name, model_id=info.model_id, dim=info.dim, catalog=stored,
                      captioner=svc.settings.captioner is not None)  # fmt: skip

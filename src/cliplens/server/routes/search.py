@@ -1,5 +1,6 @@
-"""Photo search over the catalog: GET|POST /v1/search, GET /v1/similar/{id}, and the
-files themselves, by catalog id only: GET /v1/images/{id}, GET /v1/thumbs/{id}."""
+"""Photo search over the catalog or a built index: GET|POST /v1/search, GET
+/v1/similar/{id}, and the files themselves, by id only: GET /v1/images/{id},
+GET /v1/thumbs/{id}."""
 
 from __future__ import annotations
 
@@ -9,19 +10,19 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Annotated
 
-import numpy as np
 from fastapi import APIRouter, File, Form, Query, Request, UploadFile
 from fastapi import Path as PathParam
 from fastapi.responses import FileResponse, Response
 from pydantic import BaseModel, Field, model_validator
 
 from cliplens.server.app import ApiError, Service, service_of
+from cliplens.server.photos import is_remote, media_type, read_remote
 from cliplens.server.uploads import read_images
 
 router = APIRouter(prefix="/v1", tags=["search"])
 MAX_N = 200
 MAX_ID = 2**63 - 1  # catalog ids are SQLite integers
-FileId = Annotated[int, PathParam(ge=0, le=MAX_ID, description="A catalog id from a result.")]
+FileId = Annotated[int, PathParam(ge=0, le=MAX_ID, description="A photo id from a result.")]
 
 
 class SearchHit(BaseModel):
@@ -45,7 +46,7 @@ def _hits(hits) -> list[SearchHit]:
 
 
 class Term(BaseModel):
-    """One weighted term: a text, or a catalog photo by id."""
+    """One weighted term: a text, or a searched photo by its id."""
 
     text: str | None = Field(None, min_length=1, max_length=1000)
     id: int | None = Field(None, ge=0, le=MAX_ID)
@@ -64,7 +65,7 @@ class SearchRequest(BaseModel):
 
 
 async def _search(svc: Service, terms: list[Term], n: int):
-    """Hits for weighted terms (texts, catalog ids: never paths), batched with concurrent
+    """Hits for weighted terms (texts, photo ids: never paths), batched with concurrent
     queries."""
     from cliplens.server.batching import Query
 
@@ -113,7 +114,7 @@ async def search_image(
     n: Annotated[int, Form(ge=1, le=MAX_N)] = 20,
 ) -> SearchOut:
     """Search by an uploaded photo, optionally with text terms."""
-    from cliplens.tasks.search import search, weighted_sum
+    from cliplens.tasks.search import weighted_sum
 
     svc = service_of(request)
     _, pics = await read_images(svc, [image], 1)
@@ -124,7 +125,7 @@ async def search_image(
         vectors = list(svc.ref.encode_texts([t.text for t in terms])) if terms else []
         vectors.append(svc.ref.encode_images(pics)[0])
         weights = [t.weight for t in terms] + [image_weight]
-        return search(svc.require_catalog(), svc.ref, weighted_sum(vectors, weights), n)
+        return svc.photos.search(weighted_sum(vectors, weights), n)
 
     return SearchOut(query=label, results=_hits(await svc.run(work)))
 
@@ -133,34 +134,35 @@ async def search_image(
 async def similar(
     request: Request, file_id: FileId, n: Annotated[int, Query(ge=1, le=MAX_N)] = 20
 ) -> SearchOut:
-    """Photos most like the catalog's photo `file_id` (itself excluded)."""
-    from cliplens.tasks.search import search
-
+    """Photos most like the photo `file_id` (itself excluded)."""
     svc = service_of(request)
 
     def work():
-        path = svc.path_of(file_id)
-        vec = svc.embedding(file_id)
-        return search(svc.require_catalog(), svc.ref, vec / np.linalg.norm(vec), n,
-                      exclude={path})  # fmt: skip
+        return svc.photos.search(svc.photos.embedding(file_id), n, exclude=file_id)
 
     return SearchOut(query=f"similar to {file_id}", results=_hits(await svc.run(work)))
 
 
-def _existing_file(svc: Service, file_id: int) -> Path:
-    path = Path(svc.path_of(file_id))
-    if not path.is_file():
-        raise ApiError(404, "file_missing", f"file {file_id} is in the catalog but no longer on "
-                       "disk; run 'cliplens index' to update the catalog")  # fmt: skip
+def _existing_file(svc: Service, file_id: int) -> str:
+    """The photo's local path (checked to exist), or its object-store URI."""
+    path = svc.photos.path_of(file_id)
+    if not is_remote(path) and not Path(path).is_file():
+        update = "cliplens index" if svc.photos.kind == "catalog" else "cliplens build-index"
+        raise ApiError(404, "file_missing", f"photo {file_id} is no longer on disk at {path}; "
+                       f"run '{update}' again to update what is searched")  # fmt: skip
     return path
 
 
 @router.get("/images/{file_id}", response_class=FileResponse,
             responses={200: {"content": {"image/*": {}}}})  # fmt: skip
-def image(request: Request, file_id: FileId) -> FileResponse:
-    """The original file of a catalog photo."""
+def image(request: Request, file_id: FileId) -> Response:
+    """The original file of a photo."""
     path = _existing_file(service_of(request), file_id)
-    return FileResponse(path, headers={"Cache-Control": "private, max-age=3600"})
+    headers = {"Cache-Control": "private, max-age=3600"}
+    if is_remote(path):
+        return Response(read_remote(path, f"photo {file_id}"), media_type=media_type(path),
+                        headers=headers)  # fmt: skip
+    return FileResponse(path, headers=headers)
 
 
 class _Thumbs:
@@ -182,12 +184,16 @@ class _Thumbs:
                 self.items.popitem(last=False)
 
 
-def _thumbnail(path: Path, side: int, max_megapixels: float) -> bytes:
+def _thumbnail(path: str, label: str, side: int, max_megapixels: float) -> bytes:
     from PIL import Image
 
-    from cliplens.images import open_image
+    from cliplens.images import open_image, open_image_bytes
 
-    img = open_image(path, min_size=side, max_megapixels=max_megapixels)
+    if is_remote(path):
+        img = open_image_bytes(read_remote(path, label), label, min_size=side,
+                               max_megapixels=max_megapixels)  # fmt: skip
+    else:
+        img = open_image(path, min_size=side, max_megapixels=max_megapixels)
     img.thumbnail((side, side), Image.Resampling.LANCZOS)
     buf = io.BytesIO()
     img.save(buf, format="JPEG", quality=85)
@@ -199,14 +205,15 @@ def _thumbnail(path: Path, side: int, max_megapixels: float) -> bytes:
 def thumb(
     request: Request, file_id: FileId, size: Annotated[int, Query(ge=16, le=1024)] = 256
 ) -> Response:
-    """A JPEG thumbnail of a catalog photo, at most `size` pixels on its long side."""
+    """A JPEG thumbnail of a photo, at most `size` pixels on its long side."""
     svc = service_of(request)
     path = _existing_file(svc, file_id)
-    key = (file_id, path.stat().st_mtime_ns, size)
+    version = 0 if is_remote(path) else Path(path).stat().st_mtime_ns
+    key = (file_id, version, size)
     cache = svc.cached("thumbs", lambda: _Thumbs(512))
     data = cache.get(key)
     if data is None:
-        data = _thumbnail(path, size, svc.settings.max_megapixels)
+        data = _thumbnail(path, f"photo {file_id}", size, svc.settings.max_megapixels)
         cache.put(key, data)
     return Response(data, media_type="image/jpeg",
                     headers={"Cache-Control": "private, max-age=3600"})  # fmt: skip

@@ -169,7 +169,7 @@ document.addEventListener("keydown", (e) => {
   try {
     const health = await (await fetch("/v1/health")).json();
     if (health.auth && !token) $("token-form").hidden = false;
-    if (!health.catalog) status("No catalog yet: run 'cliplens index FOLDER', then search.");
+    if (!health.searchable) status("No catalog yet: run 'cliplens index FOLDER', then search.");
   } catch (_) {
     status("The server does not answer.");
   }

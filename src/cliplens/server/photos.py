@@ -1,0 +1,135 @@
+"""What the server searches: the catalog of `cliplens index`, or a `build-index` folder.
+
+Both give photos integer ids (catalog file ids, or the index's row numbers), and every
+route reads files only through those ids. Methods run in the worker thread that holds
+the model lock.
+"""
+
+from __future__ import annotations
+
+import mimetypes
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cliplens.server.app import ApiError
+from cliplens.tasks.search import Hit
+
+
+class CatalogPhotos:
+    """The photo catalog (SQLite and its vector cache), read-only."""
+
+    kind = "catalog"
+
+    def __init__(self, service: Any) -> None:
+        self.service = service
+
+    def available(self) -> bool:
+        return self.service.db.exists()
+
+    def catalog(self):
+        cat = self.service.catalog()
+        if cat is None:
+            db = self.service.db
+            raise ApiError(404, "no_catalog", f"no catalog at {db}; run 'cliplens index "
+                           "FOLDER' first, or serve with --db or --index")  # fmt: skip
+        return cat
+
+    def path_of(self, file_id: int) -> str:
+        path = self.catalog().paths([file_id]).get(file_id)
+        if path is None:
+            raise ApiError(404, "unknown_id", f"no file with id {file_id} in the catalog")
+        return path
+
+    def embedding(self, file_id: int) -> np.ndarray:
+        ref = self.service.ref
+        vec = self.catalog().embedding_of(self.path_of(file_id), ref.info.model_id)
+        if vec is None:
+            raise ApiError(404, "not_embedded", f"file {file_id} has no embedding by "
+                           f"{ref.name}; run 'cliplens index' with this model")  # fmt: skip
+        return vec / np.linalg.norm(vec)
+
+    def search_many(self, queries: np.ndarray, n: int) -> list[list[Hit]]:
+        from cliplens.tasks.search import search_many
+
+        return search_many(self.catalog(), self.service.ref, queries, n)
+
+    def search(self, query: np.ndarray, n: int, exclude: int | None = None) -> list[Hit]:
+        from cliplens.tasks.search import search
+
+        skip = {self.path_of(exclude)} if exclude is not None else None
+        return search(self.catalog(), self.service.ref, query, n, exclude=skip)
+
+    def models(self) -> list[tuple[str, int, int]]:
+        cat = self.service.catalog()
+        return cat.models() if cat else []
+
+
+class IndexPhotos:
+    """A faiss index written by `cliplens build-index` (IVF lists memory-mapped), with its
+    row -> path table. Paths may be object-store URIs, read through fsspec."""
+
+    kind = "index"
+
+    def __init__(self, service: Any, built: Any) -> None:
+        self.service, self.built = service, built
+        self._model_checked = False
+
+    def available(self) -> bool:
+        return True
+
+    def check_model(self) -> None:
+        """Refuse to search with a model other than the index's (loads the model's info)."""
+        if not self._model_checked:
+            self.built.require_model(self.service.ref)
+            self._model_checked = True
+
+    def path_of(self, row: int) -> str:
+        path = self.built.path(row)
+        if path is None:
+            raise ApiError(404, "unknown_id", f"no photo with id {row} in the index "
+                           f"(ids run from 0 to {len(self.built) - 1})")  # fmt: skip
+        return path
+
+    def embedding(self, row: int) -> np.ndarray:
+        self.path_of(row)
+        self.check_model()
+        vec = self.built.vector(row)
+        return vec / np.linalg.norm(vec)
+
+    def _hits(self, found: list[tuple[int, float]]) -> list[Hit]:
+        return [Hit(self.built.path(r), s, r) for r, s in found]
+
+    def search_many(self, queries: np.ndarray, n: int) -> list[list[Hit]]:
+        self.check_model()
+        return [self._hits(found) for found in self.built.search_rows(queries, n)]
+
+    def search(self, query: np.ndarray, n: int, exclude: int | None = None) -> list[Hit]:
+        self.check_model()
+        extra = 1 if exclude is not None else 0
+        found = self.built.search_rows(query, n + extra)[0]
+        return self._hits([(r, s) for r, s in found if r != exclude][:n])
+
+    def models(self) -> list[tuple[str, int, int]]:
+        return [(self.built.model_id, self.built.index.d, len(self.built))]
+
+
+def is_remote(path: str) -> bool:
+    return "://" in path
+
+
+def read_remote(path: str, label: str) -> bytes:
+    """The bytes of an object-store photo; 404 when it is gone."""
+    import fsspec
+
+    try:
+        with fsspec.open(path, "rb") as f:
+            return f.read()
+    except (OSError, ValueError) as e:
+        raise ApiError(404, "file_missing", f"{label} is in the index but cannot be read "
+                       f"({' '.join(str(e).split())})") from None  # fmt: skip
+
+
+def media_type(path: str) -> str:
+    return mimetypes.guess_type(Path(path).name)[0] or "application/octet-stream"
