@@ -2,12 +2,16 @@
 to GET /v1/search over a catalog of synthetic vectors, for a fixed time.
 
     python benchmarks/bench_server.py [--n 100000] [--clients 20] [--seconds 30]
-        [--model offline] [--work /tmp/bench-server]
+        [--model offline] [--work /tmp/bench-server] [--built-index]
 
-Builds the catalog with make_synthetic_catalog.py (once), starts the server as its own
-process, warms it with one query, then runs the clients (asyncio + httpx, one process).
+Builds the catalog with make_synthetic_catalog.py (once), or with --built-index a
+`build-index` folder (IVF-PQ with SQ8 refine, as `cliplens build-index` sizes it) over N
+synthetic clustered vectors of the model's dimension (once: 1 minute at 1M, 20 at 10M
+on 2 cores), and serves that with `serve --index`. It starts the server as its own process,
+warms it with one query, then runs the clients (asyncio + httpx, one process).
 Prints requests/s, latency p50/p90/p99, errors (any non-200), and the server's RSS before
-and after; writes them to WORK/results.json.
+and after, and its private memory after (RSS without file pages such as a memory-mapped
+index); writes them to WORK/results.json.
 """
 
 from __future__ import annotations
@@ -34,9 +38,11 @@ QUERIES = [
 ]  # fmt: skip
 
 
-def rss_mb(pid: int) -> float:
+def rss_mb(pid: int, field: str = "VmRSS") -> float:
+    """Resident memory; field "RssAnon" leaves out file pages (a memory-mapped index, which
+    the kernel can drop and other processes share)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) / 1024
     return float("nan")
 
@@ -74,6 +80,28 @@ async def load(base: str, clients: int, seconds: float) -> tuple[list[float], di
     return latencies, errors
 
 
+def built_index(work: Path, n: int, model: str) -> Path:
+    """A build-index folder over n synthetic vectors, labelled with `model` so that the
+    server accepts its text queries (the vectors are not that model's: only speed and
+    memory mean anything here)."""
+    from bench_index import synthetic
+    from cliplens.distributed.index import build_from, plan_index, write_index_folder
+    from cliplens.models.ref import ModelRef
+
+    folder = work / f"index-{n}"
+    if (folder / "index.json").exists():
+        return folder
+    info = ModelRef(model).info
+    source = synthetic(n, info.dim, clusters=max(100, n // 500))
+    plan = plan_index(n, info.dim, "ivfpq", "sq8")
+    report, _, _ = build_from(source, folder, plan=plan, queries=100)
+    print(f"built: {report.to_dict()}", flush=True)
+    paths = ([f"/synthetic/{i:08d}.jpg" for i in range(s, min(n, s + 100_000))]
+             for s in range(0, n, 100_000))  # fmt: skip
+    write_index_folder(folder, paths, model, info.model_id, report, synthetic=True)
+    return folder
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--n", type=int, default=100_000)
@@ -81,15 +109,24 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=30)
     ap.add_argument("--model", default="offline")
     ap.add_argument("--work", type=Path, default=Path("/tmp/bench-server"))
+    ap.add_argument(
+        "--built-index",
+        action="store_true",
+        help="Serve a build-index folder (IVF-PQ) instead of a catalog.",
+    )
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
-    db = args.work / f"catalog-{args.n}.db"
-    if not db.exists():
-        subprocess.run([sys.executable, str(HERE / "make_synthetic_catalog.py"), str(db),
-                        "--model", args.model, "--n", str(args.n),
-                        "--folder", str(args.work / "photos")], check=True)  # fmt: skip
+    if args.built_index:
+        what = ["--index", str(built_index(args.work, args.n, args.model))]
+    else:
+        db = args.work / f"catalog-{args.n}.db"
+        if not db.exists():
+            subprocess.run([sys.executable, str(HERE / "make_synthetic_catalog.py"), str(db),
+                            "--model", args.model, "--n", str(args.n),
+                            "--folder", str(args.work / "photos")], check=True)  # fmt: skip
+        what = ["--db", str(db)]
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "cliplens.cli.main", "serve", "--db", str(db),
+    server = subprocess.Popen([sys.executable, "-m", "cliplens.cli.main", "serve", *what,
                                "--model", args.model, "--port", str(port)],
                               env={**os.environ, "PYTHONUNBUFFERED": "1"})  # fmt: skip
     base = f"http://127.0.0.1:{port}"
@@ -112,12 +149,14 @@ def main() -> None:
         rss_before = rss_mb(server.pid)
         latencies, errors = asyncio.run(load(base, args.clients, args.seconds))
         rss_after = rss_mb(server.pid)
+        anon_after = rss_mb(server.pid, "RssAnon")
     finally:
         server.terminate()
         server.wait(30)
     lat = np.array(latencies) * 1000
     result = {
-        "catalog_vectors": args.n, "model": args.model, "clients": args.clients,
+        "vectors": args.n, "searches": "index (IVF-PQ + SQ8)" if args.built_index else "catalog",
+        "model": args.model, "clients": args.clients,
         "seconds": args.seconds, "requests": len(lat),
         "requests_per_s": round(len(lat) / args.seconds, 1),
         "p50_ms": round(float(np.percentile(lat, 50)), 1),
@@ -127,6 +166,7 @@ def main() -> None:
         "errors": sum(errors.values()), "error_kinds": errors,
         "first_query_s": round(warm_s, 2), "rss_idle_mb": round(rss_idle),
         "rss_before_mb": round(rss_before), "rss_after_mb": round(rss_after),
+        "private_after_mb": round(anon_after),
     }  # fmt: skip
     print(json.dumps(result, indent=1))
     (args.work / "results.json").write_text(json.dumps(result, indent=1))

@@ -67,6 +67,9 @@ def test_ivfpq_recall_on_clustered_vectors(tmp_path):
     assert ids.shape == (1, 3) and ids[0, 0] >= 0
     with pytest.raises(InvalidInputError, match=r"no index\.faiss"):
         load_built_index(tmp_path)
+    (tmp_path / "index.faiss").write_bytes(b"not an index")
+    with pytest.raises(InvalidInputError, match="not a faiss index"):
+        load_built_index(tmp_path)
     _check_stored_vectors(tmp_path, data)
 
 
@@ -77,8 +80,7 @@ def _cos(a, b) -> float:
 def _check_stored_vectors(tmp_path, data):
     """What the server's similar-photo lookups read back: exact from flat, within SQ8
     error from the refine stage, the PQ approximation (through a direct map) without it."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    from cliplens.distributed.index import write_index_folder
 
     rows = [0, 4321, 11_999]
     flat, pq8, plain = (open_built_index(tmp_path / k) for k in ("flat", "pq8", "pq"))
@@ -86,13 +88,16 @@ def _check_stored_vectors(tmp_path, data):
         np.testing.assert_allclose(flat.vector(r), data[r], atol=1e-6)
         assert _cos(pq8.vector(r), data[r]) > 0.99
         assert 0.5 < _cos(plain.vector(r), data[r]) < 0.99
-    assert flat.path(4321) == "/photos/0004321.jpg" and flat.path(12_000) is None
+    ends = (0, 1999, 2000, 4321, 11_999)  # paths come in shard-sized chunks of 2000
+    assert [flat.path(r) for r in ends] == [f"/photos/{r:07d}.jpg" for r in ends]
+    assert flat.path(12_000) is None and flat.path(-1) is None and len(flat) == 12_000
     # a batch of queries answers as the queries one at a time
     batch = pq8.search_rows(data[rows], 5)
     assert batch == [pq8.search_rows(data[r], 5)[0] for r in rows]
     assert [b[0][0] for b in batch] == rows
     assert pq8.search(data[0], 1)[0][0] == "/photos/0000000.jpg"
     # a path table that does not match the index is refused
-    pq.write_table(pa.table({"path": ["/photos/x.jpg"]}), tmp_path / "flat" / "paths.parquet")
+    report = build_index(tmp_path / "shards", tmp_path / "flat", "flat", queries=5)
+    write_index_folder(tmp_path / "flat", [["/photos/x.jpg"]], None, "synthetic", report)
     with pytest.raises(InvalidInputError, match="1 paths for 12000 vectors"):
         open_built_index(tmp_path / "flat")

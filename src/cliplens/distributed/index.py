@@ -19,7 +19,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +33,7 @@ KINDS = ("flat", "hnsw", "ivfpq")
 REFINES = ("none", "sq8", "fp16")
 INDEX_FILE = "index.faiss"
 META_FILE = "index.json"
-PATHS_FILE = "paths.parquet"  # row number -> path, in the order vectors were added
+PATHS_FILE = "paths.arrow"  # row number -> path, in the order vectors were added
 
 
 @dataclass
@@ -160,38 +160,62 @@ def build_index(
     seed: int = 0,
 ) -> IndexReport:
     """Build, save (index.faiss + index.json) and evaluate an index over a job's shards."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     from cliplens.distributed.embed import iter_shards
 
     source, manifest = shard_source(shards)
     report, _, _ = build_from(source, out, kind, refine, queries, seed)
-    paths = pa.concat_arrays([t.column("path").combine_chunks() for _, t in iter_shards(shards)])
-    pq.write_table(pa.table({"path": paths}), Path(out) / PATHS_FILE)
-    meta = {"shards": str(Path(shards).resolve()), "model": manifest.get("model"),
-            "model_id": manifest["model_id"], **report.to_dict()}  # fmt: skip
-    (Path(out) / META_FILE).write_text(json.dumps(meta, indent=1))
+    paths = (t.column("path") for _, t in iter_shards(shards))
+    write_index_folder(out, paths, manifest.get("model"), manifest["model_id"], report,
+                       shards=str(Path(shards).resolve()))  # fmt: skip
     return report
+
+
+def write_index_folder(
+    out: str | os.PathLike, paths: Iterable[Any], model: str | None, model_id: str,
+    report: IndexReport, **extra: Any,
+) -> None:  # fmt: skip
+    """Complete a folder that holds index.faiss: the row -> path table and index.json,
+    which names the model. `paths` yields batches of paths (Arrow arrays or lists) in the
+    order the vectors were added; each is written as it comes, uncompressed, in an Arrow
+    IPC file of large strings, so that a server memory-maps the paths instead of holding
+    them, and no size is too large."""
+    import pyarrow as pa
+
+    out = Path(out)
+    schema = pa.schema([("path", pa.large_string())])
+    tmp = out / f".{PATHS_FILE}.tmp"
+    with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
+        for batch in paths:
+            column = batch if isinstance(batch, pa.ChunkedArray) else pa.chunked_array([batch])
+            for chunk in column.cast(pa.large_string()).chunks:
+                writer.write_batch(pa.record_batch([chunk], schema=schema))
+    tmp.replace(out / PATHS_FILE)
+    meta = {**extra, "model": model, "model_id": model_id, **report.to_dict()}
+    (out / META_FILE).write_text(json.dumps(meta, indent=1))
 
 
 class BuiltIndex:
     """A saved index with its row -> path table and the model its vectors came from.
 
-    Rows are the index's ids (0..n-1, in the order the shards were added). Paths stay an
-    Arrow array (tens of bytes a path) rather than Python strings (about 100 more)."""
+    Rows are the index's ids (0..n-1, in the order the shards were added). Paths are an
+    Arrow array memory-mapped from the folder, not Python strings (about 100 bytes more
+    each, and all in the process's own memory)."""
 
     def __init__(self, index: Any, paths: Any, model: str | None, model_id: str,
                  folder: Path) -> None:  # fmt: skip
         self.index, self.paths, self.model, self.model_id = index, paths, model, model_id
         self.folder = folder
+        self._starts = np.cumsum([0] + [len(c) for c in paths.chunks])  # row of each chunk
         self._direct_map = False
 
     def __len__(self) -> int:
-        return len(self.paths)
+        return int(self._starts[-1])
 
     def path(self, row: int) -> str | None:
-        return self.paths[row].as_py() if 0 <= row < len(self.paths) else None
+        if not 0 <= row < len(self):
+            return None
+        k = int(np.searchsorted(self._starts, row, side="right")) - 1
+        return self.paths.chunk(k)[row - int(self._starts[k])].as_py()
 
     def search_rows(self, queries: np.ndarray, k: int) -> list[list[tuple[int, float]]]:
         """(row, score) of the k best per query row, all queries in one faiss call."""
@@ -201,7 +225,7 @@ class BuiltIndex:
                 for rr, ss in zip(rows, scores, strict=True)]  # fmt: skip
 
     def search(self, query: np.ndarray, k: int) -> list[tuple[str, float]]:
-        return [(self.paths[r].as_py(), s) for r, s in self.search_rows(query, k)[0]]
+        return [(self.path(r), s) for r, s in self.search_rows(query, k)[0]]
 
     def vector(self, row: int) -> np.ndarray:
         """The stored vector of `row` as the index holds it: exact for flat and HNSW,
@@ -228,16 +252,16 @@ class BuiltIndex:
 
 
 def open_built_index(folder: str | os.PathLike) -> BuiltIndex:
-    """An index written by `build-index`, ready to search (IVF memory-mapped)."""
-    import pyarrow.parquet as pq
+    """An index written by `build-index`, ready to search (memory-mapped)."""
+    import pyarrow as pa
 
     folder = Path(folder)
     index = load_built_index(folder)
     try:
         meta = json.loads((folder / META_FILE).read_text())
-        paths = pq.read_table(folder / PATHS_FILE, columns=["path"]).column("path")
-        paths, model_id = paths.combine_chunks(), meta["model_id"]
-    except (OSError, ValueError, KeyError) as e:
+        table = pa.ipc.open_file(pa.memory_map(str(folder / PATHS_FILE))).read_all()
+        paths, model_id = table.column("path"), meta["model_id"]
+    except (OSError, ValueError, KeyError, pa.ArrowException) as e:
         raise InvalidInputError(f"{folder}: not a complete build-index folder ({e})") from e
     if len(paths) != index.ntotal:
         raise InvalidInputError(f"{folder}: {PATHS_FILE} has {len(paths)} paths for "
@@ -318,14 +342,23 @@ def exact_top_k(source: VectorSource, queries: np.ndarray, k: int) -> np.ndarray
 
 
 def load_built_index(folder: str | os.PathLike, mmap: bool = True):
-    """The saved index; IVF indexes are memory-mapped (their lists stay on disk)."""
+    """The saved index, memory-mapped: every kind's codes (flat vectors, HNSW storage, PQ
+    lists, the refine stage's vectors) stay in the file and the page cache, so opening is
+    instant and the process holds almost no memory of its own. faiss builds without
+    IO_FLAG_MMAP_IFC map only IVF lists (IO_FLAG_MMAP); what neither maps is read in."""
     import faiss
 
     path = Path(folder) / INDEX_FILE
     if not path.is_file():
         raise InvalidInputError(f"{folder}: no {INDEX_FILE}; build one with 'cliplens build-index'")
-    flags = faiss.IO_FLAG_MMAP if mmap else 0
+    tries = [getattr(faiss, "IO_FLAG_MMAP_IFC", None), faiss.IO_FLAG_MMAP] if mmap else []
+    for flags in [f for f in tries if f is not None]:
+        try:
+            return faiss.read_index(str(path), flags)
+        except RuntimeError:
+            continue
     try:
-        return faiss.read_index(str(path), flags)
-    except RuntimeError:  # kinds that cannot be mapped load into memory
         return faiss.read_index(str(path))
+    except RuntimeError as e:
+        raise InvalidInputError(f"{path}: not a faiss index ({str(e).splitlines()[0][:200]}); "
+                                "build it again with 'cliplens build-index'") from None  # fmt: skip
