@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -10,8 +12,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-# every test run writes caches into its own home, never the user's
-os.environ["CLIPLENS_HOME"] = tempfile.mkdtemp(prefix="cliplens-test-home-")
+# every test run writes caches into its own home, never the user's, and removes it at exit
+# (it holds exported text towers and language models: hundreds of MB a run)
+_HOME = tempfile.mkdtemp(prefix="cliplens-test-home-")
+os.environ["CLIPLENS_HOME"] = _HOME
+atexit.register(shutil.rmtree, _HOME, ignore_errors=True)
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 TINY_CFG = {
