@@ -101,3 +101,6 @@ def _check_stored_vectors(tmp_path, data):
     write_index_folder(tmp_path / "flat", [["/photos/x.jpg"]], None, "synthetic", report)
     with pytest.raises(InvalidInputError, match="1 paths for 12000 vectors"):
         open_built_index(tmp_path / "flat")
+    (tmp_path / "flat" / "index.json").unlink()  # what a build killed before its end leaves
+    with pytest.raises(InvalidInputError, match="not a complete build-index folder"):
+        open_built_index(tmp_path / "flat")

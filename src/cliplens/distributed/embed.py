@@ -112,7 +112,7 @@ def read_manifest(out: Path) -> dict[str, Any] | None:
         raise InvalidInputError(f"{out / MANIFEST}: not a manifest ({e}); use a new --out") from e
 
 
-def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
@@ -123,7 +123,7 @@ def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
 
 
 def _save_manifest(out: Path, manifest: dict[str, Any]) -> None:
-    _write_atomic(out / MANIFEST, lambda p: p.write_text(json.dumps(manifest, indent=1)))
+    write_atomic(out / MANIFEST, lambda p: p.write_text(json.dumps(manifest, indent=1)))
 
 
 # ------------------------------------------------------------------ Ray stages
@@ -317,8 +317,8 @@ def _write_shard(out: Path, name: str, rows: list[dict[str, Any]], model_id: str
         "path": pa.array([str(r["path"]) for r in bad], pa.string()),
         "error": pa.array([str(r["error"]) for r in bad], pa.string()),
     })  # fmt: skip
-    _write_atomic(out / f"{name}.failures.parquet", lambda p: pq.write_table(failures, p))
-    _write_atomic(out / f"{name}.parquet", lambda p: pq.write_table(table, p))
+    write_atomic(out / f"{name}.failures.parquet", lambda p: pq.write_table(failures, p))
+    write_atomic(out / f"{name}.parquet", lambda p: pq.write_table(table, p))
     return len(good), len(bad)
 
 

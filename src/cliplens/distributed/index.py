@@ -163,6 +163,9 @@ def build_index(
     from cliplens.distributed.embed import iter_shards
 
     source, manifest = shard_source(shards)
+    # index.json is written last: without it the folder is incomplete, and an earlier
+    # build's index.json must not vouch for a half-rewritten folder
+    (Path(out) / META_FILE).unlink(missing_ok=True)
     report, _, _ = build_from(source, out, kind, refine, queries, seed)
     paths = (t.column("path") for _, t in iter_shards(shards))
     write_index_folder(out, paths, manifest.get("model"), manifest["model_id"], report,
@@ -181,17 +184,21 @@ def write_index_folder(
     them, and no size is too large."""
     import pyarrow as pa
 
+    from cliplens.distributed.embed import write_atomic
+
     out = Path(out)
     schema = pa.schema([("path", pa.large_string())])
-    tmp = out / f".{PATHS_FILE}.tmp"
-    with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
-        for batch in paths:
-            column = batch if isinstance(batch, pa.ChunkedArray) else pa.chunked_array([batch])
-            for chunk in column.cast(pa.large_string()).chunks:
-                writer.write_batch(pa.record_batch([chunk], schema=schema))
-    tmp.replace(out / PATHS_FILE)
+
+    def write_paths(tmp: Path) -> None:
+        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
+            for batch in paths:
+                chunked = batch if isinstance(batch, pa.ChunkedArray) else pa.chunked_array([batch])
+                for chunk in chunked.cast(pa.large_string()).chunks:
+                    writer.write_batch(pa.record_batch([chunk], schema=schema))
+
+    write_atomic(out / PATHS_FILE, write_paths)
     meta = {**extra, "model": model, "model_id": model_id, **report.to_dict()}
-    (out / META_FILE).write_text(json.dumps(meta, indent=1))
+    write_atomic(out / META_FILE, lambda p: p.write_text(json.dumps(meta, indent=1)))
 
 
 class BuiltIndex:
@@ -282,6 +289,8 @@ def build_from(
     OUT/index.faiss, and measure recall@10 on held-out queries (rows with a little noise)."""
     import faiss
 
+    from cliplens.distributed.embed import write_atomic
+
     out = Path(out)
     plan = plan or plan_index(source.n, source.dim, kind, refine)
     index = _new_index(plan)
@@ -294,9 +303,7 @@ def build_from(
         index.add(np.ascontiguousarray(v))
     add_s = time.perf_counter() - t
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / f".{INDEX_FILE}.tmp"
-    faiss.write_index(index, str(tmp))
-    tmp.replace(out / INDEX_FILE)
+    write_atomic(out / INDEX_FILE, lambda p: faiss.write_index(index, str(p)))
     q = held_out_queries(source, queries, seed)
     truth = exact_top_k(source, q, 10)
     recall, query_ms = measure(index, q, truth)
