@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from cliplens.cli.main import main
 
@@ -13,3 +14,27 @@ def run_json(capsys, argv: list[str]):
     captured = capsys.readouterr()
     assert code == 0, captured.err
     return json.loads(captured.out)
+
+
+def built_index_from_catalog(folder: Path, catalog_db: Path, model: str, path_of=str) -> Path:
+    """A flat build-index folder over the catalog's own vectors, with each photo's path
+    rewritten by `path_of` (a local path, or an object-store URI)."""
+    from cliplens.distributed.embed import _save_manifest, _write_shard, shard_name
+    from cliplens.distributed.index import build_index
+    from cliplens.models.ref import ModelRef
+    from cliplens.store.catalog import Catalog
+
+    model_id = ModelRef(model).info.model_id
+    with Catalog(catalog_db) as cat:
+        ids, _, matrix = cat.vectors(model_id)
+        paths = cat.paths(ids.tolist())
+    rows = [{"path": path_of(paths[i]), "size": 1, "sha256": "x", "error": "",
+             "embedding": v} for i, v in zip(ids.tolist(), matrix, strict=True)]  # fmt: skip
+    shards = folder / "shards"
+    shards.mkdir(parents=True)
+    ok, bad = _write_shard(shards, shard_name(0), rows, model_id, "float32")
+    done = {shard_name(0): {"rows": ok, "failures": bad}}
+    _save_manifest(shards, {"version": 1, "model": model, "model_id": model_id,
+                            "dim": matrix.shape[1], "shards": done})  # fmt: skip
+    build_index(shards, folder / "index", "flat", queries=3)
+    return folder / "index"

@@ -15,6 +15,7 @@ from cliplens.models.ref import ModelRef
 from cliplens.pipeline import index_folders
 from cliplens.server import ServerSettings, create_app
 from cliplens.store.catalog import Catalog
+from tests_helpers import built_index_from_catalog
 
 
 @pytest.fixture(scope="module")
@@ -359,32 +360,10 @@ def test_serve_command(tmp_path, tiny_model_dir, catalog_db, capsys):
 # ------------------------------------------------------------ serving a build-index folder
 
 
-def _built_index(folder: Path, catalog_db: Path, model: str, path_of) -> Path:
-    """A flat build-index folder over the catalog's own vectors, with each photo's path
-    rewritten by `path_of` (a local path, or an object-store URI)."""
-    from cliplens.distributed.embed import _save_manifest, _write_shard, shard_name
-    from cliplens.distributed.index import build_index
-
-    model_id = ModelRef(model).info.model_id
-    with Catalog(catalog_db) as cat:
-        ids, _, matrix = cat.vectors(model_id)
-        paths = cat.paths(ids.tolist())
-    rows = [{"path": path_of(paths[i]), "size": 1, "sha256": "x", "error": "",
-             "embedding": v} for i, v in zip(ids.tolist(), matrix, strict=True)]  # fmt: skip
-    shards = folder / "shards"
-    shards.mkdir(parents=True)
-    ok, bad = _write_shard(shards, shard_name(0), rows, model_id, "float32")
-    done = {shard_name(0): {"rows": ok, "failures": bad}}
-    _save_manifest(shards, {"version": 1, "model": model, "model_id": model_id,
-                            "dim": matrix.shape[1], "shards": done})  # fmt: skip
-    build_index(shards, folder / "index", "flat", queries=3)
-    return folder / "index"
-
-
 @pytest.fixture(scope="module")
 def index_dir(tmp_path_factory, catalog_db, tiny_model_dir) -> Path:
-    return _built_index(tmp_path_factory.mktemp("built"), catalog_db, f"local:{tiny_model_dir}",
-                        str)  # fmt: skip
+    folder = tmp_path_factory.mktemp("built")
+    return built_index_from_catalog(folder, catalog_db, f"local:{tiny_model_dir}")
 
 
 def test_search_a_built_index_like_the_catalog(client, settings, index_dir, photos):
@@ -438,7 +417,7 @@ def test_built_index_of_object_store_photos(tmp_path, settings, catalog_db, phot
     uri = lambda p: f"memory://cliplens-test/{Path(p).name}"  # noqa: E731
     for p in photos.iterdir():
         memory.pipe(uri(p), p.read_bytes())
-    index = _built_index(tmp_path, catalog_db, settings.model, uri)
+    index = built_index_from_catalog(tmp_path, catalog_db, settings.model, uri)
     try:
         with _app(settings, index=index) as c:
             hits = c.get("/v1/search", params={"q": "a cat", "n": 7}).json()["results"]

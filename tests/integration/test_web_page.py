@@ -1,6 +1,7 @@
 """The web page end to end in headless Chromium: a real server on a loopback port with the
-offline model over scikit-image's photos. Type "a cat", see the cat first, click it, see
-similar photos; classify a dropped photo. Screenshots are kept in the test's temp folder.
+offline model over scikit-image's photos, searching the catalog or a build-index folder of
+the same photos. Type "a cat", see the cat first, click it, see similar photos; classify a
+dropped photo. Screenshots are kept in the test's temp folder.
 
 Needs Debian's chromium (/usr/bin/chromium) and Playwright's Python package. Where the
 browser is missing the test is skipped with the reason, unless CLIPLENS_REQUIRE_BROWSER=1
@@ -42,18 +43,31 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def live_server(tmp_path_factory, photos):
-    import uvicorn
-
+def offline_catalog(tmp_path_factory, photos) -> Path:
     from cliplens.models.ref import ModelRef
     from cliplens.pipeline import index_folders
-    from cliplens.server import ServerSettings, create_app
     from cliplens.store.catalog import Catalog
 
     db = tmp_path_factory.mktemp("web") / "catalog.db"
     with Catalog(db) as cat:
         index_folders(cat, ModelRef("offline"), [photos], workers=0)
-    app = create_app(ServerSettings(model="offline", db=db))
+    return db
+
+
+@pytest.fixture(scope="module", params=["catalog", "index"])
+def live_server(request, tmp_path_factory, offline_catalog):
+    import uvicorn
+
+    from cliplens.server import ServerSettings, create_app
+    from tests_helpers import built_index_from_catalog
+
+    if request.param == "catalog":
+        settings = ServerSettings(model="offline", db=offline_catalog)
+    else:
+        folder = tmp_path_factory.mktemp("web-index")
+        index = built_index_from_catalog(folder, offline_catalog, "offline")
+        settings = ServerSettings(index=index, db=folder / "no-catalog.db")
+    app = create_app(settings)
     port = _free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
