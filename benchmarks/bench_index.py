@@ -60,7 +60,7 @@ def main() -> None:
     print(f"plan: {plan}", flush=True)
     t = time.perf_counter()
     report, index, (q, truth) = build_from(source, args.out, "ivfpq", args.refine, args.queries,
-                                           plan=plan)  # fmt: skip
+                                           plan=plan, progress=True)  # fmt: skip
     print(f"built in {time.perf_counter() - t:.0f} s: train {report.train_s:.0f} s, add "
           f"{report.add_s:.0f} s, {report.index_bytes / 1e9:.2f} GB; recall@10 "
           f"{report.recall_at_10:.3f} at {report.query_ms:.2f} ms (nprobe {plan.nprobe})",

@@ -94,7 +94,7 @@ def built_index(work: Path, n: int, model: str) -> Path:
     info = ModelRef(model).info
     source = synthetic(n, info.dim, clusters=max(100, n // 500))
     plan = plan_index(n, info.dim, "ivfpq", "sq8")
-    report, _, _ = build_from(source, folder, plan=plan, queries=100)
+    report, _, _ = build_from(source, folder, plan=plan, queries=100, progress=True)
     print(f"built: {report.to_dict()}", flush=True)
     paths = ([f"/synthetic/{i:08d}.jpg" for i in range(s, min(n, s + 100_000))]
              for s in range(0, n, 100_000))  # fmt: skip

@@ -138,7 +138,8 @@ def test_cli_embed_dataset_and_catalog_import(tmp_path, folder, tiny_model_dir, 
     idx = str(tmp_path / "idx")
     built = run_json(capsys, ["build-index", str(out), "--kind", "flat", "--out", idx,
                               "--queries", "5", "--format", "json"])  # fmt: skip
-    assert built["n"] == 7 and built["recall_at_10"] == 1.0
+    assert built["n"] == 7 and built["recall_at_10"] == 1.0 and built["resumed_rows"] == 0
+    assert main(["build-index", str(out), "--out", idx, "--checkpoint-minutes", "-1"]) == 2
     # the index answers queries like the catalog does
     top3 = ["-n", "3", "--format", "json"]
     via_index = run_json(capsys, ["search", "a cat", "--index", idx, *top3])

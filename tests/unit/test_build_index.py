@@ -7,6 +7,8 @@ import pytest
 
 from cliplens.distributed.embed import _save_manifest, _write_shard, shard_name
 from cliplens.distributed.index import (
+    VectorSource,
+    build_from,
     build_index,
     exact_top_k,
     load_built_index,
@@ -104,3 +106,51 @@ def _check_stored_vectors(tmp_path, data):
     (tmp_path / "flat" / "index.json").unlink()  # what a build killed before its end leaves
     with pytest.raises(InvalidInputError, match="not a complete build-index folder"):
         open_built_index(tmp_path / "flat")
+
+
+class KilledError(Exception):
+    pass
+
+
+def test_an_interrupted_build_resumes(tmp_path):
+    """KilledError while adding, a build goes on from its last checkpoint: no training and no
+    re-adding; another plan over the same folder starts afresh."""
+    import json
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    write_synthetic_shards(shards, 12_000, 64)  # 6 chunks of 2000
+    source, _ = shard_source(shards)
+    out = tmp_path / "index"
+
+    def source_killed_at(pass_no: int, chunk: int) -> tuple[VectorSource, list]:
+        passes: list[int] = []
+
+        def chunks():
+            passes.append(1)
+            for i, v in enumerate(source.chunks()):
+                if len(passes) == pass_no and i == chunk:
+                    raise KilledError
+                yield v
+
+        return VectorSource(source.n, source.dim, chunks, source.fingerprint), passes
+
+    dying, _ = source_killed_at(2, 4)  # pass 1 samples for training, pass 2 adds
+    with pytest.raises(KilledError):
+        build_from(dying, out, "ivfpq", checkpoint_s=1e-9)  # a checkpoint after each chunk
+    assert not (out / "index.faiss").exists()
+    trained_in = json.loads((out / ".build-state.json").read_text())["train_s"]
+
+    counted, passes = source_killed_at(0, 0)  # never killed; counts its passes
+    report, index, _ = build_from(counted, out, "ivfpq", checkpoint_s=1e-9)
+    assert report.resumed_rows == 8000 and index.ntotal == 12_000
+    assert len(passes) == 3  # adding, held-out queries, exact search: no training sample
+    assert report.train_s == trained_in and report.recall_at_10 >= 0.9
+    assert (out / "index.faiss").is_file() and not (out / ".build-partial.faiss").exists()
+    assert not (out / ".build-state.json").exists()
+
+    dying, _ = source_killed_at(2, 3)
+    with pytest.raises(KilledError):
+        build_from(dying, out, "ivfpq", checkpoint_s=1e-9)
+    other = build_from(source, out, "ivfpq", refine="none")[0]
+    assert other.resumed_rows == 0 and other.params["refine"] == "none"

@@ -82,12 +82,28 @@ def build_index_command(
     queries: Annotated[
         int, typer.Option("--queries", help="Held-out queries for recall@10.")
     ] = 200,
+    checkpoint_minutes: Annotated[
+        float,
+        typer.Option(
+            "--checkpoint-minutes",
+            help="Save the index being built this often, to resume after a kill "
+            "(0: only after training and at the end).",
+        ),
+    ] = 5.0,
     fmt: Annotated[Format, typer.Option("--format", "-f")] = Format.table,
 ) -> None:
-    """Build a faiss index sized to the shards; report recall@10, latency and size."""
+    """Build a faiss index sized to the shards; report recall@10, latency and size. An
+    interrupted build resumes: run the same command again."""
     from cliplens.distributed.index import build_index
+    from cliplens.errors import InvalidInputError
 
-    report = build_index(shards, out, kind, refine, queries)
+    if checkpoint_minutes < 0:
+        raise InvalidInputError("--checkpoint-minutes must be >= 0")
+    report = build_index(shards, out, kind, refine, queries, progress=show_progress(),
+                         checkpoint_s=checkpoint_minutes * 60)  # fmt: skip
+    if report.resumed_rows:
+        info(f"resumed an interrupted build: {report.resumed_rows:,} of {report.n:,} vectors "
+             "were already in it")  # fmt: skip
     if fmt is Format.json:
         print_json(report.to_dict())
         return

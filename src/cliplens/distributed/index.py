@@ -15,6 +15,7 @@ the query latency.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -34,6 +35,8 @@ REFINES = ("none", "sq8", "fp16")
 INDEX_FILE = "index.faiss"
 META_FILE = "index.json"
 PATHS_FILE = "paths.arrow"  # row number -> path, in the order vectors were added
+PARTIAL_FILE = ".build-partial.faiss"  # an unfinished build: trained, some vectors added
+STATE_FILE = ".build-state.json"  # what the partial index is a build of
 
 
 @dataclass
@@ -73,11 +76,14 @@ def plan_index(n: int, dim: int, kind: str, refine: str = "sq8") -> IndexPlan:
 
 @dataclass
 class VectorSource:
-    """n vectors of dim, as chunks; `chunks()` starts a fresh pass each time."""
+    """n vectors of dim, as chunks; `chunks()` starts a fresh pass each time, with the
+    same chunks in the same order. `fingerprint` names the data, so that an interrupted
+    build resumes only over the same data."""
 
     n: int
     dim: int
     chunks: Callable[[], Iterator[np.ndarray]]
+    fingerprint: str = ""
 
 
 def shard_source(shards: str | os.PathLike) -> tuple[VectorSource, dict[str, Any]]:
@@ -97,15 +103,26 @@ def shard_source(shards: str | os.PathLike) -> tuple[VectorSource, dict[str, Any
         for _, table in iter_shards(folder):
             yield shard_vectors(table)
 
-    return VectorSource(n, int(manifest["dim"]), chunks), manifest
+    shards_done = json.dumps([manifest["model_id"], manifest["shards"]], sort_keys=True)
+    return VectorSource(n, int(manifest["dim"]), chunks, shards_done), manifest
 
 
-def _sample(source: VectorSource, size: int, seed: int) -> np.ndarray:
+def _pass(source: VectorSource, what: str, progress: bool) -> Iterator[np.ndarray]:
+    """One pass over the source's chunks, with a progress bar."""
+    from cliplens.progress import progress_bar
+
+    with progress_bar(source.n, what, progress) as advance:
+        for v in source.chunks():
+            yield v
+            advance(len(v))
+
+
+def _sample(source: VectorSource, size: int, seed: int, progress: bool = False) -> np.ndarray:
     """`size` rows drawn uniformly without replacement, in one streaming pass."""
     rng = np.random.default_rng(seed)
     chosen = np.sort(rng.choice(source.n, size=size, replace=False))
     out, start = [], 0
-    for v in source.chunks():
+    for v in _pass(source, "sampling for training", progress):
         sel = chosen[(chosen >= start) & (chosen < start + len(v))] - start
         out.append(v[sel])
         start += len(v)
@@ -146,6 +163,7 @@ class IndexReport:
     recall_at_10: float
     query_ms: float
     queries: int
+    resumed_rows: int = 0  # vectors an interrupted build had added already
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -158,15 +176,19 @@ def build_index(
     refine: str = "sq8",
     queries: int = 200,
     seed: int = 0,
+    progress: bool = False,
+    checkpoint_s: float = 300.0,
 ) -> IndexReport:
-    """Build, save (index.faiss + index.json) and evaluate an index over a job's shards."""
+    """Build, save (index.faiss + index.json) and evaluate an index over a job's shards.
+    An interrupted build resumes from its last checkpoint (see `build_from`)."""
     from cliplens.distributed.embed import iter_shards
 
     source, manifest = shard_source(shards)
     # index.json is written last: without it the folder is incomplete, and an earlier
     # build's index.json must not vouch for a half-rewritten folder
     (Path(out) / META_FILE).unlink(missing_ok=True)
-    report, _, _ = build_from(source, out, kind, refine, queries, seed)
+    report, _, _ = build_from(source, out, kind, refine, queries, seed, progress=progress,
+                              checkpoint_s=checkpoint_s)  # fmt: skip
     paths = (t.column("path") for _, t in iter_shards(shards))
     write_index_folder(out, paths, manifest.get("model"), manifest["model_id"], report,
                        shards=str(Path(shards).resolve()))  # fmt: skip
@@ -284,33 +306,94 @@ def build_from(
     queries: int = 200,
     seed: int = 0,
     plan: IndexPlan | None = None,
+    progress: bool = False,
+    checkpoint_s: float = 300.0,
 ) -> tuple[IndexReport, Any, tuple[np.ndarray, np.ndarray]]:
     """(report, index, (queries, exact top-10 rows)): build over any vector source, save to
-    OUT/index.faiss, and measure recall@10 on held-out queries (rows with a little noise)."""
+    OUT/index.faiss, and measure recall@10 on held-out queries (rows with a little noise).
+
+    Resumable: the trained index, then the growing one every `checkpoint_s` seconds of
+    adding (0: never) and the complete one, are saved to OUT/.build-partial.faiss. A build
+    of the same plan over the same data that finds it goes on from there instead of
+    training and adding again."""
+    from cliplens.progress import progress_bar
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    plan = plan or plan_index(source.n, source.dim, kind, refine)
+    key = hashlib.sha256(json.dumps([asdict(plan), seed, source.n, source.dim,
+                                     source.fingerprint]).encode()).hexdigest()  # fmt: skip
+    resumed = _load_partial(out, key)
+    if resumed is not None:
+        index, state = resumed
+    else:
+        (out / STATE_FILE).unlink(missing_ok=True)
+        index = _new_index(plan)
+        t = time.perf_counter()
+        if not index.is_trained:
+            sample = _sample(source, plan.train_size, seed, progress)
+            with progress_bar(1, f"training on {len(sample):,} vectors", progress) as advance:
+                index.train(sample)
+                advance(1)
+            del sample
+        state = {"key": key, "train_s": time.perf_counter() - t, "add_s": 0.0}
+        _save_partial(out, index, state)
+    done = index.ntotal
+    t = last = time.perf_counter()
+    row = 0
+    with progress_bar(source.n - done, "adding vectors", progress) as advance:
+        for v in source.chunks() if done < source.n else ():
+            first, row = row, row + len(v)  # this chunk holds rows first..row-1
+            if row <= done:
+                continue
+            if first < done:
+                stale = out / PARTIAL_FILE
+                raise InvalidInputError(f"{out}: the data's chunks changed under an "
+                                        f"interrupted build; delete {stale}")  # fmt: skip
+            index.add(np.ascontiguousarray(v))
+            advance(len(v))
+            if checkpoint_s and time.perf_counter() - last >= checkpoint_s and row < source.n:
+                state["add_s"] += time.perf_counter() - t
+                t = last = time.perf_counter()
+                _save_partial(out, index, state)
+    if index.ntotal != source.n:
+        raise InvalidInputError(f"the data held {index.ntotal:,} vectors where {source.n:,} "
+                                "were announced; check the shards and their manifest")  # fmt: skip
+    if index.ntotal > done:
+        state["add_s"] += time.perf_counter() - t
+        _save_partial(out, index, state)  # complete: a kill while measuring keeps it
+    q = held_out_queries(source, queries, seed)
+    truth = exact_top_k(source, q, 10, progress)
+    recall, query_ms = measure(index, q, truth)
+    (out / PARTIAL_FILE).replace(out / INDEX_FILE)
+    (out / STATE_FILE).unlink(missing_ok=True)
+    params = {k: v for k, v in asdict(plan).items() if k not in ("kind", "n", "dim")}
+    report = IndexReport(plan.kind, source.n, source.dim, params, state["train_s"],
+                         state["add_s"], (out / INDEX_FILE).stat().st_size, recall, query_ms,
+                         len(q), resumed_rows=done)  # fmt: skip
+    return report, index, (q, truth)
+
+
+def _save_partial(out: Path, index: Any, state: dict[str, Any]) -> None:
     import faiss
 
     from cliplens.distributed.embed import write_atomic
 
-    out = Path(out)
-    plan = plan or plan_index(source.n, source.dim, kind, refine)
-    index = _new_index(plan)
-    t = time.perf_counter()
-    if not index.is_trained:
-        index.train(_sample(source, plan.train_size, seed))
-    train_s = time.perf_counter() - t
-    t = time.perf_counter()
-    for v in source.chunks():
-        index.add(np.ascontiguousarray(v))
-    add_s = time.perf_counter() - t
-    out.mkdir(parents=True, exist_ok=True)
-    write_atomic(out / INDEX_FILE, lambda p: faiss.write_index(index, str(p)))
-    q = held_out_queries(source, queries, seed)
-    truth = exact_top_k(source, q, 10)
-    recall, query_ms = measure(index, q, truth)
-    params = {k: v for k, v in asdict(plan).items() if k not in ("kind", "n", "dim")}
-    report = IndexReport(plan.kind, source.n, source.dim, params, train_s, add_s,
-                         (out / INDEX_FILE).stat().st_size, recall, query_ms, len(q))  # fmt: skip
-    return report, index, (q, truth)
+    write_atomic(out / PARTIAL_FILE, lambda p: faiss.write_index(index, str(p)))
+    write_atomic(out / STATE_FILE, lambda p: p.write_text(json.dumps(state)))
+
+
+def _load_partial(out: Path, key: str) -> tuple[Any, dict[str, Any]] | None:
+    """The index and state of an interrupted build of the same plan over the same data."""
+    import faiss
+
+    try:
+        state = json.loads((out / STATE_FILE).read_text())
+        if state.get("key") != key:
+            return None
+        return faiss.read_index(str(out / PARTIAL_FILE)), state
+    except (OSError, ValueError, RuntimeError):
+        return None
 
 
 def held_out_queries(source: VectorSource, count: int, seed: int) -> np.ndarray:
@@ -331,12 +414,14 @@ def measure(index: Any, queries: np.ndarray, truth: np.ndarray) -> tuple[float, 
     return float(np.mean(hits)), query_ms
 
 
-def exact_top_k(source: VectorSource, queries: np.ndarray, k: int) -> np.ndarray:
+def exact_top_k(
+    source: VectorSource, queries: np.ndarray, k: int, progress: bool = False
+) -> np.ndarray:
     """Row numbers of the exact top k per query, in one streaming pass."""
     best_s = np.full((len(queries), 0), -np.inf, np.float32)
     best_i = np.zeros((len(queries), 0), np.int64)
     start = 0
-    for v in source.chunks():
+    for v in _pass(source, "exact search for recall", progress):
         s = queries @ v.T
         ids = np.broadcast_to(np.arange(start, start + len(v)), s.shape)
         best_s = np.concatenate([best_s, s], axis=1)
