@@ -99,6 +99,39 @@ def test_resume_skips_finished_shards(tmp_path, folder, tiny_model_dir):
                                shard_size=4))  # fmt: skip
 
 
+def test_add_new_files_into_new_shards(tmp_path, folder, tiny_model_dir):
+    """A grown collection: new files go into new shards, finished shards stay as they are,
+    and a removed file is counted, not dropped."""
+    import pyarrow.parquet as pq
+
+    grown = tmp_path / "grown"
+    shutil.copytree(folder, grown)
+    out = tmp_path / "out"
+    job = EmbedJob(sources=(str(grown),), out=out, model=f"local:{tiny_model_dir}",
+                   shard_size=4, batch_size=4, precision="fp32")  # fmt: skip
+    first = run_embed_job(job)
+    assert first.written == ["part-00000", "part-00001", "part-00002"]  # 9 files
+    stamps = {n: (out / f"{n}.parquet").stat().st_mtime_ns for n in first.written}
+    for name in ("zz-new-cat.jpg", "aa-new-coffee.jpg"):
+        shutil.copy(folder / name.split("-new-")[1], grown / name)
+    (grown / "rocket.jpg").unlink()
+    with pytest.raises(InvalidInputError, match="--add-new"):
+        run_embed_job(job)
+    from dataclasses import replace
+
+    added = run_embed_job(replace(job, add_new=True))
+    assert added.written == ["part-00003"] and added.rows == 2 and added.gone == 1
+    assert added.skipped == first.written and added.files == 10
+    assert sorted(pq.read_table(out / "part-00003.parquet")["path"].to_pylist()) == [
+        str(grown / "aa-new-coffee.jpg"),
+        str(grown / "zz-new-cat.jpg"),
+    ]
+    assert {n: (out / f"{n}.parquet").stat().st_mtime_ns for n in first.written} == stamps
+    # the manifest follows the new listing: a plain rerun has nothing to do
+    again = run_embed_job(job)
+    assert again.written == [] and len(again.skipped) == 4
+
+
 def test_listing_local_and_uri_sources(folder, tmp_path):
     local = list_images([str(folder)])
     assert len(local) == 9 and local == sorted(local)

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from cliplens.cli.common import DbOpt, MegapixelsOpt, ModelOpt, PrecisionOpt
-from cliplens.cli.output import Format, info, print_json, print_table, show_progress
+from cliplens.cli.output import Format, info, print_json, print_table, show_progress, warn
 
 catalog_app = typer.Typer(help="The catalog: import embeddings made elsewhere.",
                           no_args_is_help=True)  # fmt: skip
@@ -35,20 +35,29 @@ def embed_dataset_command(
     max_shards: Annotated[
         int | None, typer.Option("--max-shards", help="Stop after this many shards.")
     ] = None,
+    add_new: Annotated[
+        bool,
+        typer.Option("--add-new", help="The sources gained files: embed them into new shards."),
+    ] = False,
     fmt: Annotated[Format, typer.Option("--format", "-f")] = Format.table,
     model: ModelOpt = None,
     precision: PrecisionOpt = None,
     max_megapixels: MegapixelsOpt = None,
 ) -> None:
-    """Embed a large image collection on Ray into Parquet shards; run again to resume."""
+    """Embed a large image collection on Ray into Parquet shards; run again to resume, or
+    with --add-new to add the files that appeared since."""
     from cliplens.distributed.embed import EmbedJob, run_embed_job
     from cliplens.settings import get_settings
 
     job = EmbedJob(sources=tuple(sources), out=out, model=model or get_settings().default_model,
                    shard_size=shard_size, batch_size=batch_size, actors=actors, dtype=dtype,
                    address=address, num_cpus=num_cpus, precision=precision,
-                   max_megapixels=max_megapixels, max_shards=max_shards)  # fmt: skip
+                   max_megapixels=max_megapixels, max_shards=max_shards,
+                   add_new=add_new)  # fmt: skip
     report = run_embed_job(job, progress=show_progress())
+    if report.gone:
+        warn(f"{report.gone} files in finished shards are no longer in the sources; they stay "
+             "in the shards (start a new --out to drop them)")  # fmt: skip
     if fmt is Format.json:
         print_json(report.to_dict())
         return

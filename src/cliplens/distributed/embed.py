@@ -47,6 +47,7 @@ class EmbedJob:
     precision: str | None = None
     max_megapixels: float | None = None
     max_shards: int | None = None  # stop after writing this many shards (this run)
+    add_new: bool = False  # the sources gained files: embed those into new shards
 
 
 @dataclass
@@ -57,6 +58,7 @@ class EmbedReport:
     skipped: list[str] = field(default_factory=list)
     rows: int = 0
     failures: int = 0
+    gone: int = 0  # files in finished shards that the sources no longer list
     seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
@@ -223,7 +225,6 @@ def run_embed_job(
     out.mkdir(parents=True, exist_ok=True)
     files = list_images(job.sources)
     info = ModelRef(job.model, precision=job.precision).info
-    shards = [files[i : i + job.shard_size] for i in range(0, len(files), job.shard_size)]
     settings = {"version": VERSION, "model": job.model, "model_id": info.model_id,
                 "dim": info.dim, "dtype": job.dtype, "shard_size": job.shard_size,
                 "files": len(files), "list_hash": list_hash(files)}  # fmt: skip
@@ -232,15 +233,30 @@ def run_embed_job(
         manifest = {**settings, "sources": list(job.sources), "shards": {}}
     else:
         changed = [k for k, v in settings.items() if manifest.get(k) != v]
-        if changed:
+        listing_only = set(changed) <= {"files", "list_hash"}
+        if changed and not (listing_only and job.add_new):
             raise InvalidInputError(
-                f"{out} holds a job with other {', '.join(changed)} (the files, model or "
-                "sharding changed); resume it with the same settings or use a new --out"
-            )
+                f"{out} holds a job over other files; pass --add-new to embed the files not "
+                "yet in its shards into new shards, or use a new --out"
+                if listing_only else
+                f"{out} holds a job with other {', '.join(changed)} (the model or sharding "
+                "changed); resume it with the same settings or use a new --out"
+            )  # fmt: skip
+        if changed:  # the listing grew (or shrank): the manifest follows it from now on
+            manifest.update(files=len(files), list_hash=settings["list_hash"],
+                            sources=list(job.sources))  # fmt: skip
+            _save_manifest(out, manifest)
+    # finished shards never change; every file not in one is planned into new shards after
+    # them (for a resumed job, the same shards as before: finished shards are a prefix)
     done = {name for name in manifest["shards"] if (out / f"{name}.parquet").exists()}
-    report = EmbedReport(files=len(files), shards=len(shards))
+    known = _paths_in(out, done)
+    todo = [f for f in files if f not in known]
+    first = max((int(name.split("-")[1]) + 1 for name in done), default=0)
+    pending = [(first + j, todo[i : i + job.shard_size])
+               for j, i in enumerate(range(0, len(todo), job.shard_size))]  # fmt: skip
+    report = EmbedReport(files=len(files), shards=len(done) + len(pending))
     report.skipped = sorted(done)
-    pending = [(i, s) for i, s in enumerate(shards) if shard_name(i) not in done]
+    report.gone = len(known.difference(files))
     if job.max_shards is not None:
         pending = pending[: job.max_shards]
     if not pending:
@@ -277,6 +293,18 @@ def run_embed_job(
             advance(len(batch["path"]), f"{len(report.written)} shards written")
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def _paths_in(out: Path, shards: set[str]) -> set[str]:
+    """The files that finished shards hold, embedded or failed."""
+    import pyarrow.parquet as pq
+
+    known: set[str] = set()
+    for name in shards:
+        for part in (f"{name}.parquet", f"{name}.failures.parquet"):
+            if (out / part).exists():
+                known.update(pq.read_table(out / part, columns=["path"])["path"].to_pylist())
+    return known
 
 
 def _collect(batch, rows, sizes, out, model_id, dtype, manifest, report, on_shard) -> None:
