@@ -173,6 +173,8 @@ def test_cli_embed_dataset_and_catalog_import(tmp_path, folder, tiny_model_dir, 
                               "--queries", "5", "--format", "json"])  # fmt: skip
     assert built["n"] == 7 and built["recall_at_10"] == 1.0 and built["resumed_rows"] == 0
     assert main(["build-index", str(out), "--out", idx, "--checkpoint-minutes", "-1"]) == 2
+    update = ["build-index", str(out), "--out", idx, "--update", "--queries", "5"]
+    assert run_json(capsys, [*update, "--format", "json"])["n"] == 7  # nothing new to add
     # the index answers queries like the catalog does
     top3 = ["-n", "3", "--format", "json"]
     via_index = run_json(capsys, ["search", "a cat", "--index", idx, *top3])

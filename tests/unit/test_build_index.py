@@ -154,3 +154,56 @@ def test_an_interrupted_build_resumes(tmp_path):
         build_from(dying, out, "ivfpq", checkpoint_s=1e-9)
     other = build_from(source, out, "ivfpq", refine="none")[0]
     assert other.resumed_rows == 0 and other.params["refine"] == "none"
+
+
+def test_update_adds_new_shards_without_training(tmp_path):
+    """After embed-dataset --add-new: the new shards' vectors and paths are appended to the
+    built index; the quantiser is not trained again."""
+    import json
+    import shutil
+
+    import faiss
+
+    from cliplens.distributed.index import update_index
+
+    whole = tmp_path / "whole"
+    whole.mkdir()
+    data = write_synthetic_shards(whole, 16_000, 64)  # 8 shards of 2000
+    manifest = json.loads((whole / "manifest.json").read_text())
+    names = sorted(manifest["shards"])
+    shards, out = tmp_path / "shards", tmp_path / "index"
+    shards.mkdir()
+
+    def job_with(first: list[str]) -> None:  # the job folder as it stood with these shards
+        for name in first:
+            for part in (f"{name}.parquet", f"{name}.failures.parquet"):
+                shutil.copy(whole / part, shards / part)
+        done = {n: manifest["shards"][n] for n in first}
+        (shards / "manifest.json").write_text(json.dumps({**manifest, "shards": done}))
+
+    def centroids():
+        index = load_built_index(out, mmap=False)  # held: the parts below point into it
+        ivf = faiss.extract_index_ivf(index)
+        return faiss.downcast_index(ivf.quantizer).reconstruct_n(0, ivf.nlist).copy()
+
+    job_with(names[:6])
+    build_index(shards, out, "ivfpq", queries=50)
+    trained = centroids()
+    report, added, _ = update_index(shards, out, queries=50)
+    assert added == 0 and report.n == 12_000  # nothing new yet
+    job_with(names)
+    report, added, before = update_index(shards, out, queries=50)
+    assert added == 4000 and before["n"] == 12_000 and report.n == 16_000
+    assert report.recall_at_10 >= 0.9
+    built = open_built_index(out)
+    assert len(built) == 16_000 and built.index.ntotal == 16_000
+    assert [built.path(r) for r in (0, 11_999, 12_000, 15_999)] == [
+        f"/photos/{r:07d}.jpg" for r in (0, 11_999, 12_000, 15_999)
+    ]
+    assert built.search_rows(data[14_321], 1)[0][0][0] == 14_321
+    np.testing.assert_array_equal(centroids(), trained)
+    # an index built from other shards than this job's first ones is refused
+    (shards / "part-00000.parquet").unlink()
+    job_with(names[1:])
+    with pytest.raises(InvalidInputError, match="without --update"):
+        update_index(shards, out)

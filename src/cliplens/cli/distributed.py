@@ -99,17 +99,33 @@ def build_index_command(
             "(0: only after training and at the end).",
         ),
     ] = 5.0,
+    update: Annotated[
+        bool,
+        typer.Option(
+            "--update",
+            help="Add the shards written since INDEX was built (after "
+            "embed-dataset --add-new), without training again.",
+        ),
+    ] = False,
     fmt: Annotated[Format, typer.Option("--format", "-f")] = Format.table,
 ) -> None:
     """Build a faiss index sized to the shards; report recall@10, latency and size. An
     interrupted build resumes: run the same command again."""
-    from cliplens.distributed.index import build_index
+    from cliplens.distributed.index import build_index, update_index
     from cliplens.errors import InvalidInputError
 
     if checkpoint_minutes < 0:
         raise InvalidInputError("--checkpoint-minutes must be >= 0")
-    report = build_index(shards, out, kind, refine, queries, progress=show_progress(),
-                         checkpoint_s=checkpoint_minutes * 60)  # fmt: skip
+    if update:
+        report, added, before = update_index(shards, out, queries, progress=show_progress())
+        trained = before.get("trained_n", before["n"])
+        info(f"added {added:,} vectors to the {before['n']:,} already in {out}")
+        if report.n > 4 * trained:
+            warn(f"{out} now holds {report.n / trained:.1f}x the {trained:,} vectors it was "
+                 "trained on; build it again (without --update) for the best recall")  # fmt: skip
+    else:
+        report = build_index(shards, out, kind, refine, queries, progress=show_progress(),
+                             checkpoint_s=checkpoint_minutes * 60)  # fmt: skip
     if report.resumed_rows:
         info(f"resumed an interrupted build: {report.resumed_rows:,} of {report.n:,} vectors "
              "were already in it")  # fmt: skip

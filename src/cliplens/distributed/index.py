@@ -16,6 +16,7 @@ the query latency.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -86,8 +87,11 @@ class VectorSource:
     fingerprint: str = ""
 
 
-def shard_source(shards: str | os.PathLike) -> tuple[VectorSource, dict[str, Any]]:
-    """The embeddings of an embed-dataset job folder, and its manifest."""
+def shard_source(
+    shards: str | os.PathLike, only: list[str] | None = None
+) -> tuple[VectorSource, dict[str, Any]]:
+    """The embeddings of an embed-dataset job folder (or of its shards named in `only`),
+    and its manifest."""
     from cliplens.distributed.embed import iter_shards, read_manifest, shard_vectors
 
     folder = Path(shards)
@@ -95,13 +99,15 @@ def shard_source(shards: str | os.PathLike) -> tuple[VectorSource, dict[str, Any
     if manifest is None:
         raise InvalidInputError(f"{folder}: no manifest.json; give the --out folder of "
                                 "embed-dataset")  # fmt: skip
-    n = sum(s["rows"] for s in manifest["shards"].values())
+    names = set(manifest["shards"] if only is None else only)
+    n = sum(s["rows"] for name, s in manifest["shards"].items() if name in names)
     if n < 1:
         raise InvalidInputError(f"{folder}: no embeddings in its shards")
 
     def chunks() -> Iterator[np.ndarray]:
-        for _, table in iter_shards(folder):
-            yield shard_vectors(table)
+        for name, table in iter_shards(folder):
+            if name in names:
+                yield shard_vectors(table)
 
     shards_done = json.dumps([manifest["model_id"], manifest["shards"]], sort_keys=True)
     return VectorSource(n, int(manifest["dim"]), chunks, shards_done), manifest
@@ -191,8 +197,64 @@ def build_index(
                               checkpoint_s=checkpoint_s)  # fmt: skip
     paths = (t.column("path") for _, t in iter_shards(shards))
     write_index_folder(out, paths, manifest.get("model"), manifest["model_id"], report,
-                       shards=str(Path(shards).resolve()))  # fmt: skip
+                       shards=str(Path(shards).resolve()), trained_n=source.n,
+                       shards_added=manifest["shards"])  # fmt: skip
     return report
+
+
+def update_index(
+    shards: str | os.PathLike,
+    out: str | os.PathLike,
+    queries: int = 200,
+    seed: int = 0,
+    progress: bool = False,
+) -> tuple[IndexReport, int, dict[str, Any]]:
+    """(report, rows added, index.json before): add to a built index the shards written
+    since it was built (`embed-dataset --add-new`), without training it again, and measure
+    recall over all the data. The index is read into memory to be added to; a kill before
+    the end leaves the folder refused as incomplete (build it again)."""
+    import faiss
+
+    from cliplens.distributed.embed import iter_shards, write_atomic
+    from cliplens.progress import progress_bar
+
+    out = Path(out)
+    built = open_built_index(out)
+    meta = json.loads((out / META_FILE).read_text())
+    source, manifest = shard_source(shards)
+    if manifest["model_id"] != built.model_id:
+        raise InvalidInputError(f"{shards} holds vectors of {manifest['model_id']}, {out} of "
+                                f"{built.model_id}; build a new index")  # fmt: skip
+    before = sorted(meta.get("shards_added") or {})
+    names = sorted(manifest["shards"])
+    if not before or names[: len(before)] != before:
+        raise InvalidInputError(f"{out} was not built from the first shards of {shards}; "
+                                "build it again without --update")  # fmt: skip
+    new = names[len(before) :]
+    if not new:
+        return IndexReport(**{k: meta[k] for k in IndexReport.__dataclass_fields__}), 0, meta
+    index = faiss.read_index(str(out / INDEX_FILE))
+    added_source, _ = shard_source(shards, only=new)
+    t = time.perf_counter()
+    with progress_bar(added_source.n, "adding vectors", progress) as advance:
+        for v in added_source.chunks():
+            index.add(np.ascontiguousarray(v))
+            advance(len(v))
+    add_s = time.perf_counter() - t
+    q = held_out_queries(source, queries, seed)
+    recall, query_ms = measure(index, q, exact_top_k(source, q, 10, progress))
+    (out / META_FILE).unlink()  # incomplete until the new index.json is written
+    write_atomic(out / INDEX_FILE, lambda p: faiss.write_index(index, str(p)))
+    report = IndexReport(meta["kind"], index.ntotal, source.dim, meta["params"],
+                         meta["train_s"], meta["add_s"] + add_s,
+                         (out / INDEX_FILE).stat().st_size, recall, query_ms, len(q))  # fmt: skip
+    new_paths = (t.column("path") for name, t in iter_shards(shards) if name in set(new))
+    write_index_folder(out, itertools.chain(built.paths.chunks, new_paths), built.model,
+                       built.model_id,
+                       report, shards=str(Path(shards).resolve()),
+                       trained_n=meta.get("trained_n", meta["n"]),
+                       shards_added=manifest["shards"])  # fmt: skip
+    return report, added_source.n, meta
 
 
 def write_index_folder(
