@@ -130,6 +130,14 @@ def test_add_new_files_into_new_shards(tmp_path, folder, tiny_model_dir):
     # the manifest follows the new listing: a plain rerun has nothing to do
     again = run_embed_job(job)
     assert again.written == [] and len(again.skipped) == 4
+    # a deleted shard file: its files are embedded again, into a new shard
+    lost = set(pq.read_table(out / "part-00001.parquet")["path"].to_pylist())
+    (out / "part-00001.parquet").unlink()
+    redone = run_embed_job(job)
+    assert redone.written == ["part-00004"]
+    still_there = lost & set(list_images([str(grown)]))  # rocket.jpg is gone for good
+    assert set(pq.read_table(out / "part-00004.parquet")["path"].to_pylist()) == still_there
+    assert "part-00001" not in read_manifest(out)["shards"]
 
 
 def test_listing_local_and_uri_sources(folder, tmp_path):

@@ -249,6 +249,8 @@ def run_embed_job(
     # finished shards never change; every file not in one is planned into new shards after
     # them (for a resumed job, the same shards as before: finished shards are a prefix)
     done = {name for name in manifest["shards"] if (out / f"{name}.parquet").exists()}
+    for name in set(manifest["shards"]) - done:  # a shard file deleted: its files are redone
+        del manifest["shards"][name]
     known = _paths_in(out, done)
     todo = [f for f in files if f not in known]
     first = max((int(name.split("-")[1]) + 1 for name in done), default=0)
