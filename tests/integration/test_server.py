@@ -433,3 +433,35 @@ def test_built_index_of_object_store_photos(tmp_path, settings, catalog_db, phot
             assert "cannot be read" in _error(c.get(gone["image_url"]), 404, "file_missing")
     finally:
         memory.rm("memory://cliplens-test", recursive=True)
+
+
+def test_a_rebuilt_index_is_served_without_a_restart(tmp_path, settings, catalog_db, monkeypatch):
+    """build-index (or --update) into the served folder: the old build serves until the
+    new one is complete (index.json written last), then the new one does."""
+    import shutil
+
+    from cliplens.server.photos import IndexPhotos
+
+    monkeypatch.setattr(IndexPhotos, "recheck_s", 0.0)
+    served = built_index_from_catalog(tmp_path / "a", catalog_db, settings.model)
+    rebuilt = built_index_from_catalog(tmp_path / "b", catalog_db, settings.model,
+                                       lambda p: f"{p}.v2")  # fmt: skip
+
+    def replace(name: str) -> None:  # as build-index writes: a new file renamed into place
+        shutil.copy(rebuilt / name, served / f".{name}.tmp")
+        (served / f".{name}.tmp").replace(served / name)
+
+    def paths(c) -> list[str]:
+        r = c.get("/v1/search", params={"q": "a cat", "n": 7})
+        assert r.status_code == 200, r.text
+        return [h["path"] for h in r.json()["results"]]
+
+    with _app(settings, index=served) as c:
+        before = paths(c)
+        assert len(before) == 7 and not any(p.endswith(".v2") for p in before)
+        (served / "index.json").unlink()  # a build has started
+        replace("index.faiss")
+        replace("paths.arrow")
+        assert paths(c) == before  # incomplete: the open index keeps serving
+        replace("index.json")
+        assert paths(c) == [f"{p}.v2" for p in before]

@@ -8,6 +8,8 @@ the model lock.
 from __future__ import annotations
 
 import mimetypes
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -67,14 +69,52 @@ class CatalogPhotos:
 
 
 class IndexPhotos:
-    """A faiss index written by `cliplens build-index` (IVF lists memory-mapped), with its
-    row -> path table. Paths may be object-store URIs, read through fsspec."""
+    """A faiss index written by `cliplens build-index` (memory-mapped), with its row -> path
+    table. Paths may be object-store URIs, read through fsspec.
+
+    A new build of the folder (`build-index` again, or `--update`) is picked up without a
+    restart: at most every `recheck_s` seconds, a changed index.json makes the next request
+    open the folder again. Until the new build is complete, and if it holds another model's
+    vectors, the index already open keeps serving."""
 
     kind = "index"
+    recheck_s = 1.0
 
     def __init__(self, service: Any, built: Any) -> None:
-        self.service, self.built = service, built
+        self.service, self._built = service, built
         self._model_checked = False
+        self._stamp = self._meta_stamp()
+        self._checked = time.monotonic()
+        self._reload_lock = threading.Lock()
+
+    def _meta_stamp(self) -> tuple[int, int] | None:
+        from cliplens.distributed.index import META_FILE
+
+        try:
+            st = (self._built.folder / META_FILE).stat()
+        except OSError:
+            return None
+        return st.st_mtime_ns, st.st_ino
+
+    @property
+    def built(self) -> Any:
+        """The open index, first opened again if the folder holds a newer complete build."""
+        if time.monotonic() - self._checked < self.recheck_s:
+            return self._built
+        with self._reload_lock:
+            self._checked = time.monotonic()
+            stamp = self._meta_stamp()
+            if stamp is not None and stamp != self._stamp:
+                from cliplens.distributed.index import open_built_index
+                from cliplens.errors import ClipLensError
+
+                try:
+                    fresh = open_built_index(self._built.folder)
+                except ClipLensError:
+                    return self._built  # caught mid-write: try again later
+                if fresh.model_id == self._built.model_id:
+                    self._built, self._stamp = fresh, stamp
+        return self._built
 
     def available(self) -> bool:
         return True
@@ -86,10 +126,11 @@ class IndexPhotos:
             self._model_checked = True
 
     def path_of(self, row: int) -> str:
-        path = self.built.path(row)
+        built = self.built
+        path = built.path(row)
         if path is None:
             raise ApiError(404, "unknown_id", f"no photo with id {row} in the index "
-                           f"(ids run from 0 to {len(self.built) - 1})")  # fmt: skip
+                           f"(ids run from 0 to {len(built) - 1})")  # fmt: skip
         return path
 
     def embedding(self, row: int) -> np.ndarray:
@@ -98,21 +139,21 @@ class IndexPhotos:
         vec = self.built.vector(row)
         return vec / np.linalg.norm(vec)
 
-    def _hits(self, found: list[tuple[int, float]]) -> list[Hit]:
-        return [Hit(self.built.path(r), s, r) for r, s in found]
-
     def search_many(self, queries: np.ndarray, n: int) -> list[list[Hit]]:
         self.check_model()
-        return [self._hits(found) for found in self.built.search_rows(queries, n)]
+        built = self.built
+        return [[Hit(built.path(r), s, r) for r, s in found]
+                for found in built.search_rows(queries, n)]  # fmt: skip
 
     def search(self, query: np.ndarray, n: int, exclude: int | None = None) -> list[Hit]:
         self.check_model()
-        extra = 1 if exclude is not None else 0
-        found = self.built.search_rows(query, n + extra)[0]
-        return self._hits([(r, s) for r, s in found if r != exclude][:n])
+        built = self.built
+        found = built.search_rows(query, n + (exclude is not None))[0]
+        return [Hit(built.path(r), s, r) for r, s in found if r != exclude][:n]
 
     def models(self) -> list[tuple[str, int, int]]:
-        return [(self.built.model_id, self.built.index.d, len(self.built))]
+        built = self.built
+        return [(built.model_id, built.index.d, len(built))]
 
 
 def is_remote(path: str) -> bool:
