@@ -244,16 +244,20 @@ def run_embed_job(
             )  # fmt: skip
         if changed:  # the listing grew (or shrank): the manifest follows it from now on
             manifest.update(files=len(files), list_hash=settings["list_hash"],
-                            sources=list(job.sources))  # fmt: skip
+                            sources=list(job.sources), grown=True)  # fmt: skip
             _save_manifest(out, manifest)
     # finished shards never change; every file not in one is planned into new shards after
     # them (for a resumed job, the same shards as before: finished shards are a prefix)
     done = {name for name in manifest["shards"] if (out / f"{name}.parquet").exists()}
     for name in set(manifest["shards"]) - done:  # a shard file deleted: its files are redone
         del manifest["shards"][name]
-    known = _paths_in(out, done)
-    todo = [f for f in files if f not in known]
     first = max((int(name.split("-")[1]) + 1 for name in done), default=0)
+    if not manifest.get("grown") and done == {shard_name(i) for i in range(first)}:
+        known: set[str] = set()  # one listing, its first shards done: the rest is to do
+        todo = files[first * job.shard_size :]
+    else:  # which files the shards hold must be read
+        known = _paths_in(out, done)
+        todo = [f for f in files if f not in known]
     pending = [(first + j, todo[i : i + job.shard_size])
                for j, i in enumerate(range(0, len(todo), job.shard_size))]  # fmt: skip
     report = EmbedReport(files=len(files), shards=len(done) + len(pending))
