@@ -138,6 +138,11 @@ def open_image(
         raise _decode_error(label, e, path) from e
 
 
+def is_remote(path: str) -> bool:
+    """A URI that fsspec reads (s3://, gs://, file://...), not a local path."""
+    return "://" in path
+
+
 def open_image_bytes(
     data: bytes, label: str, *, min_size: int | None = None, max_megapixels: float | None = None
 ) -> Image.Image:

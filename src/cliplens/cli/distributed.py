@@ -120,7 +120,7 @@ def build_index_command(
         report, added, before = update_index(shards, out, queries, progress=show_progress())
         trained = before.get("trained_n", before["n"])
         info(f"added {added:,} vectors to the {before['n']:,} already in {out}")
-        if report.n > 4 * trained:
+        if report.kind == "ivfpq" and report.n > 4 * trained:  # flat and HNSW train nothing
             warn(f"{out} now holds {report.n / trained:.1f}x the {trained:,} vectors it was "
                  "trained on; build it again (without --update) for the best recall")  # fmt: skip
     else:

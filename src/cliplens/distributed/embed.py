@@ -1,7 +1,8 @@
 """Embed a large image collection on Ray: Parquet shards and a manifest, resumable.
 
 The job lists images under local folders or object-store URIs (fsspec: file://, s3://,
-gs://...), sorts them, and cuts the list into shards of `shard_size` files. Ray Data then
+gs://...), sorts them, and cuts the files that no finished shard holds into shards of
+`shard_size` files. Ray Data then
 streams every pending file through CPU tasks that read, hash and decode it to the model's
 crop (the same `decode` code as `cliplens index`), and through a pool of actors that each
 hold one cliplens Encoder (a GPU each when there are GPUs, CPUs otherwise). Rows come back
@@ -20,7 +21,7 @@ import json
 import os
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -105,6 +106,14 @@ def list_hash(files: list[str]) -> str:
 # ------------------------------------------------------------------ manifest
 
 
+def require_manifest(out: Path) -> dict[str, Any]:
+    """The manifest of a job folder; a clear error when `out` is not one."""
+    manifest = read_manifest(out)
+    if manifest is None:
+        raise InvalidInputError(f"{out}: no {MANIFEST}; give the --out folder of embed-dataset")
+    return manifest
+
+
 def read_manifest(out: Path) -> dict[str, Any] | None:
     try:
         return json.loads((out / MANIFEST).read_text())
@@ -154,7 +163,7 @@ def _decode_one(path: str, prep: Any, max_megapixels: float | None):
     from the file itself when it is local, else from a temporary copy of its bytes."""
     import fsspec
 
-    from cliplens.images import open_image, open_image_bytes
+    from cliplens.images import is_remote, open_image, open_image_bytes
 
     try:
         with fsspec.open(path, "rb") as f:
@@ -163,7 +172,7 @@ def _decode_one(path: str, prep: Any, max_megapixels: float | None):
         return 0, "", None, f"cannot read: {e.strerror or e}"
     digest = hashlib.sha256(data).hexdigest()
     try:
-        if "://" in path:
+        if is_remote(path):
             image = open_image_bytes(data, path, min_size=prep.resize_size,
                                      max_megapixels=max_megapixels)  # fmt: skip
         else:
@@ -359,16 +368,18 @@ def _write_shard(out: Path, name: str, rows: list[dict[str, Any]], model_id: str
 # ------------------------------------------------------------------ reading shards
 
 
-def iter_shards(folder: str | os.PathLike) -> Iterator[tuple[str, Any]]:
-    """(name, pyarrow table) for each finished shard of a job folder, in order."""
+def iter_shards(
+    folder: str | os.PathLike, names: Collection[str] | None = None,
+    columns: list[str] | None = None,
+) -> Iterator[tuple[str, Any]]:  # fmt: skip
+    """(name, pyarrow table) for each finished shard of a job folder (or those in `names`),
+    in order; only `columns` are read when given."""
     import pyarrow.parquet as pq
 
     out = Path(folder)
-    manifest = read_manifest(out)
-    if manifest is None:
-        raise InvalidInputError(f"{out}: no {MANIFEST}; give the --out folder of embed-dataset")
-    for name in sorted(manifest["shards"]):
-        yield name, pq.read_table(out / f"{name}.parquet")
+    for name in sorted(require_manifest(out)["shards"]):
+        if names is None or name in names:
+            yield name, pq.read_table(out / f"{name}.parquet", columns=columns)
 
 
 def shard_vectors(table: Any) -> np.ndarray:
@@ -381,10 +392,10 @@ def shard_vectors(table: Any) -> np.ndarray:
 def import_shards(folder: str | os.PathLike, catalog: Any) -> tuple[int, int]:
     """Load a job's shards into the catalog: (files, failures) imported. Local files keep
     their mtime, so a later `cliplens index` of the same folder finds them up to date."""
+    import pyarrow.parquet as pq
+
     out = Path(folder)
-    manifest = read_manifest(out)
-    if manifest is None:
-        raise InvalidInputError(f"{out}: no {MANIFEST}; give the --out folder of embed-dataset")
+    manifest = require_manifest(out)
     key = catalog.model_key(manifest["model_id"], int(manifest["dim"]))
     files = failures = 0
     for name, table in iter_shards(out):
@@ -394,8 +405,6 @@ def import_shards(folder: str | os.PathLike, catalog: Any) -> tuple[int, int]:
         vectors = shard_vectors(table)
         rows = [(p, s, _mtime_ns(p), h, "ok", None)
                 for p, s, h in zip(paths, sizes, hashes, strict=True)]  # fmt: skip
-        import pyarrow.parquet as pq
-
         bad = pq.read_table(out / f"{name}.failures.parquet").to_pylist()
         rows += [(r["path"], 0, _mtime_ns(r["path"]), None, "failed", r["error"]) for r in bad]
         with catalog.transaction():
@@ -407,7 +416,9 @@ def import_shards(folder: str | os.PathLike, catalog: Any) -> tuple[int, int]:
 
 
 def _mtime_ns(path: str) -> int:
-    if "://" in path:
+    from cliplens.images import is_remote
+
+    if is_remote(path):
         return 0
     try:
         return Path(path).stat().st_mtime_ns

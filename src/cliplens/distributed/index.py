@@ -92,25 +92,21 @@ def shard_source(
 ) -> tuple[VectorSource, dict[str, Any]]:
     """The embeddings of an embed-dataset job folder (or of its shards named in `only`),
     and its manifest."""
-    from cliplens.distributed.embed import iter_shards, read_manifest, shard_vectors
+    from cliplens.distributed.embed import iter_shards, require_manifest, shard_vectors
 
     folder = Path(shards)
-    manifest = read_manifest(folder)
-    if manifest is None:
-        raise InvalidInputError(f"{folder}: no manifest.json; give the --out folder of "
-                                "embed-dataset")  # fmt: skip
-    names = set(manifest["shards"] if only is None else only)
-    n = sum(s["rows"] for name, s in manifest["shards"].items() if name in names)
+    manifest = require_manifest(folder)
+    chosen = {name: s for name, s in manifest["shards"].items() if only is None or name in only}
+    n = sum(s["rows"] for s in chosen.values())
     if n < 1:
         raise InvalidInputError(f"{folder}: no embeddings in its shards")
 
     def chunks() -> Iterator[np.ndarray]:
-        for name, table in iter_shards(folder):
-            if name in names:
-                yield shard_vectors(table)
+        for _, table in iter_shards(folder, chosen, columns=["embedding"]):
+            yield shard_vectors(table)
 
-    shards_done = json.dumps([manifest["model_id"], manifest["shards"]], sort_keys=True)
-    return VectorSource(n, int(manifest["dim"]), chunks, shards_done), manifest
+    fingerprint = json.dumps([manifest["model_id"], chosen], sort_keys=True)
+    return VectorSource(n, int(manifest["dim"]), chunks, fingerprint), manifest
 
 
 def _pass(source: VectorSource, what: str, progress: bool) -> Iterator[np.ndarray]:
@@ -195,7 +191,7 @@ def build_index(
     (Path(out) / META_FILE).unlink(missing_ok=True)
     report, _, _ = build_from(source, out, kind, refine, queries, seed, progress=progress,
                               checkpoint_s=checkpoint_s)  # fmt: skip
-    paths = (t.column("path") for _, t in iter_shards(shards))
+    paths = (t.column("path") for _, t in iter_shards(shards, columns=["path"]))
     write_index_folder(out, paths, manifest.get("model"), manifest["model_id"], report,
                        shards=str(Path(shards).resolve()), trained_n=source.n,
                        shards_added=manifest["shards"])  # fmt: skip
@@ -220,7 +216,7 @@ def update_index(
 
     out = Path(out)
     built = open_built_index(out)
-    meta = json.loads((out / META_FILE).read_text())
+    meta = built.meta
     source, manifest = shard_source(shards)
     if manifest["model_id"] != built.model_id:
         raise InvalidInputError(f"{shards} holds vectors of {manifest['model_id']}, {out} of "
@@ -233,7 +229,7 @@ def update_index(
     new = names[len(before) :]
     if not new:
         return IndexReport(**{k: meta[k] for k in IndexReport.__dataclass_fields__}), 0, meta
-    index = faiss.read_index(str(out / INDEX_FILE))
+    index = load_built_index(out, mmap=False)  # in memory: it is added to
     added_source, _ = shard_source(shards, only=new)
     t = time.perf_counter()
     with progress_bar(added_source.n, "adding vectors", progress) as advance:
@@ -248,10 +244,9 @@ def update_index(
     report = IndexReport(meta["kind"], index.ntotal, source.dim, meta["params"],
                          meta["train_s"], meta["add_s"] + add_s,
                          (out / INDEX_FILE).stat().st_size, recall, query_ms, len(q))  # fmt: skip
-    new_paths = (t.column("path") for name, t in iter_shards(shards) if name in set(new))
+    new_paths = (t.column("path") for _, t in iter_shards(shards, new, columns=["path"]))
     write_index_folder(out, itertools.chain(built.paths.chunks, new_paths), built.model,
-                       built.model_id,
-                       report, shards=str(Path(shards).resolve()),
+                       built.model_id, report, shards=str(Path(shards).resolve()),
                        trained_n=meta.get("trained_n", meta["n"]),
                        shards_added=manifest["shards"])  # fmt: skip
     return report, added_source.n, meta
@@ -292,10 +287,10 @@ class BuiltIndex:
     Arrow array memory-mapped from the folder, not Python strings (about 100 bytes more
     each, and all in the process's own memory)."""
 
-    def __init__(self, index: Any, paths: Any, model: str | None, model_id: str,
-                 folder: Path) -> None:  # fmt: skip
-        self.index, self.paths, self.model, self.model_id = index, paths, model, model_id
-        self.folder = folder
+    def __init__(self, index: Any, paths: Any, meta: dict[str, Any], folder: Path) -> None:
+        self.index, self.paths, self.meta, self.folder = index, paths, meta, folder
+        self.model: str | None = meta.get("model")
+        self.model_id: str = meta["model_id"]
         self._starts = np.cumsum([0] + [len(c) for c in paths.chunks])  # row of each chunk
         self._direct_map = False
 
@@ -351,13 +346,15 @@ def open_built_index(folder: str | os.PathLike) -> BuiltIndex:
     try:
         meta = json.loads((folder / META_FILE).read_text())
         table = pa.ipc.open_file(pa.memory_map(str(folder / PATHS_FILE))).read_all()
-        paths, model_id = table.column("path"), meta["model_id"]
-    except (OSError, ValueError, KeyError, pa.ArrowException) as e:
+        paths = table.column("path")
+        if "model_id" not in meta:
+            raise ValueError(f"{META_FILE} names no model_id")
+    except (OSError, ValueError, pa.ArrowException) as e:
         raise InvalidInputError(f"{folder}: not a complete build-index folder ({e})") from e
     if len(paths) != index.ntotal:
         raise InvalidInputError(f"{folder}: {PATHS_FILE} has {len(paths)} paths for "
                                 f"{index.ntotal} vectors; run build-index again")  # fmt: skip
-    return BuiltIndex(index, paths, meta.get("model"), model_id, folder)
+    return BuiltIndex(index, paths, meta, folder)
 
 
 def build_from(

@@ -9,7 +9,8 @@ Safety: the model is called by one request at a time (a lock, taken in a worker 
 a request that waits or runs longer than `timeout_s` gets 503 (it keeps its place: the
 work still finishes, so the lock is never left held); request bodies above
 `max_upload_mb` are refused with 413 while they stream, before they are buffered; files
-are only ever read by catalog id, never by a path from the client.
+are only ever read by id (the catalog's, or a built index's rows), never by a path from
+the client.
 """
 
 from __future__ import annotations

@@ -156,10 +156,6 @@ class IndexPhotos:
         return [(built.model_id, built.index.d, len(built))]
 
 
-def is_remote(path: str) -> bool:
-    return "://" in path
-
-
 def read_remote(path: str, label: str) -> bytes:
     """The bytes of an object-store photo; 404 when it is gone."""
     import fsspec

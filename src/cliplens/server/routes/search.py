@@ -15,8 +15,9 @@ from fastapi import Path as PathParam
 from fastapi.responses import FileResponse, Response
 from pydantic import BaseModel, Field, model_validator
 
+from cliplens.images import is_remote
 from cliplens.server.app import ApiError, Service, service_of
-from cliplens.server.photos import is_remote, media_type, read_remote
+from cliplens.server.photos import media_type, read_remote
 from cliplens.server.uploads import read_images
 
 router = APIRouter(prefix="/v1", tags=["search"])
