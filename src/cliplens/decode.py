@@ -5,7 +5,10 @@ Kept free of torch so that worker processes start fast and stay small.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
+import signal
+import sys
 import time
 from dataclasses import dataclass
 
@@ -15,6 +18,7 @@ from cliplens.errors import ImageError
 from cliplens.images import open_image
 from cliplens.preprocess import Preprocessing
 
+PR_SET_PDEATHSIG = 1  # from <sys/prctl.h>
 _known: frozenset[str] = frozenset()
 _prep: Preprocessing | None = None
 _max_megapixels: float | None = None
@@ -34,6 +38,19 @@ class Decoded:
 def init_worker(known: frozenset[str], prep: Preprocessing, max_megapixels: float | None) -> None:
     global _known, _prep, _max_megapixels
     _known, _prep, _max_megapixels = known, prep, max_megapixels
+    _die_with_parent()
+
+
+def _die_with_parent() -> None:
+    """On Linux, ask the kernel to kill this worker when the indexer dies: a SIGKILLed
+    indexer cannot stop its pool, and the workers would linger on their task queue."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):  # no prctl here: the pool's own shutdown must do
+        pass
 
 
 def content_hash(path: str) -> str:

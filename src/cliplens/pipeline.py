@@ -76,8 +76,23 @@ def index_folders(
 ) -> IndexStats:
     """Bring the catalog up to date with the image files under `roots` for one model.
 
-    With a ModelRef, the network is loaded only if some file needs encoding.
+    With a ModelRef, the network is loaded only if some file needs encoding. One index
+    run at a time per catalog: a second one gets CatalogBusyError at once.
     """
+    with catalog.updating():
+        args = (batch_size, workers, progress, max_megapixels)
+        return _index_folders(catalog, model, roots, *args)
+
+
+def _index_folders(
+    catalog: Catalog,
+    model: Encoder | ModelRef,
+    roots: Sequence[str | os.PathLike],
+    batch_size: int | None,
+    workers: int | None,
+    progress: bool,
+    max_megapixels: float | None,
+) -> IndexStats:
     t0 = time.perf_counter()
     stats = IndexStats()
     folders = resolve_folders(roots)
@@ -104,6 +119,9 @@ def index_folders(
     gone = [p for p in existing if p not in found]
     stats.timings["scan"] = time.perf_counter() - t0
     if not jobs and not gone:
+        if catalog.garbage_pending:  # left by a run killed before it collected
+            with catalog.transaction():
+                catalog.collect_garbage()
         refresh_ann(catalog, info.model_id, changed=False)
         stats.timings["total"] = time.perf_counter() - t0
         return stats
@@ -153,7 +171,7 @@ def index_folders(
     if gone:
         with catalog.transaction():
             stats.removed = catalog.remove_files(gone)
-    if stats.removed or stats.changed:  # only these can orphan an embedding
+    if catalog.garbage_pending:  # changed or removed files, now or in a killed run
         with catalog.transaction():
             catalog.collect_garbage()
     t = time.perf_counter()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 
@@ -23,6 +24,7 @@ from cliplens.cli import (
     train,
 )
 from cliplens.errors import ClipLensError
+from cliplens.paths import readable
 
 app = typer.Typer(
     name="cliplens",
@@ -63,13 +65,53 @@ def _root(
         raise typer.Exit()
 
 
+def _click_exceptions() -> tuple[type[Exception], ...]:
+    """Click's exception base, from Typer's own copy of click (typer >= 0.26 vendors it as
+    typer._click) and from click itself where a command raises that."""
+    classes: list[type[Exception]] = []
+    try:
+        from typer._click.exceptions import ClickException as Vendored
+
+        classes.append(Vendored)
+    except ImportError:
+        pass
+    try:
+        from click import ClickException
+
+        classes.append(ClickException)
+    except ImportError:
+        pass
+    return tuple(classes)
+
+
+def _usage_line(e: Exception) -> str:
+    """A click usage error as one line: the message, then where to look for help."""
+    message = " ".join(e.format_message().split())  # type: ignore[attr-defined]
+    ctx = getattr(e, "ctx", None)
+    if ctx is not None and getattr(e, "exit_code", 1) == 2:
+        message += f" (see '{ctx.command_path} --help')"
+    return message
+
+
+def _make_streams_lossless() -> None:
+    """File names that are not UTF-8 go to stdout as their own bytes (so `--format paths`
+    feeds xargs the real names) and to stderr as \\xNN escapes, never as a crash."""
+    for stream, errors in ((sys.stdout, "surrogateescape"), (sys.stderr, "backslashreplace")):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            with contextlib.suppress(ValueError, OSError):  # a stream that cannot change
+                reconfigure(errors=errors)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI; returns the exit code instead of a traceback for every cliplens error."""
+    """Run the CLI; returns the exit code instead of a traceback for every error: 2 for bad
+    usage, the error's own code (1 or 2) for cliplens errors, 130 when interrupted."""
+    _make_streams_lossless()
     try:
         # without standalone mode click returns the exit code of typer.Exit instead of exiting
         code = app(args=argv, prog_name="cliplens", standalone_mode=False)
     except ClipLensError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {readable(str(e))}", file=sys.stderr)
         return e.exit_code
     except typer.Exit as e:
         return e.exit_code
@@ -80,15 +122,16 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except Exception as e:
-        import click
-
-        if isinstance(e, click.ClickException):  # usage errors
-            e.show()
-            return e.exit_code
+        if isinstance(e, _click_exceptions()):
+            if type(e).__name__ == "NoArgsIsHelpError":  # a bare group: its help is the answer
+                e.show()  # type: ignore[attr-defined]
+                return 2
+            print(f"error: {readable(_usage_line(e))}", file=sys.stderr)
+            return int(getattr(e, "exit_code", 1))
         if os.environ.get("CLIPLENS_DEBUG"):
             raise
-        print(f"error: unexpected {type(e).__name__}: {e} (CLIPLENS_DEBUG=1 shows where)",
-              file=sys.stderr)  # fmt: skip
+        detail = readable(" ".join(f"{type(e).__name__}: {e}".split()))
+        print(f"error: unexpected {detail} (CLIPLENS_DEBUG=1 shows where)", file=sys.stderr)
         return 1
     return code if isinstance(code, int) else 0
 

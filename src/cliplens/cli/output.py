@@ -1,13 +1,20 @@
-"""Formatting results for people (a table) and for programs (JSON, CSV), and messages."""
+"""Formatting results for people (a table) and for programs (JSON, CSV), and messages.
+
+File names that are not UTF-8 appear in tables, JSON, CSV and messages with their odd
+bytes as \\xNN (JSON and CSV must be valid UTF-8); `--format paths` writes the names'
+own bytes, so a pipe into xargs gets files that exist."""
 
 from __future__ import annotations
 
 import csv
 import json
+import os
 import sys
 from collections.abc import Sequence
 from enum import Enum
 from typing import Any
+
+from cliplens.paths import readable
 
 
 class Format(str, Enum):
@@ -17,22 +24,45 @@ class Format(str, Enum):
 
 
 def warn(message: str) -> None:
-    print(f"warning: {message}", file=sys.stderr)
+    print(f"warning: {readable(message)}", file=sys.stderr)
 
 
 def info(message: str) -> None:
-    print(message, file=sys.stderr)
+    print(readable(message), file=sys.stderr)
+
+
+def _readable(data: Any) -> Any:
+    if isinstance(data, str):
+        return readable(data)
+    if isinstance(data, dict):
+        return {_readable(k): _readable(v) for k, v in data.items()}
+    if isinstance(data, list | tuple):
+        return [_readable(v) for v in data]
+    return data
 
 
 def print_json(data: Any) -> None:
-    json.dump(data, sys.stdout, indent=2, ensure_ascii=False)
+    json.dump(_readable(data), sys.stdout, indent=2, ensure_ascii=False)
     sys.stdout.write("\n")
 
 
 def print_csv(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
     writer = csv.writer(sys.stdout, lineterminator="\n")
     writer.writerow(header)
-    writer.writerows(rows)
+    writer.writerows(_readable(list(rows)))
+
+
+def print_paths(paths: Sequence[str]) -> None:
+    """One path a line, as the file system names them (undecodable bytes as themselves)."""
+    out = sys.stdout.buffer if hasattr(sys.stdout, "buffer") else None
+    if out is None:
+        for path in paths:
+            print(readable(path))
+        return
+    sys.stdout.flush()
+    for path in paths:
+        out.write(os.fsencode(path) + b"\n")
+    out.flush()
 
 
 def print_table(
@@ -43,7 +73,7 @@ def print_table(
 
     table = Table(*header, title=title, title_justify="left", header_style="bold")
     for row in rows:
-        table.add_row(*(str(c) for c in row))
+        table.add_row(*(readable(str(c)) for c in row))
     # piped output keeps whole rows (a table is only as wide as its content)
     Console(width=None if sys.stdout.isatty() else 1000).print(table)
 

@@ -10,7 +10,15 @@ from typing import Annotated
 import typer
 
 from cliplens.cli.common import BatchOpt, DbOpt, DeviceOpt, MegapixelsOpt, ModelOpt, PrecisionOpt
-from cliplens.cli.output import Format, info, print_json, print_table, show_progress, warn
+from cliplens.cli.output import (
+    Format,
+    info,
+    print_json,
+    print_paths,
+    print_table,
+    show_progress,
+    warn,
+)
 
 WorkersOpt = Annotated[
     int | None, typer.Option("--workers", help="Decoder processes (default: one per CPU; 0: none).")
@@ -20,6 +28,8 @@ InOpt = Annotated[
     list[Path] | None,
     typer.Option("--in", help="Folder to search (repeatable; default: the current folder)."),
 ]
+MAX_TOP = 100_000  # results of one query: beyond it, a listing is the better tool
+TopOpt = Annotated[int, typer.Option("-n", "--top", min=1, max=MAX_TOP, help="Number of results.")]
 NoIndexOpt = Annotated[
     bool, typer.Option("--no-index", help="Search the catalog as it is, without updating it.")
 ]
@@ -96,14 +106,21 @@ def _open(db, model, device, precision, folders, no_index: bool, texts: bool = F
     """The catalog and model for a query, the folders brought up to date unless no_index.
     With `texts`, the text encoder loads in the background meanwhile."""
     from cliplens.models.ref import ModelRef
-    from cliplens.store.catalog import Catalog
+    from cliplens.store.catalog import Catalog, CatalogBusyError, CatalogReadOnlyError
 
     ref = ModelRef(model, device=device, precision=precision)
     if texts:
         ref.preload_text()
     if no_index:
         return Catalog(db, readonly=True), ref
-    catalog, _ = _index(db, ref, folders, quiet=True)
+    try:
+        catalog, _ = _index(db, ref, folders, quiet=True)
+    except CatalogBusyError as e:  # that run encodes the new photos: search what it has
+        warn(f"{e}; searching the photos it has committed so far")
+        return Catalog(db, readonly=True), ref
+    except CatalogReadOnlyError as e:
+        warn(f"{e}; searching it without updating it (--no-index)")
+        return Catalog(db, readonly=True), ref
     return catalog, ref
 
 
@@ -111,8 +128,7 @@ def _print_hits(hits, fmt: HitFormat) -> None:
     if fmt is HitFormat.json:
         print_json([h.to_dict() for h in hits])
     elif fmt is HitFormat.paths:
-        for h in hits:
-            print(h.path)
+        print_paths([h.path for h in hits])
     else:
         print_table(
             ["#", "score", "path"], [(i + 1, f"{h.score:.3f}", h.path) for i, h in enumerate(hits)]
@@ -128,7 +144,7 @@ def search_command(
         list[str], typer.Argument(help='Text, image path, or "2:sunset + ./beach.jpg - people".')
     ],
     in_dirs: InOpt = None,
-    n: Annotated[int, typer.Option("-n", "--top", help="Number of results.")] = 10,
+    n: TopOpt = 10,
     fmt: Annotated[HitFormat, typer.Option("--format", "-f")] = HitFormat.table,
     no_index: NoIndexOpt = False,
     exact: Annotated[
@@ -175,7 +191,7 @@ def _search_built_index(folder, terms, n, fmt, model, device, precision) -> None
 def similar_command(
     photo: Annotated[Path, typer.Argument(help="A photo; need not be indexed.")],
     in_dirs: InOpt = None,
-    n: Annotated[int, typer.Option("-n", "--top")] = 10,
+    n: TopOpt = 10,
     fmt: Annotated[HitFormat, typer.Option("--format", "-f")] = HitFormat.table,
     no_index: NoIndexOpt = False,
     model: ModelOpt = None,

@@ -10,6 +10,7 @@ tower when there is one (models.fast_text).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import threading
@@ -129,9 +130,17 @@ class ModelRef:
 
     def preload_text(self) -> None:
         """Start loading the ONNX text encoder in a thread, to overlap with other work
-        (a catalog scan); `encode_texts` waits for it."""
+        (a catalog scan); `encode_texts` waits for it.
+
+        The thread is not a daemon: when the command fails before the query runs, the
+        interpreter waits for the load to finish at exit, instead of tearing down
+        onnxruntime (or torch) under it, which aborts the process."""
         if self._text is None and self._encoder is None:
-            threading.Thread(target=self.fast_text, daemon=True).start()
+            threading.Thread(target=self._preload, name="cliplens-text-preload").start()
+
+    def _preload(self) -> None:
+        with contextlib.suppress(Exception):  # the query's own call reports the error
+            self.fast_text()
 
     def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
         if self._encoder is None and (fast := self.fast_text()) is not None:

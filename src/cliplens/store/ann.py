@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from cliplens.store.files import write_atomic
+
 DEFAULT_MIN = 200_000
 DEFAULT_NPROBE = 64
 RETRAIN_GROWTH = 4
@@ -117,14 +119,15 @@ def save(ann: AnnIndex, folder: Path, key: str) -> None:
 
     index_path, meta_path = paths(folder, key)
     folder.mkdir(parents=True, exist_ok=True)
-    tmp_index = index_path.with_name(f".{index_path.name}.{os.getpid()}.tmp")
-    tmp_meta = meta_path.with_name(f".{meta_path.stem}.{os.getpid()}.tmp.npz")
-    faiss.write_index(ann.index, str(tmp_index))
-    np.savez(tmp_meta, ids=ann.ids, keys=ann.keys, n_trained=np.int64(ann.n_trained))
     # the meta file names what the index holds: replace the index first, then the meta;
     # a crash between the two leaves a pair that disagrees, which `load` detects
-    tmp_index.replace(index_path)
-    tmp_meta.replace(meta_path)
+    write_atomic(index_path, lambda tmp: faiss.write_index(ann.index, str(tmp)))
+    write_atomic(meta_path, lambda tmp: _save_meta(tmp, ann))
+
+
+def _save_meta(path: Path, ann: AnnIndex) -> None:
+    with path.open("wb") as f:  # a file object: np.savez would append .npz to a name
+        np.savez(f, ids=ann.ids, keys=ann.keys, n_trained=np.int64(ann.n_trained))
 
 
 def load(folder: Path, key: str) -> AnnIndex | None:

@@ -8,6 +8,7 @@ cached vector matrix is stale. Readers never block the indexer (WAL).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 import time
@@ -19,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from cliplens.errors import ClipLensError, ImageNotFoundError, InvalidInputError
+from cliplens.paths import from_text, to_text
 
 SCHEMA_VERSION = 1
 
@@ -57,6 +59,62 @@ class CatalogError(ClipLensError):
     """The catalog cannot be opened or used."""
 
 
+class CatalogReadOnlyError(CatalogError):
+    """The catalog (or its folder) cannot be written: it can still be read as it is."""
+
+
+class CatalogBusyError(CatalogError):
+    """Another process is updating the catalog (an index run holds its lock)."""
+
+    def __init__(self, path: Path, pid: str) -> None:
+        self.path, self.pid = path, pid
+        who = f" (pid {pid})" if pid else ""
+        super().__init__(
+            f"another cliplens index{who} is updating catalog {path}; wait for it to finish"
+        )
+
+
+SQLITE_MAGIC = b"SQLite format 3\x00"
+
+
+def _sqlite_error(path: Path, e: sqlite3.Error) -> CatalogError:
+    """A sqlite error as a one-line CatalogError that says what happened to which file and
+    what to do; only a damaged file is worth moving aside."""
+    name = getattr(e, "sqlite_errorname", "")
+    what = " ".join(str(e).split())
+    if name.startswith("SQLITE_FULL"):
+        return CatalogError(
+            f"catalog {path}: the disk is full; free some space and run again "
+            "(everything committed so far is kept)"
+        )
+    if name.startswith("SQLITE_IOERR") or name.startswith("SQLITE_CANTOPEN"):
+        return CatalogError(
+            f"catalog {path}: cannot read or write it ({what}); check that its "
+            "disk has free space and is mounted, then run again; the catalog "
+            "itself is not known to be damaged, keep it"
+        )
+    if name.startswith("SQLITE_READONLY"):
+        return CatalogReadOnlyError(
+            f"catalog {path} is read-only (no permission to write it "
+            "or its folder); search it as it is, or use a writable "
+            "catalog"
+        )
+    if name.startswith("SQLITE_BUSY") or name.startswith("SQLITE_LOCKED"):
+        return CatalogError(
+            f"catalog {path} is locked by another process ({what}); try again when it has finished"
+        )
+    if name.startswith("SQLITE_NOTADB"):
+        return CatalogError(
+            f"{path} is not a cliplens catalog (not an SQLite database); give another catalog path"
+        )
+    if name.startswith("SQLITE_CORRUPT"):
+        return CatalogError(
+            f"catalog {path} is damaged ({what}); restore it from a backup, "
+            "or move it aside and index again"
+        )
+    return CatalogError(f"catalog {path}: {what}")
+
+
 @dataclass(frozen=True)
 class FileRow:
     id: int
@@ -75,8 +133,9 @@ def default_db_path() -> Path:
 
 
 def folder_range(folder: str | os.PathLike) -> tuple[str, str]:
-    """[low, high) bounds of the paths under an absolute folder, for an indexed range scan."""
-    prefix = str(folder).rstrip(os.sep) + os.sep
+    """[low, high) bounds of the stored paths under an absolute folder, for an indexed
+    range scan."""
+    prefix = to_text(os.fspath(folder)).rstrip(os.sep) + os.sep
     return prefix, prefix[:-1] + chr(ord(os.sep) + 1)
 
 
@@ -85,20 +144,86 @@ class Catalog:
 
     def __init__(self, path: str | os.PathLike | None = None, readonly: bool = False) -> None:
         self.path = Path(path) if path else default_db_path()
+        self.readonly = readonly
         if readonly and not self.path.exists():
             raise CatalogError(
                 f"catalog {self.path} does not exist; run 'cliplens index DIR' first"
             )
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._check_header()
+        if not readonly:
+            self._check_writable()
         try:
-            self.db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute("PRAGMA synchronous=NORMAL")
-            self.db.execute("PRAGMA foreign_keys=ON")
+            if not readonly:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            reason = e.strerror or e
+            raise CatalogError(f"catalog {self.path}: cannot create its folder ({reason})") from e
+        try:
+            self.db = self._connect()
             self._migrate()
-        except sqlite3.DatabaseError as e:
-            raise CatalogError(f"catalog {self.path} cannot be opened ({e}); move it aside") from e
+        except sqlite3.Error as e:
+            raise _sqlite_error(self.path, e) from e
         self._model_ids: dict[str, int] = {}
+
+    def _check_header(self) -> None:
+        """Refuse a file that is not an SQLite database, before SQLite, which takes a file
+        shorter than its header for an empty database, writes over it."""
+        try:
+            with self.path.open("rb") as f:
+                head = f.read(len(SQLITE_MAGIC))
+        except FileNotFoundError:
+            return
+        except IsADirectoryError:
+            raise CatalogError(f"catalog {self.path} is a folder; give a file path") from None
+        except NotADirectoryError:
+            raise CatalogError(
+                f"catalog {self.path}: a part of its folder is a file; give another path"
+            ) from None
+        except OSError as e:
+            raise CatalogError(f"catalog {self.path} cannot be read ({e.strerror})") from None
+        if head and head != SQLITE_MAGIC:
+            raise CatalogError(
+                f"{self.path} is not a cliplens catalog (not an SQLite "
+                "database); give another catalog path"
+            )
+
+    def _check_writable(self) -> None:
+        """A catalog to update must be writable, and so must its folder (SQLite keeps its
+        journal there); access(2) also says no on a read-only file system, even to root."""
+        folder = self.path.parent
+        for what in (self.path, folder):
+            if what.exists() and not os.access(what, os.W_OK):
+                raise CatalogReadOnlyError(
+                    f"catalog {self.path} is read-only (no permission to write "
+                    f"{'it' if what == self.path else 'its folder'}); search it as it is, "
+                    "or use a writable catalog"
+                )
+
+    def _connect(self) -> sqlite3.Connection:
+        if not self.readonly:
+            db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+            self._refuse_foreign(db)  # before the journal switch, which writes to the file
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.execute("PRAGMA foreign_keys=ON")
+            return db
+        # read-only: no journal change (that is a write), and a WAL catalog in a folder we
+        # cannot write (no -shm file can be made) is read as immutable
+        uri = self.path.resolve().as_uri()
+        for params in ("mode=ro", "mode=ro&immutable=1"):
+            if "immutable" in params and self._unmerged_wal():
+                raise CatalogError(
+                    f"catalog {self.path}: its recent changes (in {self.path.name}-wal) cannot "
+                    "be read where the folder is read-only; open it once where it is writable"
+                )
+            db = sqlite3.connect(f"{uri}?{params}", uri=True, timeout=30, isolation_level=None)
+            try:
+                db.execute("SELECT count(*) FROM sqlite_master").fetchone()
+                return db
+            except sqlite3.OperationalError as e:
+                db.close()
+                error = e
+        raise error
 
     def close(self) -> None:
         self.db.close()
@@ -114,12 +239,34 @@ class Catalog:
     def _version(self) -> int:
         return int(self.db.execute("PRAGMA user_version").fetchone()[0])
 
-    def _migrate(self) -> None:
-        version = self._version()
+    def _unmerged_wal(self) -> bool:
+        wal = self.path.with_name(self.path.name + "-wal")
+        try:
+            return wal.stat().st_size > 0
+        except OSError:
+            return False
+
+    def _refuse_foreign(self, db: sqlite3.Connection) -> None:
+        """Refuse, without writing a byte, a database this cliplens must not change."""
+        version = int(db.execute("PRAGMA user_version").fetchone()[0])
+        if version == 0 and db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
+            raise CatalogError(
+                f"{self.path} is an SQLite database of another program, not a "
+                "cliplens catalog; give another catalog path"
+            )
         if version > SCHEMA_VERSION:
             raise CatalogError(
                 f"catalog {self.path} was written by a newer cliplens (schema {version}, this "
-                f"one reads up to {SCHEMA_VERSION}); upgrade cliplens or use another --db"
+                f"one reads up to {SCHEMA_VERSION}); upgrade cliplens or use another catalog"
+            )
+
+    def _migrate(self) -> None:
+        self._refuse_foreign(self.db)
+        version = self._version()
+        if self.readonly and version < SCHEMA_VERSION:
+            raise CatalogError(
+                f"catalog {self.path} needs upgrading (schema {version}); index "
+                "it once with this cliplens"
             )
         while version < SCHEMA_VERSION:
             # one script, one transaction: a migration lands whole or not at all
@@ -133,13 +280,49 @@ class Catalog:
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
         """One atomic unit of work: all of it lands, or none of it (a kill loses only this)."""
-        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            self.db.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as e:
+            raise _sqlite_error(self.path, e) from e
         try:
             yield self.db
-        except BaseException:
-            self.db.execute("ROLLBACK")
+            self.db.execute("COMMIT")
+        except BaseException as e:
+            with contextlib.suppress(sqlite3.Error):
+                self.db.execute("ROLLBACK")
+            if isinstance(e, sqlite3.Error):
+                raise _sqlite_error(self.path, e) from e
             raise
-        self.db.execute("COMMIT")
+
+    @contextmanager
+    def updating(self) -> Iterator[None]:
+        """Held while one process brings the catalog up to date, so that a second indexer
+        (or a search that would index) does not encode the same files again: it gets
+        CatalogBusyError at once. An OS lock (flock), so a killed holder releases it."""
+        try:
+            import fcntl
+        except ImportError:  # no flock on this platform: no guard
+            yield
+            return
+        lock = self.path.with_name(self.path.name + ".lock")
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as e:
+            raise CatalogReadOnlyError(
+                f"catalog {self.path}: cannot create its lock file {lock} "
+                f"({e.strerror}); search it as it is, or use a writable "
+                "catalog"
+            ) from e
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise CatalogBusyError(self.path, os.pread(fd, 32, 0).decode().strip()) from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            yield
+        finally:
+            os.close(fd)  # closing releases the lock
 
     def _bump(self) -> None:
         self.db.execute("UPDATE meta SET value = value + 1 WHERE key = 'generation'")
@@ -182,10 +365,19 @@ class Catalog:
             for r in self.db.execute(
                 "SELECT id, path, size, mtime_ns, hash, status, error FROM files "
                 "WHERE (path >= ? AND path < ?) OR path = ?",
-                (low, high, str(folder)),
+                (low, high, to_text(os.fspath(folder))),
             ):
-                rows[r[1]] = FileRow(*r)
+                row = FileRow(r[0], from_text(r[1]), *r[2:])
+                rows[row.path] = row
         return rows
+
+    def file(self, file_id: int) -> FileRow | None:
+        """The file with this id, or None."""
+        r = self.db.execute(
+            "SELECT id, path, size, mtime_ns, hash, status, error FROM files WHERE id=?",
+            (int(file_id),),
+        ).fetchone()
+        return FileRow(r[0], from_text(r[1]), *r[2:]) if r else None
 
     def hashes_with_embedding(self, model: int) -> set[str]:
         return {
@@ -198,6 +390,9 @@ class Catalog:
     ) -> None:
         """(path, size, mtime_ns, hash, status, error) rows; call inside a transaction."""
         now = time.time()
+        rows = [(to_text(r[0]), *r[1:]) for r in rows]
+        if self._replaces_content(rows):
+            self._mark_garbage()
         self.db.executemany(
             "INSERT INTO files (path, size, mtime_ns, hash, status, error, updated_at) "
             "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(path) DO UPDATE SET size=excluded.size, "
@@ -206,6 +401,32 @@ class Catalog:
             [(*r, now) for r in rows],
         )
         self._bump()
+
+    def _replaces_content(self, rows: list[tuple]) -> bool:
+        """Whether any of these (stored path, ..., hash, ...) rows gives a known file
+        other content, which may leave the old content's embedding unused."""
+        for start in range(0, len(rows), 500):
+            chunk = rows[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            old = dict(
+                self.db.execute(
+                    f"SELECT path, hash FROM files WHERE path IN ({marks})", [r[0] for r in chunk]
+                )
+            )
+            if any(r[0] in old and old[r[0]] != r[3] for r in chunk):
+                return True
+        return False
+
+    def _mark_garbage(self) -> None:
+        """Record, in the transaction that may orphan embeddings, that some may be unused:
+        the flag is committed with the change, so a run killed before `collect_garbage`
+        leaves it for the next one."""
+        self.db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('garbage', '1')")
+
+    @property
+    def garbage_pending(self) -> bool:
+        row = self.db.execute("SELECT value FROM meta WHERE key = 'garbage'").fetchone()
+        return row is not None and row[0] == "1"
 
     def put_embeddings(self, model: int, hashes: Sequence[str], vectors: np.ndarray) -> None:
         """Store float16 vectors by content hash; call inside a transaction."""
@@ -220,8 +441,9 @@ class Catalog:
         """Forget files; inside a transaction."""
         n = 0
         for path in paths:
-            n += self.db.execute("DELETE FROM files WHERE path=?", (path,)).rowcount
+            n += self.db.execute("DELETE FROM files WHERE path=?", (to_text(path),)).rowcount
         if n:
+            self._mark_garbage()
             self._bump()
         return n
 
@@ -231,6 +453,7 @@ class Catalog:
             "DELETE FROM embeddings WHERE hash NOT IN "
             "(SELECT hash FROM files WHERE hash IS NOT NULL)"
         ).rowcount
+        self.db.execute("DELETE FROM meta WHERE key = 'garbage'")
         if n:
             self._bump()
         return n
@@ -284,7 +507,8 @@ class Catalog:
         for start in range(0, len(ids), 500):
             chunk = ids[start : start + 500]
             marks = ",".join("?" * len(chunk))
-            out.update(self.db.execute(f"SELECT id, path FROM files WHERE id IN ({marks})", chunk))
+            found = self.db.execute(f"SELECT id, path FROM files WHERE id IN ({marks})", chunk)
+            out.update((i, from_text(p)) for i, p in found)
         return out
 
     def ids_under(self, folders: Sequence[str | os.PathLike]) -> np.ndarray:
@@ -293,7 +517,7 @@ class Catalog:
             low, high = folder_range(folder)
             ids += [i for (i,) in self.db.execute(
                 "SELECT id FROM files WHERE (path >= ? AND path < ?) OR path = ?",
-                (low, high, str(folder)),
+                (low, high, to_text(os.fspath(folder))),
             )]  # fmt: skip
         return np.asarray(sorted(set(ids)), np.int64)
 
@@ -301,7 +525,7 @@ class Catalog:
         r = self.db.execute(
             "SELECT e.vector FROM files f JOIN embeddings e ON e.hash = f.hash "
             "JOIN models m ON m.id = e.model WHERE f.path = ? AND m.model_id = ?",
-            (path, model_id),
+            (to_text(path), model_id),
         ).fetchone()
         return np.frombuffer(r[0], "<f2").astype(np.float32) if r else None
 
@@ -310,7 +534,7 @@ class Catalog:
         (same size and mtime), as float32 rows keyed by path."""
         out: dict[str, np.ndarray] = {}
         for start in range(0, len(paths), 500):
-            chunk = list(paths[start : start + 500])
+            chunk = [to_text(p) for p in paths[start : start + 500]]
             marks = ",".join("?" * len(chunk))
             rows = self.db.execute(
                 "SELECT f.path, f.size, f.mtime_ns, e.vector FROM files f "
@@ -318,7 +542,8 @@ class Catalog:
                 f"WHERE m.model_id = ? AND f.status = 'ok' AND f.path IN ({marks})",
                 (model_id, *chunk),
             ).fetchall()
-            for path, size, mtime_ns, blob in rows:
+            for stored, size, mtime_ns, blob in rows:
+                path = from_text(stored)
                 try:
                     st = Path(path).stat()
                 except OSError:
@@ -328,9 +553,8 @@ class Catalog:
         return out
 
     def failures(self) -> list[tuple[str, str]]:
-        return self.db.execute(
-            "SELECT path, error FROM files WHERE status='failed' ORDER BY path"
-        ).fetchall()
+        rows = self.db.execute("SELECT path, error FROM files WHERE status='failed' ORDER BY path")
+        return [(from_text(p), e) for p, e in rows]
 
     def duplicate_hashes(self, folders: Sequence[str | os.PathLike]) -> list[list[str]]:
         """Groups of paths with identical content (same hash), under the folders."""
@@ -341,6 +565,7 @@ class Catalog:
             "(SELECT hash FROM files WHERE hash IS NOT NULL GROUP BY hash HAVING COUNT(*) > 1) "
             "ORDER BY hash, path"
         ):
+            path = from_text(path)
             if path in under:
                 groups.setdefault(h, []).append(path)
         return [g for g in groups.values() if len(g) > 1]

@@ -8,18 +8,21 @@ from typing import Any
 import numpy as np
 
 from cliplens.errors import InvalidInputError
+from cliplens.store.files import write_atomic
 
 
 def save_arrays(path: str | Path, metrics: dict[str, float], **arrays: Any) -> Path:
     """Write arrays and a flat dict of metrics to `path` exactly (no .npz appended)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("wb") as f:
-        names = np.array(list(metrics), dtype=str)
-        values = np.array(list(metrics.values()), dtype=np.float64)
-        np.savez(f, metric_names=names, metric_values=values, **arrays)
-    tmp.replace(path)
+    names = np.array(list(metrics), dtype=str)
+    values = np.array(list(metrics.values()), dtype=np.float64)
+
+    def write(tmp: Path) -> None:
+        with tmp.open("wb") as f:  # a file object: np.savez would append .npz to a name
+            np.savez(f, metric_names=names, metric_values=values, **arrays)
+
+    write_atomic(path, write)
     return path
 
 

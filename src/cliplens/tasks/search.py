@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from cliplens.models.base import Encoder
     from cliplens.models.ref import ModelRef
 
+MAX_WEIGHT = 100.0  # a term's weight, either sign: beyond it one term drowns the rest anyway
 _WEIGHT = re.compile(r"^\s*([-+]?\d+(?:\.\d+)?)\s*:(.+)$")
 
 
@@ -44,7 +45,12 @@ class Hit:
 
 
 def _is_image_term(term: str) -> bool:
-    return term.startswith(("./", "../", "/", "~")) or Path(term).is_file()
+    if term.startswith(("./", "../", "/", "~")):
+        return True
+    try:
+        return Path(term).is_file()
+    except (OSError, ValueError):  # too long for a file name, or a NUL in it: it is text
+        return False
 
 
 def parse_query(query: str, images: bool = True) -> list[Term]:
@@ -63,6 +69,12 @@ def parse_query(query: str, images: bool = True) -> list[Term]:
         weight = 1.0
         if m := _WEIGHT.match(part):
             weight, part = float(m.group(1)), m.group(2).strip().strip("\"'")
+            if not abs(weight) <= MAX_WEIGHT:
+                shown = m.group(1) if len(m.group(1)) <= 20 else m.group(1)[:20] + "..."
+                raise InvalidInputError(
+                    f"query term '{shown}:...': the weight is out of range; "
+                    f"use a weight between -{MAX_WEIGHT:g} and {MAX_WEIGHT:g}"
+                )
         if images and _is_image_term(part):
             path = Path(part).expanduser()
             if not path.is_file():
