@@ -7,16 +7,18 @@ from typing import Annotated
 
 import typer
 
-from cliplens.cli.common import DbOpt, DeviceOpt, ModelOpt, PrecisionOpt
+from cliplens.cli.common import MAX_MEGAPIXELS, DbOpt, DeviceOpt, ModelOpt, PrecisionOpt, finite
 from cliplens.cli.output import info, warn
-from cliplens.errors import DependencyMissingError, InvalidInputError
+from cliplens.errors import DependencyMissingError
+
+_POSITIVE = finite(0, None, min_open=True)  # finite and > 0
 
 
 def serve_command(
     host: Annotated[
         str, typer.Option("--host", help="Address to bind; loopback unless you mean otherwise.")
     ] = "127.0.0.1",
-    port: Annotated[int, typer.Option("--port", "-p")] = 8765,
+    port: Annotated[int, typer.Option("--port", "-p", min=1, max=65535)] = 8765,
     token: Annotated[
         str | None,
         typer.Option(
@@ -34,10 +36,14 @@ def serve_command(
     quality_probe: Annotated[
         Path | None, typer.Option("--quality-probe", help="A distortion probe for /v1/quality.")
     ] = None,
-    max_upload_mb: Annotated[float, typer.Option("--max-upload-mb")] = 20.0,
-    max_megapixels: Annotated[float, typer.Option("--max-megapixels")] = 40.0,
+    max_upload_mb: Annotated[float, typer.Option("--max-upload-mb", click_type=_POSITIVE)] = 20.0,
+    max_megapixels: Annotated[
+        float,
+        typer.Option("--max-megapixels", click_type=finite(0, MAX_MEGAPIXELS, min_open=True)),
+    ] = 40.0,
     timeout: Annotated[
-        float, typer.Option("--timeout", help="Seconds a request may wait and run.")
+        float,
+        typer.Option("--timeout", click_type=_POSITIVE, help="Seconds a request may wait and run."),
     ] = 60.0,
     cors_origin: Annotated[
         list[str] | None,
@@ -53,17 +59,16 @@ def serve_command(
     precision: PrecisionOpt = None,
 ) -> None:
     """Serve the JSON API under /v1 (schema at /openapi.json, docs at /docs) and the search
-    page at /. Search reads the catalog, or a build-index folder with --index."""
+    page at /. Search reads the catalog, or a build-index folder with --index. It refuses
+    to start where it could not work (an empty --token, an unreadable catalog, a port in
+    use), and it closes connections whose request stalls."""
     try:
-        import uvicorn
-
         from cliplens.server import ServerSettings, create_app
+        from cliplens.server.listen import bind, serve
     except ImportError as e:
         raise DependencyMissingError(
             f"the server needs its extra ({e}); pip install 'cliplens[server]'"
         ) from e
-    if max_upload_mb <= 0 or max_megapixels <= 0 or timeout <= 0:
-        raise InvalidInputError("--max-upload-mb, --max-megapixels and --timeout must be > 0")
     # read what the routes will need now, so a bad file stops the start, not a request
     from cliplens.tasks.policy import load_policy
 
@@ -76,18 +81,19 @@ def serve_command(
         from cliplens.tasks.quality import DistortionProbe
 
         DistortionProbe.load(quality_probe)
-    if host not in ("127.0.0.1", "localhost", "::1") and not token:
-        warn(f"serving on {host} without --token: anyone who can reach it can search your "
-             "photos")  # fmt: skip
     settings = ServerSettings(
         model=model, db=db, index=index, token=token, captioner=captioner, policy=policy,
         quality_probe=quality_probe, max_upload_mb=max_upload_mb,
         max_megapixels=max_megapixels, timeout_s=timeout,
         cors_origins=tuple(cors_origin or ()), device=device, precision=precision,
     )  # fmt: skip
-    app = create_app(settings)
+    if host not in ("127.0.0.1", "localhost", "::1") and token is None:
+        warn(f"serving on {host} without --token: anyone who can reach it can search your "
+             "photos")  # fmt: skip
+    app = create_app(settings)  # reads the catalog once: a corrupt or newer one stops here
     if index is not None:
         app.state.service.photos.check_model()  # the index's model, not another
+    sock = bind(host, port)
     shown = f"[{host}]" if ":" in host else host
     info(f"cliplens on http://{shown}:{port}/ (API docs at /docs); Ctrl+C stops it")
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    serve(app, settings, sock)

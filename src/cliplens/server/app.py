@@ -8,14 +8,21 @@ library, and shape the response; every cliplens error becomes
 Safety: the model is called by one request at a time (a lock, taken in a worker thread);
 a request that waits or runs longer than `timeout_s` gets 503 (it keeps its place: the
 work still finishes, so the lock is never left held); request bodies above
-`max_upload_mb` are refused with 413 while they stream, before they are buffered; files
+`max_upload_mb` are refused with 413 while they stream, before they are buffered, and a
+body that stalls for `body_timeout_s` gets 408 (slow request heads: listen.py); files
 are only ever read by id (the catalog's, or a built index's rows), never by a path from
-the client.
+the client, and only when they pass the checks of files.py. Every response, errors and
+unknown paths included, says `X-Content-Type-Options: nosniff`; every error, whatever
+raised it, has the JSON shape above.
+
+Settings that cannot work (an empty token, a nan limit, a corrupt or newer catalog) stop
+`create_app` with a typed error, so a server never starts only to fail every request.
 """
 
 from __future__ import annotations
 
 import hmac
+import math
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,7 +34,8 @@ from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cliplens import __version__
 from cliplens.errors import (
@@ -43,6 +51,7 @@ from cliplens.errors import (
     TruncatedImageError,
     UnsupportedImageError,
 )
+from cliplens.paths import readable
 
 T = TypeVar("T")
 STATIC = Path(__file__).parent / "static"
@@ -64,6 +73,45 @@ class ServerSettings:
     policy: str = "default"  # the moderation policy: 'default' or a YAML file
     quality_probe: Path | None = None  # a distortion probe for POST /v1/quality
     max_files: int = 32  # images per request
+    head_timeout_s: float = 20.0  # a request head must arrive within this (`serve`, listen.py)
+    body_timeout_s: float = 30.0  # the longest wait for the next part of a request body
+    keep_alive_s: float = 5.0  # an idle connection between requests is closed after this
+
+    def __post_init__(self) -> None:
+        if self.token is not None:
+            _check_token(self.token)
+        for name, flag in _LIMITS.items():
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise InvalidInputError(f"{flag} is {value!r}; give a finite number above 0")
+        if not (isinstance(self.max_files, int) and self.max_files >= 1):
+            raise InvalidInputError(f"max_files is {self.max_files!r}; give an integer >= 1")
+
+
+# the positive limits, with the name a user knows each by
+_LIMITS = {
+    "max_upload_mb": "--max-upload-mb",
+    "max_megapixels": "--max-megapixels",
+    "timeout_s": "--timeout",
+    "head_timeout_s": "head_timeout_s",
+    "body_timeout_s": "body_timeout_s",
+    "keep_alive_s": "keep_alive_s",
+}
+
+
+def _check_token(token: str) -> None:
+    """A token a client can send: not empty (a bare 'Bearer' must never pass), no spaces
+    around it (they are not part of a header value) and no control characters."""
+    if not token.strip():
+        raise InvalidInputError(
+            "--token is empty; give a secret of at least one character, "
+            "or leave --token out to serve without one"
+        )
+    if token != token.strip(" \t") or any(ord(c) < 32 or ord(c) == 127 for c in token):
+        raise InvalidInputError(
+            "--token starts or ends with a space or holds a control character; "
+            "give one a client can send in a header"
+        )
 
 
 class ErrorOut(BaseModel):
@@ -78,7 +126,8 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     for code, what in [
         (400, "Bad input: the detail names it and the fix"),
         (401, "Missing or wrong token"),
-        (404, "Unknown id, or no catalog or captioner"),
+        (404, "Unknown id, no catalog or captioner, or a file that is not served"),
+        (408, "The request body stalled"),
         (413, "Body or image too large"),
         (415, "Not an image, or an unsupported format"),
         (422, "The request does not match the schema"),
@@ -100,6 +149,12 @@ class BodyTooLargeError(ApiError):
         super().__init__(413, "too_large", f"request body over {limit_mb:g} MB; send less")
 
 
+class BodyTimeoutError(ApiError):
+    def __init__(self, timeout_s: float) -> None:
+        detail = f"the request body stalled for over {timeout_s:g} s; send it without pausing"
+        super().__init__(408, "body_timeout", detail)
+
+
 class Service:
     """What the routes share: settings, the model (loaded on first use), the catalog path,
     and the lock that serialises model calls."""
@@ -117,6 +172,10 @@ class Service:
             from cliplens.distributed.index import open_built_index
 
             built = open_built_index(settings.index)
+        elif self.db.exists():
+            from cliplens.store.catalog import Catalog
+
+            Catalog(self.db, readonly=True).close()  # a corrupt or newer catalog stops here
         model = settings.model or (built.model if built else None)
         self.ref = ModelRef(model, device=settings.device, precision=settings.precision)
         self.photos = IndexPhotos(self, built) if built else CatalogPhotos(self)
@@ -166,7 +225,10 @@ class Service:
 
 def _status(e: ClipLensError) -> tuple[int, str]:
     """The HTTP status and error kind for a cliplens error."""
+    from cliplens.store.catalog import CatalogError
+
     table: list[tuple[type, int, str]] = [
+        (CatalogError, 503, "catalog_unavailable"),  # it broke after the start's check
         (ImageTooLargeError, 413, "image_too_large"),
         (UnsupportedImageError, 415, "unsupported_image"),
         (NotAnImageError, 415, "not_an_image"),
@@ -184,67 +246,129 @@ def _status(e: ClipLensError) -> tuple[int, str]:
     return 500, "internal"
 
 
-def _error(status: int, kind: str, detail: str) -> JSONResponse:
-    return JSONResponse({"error": kind, "detail": detail}, status_code=status)
+def _error(status: int, kind: str, detail: str, headers: dict[str, str] | None = None):
+    """The one error shape: {"error": kind, "detail": one readable line}."""
+    line = readable(" ".join(str(detail).split())) or kind
+    return JSONResponse({"error": kind, "detail": line}, status_code=status, headers=headers)
+
+
+_PARSE_FAILED = "There was an error parsing the body"  # FastAPI's words, with the cause chained
+_KINDS = {400: "invalid_body", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed"}
+
+
+def _unparsable(cause: BaseException | None) -> str:
+    """Why a request body could not be parsed, for the client."""
+    if isinstance(cause, UnicodeDecodeError):
+        return "the JSON body is not UTF-8 text; send UTF-8 JSON"
+    if isinstance(cause, RecursionError):
+        return "the JSON body is nested too deeply; send the documented shape (see /docs)"
+    if isinstance(cause, ValueError) and "digits" in str(cause):
+        return "the JSON body holds a number with too many digits; send numbers in range"
+    what = f" ({type(cause).__name__})" if cause else ""
+    return f"the request body cannot be parsed{what}; send the documented shape (see /docs)"
 
 
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ClipLensError)
     async def cliplens_error(_: Request, e: ClipLensError) -> JSONResponse:
         status, kind = _status(e)
-        return _error(status, kind, " ".join(str(e).split()))
+        return _error(status, kind, str(e))
 
-    @app.exception_handler(HTTPException)
-    async def http_error(_: Request, e: HTTPException) -> JSONResponse:
-        kinds = {401: "unauthorized", 404: "not_found", 405: "method_not_allowed"}
-        kind = getattr(e, "kind", None) or kinds.get(e.status_code, "http")
-        resp = _error(e.status_code, kind, str(e.detail))
+    # starlette's class: also what the router, the static files and body parsing raise
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+        kind = getattr(e, "kind", None) or _KINDS.get(e.status_code, "http")
+        detail = str(e.detail)
+        if detail == _PARSE_FAILED:
+            detail = _unparsable(e.__cause__)
+        elif kind in ("not_found", "method_not_allowed") and not isinstance(e, ApiError):
+            where = request.url.path[:200]
+            if kind == "not_found":
+                detail = f"nothing at {where}; the API is under /v1 (see /docs)"
+            else:
+                detail = f"{request.method} is not allowed on {where}"
+        headers = dict(e.headers or {})
         if e.status_code == 401:
-            resp.headers["WWW-Authenticate"] = "Bearer"
-        return resp
+            headers["WWW-Authenticate"] = "Bearer"
+        if e.status_code == 408:  # the rest of the body is not awaited: end the connection
+            headers["Connection"] = "close"
+        return _error(e.status_code, kind, detail, headers)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, e: RequestValidationError) -> JSONResponse:
-        first = e.errors()[0] if e.errors() else {}
-        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
-        msg = first.get("msg", "invalid request")
-        return _error(422, "invalid_request", f"{where}: {msg}" if where else msg)
+        return _invalid(e.errors())
+
+    @app.exception_handler(ValidationError)  # a model built from client input in a route
+    async def model_error(_: Request, e: ValidationError) -> JSONResponse:
+        return _invalid(e.errors())
+
+    @app.exception_handler(Exception)  # a bug: still the one shape, never a traceback
+    async def internal_error(_: Request, e: Exception) -> JSONResponse:
+        why = f"the server failed on this request ({type(e).__name__}); see the server log"
+        return _error(500, "internal", why)
 
 
-class _BodyLimit:
-    """ASGI middleware: refuse bodies over `limit` bytes, by Content-Length or as they stream."""
+def _invalid(errors: Any) -> JSONResponse:
+    first = errors[0] if errors else {}
+    where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+    msg = first.get("msg", "invalid request")
+    return _error(422, "invalid_request", f"{where}: {msg}" if where else msg)
 
-    def __init__(self, app: Any, limit: int, limit_mb: float) -> None:
-        self.app, self.limit, self.limit_mb = app, limit, limit_mb
+
+class _Guard:
+    """ASGI middleware for every HTTP request: `X-Content-Type-Options: nosniff` on every
+    response; bodies over `limit` bytes refused, by Content-Length or as they stream; a
+    body whose next part takes over `body_timeout_s` to arrive ends the request (408)."""
+
+    def __init__(self, app: Any, limit_mb: float, body_timeout_s: float) -> None:
+        self.app, self.limit_mb, self.body_timeout_s = app, limit_mb, body_timeout_s
+        self.limit = int(limit_mb * 1024 * 1024)
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+
+        async def nosniff(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                headers = [*message.get("headers", ()), (b"x-content-type-options", b"nosniff")]
+                message = {**message, "headers": headers}
+            await send(message)
+
         for name, value in scope.get("headers", ()):
             if name == b"content-length" and value.isdigit() and int(value) > self.limit:
                 resp = _error(413, "too_large", BodyTooLargeError(self.limit_mb).detail)
-                return await resp(scope, receive, send)
-        seen = 0
+                return await resp(scope, receive, nosniff)
+        seen, more = 0, True
 
-        async def counted() -> dict:
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.limit:
-                    raise BodyTooLargeError(self.limit_mb)
+        async def guarded() -> dict:
+            nonlocal seen, more
+            if not more:  # the body is whole: later calls wait for a disconnect, unbounded
+                return await receive()
+            with anyio.move_on_after(self.body_timeout_s) as waited:
+                message = await receive()
+            if waited.cancelled_caught:
+                raise BodyTimeoutError(self.body_timeout_s)
+            more = message["type"] == "http.request" and message.get("more_body", False)
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise BodyTooLargeError(self.limit_mb)
             return message
 
-        await self.app(scope, counted, send)
+        await self.app(scope, guarded, nosniff)
 
 
 def _auth(token: str | None) -> Callable:
+    # compared as bytes: a header arrives as latin-1 text of its bytes, the token is UTF-8
+    # (or the bytes of a command line that is not, kept as surrogates)
+    expected = token.encode("utf-8", "surrogateescape") if token is not None else b""
+
     async def check(request: Request) -> None:
         if token is None:
             return
         given = request.headers.get("authorization", "")
         scheme, _, value = given.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip(), token):
+        sent = value.strip(" \t").encode("latin-1")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(sent, expected):
             raise ApiError(401, "unauthorized", "missing or wrong token; send the header "
                            "'Authorization: Bearer TOKEN'")  # fmt: skip
 
@@ -278,8 +402,8 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins),
                            allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"])  # fmt: skip
-    limit = int(settings.max_upload_mb * 1024 * 1024)
-    app.add_middleware(_BodyLimit, limit=limit, limit_mb=settings.max_upload_mb)
+    limits = {"limit_mb": settings.max_upload_mb, "body_timeout_s": settings.body_timeout_s}
+    app.add_middleware(_Guard, **limits)
     app.mount("/", StaticFiles(directory=STATIC, html=True), name="page")
     return app
 

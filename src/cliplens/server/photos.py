@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from cliplens.server.app import ApiError
+from cliplens.store.catalog import FileRow
 from cliplens.tasks.search import Hit
 
 
@@ -38,11 +39,23 @@ class CatalogPhotos:
                            "FOLDER' first, or serve with --db or --index")  # fmt: skip
         return cat
 
-    def path_of(self, file_id: int) -> str:
-        path = self.catalog().paths([file_id]).get(file_id)
-        if path is None:
+    def _row(self, file_id: int) -> FileRow:
+        row = self.catalog().file(file_id)
+        if row is None:
             raise ApiError(404, "unknown_id", f"no file with id {file_id} in the catalog")
-        return path
+        return row
+
+    def path_of(self, file_id: int) -> str:
+        return self._row(file_id).path
+
+    def servable(self, file_id: int) -> str:
+        """The path of a file the image routes may open: one the indexer read as an image
+        (a failed one, such as a link to a text file, is never opened again)."""
+        row = self._row(file_id)
+        if row.status != "ok":
+            why = f"photo {file_id} could not be indexed as an image, so it is not served"
+            raise ApiError(404, "not_served", f"{why}; 'cliplens index' reports what failed")
+        return row.path
 
     def embedding(self, file_id: int) -> np.ndarray:
         ref = self.service.ref
@@ -133,6 +146,11 @@ class IndexPhotos:
                            f"(ids run from 0 to {len(built) - 1})")  # fmt: skip
         return path
 
+    def servable(self, row: int) -> str:
+        """The row's path: a build-index folder keeps no failed rows (the image routes
+        still check the file itself)."""
+        return self.path_of(row)
+
     def embedding(self, row: int) -> np.ndarray:
         self.path_of(row)
         self.check_model()
@@ -169,4 +187,5 @@ def read_remote(path: str, label: str) -> bytes:
 
 
 def media_type(path: str) -> str:
+    """An object-store photo's type, by its name (local files: by content, in files.py)."""
     return mimetypes.guess_type(Path(path).name)[0] or "application/octet-stream"

@@ -12,13 +12,16 @@ from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Query, Request, UploadFile
 from fastapi import Path as PathParam
-from fastapi.responses import FileResponse, Response
+from fastapi.responses import Response
 from pydantic import BaseModel, Field, model_validator
 
 from cliplens.images import is_remote
-from cliplens.server.app import ApiError, Service, service_of
+from cliplens.paths import readable
+from cliplens.server.app import Service, service_of
+from cliplens.server.files import PhotoFile, PhotoResponse, open_photo
 from cliplens.server.photos import media_type, read_remote
 from cliplens.server.uploads import read_images
+from cliplens.tasks.search import MAX_WEIGHT  # the bound of parse_query's weights too
 
 router = APIRouter(prefix="/v1", tags=["search"])
 MAX_N = 200
@@ -41,7 +44,10 @@ class SearchOut(BaseModel):
 
 
 def _hits(hits) -> list[SearchHit]:
-    return [SearchHit(id=h.id, name=Path(h.path).name, path=h.path, score=round(h.score, 6),
+    """Results as JSON can carry them: a name that is not UTF-8 shows its bytes as \\xNN
+    (the files themselves are fetched by id)."""
+    return [SearchHit(id=h.id, name=readable(Path(h.path).name), path=readable(h.path),
+                      score=round(h.score, 6),
                       image_url=f"/v1/images/{h.id}", thumb_url=f"/v1/thumbs/{h.id}")
             for h in hits]  # fmt: skip
 
@@ -51,7 +57,7 @@ class Term(BaseModel):
 
     text: str | None = Field(None, min_length=1, max_length=1000)
     id: int | None = Field(None, ge=0, le=MAX_ID)
-    weight: float = Field(1.0, ge=-100, le=100)
+    weight: float = Field(1.0, ge=-MAX_WEIGHT, le=MAX_WEIGHT)
 
     @model_validator(mode="after")
     def _one_kind(self) -> Term:
@@ -111,7 +117,7 @@ async def search_image(
     q: Annotated[
         str | None, Form(max_length=1000, description="Text to add (weights allowed).")
     ] = None,
-    image_weight: Annotated[float, Form(ge=-100, le=100)] = 1.0,
+    image_weight: Annotated[float, Form(ge=-MAX_WEIGHT, le=MAX_WEIGHT)] = 1.0,
     n: Annotated[int, Form(ge=1, le=MAX_N)] = 20,
 ) -> SearchOut:
     """Search by an uploaded photo, optionally with text terms."""
@@ -144,26 +150,29 @@ async def similar(
     return SearchOut(query=f"similar to {file_id}", results=_hits(await svc.run(work)))
 
 
-def _existing_file(svc: Service, file_id: int) -> str:
-    """The photo's local path (checked to exist), or its object-store URI."""
-    path = svc.photos.path_of(file_id)
-    if not is_remote(path) and not Path(path).is_file():
-        update = "cliplens index" if svc.photos.kind == "catalog" else "cliplens build-index"
-        raise ApiError(404, "file_missing", f"photo {file_id} is no longer on disk at {path}; "
-                       f"run '{update}' again to update what is searched")  # fmt: skip
-    return path
+def _update_hint(svc: Service) -> str:
+    return "cliplens index" if svc.photos.kind == "catalog" else "cliplens build-index"
 
 
-@router.get("/images/{file_id}", response_class=FileResponse,
+def _remote_or_open(svc: Service, file_id: int) -> str | PhotoFile:
+    """The photo's object-store URI, or its local file opened with every check of files.py
+    (status ok in the catalog, no symbolic link, a regular file, an image by content)."""
+    path = svc.photos.servable(file_id)
+    if is_remote(path):
+        return path
+    return open_photo(path, f"photo {file_id}", _update_hint(svc))
+
+
+@router.get("/images/{file_id}", response_class=Response,
             responses={200: {"content": {"image/*": {}}}})  # fmt: skip
 def image(request: Request, file_id: FileId) -> Response:
-    """The original file of a photo."""
-    path = _existing_file(service_of(request), file_id)
+    """The original file of a photo, typed by its content."""
+    photo = _remote_or_open(service_of(request), file_id)
     headers = {"Cache-Control": "private, max-age=3600"}
-    if is_remote(path):
-        return Response(read_remote(path, f"photo {file_id}"), media_type=media_type(path),
+    if isinstance(photo, str):
+        return Response(read_remote(photo, f"photo {file_id}"), media_type=media_type(photo),
                         headers=headers)  # fmt: skip
-    return FileResponse(path, headers=headers)
+    return PhotoResponse(photo, headers)
 
 
 class _Thumbs:
@@ -185,16 +194,12 @@ class _Thumbs:
                 self.items.popitem(last=False)
 
 
-def _thumbnail(path: str, label: str, side: int, max_megapixels: float) -> bytes:
+def _thumbnail(data: bytes, label: str, side: int, max_megapixels: float) -> bytes:
     from PIL import Image
 
-    from cliplens.images import open_image, open_image_bytes
+    from cliplens.images import open_image_bytes
 
-    if is_remote(path):
-        img = open_image_bytes(read_remote(path, label), label, min_size=side,
-                               max_megapixels=max_megapixels)  # fmt: skip
-    else:
-        img = open_image(path, min_size=side, max_megapixels=max_megapixels)
+    img = open_image_bytes(data, label, min_size=side, max_megapixels=max_megapixels)
     img.thumbnail((side, side), Image.Resampling.LANCZOS)
     buf = io.BytesIO()
     img.save(buf, format="JPEG", quality=85)
@@ -208,13 +213,21 @@ def thumb(
 ) -> Response:
     """A JPEG thumbnail of a photo, at most `size` pixels on its long side."""
     svc = service_of(request)
-    path = _existing_file(svc, file_id)
-    version = 0 if is_remote(path) else Path(path).stat().st_mtime_ns
-    key = (file_id, version, size)
+    label = f"photo {file_id}"
+    photo = _remote_or_open(svc, file_id)
+    if isinstance(photo, str):
+        uri = photo
+        key, read = (file_id, uri, size), lambda: read_remote(uri, label)
+    else:  # keyed by the opened file's (device, inode, size, mtime): a changed file is new
+        key, read = (file_id, photo.version, size), photo.read
     cache = svc.cached("thumbs", lambda: _Thumbs(512))
-    data = cache.get(key)
-    if data is None:
-        data = _thumbnail(path, f"photo {file_id}", size, svc.settings.max_megapixels)
-        cache.put(key, data)
+    try:
+        data = cache.get(key)
+        if data is None:
+            data = _thumbnail(read(), label, size, svc.settings.max_megapixels)
+            cache.put(key, data)
+    finally:
+        if isinstance(photo, PhotoFile):
+            photo.file.close()
     return Response(data, media_type="image/jpeg",
                     headers={"Cache-Control": "private, max-age=3600"})  # fmt: skip

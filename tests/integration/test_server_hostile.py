@@ -1,0 +1,595 @@
+"""The server against a hostile user (issue 17): planted links and non-images in an
+indexed folder, odd tokens, configurations that cannot work, bodies that break parsers,
+and clients that send their request slowly or never finish it."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import math
+import os
+import socket
+import sqlite3
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from cliplens.cli.main import main
+from cliplens.errors import InvalidInputError
+from cliplens.models.ref import ModelRef
+from cliplens.pipeline import index_folders
+from cliplens.server import ServerSettings, create_app
+from cliplens.store.catalog import Catalog, CatalogError
+from conftest import make_photos
+from tests_helpers import built_index_from_catalog
+
+SECRET = b"root:x:0:0:root:/root:/bin/bash\n"
+PAGE = b"<!doctype html><html><script>alert(document.cookie)</script></html>"
+
+
+def _refused(r, statuses: tuple[int, ...] = (404, 415)) -> dict:
+    """A refusal in the one JSON shape, revealing nothing of the file."""
+    assert r.status_code in statuses, (r.status_code, r.text)
+    assert r.headers["content-type"].startswith("application/json")
+    assert r.headers["x-content-type-options"] == "nosniff"
+    body = r.json()
+    assert set(body) == {"error", "detail"} and body["detail"] and "\n" not in body["detail"]
+    assert b"root:" not in r.content and b"<script" not in r.content
+    return body
+
+
+# ------------------------------------------------------------ a folder with planted files
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory, photos) -> dict[str, Path]:
+    """An indexed folder holding two photos and what a hostile writer would plant there,
+    next to a folder that is not indexed."""
+    root = tmp_path_factory.mktemp("hostile").resolve()
+    inside, outside = root / "photos", root / "elsewhere"
+    inside.mkdir()
+    outside.mkdir()
+    for name in ("cat.jpg", "coffee.jpg"):
+        (inside / name).write_bytes((photos / name).read_bytes())
+    (outside / "private.jpg").write_bytes((photos / "rocket.jpg").read_bytes())
+    (outside / "passwd").write_bytes(SECRET)
+    (inside / "link-out.jpg").symlink_to(outside / "private.jpg")
+    (inside / "link-in.jpg").symlink_to(inside / "cat.jpg")
+    (inside / "passwd.jpg").symlink_to(outside / "passwd")
+    (inside / "page.png").write_bytes(PAGE)
+    (inside / "notes.jpg").write_bytes(b"not an image at all\n")
+    buf = io.BytesIO()
+    Image.open(photos / "coffee.jpg").save(buf, format="PNG")
+    (root / "png-named.jpg").write_bytes(buf.getvalue())
+    (root / "bitmap.jpg").write_bytes(
+        b"#define x_width 1\n#define x_height 1\nstatic char x_bits[] = {0x00};\n"
+    )
+    (root / "folder.jpg").mkdir()
+    os.mkfifo(root / "fifo.jpg")
+    (root / "linked-folder").symlink_to(inside)
+    return {"root": root, "inside": inside, "outside": outside}
+
+
+@pytest.fixture(scope="module")
+def hostile_db(planted, tiny_model_dir) -> Path:
+    db = planted["root"] / "catalog.db"
+    with Catalog(db) as cat:
+        index_folders(cat, ModelRef(f"local:{tiny_model_dir}"), [planted["inside"]], workers=0)
+    return db
+
+
+@pytest.fixture(scope="module")
+def settings(tiny_model_dir, hostile_db) -> ServerSettings:
+    return ServerSettings(model=f"local:{tiny_model_dir}", db=hostile_db, precision="fp32")
+
+
+@pytest.fixture(scope="module")
+def client(settings):
+    with TestClient(create_app(settings)) as c:
+        yield c
+
+
+def _ids(db: Path) -> dict[str, tuple[int, str]]:
+    """File name -> (catalog id, status) of what the indexer recorded."""
+    with Catalog(db, readonly=True) as cat:
+        rows = cat.files_under([db.parent])
+    return {Path(p).name: (r.id, r.status) for p, r in rows.items()}
+
+
+def test_a_normal_photo_is_served_typed_by_content_with_nosniff(client, hostile_db, planted):
+    cat_id, status = _ids(hostile_db)["cat.jpg"]
+    assert status == "ok"
+    r = client.get(f"/v1/images/{cat_id}")
+    assert r.status_code == 200, r.text
+    assert r.content == (planted["inside"] / "cat.jpg").read_bytes()
+    assert r.headers["content-type"] == "image/jpeg"
+    assert r.headers["x-content-type-options"] == "nosniff"
+    assert r.headers["content-length"] == str(len(r.content))
+    thumb = client.get(f"/v1/thumbs/{cat_id}", params={"size": 40})
+    assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/jpeg"
+    assert thumb.headers["x-content-type-options"] == "nosniff"
+    assert max(Image.open(io.BytesIO(thumb.content)).size) == 40
+
+
+@pytest.mark.parametrize(
+    "name", ["link-out.jpg", "link-in.jpg", "passwd.jpg", "page.png", "notes.jpg"]
+)
+def test_what_was_planted_in_an_indexed_folder_is_never_served(client, hostile_db, name):
+    """Indexed through the library: a link out of the folder, a link within it, a link to a
+    text file, a page named .png, a text file named .jpg: no route serves any of them."""
+    found = _ids(hostile_db)
+    if name not in found:  # not recorded (link-in.jpg: the walk takes cat.jpg's inode once)
+        assert "cat.jpg" in found
+        return
+    file_id, _ = found[name]
+    for route in ("images", "thumbs"):
+        _refused(client.get(f"/v1/{route}/{file_id}"))
+
+
+def test_failed_files_are_refused_by_their_status(client, hostile_db):
+    found = _ids(hostile_db)
+    failed = [i for name, (i, status) in found.items() if status != "ok"]
+    assert {"page.png", "notes.jpg"} <= {n for n, (_, s) in found.items() if s != "ok"}
+    for file_id in failed:
+        body = _refused(client.get(f"/v1/images/{file_id}"), (404,))
+        assert body["error"] == "not_served"
+
+
+# the checks on the file itself: rows marked 'ok' that point where no photo should be read
+# (a catalog edited by hand, a file replaced after indexing, a build-index folder)
+CASES = [
+    ("inside/link-out.jpg", 404, "not_served"),  # a link to a photo outside the folder
+    ("inside/link-in.jpg", 404, "not_served"),  # a link to a photo inside it
+    ("inside/passwd.jpg", 404, "not_served"),  # a link to a text file
+    ("linked-folder/cat.jpg", 404, "not_served"),  # a folder on the way is a link
+    ("inside/../inside/cat.jpg", 404, "not_served"),  # not its own real path
+    ("folder.jpg", 404, "not_served"),  # a directory
+    ("fifo.jpg", 404, "not_served"),  # a FIFO: refused at once, no wait for a writer
+    ("inside/page.png", 415, "not_an_image"),  # HTML, whatever the name says
+    ("inside/notes.jpg", 415, "not_an_image"),
+    ("bitmap.jpg", 415, "not_an_image"),  # XBM: text that Pillow calls an image
+    ("gone.jpg", 404, "file_missing"),
+]
+
+
+def _planted_path(root: Path, name: str) -> str:
+    return str(root / name.replace("inside/", "photos/", 1))
+
+
+@pytest.fixture(scope="module")
+def ok_rows(planted, settings, tmp_path_factory):
+    """A client of a catalog holding the CASES (and a PNG named .jpg) as rows with status
+    'ok', and the rows' ids by name."""
+    root = planted["root"]
+    names = [c[0] for c in CASES] + ["png-named.jpg"]
+    paths = {n: _planted_path(root, n) for n in names}
+    db = tmp_path_factory.mktemp("ok-rows") / "catalog.db"
+    with Catalog(db) as cat:
+        with cat.transaction():
+            cat.upsert_files([(p, 1, 1, None, "ok", None) for p in paths.values()])
+        rows = cat.files_under([root])
+    with TestClient(create_app(replace(settings, db=db))) as c:
+        yield c, {n: rows[p].id for n, p in paths.items()}
+
+
+@pytest.mark.parametrize(("name", "status", "kind"), CASES)
+def test_the_file_itself_is_checked(ok_rows, name, status, kind):
+    client, ids = ok_rows
+    for route in ("images", "thumbs"):
+        body = _refused(client.get(f"/v1/{route}/{ids[name]}"), (status,))
+        assert body["error"] == kind, body
+
+
+def test_the_content_type_comes_from_the_content(ok_rows, planted):
+    client, ids = ok_rows
+    r = client.get(f"/v1/images/{ids['png-named.jpg']}")
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    assert r.content == (planted["root"] / "png-named.jpg").read_bytes()
+    assert r.headers["x-content-type-options"] == "nosniff"
+
+
+def test_a_built_index_gets_the_same_checks(tmp_path, planted, settings):
+    """A build-index folder has no status: its rows' files are checked as they are served."""
+    from cliplens.distributed.index import open_built_index
+
+    db = tmp_path / "noise.db"
+    with Catalog(db) as cat:
+        make_photos(tmp_path / "noise", len(CASES) + 1)
+        index_folders(cat, ModelRef(settings.model), [tmp_path / "noise"], workers=0)
+    root = planted["root"]
+    targets = {str(root / "photos/cat.jpg"): (200, "")}
+    targets |= {_planted_path(root, name): (status, kind) for name, status, kind in CASES}
+    left = list(targets)
+    index = built_index_from_catalog(tmp_path / "built", db, settings.model, lambda _: left.pop(0))
+    built = open_built_index(index)
+    rows = {built.path(r): r for r in range(len(built))}
+    assert set(rows) == set(targets)
+    with TestClient(create_app(replace(settings, index=index))) as c:
+        for path, (status, kind) in targets.items():
+            for route in ("images", "thumbs"):
+                r = c.get(f"/v1/{route}/{rows[path]}")
+                if status == 200:
+                    assert r.status_code == 200 and r.headers["content-type"] == "image/jpeg"
+                else:
+                    assert _refused(r, (status,))["error"] == kind, (path, route)
+
+
+# ------------------------------------------------------------ tokens
+
+
+def _statuses(app, url: str, authorizations: list[bytes | None]) -> list[int]:
+    """The status of GET url with each Authorization header, its bytes as given (the test
+    client would re-encode them as UTF-8)."""
+    import httpx
+
+    async def go() -> list[int]:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            out = []
+            for value in authorizations:
+                headers = {} if value is None else {"Authorization": value}
+                out.append((await c.get(url, headers=headers)).status_code)
+            return out
+
+    return asyncio.run(go())
+
+
+@pytest.mark.parametrize("token", ["pässwörd", "voilà", "s3cret"])
+def test_tokens_compare_as_bytes(settings, hostile_db, token):
+    cat_id, _ = _ids(hostile_db)["cat.jpg"]
+    app = create_app(replace(settings, token=token))
+    url, right = f"/v1/images/{cat_id}", f"Bearer {token}".encode()
+    assert _statuses(app, url, [right, f"bearer  {token} ".encode()]) == [200, 200]
+    wrong = [None, b"", b"Bearer", b"Bearer ", b"Bearer \xc3\xb1", b"Bearer \xff", right + b"x"]
+    wrong.append(b"Basic " + right[7:])
+    latin = f"Bearer {token}".encode("latin-1", "replace")
+    wrong += [latin] if latin != right else []  # the token's characters, not its UTF-8 bytes
+    assert _statuses(app, url, wrong) == [401] * len(wrong)
+
+
+@pytest.mark.parametrize("token", ["", " ", "\t", " lead", "trail ", "two\nlines", "nul\x00"])
+def test_an_unusable_token_is_refused(token):
+    with pytest.raises(InvalidInputError, match="--token"):
+        ServerSettings(token=token)
+
+
+# ------------------------------------------------------------ refusing to start
+
+
+@pytest.fixture
+def no_serving(monkeypatch):
+    """A check that fails would start a server: fail the test instead of hanging."""
+    import uvicorn
+
+    def started(*_, **__):
+        raise AssertionError("the server started")
+
+    monkeypatch.setattr(uvicorn, "run", started)
+    monkeypatch.setattr(uvicorn.Server, "run", started)
+
+
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "unexpected" not in err and "Traceback" not in err
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def bad_catalogs(tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("bad-db")
+    noise = folder / "noise.db"
+    noise.write_bytes(os.urandom(4096))
+    newer = folder / "newer.db"
+    with sqlite3.connect(newer) as con:
+        con.execute("PRAGMA user_version = 99")
+    return {"noise": noise, "newer": newer}
+
+
+@pytest.mark.parametrize("which", ["noise", "newer"])
+def test_a_catalog_that_cannot_be_read_stops_the_start(
+    capsys, no_serving, bad_catalogs, tiny_model_dir, which
+):
+    db = bad_catalogs[which]
+    with pytest.raises(CatalogError, match=str(db)):
+        create_app(ServerSettings(model=f"local:{tiny_model_dir}", db=db))
+    assert main(["serve", "--model", f"local:{tiny_model_dir}", "--db", str(db)]) == 1
+    assert str(db) in _one_line_error(capsys)
+
+
+def test_a_catalog_that_breaks_after_the_start_is_a_503(settings, hostile_db, tmp_path):
+    import shutil
+
+    db = tmp_path / "catalog.db"
+    shutil.copy(hostile_db, db)
+    with TestClient(create_app(replace(settings, db=db))) as c:
+        db.write_bytes(os.urandom(4096))
+        r = c.get("/v1/images/1")
+        assert r.status_code == 503 and r.json()["error"] == "catalog_unavailable", r.text
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("--timeout", "nan"),
+        ("--timeout", "inf"),
+        ("--timeout", "0"),
+        ("--timeout", "-1"),
+        ("--max-upload-mb", "nan"),
+        ("--max-upload-mb", "0"),
+        ("--max-megapixels", "nan"),
+        ("--max-megapixels", "-inf"),
+        ("--port", "70000"),
+        ("--port", "-1"),
+        ("--port", "x"),
+        ("--token", ""),
+    ],
+)
+def test_settings_that_cannot_work_are_usage_errors(
+    capsys, no_serving, hostile_db, option, value, tiny_model_dir
+):
+    argv = ["serve", "--model", f"local:{tiny_model_dir}", "--db", str(hostile_db)]
+    assert main([*argv, option, value]) == 2
+    assert option in _one_line_error(capsys)
+
+
+@pytest.mark.parametrize(
+    "field",
+    [
+        "timeout_s",
+        "max_upload_mb",
+        "max_megapixels",
+        "head_timeout_s",
+        "body_timeout_s",
+        "keep_alive_s",
+    ],
+)
+def test_settings_refuse_limits_that_are_not_finite_and_positive(field):
+    for value in (math.nan, math.inf, 0.0, -1.0):
+        with pytest.raises(InvalidInputError, match="finite number above 0"):
+            ServerSettings(**{field: value})
+
+
+def test_a_port_in_use_is_one_line(capsys, no_serving, hostile_db, tiny_model_dir):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        argv = ["serve", "--model", f"local:{tiny_model_dir}", "--db", str(hostile_db)]
+        assert main([*argv, "--port", str(port)]) == 1
+    assert f"127.0.0.1:{port}" in _one_line_error(capsys)
+
+
+# ------------------------------------------------------------ bad bodies and unknown paths
+
+J = {"content-type": "application/json"}
+M = {"content-type": "multipart/form-data; boundary=xyz"}
+JSON_BODIES = {
+    "not UTF-8": b'{"terms": [{"text": "\xff\xfe"}]}',
+    "100,000 deep": b"[" * 100_000 + b"]" * 100_000,
+    "100,000 deep in a field": b'{"terms": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+    "5,000-digit integer": b'{"terms": [{"text": "a"}], "n": ' + b"9" * 5000 + b"}",
+    "4,000-digit integer": b'{"terms": [{"text": "a"}], "n": ' + b"9" * 4000 + b"}",
+    "cut short": b'{"terms": [',
+    "not an object": b"[1, 2]",
+    "weight 1e400": b'{"terms": [{"text": "a", "weight": 1e400}]}',
+    "weight NaN": b'{"terms": [{"text": "a", "weight": NaN}]}',
+    "weight -Infinity": b'{"terms": [{"text": "a", "weight": -Infinity}]}',
+    "weight of 400 digits": b'{"terms": [{"text": "a", "weight": ' + b"1" * 400 + b"}]}",
+    "id of 400 digits": b'{"terms": [{"id": ' + b"1" * 400 + b"}]}",
+}
+FORM_BODIES = {
+    "no boundary": ({"content-type": "multipart/form-data"}, b"--xyz\r\n\r\n"),
+    "bad part header": (M, b"--xyz\r\nbogus\r\n\r\nabc\r\n--xyz--\r\n"),
+    "cut short": (M, b'--xyz\r\nContent-Disposition: form-data; name="texts"\r\n\r\nab'),
+    "5,000 fields": (
+        M,
+        b"".join(
+            b'--xyz\r\nContent-Disposition: form-data; name="f%d"\r\n\r\nx\r\n' % i
+            for i in range(5000)
+        )
+        + b"--xyz--\r\n",
+    ),
+    "JSON instead": (J, b'{"texts": ["a"]}'),
+}
+
+
+def _shape(r, *case: str) -> None:
+    assert 400 <= r.status_code < 500, (*case, r.status_code, r.text[:200])
+    assert r.headers["x-content-type-options"] == "nosniff"
+    body = r.json()
+    assert set(body) == {"error", "detail"}, body
+    assert isinstance(body["detail"], str) and body["detail"] and "\n" not in body["detail"]
+
+
+def _routes(app, content_type: str) -> list[str]:
+    paths = app.openapi()["paths"]
+    return [
+        p
+        for p, ops in paths.items()
+        if content_type in ops.get("post", {}).get("requestBody", {}).get("content", {})
+    ]
+
+
+def test_bad_json_bodies_get_the_error_shape(client):
+    routes = _routes(client.app, "application/json")
+    assert "/v1/search" in routes
+    for route in routes:
+        for what, body in JSON_BODIES.items():
+            r = client.post(route, content=body, headers=J)
+            _shape(r, route, what)
+            assert r.status_code in (400, 422), (route, what, r.text[:200])
+
+
+def test_bad_form_bodies_get_the_error_shape(client):
+    routes = _routes(client.app, "multipart/form-data")
+    assert len(routes) >= 6 and "/v1/embed" in routes
+    for route in routes:
+        for what, (headers, body) in FORM_BODIES.items():
+            _shape(client.post(route, content=body, headers=headers), route, what)
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("GET", "/v1/nope"),
+        ("GET", "/v1/"),
+        ("GET", "/v1"),
+        ("GET", "/nope"),
+        ("GET", "/v1/images/1/extra"),
+        ("GET", "/..%2F..%2Fetc%2Fpasswd"),
+        ("POST", "/v1/nope"),
+        ("POST", "/"),
+        ("DELETE", "/v1/search"),
+        ("GET", "/v1/search?q=1" + "1" * 400 + ":cat"),
+        ("GET", "/v1/search?q=200:cat"),
+        ("GET", "/v1/search?q=cat&n=" + "9" * 5000),
+        ("GET", "/v1/search?q=cat&n=nan"),
+        ("GET", "/v1/thumbs/1?size=inf"),
+        ("GET", "/v1/similar/" + "9" * 400),
+    ],
+)
+def test_unknown_paths_and_bad_queries_get_the_error_shape(client, method, path):
+    _shape(client.request(method, path))
+
+
+# ------------------------------------------------------------ slow clients, real sockets
+
+HEAD = b"GET /v1/health HTTP/1.1\r\nHost: t\r\n\r\n"
+
+
+class _SlowHandler:
+    """The app, plus /__slow: a handler that works longer than the head timeout."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"] == "/__slow":
+            import anyio
+
+            await anyio.sleep(2.5)  # busy past the head timeout: it must still answer
+            headers = [(b"content-length", b"4")]
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
+            return await send({"type": "http.response.body", "body": b"done"})
+        return await self.app(scope, receive, send)
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory, tiny_model_dir):
+    """A real uvicorn server on 127.0.0.1, as `serve` runs it, with 1 s bounds."""
+    import uvicorn
+
+    from cliplens.server.listen import bind, uvicorn_config
+
+    settings = ServerSettings(
+        model=f"local:{tiny_model_dir}",
+        head_timeout_s=1.0,
+        body_timeout_s=1.0,
+        db=tmp_path_factory.mktemp("live") / "n.db",
+    )
+    server = uvicorn.Server(uvicorn_config(_SlowHandler(create_app(settings)), settings))
+    sock = bind("127.0.0.1", 0)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    for _ in range(200):
+        if server.started:
+            break
+        time.sleep(0.05)
+    assert server.started
+    yield sock.getsockname()[1]
+    server.should_exit = True
+    thread.join(10)
+
+
+def _connect(port: int) -> socket.socket:
+    s = socket.create_connection(("127.0.0.1", port), timeout=5)
+    s.settimeout(0.2)
+    return s
+
+
+def _response(s: socket.socket) -> bytes:
+    """One whole response (head and Content-Length body) read from `s` (its timeout bounds
+    each read)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = s.recv(65536)
+        assert chunk, f"closed after {data!r}"
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next(
+        int(line.split(b":")[1])
+        for line in head.split(b"\r\n")
+        if line.lower().startswith(b"content-length:")
+    )
+    while len(body) < length:
+        chunk = s.recv(65536)
+        assert chunk, f"closed after {data!r}"
+        body += chunk
+    return head + b"\r\n\r\n" + body
+
+
+def _closed_within(sockets: dict[str, socket.socket], seconds: float, drip: set[str] = frozenset()):
+    """Names of the connections the server closed within `seconds` -> what each received;
+    those in `drip` send one more byte of their head at every turn (slowloris)."""
+    closed: dict[str, bytes] = {}
+    got = {name: b"" for name in sockets}
+    deadline = time.monotonic() + seconds
+    while len(closed) < len(sockets) and time.monotonic() < deadline:
+        for name, s in sockets.items():
+            if name in closed:
+                continue
+            try:
+                if name in drip:
+                    s.send(b"X")
+                chunk = s.recv(65536)
+            except TimeoutError:
+                continue
+            except (ConnectionResetError, BrokenPipeError):
+                chunk = b""
+            got[name] += chunk
+            if not chunk:
+                closed[name] = got[name]
+    for s in sockets.values():
+        s.close()
+    return closed
+
+
+def test_slow_and_unfinished_requests_are_closed(live):
+    conns = {
+        name: _connect(live)
+        for name in ("silent", "half head", "drip", "stalled body", "kept alive, then half a head")
+    }
+    conns["half head"].sendall(HEAD[:20])
+    conns["drip"].sendall(b"GET /v1/health HTTP/1.1\r\nX-Slow: ")
+    conns["stalled body"].sendall(
+        b"POST /v1/search HTTP/1.1\r\nHost: t\r\nContent-Type: "
+        b'application/json\r\nContent-Length: 100\r\n\r\n{"terms"'
+    )
+    kept = conns["kept alive, then half a head"]
+    kept.settimeout(5)
+    kept.sendall(HEAD)
+    assert _response(kept).startswith(b"HTTP/1.1 200")
+    kept.settimeout(0.2)
+    kept.sendall(b"GET /v1/he")
+    closed = _closed_within(conns, 15, drip={"drip"})
+    assert set(closed) == set(conns), f"still open after 15 s: {set(conns) - set(closed)}"
+    answer = closed["stalled body"]
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+    assert b'"error":"body_timeout"' in answer and b"nosniff" in answer
+
+
+def test_a_request_that_runs_long_is_not_cut_and_the_server_still_answers(live):
+    s = _connect(live)
+    s.settimeout(10)
+    s.sendall(b"GET /__slow HTTP/1.1\r\nHost: t\r\n\r\n")
+    assert _response(s).startswith(b"HTTP/1.1 200")
+    s.sendall(HEAD)  # the same connection, kept alive
+    assert _response(s).startswith(b"HTTP/1.1 200")
+    s.close()
