@@ -89,7 +89,7 @@ def test_write_shapes_and_cli(tmp_path, capsys):
     held = [json.loads(x) for x in (tmp_path / "a" / "heldout.jsonl").read_text().splitlines()]
     assert held[0]["caption"] == sample(2, 0, "heldout").caption  # evaluation: full detail
     assert main(["datasets", "shapes", str(tmp_path / "c"), "--n", "0"]) == 2
-    assert "--n 0" in capsys.readouterr().err
+    assert "'--n'" in (err := capsys.readouterr().err) and "0 is not in the range" in err
 
 
 def test_named_objects_reads_colour_shape_pairs():

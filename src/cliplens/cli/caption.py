@@ -8,18 +8,27 @@ from typing import Annotated
 import typer
 
 from cliplens.cli.common import (
+    MAX_BATCH,
+    MAX_COUNT,
     DbOpt,
     DefaultCommandGroup,
     DeviceOpt,
+    EpochsOpt,
+    MaxMinutesOpt,
     MegapixelsOpt,
     ModelOpt,
     PrecisionOpt,
+    SeedOpt,
     collect_images,
     embed_paths,
+    finite,
+    out_file,
+    out_folder,
     read_catalog,
 )
 from cliplens.cli.output import Format, info, print_csv, print_json, print_table, show_progress
 from cliplens.cli.output import warn as warn_message
+from cliplens.tasks.limits import MAX_LR, MAX_TRAIN_STEPS
 
 app = typer.Typer(
     cls=DefaultCommandGroup,
@@ -29,21 +38,31 @@ app = typer.Typer(
 CaptionerOpt = Annotated[
     Path, typer.Option("--captioner", "-c", help="Captioner folder (`caption train` writes it).")
 ]
-BeamOpt = Annotated[int, typer.Option("--beam", help="Beam search with this many beams.")]
-TopPOpt = Annotated[
-    float | None, typer.Option("--top-p", help="Nucleus sampling with this top-p (seeded).")
+MAX_BEAMS = 64  # beams or rerank candidates: each is a whole decoding per image
+BeamOpt = Annotated[
+    int, typer.Option("--beam", help="Beam search with this many beams.", min=1, max=MAX_BEAMS)
 ]
-SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for --top-p sampling.")]
+TopPOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--top-p",
+        help="Nucleus sampling with this top-p (seeded).",
+        click_type=finite(0, 1, min_open=True),
+    ),
+]
 RerankOpt = Annotated[
     int,
     typer.Option(
         "--rerank",
         help="Draw N candidates (greedy + nucleus samples) and keep the one the encoder "
         "finds closest to the image.",
+        min=1,
+        max=MAX_BEAMS,
     ),
 ]
 MaxTokensOpt = Annotated[
-    int | None, typer.Option("--max-tokens", help="Longest caption in tokens.")
+    int | None,
+    typer.Option("--max-tokens", help="Longest caption in tokens.", min=1, max=1024),
 ]
 
 
@@ -78,7 +97,12 @@ def caption_command(
     captioner: CaptionerOpt,
     beam: BeamOpt = 1,
     top_p: TopPOpt = None,
-    temperature: Annotated[float, typer.Option("--temperature", help="With --top-p.")] = 1.0,
+    temperature: Annotated[
+        float,
+        typer.Option(
+            "--temperature", help="With --top-p.", click_type=finite(0, 100, min_open=True)
+        ),
+    ] = 1.0,
     max_tokens: MaxTokensOpt = None,
     seed: SeedOpt = 0,
     rerank: RerankOpt = 1,
@@ -87,7 +111,9 @@ def caption_command(
     device: DeviceOpt = None,
     precision: PrecisionOpt = None,
     db: DbOpt = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Captions per batch.")] = 32,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", "-b", help="Captions per batch.", min=1, max=MAX_BATCH)
+    ] = 32,
     max_megapixels: MegapixelsOpt = None,
 ) -> None:
     """Caption images: greedy by default, --beam N, --top-p P sampling, or --rerank N."""
@@ -154,34 +180,57 @@ def train_command(
     val: Annotated[
         Path | None, typer.Option("--val", help="Pairs for validation loss and metrics.")
     ] = None,
-    epochs: Annotated[int, typer.Option("--epochs")] = 10,
-    batch_size: Annotated[int, typer.Option("--batch-size", "-b")] = 32,
-    lr: Annotated[float, typer.Option("--lr", help="The mapper's learning rate.")] = 1e-3,
+    epochs: EpochsOpt = 10,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, max=MAX_BATCH)] = 32,
+    lr: Annotated[
+        float,
+        typer.Option(
+            "--lr",
+            help="The mapper's learning rate.",
+            click_type=finite(0, MAX_LR, min_open=True),
+        ),
+    ] = 1e-3,
     lm_lr: Annotated[
         float | None,
-        typer.Option("--lm-lr", help="The LM's (default: --lr from scratch, --lr/20 else)."),
+        typer.Option(
+            "--lm-lr",
+            help="The LM's (default: --lr from scratch, --lr/20 else).",
+            click_type=finite(0, MAX_LR, min_open=True),
+        ),
     ] = None,
-    prefix_length: Annotated[int, typer.Option("--prefix-length")] = 10,
+    prefix_length: Annotated[int, typer.Option("--prefix-length", min=1, max=512)] = 10,
     word_dropout: Annotated[
         float,
-        typer.Option("--word-dropout", help="Share of input words hidden from the LM."),
+        typer.Option(
+            "--word-dropout",
+            help="Share of input words hidden from the LM.",
+            click_type=finite(0, 1, max_open=True),
+        ),
     ] = 0.0,
     mapper_layers: Annotated[
-        int, typer.Option("--mapper-layers", help="Transformer mapper depth.")
+        int, typer.Option("--mapper-layers", help="Transformer mapper depth.", min=1, max=64)
     ] = 8,
-    lm_layers: Annotated[int, typer.Option("--lm-layers", help="scratch:gpt2 depth.")] = 4,
-    lm_width: Annotated[int, typer.Option("--lm-width", help="scratch:gpt2 width.")] = 256,
-    max_minutes: Annotated[
-        float | None, typer.Option("--max-minutes", help="Stop and save after this long.")
+    lm_layers: Annotated[
+        int, typer.Option("--lm-layers", help="scratch:gpt2 depth.", min=1, max=64)
+    ] = 4,
+    lm_width: Annotated[
+        int,
+        typer.Option("--lm-width", help="scratch:gpt2 width.", min=8, max=8192),
+    ] = 256,
+    max_minutes: MaxMinutesOpt = None,
+    max_steps: Annotated[
+        int | None, typer.Option("--max-steps", min=1, max=MAX_TRAIN_STEPS)
     ] = None,
-    max_steps: Annotated[int | None, typer.Option("--max-steps")] = None,
     eval_images: Annotated[
-        int, typer.Option("--eval-images", help="Validation images captioned each epoch.")
+        int,
+        typer.Option(
+            "--eval-images", help="Validation images captioned each epoch.", min=0, max=MAX_COUNT
+        ),
     ] = 200,
     train_precision: Annotated[str, typer.Option("--train-precision", help="bf16 or fp32.")] = (
         "bf16"
     ),
-    seed: Annotated[int, typer.Option("--seed")] = 0,
+    seed: SeedOpt = 0,
     resume: Annotated[bool, typer.Option("--resume/--restart")] = True,
     model: ModelOpt = None,
     device: DeviceOpt = None,
@@ -207,7 +256,7 @@ def train_command(
         max_minutes=max_minutes, eval_images=eval_images,
         scratch=ScratchLM(layers=lm_layers, width=lm_width, heads=max(1, lm_width // 64)),
     )  # fmt: skip
-    cfg.validate()
+    out_folder(out, "--out")
     train_pairs = read_pairs(data)
     val_pairs = read_pairs(val) if val else []
     ref = ModelRef(model, device=device, precision=precision)
@@ -234,7 +283,9 @@ def eval_command(
     seed: SeedOpt = 0,
     rerank: RerankOpt = 1,
     max_tokens: MaxTokensOpt = None,
-    limit: Annotated[int | None, typer.Option("--limit", help="First N images only.")] = None,
+    limit: Annotated[
+        int | None, typer.Option("--limit", help="First N images only.", min=1, max=MAX_COUNT)
+    ] = None,
     captions_out: Annotated[
         Path | None, typer.Option("--captions-out", help="Write the captions as JSONL.")
     ] = None,
@@ -248,6 +299,8 @@ def eval_command(
     import json
 
     _check_search(beam, rerank)
+    if captions_out is not None:
+        out_file(captions_out, "--captions-out", (".jsonl",))
     from cliplens.tasks.caption.metrics import score_captions
     from cliplens.train.caption import embed_pairs
     from cliplens.train.data import read_pairs

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from cliplens.cli.common import (
+    MAX_TOP_K,
     BatchOpt,
     DeviceOpt,
     MegapixelsOpt,
@@ -15,6 +16,7 @@ from cliplens.cli.common import (
     PrecisionOpt,
     TemplatesOpt,
     collect_images,
+    finite,
 )
 from cliplens.cli.output import (
     Format,
@@ -42,7 +44,9 @@ def classify_command(
         Path | None,
         typer.Option("--labels-dir", help="A folder whose subfolder names are the labels."),
     ] = None,
-    top_k: Annotated[int, typer.Option("--top-k", "-k", help="Labels to show per image.")] = 3,
+    top_k: Annotated[
+        int, typer.Option("--top-k", "-k", help="Labels to show per image.", min=1, max=MAX_TOP_K)
+    ] = 3,
     templates: TemplatesOpt = "default",
     multi_label: Annotated[
         bool,
@@ -51,7 +55,13 @@ def classify_command(
         ),
     ] = False,
     threshold: Annotated[
-        float | None, typer.Option("--threshold", help="Multi-label cut-off (default: per model).")
+        float | None,
+        typer.Option(
+            "--threshold",
+            help="Multi-label cut-off: a cosine, or a probability for sigmoid models "
+            "(default: per model).",
+            click_type=finite(-1, 1),
+        ),
     ] = None,
     fmt: Annotated[Format, typer.Option("--format", "-f", help="Output format.")] = Format.table,
     model: ModelOpt = None,
@@ -109,11 +119,12 @@ def classify_command(
         )
     else:
         kind = f"score ≥ {result.threshold:g}" if multi_label else "probability"
+        columns = min(top_k, len(label_list))
         rows = [
-            (p.path, *(f"{lb} {s:.2f}" for lb, s in p.labels), *([""] * (top_k - len(p.labels))))
+            (p.path, *(f"{lb} {s:.2f}" for lb, s in p.labels), *([""] * (columns - len(p.labels))))
             for p in preds
         ]
-        header = ["image", *(f"#{i + 1}" for i in range(top_k))]
+        header = ["image", *(f"#{i + 1}" for i in range(columns))]
         print_table(header, rows, title=f"{encoder.info.name}: {len(label_list)} labels ({kind})")
     total = len(preds) + len(failures)
     info(

@@ -1,15 +1,81 @@
-"""Options shared by commands, and turning PATHS arguments into image files."""
+"""Options shared by commands, bounds for every number a user can pass, checks of output
+paths before any work starts, and turning PATHS arguments into image files."""
 
 from __future__ import annotations
 
+import errno
+import math
+import os
+import tempfile
+from collections.abc import Collection
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 import typer.core
 
-from cliplens.errors import ImageError, ImageNotFoundError
+# typer >= 0.26 parses with its own copy of click: its types raise the usage errors that
+# cli/main.py turns into exit 2 (click's own FloatRange would raise another class)
+from typer._click.types import FloatRange
+
+from cliplens.errors import ImageError, ImageNotFoundError, InvalidInputError
 from cliplens.settings import DEFAULT_MODEL
+from cliplens.tasks.limits import MAX_EPOCHS, MAX_LR, MAX_MINUTES, MAX_SEED
+
+# ------------------------------------------------------------------ number bounds
+
+MAX_BATCH = 4096  # images or captions per batch
+MAX_TOP_K = 1000  # labels, classes or results shown per image
+MAX_MEGAPIXELS = 1000.0  # a decoded image of 1000 MP already takes 3 GB
+MAX_COUNT = 1_000_000_000  # counts that the data bounds anyway (results kept, files...)
+
+
+class FiniteFloat(FloatRange):
+    """A float in a range that is also finite: click's FloatRange lets nan through (every
+    comparison with nan is false) and, without a bound, inf too."""
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> Any:
+        number = value if isinstance(value, float) else None
+        if number is None:
+            try:
+                number = float(value)
+            except (TypeError, ValueError):
+                self.fail(f"{value!r} is not a number", param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number; give one in {self._range()}", param, ctx)
+        return super().convert(number, param, ctx)
+
+    def _range(self) -> str:
+        return self._describe_range() if (self.min, self.max) != (None, None) else "-inf<x<inf"
+
+
+def finite(
+    min: float | None = None,
+    max: float | None = None,
+    *,
+    min_open: bool = False,
+    max_open: bool = False,
+) -> FiniteFloat:
+    """The click type of a float option: finite and in [min, max] (open ends refused)."""
+    return FiniteFloat(min, max, min_open=min_open, max_open=max_open)
+
+
+SeedOpt = Annotated[
+    int, typer.Option("--seed", min=0, max=MAX_SEED, help="Seed of the random draws.")
+]
+EpochsOpt = Annotated[int, typer.Option("--epochs", min=1, max=MAX_EPOCHS)]
+LrOpt = Annotated[
+    float, typer.Option("--lr", help="Learning rate.", click_type=finite(0, MAX_LR, min_open=True))
+]
+MaxMinutesOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--max-minutes",
+        help="Stop (checkpoint and save) after this long.",
+        click_type=finite(0, MAX_MINUTES, min_open=True),
+    ),
+]
+
 
 ModelOpt = Annotated[
     str | None,
@@ -27,17 +93,25 @@ DeviceOpt = Annotated[
 PrecisionOpt = Annotated[
     str | None, typer.Option("--precision", help="fp32, bf16 or fp16 (default: fastest safe one).")
 ]
-BatchOpt = Annotated[int | None, typer.Option("--batch-size", "-b", help="Images per batch.")]
+BatchOpt = Annotated[
+    int | None,
+    typer.Option("--batch-size", "-b", help="Images per batch.", min=1, max=MAX_BATCH),
+]
 MegapixelsOpt = Annotated[
     float | None,
     typer.Option(
-        "--max-megapixels", help="Skip images larger than this (decompression-bomb guard)."
+        "--max-megapixels",
+        help="Skip images larger than this (decompression-bomb guard).",
+        click_type=finite(0, MAX_MEGAPIXELS, min_open=True),
     ),
 ]
 
+# ------------------------------------------------------------------ input images
+
 
 def collect_images(paths: list[Path]) -> tuple[list[Path], list[ImageError]]:
-    """Files as given and image files under folders; a missing path is a failure, not fatal."""
+    """Files as given and image files under folders; a missing path, a symlink loop or an
+    unreadable path is a failure of that path, not of the run."""
     from cliplens.images import iter_image_files
 
     files: dict[Path, None] = {}  # ordered, each file once
@@ -46,8 +120,92 @@ def collect_images(paths: list[Path]) -> tuple[list[Path], list[ImageError]]:
         if not path.exists() and not path.is_symlink():
             missing.append(ImageNotFoundError(str(path), "no such file or folder"))
             continue
-        files.update(dict.fromkeys(iter_image_files([path])))
+        try:
+            found = list(iter_image_files([path]))
+        except ImageError as e:
+            missing.append(e)
+            continue
+        except OSError as e:  # e.g. a link to itself (ELOOP), a folder denied to us
+            missing.append(ImageNotFoundError(str(path), _os_reason(e)))
+            continue
+        files.update(dict.fromkeys(found))
     return list(files), missing
+
+
+def _os_reason(e: OSError) -> str:
+    if e.errno == errno.ELOOP:
+        return "symbolic link loop (the link points back at itself)"
+    return (e.strerror or type(e).__name__).lower()
+
+
+# ------------------------------------------------------------------ output paths
+
+
+def _nearest_existing(path: Path) -> Path:
+    """The path itself or its closest ancestor that exists (a link counts, broken or not)."""
+    p = path.absolute()
+    while not (p.exists() or p.is_symlink()) and p.parent != p:
+        p = p.parent
+    return p
+
+
+def _unwritable(folder: Path) -> str | None:
+    """Why nothing can be created in `folder`, or None: os.access, then a real attempt (for
+    root os.access says yes whatever the mode, and some places refuse only when tried)."""
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return "permission denied"
+    try:
+        Path(tempfile.mkdtemp(prefix=".cliplens-write-check-", dir=folder)).rmdir()
+    except OSError as e:
+        return _os_reason(e)
+    return None
+
+
+def _folder_problem(path: Path) -> str | None:
+    """Why `path` cannot be (made into) a folder we write in, or None."""
+    if path.is_symlink() and not path.exists():
+        return f"{path} is a broken symbolic link"
+    if path.exists():
+        if not path.is_dir():
+            return f"{path} is a file, not a folder"
+        anchor = path
+    else:
+        anchor = _nearest_existing(path)
+        if not anchor.is_dir():
+            return f"{anchor} is a file, so no folder can be made inside it"
+    reason = _unwritable(anchor)
+    return f"cannot write in {anchor} ({reason})" if reason else None
+
+
+def out_folder(path: Path, what: str) -> Path:
+    """Refuse, before any work, an output folder that cannot be made or written: an existing
+    file, a path under a file, a broken link, a read-only place. Nothing is created."""
+    problem = _folder_problem(path)
+    if problem:
+        raise InvalidInputError(
+            f"{what} {path}: {problem}; give a folder you can write to (made if missing)"
+        )
+    return path
+
+
+def out_file(path: Path, what: str, suffixes: Collection[str] = ()) -> Path:
+    """Refuse, before any work, an output file that cannot be written: an existing folder, a
+    name without one of `suffixes`, a parent that cannot be made or written."""
+    if path.is_dir():
+        example = path / f"out{next(iter(suffixes), '')}"
+        raise InvalidInputError(f"{what} {path} is a folder; give a file name such as {example}")
+    if suffixes and path.suffix.lower() not in suffixes:
+        *most, last = suffixes
+        names = f"{', '.join(most)} or {last}" if most else last
+        raise InvalidInputError(f"{what} {path}: name a {names} file")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise InvalidInputError(f"{what} {path} cannot be overwritten (permission denied)")
+    problem = _folder_problem(path.parent)
+    if problem:
+        raise InvalidInputError(
+            f"{what} {path}: {problem}; give a file in a folder you can write to"
+        )
+    return path
 
 
 TemplatesOpt = Annotated[

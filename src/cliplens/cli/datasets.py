@@ -7,7 +7,11 @@ from typing import Annotated
 
 import typer
 
+from cliplens.cli.common import SeedOpt, out_folder
 from cliplens.cli.output import info
+
+MAX_SHAPES = 10_000_000  # images
+MAX_SHAPE_SIZE = 1024  # pixels a side: the shapes are drawn for small CLIPs
 
 app = typer.Typer(help="Write small datasets for demos, tests and docs.", no_args_is_help=True)
 
@@ -17,6 +21,7 @@ def photos(out_dir: Annotated[Path, typer.Argument(help="Folder to write into.")
     """Real photos shipped by scikit-image (a cat, coffee, a rocket...), as image files."""
     from cliplens.datasets.photos import write_photos
 
+    out_folder(out_dir, "folder")
     paths = write_photos(out_dir)
     info(f"wrote {len(paths)} photos to {out_dir}")
 
@@ -37,6 +42,10 @@ def distortions(
         chosen = tuple(int(x) for x in levels.split(","))
     except ValueError:
         raise InvalidInputError(f"--levels {levels}: write numbers 1-5, e.g. 2,4") from None
+    bad = [x for x in chosen if not 1 <= x <= 5]
+    if bad:  # before anything is written
+        raise InvalidInputError(f"--levels {levels}: distortion level {bad[0]} must be 1..5")
+    out_folder(out_dir, "folder")
     with tempfile.TemporaryDirectory() as tmp:
         written = write_distortions(out_dir, write_photos(tmp), levels=chosen)
     info(f"wrote {sum(map(len, written.values()))} images in {len(written)} folders to {out_dir}")
@@ -45,14 +54,20 @@ def distortions(
 @app.command("shapes")
 def shapes(
     out_dir: Annotated[Path, typer.Argument(help="Folder to write into.")],
-    n: Annotated[int, typer.Option("--n", help="Training-split images (5% become val).")] = 20000,
-    seed: Annotated[int, typer.Option("--seed")] = 0,
-    size: Annotated[int, typer.Option("--size", help="Image side in pixels.")] = 64,
+    n: Annotated[
+        int,
+        typer.Option("--n", help="Training-split images (5% become val).", min=1, max=MAX_SHAPES),
+    ] = 20000,
+    seed: SeedOpt = 0,
+    size: Annotated[
+        int, typer.Option("--size", help="Image side in pixels.", min=16, max=MAX_SHAPE_SIZE)
+    ] = 64,
 ) -> None:
     """Captioned coloured shapes, with a held-out split of unseen (shape, colour) pairs."""
     from cliplens.cli.output import show_progress
     from cliplens.datasets.shapes import write_shapes
 
+    out_folder(out_dir, "folder")
     counts = write_shapes(out_dir, n=n, seed=seed, size=size, progress=show_progress())
     info(f"wrote {', '.join(f'{v} {k}' for k, v in counts.items())} images to {out_dir}")
 
@@ -64,9 +79,12 @@ def fashion_mnist(
     ],
     split: Annotated[str, typer.Option("--split", help="train or test.")] = "test",
     per_class: Annotated[
-        int | None, typer.Option("--per-class", help="Images per class (default: all).")
+        int | None,
+        typer.Option("--per-class", help="Images per class (default: all).", min=1, max=10_000),
     ] = None,
-    offset: Annotated[int, typer.Option("--offset", help="Skip this many per class first.")] = 0,
+    offset: Annotated[
+        int, typer.Option("--offset", help="Skip this many per class first.", min=0, max=10_000)
+    ] = 0,
     source: Annotated[
         Path | None, typer.Option("--source", help="Folder with the idx .gz files.")
     ] = None,
@@ -75,5 +93,6 @@ def fashion_mnist(
     from cliplens.cli.output import show_progress
     from cliplens.datasets.fashion_mnist import write_fashion_mnist
 
+    out_folder(out_dir, "folder")
     counts = write_fashion_mnist(out_dir, split, per_class, offset, source, show_progress())
     info(f"wrote {sum(counts.values())} images in {len(counts)} class folders to {out_dir}")

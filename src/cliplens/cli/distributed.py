@@ -7,8 +7,21 @@ from typing import Annotated
 
 import typer
 
-from cliplens.cli.common import DbOpt, MegapixelsOpt, ModelOpt, PrecisionOpt
+from cliplens.cli.common import (
+    MAX_BATCH,
+    MAX_COUNT,
+    DbOpt,
+    MegapixelsOpt,
+    ModelOpt,
+    PrecisionOpt,
+    finite,
+    out_folder,
+)
 from cliplens.cli.output import Format, info, print_json, print_table, show_progress, warn
+from cliplens.tasks.limits import MAX_MINUTES, MAX_QUERIES
+
+MAX_SHARD_SIZE = 10_000_000  # files per shard: a shard is held in memory while it fills
+MAX_ACTORS = 4096  # encoder actors, or CPUs of a local Ray instance
 
 catalog_app = typer.Typer(help="The catalog: import embeddings made elsewhere.",
                           no_args_is_help=True)  # fmt: skip
@@ -23,17 +36,27 @@ def embed_dataset_command(
         str | None,
         typer.Option("--address", help="A Ray cluster to run on (default: start a local one)."),
     ] = None,
-    shard_size: Annotated[int, typer.Option("--shard-size", help="Files per shard.")] = 10_000,
-    batch_size: Annotated[int, typer.Option("--batch-size", "-b")] = 64,
+    shard_size: Annotated[
+        int, typer.Option("--shard-size", help="Files per shard.", min=1, max=MAX_SHARD_SIZE)
+    ] = 10_000,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, max=MAX_BATCH)] = 64,
     actors: Annotated[
-        int, typer.Option("--actors", help="Encoder actors (one GPU each when there are GPUs).")
+        int,
+        typer.Option(
+            "--actors",
+            help="Encoder actors (one GPU each when there are GPUs).",
+            min=1,
+            max=MAX_ACTORS,
+        ),
     ] = 1,
     dtype: Annotated[str, typer.Option("--dtype", help="float16 or float32.")] = "float16",
     num_cpus: Annotated[
-        int | None, typer.Option("--num-cpus", help="CPUs for a local Ray instance.")
+        int | None,
+        typer.Option("--num-cpus", help="CPUs for a local Ray instance.", min=1, max=MAX_ACTORS),
     ] = None,
     max_shards: Annotated[
-        int | None, typer.Option("--max-shards", help="Stop after this many shards.")
+        int | None,
+        typer.Option("--max-shards", help="Stop after this many shards.", min=1, max=MAX_COUNT),
     ] = None,
     add_new: Annotated[
         bool,
@@ -49,6 +72,7 @@ def embed_dataset_command(
     from cliplens.distributed.embed import EmbedJob, run_embed_job
     from cliplens.settings import get_settings
 
+    out_folder(out, "--out")
     job = EmbedJob(sources=tuple(sources), out=out, model=model or get_settings().default_model,
                    shard_size=shard_size, batch_size=batch_size, actors=actors, dtype=dtype,
                    address=address, num_cpus=num_cpus, precision=precision,
@@ -89,7 +113,8 @@ def build_index_command(
         str, typer.Option("--refine", help="ivfpq re-scoring: sq8, fp16 or none.")
     ] = "sq8",
     queries: Annotated[
-        int, typer.Option("--queries", help="Held-out queries for recall@10.")
+        int,
+        typer.Option("--queries", help="Held-out queries for recall@10.", min=1, max=MAX_QUERIES),
     ] = 200,
     checkpoint_minutes: Annotated[
         float,
@@ -97,6 +122,7 @@ def build_index_command(
             "--checkpoint-minutes",
             help="Save the index being built this often, to resume after a kill "
             "(0: only after training and at the end).",
+            click_type=finite(0, MAX_MINUTES),
         ),
     ] = 5.0,
     update: Annotated[
@@ -116,6 +142,7 @@ def build_index_command(
 
     if checkpoint_minutes < 0:
         raise InvalidInputError("--checkpoint-minutes must be >= 0")
+    out_folder(out, "--out")
     if update:
         report, added, before = update_index(shards, out, queries, progress=show_progress())
         trained = before.get("trained_n", before["n"])

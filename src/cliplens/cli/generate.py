@@ -8,9 +8,12 @@ from typing import Annotated
 import numpy as np
 import typer
 
-from cliplens.cli.common import ModelOpt
+from cliplens.cli.common import ModelOpt, SeedOpt, finite, out_file, out_folder
 from cliplens.cli.output import info
 from cliplens.errors import InvalidInputError
+from cliplens.tasks.limits import MAX_CUTOUTS, MAX_SIZE, MAX_STEPS, MIN_SIZE
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
 
 def generate_command(
@@ -26,20 +29,38 @@ def generate_command(
     init_image: Annotated[
         Path | None, typer.Option("--init-image", help="Start from this image.")
     ] = None,
-    size: Annotated[int, typer.Option("--size", help="Image side in pixels.")] = 256,
-    steps: Annotated[int, typer.Option("--steps")] = 300,
-    cutouts: Annotated[int, typer.Option("--cutouts", help="Cut-outs per step.")] = 16,
+    size: Annotated[
+        int, typer.Option("--size", help="Image side in pixels.", min=MIN_SIZE, max=MAX_SIZE)
+    ] = 256,
+    steps: Annotated[int, typer.Option("--steps", min=1, max=MAX_STEPS)] = 300,
+    cutouts: Annotated[
+        int, typer.Option("--cutouts", help="Cut-outs per step.", min=1, max=MAX_CUTOUTS)
+    ] = 16,
     lr: Annotated[
         float | None,
-        typer.Option("--lr", help="Adam's step size. [default: 0.05; 0.1 with a VQGAN]"),
+        typer.Option(
+            "--lr",
+            help="Adam's step size. [default: 0.05; 0.1 with a VQGAN]",
+            click_type=finite(0, 10, min_open=True),
+        ),
     ] = None,
-    seed: Annotated[int, typer.Option("--seed")] = 0,
+    seed: SeedOpt = 0,
     tv: Annotated[
-        float, typer.Option("--tv", help="Weight of a smoothness (total-variation) penalty.")
+        float,
+        typer.Option(
+            "--tv",
+            help="Weight of a smoothness (total-variation) penalty.",
+            click_type=finite(0, 1000),
+        ),
     ] = 0.0,
-    out: Annotated[Path, typer.Option("--out", "-o", help="The image (PNG).")] = Path("out.png"),
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="The image (.png, .jpg, .webp...).")
+    ] = Path("out.png"),
     save_every: Annotated[
-        int, typer.Option("--save-every", help="Keep a frame every N steps, in OUT_frames/.")
+        int,
+        typer.Option(
+            "--save-every", help="Keep a frame every N steps, in OUT_frames/.", min=0, max=MAX_STEPS
+        ),
     ] = 0,
     animation: Annotated[
         Path | None,
@@ -85,10 +106,15 @@ def generate_command(
         prompts.append(Prompt(None, 1.0, image_prompt))
     if steps < 1 or cutouts < 1:
         raise InvalidInputError("--steps and --cutouts must be at least 1")
+    # every path the work ends in is checked before the work, not after
+    out_file(out, "--out", IMAGE_SUFFIXES)
     if animation:
-        animation_format(animation)  # before the work, not after
+        animation_format(animation)
+        out_file(animation, "--animation", (".gif", ".mp4"))
     if animation and not save_every:
         save_every = max(1, steps // 50)
+    if save_every:
+        out_folder(out.with_name(f"{out.stem}_frames"), "frames folder")
     if (vqgan_config is None) != (vqgan_checkpoint is None):
         raise InvalidInputError("give both --vqgan-config and --vqgan-checkpoint, or neither")
     if vqgan_config and vqgan_checkpoint:

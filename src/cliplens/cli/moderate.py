@@ -17,6 +17,9 @@ from cliplens.cli.common import (
     PrecisionOpt,
     collect_images,
     embed_paths,
+    finite,
+    out_file,
+    out_folder,
 )
 from cliplens.cli.output import Format, info, print_csv, print_json, print_table, warn
 from cliplens.errors import InvalidInputError
@@ -65,6 +68,8 @@ def check_command(
     """Verdict per image: flagged or not, category, closest concept, score, margin."""
     from cliplens.tasks.moderate import redact as redact_image
 
+    if redact is not None:
+        out_folder(redact, "--redact")
     files, missing = collect_images(paths)
     _, ref, moderator = _moderator(policy, model, device, precision)
     done = embed_paths(ref, files, db, max_megapixels)
@@ -126,8 +131,13 @@ def calibrate_command(
     negative: Annotated[Path, typer.Option("--negative", help="Images that must pass.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the calibrated policy.")],
     policy: PolicyOpt = "default",
-    target_precision: Annotated[float | None, typer.Option("--target-precision")] = None,
-    target_recall: Annotated[float | None, typer.Option("--target-recall")] = None,
+    target_precision: Annotated[
+        float | None,
+        typer.Option("--target-precision", click_type=finite(0, 1, min_open=True)),
+    ] = None,
+    target_recall: Annotated[
+        float | None, typer.Option("--target-recall", click_type=finite(0, 1, min_open=True))
+    ] = None,
     fmt: Annotated[Format, typer.Option("--format", "-f")] = Format.table,
     model: ModelOpt = None,
     device: DeviceOpt = None,
@@ -144,6 +154,7 @@ def calibrate_command(
                         ("--target-recall", target_recall)):  # fmt: skip
         if value is not None and not 0 < value <= 1:
             raise InvalidInputError(f"{name} {value} must be in (0, 1]")
+    out_file(out, "--out")
     pol, ref, moderator = _moderator(policy, model, device, precision)
     pos, neg, categories = _labelled(positive, negative, ref, db, max_megapixels)
     if categories is not None:
@@ -179,7 +190,12 @@ def train_head_command(
     out: Annotated[Path, typer.Option("--out", "-o", help="The policy to write, with its head.")],
     policy: PolicyOpt = "default",
     threshold: Annotated[
-        float, typer.Option("--threshold", help="Head probability that flags.")
+        float,
+        typer.Option(
+            "--threshold",
+            help="Head probability that flags.",
+            click_type=finite(0, 1, min_open=True, max_open=True),
+        ),
     ] = 0.5,
     category: Annotated[
         str, typer.Option("--category", help="Name reported when the head flags.")
@@ -199,6 +215,8 @@ def train_head_command(
 
     if not 0 < threshold < 1:
         raise InvalidInputError(f"--threshold {threshold} must be in (0, 1)")
+    out_file(out, "--out")
+    out_file(out.with_suffix(".head.npz"), "the head file beside --out")
     from cliplens.models.ref import ModelRef
 
     pol = load_policy(policy)

@@ -8,15 +8,18 @@ from typing import Annotated
 import typer
 
 from cliplens.cli.common import (
+    MAX_TOP_K,
     DbOpt,
     DeviceOpt,
     MegapixelsOpt,
     ModelOpt,
     PrecisionOpt,
+    SeedOpt,
     TemplatesOpt,
     collect_images,
     embed_labelled,
     embed_paths,
+    out_file,
 )
 from cliplens.cli.output import Format, info, print_csv, print_json, print_table, warn
 from cliplens.errors import InvalidInputError
@@ -24,6 +27,7 @@ from cliplens.errors import InvalidInputError
 app = typer.Typer(help="Linear probes: fit a classifier on embeddings, predict, k-shot curves.",
                   no_args_is_help=True)  # fmt: skip
 
+MAX_SHOTS = 100_000  # labelled images per class
 FeaturesOpt = Annotated[
     bool,
     typer.Option(
@@ -52,6 +56,7 @@ def fit_command(
     from cliplens.models.ref import ModelRef
     from cliplens.train.probe import fit_probe, labelled_folder
 
+    out_file(out, "--out")
     files, labels = labelled_folder(data)
     ref = ModelRef(model, device=device, precision=precision)
     x, y = embed_labelled(ref, files, labels, db, max_megapixels, features)
@@ -72,7 +77,9 @@ def fit_command(
 def predict_command(
     paths: Annotated[list[Path], typer.Argument(help="Image files or folders.")],
     head: Annotated[Path, typer.Option("--head", help="A probe from 'cliplens probe fit'.")],
-    top_k: Annotated[int, typer.Option("--top-k", "-k", help="Classes to show per image.")] = 1,
+    top_k: Annotated[
+        int, typer.Option("--top-k", "-k", help="Classes to show per image.", min=1, max=MAX_TOP_K)
+    ] = 1,
     fmt: Annotated[Format, typer.Option("--format", "-f")] = Format.table,
     model: ModelOpt = None,
     device: DeviceOpt = None,
@@ -134,10 +141,12 @@ def kshot_command(
     shots: Annotated[
         str, typer.Option("--shots", help="Images per class, comma-separated.")
     ] = "1,2,4,8,16",
-    repeats: Annotated[int, typer.Option("--repeats", help="Draws per k (mean, std).")] = 5,
+    repeats: Annotated[
+        int, typer.Option("--repeats", help="Draws per k (mean, std).", min=1, max=1000)
+    ] = 5,
     templates: TemplatesOpt = "default",
     features: FeaturesOpt = False,
-    seed: Annotated[int, typer.Option("--seed")] = 0,
+    seed: SeedOpt = 0,
     fmt: Annotated[Format, typer.Option("--format", "-f")] = Format.table,
     model: ModelOpt = None,
     device: DeviceOpt = None,
@@ -154,8 +163,10 @@ def kshot_command(
         ks = sorted({int(s) for s in shots.split(",") if s.strip()})
     except ValueError:
         raise InvalidInputError(f"--shots {shots}: comma-separated integers, e.g. 1,2,4") from None
-    if not ks or ks[0] < 1 or repeats < 1:
-        raise InvalidInputError(f"--shots {shots} and --repeats {repeats} must be >= 1")
+    if not ks or ks[0] < 1 or ks[-1] > MAX_SHOTS or repeats < 1:
+        raise InvalidInputError(
+            f"--shots {shots} and --repeats {repeats}: shots from 1 to {MAX_SHOTS}, repeats >= 1"
+        )
     prompts = load_templates(templates)
     files, labels = labelled_folder(data)
     ref = ModelRef(model, device=device, precision=precision)

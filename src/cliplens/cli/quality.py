@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from cliplens.cli.common import (
+    MAX_COUNT,
     DbOpt,
     DefaultCommandGroup,
     DeviceOpt,
@@ -17,6 +18,7 @@ from cliplens.cli.common import (
     collect_images,
     embed_labelled,
     embed_paths,
+    out_file,
 )
 from cliplens.cli.output import Format, info, print_csv, print_json, print_table
 from cliplens.errors import InvalidInputError
@@ -38,7 +40,8 @@ def check_command(
         Path | None, typer.Option("--probe", help="A distortion probe from 'quality train'.")
     ] = None,
     worst: Annotated[
-        int | None, typer.Option("--worst", help="Show the N lowest-scoring images.")
+        int | None,
+        typer.Option("--worst", help="Show the N lowest-scoring images.", min=1, max=MAX_COUNT),
     ] = None,
     sort: Annotated[
         str, typer.Option("--sort", help="Attribute to sort by (quality, sharpness, ...).")
@@ -129,6 +132,7 @@ def train_command(
     from cliplens.tasks.quality import train_probe
     from cliplens.train.probe import labelled_folder
 
+    out_file(out, "--out")
     files, labels = labelled_folder(data)
     ref = ModelRef(model, device=device, precision=precision)
     x, y = embed_labelled(ref, files, labels, db, max_megapixels, features=True)

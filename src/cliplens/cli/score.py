@@ -11,6 +11,7 @@ import numpy as np
 import typer
 
 from cliplens.cli.common import (
+    MAX_COUNT,
     DbOpt,
     DeviceOpt,
     MegapixelsOpt,
@@ -18,15 +19,16 @@ from cliplens.cli.common import (
     PrecisionOpt,
     collect_images,
     embed_paths,
+    out_folder,
 )
 from cliplens.cli.output import Format, info, print_csv, print_json, print_table, warn
 from cliplens.errors import InvalidInputError
 
 
-def _read_lines(path: Path, what: str) -> list[str]:
-    if not path.is_file():
-        raise InvalidInputError(f"{what} {path}: no such file")
-    lines = [x.strip() for x in path.read_text(encoding="utf-8").splitlines()]
+def _read_lines(path: Path, what: str, expected: str) -> list[str]:
+    from cliplens.tasks.textfile import read_text
+
+    lines = [x.strip() for x in read_text(path, what, expected).splitlines()]
     lines = [x for x in lines if x and not x.startswith("#")]
     if not lines:
         raise InvalidInputError(f"{what} {path}: no lines in it")
@@ -37,17 +39,20 @@ def _read_captions(path: Path) -> list[dict]:
     """{"image", "caption", "references"?} per line: what `caption eval --captions-out`
     writes."""
     rows = []
-    for n, line in enumerate(_read_lines(path, "--captions"), 1):
+    expected = 'JSON lines of {"image": ..., "caption": ...}'
+    for n, line in enumerate(_read_lines(path, "--captions", expected), 1):
         try:
             row = json.loads(line)
             image, caption = str(row["image"]), str(row["caption"])
-        except (ValueError, KeyError, TypeError) as e:
+        except (ValueError, KeyError, TypeError, RecursionError) as e:
             raise InvalidInputError(
                 f'--captions {path} line {n}: need {{"image": ..., "caption": ...}} ({e})'
             ) from None
         refs = row.get("references") or []
-        if not isinstance(refs, list):
-            raise InvalidInputError(f"--captions {path} line {n}: references must be a list")
+        if not isinstance(refs, list) or not all(isinstance(r, str) for r in refs):
+            raise InvalidInputError(
+                f"--captions {path} line {n}: references must be a list of texts"
+            )
         image_path = Path(image) if Path(image).is_absolute() else path.parent / image
         rows.append({"image": image_path, "caption": caption, "references": refs})
     return rows
@@ -88,7 +93,7 @@ def score_command(
         raise InvalidInputError("--captions names its images and references: drop PATHS/--refs")
     if prompt is not None and not prompt.strip():
         raise InvalidInputError("--prompt is empty")
-    shared_refs = _read_lines(refs, "--refs") if refs else None
+    shared_refs = _read_lines(refs, "--refs", "reference captions, one per line") if refs else None
     rows = _read_captions(captions) if captions else None
     files, missing = collect_images([r["image"] for r in rows] if rows else (paths or []))
     if not files and not missing:
@@ -147,7 +152,9 @@ def score_command(
 def rerank_command(
     prompt: Annotated[str, typer.Argument(help="What the images should show.")],
     paths: Annotated[list[Path], typer.Argument(help="Candidate images or folders.")],
-    k: Annotated[int | None, typer.Option("-k", "--top", help="Keep the best K.")] = None,
+    k: Annotated[
+        int | None, typer.Option("-k", "--top", help="Keep the best K.", min=1, max=MAX_COUNT)
+    ] = None,
     copy_top: Annotated[
         Path | None,
         typer.Option("--copy-top", help="Copy the best K into this folder, as 01-NAME..."),
@@ -168,6 +175,8 @@ def rerank_command(
         raise InvalidInputError("the prompt is empty")
     if k is not None and k < 1:
         raise InvalidInputError(f"-k {k}: keep at least 1")
+    if copy_top is not None:
+        out_folder(copy_top, "--copy-top")
     files, missing = collect_images(paths)
     ref = ModelRef(model, device=device, precision=precision)
     done = embed_paths(ref, files, db, max_megapixels)

@@ -8,9 +8,20 @@ from typing import Annotated
 
 import typer
 
-from cliplens.cli.common import DeviceOpt, TemplatesOpt
+from cliplens.cli.common import (
+    MAX_BATCH,
+    DeviceOpt,
+    EpochsOpt,
+    LrOpt,
+    MaxMinutesOpt,
+    SeedOpt,
+    TemplatesOpt,
+    finite,
+    out_folder,
+)
 from cliplens.cli.output import Format, info, print_json, print_table, show_progress
 from cliplens.errors import InvalidInputError
+from cliplens.tasks.limits import MAX_TRAIN_STEPS
 
 app = typer.Typer(help="Train CLIP models.", no_args_is_help=True)
 
@@ -20,25 +31,38 @@ def _model_config(spec: str) -> dict:
 
     if spec in PRESETS:
         return PRESETS[spec]
+    from cliplens.tasks.textfile import read_text
+
     path = Path(spec)
+    expected = f"a preset ({', '.join(PRESETS)}) or a JSON file of open_clip.CLIP arguments"
     if not path.is_file():
-        raise InvalidInputError(
-            f"--model-config {spec}: a preset ({', '.join(PRESETS)}) or a JSON file of "
-            "open_clip.CLIP arguments"
-        )
+        raise InvalidInputError(f"--model-config {spec}: {expected}")
     try:
-        return json.loads(path.read_text())
-    except ValueError as e:
+        cfg = json.loads(read_text(path, "--model-config", expected))
+    except (ValueError, RecursionError) as e:
         raise InvalidInputError(f"--model-config {spec}: not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise InvalidInputError(f"--model-config {spec}: {expected} (an object)")
+    return cfg
+
+
+def _lines(path: Path, what: str, expected: str) -> list[str]:
+    from cliplens.tasks.textfile import read_text
+
+    return [x.strip() for x in read_text(path, what, expected).splitlines() if x.strip()]
 
 
 def _labelled(path: Path):
     """(pair, label) for each row of a JSONL file that carries a "label"."""
     from cliplens.train.data import read_pairs
 
-    rows = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
-    pairs = read_pairs(path)
-    return [(p, r["label"]) for p, r in zip(pairs, rows, strict=True) if r.get("label")]
+    if path.suffix.lower() != ".jsonl":
+        raise InvalidInputError(f'{path}: give a .jsonl whose rows carry a "label"')
+    pairs = read_pairs(path)  # checks the file, its rows and their images first
+    rows = [json.loads(x) for x in _lines(path, "labelled pairs", "a .jsonl")]
+    labels = [r.get("label") for r in rows]
+    labels = [x.strip() if isinstance(x, str) else "" for x in labels]
+    return [(p, label) for p, label in zip(pairs, labels, strict=True) if label]
 
 
 @app.command("clip")
@@ -74,16 +98,20 @@ def clip_command(
         str | None,
         typer.Option("--init", help="Fine-tune this model (e.g. ViT-B-32:openai, local:PATH)."),
     ] = None,
-    epochs: Annotated[int, typer.Option("--epochs")] = 10,
-    batch_size: Annotated[int, typer.Option("--batch-size", "-b")] = 128,
-    accumulate: Annotated[int, typer.Option("--accumulate", help="Micro-batches per step.")] = 1,
-    lr: Annotated[float, typer.Option("--lr")] = 1e-3,
-    warmup: Annotated[int, typer.Option("--warmup", help="Warmup steps.")] = 50,
+    epochs: EpochsOpt = 10,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=2, max=MAX_BATCH)] = 128,
+    accumulate: Annotated[
+        int, typer.Option("--accumulate", help="Micro-batches per step.", min=1, max=1024)
+    ] = 1,
+    lr: LrOpt = 1e-3,
+    warmup: Annotated[
+        int, typer.Option("--warmup", help="Warmup steps.", min=0, max=MAX_TRAIN_STEPS)
+    ] = 50,
     precision: Annotated[str, typer.Option("--precision", help="fp32 or bf16.")] = "fp32",
     loss: Annotated[str, typer.Option("--loss", help="clip or siglip.")] = "clip",
     lock: Annotated[str, typer.Option("--lock", help="none, image (LiT) or text.")] = "none",
-    max_minutes: Annotated[float | None, typer.Option("--max-minutes")] = None,
-    seed: Annotated[int, typer.Option("--seed")] = 0,
+    max_minutes: MaxMinutesOpt = None,
+    seed: SeedOpt = 0,
     fmt: Annotated[Format, typer.Option("--format", "-f")] = Format.table,
 ) -> None:
     """Train a CLIP from scratch, or fine-tune one with --init; resumes from OUT/last.pt
@@ -91,16 +119,15 @@ def clip_command(
     from cliplens.train.clip import TrainConfig, train
     from cliplens.train.data import read_pairs
 
+    out_folder(out, "--out")
     evals = _labelled(zero_shot) if zero_shot else []
     if classes is not None:
-        lines = classes.read_text(encoding="utf-8").splitlines()
-        names = [x.strip() for x in lines if x.strip()]
+        names = _lines(classes, "--classes", "class names, one per line")
     else:
         names = sorted({label for _, label in evals})
     prompts = ["a {}"]
     if templates is not None:
-        prompts = [x.strip() for x in templates.read_text(encoding="utf-8").splitlines()
-                   if x.strip()]  # fmt: skip
+        prompts = _lines(templates, "--templates", "prompt templates, one per line, with {}")
         if not prompts or not all("{}" in t for t in prompts):
             raise InvalidInputError(
                 f"--templates {templates}: one template per line, each with {{}}"
@@ -188,19 +215,36 @@ def robust_command(
         ),
     ] = "zero-shot",
     templates: TemplatesOpt = "default",
-    epochs: Annotated[int, typer.Option("--epochs")] = 3,
-    batch_size: Annotated[int, typer.Option("--batch-size", "-b")] = 64,
-    lr: Annotated[float, typer.Option("--lr")] = 1e-4,
+    epochs: EpochsOpt = 3,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=2, max=MAX_BATCH)] = 64,
+    lr: LrOpt = 1e-4,
     clean_fraction: Annotated[
-        float, typer.Option("--clean-fraction", help="Share of images shown clean.")
+        float,
+        typer.Option(
+            "--clean-fraction",
+            help="Share of images shown clean.",
+            click_type=finite(0, 1, max_open=True),
+        ),
     ] = 0.3,
-    temperature: Annotated[float, typer.Option("--temperature", help="Of the InfoNCE loss.")] = 0.1,
+    temperature: Annotated[
+        float,
+        typer.Option(
+            "--temperature",
+            help="Of the InfoNCE loss.",
+            click_type=finite(0, 100, min_open=True),
+        ),
+    ] = 0.1,
     align_weight: Annotated[
-        float, typer.Option("--align-weight", help="Of the 1 - cosine term to the clean target.")
+        float,
+        typer.Option(
+            "--align-weight",
+            help="Of the 1 - cosine term to the clean target.",
+            click_type=finite(0, 1e6),
+        ),
     ] = 10.0,
     precision: Annotated[str, typer.Option("--precision", help="Student: fp32 or bf16.")] = "bf16",
-    max_minutes: Annotated[float | None, typer.Option("--max-minutes")] = None,
-    seed: Annotated[int, typer.Option("--seed")] = 0,
+    max_minutes: MaxMinutesOpt = None,
+    seed: SeedOpt = 0,
     device: DeviceOpt = None,
     fmt: Annotated[Format, typer.Option("--format", "-f")] = Format.table,
 ) -> None:
@@ -215,6 +259,11 @@ def robust_command(
     levels = parse_severities(severity)
     if eval_mode not in ("zero-shot", "probe"):
         raise InvalidInputError(f"--eval-mode {eval_mode}: zero-shot or probe")
+    cfg = RobustConfig(corruptions=kinds, severities=levels, clean_fraction=clean_fraction,
+                       epochs=epochs, batch_size=batch_size, lr=lr, temperature=temperature,
+                       align_weight=align_weight, precision=precision, seed=seed,
+                       max_minutes=max_minutes)  # fmt: skip
+    out_folder(out, "--out")
     prompts = load_templates(templates)
     probe_files: list[Path] = []
     probe_labels: list[str] = []
@@ -223,11 +272,6 @@ def robust_command(
         if eval_mode == "probe":
             probe_files, probe_labels = _labelled_images(data, "--data (for --eval-mode probe)")
     images = _images_of(data)
-    cfg = RobustConfig(corruptions=kinds, severities=levels, clean_fraction=clean_fraction,
-                       epochs=epochs, batch_size=batch_size, lr=lr, temperature=temperature,
-                       align_weight=align_weight, precision=precision, seed=seed,
-                       max_minutes=max_minutes)  # fmt: skip
-    cfg.validate()
     # the teacher in fp32: the student starts from its exact weights
     model = load_model(teacher, device=device, precision="fp32")
     result = train_robust(model, images, out, cfg, progress=show_progress())

@@ -43,7 +43,8 @@ def parse_severities(spec: str) -> tuple[int, ...]:
     try:
         if "-" in spec:
             lo, hi = (int(x) for x in spec.split("-"))
-            levels = tuple(range(lo, hi + 1))
+            # bounded before the range is made: '1-99999999999' must not fill memory
+            levels = tuple(range(lo, hi + 1)) if 1 <= lo <= hi <= 5 else ()
         else:
             levels = tuple(int(x) for x in spec.split(",") if x.strip())
     except ValueError:

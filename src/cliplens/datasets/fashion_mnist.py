@@ -59,6 +59,8 @@ def write_fashion_mnist(
     of each class, to OUT/<label>/<index>.png. Returns the count per class folder."""
     from PIL import Image
 
+    if offset < 0 or (per_class is not None and per_class < 1):
+        raise InvalidInputError(f"per class {per_class}, offset {offset}: use 1 or more, 0 or more")
     images, labels = load(split, source)
     picked = []
     for c in range(len(LABELS)):

@@ -218,8 +218,10 @@ def write_shapes(
 ) -> dict[str, int]:
     """Write n training-split samples (a val_fraction of them as val) plus a heldout split
     (default: as many as val). Returns the number written per split."""
-    if n < 1 or size < 16:
-        raise InvalidInputError(f"--n {n} must be >= 1 and --size {size} >= 16")
+    if n < 1 or not 16 <= size <= 1024:
+        raise InvalidInputError(f"--n {n} must be >= 1 and --size {size} in 16..1024")
+    if not 0 <= val_fraction < 1 or (heldout is not None and heldout < 0):
+        raise InvalidInputError(f"val fraction {val_fraction} must be in [0, 1), heldout >= 0")
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     n_val = round(n * val_fraction)

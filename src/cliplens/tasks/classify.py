@@ -9,6 +9,7 @@ for models trained with one, such as SigLIP, else the cosine similarity).
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ import numpy as np
 from cliplens.errors import ImageError, InvalidInputError
 from cliplens.images import ImageSource, describe
 from cliplens.models.base import Encoder
+from cliplens.tasks.textfile import read_text
 
 TEMPLATE_SETS = ("default", "imagenet", "photo", "none")
 
@@ -42,7 +44,7 @@ def load_templates(spec: str | Sequence[str] | None = "default") -> list[str]:
                 raise InvalidInputError(
                     f"templates '{spec}': not a set ({', '.join(TEMPLATE_SETS)}) nor a file"
                 )
-            lines = path.read_text("utf-8").splitlines()
+            lines = read_text(path, "templates", "one template per line").splitlines()
         templates = [t.strip() for t in lines if t.strip() and not t.lstrip().startswith("#")]
     else:
         templates = [str(t) for t in spec]
@@ -64,7 +66,7 @@ def read_labels_file(path: str | os.PathLike) -> list[str]:
     p = Path(path)
     if not p.is_file():
         raise InvalidInputError(f"labels file {p} does not exist; give one label per line")
-    return clean_labels(p.read_text("utf-8").splitlines())
+    return clean_labels(read_text(p, "labels file", "one label per line").splitlines())
 
 
 def labels_from_folder(path: str | os.PathLike) -> list[str]:
@@ -154,6 +156,11 @@ def classify(
     labels = clean_labels(labels)
     if top_k is not None and top_k < 1:
         raise InvalidInputError(f"top-k {top_k} must be at least 1")
+    if threshold is not None and not math.isfinite(threshold):
+        raise InvalidInputError(
+            f"multi-label threshold {threshold}: give a finite number (a cosine in [-1, 1], "
+            "or a probability for sigmoid models)"
+        )
     weights = zero_shot_weights(model, labels, load_templates(templates))
     enc = model.encode_images_lenient(images, batch_size, progress, max_megapixels)
     table = scores(model, enc.vectors, weights, multi_label)

@@ -27,6 +27,20 @@ import torch
 from torch import nn
 
 from cliplens.errors import InvalidInputError
+from cliplens.tasks.limits import (
+    MAX_CUTOUTS,
+    MAX_SEED,
+    MAX_SIZE,
+    MAX_STEPS,
+    MIN_SIZE,
+    finite_number,
+    whole_number,
+)
+
+# what the optimisation holds per pixel of a FourierImage: the spectrum, its gradient and
+# Adam's two moments, and the forward's intermediates kept for backward (measured: 127 at
+# 2048 px, 154 at 1024 px, with a tiny CLIP)
+FOURIER_BYTES_PER_PIXEL = 160
 
 # Lucid's square root of the colour correlation matrix of ImageNet, from its SVD
 _COLOUR_SQRT = torch.tensor([[0.26, 0.09, 0.02], [0.27, 0.00, -0.05], [0.27, -0.09, 0.03]])
@@ -68,13 +82,57 @@ def parse_prompts(spec: str) -> list[Prompt]:
     return prompts
 
 
+def check_size(size: int) -> None:
+    if not MIN_SIZE <= size <= MAX_SIZE:
+        raise InvalidInputError(f"--size {size}: use a side of {MIN_SIZE} to {MAX_SIZE} pixels")
+
+
+def available_memory() -> int | None:
+    """Bytes this process can still allocate: the smaller of the kernel's MemAvailable and
+    what its cgroup's limit leaves; None where neither can be read."""
+    found: list[int] = []
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                found.append(int(line.split()[1]) * 1024)
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        cgroup = Path("/sys/fs/cgroup")
+        limit = (cgroup / "memory.max").read_text().strip()
+        if limit != "max":
+            found.append(int(limit) - int((cgroup / "memory.current").read_text()))
+    except (OSError, ValueError):
+        pass
+    return min(found) if found else None
+
+
+def check_memory(size: int, bytes_per_pixel: float, frames: int = 0, what: str = "") -> None:
+    """Refuse an image side whose optimisation (and `frames` kept copies) cannot fit in the
+    memory left, before allocating it: past that the kernel kills the process instead."""
+    free = available_memory()
+    per_pixel = bytes_per_pixel + 3 * frames
+    need = size * size * per_pixel
+    if free is None or need <= 0.8 * free:
+        return
+    largest = int(math.sqrt(0.8 * free / per_pixel))
+    kept = f" and {frames} kept frames" if frames else ""
+    raise InvalidInputError(
+        f"image size {size}: {what or 'the image'}{kept} would take about {need / 1e9:.1f} GB, and "
+        f"{free / 1e9:.1f} GB of memory is free; use a side of at most {largest} pixels"
+        + (" or keep fewer frames" if frames else "")
+    )
+
+
 class FourierImage(nn.Module):
     """An image as a scaled Fourier spectrum with decorrelated colour (no weights needed)."""
 
+    bytes_per_pixel = FOURIER_BYTES_PER_PIXEL
+
     def __init__(self, size: int, seed: int = 0, decay: float = 1.0, std: float = 0.01) -> None:
         super().__init__()
-        if size < 16:
-            raise InvalidInputError(f"--size {size}: use at least 16 pixels")
+        check_size(size)
+        check_memory(size, self.bytes_per_pixel, what="a Fourier image")
         fy = torch.fft.fftfreq(size)[:, None]
         fx = torch.fft.rfftfreq(size)[None, :]
         freqs = torch.sqrt(fx**2 + fy**2)
@@ -163,6 +221,19 @@ class GenerateConfig:
     save_every: int = 0  # keep a frame every N steps (0: none)
     tv: float = 0.0  # weight of a total-variation penalty (smoothness; 0: none)
 
+    def __post_init__(self) -> None:
+        check_size(self.size)
+        whole_number(self.steps, "steps", 1, MAX_STEPS)
+        whole_number(self.cutouts, "cut-outs per step", 1, MAX_CUTOUTS)
+        finite_number(self.lr, "learning rate", 0, low_open=True, example="0.05")
+        finite_number(self.tv, "smoothness (tv) weight", 0)
+        whole_number(self.save_every, "frame interval (steps)", 0, MAX_STEPS)
+        whole_number(self.seed, "seed", 0, MAX_SEED)
+
+    @property
+    def frames(self) -> int:
+        return self.steps // self.save_every if self.save_every else 0
+
 
 @dataclass
 class GenerateResult:
@@ -184,6 +255,9 @@ def generate(
     torch.manual_seed(cfg.seed)
     rng = torch.Generator().manual_seed(cfg.seed)
     image_gen = generator if generator is not None else FourierImage(cfg.size, cfg.seed)
+    if cfg.frames:
+        per_pixel = getattr(image_gen, "bytes_per_pixel", FOURIER_BYTES_PER_PIXEL)
+        check_memory(cfg.size, per_pixel, cfg.frames, "the optimisation")
     tower = encoder.image_tower().eval()
     tower.requires_grad_(False)
     prep = encoder.info.preprocessing

@@ -131,9 +131,18 @@ def load_policy(source: str | Path | None = None) -> Policy:
     if not path.is_file():
         raise PolicyError(f"policy {source}: no such file (use 'default' or a YAML file)")
     return replace(
-        parse_policy(path.read_text("utf-8"), label=str(path), folder=path.parent.resolve()),
+        parse_policy(_read_policy(path), label=str(path), folder=path.parent.resolve()),
         source=path,
     )
+
+
+def _read_policy(path: Path) -> str:
+    from cliplens.tasks.textfile import read_text
+
+    try:
+        return read_text(path, "policy", "a YAML policy ('default' is the shipped one)")
+    except InvalidInputError as e:
+        raise PolicyError(str(e)) from None
 
 
 class _Lines:

@@ -62,7 +62,13 @@ class VQGAN(nn.Module):
             self.quantize = quantize.VectorQuantizer2(n_embed, embed_dim, beta=0.25)
         self.quant_conv = nn.Conv2d(z, embed_dim, 1)
         self.post_quant_conv = nn.Conv2d(embed_dim, z, 1)
-        self.factor = 2 ** (len(ddconfig.get("ch_mult", (1, 2, 4, 8))) - 1)
+        mult = tuple(ddconfig.get("ch_mult", (1, 2, 4, 8)))
+        self.factor = 2 ** (len(mult) - 1)
+        # memory per output pixel of decoding with gradients: each ResNet block keeps about
+        # 8 activations of its width for backward, at its level's resolution (1/4 per level)
+        blocks = int(ddconfig.get("num_res_blocks", 2)) + 1
+        width = int(ddconfig.get("ch", 128))
+        self.bytes_per_pixel = sum(4 * 8 * blocks * width * m / 4**i for i, m in enumerate(mult))
 
     @property
     def codebook(self) -> torch.Tensor:
@@ -84,10 +90,13 @@ def read_vqgan_config(path: str | os.PathLike) -> tuple[str, dict[str, Any], str
     YAML config."""
     import yaml
 
+    from cliplens.tasks.textfile import read_text
+
     p = Path(path)
+    text = read_text(p, "VQGAN config", "a taming-transformers YAML config")
     try:
-        cfg = yaml.safe_load(p.read_text())
-    except (OSError, yaml.YAMLError) as e:
+        cfg = yaml.safe_load(text)
+    except yaml.YAMLError as e:
         raise InvalidInputError(f"VQGAN config {p}: cannot read it ({e})") from e
     model = cfg.get("model") if isinstance(cfg, dict) else None
     target = model.get("target") if isinstance(model, dict) else None
@@ -172,9 +181,14 @@ class VQGANImage(nn.Module):
 
     def __init__(self, vqgan: VQGAN, size: int, seed: int = 0) -> None:
         super().__init__()
+        from cliplens.tasks.generate import FOURIER_BYTES_PER_PIXEL, check_memory, check_size
+
         f = vqgan.factor
         if size < f or size % f:
             raise InvalidInputError(f"--size {size}: use a multiple of {f} for this VQGAN")
+        check_size(size)
+        self.bytes_per_pixel = FOURIER_BYTES_PER_PIXEL + vqgan.bytes_per_pixel
+        check_memory(size, self.bytes_per_pixel, what="the VQGAN's decoding")
         self.size, self.side = size, size // f
         self._vqgan = [vqgan]  # frozen and not a parameter of this module
         codebook = vqgan.codebook.detach()

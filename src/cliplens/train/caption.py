@@ -26,7 +26,14 @@ import torch
 from cliplens.errors import InvalidInputError
 from cliplens.tasks.caption import lm as lms
 from cliplens.tasks.caption.model import Captioner, CaptionerConfig, check_lm_setup
-from cliplens.train.clip import rng_state, set_rng_state, warmup_cosine
+from cliplens.tasks.limits import MAX_LR, MAX_TRAIN_STEPS, finite_number, whole_number
+from cliplens.train.clip import (
+    check_loss,
+    check_schedule,
+    rng_state,
+    set_rng_state,
+    warmup_cosine,
+)
 from cliplens.train.data import Pair
 
 
@@ -58,14 +65,34 @@ class CaptionTrainConfig:
     def lm_trained(self) -> bool:
         return self.variant == "mlp" if self.train_lm is None else self.train_lm
 
+    def __post_init__(self) -> None:
+        self.validate()
+
     def validate(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:
             raise InvalidInputError("--epochs and --batch-size must be at least 1")
         check_lm_setup(self.variant, self.lm, self.lm_trained)
-        if not 0 <= self.word_dropout < 1:
-            raise InvalidInputError(f"--word-dropout {self.word_dropout}: use a value in [0, 1)")
+        finite_number(self.word_dropout, "word dropout", 0, 1, high_open=True)
         if self.precision not in ("bf16", "fp32"):
             raise InvalidInputError(f"--precision {self.precision}: use bf16 or fp32")
+        check_schedule(self.lr, self.epochs, self.warmup, self.max_minutes, self.seed)
+        if self.lm_lr is not None:
+            finite_number(self.lm_lr, "LM learning rate", 0, MAX_LR, low_open=True, example="5e-5")
+        finite_number(self.weight_decay, "weight decay", 0, 10)
+        finite_number(self.grad_clip, "gradient clipping norm (0: none)", 0)
+        whole_number(self.prefix_length, "prefix length (tokens)", 1, 512)
+        whole_number(self.mapper_layers, "mapper layers", 1, 64)
+        whole_number(self.max_tokens, "caption length (tokens)", 2, 1024)
+        whole_number(self.checkpoint_every, "checkpoint interval (steps)", 1, MAX_TRAIN_STEPS)
+        whole_number(self.eval_images, "validation images captioned", 0, MAX_TRAIN_STEPS)
+        lm = self.scratch
+        whole_number(lm.layers, "scratch LM layers", 1, 64)
+        whole_number(lm.width, "scratch LM width", 8, 8192)
+        if lm.heads < 1 or lm.width % lm.heads:
+            raise InvalidInputError(
+                f"scratch LM width {lm.width}: use a multiple of its {lm.heads} attention "
+                "heads (a multiple of 64 always works)"
+            )
 
 
 @dataclass
@@ -266,6 +293,8 @@ def train_captioner(
                 with autocast:
                     captions = [train_data.captions[i] for i in batch]
                     loss = model.loss(emb, captions, cfg.word_dropout)
+                value = loss.item()
+                check_loss(value, step, cfg.lr, out)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if cfg.grad_clip:
@@ -273,7 +302,7 @@ def train_captioner(
                 optimizer.step()
                 scheduler.step()
                 step += 1
-                losses.append(loss.item())
+                losses.append(value)
                 advance(1)
                 row = {"step": step, "epoch": epoch, "loss": round(losses[-1], 5),
                        "seconds": round(time.perf_counter() - start, 2)}  # fmt: skip

@@ -28,7 +28,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from cliplens.errors import InvalidInputError
+from cliplens.errors import ClipLensError, InvalidInputError
+from cliplens.tasks.limits import (
+    MAX_EPOCHS,
+    MAX_LR,
+    MAX_MINUTES,
+    MAX_SEED,
+    MAX_TRAIN_STEPS,
+    finite_number,
+    whole_number,
+)
 from cliplens.train.data import Pair
 from cliplens.train.loss import MAX_LOGIT_SCALE, sharded_loss
 
@@ -79,6 +88,9 @@ class TrainConfig:
     classes: list[str] = field(default_factory=list)  # for zero-shot evaluation
     templates: list[str] = field(default_factory=lambda: ["a {}"])  # averaged per class
 
+    def __post_init__(self) -> None:
+        self.validate()
+
     def validate(self) -> None:
         if self.loss not in LOSSES:
             raise InvalidInputError(f"loss '{self.loss}': one of {', '.join(LOSSES)}")
@@ -88,6 +100,38 @@ class TrainConfig:
             raise InvalidInputError(f"precision '{self.precision}': fp32 or bf16")
         if self.batch_size < 2 or self.accumulate < 1 or self.epochs < 1:
             raise InvalidInputError("batch size >= 2, accumulate >= 1 and epochs >= 1")
+        check_schedule(self.lr, self.epochs, self.warmup_steps, self.max_minutes, self.seed)
+        finite_number(self.weight_decay, "weight decay", 0, 10)
+        finite_number(self.grad_clip, "gradient clipping norm (0: none)", 0)
+        whole_number(self.checkpoint_every, "checkpoint interval (steps)", 1, MAX_TRAIN_STEPS)
+
+
+def check_schedule(
+    lr: float, epochs: int, warmup: int, max_minutes: float | None, seed: int
+) -> None:
+    """The numbers every training run here shares: a learning rate that can work (finite,
+    > 0, at most MAX_LR), whole epochs and warmup steps, a time limit, a seed."""
+    finite_number(lr, "learning rate", 0, MAX_LR, low_open=True, example="1e-3")
+    whole_number(epochs, "epochs", 1, MAX_EPOCHS)
+    whole_number(warmup, "warmup steps", 0, MAX_TRAIN_STEPS)
+    if max_minutes is not None:
+        finite_number(max_minutes, "time limit (minutes)", 0, MAX_MINUTES, low_open=True)
+    whole_number(seed, "seed", 0, MAX_SEED)
+
+
+class DivergedError(ClipLensError):
+    """The loss became nan or inf: the run stops before that step is applied or saved."""
+
+
+def check_loss(loss: float, step: int, lr: float, out: Path) -> None:
+    """Stop a run whose loss is no longer a number, before the optimiser applies the step:
+    its checkpoint keeps the last good state and no model is written."""
+    if not math.isfinite(loss):
+        raise DivergedError(
+            f"training diverged at step {step + 1} (loss {loss}): stopped before applying that "
+            f"step, and no model was written. Lower the learning rate (it was {lr:g}) or train "
+            f"in fp32, in a new run folder (not {out})"
+        )
 
 
 class Pairs:
@@ -299,6 +343,7 @@ def train(
                     total_loss += loss.item() / cfg.accumulate
                 if world > 1:  # the shares' gradients add up to the whole batch's
                     total_loss = _sum_grads(model, total_loss)
+                check_loss(total_loss, step, cfg.lr, out)  # every process sees the same sum
                 if cfg.grad_clip:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
                 optimizer.step()

@@ -90,37 +90,56 @@ def _field(row: dict, keys: tuple[str, ...], where: str, what: str) -> str:
 
 def _read_jsonl(path: Path) -> list[tuple[int, str, str]]:
     rows = []
-    with path.open(encoding="utf-8") as f:
-        for n, text in enumerate(f, start=1):
-            if not text.strip():
-                continue
-            where = f"{path} row {n}"
-            try:
-                row = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{where}: expected an object with image and caption")
-            rows.append((n, _field(row, _IMAGE_KEYS, where, "image"),
-                         _field(row, _CAPTION_KEYS, where, "caption")))  # fmt: skip
+    text = _read(path, 'JSON lines of {"image": ..., "caption": ...}')
+    for n, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        where = f"{path} row {n}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}: not valid JSON ({e.msg})") from None
+        except RecursionError:
+            raise DataError(f"{where}: JSON nested too deep") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{where}: expected an object with image and caption")
+        rows.append((n, _field(row, _IMAGE_KEYS, where, "image"),
+                     _field(row, _CAPTION_KEYS, where, "caption")))  # fmt: skip
     return rows
 
 
+def _read(path: Path, expected: str) -> str:
+    """The listing's text; a binary or unreadable file is a DataError naming it."""
+    from cliplens.tasks.textfile import read_text
+
+    try:
+        return read_text(path, "training data", expected)
+    except InvalidInputError as e:
+        raise DataError(str(e)) from None
+
+
 def _read_csv(path: Path, delimiter: str) -> list[tuple[int, str, str]]:
-    with path.open(encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f, delimiter=delimiter)
-        header = reader.fieldnames or []
-        if not any(k in header for k in _IMAGE_KEYS) or not any(k in header for k in _CAPTION_KEYS):
-            images, captions = ", ".join(_IMAGE_KEYS), ", ".join(_CAPTION_KEYS)
-            raise DataError(f"{path} row 1: the header needs an image column ({images}) "
-                            f"and a caption column ({captions})")  # fmt: skip
-        rows = []
-        for row in reader:
-            where = f"{path} row {reader.line_num}"
-            if None in row:
-                raise DataError(f"{where}: more fields than the header has")
-            rows.append((reader.line_num, _field(row, _IMAGE_KEYS, where, "image"),
-                         _field(row, _CAPTION_KEYS, where, "caption")))  # fmt: skip
+    text = _read(path, "a CSV file with image and caption columns")
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
+    try:
+        return _csv_rows(path, reader)
+    except csv.Error as e:  # a NUL byte, an unclosed quote, a field over the size limit
+        raise DataError(f"{path} row {reader.line_num}: not a readable CSV row ({e})") from None
+
+
+def _csv_rows(path: Path, reader: csv.DictReader) -> list[tuple[int, str, str]]:
+    header = reader.fieldnames or []
+    if not any(k in header for k in _IMAGE_KEYS) or not any(k in header for k in _CAPTION_KEYS):
+        images, captions = ", ".join(_IMAGE_KEYS), ", ".join(_CAPTION_KEYS)
+        raise DataError(f"{path} row 1: the header needs an image column ({images}) "
+                        f"and a caption column ({captions})")  # fmt: skip
+    rows = []
+    for row in reader:
+        where = f"{path} row {reader.line_num}"
+        if None in row:
+            raise DataError(f"{where}: more fields than the header has")
+        rows.append((reader.line_num, _field(row, _IMAGE_KEYS, where, "image"),
+                     _field(row, _CAPTION_KEYS, where, "caption")))  # fmt: skip
     return rows
 
 
@@ -132,7 +151,7 @@ def _read_folder(folder: Path) -> list[Pair]:
         text = image.with_suffix(".txt")
         if not text.is_file():
             raise DataError(f"{image}: no caption file {text.name} beside it")
-        caption = text.read_text(encoding="utf-8").strip()
+        caption = _read(text, f"the caption of {image.name} as text").strip()
         if not caption:
             raise DataError(f"{text}: empty caption")
         pairs.append(Pair(image.resolve(), caption))

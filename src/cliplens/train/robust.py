@@ -33,6 +33,7 @@ import torch
 
 from cliplens.datasets.corruptions import CORRUPTIONS, corrupt
 from cliplens.errors import InvalidInputError
+from cliplens.tasks.limits import finite_number
 from cliplens.train.probe import LinearProbe
 
 
@@ -54,15 +55,28 @@ class RobustConfig:
     precision: str = "bf16"
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        self.validate()
+
     def validate(self) -> None:
-        if not 0 <= self.clean_fraction < 1:
-            raise InvalidInputError(f"clean fraction {self.clean_fraction} must be in [0, 1)")
-        if self.batch_size < 2 or self.epochs < 1 or self.temperature <= 0:
-            raise InvalidInputError("batch size >= 2, epochs >= 1 and temperature > 0")
-        if self.align_weight < 0:
-            raise InvalidInputError(f"align weight {self.align_weight} must be >= 0")
+        from cliplens.train.clip import check_schedule
+
+        finite_number(self.clean_fraction, "clean fraction", 0, 1, high_open=True)
+        if self.batch_size < 2:
+            raise InvalidInputError(f"batch size {self.batch_size}: use at least 2")
+        finite_number(self.temperature, "temperature", 0, 100, low_open=True, example="0.1")
+        finite_number(self.align_weight, "align weight", 0, 1e6)
+        finite_number(self.weight_decay, "weight decay", 0, 10)
+        check_schedule(self.lr, self.epochs, self.warmup_steps, self.max_minutes, self.seed)
         if self.precision not in ("fp32", "bf16"):
             raise InvalidInputError(f"precision '{self.precision}': fp32 or bf16")
+        unknown = [c for c in self.corruptions if c not in CORRUPTIONS]
+        if not self.corruptions or unknown:
+            raise InvalidInputError(
+                f"corruptions {unknown or 'none'}: choose from {', '.join(CORRUPTIONS)}"
+            )
+        if not self.severities or any(s not in (1, 2, 3, 4, 5) for s in self.severities):
+            raise InvalidInputError(f"severities {self.severities}: choose from 1 to 5")
 
 
 @dataclass
@@ -123,7 +137,7 @@ def train_robust(
 ) -> RobustResult:
     """Distil a corruption-robust student from `teacher` (an Encoder) on `images`."""
     from cliplens.progress import progress_bar
-    from cliplens.train.clip import warmup_cosine
+    from cliplens.train.clip import check_loss, warmup_cosine
     from cliplens.train.loss import clip_loss
 
     cfg.validate()
@@ -169,13 +183,15 @@ def train_robust(
                 loss = clip_loss(emb, target, scale)
                 if cfg.align_weight:
                     loss = loss + cfg.align_weight * (1 - (emb * target).sum(-1)).mean()
+                value = loss.item()
+                check_loss(value, step, cfg.lr, out)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
                 optimizer.step()
                 scheduler.step()
                 step += 1
-                losses.append(loss.item())
+                losses.append(value)
                 log.append({"step": step, "epoch": epoch, "loss": round(losses[-1], 6)})
                 advance(1)
                 if cfg.max_minutes and time.perf_counter() - start > 60 * cfg.max_minutes:

@@ -203,6 +203,19 @@ class Captioner(nn.Module):
             raise InvalidInputError(f"--top-p {top_p}: use a value in (0, 1]")
         if beams < 1:
             raise InvalidInputError(f"--beam {beams}: use at least 1")
+        if not (math.isfinite(temperature) and temperature > 0):
+            raise InvalidInputError(f"temperature {temperature}: use a finite number > 0")
+        if (max_tokens is not None and max_tokens < 1) or batch_size < 1 or seed < 0:
+            raise InvalidInputError(
+                f"max tokens {max_tokens}, batch size {batch_size}, seed {seed}: use at least "
+                "1, 1 and 0"
+            )
+        room = self._positions() - self.cfg.prefix_length
+        if max_tokens is not None and max_tokens > room:
+            raise InvalidInputError(
+                f"max tokens {max_tokens}: this captioner's LM takes {room} tokens after its "
+                "prefix; ask for fewer"
+            )
         if top_p is not None and beams > 1:
             raise InvalidInputError("--beam and --top-p are different searches: pick one")
         if samples > 1 and top_p is None:
@@ -242,6 +255,15 @@ class Captioner(nn.Module):
                 ids = self.lm.generate(inputs_embeds=prefix, attention_mask=mask, **options)
             out.extend(t.strip() for t in tok.batch_decode(ids, skip_special_tokens=True))
         return out
+
+    def _positions(self) -> int:
+        """How many positions the LM attends over (its context), prefix included."""
+        config = getattr(self.lm, "config", None)
+        for key in ("n_positions", "max_position_embeddings", "n_ctx"):
+            value = getattr(config, key, None)
+            if isinstance(value, int) and value > 0:
+                return value
+        return 1 << 30  # unknown: no limit of ours
 
     def generate_reranked(
         self,
