@@ -7,6 +7,7 @@ exception. `iter_image_files` walks folders in a deterministic order.
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import os
@@ -351,11 +352,18 @@ def iter_image_files(
 
     Files named explicitly are yielded whatever their extension (the user chose them).
     Directories are walked following symlinks, but each real directory (st_dev, st_ino) is
-    entered once, so symlink loops end and overlapping roots do not repeat files.
+    entered once, so symlink loops end and overlapping roots do not repeat files. A link
+    to a file or folder inside the roots is left out: it is found under its own name
+    (which, unlike the link, the server will serve).
     """
     exts = {e.lower() if e.startswith(".") else f".{e.lower()}" for e in extensions}
     seen_dirs: set[tuple[int, int]] = set()
     seen_files: set[tuple[int, int]] = set()
+    roots = [os.path.realpath(p) for p in paths]
+
+    def inside_roots(link: str) -> bool:
+        target = os.path.realpath(link)
+        return any(target == r or target.startswith(r.rstrip(os.sep) + os.sep) for r in roots)
 
     def walk(root: Path, dev: int) -> Iterator[Path]:
         """Depth-first with an explicit stack, so deep trees hit no recursion limit."""
@@ -370,6 +378,8 @@ def iter_image_files(
                 continue
             try:
                 if entry.is_dir():  # follows symlinks; broken links are neither dir nor file
+                    if entry.is_symlink() and inside_roots(entry.path):
+                        continue  # walked under its own name
                     st = entry.stat()
                     if (st.st_dev, st.st_ino) not in seen_dirs:
                         seen_dirs.add((st.st_dev, st.st_ino))
@@ -377,6 +387,8 @@ def iter_image_files(
                 elif entry.is_file() and Path(entry.name).suffix.lower() in exts:
                     # d_ino is free for a plain file; a symlink needs stat() for its target
                     st = entry.stat() if entry.is_symlink() else None
+                    if st is not None and inside_roots(entry.path):
+                        continue
                     key = (st.st_dev, st.st_ino) if st else (dir_dev, entry.inode())
                     if key not in seen_files:
                         seen_files.add(key)
@@ -391,6 +403,9 @@ def iter_image_files(
         except FileNotFoundError:
             reason = "broken symbolic link" if root.is_symlink() else "no such file or directory"
             raise ImageNotFoundError(os.fsdecode(given), reason) from None
+        except OSError as e:  # a link loop (ELOOP), a name too long, no permission
+            reason = "symbolic link loop" if e.errno == errno.ELOOP else (e.strerror or str(e))
+            raise ImageNotFoundError(os.fsdecode(given), reason.lower()) from None
         key = (st.st_dev, st.st_ino)
         if not stat.S_ISDIR(st.st_mode):
             if key not in seen_files:

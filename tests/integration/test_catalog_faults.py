@@ -496,3 +496,32 @@ def test_catalog_error_for_a_folder_that_cannot_be_made(tmp_path):
     blocker.write_text("x")
     with pytest.raises(CatalogError, match="a part of its folder is a file"):
         Catalog(blocker / "sub" / "c.db")
+
+
+def test_links_inside_the_folders_give_way_to_their_targets(tmp_path, photos):
+    from cliplens.images import iter_image_files
+
+    folder = tmp_path / "p"
+    (folder / "real").mkdir(parents=True)
+    shutil.copy(photos / "cat.jpg", folder / "real" / "z-cat.jpg")
+    (folder / "a-cat.jpg").symlink_to(folder / "real" / "z-cat.jpg")  # sorts first
+    (folder / "a-dir").symlink_to(folder / "real", target_is_directory=True)
+    outside = tmp_path / "outside.jpg"
+    shutil.copy(photos / "rocket.jpg", outside)
+    (folder / "b-out.jpg").symlink_to(outside)  # its target is found nowhere else
+    found = [str(p.relative_to(folder)) for p in iter_image_files([folder])]
+    assert found == ["b-out.jpg", "real/z-cat.jpg"]
+
+
+def test_embed_dataset_keeps_names_that_are_not_utf8(odd_folder):
+    from cliplens.distributed.embed import _decode_one, list_hash, list_images
+    from cliplens.paths import from_text
+    from cliplens.preprocess import Preprocessing
+
+    files = list_images([str(odd_folder)])
+    assert len(list_hash(files)) == 64  # the listing hashes: every entry is valid text
+    odd = [f for f in files if from_text(f) == str(odd_folder / ODD)]
+    assert len(odd) == 1 and odd[0] != str(odd_folder / ODD)
+    prep = Preprocessing(32, 32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    size, _, crop, error = _decode_one(odd[0], prep, None)
+    assert error == "" and crop is not None and size == (odd_folder / ODD).stat().st_size

@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import time
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import asdict, dataclass, field
@@ -29,6 +28,8 @@ from typing import Any
 import numpy as np
 
 from cliplens.errors import DependencyMissingError, ImageError, InvalidInputError
+from cliplens.paths import from_text, to_text
+from cliplens.store.files import write_atomic
 
 MANIFEST = "manifest.json"
 VERSION = 1
@@ -49,6 +50,24 @@ class EmbedJob:
     max_megapixels: float | None = None
     max_shards: int | None = None  # stop after writing this many shards (this run)
     add_new: bool = False  # the sources gained files: embed those into new shards
+
+    def __post_init__(self) -> None:
+        from cliplens.tasks.limits import finite_number
+
+        if self.shard_size < 1 or self.batch_size < 1 or self.actors < 1:
+            raise InvalidInputError("--shard-size, --batch-size and --actors must be at least 1")
+        if self.dtype not in ("float16", "float32"):
+            raise InvalidInputError(f"--dtype {self.dtype}: use float16 or float32")
+        if (self.num_cpus is not None and self.num_cpus < 1) or (
+            self.max_shards is not None and self.max_shards < 1
+        ):
+            raise InvalidInputError(
+                f"CPUs {self.num_cpus} and shards {self.max_shards}: use at least 1 (or leave out)"
+            )
+        if self.max_megapixels is not None:
+            finite_number(self.max_megapixels, "max megapixels", 0, low_open=True)
+        if not self.sources:
+            raise InvalidInputError("no sources: give image folders, files or URIs")
 
 
 @dataclass
@@ -83,7 +102,9 @@ def list_images(sources: tuple[str, ...] | list[str]) -> list[str]:
             path = Path(root)
             if not path.exists():
                 raise InvalidInputError(f"source {source}: no such file or folder")
-            found.update(str(p.resolve()) for p in iter_image_files([path]))
+            # the root resolved, the files as found: a link stays a link (the server never
+            # serves one), and names that are not UTF-8 are kept as cliplens.paths text
+            found.update(to_text(str(p)) for p in iter_image_files([path.resolve()]))
             continue
         if not fs.exists(root):
             raise InvalidInputError(f"source {source}: nothing there (check the URI)")
@@ -123,16 +144,6 @@ def read_manifest(out: Path) -> dict[str, Any] | None:
         raise InvalidInputError(f"{out / MANIFEST}: not a manifest ({e}); use a new --out") from e
 
 
-def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        Path(tmp).replace(path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-
-
 def _save_manifest(out: Path, manifest: dict[str, Any]) -> None:
     write_atomic(out / MANIFEST, lambda p: p.write_text(json.dumps(manifest, indent=1)))
 
@@ -165,6 +176,7 @@ def _decode_one(path: str, prep: Any, max_megapixels: float | None):
 
     from cliplens.images import is_remote, open_image, open_image_bytes
 
+    path = path if is_remote(path) else from_text(path)  # the listing's text: the real name
     try:
         with fsspec.open(path, "rb") as f:
             data = f.read()
@@ -216,10 +228,6 @@ def run_embed_job(
 ) -> EmbedReport:
     """Run (or resume) the job; `on_shard(name, rows, failures)` after each shard. With
     `progress`, a bar over the files of the pending shards."""
-    if job.shard_size < 1 or job.batch_size < 1 or job.actors < 1:
-        raise InvalidInputError("--shard-size, --batch-size and --actors must be at least 1")
-    if job.dtype not in ("float16", "float32"):
-        raise InvalidInputError(f"--dtype {job.dtype}: use float16 or float32")
     try:
         import pyarrow  # noqa: F401
         import ray
@@ -399,14 +407,16 @@ def import_shards(folder: str | os.PathLike, catalog: Any) -> tuple[int, int]:
     key = catalog.model_key(manifest["model_id"], int(manifest["dim"]))
     files = failures = 0
     for name, table in iter_shards(out):
-        paths = table.column("path").to_pylist()
+        paths = [from_text(p) for p in table.column("path").to_pylist()]
         sizes = table.column("size").to_pylist()
         hashes = table.column("sha256").to_pylist()
         vectors = shard_vectors(table)
         rows = [(p, s, _mtime_ns(p), h, "ok", None)
                 for p, s, h in zip(paths, sizes, hashes, strict=True)]  # fmt: skip
         bad = pq.read_table(out / f"{name}.failures.parquet").to_pylist()
-        rows += [(r["path"], 0, _mtime_ns(r["path"]), None, "failed", r["error"]) for r in bad]
+        for r in bad:
+            path = from_text(r["path"])
+            rows.append((path, 0, _mtime_ns(path), None, "failed", r["error"]))
         with catalog.transaction():
             catalog.put_embeddings(key, hashes, vectors)
             catalog.upsert_files(rows)

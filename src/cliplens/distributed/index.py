@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from cliplens.errors import InvalidInputError
+from cliplens.paths import from_text
 from cliplens.store.ann import nlist_for
 
 KINDS = ("flat", "hnsw", "ivfpq")
@@ -185,6 +186,7 @@ def build_index(
     An interrupted build resumes from its last checkpoint (see `build_from`)."""
     from cliplens.distributed.embed import iter_shards
 
+    check_measure(queries, checkpoint_s)
     source, manifest = shard_source(shards)
     # index.json is written last: without it the folder is incomplete, and an earlier
     # build's index.json must not vouch for a half-rewritten folder
@@ -211,9 +213,11 @@ def update_index(
     the end leaves the folder refused as incomplete (build it again)."""
     import faiss
 
-    from cliplens.distributed.embed import iter_shards, write_atomic
+    from cliplens.distributed.embed import iter_shards
     from cliplens.progress import progress_bar
+    from cliplens.store.files import write_atomic
 
+    check_measure(queries)
     out = Path(out)
     built = open_built_index(out)
     meta = built.meta
@@ -263,7 +267,7 @@ def write_index_folder(
     them, and no size is too large."""
     import pyarrow as pa
 
-    from cliplens.distributed.embed import write_atomic
+    from cliplens.store.files import write_atomic
 
     out = Path(out)
     schema = pa.schema([("path", pa.large_string())])
@@ -301,7 +305,7 @@ class BuiltIndex:
         if not 0 <= row < len(self):
             return None
         k = int(np.searchsorted(self._starts, row, side="right")) - 1
-        return self.paths.chunk(k)[row - int(self._starts[k])].as_py()
+        return from_text(self.paths.chunk(k)[row - int(self._starts[k])].as_py())
 
     def search_rows(self, queries: np.ndarray, k: int) -> list[list[tuple[int, float]]]:
         """(row, score) of the k best per query row, all queries in one faiss call."""
@@ -377,6 +381,7 @@ def build_from(
     training and adding again."""
     from cliplens.progress import progress_bar
 
+    check_measure(queries, checkpoint_s)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     plan = plan or plan_index(source.n, source.dim, kind, refine)
@@ -433,10 +438,18 @@ def build_from(
     return report, index, (q, truth)
 
 
+def check_measure(queries: int, checkpoint_s: float = 0.0) -> None:
+    """Held-out queries to measure recall with, and the checkpoint interval: both bounded."""
+    from cliplens.tasks.limits import MAX_QUERIES, finite_number, whole_number
+
+    whole_number(queries, "held-out queries", 1, MAX_QUERIES)
+    finite_number(checkpoint_s, "checkpoint interval (seconds)", 0)
+
+
 def _save_partial(out: Path, index: Any, state: dict[str, Any]) -> None:
     import faiss
 
-    from cliplens.distributed.embed import write_atomic
+    from cliplens.store.files import write_atomic
 
     write_atomic(out / PARTIAL_FILE, lambda p: faiss.write_index(index, str(p)))
     write_atomic(out / STATE_FILE, lambda p: p.write_text(json.dumps(state)))
