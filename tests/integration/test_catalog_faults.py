@@ -80,19 +80,8 @@ def test_a_query_word_too_long_for_a_file_name_is_text(capsys, tmp_path, tiny_mo
     db = str(tmp_path / "c.db")
     model = f"local:{tiny_model_dir}"
     word = "a" * 300  # over NAME_MAX (255 bytes): once an OSError from Path.is_file()
-    code, out, err = run(
-        capsys,
-        "search",
-        word,
-        "--in",
-        str(tmp_path / "p"),
-        "--db",
-        db,
-        "--model",
-        model,
-        "-f",
-        "json",
-    )
+    where = ["--in", str(tmp_path / "p"), "--db", db, "--model", model]
+    code, out, err = run(capsys, "search", word, *where, "-f", "json")
     assert code == 0, err
     assert len(json.loads(out)) == 2
 
@@ -181,19 +170,8 @@ def odd_folder(tmp_path, photos) -> Path:
 
 def test_odd_names_and_broken_files_never_stop_indexing(capsys, odd_folder, tmp_path, offline):
     db = str(tmp_path / "c.db")
-    code, out, err = run(
-        capsys,
-        "index",
-        str(odd_folder),
-        "--model",
-        "offline",
-        "--db",
-        db,
-        "-f",
-        "json",
-        "--workers",
-        "0",
-    )
+    index = ["index", str(odd_folder), "--model", "offline", "--db", db, "-f", "json"]
+    code, out, err = run(capsys, *index, "--workers", "0")
     assert code == 0, err
     stats = json.loads(out)
     readable_odd = "\\xff\\xfe-cat.jpg"
@@ -205,37 +183,10 @@ def test_odd_names_and_broken_files_never_stop_indexing(capsys, odd_folder, tmp_
     hits = search(catalog, offline, "a cat", 2, [odd_folder])
     assert {Path(h.path).name for h in hits} == {"cat.jpg", ODD}
     # people see the odd bytes as \xNN, in the table and in JSON
-    code, out, err = run(
-        capsys,
-        "search",
-        "a cat",
-        "--in",
-        str(odd_folder),
-        "--model",
-        "offline",
-        "--db",
-        db,
-        "-n",
-        "2",
-        "--no-index",
-    )
+    query = ["search", "a cat", "--in", str(odd_folder), "--model", "offline", "--db", db]
+    code, out, err = run(capsys, *query, "-n", "2", "--no-index")
     assert code == 0 and readable_odd in out, out
-    code, out, _ = run(
-        capsys,
-        "search",
-        "a cat",
-        "--in",
-        str(odd_folder),
-        "--model",
-        "offline",
-        "--db",
-        db,
-        "-n",
-        "2",
-        "--no-index",
-        "-f",
-        "json",
-    )
+    code, out, _ = run(capsys, *query, "-n", "2", "--no-index", "-f", "json")
     assert code == 0 and readable_odd in {Path(h["path"]).name for h in json.loads(out)}
     # a rerun finds everything unchanged: the stored name matches the file's
     code, out, _ = run(
@@ -395,33 +346,21 @@ def test_a_read_only_catalog_is_searched_as_it_is(
 def test_search_during_an_index_searches_what_it_committed(capsys, tmp_path, tiny_model_dir):
     make_photos(tmp_path / "p", 3)
     db = tmp_path / "c.db"
-    model = f"local:{tiny_model_dir}"
-    assert run(capsys, "index", str(tmp_path / "p"), "--db", str(db), "--model", model)[0] == 0
+    on = ["--db", str(db), "--model", f"local:{tiny_model_dir}"]
+    assert run(capsys, "index", str(tmp_path / "p"), *on)[0] == 0
     make_photos(tmp_path / "p", 8)  # five new photos, for the running index to encode
     with Catalog(db).updating():  # an index run holds the catalog
         code, out, err = run(
-            capsys,
-            "search",
-            "a photo",
-            "--in",
-            str(tmp_path / "p"),
-            "--db",
-            str(db),
-            "--model",
-            model,
-            "-f",
-            "json",
+            capsys, "search", "a photo", "--in", str(tmp_path / "p"), *on, "-f", "json"
         )
         assert code == 0 and len(json.loads(out)) == 3, err  # not a second indexer
         assert f"pid {os.getpid()}" in one_clean_line(err)
-        code, _, err = run(capsys, "index", str(tmp_path / "p"), "--db", str(db), "--model", model)
+        code, _, err = run(capsys, "index", str(tmp_path / "p"), *on)
         assert code == 1 and "another cliplens index" in one_clean_line(err)
         with pytest.raises(CatalogBusyError), Catalog(db).updating():
             pass
     assert len(Catalog(db).files_under([str(tmp_path / "p")])) == 3  # nothing written meanwhile
-    code, out, _ = run(
-        capsys, "index", str(tmp_path / "p"), "--db", str(db), "--model", model, "-f", "json"
-    )
+    code, out, _ = run(capsys, "index", str(tmp_path / "p"), *on, "-f", "json")
     assert code == 0 and json.loads(out)["new"] == 5  # the lock went with its holder
 
 
