@@ -9,6 +9,11 @@ from __future__ import annotations
 from pathlib import Path
 
 
+def one_line(e: BaseException) -> str:
+    """An exception's message on one line (messages from libraries may span several)."""
+    return " ".join(str(e).split()) or type(e).__name__
+
+
 class ClipLensError(Exception):
     """Base class: anything cliplens raises on purpose."""
 

@@ -8,16 +8,17 @@ exception. `iter_image_files` walks folders in a deterministic order.
 from __future__ import annotations
 
 import errno
+import io
 import logging
 import math
 import os
 import re
 import stat
 import struct
-import tempfile
 import warnings
 from collections.abc import Collection, Iterable, Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps, JpegImagePlugin, UnidentifiedImageError
@@ -31,6 +32,7 @@ from cliplens.errors import (
     NotAnImageError,
     TruncatedImageError,
     UnsupportedImageError,
+    one_line,
 )
 from cliplens.settings import get_settings
 
@@ -43,7 +45,7 @@ IMAGE_EXTENSIONS: frozenset[str] = frozenset({
 })
 # fmt: on
 
-ImageSource = str | os.PathLike | Image.Image | np.ndarray
+ImageSource = str | os.PathLike | BinaryIO | Image.Image | np.ndarray
 
 # Pillow reports damage as bare OSError/ValueError/SyntaxError; these words mean "cut short".
 _TRUNCATION_HINTS = ("truncated", "broken data stream", "end of file", "premature end")
@@ -54,7 +56,7 @@ _MAGIC = {b"%PDF": "a PDF document", b"PK\x03\x04": "a ZIP archive", b"\x1f\x8b"
 _plugins_registered = False
 
 
-def _register_plugins() -> None:
+def register_plugins() -> None:
     """Register pillow-heif on first use (not at import), once; it stays optional."""
     global _plugins_registered
     if _plugins_registered:
@@ -84,17 +86,24 @@ def describe(source: ImageSource) -> str:
 
 
 def open_image(
-    source: ImageSource, *, min_size: int | None = None, max_megapixels: float | None = None
+    source: ImageSource,
+    *,
+    min_size: int | None = None,
+    max_megapixels: float | None = None,
+    label: str | None = None,
 ) -> Image.Image:
     """Return `source` as a fully loaded RGB image, upright, first frame only.
 
-    `min_size` lets JPEGs decode at a reduced scale (libjpeg DCT scaling) while the short
-    side stays >= min_size: callers that resize to ~224 px anyway gain ~4x on phone photos.
+    `source` is a path, an open binary file (read from its start; a server decodes the
+    file it has checked, never the path again), a PIL image or an array. `min_size` lets
+    JPEGs decode at a reduced scale (libjpeg DCT scaling) while the short side stays
+    >= min_size: callers that resize to ~224 px anyway gain ~4x on phone photos.
     `max_megapixels` (default: settings) rejects decompression bombs from the header alone.
+    `label` names the source in errors (default: its path or a summary).
     """
     if min_size is not None and min_size < 1:
         raise InvalidInputError(f"min_size must be a positive integer, got {min_size}")
-    label = describe(source)
+    label = label or describe(source)
     if isinstance(source, Image.Image):
         try:
             return _to_rgb(source, label, copy=True)  # never hand back the caller's object
@@ -102,41 +111,98 @@ def open_image(
             raise _decode_error(label, e, None) from e
     if isinstance(source, np.ndarray):
         return _from_array(source, label)
-    if not isinstance(source, (str, os.PathLike)):
-        raise InvalidInputError(f"cannot open {label} as an image: expected a path, PIL or array")
+    cap = _cap(max_megapixels)
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(os.fsdecode(source))
+        _check_file(path, label)
+        try:
+            file = open(path, "rb")  # noqa: PTH123, SIM115 (closed below; one open per image)
+        except FileNotFoundError:
+            raise ImageNotFoundError(label, "file not found") from None
+        except PermissionError:
+            raise ImageError(label, "permission denied") from None
+        except OSError as e:
+            raise ImageError(label, one_line(e)) from None
+        with file:
+            return _decode(file, label, cap, min_size)
+    if hasattr(source, "read") and hasattr(source, "seek"):
+        if _size(source) == 0:
+            raise EmptyImageError(label, "empty file (0 bytes)")
+        return _decode(source, label, cap, min_size)
+    expected = "a path, a binary file, a PIL image or an array"
+    raise InvalidInputError(f"cannot open {label} as an image: expected {expected}")
+
+
+def _cap(max_megapixels: float | None) -> float:
     cap = get_settings().max_megapixels if max_megapixels is None else float(max_megapixels)
     if not cap > 0:
         raise InvalidInputError(f"max_megapixels must be positive, got {cap}")
-    path = Path(os.fsdecode(source))
-    _check_file(path, label)
-    _register_plugins()
+    return cap
+
+
+def _size(file: BinaryIO) -> int:
+    file.seek(0, os.SEEK_END)
+    size = file.tell()
+    file.seek(0)
+    return size
+
+
+def _header(file: BinaryIO, label: str, cap: float, formats: list[str] | None) -> Image.Image:
+    """The image as Pillow opens it from its header (nothing decoded yet), checked against
+    the megapixel cap; every failure as a typed ImageError."""
+    register_plugins()
     _raise_pillow_limit(cap)
+    file.seek(0)
     try:
         # Pillow warns between its limit and twice it; we judge size ourselves, so no noise.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as img:  # closes the file on exit, even for animations
-                pixels = img.width * img.height
-                if pixels > cap * 1e6:
-                    raise ImageTooLargeError(label, _too_large(pixels, cap, img.size))
-                if min_size and isinstance(img, JpegImagePlugin.JpegImageFile):  # also MPO
-                    img.draft("RGB", (min_size, min_size))
-                img.load()  # the first frame: Image.open leaves animations on frame 0
-                _exif_transpose(img, label)
-                return _to_rgb(img, label, copy=False)
-    except ImageError:
-        raise
+            img = Image.open(file, formats=formats)
     except Image.DecompressionBombError as e:  # above 2x Pillow's limit, raised by open()
         m = re.search(r"\((\d+) pixels\)", str(e))
         raise ImageTooLargeError(label, _too_large(int(m[1]) if m else None, cap, None)) from e
     except UnidentifiedImageError as e:
-        raise _unidentified(path, label) from e
-    except FileNotFoundError as e:
-        raise ImageNotFoundError(label, "file not found") from e
-    except PermissionError as e:
-        raise ImageError(label, "permission denied") from e
+        raise _unidentified(file, label) from e
     except _DECODE_ERRORS as e:
-        raise _decode_error(label, e, path) from e
+        raise _decode_error(label, e, file) from e
+    pixels = img.width * img.height
+    if pixels > cap * 1e6:
+        with img:  # __exit__, unlike close(), leaves a caller's file open
+            raise ImageTooLargeError(label, _too_large(pixels, cap, img.size))
+    return img
+
+
+def _decode(file: BinaryIO, label: str, cap: float, min_size: int | None) -> Image.Image:
+    img = _header(file, label, cap, None)
+    try:
+        with img:  # closes what Pillow opened for an animation; never the caller's file
+            if min_size and isinstance(img, JpegImagePlugin.JpegImageFile):  # also MPO
+                img.draft("RGB", (min_size, min_size))
+            img.load()  # the first frame: Image.open leaves animations on frame 0
+            _exif_transpose(img, label)
+            return _to_rgb(img, label, copy=False)
+    except ImageError:
+        raise
+    except _DECODE_ERRORS as e:
+        raise _decode_error(label, e, file) from e
+
+
+def identify(
+    file: BinaryIO, label: str, formats: Collection[str], max_megapixels: float | None = None
+) -> str:
+    """Which of `formats` (Pillow's names: JPEG, PNG...) the file's content is, from its
+    header alone, with the checks every image gets: a file that is none of them raises
+    NotAnImageError, one over the megapixel cap ImageTooLargeError. The file is left at
+    its start."""
+    cap = _cap(max_megapixels)
+    register_plugins()
+    Image.init()
+    known = [f for f in formats if f in Image.OPEN]
+    try:
+        with _header(file, label, cap, known) as img:
+            return img.format or ""
+    finally:
+        file.seek(0)
 
 
 def is_remote(path: str) -> bool:
@@ -149,15 +215,8 @@ def open_image_bytes(
 ) -> Image.Image:
     """`open_image` for bytes (an upload, an object-store read): the same checks and
     decoding as for a file on disk, with errors naming `label`."""
-    fd, tmp = tempfile.mkstemp(prefix="cliplens-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        return open_image(tmp, min_size=min_size, max_megapixels=max_megapixels)
-    except ImageError as e:
-        raise type(e)(label, e.reason) from None
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    source = io.BytesIO(data)
+    return open_image(source, min_size=min_size, max_megapixels=max_megapixels, label=label)
 
 
 def _check_file(path: Path, label: str) -> None:
@@ -168,7 +227,7 @@ def _check_file(path: Path, label: str) -> None:
         reason = "broken symbolic link" if path.is_symlink() else "file not found"
         raise ImageNotFoundError(label, reason) from None
     except OSError as e:
-        raise ImageError(label, _one_line(e)) from None
+        raise ImageError(label, one_line(e)) from None
     if stat.S_ISDIR(st.st_mode):
         raise NotAnImageError(label, "is a directory, not an image file")
     if not stat.S_ISREG(st.st_mode):
@@ -207,7 +266,7 @@ def _exif_transpose(img: Image.Image, label: str) -> None:
     try:
         ImageOps.exif_transpose(img, in_place=True)
     except (*_DECODE_ERRORS, KeyError, TypeError) as e:
-        logger.debug("%s: ignoring unreadable EXIF orientation (%s)", label, _one_line(e))
+        logger.debug("%s: ignoring unreadable EXIF orientation (%s)", label, one_line(e))
 
 
 def _to_rgb(img: Image.Image, label: str, *, copy: bool) -> Image.Image:
@@ -267,56 +326,51 @@ def _from_array(a: np.ndarray, label: str) -> Image.Image:
     return _to_rgb(Image.fromarray(np.ascontiguousarray(a)), label, copy=False)
 
 
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split()) or type(e).__name__
-
-
-def _decode_error(label: str, e: BaseException, path: Path | None) -> ImageError:
-    msg = _one_line(e)
+def _decode_error(label: str, e: BaseException, file: BinaryIO | None) -> ImageError:
+    msg = one_line(e)
     hinted = any(h in msg.lower() for h in _TRUNCATION_HINTS)
-    if isinstance(e, EOFError) or hinted or (path is not None and _container_is_short(path)):
+    if isinstance(e, EOFError) or hinted or (file is not None and _container_is_short(file)):
         return TruncatedImageError(label, f"file is truncated or damaged ({msg})")
     return NotAnImageError(label, f"cannot decode image data ({msg})")
 
 
-def _read_head(path: Path, n: int) -> bytes:
+def _read_head(file: BinaryIO, n: int) -> bytes:
     try:
-        with path.open("rb") as f:
-            return f.read(n)
+        file.seek(0)
+        return file.read(n)
     except OSError:
         return b""
 
 
-def _container_is_short(path: Path) -> bool:
+def _container_is_short(file: BinaryIO) -> bool:
     """WebP (RIFF) and HEIF/AVIF (ISO boxes) declare their sizes, so a cut file shows; their
     decoders only say "could not create decoder object" or fail to identify the file."""
     try:
-        size = path.stat().st_size
-        with path.open("rb") as f:
-            head = f.read(12)
-            if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
-                return size < int.from_bytes(head[4:8], "little") + 8
-            pos = 0
-            while head[4:8] == b"ftyp" and pos < size:  # walk the top-level boxes
-                f.seek(pos)
-                box = f.read(16)
-                n = int.from_bytes(box[:4], "big")
-                n = int.from_bytes(box[8:16], "big") if n == 1 else n
-                if len(box) < 8 or n == 0:  # cut inside a box header / box runs to EOF
-                    return len(box) < 8
-                pos += max(n, 8)
-            return pos > size
+        size = _size(file)
+        head = file.read(12)
+        if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+            return size < int.from_bytes(head[4:8], "little") + 8
+        pos = 0
+        while head[4:8] == b"ftyp" and pos < size:  # walk the top-level boxes
+            file.seek(pos)
+            box = file.read(16)
+            n = int.from_bytes(box[:4], "big")
+            n = int.from_bytes(box[8:16], "big") if n == 1 else n
+            if len(box) < 8 or n == 0:  # cut inside a box header / box runs to EOF
+                return len(box) < 8
+            pos += max(n, 8)
+        return pos > size
     except OSError:
         return False
 
 
-def _unidentified(path: Path, label: str) -> ImageError:
-    kind = _sniff(_read_head(path, 512))
+def _unidentified(file: BinaryIO, label: str) -> ImageError:
+    kind = _sniff(_read_head(file, 512))
     if kind in ("HEIF", "AVIF"):
         if kind not in Image.OPEN:  # Pillow has run init(): every plugin is registered
             hint = "pip install pillow-heif" if kind == "HEIF" else "pip install -U pillow"
             return UnsupportedImageError(label, f"no {kind} decoder is installed ({hint})")
-        if _container_is_short(path):
+        if _container_is_short(file):
             return TruncatedImageError(label, f"{kind} file is truncated")
         return NotAnImageError(label, f"cannot decode this {kind} file (damaged?)")
     looks = f" (looks like {kind})" if kind else ""
@@ -351,51 +405,67 @@ def iter_image_files(
     """Yield image files under `paths`, sorted at each level, each file once.
 
     Files named explicitly are yielded whatever their extension (the user chose them).
-    Directories are walked following symlinks, but each real directory (st_dev, st_ino) is
-    entered once, so symlink loops end and overlapping roots do not repeat files. A link
-    to a file or folder inside the roots is left out: it is found under its own name
-    (which, unlike the link, the server will serve).
+    Symbolic links are followed. Each real file (st_dev, st_ino) comes once: under a name
+    reached without a link where it has one (a link to a photo in the folders gives way to
+    the photo, which, unlike a link, the server serves), else under the first link to it.
+    A folder is entered at most twice, once through a link and once without, so link
+    loops end and overlapping roots do not repeat files. Each root's files come when its
+    walk is done, in walk order.
     """
     exts = {e.lower() if e.startswith(".") else f".{e.lower()}" for e in extensions}
-    seen_dirs: set[tuple[int, int]] = set()
-    seen_files: set[tuple[int, int]] = set()
-    roots = [os.path.realpath(p) for p in paths]
+    found: list[tuple[Path, tuple[int, int], bool]] = []  # (path, file key, through a link)
+    entered: dict[tuple[int, int], bool] = {}  # folder key -> entered only through a link
 
-    def inside_roots(link: str) -> bool:
-        target = os.path.realpath(link)
-        return any(target == r or target.startswith(r.rstrip(os.sep) + os.sep) for r in roots)
+    def may_enter(key: tuple[int, int], linked: bool) -> bool:
+        before = entered.get(key)
+        if before is None or (before and not linked):
+            entered[key] = linked
+            return True
+        return False
 
-    def walk(root: Path, dev: int) -> Iterator[Path]:
+    def walk(root: Path, dev: int, linked: bool) -> None:
         """Depth-first with an explicit stack, so deep trees hit no recursion limit."""
-        stack = [(dev, _scandir_sorted(root))]
+        stack = [(dev, linked, _scandir_sorted(root))]
         while stack:
-            dir_dev, entries = stack[-1]
+            dir_dev, dir_linked, entries = stack[-1]
             entry = next(entries, None)
             if entry is None:
                 stack.pop()
                 continue
             if not include_hidden and entry.name.startswith("."):
                 continue
+            wanted = Path(entry.name).suffix.lower() in exts
             try:
-                if entry.is_dir():  # follows symlinks; broken links are neither dir nor file
-                    if entry.is_symlink() and inside_roots(entry.path):
-                        continue  # walked under its own name
+                is_link = entry.is_symlink()
+                through = dir_linked or is_link
+                if entry.is_dir():  # follows links; a broken link is neither dir nor file
                     st = entry.stat()
-                    if (st.st_dev, st.st_ino) not in seen_dirs:
-                        seen_dirs.add((st.st_dev, st.st_ino))
-                        stack.append((st.st_dev, _scandir_sorted(Path(entry.path))))
-                elif entry.is_file() and Path(entry.name).suffix.lower() in exts:
-                    # d_ino is free for a plain file; a symlink needs stat() for its target
-                    st = entry.stat() if entry.is_symlink() else None
-                    if st is not None and inside_roots(entry.path):
-                        continue
+                    if may_enter((st.st_dev, st.st_ino), through):
+                        stack.append((st.st_dev, through, _scandir_sorted(Path(entry.path))))
+                elif entry.is_file() and wanted:
+                    # d_ino is free for a plain file; a link needs stat() for its target
+                    st = entry.stat() if is_link else None
                     key = (st.st_dev, st.st_ino) if st else (dir_dev, entry.inode())
-                    if key not in seen_files:
-                        seen_files.add(key)
-                        yield Path(entry.path)
-            except OSError as e:  # vanished or unreadable entry
-                logger.warning("skipping %s: %s", entry.path, _one_line(e))
+                    found.append((Path(entry.path), key, through))
+                elif is_link and wanted:
+                    logger.warning("skipping %s: broken symbolic link", entry.path)
+            except OSError as e:  # vanished or unreadable entry, a link loop
+                logger.warning("skipping %s: %s", entry.path, one_line(e))
 
+    def settle() -> Iterator[Path]:
+        """One root's files, in walk order, each under its chosen name; a file that an
+        earlier root already gave is not given again."""
+        chosen: dict[tuple[int, int], int] = {}
+        for i, (_, key, linked) in enumerate(found):
+            first = chosen.get(key)
+            if key not in given_keys and (first is None or (found[first][2] and not linked)):
+                chosen[key] = i
+        given_keys.update(chosen)
+        picked = [found[i][0] for i in sorted(chosen.values())]
+        found.clear()
+        yield from picked
+
+    given_keys: set[tuple[int, int]] = set()
     for given in paths:
         root = Path(given)
         try:
@@ -406,14 +476,11 @@ def iter_image_files(
         except OSError as e:  # a link loop (ELOOP), a name too long, no permission
             reason = "symbolic link loop" if e.errno == errno.ELOOP else (e.strerror or str(e))
             raise ImageNotFoundError(os.fsdecode(given), reason.lower()) from None
-        key = (st.st_dev, st.st_ino)
         if not stat.S_ISDIR(st.st_mode):
-            if key not in seen_files:
-                seen_files.add(key)
-                yield root
-        elif key not in seen_dirs:
-            seen_dirs.add(key)
-            yield from walk(root, st.st_dev)
+            found.append((root, (st.st_dev, st.st_ino), False))
+        elif may_enter((st.st_dev, st.st_ino), False):
+            walk(root, st.st_dev, False)
+        yield from settle()
 
 
 def _scandir_sorted(path: Path) -> Iterator[os.DirEntry[str]]:
@@ -421,5 +488,5 @@ def _scandir_sorted(path: Path) -> Iterator[os.DirEntry[str]]:
         with os.scandir(path) as it:
             return iter(sorted(it, key=lambda e: e.name))
     except OSError as e:
-        logger.warning("skipping directory %s: %s", path, _one_line(e))
+        logger.warning("skipping directory %s: %s", path, one_line(e))
         return iter(())

@@ -80,14 +80,22 @@ def index_folders(
     run at a time per catalog: a second one gets CatalogBusyError at once.
     """
     with catalog.updating():
-        args = (batch_size, workers, progress, max_megapixels)
-        return _index_folders(catalog, model, roots, *args)
+        return _index_folders(
+            catalog,
+            model,
+            roots,
+            batch_size=batch_size,
+            workers=workers,
+            progress=progress,
+            max_megapixels=max_megapixels,
+        )
 
 
 def _index_folders(
     catalog: Catalog,
     model: Encoder | ModelRef,
     roots: Sequence[str | os.PathLike],
+    *,
     batch_size: int | None,
     workers: int | None,
     progress: bool,

@@ -67,6 +67,7 @@ def _assert_one_line(err: str, needles: tuple[str, ...]) -> None:
 
 
 # (argv, exit code, substrings of the one line). {names} come from `env`.
+TRAIN_ROBUST = "train robust --teacher {tiny} --data {photos} --out {out}"
 NUMBERS = [
     # classify
     ("classify {cat} -l cat,dog --multi-label --threshold nan -m {tiny}", 2, ("--threshold",)),
@@ -86,27 +87,11 @@ NUMBERS = [
     ("train clip --data {pairs} --out {out} --max-minutes nan", 2, ("--max-minutes",)),
     ("train clip --data {pairs} --out {out} --seed -1", 2, ("--seed",)),
     # train robust
-    (
-        "train robust --teacher {tiny} --data {photos} --out {out} --clean-fraction 1",
-        2,
-        ("--clean-fraction",),
-    ),
-    (
-        "train robust --teacher {tiny} --data {photos} --out {out} --temperature inf",
-        2,
-        ("--temperature",),
-    ),
-    (
-        "train robust --teacher {tiny} --data {photos} --out {out} --align-weight nan",
-        2,
-        ("--align-weight",),
-    ),
-    ("train robust --teacher {tiny} --data {photos} --out {out} --lr -inf", 2, ("--lr",)),
-    (
-        "train robust --teacher {tiny} --data {photos} --out {out} --severity 1-99999999999",
-        2,
-        ("severity",),
-    ),
+    (f"{TRAIN_ROBUST} --clean-fraction 1", 2, ("--clean-fraction",)),
+    (f"{TRAIN_ROBUST} --temperature inf", 2, ("--temperature",)),
+    (f"{TRAIN_ROBUST} --align-weight nan", 2, ("--align-weight",)),
+    (f"{TRAIN_ROBUST} --lr -inf", 2, ("--lr",)),
+    (f"{TRAIN_ROBUST} --severity 1-99999999999", 2, ("severity",)),
     # caption
     ("caption train --data {pairs} --out {out} --lm-lr inf", 2, ("--lm-lr",)),
     ("caption train --data {pairs} --out {out} --lr nan", 2, ("--lr",)),
@@ -221,6 +206,24 @@ def test_bad_input_is_one_line_and_writes_nothing(capsys, env, template, code, n
     assert _tree(tmp) == before, "a refused command wrote something"
 
 
+def test_zero_shot_rows_are_parsed_once_so_a_line_separator_is_caption_text(capsys, env):
+    """U+2028 in a caption once split the --zero-shot file a second time (str.splitlines)
+    and ended in a bare JSONDecodeError: now the file is read as training data is, and the
+    run goes on to the next check (here a refused pair of options, before any training)."""
+    tmp = Path(env["tmp"])
+    row = {"image": str(Path(env["cat"])), "caption": "a cat\u2028on a mat", "label": "cat"}
+    (tmp / "labelled.jsonl").write_text(json.dumps(row, ensure_ascii=False) + "\n", "utf-8")
+    before = _tree(tmp)
+    template = (
+        "train clip --data {pairs} --out {out} --zero-shot {tmp}/labelled.jsonl "
+        "--init {tiny} --model-config tiny-shapes"
+    )
+    code, err = _run(capsys, _argv(template, env))
+    assert code == 2, err
+    _assert_one_line(err, ("--init", "--model-config", "not both"))
+    assert _tree(tmp) == before
+
+
 def test_a_symlink_loop_is_one_failed_file_and_the_run_goes_on(capsys, env):
     argv = _argv("classify {loop} {cat} -l cat,dog -m {tiny} --format json", env)
     code = main(argv)
@@ -298,9 +301,6 @@ def _commands(group, path=()):
             yield (*path, name), command
 
 
-OTHERS = {("index",), ("search",), ("similar",), ("duplicates",), ("serve",)}  # cli/search, serve
-
-
 def test_every_number_option_is_bounded_and_finite():
     """No int option without both ends, no float option that lets nan or inf through."""
     import typer.main
@@ -310,9 +310,11 @@ def test_every_number_option_is_bounded_and_finite():
     from cliplens.cli.main import app
 
     loose = []
-    for path, command in _commands(typer.main.get_command(app)):
-        if path in OTHERS:
-            continue
+    commands = dict(_commands(typer.main.get_command(app)))
+    # every command, those of cli/search and cli/serve included
+    walked = {("index",), ("search",), ("similar",), ("duplicates",), ("serve",), ("train", "clip")}
+    assert walked <= set(commands)
+    for path, command in commands.items():
         for param in command.params:
             kind = param.type
             if isinstance(kind, IntParamType):

@@ -175,7 +175,9 @@ def test_odd_names_and_broken_files_never_stop_indexing(capsys, odd_folder, tmp_
     assert code == 0, err
     stats = json.loads(out)
     readable_odd = "\\xff\\xfe-cat.jpg"
-    assert stats["failed"] == 3 and stats["new"] + stats["moved"] >= 5, stats
+    locked = os.geteuid() != 0  # root reads the chmod-0 file: then it is just a good photo
+    assert stats["failed"] == 3 + locked, stats
+    assert stats["new"] + stats["moved"] == 5 - locked, stats
     assert "unexpected" not in err
     catalog = Catalog(db, readonly=True)
     stored = {Path(p).name for p in catalog.files_under([str(odd_folder)])}
@@ -248,7 +250,7 @@ def test_a_full_disk_names_the_catalog_and_keeps_what_was_committed(
             "--workers",
             "0",
         )
-    line = one_clean_line(err.replace("\r", "\n").split("\n")[-2] + "\n")
+    line = one_clean_line(err)
     assert code == 1 and "disk is full" in line and str(db) in line, err
     catalog = Catalog(db)
     assert catalog.integrity_check() == "ok"
@@ -269,11 +271,11 @@ def test_failed_cache_writes_leave_no_temporary_files(monkeypatch, tmp_path, tin
     catalog = Catalog(tmp_path / "c.db")
     index_folders(catalog, tiny, [tmp_path / "p"], workers=0)
 
-    def no_space(path, array):
-        path.write_bytes(b"partial")
+    def no_space(file, array):
+        file.write(b"partial")
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(vectors, "_save_npy", no_space)
+    monkeypatch.setattr(vectors.np, "save", no_space)
     vectors._loaded.clear()
     assert len(search(catalog, tiny, "x", 3)) == 3  # the cache is optional: search works
     assert not [p for p in vectors.cache_dir(catalog).glob("*") if p.suffix == ".tmp"]
@@ -437,7 +439,7 @@ def test_catalog_error_for_a_folder_that_cannot_be_made(tmp_path):
         Catalog(blocker / "sub" / "c.db")
 
 
-def test_links_inside_the_folders_give_way_to_their_targets(tmp_path, photos):
+def test_links_give_way_to_real_names_and_lose_nothing(tmp_path, photos):
     from cliplens.images import iter_image_files
 
     folder = tmp_path / "p"
@@ -448,8 +450,16 @@ def test_links_inside_the_folders_give_way_to_their_targets(tmp_path, photos):
     outside = tmp_path / "outside.jpg"
     shutil.copy(photos / "rocket.jpg", outside)
     (folder / "b-out.jpg").symlink_to(outside)  # its target is found nowhere else
+    # git-annex's layout: the link is the only name (hidden folder, no extension)
+    annexed = folder / ".git" / "annex" / "objects" / "SHA256E-s1--x"
+    annexed.parent.mkdir(parents=True)
+    shutil.copy(photos / "coffee.jpg", annexed)
+    (folder / "c-annex.jpg").symlink_to(annexed)
+    (folder / ".hidden").mkdir()
+    shutil.copy(photos / "coffee.jpg", folder / ".hidden" / "h.jpg")
+    (folder / "d-hidden").symlink_to(folder / ".hidden", target_is_directory=True)
     found = [str(p.relative_to(folder)) for p in iter_image_files([folder])]
-    assert found == ["b-out.jpg", "real/z-cat.jpg"]
+    assert found == ["b-out.jpg", "c-annex.jpg", "d-hidden/h.jpg", "real/z-cat.jpg"]
 
 
 def test_embed_dataset_keeps_names_that_are_not_utf8(odd_folder):

@@ -155,11 +155,14 @@ def test_files_only_by_catalog_id(client, photos):
     _error(client.get("/v1/images/999999"), 404, "unknown_id")
     _error(client.get("/v1/thumbs/999999"), 404, "unknown_id")
     _error(client.get("/v1/similar/999999"), 404, "unknown_id")
-    for trick in ["../../etc/passwd", "..%2F..%2Fetc%2Fpasswd", "%2Fetc%2Fpasswd",
-                  "1%2F..%2F..%2Fetc%2Fpasswd", "-1", "1.5", "0x1", "%00"]:  # fmt: skip
+    # a path in the URL is no route at all (404); anything else is not an id (422)
+    paths = ["../../etc/passwd", "..%2F..%2Fetc%2Fpasswd", "%2Fetc%2Fpasswd", "1%2F..%2F"]
+    tricks = {t: (404, "not_found") for t in [*paths, "1%2F..%2F..%2Fetc%2Fpasswd"]}
+    tricks |= {t: (422, "invalid_request") for t in ["-1", "1.5", "0x1", "%00"]}
+    for trick, (status, kind) in tricks.items():
         for route in ("images", "thumbs", "similar"):
             r = client.get(f"/v1/{route}/{trick}")
-            assert r.status_code in (404, 422), (route, trick, r.status_code)
+            _error(r, status, kind)
             assert b"root:" not in r.content
     # a query that names a file is text: nothing is opened
     r = client.get("/v1/search", params={"q": str(photos / "cat.jpg"), "n": 1})
@@ -433,6 +436,43 @@ def test_built_index_of_object_store_photos(tmp_path, settings, catalog_db, phot
             assert "cannot be read" in _error(c.get(gone["image_url"]), 404, "file_missing")
     finally:
         memory.rm("memory://cliplens-test", recursive=True)
+
+
+def test_object_store_photos_are_checked_by_content(tmp_path, settings, catalog_db, photos):
+    """An object-store photo gets the content checks of a file on disk: its Content-Type
+    is its content's, and what is no image in a served format is refused with a 415,
+    whatever its name says (a page named .png), by the image and the thumbnail routes."""
+    import fsspec
+
+    memory = fsspec.filesystem("memory")
+    base = "memory://cliplens-typed"
+    png = io.BytesIO()
+    Image.open(photos / "coffee.jpg").save(png, format="PNG")
+    page = b"<!doctype html><html><script>alert(document.cookie)</script></html>"
+    renamed = {"cat.jpg": ("planted.png", page), "coffee.jpg": ("coffee.jpg", png.getvalue())}
+
+    def uri(p) -> str:
+        name, data = renamed.get(Path(p).name, (Path(p).name, Path(p).read_bytes()))
+        memory.pipe(f"{base}/{name}", data)
+        return f"{base}/{name}"
+
+    index = built_index_from_catalog(tmp_path, catalog_db, settings.model, uri)
+    try:
+        with _app(settings, index=index) as c:
+            hits = c.get("/v1/search", params={"q": "a cat", "n": 7}).json()["results"]
+            by_name = {h["name"]: h for h in hits}
+            for url in (by_name["planted.png"]["image_url"], by_name["planted.png"]["thumb_url"]):
+                r = c.get(url)
+                assert "planted.png" in _error(r, 415, "not_an_image")
+                assert b"<script" not in r.content
+                assert r.headers["x-content-type-options"] == "nosniff"
+            r = c.get(by_name["coffee.jpg"]["image_url"])
+            assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+            assert r.content == png.getvalue()
+            thumb = c.get(by_name["coffee.jpg"]["thumb_url"], params={"size": 24})
+            assert max(Image.open(io.BytesIO(thumb.content)).size) == 24
+    finally:
+        memory.rm(base, recursive=True)
 
 
 def test_a_rebuilt_index_is_served_without_a_restart(tmp_path, settings, catalog_db, monkeypatch):

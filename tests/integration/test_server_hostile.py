@@ -32,15 +32,22 @@ SECRET = b"root:x:0:0:root:/root:/bin/bash\n"
 PAGE = b"<!doctype html><html><script>alert(document.cookie)</script></html>"
 
 
-def _refused(r, statuses: tuple[int, ...] = (404, 415)) -> dict:
-    """A refusal in the one JSON shape, revealing nothing of the file."""
-    assert r.status_code in statuses, (r.status_code, r.text)
-    assert r.headers["content-type"].startswith("application/json")
+def _shape(r, *case: str) -> dict:
+    """A 4xx in the one error shape: JSON {"error", "detail"}, one line, with nosniff."""
+    assert 400 <= r.status_code < 500, (*case, r.status_code, r.text[:200])
+    assert r.headers["content-type"].startswith("application/json"), case
     assert r.headers["x-content-type-options"] == "nosniff"
     body = r.json()
-    assert set(body) == {"error", "detail"} and body["detail"] and "\n" not in body["detail"]
-    assert b"root:" not in r.content and b"<script" not in r.content
+    assert set(body) == {"error", "detail"}, body
+    assert isinstance(body["detail"], str) and body["detail"] and "\n" not in body["detail"]
     return body
+
+
+def _refused(r, statuses: tuple[int, ...] = (404, 415)) -> dict:
+    """A refusal in the one error shape, revealing nothing of the file."""
+    assert r.status_code in statuses, (r.status_code, r.text)
+    assert b"root:" not in r.content and b"<script" not in r.content
+    return _shape(r)
 
 
 # ------------------------------------------------------------ a folder with planted files
@@ -116,17 +123,25 @@ def test_a_normal_photo_is_served_typed_by_content_with_nosniff(client, hostile_
     assert max(Image.open(io.BytesIO(thumb.content)).size) == 40
 
 
-@pytest.mark.parametrize(
-    "name", ["link-out.jpg", "link-in.jpg", "passwd.jpg", "page.png", "notes.jpg"]
-)
+def test_the_walk_records_what_was_planted_but_a_link_within_the_folder(hostile_db):
+    """A link to a file inside the indexed folders is not recorded: its target is, under
+    its own name (the only name the server would serve)."""
+    assert set(_ids(hostile_db)) == {
+        "cat.jpg",
+        "coffee.jpg",
+        "link-out.jpg",
+        "passwd.jpg",
+        "page.png",
+        "notes.jpg",
+    }
+
+
+@pytest.mark.parametrize("name", ["link-out.jpg", "passwd.jpg", "page.png", "notes.jpg"])
 def test_what_was_planted_in_an_indexed_folder_is_never_served(client, hostile_db, name):
-    """Indexed through the library: a link out of the folder, a link within it, a link to a
-    text file, a page named .png, a text file named .jpg: no route serves any of them."""
-    found = _ids(hostile_db)
-    if name not in found:  # not recorded (link-in.jpg: the walk takes cat.jpg's inode once)
-        assert "cat.jpg" in found
-        return
-    file_id, _ = found[name]
+    """Indexed through the library: a link out of the folder, a link to a text file, a
+    page named .png, a text file named .jpg: no route serves any of them (a link within
+    the folder is not recorded; as a row of its own it is refused: CASES below)."""
+    file_id, _ = _ids(hostile_db)[name]
     for route in ("images", "thumbs"):
         _refused(client.get(f"/v1/{route}/{file_id}"))
 
@@ -142,18 +157,18 @@ def test_failed_files_are_refused_by_their_status(client, hostile_db):
 
 # the checks on the file itself: rows marked 'ok' that point where no photo should be read
 # (a catalog edited by hand, a file replaced after indexing, a build-index folder)
-CASES = [
-    ("inside/link-out.jpg", 404, "not_served"),  # a link to a photo outside the folder
-    ("inside/link-in.jpg", 404, "not_served"),  # a link to a photo inside it
-    ("inside/passwd.jpg", 404, "not_served"),  # a link to a text file
-    ("linked-folder/cat.jpg", 404, "not_served"),  # a folder on the way is a link
-    ("inside/../inside/cat.jpg", 404, "not_served"),  # not its own real path
-    ("folder.jpg", 404, "not_served"),  # a directory
-    ("fifo.jpg", 404, "not_served"),  # a FIFO: refused at once, no wait for a writer
-    ("inside/page.png", 415, "not_an_image"),  # HTML, whatever the name says
-    ("inside/notes.jpg", 415, "not_an_image"),
-    ("bitmap.jpg", 415, "not_an_image"),  # XBM: text that Pillow calls an image
-    ("gone.jpg", 404, "file_missing"),
+CASES = [  # (name, status, kind, words of the detail)
+    ("inside/link-out.jpg", 404, "not_served", "symbolic link"),  # to a photo outside
+    ("inside/link-in.jpg", 404, "not_served", "symbolic link"),  # to a photo inside
+    ("inside/passwd.jpg", 404, "not_served", "symbolic link"),  # to a text file
+    ("linked-folder/cat.jpg", 404, "not_served", "symbolic link"),  # a folder on the way
+    ("inside/../inside/cat.jpg", 404, "not_served", "'..'"),  # not its own real path
+    ("folder.jpg", 404, "not_served", "not a regular file"),  # a directory
+    ("fifo.jpg", 404, "not_served", "not a regular file"),  # a FIFO: no wait for a writer
+    ("inside/page.png", 415, "not_an_image", "HTML"),  # whatever the name says
+    ("inside/notes.jpg", 415, "not_an_image", "served: JPEG"),
+    ("bitmap.jpg", 415, "not_an_image", "served: JPEG"),  # XBM: text Pillow calls an image
+    ("gone.jpg", 404, "file_missing", "no longer on disk"),
 ]
 
 
@@ -177,12 +192,12 @@ def ok_rows(planted, settings, tmp_path_factory):
         yield c, {n: rows[p].id for n, p in paths.items()}
 
 
-@pytest.mark.parametrize(("name", "status", "kind"), CASES)
-def test_the_file_itself_is_checked(ok_rows, name, status, kind):
+@pytest.mark.parametrize(("name", "status", "kind", "words"), CASES)
+def test_the_file_itself_is_checked(ok_rows, name, status, kind, words):
     client, ids = ok_rows
     for route in ("images", "thumbs"):
         body = _refused(client.get(f"/v1/{route}/{ids[name]}"), (status,))
-        assert body["error"] == kind, body
+        assert body["error"] == kind and words in body["detail"], body
 
 
 def test_the_content_type_comes_from_the_content(ok_rows, planted):
@@ -203,7 +218,7 @@ def test_a_built_index_gets_the_same_checks(tmp_path, planted, settings):
         index_folders(cat, ModelRef(settings.model), [tmp_path / "noise"], workers=0)
     root = planted["root"]
     targets = {str(root / "photos/cat.jpg"): (200, "")}
-    targets |= {_planted_path(root, name): (status, kind) for name, status, kind in CASES}
+    targets |= {_planted_path(root, name): (status, kind) for name, status, kind, _ in CASES}
     left = list(targets)
     index = built_index_from_catalog(tmp_path / "built", db, settings.model, lambda _: left.pop(0))
     built = open_built_index(index)
@@ -217,6 +232,81 @@ def test_a_built_index_gets_the_same_checks(tmp_path, planted, settings):
                     assert r.status_code == 200 and r.headers["content-type"] == "image/jpeg"
                 else:
                     assert _refused(r, (status,))["error"] == kind, (path, route)
+
+
+def _png_head(width: int, height: int) -> bytes:
+    """A PNG that says it is width x height (its pixels are not there: serving reads only
+    the header)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = zlib.crc32(kind + data)
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    idat = chunk(b"IDAT", zlib.compress(b"\0"))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + idat + chunk(b"IEND", b"")
+
+
+def test_the_megapixel_cap_is_the_servers(settings, tmp_path, monkeypatch):
+    """/v1/images judges an image's size by --max-megapixels alone: over it is a 413 (also
+    below Pillow's own limit), under it is served (also above twice Pillow's limit)."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # put back after
+    folder = tmp_path.resolve()
+    sizes = {"50mp.png": (8_000, 6_250), "180mp.png": (15_000, 12_000)}
+    for name, (w, h) in sizes.items():
+        (folder / name).write_bytes(_png_head(w, h))
+    db = folder / "catalog.db"
+    with Catalog(db) as cat:
+        with cat.transaction():
+            cat.upsert_files([(str(folder / n), 1, 1, None, "ok", None) for n in sizes])
+        ids = {Path(p).name: r.id for p, r in cat.files_under([folder]).items()}
+    with TestClient(create_app(replace(settings, db=db))) as c:  # the default 40 MP
+        for name in sizes:
+            body = _refused(c.get(f"/v1/images/{ids[name]}"), (413,))
+            assert body["error"] == "image_too_large" and "40 MP" in body["detail"], body
+    with TestClient(create_app(replace(settings, db=db, max_megapixels=200))) as c:
+        for name in sizes:
+            r = c.get(f"/v1/images/{ids[name]}")
+            assert r.status_code == 200 and r.headers["content-type"] == "image/png", r.text
+            assert r.content == (folder / name).read_bytes()
+
+
+def test_a_cached_thumbnail_is_checked_as_a_file_but_not_identified_again(
+    settings, tmp_path, photos, monkeypatch
+):
+    """A thumbnail hit was made from the very file (device, inode, size, mtime) that is
+    open now, so its content is not identified again; the checks of the file itself still
+    run on every request, and a replaced file is a new key."""
+    import cliplens.server.files as files
+
+    calls = []
+    real = files.identify
+    monkeypatch.setattr(files, "identify", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
+    folder = tmp_path.resolve()
+    photo = folder / "p.jpg"
+    photo.write_bytes((photos / "cat.jpg").read_bytes())
+    (folder / "other.jpg").write_bytes((photos / "coffee.jpg").read_bytes())
+    db = folder / "catalog.db"
+    with Catalog(db) as cat:
+        with cat.transaction():
+            cat.upsert_files([(str(photo), 1, 1, None, "ok", None)])
+        (row,) = cat.files_under([folder]).values()
+    url = f"/v1/thumbs/{row.id}?size=32"
+    with TestClient(create_app(replace(settings, db=db))) as c:
+        first = c.get(url)
+        assert first.status_code == 200 and len(calls) == 1, first.text
+        again = c.get(url)
+        assert again.status_code == 200 and again.content == first.content
+        assert len(calls) == 1  # a hit: not identified again
+        photo.unlink()
+        photo.symlink_to(folder / "other.jpg")  # the same path, now a link
+        assert _refused(c.get(url), (404,))["error"] == "not_served"
+        photo.unlink()
+        photo.write_bytes(PAGE)  # replaced: a new key, so identified again, and refused
+        assert _refused(c.get(url), (415,))["error"] == "not_an_image"
+        assert len(calls) == 2
 
 
 # ------------------------------------------------------------ tokens
@@ -352,7 +442,7 @@ def test_settings_that_cannot_work_are_usage_errors(
 )
 def test_settings_refuse_limits_that_are_not_finite_and_positive(field):
     for value in (math.nan, math.inf, 0.0, -1.0):
-        with pytest.raises(InvalidInputError, match="finite number above 0"):
+        with pytest.raises(InvalidInputError, match="a finite number > 0"):
             ServerSettings(**{field: value})
 
 
@@ -370,24 +460,37 @@ def test_a_port_in_use_is_one_line(capsys, no_serving, hostile_db, tiny_model_di
 
 J = {"content-type": "application/json"}
 M = {"content-type": "multipart/form-data; boundary=xyz"}
+UNPARSABLE = (400, "invalid_body")  # the body cannot be read as JSON or as a form at all
+OFF_SCHEMA = (422, "invalid_request")  # it can, but it does not fit the route's schema
+# each body, with the answer it gets
 JSON_BODIES = {
-    "not UTF-8": b'{"terms": [{"text": "\xff\xfe"}]}',
-    "100,000 deep": b"[" * 100_000 + b"]" * 100_000,
-    "100,000 deep in a field": b'{"terms": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
-    "5,000-digit integer": b'{"terms": [{"text": "a"}], "n": ' + b"9" * 5000 + b"}",
-    "4,000-digit integer": b'{"terms": [{"text": "a"}], "n": ' + b"9" * 4000 + b"}",
-    "cut short": b'{"terms": [',
-    "not an object": b"[1, 2]",
-    "weight 1e400": b'{"terms": [{"text": "a", "weight": 1e400}]}',
-    "weight NaN": b'{"terms": [{"text": "a", "weight": NaN}]}',
-    "weight -Infinity": b'{"terms": [{"text": "a", "weight": -Infinity}]}',
-    "weight of 400 digits": b'{"terms": [{"text": "a", "weight": ' + b"1" * 400 + b"}]}",
-    "id of 400 digits": b'{"terms": [{"id": ' + b"1" * 400 + b"}]}",
+    "not UTF-8": (b'{"terms": [{"text": "\xff\xfe"}]}', UNPARSABLE),
+    "100,000 deep": (b"[" * 100_000 + b"]" * 100_000, UNPARSABLE),
+    "100,000 deep in a field": (
+        b'{"terms": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+        UNPARSABLE,
+    ),
+    # past Python's 4,300-digit limit on int(str): unparsable; below it, only out of range
+    "5,000-digit integer": (b'{"terms": [{"text": "a"}], "n": ' + b"9" * 5000 + b"}", UNPARSABLE),
+    "4,000-digit integer": (b'{"terms": [{"text": "a"}], "n": ' + b"9" * 4000 + b"}", OFF_SCHEMA),
+    "cut short": (b'{"terms": [', OFF_SCHEMA),  # FastAPI's own JSON error: a 422
+    "no body": (b"", OFF_SCHEMA),
+    "not an object": (b"[1, 2]", OFF_SCHEMA),
+    "weight 1e400": (b'{"terms": [{"text": "a", "weight": 1e400}]}', OFF_SCHEMA),
+    "weight NaN": (b'{"terms": [{"text": "a", "weight": NaN}]}', OFF_SCHEMA),
+    "weight -Infinity": (b'{"terms": [{"text": "a", "weight": -Infinity}]}', OFF_SCHEMA),
+    "weight of 400 digits": (
+        b'{"terms": [{"text": "a", "weight": ' + b"1" * 400 + b"}]}",
+        OFF_SCHEMA,
+    ),
+    "id of 400 digits": (b'{"terms": [{"id": ' + b"1" * 400 + b"}]}", OFF_SCHEMA),
 }
+# None: whatever the route answers when its fields are missing (the schema's 422 where one
+# is required, else the route's own 400)
 FORM_BODIES = {
-    "no boundary": ({"content-type": "multipart/form-data"}, b"--xyz\r\n\r\n"),
-    "bad part header": (M, b"--xyz\r\nbogus\r\n\r\nabc\r\n--xyz--\r\n"),
-    "cut short": (M, b'--xyz\r\nContent-Disposition: form-data; name="texts"\r\n\r\nab'),
+    "no boundary": ({"content-type": "multipart/form-data"}, b"--xyz\r\n\r\n", UNPARSABLE),
+    "bad part header": (M, b"--xyz\r\nbogus\r\n\r\nabc\r\n--xyz--\r\n", UNPARSABLE),
+    "cut short": (M, b'--xyz\r\nContent-Disposition: form-data; name="texts"\r\n\r\nab', None),
     "5,000 fields": (
         M,
         b"".join(
@@ -395,17 +498,10 @@ FORM_BODIES = {
             for i in range(5000)
         )
         + b"--xyz--\r\n",
+        UNPARSABLE,
     ),
-    "JSON instead": (J, b'{"texts": ["a"]}'),
+    "JSON instead": (J, b'{"texts": ["a"]}', None),
 }
-
-
-def _shape(r, *case: str) -> None:
-    assert 400 <= r.status_code < 500, (*case, r.status_code, r.text[:200])
-    assert r.headers["x-content-type-options"] == "nosniff"
-    body = r.json()
-    assert set(body) == {"error", "detail"}, body
-    assert isinstance(body["detail"], str) and body["detail"] and "\n" not in body["detail"]
 
 
 def _routes(app, content_type: str) -> list[str]:
@@ -417,22 +513,34 @@ def _routes(app, content_type: str) -> list[str]:
     ]
 
 
-def test_bad_json_bodies_get_the_error_shape(client):
+def _requires_a_field(app, route: str) -> bool:
+    """Whether the route's form has a required field (the schema then refuses an empty
+    form with a 422; /v1/embed, all optional, refuses it itself)."""
+    spec = app.openapi()
+    body = spec["paths"][route]["post"]["requestBody"]["content"]["multipart/form-data"]
+    ref = body["schema"]["$ref"].rsplit("/", 1)[1]
+    return bool(spec["components"]["schemas"][ref].get("required"))
+
+
+def test_bad_json_bodies_get_their_status_and_kind(client):
     routes = _routes(client.app, "application/json")
     assert "/v1/search" in routes
     for route in routes:
-        for what, body in JSON_BODIES.items():
+        for what, (body, (status, kind)) in JSON_BODIES.items():
             r = client.post(route, content=body, headers=J)
-            _shape(r, route, what)
-            assert r.status_code in (400, 422), (route, what, r.text[:200])
+            got = _shape(r, route, what)
+            assert (r.status_code, got["error"]) == (status, kind), (route, what, got)
 
 
-def test_bad_form_bodies_get_the_error_shape(client):
+def test_bad_form_bodies_get_their_status_and_kind(client):
     routes = _routes(client.app, "multipart/form-data")
     assert len(routes) >= 6 and "/v1/embed" in routes
     for route in routes:
-        for what, (headers, body) in FORM_BODIES.items():
-            _shape(client.post(route, content=body, headers=headers), route, what)
+        missing = OFF_SCHEMA if _requires_a_field(client.app, route) else (400, "invalid_input")
+        for what, (headers, body, expected) in FORM_BODIES.items():
+            r = client.post(route, content=body, headers=headers)
+            got = _shape(r, route, what)
+            assert (r.status_code, got["error"]) == (expected or missing), (route, what, got)
 
 
 @pytest.mark.parametrize(

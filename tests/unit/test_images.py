@@ -528,3 +528,25 @@ def test_walk_missing_root_raises(tmp_path: Path) -> None:
     with pytest.raises(ImageNotFoundError) as info:
         next(walker)
     assert str(tmp_path / "nope") in str(info.value)
+
+
+def test_open_files_decode_as_their_paths_and_stay_open(tmp_path: Path) -> None:
+    jpg = tmp_path / "a.jpg"
+    _halves((640, 480)).save(jpg, quality=90)
+    by_path = np.asarray(open_image(jpg, min_size=100))
+    with jpg.open("rb") as f:
+        f.read(7)  # wherever the caller left it: read from the start
+        by_file = np.asarray(open_image(f, min_size=100, label="photo 1"))
+        assert not f.closed
+        with pytest.raises(ImageTooLargeError, match="photo 1"):
+            open_image(f, max_megapixels=0.1, label="photo 1")
+        assert not f.closed  # a refusal leaves the caller's file open too
+        assert images.identify(f, "photo 1", ["PNG", "JPEG"]) == "JPEG"
+        assert f.tell() == 0
+        with pytest.raises(NotAnImageError):
+            images.identify(f, "photo 1", ["PNG"])
+    np.testing.assert_array_equal(by_file, by_path)  # draft decode included
+    by_bytes = images.open_image_bytes(jpg.read_bytes(), "upload", min_size=100)
+    np.testing.assert_array_equal(np.asarray(by_bytes), by_path)
+    with pytest.raises(EmptyImageError, match="upload"):
+        images.open_image_bytes(b"", "upload")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -9,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cliplens.train.data import DataError, read_pairs
+from cliplens.train.data import DataError, read_labelled_pairs, read_pairs
 from cliplens.train.loss import clip_loss, siglip_loss
 
 
@@ -70,6 +71,34 @@ def test_readers_for_jsonl_csv_and_caption_folders(tmp_path):
     (tmp_path / "img" / "a.txt").write_text("sidecar caption\n")
     (tmp_path / "img" / "b.txt").write_text("second\n")
     assert [p.caption for p in read_pairs(tmp_path / "img")] == ["sidecar caption", "second"]
+
+
+def test_labelled_pairs_are_read_once_whatever_the_captions_hold(tmp_path):
+    """U+2028 (and the other breaks str.splitlines knows) inside a caption is text, not a
+    row break: the labels line up with the rows read_pairs gives."""
+    write_image(tmp_path / "a.png")
+    rows = [
+        {"image": "a.png", "caption": "line\u2028separated", "label": " cat "},
+        {"image": "a.png", "caption": "form\x0cfeed and \x85 next line"},
+        {"image": "a.png", "caption": "para\u2029graph", "label": 7},
+        {"image": "a.png", "caption": "plain", "label": "dog"},
+    ]
+    path = tmp_path / "labelled.jsonl"
+    # ensure_ascii=False: the separators are written as themselves, not as \u escapes
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), "utf-8")
+    got = read_labelled_pairs(path)
+    assert [p for p, _ in got] == read_pairs(path)
+    assert [(p.caption, label) for p, label in got] == [
+        ("line\u2028separated", "cat"),
+        ("form\x0cfeed and \x85 next line", ""),
+        ("para\u2029graph", ""),
+        ("plain", "dog"),
+    ]
+    path.write_text('{"image": "a.png", "caption": "x", "label": "cat"}\n{"image": "a.png"\n')
+    with pytest.raises(DataError, match="row 2: not valid JSON"):
+        read_labelled_pairs(path)
+    with pytest.raises(DataError, match="no such file"):
+        read_labelled_pairs(tmp_path / "missing.jsonl")
 
 
 @pytest.mark.parametrize(

@@ -8,12 +8,14 @@ from typing import Annotated
 import typer
 
 from cliplens.cli.common import (
-    MAX_BATCH,
     MAX_COUNT,
+    BatchSizeOpt,
     DbOpt,
     DefaultCommandGroup,
     DeviceOpt,
     EpochsOpt,
+    FiniteFloat,
+    LrOpt,
     MaxMinutesOpt,
     MegapixelsOpt,
     ModelOpt,
@@ -21,14 +23,22 @@ from cliplens.cli.common import (
     SeedOpt,
     collect_images,
     embed_paths,
-    finite,
     out_file,
     out_folder,
     read_catalog,
 )
 from cliplens.cli.output import Format, info, print_csv, print_json, print_table, show_progress
 from cliplens.cli.output import warn as warn_message
-from cliplens.tasks.limits import MAX_LR, MAX_TRAIN_STEPS
+from cliplens.tasks.limits import (
+    MAX_CAPTION_TOKENS,
+    MAX_LM_LAYERS,
+    MAX_LM_WIDTH,
+    MAX_LR,
+    MAX_MAPPER_LAYERS,
+    MAX_PREFIX_LENGTH,
+    MAX_TRAIN_STEPS,
+    MIN_LM_WIDTH,
+)
 
 app = typer.Typer(
     cls=DefaultCommandGroup,
@@ -47,7 +57,7 @@ TopPOpt = Annotated[
     typer.Option(
         "--top-p",
         help="Nucleus sampling with this top-p (seeded).",
-        click_type=finite(0, 1, min_open=True),
+        click_type=FiniteFloat(0, 1, min_open=True),
     ),
 ]
 RerankOpt = Annotated[
@@ -62,7 +72,7 @@ RerankOpt = Annotated[
 ]
 MaxTokensOpt = Annotated[
     int | None,
-    typer.Option("--max-tokens", help="Longest caption in tokens.", min=1, max=1024),
+    typer.Option("--max-tokens", help="Longest caption in tokens.", min=1, max=MAX_CAPTION_TOKENS),
 ]
 
 
@@ -100,7 +110,7 @@ def caption_command(
     temperature: Annotated[
         float,
         typer.Option(
-            "--temperature", help="With --top-p.", click_type=finite(0, 100, min_open=True)
+            "--temperature", help="With --top-p.", click_type=FiniteFloat(0, 100, min_open=True)
         ),
     ] = 1.0,
     max_tokens: MaxTokensOpt = None,
@@ -111,9 +121,7 @@ def caption_command(
     device: DeviceOpt = None,
     precision: PrecisionOpt = None,
     db: DbOpt = None,
-    batch_size: Annotated[
-        int, typer.Option("--batch-size", "-b", help="Captions per batch.", min=1, max=MAX_BATCH)
-    ] = 32,
+    batch_size: BatchSizeOpt = 32,
     max_megapixels: MegapixelsOpt = None,
 ) -> None:
     """Caption images: greedy by default, --beam N, --top-p P sampling, or --rerank N."""
@@ -181,41 +189,40 @@ def train_command(
         Path | None, typer.Option("--val", help="Pairs for validation loss and metrics.")
     ] = None,
     epochs: EpochsOpt = 10,
-    batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, max=MAX_BATCH)] = 32,
-    lr: Annotated[
-        float,
-        typer.Option(
-            "--lr",
-            help="The mapper's learning rate.",
-            click_type=finite(0, MAX_LR, min_open=True),
-        ),
-    ] = 1e-3,
+    batch_size: BatchSizeOpt = 32,
+    lr: LrOpt = 1e-3,
     lm_lr: Annotated[
         float | None,
         typer.Option(
             "--lm-lr",
-            help="The LM's (default: --lr from scratch, --lr/20 else).",
-            click_type=finite(0, MAX_LR, min_open=True),
+            help="The LM's learning rate (default: --lr, the mapper's, for an LM from "
+            "scratch; --lr/20 for a pretrained one).",
+            click_type=FiniteFloat(0, MAX_LR, min_open=True),
         ),
     ] = None,
-    prefix_length: Annotated[int, typer.Option("--prefix-length", min=1, max=512)] = 10,
+    prefix_length: Annotated[
+        int, typer.Option("--prefix-length", min=1, max=MAX_PREFIX_LENGTH)
+    ] = 10,
     word_dropout: Annotated[
         float,
         typer.Option(
             "--word-dropout",
             help="Share of input words hidden from the LM.",
-            click_type=finite(0, 1, max_open=True),
+            click_type=FiniteFloat(0, 1, max_open=True),
         ),
     ] = 0.0,
     mapper_layers: Annotated[
-        int, typer.Option("--mapper-layers", help="Transformer mapper depth.", min=1, max=64)
+        int,
+        typer.Option(
+            "--mapper-layers", help="Transformer mapper depth.", min=1, max=MAX_MAPPER_LAYERS
+        ),
     ] = 8,
     lm_layers: Annotated[
-        int, typer.Option("--lm-layers", help="scratch:gpt2 depth.", min=1, max=64)
+        int, typer.Option("--lm-layers", help="scratch:gpt2 depth.", min=1, max=MAX_LM_LAYERS)
     ] = 4,
     lm_width: Annotated[
         int,
-        typer.Option("--lm-width", help="scratch:gpt2 width.", min=8, max=8192),
+        typer.Option("--lm-width", help="scratch:gpt2 width.", min=MIN_LM_WIDTH, max=MAX_LM_WIDTH),
     ] = 256,
     max_minutes: MaxMinutesOpt = None,
     max_steps: Annotated[

@@ -11,12 +11,12 @@ from cliplens.cli.common import (
     MAX_TOP_K,
     BatchOpt,
     DeviceOpt,
+    FiniteFloat,
     MegapixelsOpt,
     ModelOpt,
     PrecisionOpt,
     TemplatesOpt,
     collect_images,
-    finite,
 )
 from cliplens.cli.output import (
     Format,
@@ -60,7 +60,7 @@ def classify_command(
             "--threshold",
             help="Multi-label cut-off: a cosine, or a probability for sigmoid models "
             "(default: per model).",
-            click_type=finite(-1, 1),
+            click_type=FiniteFloat(-1, 1),
         ),
     ] = None,
     fmt: Annotated[Format, typer.Option("--format", "-f", help="Output format.")] = Format.table,

@@ -3,10 +3,8 @@ paths before any work starts, and turning PATHS arguments into image files."""
 
 from __future__ import annotations
 
-import errno
 import math
 import os
-import tempfile
 from collections.abc import Collection
 from pathlib import Path
 from typing import Annotated, Any
@@ -49,30 +47,20 @@ class FiniteFloat(FloatRange):
         return self._describe_range() if (self.min, self.max) != (None, None) else "-inf<x<inf"
 
 
-def finite(
-    min: float | None = None,
-    max: float | None = None,
-    *,
-    min_open: bool = False,
-    max_open: bool = False,
-) -> FiniteFloat:
-    """The click type of a float option: finite and in [min, max] (open ends refused)."""
-    return FiniteFloat(min, max, min_open=min_open, max_open=max_open)
-
-
 SeedOpt = Annotated[
     int, typer.Option("--seed", min=0, max=MAX_SEED, help="Seed of the random draws.")
 ]
 EpochsOpt = Annotated[int, typer.Option("--epochs", min=1, max=MAX_EPOCHS)]
 LrOpt = Annotated[
-    float, typer.Option("--lr", help="Learning rate.", click_type=finite(0, MAX_LR, min_open=True))
+    float,
+    typer.Option("--lr", help="Learning rate.", click_type=FiniteFloat(0, MAX_LR, min_open=True)),
 ]
 MaxMinutesOpt = Annotated[
     float | None,
     typer.Option(
         "--max-minutes",
         help="Stop (checkpoint and save) after this long.",
-        click_type=finite(0, MAX_MINUTES, min_open=True),
+        click_type=FiniteFloat(0, MAX_MINUTES, min_open=True),
     ),
 ]
 
@@ -97,12 +85,18 @@ BatchOpt = Annotated[
     int | None,
     typer.Option("--batch-size", "-b", help="Images per batch.", min=1, max=MAX_BATCH),
 ]
+BatchSizeOpt = Annotated[  # BatchOpt with a default of the command's own
+    int,
+    typer.Option(
+        "--batch-size", "-b", help="Images per batch (pairs, in training).", min=1, max=MAX_BATCH
+    ),
+]
 MegapixelsOpt = Annotated[
     float | None,
     typer.Option(
         "--max-megapixels",
         help="Skip images larger than this (decompression-bomb guard).",
-        click_type=finite(0, MAX_MEGAPIXELS, min_open=True),
+        click_type=FiniteFloat(0, MAX_MEGAPIXELS, min_open=True),
     ),
 ]
 
@@ -111,7 +105,8 @@ MegapixelsOpt = Annotated[
 
 def collect_images(paths: list[Path]) -> tuple[list[Path], list[ImageError]]:
     """Files as given and image files under folders; a missing path, a symlink loop or an
-    unreadable path is a failure of that path, not of the run."""
+    unreadable path is a failure of that path (`iter_image_files` raises ImageNotFoundError
+    for it), not of the run."""
     from cliplens.images import iter_image_files
 
     files: dict[Path, None] = {}  # ordered, each file once
@@ -125,17 +120,8 @@ def collect_images(paths: list[Path]) -> tuple[list[Path], list[ImageError]]:
         except ImageError as e:
             missing.append(e)
             continue
-        except OSError as e:  # e.g. a link to itself (ELOOP), a folder denied to us
-            missing.append(ImageNotFoundError(str(path), _os_reason(e)))
-            continue
         files.update(dict.fromkeys(found))
     return list(files), missing
-
-
-def _os_reason(e: OSError) -> str:
-    if e.errno == errno.ELOOP:
-        return "symbolic link loop (the link points back at itself)"
-    return (e.strerror or type(e).__name__).lower()
 
 
 # ------------------------------------------------------------------ output paths
@@ -152,12 +138,14 @@ def _nearest_existing(path: Path) -> Path:
 def _unwritable(folder: Path) -> str | None:
     """Why nothing can be created in `folder`, or None: os.access, then a real attempt (for
     root os.access says yes whatever the mode, and some places refuse only when tried)."""
+    import tempfile  # here, not at the top: every `cliplens` run imports this module
+
     if not os.access(folder, os.W_OK | os.X_OK):
         return "permission denied"
     try:
         Path(tempfile.mkdtemp(prefix=".cliplens-write-check-", dir=folder)).rmdir()
     except OSError as e:
-        return _os_reason(e)
+        return (e.strerror or type(e).__name__).lower()
     return None
 
 
@@ -177,7 +165,7 @@ def _folder_problem(path: Path) -> str | None:
     return f"cannot write in {anchor} ({reason})" if reason else None
 
 
-def out_folder(path: Path, what: str) -> Path:
+def out_folder(path: Path, what: str) -> None:
     """Refuse, before any work, an output folder that cannot be made or written: an existing
     file, a path under a file, a broken link, a read-only place. Nothing is created."""
     problem = _folder_problem(path)
@@ -185,10 +173,9 @@ def out_folder(path: Path, what: str) -> Path:
         raise InvalidInputError(
             f"{what} {path}: {problem}; give a folder you can write to (made if missing)"
         )
-    return path
 
 
-def out_file(path: Path, what: str, suffixes: Collection[str] = ()) -> Path:
+def out_file(path: Path, what: str, suffixes: Collection[str] = ()) -> None:
     """Refuse, before any work, an output file that cannot be written: an existing folder, a
     name without one of `suffixes`, a parent that cannot be made or written."""
     if path.is_dir():
@@ -205,7 +192,6 @@ def out_file(path: Path, what: str, suffixes: Collection[str] = ()) -> Path:
         raise InvalidInputError(
             f"{what} {path}: {problem}; give a file in a folder you can write to"
         )
-    return path
 
 
 TemplatesOpt = Annotated[

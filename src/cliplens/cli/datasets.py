@@ -9,9 +9,10 @@ import typer
 
 from cliplens.cli.common import SeedOpt, out_folder
 from cliplens.cli.output import info
+from cliplens.tasks.limits import DISTORTION_LEVELS, MAX_SHAPE_SIZE, MIN_SHAPE_SIZE
 
 MAX_SHAPES = 10_000_000  # images
-MAX_SHAPE_SIZE = 1024  # pixels a side: the shapes are drawn for small CLIPs
+LEVELS = f"{DISTORTION_LEVELS[0]}-{DISTORTION_LEVELS[-1]}"
 
 app = typer.Typer(help="Write small datasets for demos, tests and docs.", no_args_is_help=True)
 
@@ -29,7 +30,9 @@ def photos(out_dir: Annotated[Path, typer.Argument(help="Folder to write into.")
 @app.command("distortions")
 def distortions(
     out_dir: Annotated[Path, typer.Argument(help="Folder to write into (one subfolder per type).")],
-    levels: Annotated[str, typer.Option("--levels", help="Severities 1-5, comma-separated.")] = "3",
+    levels: Annotated[
+        str, typer.Option("--levels", help=f"Severities {LEVELS}, comma-separated.")
+    ] = "3",
 ) -> None:
     """The demo photos' tiles under each distortion type: data for 'cliplens quality train'."""
     import tempfile
@@ -41,10 +44,12 @@ def distortions(
     try:
         chosen = tuple(int(x) for x in levels.split(","))
     except ValueError:
-        raise InvalidInputError(f"--levels {levels}: write numbers 1-5, e.g. 2,4") from None
-    bad = [x for x in chosen if not 1 <= x <= 5]
-    if bad:  # before anything is written
-        raise InvalidInputError(f"--levels {levels}: distortion level {bad[0]} must be 1..5")
+        raise InvalidInputError(f"--levels {levels}: write numbers {LEVELS}, e.g. 2,4") from None
+    bad = [x for x in chosen if x not in DISTORTION_LEVELS]
+    # here, though write_distortions checks them too: before the photos are written, and
+    # in the words of the command line
+    if bad:
+        raise InvalidInputError(f"--levels {levels}: distortion level {bad[0]} must be {LEVELS}")
     out_folder(out_dir, "folder")
     with tempfile.TemporaryDirectory() as tmp:
         written = write_distortions(out_dir, write_photos(tmp), levels=chosen)
@@ -60,7 +65,10 @@ def shapes(
     ] = 20000,
     seed: SeedOpt = 0,
     size: Annotated[
-        int, typer.Option("--size", help="Image side in pixels.", min=16, max=MAX_SHAPE_SIZE)
+        int,
+        typer.Option(
+            "--size", help="Image side in pixels.", min=MIN_SHAPE_SIZE, max=MAX_SHAPE_SIZE
+        ),
     ] = 64,
 ) -> None:
     """Captioned coloured shapes, with a held-out split of unseen (shape, colour) pairs."""

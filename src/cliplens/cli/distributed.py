@@ -8,13 +8,13 @@ from typing import Annotated
 import typer
 
 from cliplens.cli.common import (
-    MAX_BATCH,
     MAX_COUNT,
+    BatchSizeOpt,
     DbOpt,
+    FiniteFloat,
     MegapixelsOpt,
     ModelOpt,
     PrecisionOpt,
-    finite,
     out_folder,
 )
 from cliplens.cli.output import Format, info, print_json, print_table, show_progress, warn
@@ -39,7 +39,7 @@ def embed_dataset_command(
     shard_size: Annotated[
         int, typer.Option("--shard-size", help="Files per shard.", min=1, max=MAX_SHARD_SIZE)
     ] = 10_000,
-    batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, max=MAX_BATCH)] = 64,
+    batch_size: BatchSizeOpt = 64,
     actors: Annotated[
         int,
         typer.Option(
@@ -122,7 +122,7 @@ def build_index_command(
             "--checkpoint-minutes",
             help="Save the index being built this often, to resume after a kill "
             "(0: only after training and at the end).",
-            click_type=finite(0, MAX_MINUTES),
+            click_type=FiniteFloat(0, MAX_MINUTES),
         ),
     ] = 5.0,
     update: Annotated[
@@ -138,10 +138,7 @@ def build_index_command(
     """Build a faiss index sized to the shards; report recall@10, latency and size. An
     interrupted build resumes: run the same command again."""
     from cliplens.distributed.index import build_index, update_index
-    from cliplens.errors import InvalidInputError
 
-    if checkpoint_minutes < 0:
-        raise InvalidInputError("--checkpoint-minutes must be >= 0")
     out_folder(out, "--out")
     if update:
         report, added, before = update_index(shards, out, queries, progress=show_progress())

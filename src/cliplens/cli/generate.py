@@ -8,10 +8,10 @@ from typing import Annotated
 import numpy as np
 import typer
 
-from cliplens.cli.common import ModelOpt, SeedOpt, finite, out_file, out_folder
+from cliplens.cli.common import FiniteFloat, ModelOpt, SeedOpt, out_file, out_folder
 from cliplens.cli.output import info
 from cliplens.errors import InvalidInputError
-from cliplens.tasks.limits import MAX_CUTOUTS, MAX_SIZE, MAX_STEPS, MIN_SIZE
+from cliplens.tasks.limits import MAX_CUTOUTS, MAX_LR, MAX_SIZE, MAX_STEPS, MIN_SIZE
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
@@ -41,7 +41,7 @@ def generate_command(
         typer.Option(
             "--lr",
             help="Adam's step size. [default: 0.05; 0.1 with a VQGAN]",
-            click_type=finite(0, 10, min_open=True),
+            click_type=FiniteFloat(0, MAX_LR, min_open=True),
         ),
     ] = None,
     seed: SeedOpt = 0,
@@ -50,7 +50,7 @@ def generate_command(
         typer.Option(
             "--tv",
             help="Weight of a smoothness (total-variation) penalty.",
-            click_type=finite(0, 1000),
+            click_type=FiniteFloat(0, 1000),
         ),
     ] = 0.0,
     out: Annotated[
@@ -104,8 +104,6 @@ def generate_command(
         prompts.append(Prompt(negative.strip(), -1.0))
     if image_prompt:
         prompts.append(Prompt(None, 1.0, image_prompt))
-    if steps < 1 or cutouts < 1:
-        raise InvalidInputError("--steps and --cutouts must be at least 1")
     # every path the work ends in is checked before the work, not after
     out_file(out, "--out", IMAGE_SUFFIXES)
     if animation:
@@ -113,8 +111,9 @@ def generate_command(
         out_file(animation, "--animation", (".gif", ".mp4"))
     if animation and not save_every:
         save_every = max(1, steps // 50)
+    frames_dir = out.with_name(f"{out.stem}_frames")
     if save_every:
-        out_folder(out.with_name(f"{out.stem}_frames"), "frames folder")
+        out_folder(frames_dir, "frames folder")
     if (vqgan_config is None) != (vqgan_checkpoint is None):
         raise InvalidInputError("give both --vqgan-config and --vqgan-checkpoint, or neither")
     if vqgan_config and vqgan_checkpoint:
@@ -126,8 +125,6 @@ def generate_command(
         generator = FourierImage(size, seed)
     if lr is None:
         lr = 0.1 if vqgan_config else 0.05  # VQGAN-CLIP's step; the Fourier image's
-    if tv < 0:
-        raise InvalidInputError(f"--tv {tv}: use a weight >= 0")
     cfg = GenerateConfig(size=size, steps=steps, lr=lr, cutouts=cutouts, seed=seed,
                          save_every=save_every, tv=tv)  # fmt: skip
     if init_image:
@@ -146,7 +143,6 @@ def generate_command(
     out.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(result.image).save(out)
     if result.frames:
-        frames_dir = out.with_name(f"{out.stem}_frames")
         frames_dir.mkdir(exist_ok=True)
         for i, frame in enumerate(result.frames, 1):
             Image.fromarray(frame).save(frames_dir / f"{i * save_every:05d}.png")

@@ -7,6 +7,7 @@ import os
 import sys
 
 import typer
+from typer._click.exceptions import ClickException, NoArgsIsHelpError
 
 from cliplens.cli import (
     caption,
@@ -65,30 +66,11 @@ def _root(
         raise typer.Exit()
 
 
-def _click_exceptions() -> tuple[type[Exception], ...]:
-    """Click's exception base, from Typer's own copy of click (typer >= 0.26 vendors it as
-    typer._click) and from click itself where a command raises that."""
-    classes: list[type[Exception]] = []
-    try:
-        from typer._click.exceptions import ClickException as Vendored
-
-        classes.append(Vendored)
-    except ImportError:
-        pass
-    try:
-        from click import ClickException
-
-        classes.append(ClickException)
-    except ImportError:
-        pass
-    return tuple(classes)
-
-
-def _usage_line(e: Exception) -> str:
+def _usage_line(e: ClickException) -> str:
     """A click usage error as one line: the message, then where to look for help."""
-    message = " ".join(e.format_message().split())  # type: ignore[attr-defined]
+    message = " ".join(e.format_message().split())
     ctx = getattr(e, "ctx", None)
-    if ctx is not None and getattr(e, "exit_code", 1) == 2:
+    if ctx is not None and e.exit_code == 2:
         message += f" (see '{ctx.command_path} --help')"
     return message
 
@@ -121,13 +103,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except NoArgsIsHelpError as e:  # a bare group: its help is the answer
+        e.show()
+        return 2
+    except ClickException as e:  # typer's own click: usage errors
+        print(f"error: {readable(_usage_line(e))}", file=sys.stderr)
+        return e.exit_code
     except Exception as e:
-        if isinstance(e, _click_exceptions()):
-            if type(e).__name__ == "NoArgsIsHelpError":  # a bare group: its help is the answer
-                e.show()  # type: ignore[attr-defined]
-                return 2
-            print(f"error: {readable(_usage_line(e))}", file=sys.stderr)
-            return int(getattr(e, "exit_code", 1))
         if os.environ.get("CLIPLENS_DEBUG"):
             raise
         detail = readable(" ".join(f"{type(e).__name__}: {e}".split()))

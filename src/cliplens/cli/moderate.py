@@ -12,12 +12,12 @@ from cliplens.cli.common import (
     DbOpt,
     DefaultCommandGroup,
     DeviceOpt,
+    FiniteFloat,
     MegapixelsOpt,
     ModelOpt,
     PrecisionOpt,
     collect_images,
     embed_paths,
-    finite,
     out_file,
     out_folder,
 )
@@ -133,10 +133,10 @@ def calibrate_command(
     policy: PolicyOpt = "default",
     target_precision: Annotated[
         float | None,
-        typer.Option("--target-precision", click_type=finite(0, 1, min_open=True)),
+        typer.Option("--target-precision", click_type=FiniteFloat(0, 1, min_open=True)),
     ] = None,
     target_recall: Annotated[
-        float | None, typer.Option("--target-recall", click_type=finite(0, 1, min_open=True))
+        float | None, typer.Option("--target-recall", click_type=FiniteFloat(0, 1, min_open=True))
     ] = None,
     fmt: Annotated[Format, typer.Option("--format", "-f")] = Format.table,
     model: ModelOpt = None,
@@ -150,10 +150,6 @@ def calibrate_command(
 
     from cliplens.tasks.moderate import calibrate
 
-    for name, value in (("--target-precision", target_precision),
-                        ("--target-recall", target_recall)):  # fmt: skip
-        if value is not None and not 0 < value <= 1:
-            raise InvalidInputError(f"{name} {value} must be in (0, 1]")
     out_file(out, "--out")
     pol, ref, moderator = _moderator(policy, model, device, precision)
     pos, neg, categories = _labelled(positive, negative, ref, db, max_megapixels)
@@ -194,7 +190,7 @@ def train_head_command(
         typer.Option(
             "--threshold",
             help="Head probability that flags.",
-            click_type=finite(0, 1, min_open=True, max_open=True),
+            click_type=FiniteFloat(0, 1, min_open=True, max_open=True),
         ),
     ] = 0.5,
     category: Annotated[
@@ -213,17 +209,16 @@ def train_head_command(
     from cliplens.tasks.moderate import train_head
     from cliplens.tasks.policy import Head, load_policy
 
-    if not 0 < threshold < 1:
-        raise InvalidInputError(f"--threshold {threshold} must be in (0, 1)")
     out_file(out, "--out")
-    out_file(out.with_suffix(".head.npz"), "the head file beside --out")
+    head_path = out.with_suffix(".head.npz")
+    out_file(head_path, "the head file beside --out")
     from cliplens.models.ref import ModelRef
 
     pol = load_policy(policy)
     ref = ModelRef(model, device=device, precision=precision)
     pos, neg, _ = _labelled(positive, negative, ref, db, max_megapixels)
     head = train_head(pos.vectors, neg.vectors, ref.info.model_id)
-    head_file = head.save(out.with_suffix(".head.npz"))
+    head_file = head.save(head_path)
     new = replace(pol, head=Head(head_file.resolve(), threshold, category), model=ref.info.name)
     new.save(out)
     m = head.metrics

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import sys
 from collections.abc import Sequence
 from enum import Enum
@@ -53,16 +52,10 @@ def print_csv(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
 
 
 def print_paths(paths: Sequence[str]) -> None:
-    """One path a line, as the file system names them (undecodable bytes as themselves)."""
-    out = sys.stdout.buffer if hasattr(sys.stdout, "buffer") else None
-    if out is None:
-        for path in paths:
-            print(readable(path))
-        return
-    sys.stdout.flush()
+    """One path a line, as the file system names them: the CLI's stdout writes
+    undecodable bytes as themselves (surrogateescape, set in cli.main)."""
     for path in paths:
-        out.write(os.fsencode(path) + b"\n")
-    out.flush()
+        print(path)
 
 
 def print_table(

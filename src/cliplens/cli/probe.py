@@ -91,8 +91,6 @@ def predict_command(
     from cliplens.models.ref import ModelRef
     from cliplens.train.probe import LinearProbe
 
-    if top_k < 1:
-        raise InvalidInputError(f"--top-k {top_k} must be at least 1")
     probe = LinearProbe.load(head)
     ref = ModelRef(model, device=device, precision=precision)
     if probe.model_id == ref.info.model_id:
@@ -163,10 +161,8 @@ def kshot_command(
         ks = sorted({int(s) for s in shots.split(",") if s.strip()})
     except ValueError:
         raise InvalidInputError(f"--shots {shots}: comma-separated integers, e.g. 1,2,4") from None
-    if not ks or ks[0] < 1 or ks[-1] > MAX_SHOTS or repeats < 1:
-        raise InvalidInputError(
-            f"--shots {shots} and --repeats {repeats}: shots from 1 to {MAX_SHOTS}, repeats >= 1"
-        )
+    if not ks or ks[0] < 1 or ks[-1] > MAX_SHOTS:
+        raise InvalidInputError(f"--shots {shots}: shots from 1 to {MAX_SHOTS}")
     prompts = load_templates(templates)
     files, labels = labelled_folder(data)
     ref = ModelRef(model, device=device, precision=precision)

@@ -64,8 +64,6 @@ def check_command(
 
     if sort not in ATTRIBUTES:
         raise InvalidInputError(f"--sort {sort}: one of {', '.join(ATTRIBUTES)}")
-    if worst is not None and worst < 1:
-        raise InvalidInputError(f"--worst {worst} must be at least 1")
     files, missing = collect_images(paths)
     problems = [problem_of(e) for e in missing]
     scores = []

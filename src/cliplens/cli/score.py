@@ -23,16 +23,7 @@ from cliplens.cli.common import (
 )
 from cliplens.cli.output import Format, info, print_csv, print_json, print_table, warn
 from cliplens.errors import InvalidInputError
-
-
-def _read_lines(path: Path, what: str, expected: str) -> list[str]:
-    from cliplens.tasks.textfile import read_text
-
-    lines = [x.strip() for x in read_text(path, what, expected).splitlines()]
-    lines = [x for x in lines if x and not x.startswith("#")]
-    if not lines:
-        raise InvalidInputError(f"{what} {path}: no lines in it")
-    return lines
+from cliplens.tasks.textfile import read_lines
 
 
 def _read_captions(path: Path) -> list[dict]:
@@ -40,7 +31,8 @@ def _read_captions(path: Path) -> list[dict]:
     writes."""
     rows = []
     expected = 'JSON lines of {"image": ..., "caption": ...}'
-    for n, line in enumerate(_read_lines(path, "--captions", expected), 1):
+    lines = read_lines(path, "--captions", expected, comments=True, required=True)
+    for n, line in enumerate(lines, 1):
         try:
             row = json.loads(line)
             image, caption = str(row["image"]), str(row["caption"])
@@ -93,7 +85,10 @@ def score_command(
         raise InvalidInputError("--captions names its images and references: drop PATHS/--refs")
     if prompt is not None and not prompt.strip():
         raise InvalidInputError("--prompt is empty")
-    shared_refs = _read_lines(refs, "--refs", "reference captions, one per line") if refs else None
+    shared_refs = None
+    if refs is not None:
+        expected = "reference captions, one per line"
+        shared_refs = read_lines(refs, "--refs", expected, comments=True, required=True)
     rows = _read_captions(captions) if captions else None
     files, missing = collect_images([r["image"] for r in rows] if rows else (paths or []))
     if not files and not missing:
@@ -173,8 +168,6 @@ def rerank_command(
 
     if not prompt.strip():
         raise InvalidInputError("the prompt is empty")
-    if k is not None and k < 1:
-        raise InvalidInputError(f"-k {k}: keep at least 1")
     if copy_top is not None:
         out_folder(copy_top, "--copy-top")
     files, missing = collect_images(paths)

@@ -9,7 +9,15 @@ from typing import Annotated
 
 import typer
 
-from cliplens.cli.common import BatchOpt, DbOpt, DeviceOpt, MegapixelsOpt, ModelOpt, PrecisionOpt
+from cliplens.cli.common import (
+    BatchOpt,
+    DbOpt,
+    DeviceOpt,
+    FiniteFloat,
+    MegapixelsOpt,
+    ModelOpt,
+    PrecisionOpt,
+)
 from cliplens.cli.output import (
     Format,
     info,
@@ -20,8 +28,15 @@ from cliplens.cli.output import (
     warn,
 )
 
+MAX_WORKERS = 256  # decoder processes
 WorkersOpt = Annotated[
-    int | None, typer.Option("--workers", help="Decoder processes (default: one per CPU; 0: none).")
+    int | None,
+    typer.Option(
+        "--workers",
+        min=0,
+        max=MAX_WORKERS,
+        help="Decoder processes (default: one per CPU; 0: none).",
+    ),
 ]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Show stage timings.")]
 InOpt = Annotated[
@@ -116,10 +131,10 @@ def _open(db, model, device, precision, folders, no_index: bool, texts: bool = F
     try:
         catalog, _ = _index(db, ref, folders, quiet=True)
     except CatalogBusyError as e:  # that run encodes the new photos: search what it has
-        warn(f"{e}; searching the photos it has committed so far")
+        warn(f"{e.what}; searching the photos it has committed so far")
         return Catalog(db, readonly=True), ref
     except CatalogReadOnlyError as e:
-        warn(f"{e}; searching it without updating it (--no-index)")
+        warn(f"{e.what}; searching it as it is, without updating it (--no-index)")
         return Catalog(db, readonly=True), ref
     return catalog, ref
 
@@ -213,7 +228,12 @@ def similar_command(
 def duplicates_command(
     folders: Annotated[list[Path], typer.Argument(help="Folders to look in.")],
     threshold: Annotated[
-        float, typer.Option("--threshold", help="Cosine for near-duplicates.")
+        float,
+        typer.Option(
+            "--threshold",
+            help="Cosine for near-duplicates.",
+            click_type=FiniteFloat(0, 1, min_open=True),
+        ),
     ] = 0.95,
     fmt: Annotated[Format, typer.Option("--format", "-f")] = Format.table,
     no_index: NoIndexOpt = False,
@@ -223,11 +243,8 @@ def duplicates_command(
     db: DbOpt = None,
 ) -> None:
     """Groups of exact copies (same bytes) and near-duplicates (embeddings above --threshold)."""
-    from cliplens.errors import InvalidInputError
     from cliplens.tasks.search import duplicates
 
-    if not 0 < threshold <= 1:
-        raise InvalidInputError(f"--threshold {threshold} must be in (0, 1]")
     catalog, ref = _open(db, model, device, precision, folders, no_index)
     groups = duplicates(catalog, ref.info.model_id, folders, threshold)
     if fmt is Format.json:

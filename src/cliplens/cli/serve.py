@@ -7,11 +7,18 @@ from typing import Annotated
 
 import typer
 
-from cliplens.cli.common import MAX_MEGAPIXELS, DbOpt, DeviceOpt, ModelOpt, PrecisionOpt, finite
+from cliplens.cli.common import (
+    MAX_MEGAPIXELS,
+    DbOpt,
+    DeviceOpt,
+    FiniteFloat,
+    ModelOpt,
+    PrecisionOpt,
+)
 from cliplens.cli.output import info, warn
 from cliplens.errors import DependencyMissingError
 
-_POSITIVE = finite(0, None, min_open=True)  # finite and > 0
+_POSITIVE = FiniteFloat(0, None, min_open=True)  # finite and > 0
 
 
 def serve_command(
@@ -39,7 +46,7 @@ def serve_command(
     max_upload_mb: Annotated[float, typer.Option("--max-upload-mb", click_type=_POSITIVE)] = 20.0,
     max_megapixels: Annotated[
         float,
-        typer.Option("--max-megapixels", click_type=finite(0, MAX_MEGAPIXELS, min_open=True)),
+        typer.Option("--max-megapixels", click_type=FiniteFloat(0, MAX_MEGAPIXELS, min_open=True)),
     ] = 40.0,
     timeout: Annotated[
         float,

@@ -12,16 +12,17 @@ from cliplens.cli.common import (
     MAX_BATCH,
     DeviceOpt,
     EpochsOpt,
+    FiniteFloat,
     LrOpt,
     MaxMinutesOpt,
     SeedOpt,
     TemplatesOpt,
-    finite,
     out_folder,
 )
 from cliplens.cli.output import Format, info, print_json, print_table, show_progress
 from cliplens.errors import InvalidInputError
-from cliplens.tasks.limits import MAX_TRAIN_STEPS
+from cliplens.tasks.limits import MAX_ALIGN_WEIGHT, MAX_TEMPERATURE, MAX_TRAIN_STEPS, SEVERITIES
+from cliplens.tasks.textfile import read_lines, read_text
 
 app = typer.Typer(help="Train CLIP models.", no_args_is_help=True)
 
@@ -31,8 +32,6 @@ def _model_config(spec: str) -> dict:
 
     if spec in PRESETS:
         return PRESETS[spec]
-    from cliplens.tasks.textfile import read_text
-
     path = Path(spec)
     expected = f"a preset ({', '.join(PRESETS)}) or a JSON file of open_clip.CLIP arguments"
     if not path.is_file():
@@ -46,23 +45,13 @@ def _model_config(spec: str) -> dict:
     return cfg
 
 
-def _lines(path: Path, what: str, expected: str) -> list[str]:
-    from cliplens.tasks.textfile import read_text
-
-    return [x.strip() for x in read_text(path, what, expected).splitlines() if x.strip()]
-
-
 def _labelled(path: Path):
     """(pair, label) for each row of a JSONL file that carries a "label"."""
-    from cliplens.train.data import read_pairs
+    from cliplens.train.data import read_labelled_pairs
 
     if path.suffix.lower() != ".jsonl":
         raise InvalidInputError(f'{path}: give a .jsonl whose rows carry a "label"')
-    pairs = read_pairs(path)  # checks the file, its rows and their images first
-    rows = [json.loads(x) for x in _lines(path, "labelled pairs", "a .jsonl")]
-    labels = [r.get("label") for r in rows]
-    labels = [x.strip() if isinstance(x, str) else "" for x in labels]
-    return [(p, label) for p, label in zip(pairs, labels, strict=True) if label]
+    return [(pair, label) for pair, label in read_labelled_pairs(path) if label]
 
 
 @app.command("clip")
@@ -122,12 +111,12 @@ def clip_command(
     out_folder(out, "--out")
     evals = _labelled(zero_shot) if zero_shot else []
     if classes is not None:
-        names = _lines(classes, "--classes", "class names, one per line")
+        names = read_lines(classes, "--classes", "class names, one per line")
     else:
         names = sorted({label for _, label in evals})
     prompts = ["a {}"]
     if templates is not None:
-        prompts = _lines(templates, "--templates", "prompt templates, one per line, with {}")
+        prompts = read_lines(templates, "--templates", "prompt templates, one per line, with {}")
         if not prompts or not all("{}" in t for t in prompts):
             raise InvalidInputError(
                 f"--templates {templates}: one template per line, each with {{}}"
@@ -200,8 +189,11 @@ def robust_command(
         typer.Option("--corruptions", help="Comma-separated: blur,noise,jpeg,pixelate,occlusion."),
     ] = "blur,noise,jpeg,pixelate,occlusion",
     severity: Annotated[
-        str, typer.Option("--severity", help="Levels to train on: 1-5, 3,5...")
-    ] = "1-5",
+        str,
+        typer.Option(
+            "--severity", help=f"Levels to train on: {SEVERITIES[0]}-{SEVERITIES[-1]}, 3,5..."
+        ),
+    ] = f"{SEVERITIES[0]}-{SEVERITIES[-1]}",
     eval_data: Annotated[
         Path | None,
         typer.Option(
@@ -223,7 +215,7 @@ def robust_command(
         typer.Option(
             "--clean-fraction",
             help="Share of images shown clean.",
-            click_type=finite(0, 1, max_open=True),
+            click_type=FiniteFloat(0, 1, max_open=True),
         ),
     ] = 0.3,
     temperature: Annotated[
@@ -231,7 +223,7 @@ def robust_command(
         typer.Option(
             "--temperature",
             help="Of the InfoNCE loss.",
-            click_type=finite(0, 100, min_open=True),
+            click_type=FiniteFloat(0, MAX_TEMPERATURE, min_open=True),
         ),
     ] = 0.1,
     align_weight: Annotated[
@@ -239,7 +231,7 @@ def robust_command(
         typer.Option(
             "--align-weight",
             help="Of the 1 - cosine term to the clean target.",
-            click_type=finite(0, 1e6),
+            click_type=FiniteFloat(0, MAX_ALIGN_WEIGHT),
         ),
     ] = 10.0,
     precision: Annotated[str, typer.Option("--precision", help="Student: fp32 or bf16.")] = "bf16",
@@ -289,7 +281,7 @@ def robust_command(
             probe = fit_probe(clean, probe_labels, model.info.model_id)
         rows = evaluate_robust({"teacher": model, "student": result.student},
                                eval_files, eval_labels, kinds,
-                               (1, 2, 3, 4, 5), prompts, probe, seed,
+                               SEVERITIES, prompts, probe, seed,
                                progress=show_progress())  # fmt: skip
         (out / "eval.json").write_text(json.dumps({"mode": eval_mode, "rows": rows}, indent=1))
     if fmt is Format.json:

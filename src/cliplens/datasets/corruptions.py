@@ -18,8 +18,10 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 from cliplens.errors import InvalidInputError
+from cliplens.tasks.limits import SEVERITIES
 
 CORRUPTIONS = ("blur", "noise", "jpeg", "pixelate", "occlusion")
+# one entry per severity (SEVERITIES: 1..5)
 _BLUR = (0.02, 0.035, 0.05, 0.07, 0.1)  # Gaussian radius, fraction of the image side
 _NOISE = (0.08, 0.15, 0.25, 0.35, 0.5)  # std, fraction of the 0-255 range
 _JPEG = (25, 15, 10, 6, 3)  # quality
@@ -40,24 +42,27 @@ def parse_corruptions(spec: str | Sequence[str]) -> tuple[str, ...]:
 
 def parse_severities(spec: str) -> tuple[int, ...]:
     """'1-5', '5' or '1,3,5' as severities in 1..5."""
+    low, high = SEVERITIES[0], SEVERITIES[-1]
     try:
         if "-" in spec:
             lo, hi = (int(x) for x in spec.split("-"))
             # bounded before the range is made: '1-99999999999' must not fill memory
-            levels = tuple(range(lo, hi + 1)) if 1 <= lo <= hi <= 5 else ()
+            levels = tuple(range(lo, hi + 1)) if low <= lo <= hi <= high else ()
         else:
             levels = tuple(int(x) for x in spec.split(",") if x.strip())
     except ValueError:
         levels = ()
-    if not levels or not all(1 <= s <= 5 for s in levels):
-        raise InvalidInputError(f"severity '{spec}': levels 1-5, as '1-5', '5' or '1,3,5'")
+    if not levels or not all(s in SEVERITIES for s in levels):
+        raise InvalidInputError(
+            f"severity '{spec}': levels {low}-{high}, as '{low}-{high}', '{high}' or '1,3,{high}'"
+        )
     return levels
 
 
 def corrupt(image: Image.Image, kind: str, severity: int, rng: np.random.Generator) -> Image.Image:
     """`image` (RGB) under corruption `kind` at `severity` 1..5."""
-    if not 1 <= severity <= 5:
-        raise InvalidInputError(f"severity {severity} must be 1..5")
+    if severity not in SEVERITIES:
+        raise InvalidInputError(f"severity {severity} must be {SEVERITIES[0]}..{SEVERITIES[-1]}")
     s = severity - 1
     side = min(image.size)
     if kind == "blur":

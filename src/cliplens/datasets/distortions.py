@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from cliplens.errors import InvalidInputError
+from cliplens.tasks.limits import DISTORTION_LEVELS
 from cliplens.tasks.quality import distort
 
 KINDS = ("clean", "blur", "noise", "jpeg", "underexposed", "overexposed", "low_resolution")
@@ -30,8 +31,9 @@ def write_distortions(
     """Write every tile of every photo under each distortion: OUT/<kind>/<photo>-<tile>-L<n>.png."""
     from cliplens.images import open_image
 
-    if not levels or not all(1 <= level <= 5 for level in levels):
-        raise InvalidInputError(f"distortion levels {tuple(levels)}: use levels 1 to 5")
+    if not levels or not all(level in DISTORTION_LEVELS for level in levels):
+        low, high = DISTORTION_LEVELS[0], DISTORTION_LEVELS[-1]
+        raise InvalidInputError(f"distortion levels {tuple(levels)}: use levels {low} to {high}")
     out = Path(out_dir)
     written: dict[str, list[Path]] = {k: [] for k in kinds}
     for photo in photos:

@@ -28,6 +28,7 @@ import numpy as np
 
 from cliplens.errors import InvalidInputError
 from cliplens.progress import progress_bar
+from cliplens.tasks.limits import MAX_SHAPE_SIZE, MIN_SHAPE_SIZE
 
 SHAPES = ("circle", "square", "triangle", "star", "hexagon", "diamond")
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -218,8 +219,10 @@ def write_shapes(
 ) -> dict[str, int]:
     """Write n training-split samples (a val_fraction of them as val) plus a heldout split
     (default: as many as val). Returns the number written per split."""
-    if n < 1 or not 16 <= size <= 1024:
-        raise InvalidInputError(f"--n {n} must be >= 1 and --size {size} in 16..1024")
+    if n < 1 or not MIN_SHAPE_SIZE <= size <= MAX_SHAPE_SIZE:
+        raise InvalidInputError(
+            f"--n {n} must be >= 1 and --size {size} in {MIN_SHAPE_SIZE}..{MAX_SHAPE_SIZE}"
+        )
     if not 0 <= val_fraction < 1 or (heldout is not None and heldout < 0):
         raise InvalidInputError(f"val fraction {val_fraction} must be in [0, 1), heldout >= 0")
     out = Path(out_dir)

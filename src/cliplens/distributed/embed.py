@@ -95,6 +95,7 @@ def list_images(sources: tuple[str, ...] | list[str]) -> list[str]:
     from cliplens.images import IMAGE_EXTENSIONS, iter_image_files
 
     found: set[str] = set()
+    local_roots: list[Path] = []
     for source in sources:
         fs, root = fsspec.core.url_to_fs(source)
         local = "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
@@ -102,15 +103,17 @@ def list_images(sources: tuple[str, ...] | list[str]) -> list[str]:
             path = Path(root)
             if not path.exists():
                 raise InvalidInputError(f"source {source}: no such file or folder")
-            # the root resolved, the files as found: a link stays a link (the server never
-            # serves one), and names that are not UTF-8 are kept as cliplens.paths text
-            found.update(to_text(str(p)) for p in iter_image_files([path.resolve()]))
+            local_roots.append(path.resolve())
             continue
         if not fs.exists(root):
             raise InvalidInputError(f"source {source}: nothing there (check the URI)")
         names = [root] if fs.isfile(root) else fs.find(root)
         found.update(fs.unstrip_protocol(n) for n in names
                      if Path(n).suffix.lower() in IMAGE_EXTENSIONS)  # fmt: skip
+    # one walk over the local roots, each file once across them, under a name reached
+    # without a link where there is one (the server never serves a link); the roots
+    # resolved, the files as found; names that are not UTF-8 kept as cliplens.paths text
+    found.update(to_text(str(p)) for p in iter_image_files(local_roots))
     if not found:
         raise InvalidInputError(f"no image files under {', '.join(sources)}")
     return sorted(found)

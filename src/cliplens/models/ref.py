@@ -23,6 +23,7 @@ import numpy as np
 from cliplens import __version__
 from cliplens.models.info import ModelInfo
 from cliplens.settings import get_settings
+from cliplens.store.files import write_atomic
 
 
 def _records_path() -> Path:
@@ -72,9 +73,7 @@ def record_info(name: str, info: ModelInfo) -> None:
     path = _records_path()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(records, indent=1))
-        tmp.replace(path)
+        write_atomic(path, lambda tmp: tmp.write_text(json.dumps(records, indent=1)))
     except OSError:
         pass  # a read-only home only costs loading the model next time
 
@@ -92,6 +91,7 @@ class ModelRef:
         self._info: ModelInfo | None = None
         self._text: Any = None
         self._text_lock = threading.Lock()
+        self._load_lock = threading.Lock()
 
     @property
     def loaded(self) -> bool:
@@ -106,12 +106,15 @@ class ModelRef:
         return self._info
 
     def load(self) -> Any:
-        """The Encoder itself (imports torch and builds the network the first time)."""
-        if self._encoder is None:
-            from cliplens.models.registry import load_model
+        """The Encoder itself (imports torch and builds the network the first time, once
+        even when several threads ask at once)."""
+        with self._load_lock:
+            if self._encoder is None:
+                from cliplens.models.registry import load_model
 
-            self._encoder = load_model(self.name, device=self.device, precision=self.precision)
-            record_info(self.name, self._encoder.info)
+                name, device, precision = self.name, self.device, self.precision
+                self._encoder = load_model(name, device=device, precision=precision)
+                record_info(self.name, self._encoder.info)
         return self._encoder
 
     def unload(self) -> None:
@@ -135,8 +138,11 @@ class ModelRef:
         The thread is not a daemon: when the command fails before the query runs, the
         interpreter waits for the load to finish at exit, instead of tearing down
         onnxruntime (or torch) under it, which aborts the process."""
-        if self._text is None and self._encoder is None:
-            threading.Thread(target=self._preload, name="cliplens-text-preload").start()
+        if self._text is not None or self._encoder is not None:
+            return
+        if self._info is None and recorded_info(self.name) is None:
+            return  # finding the model's id would load it, and no export exists yet anyway
+        threading.Thread(target=self._preload, name="cliplens-text-preload").start()
 
     def _preload(self) -> None:
         with contextlib.suppress(Exception):  # the query's own call reports the error

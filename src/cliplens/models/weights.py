@@ -9,12 +9,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
 from cliplens.errors import ModelIntegrityError
 from cliplens.settings import get_settings
+from cliplens.store.files import write_atomic
 
 
 def _load_cache(path: Path) -> dict[str, list]:
@@ -27,10 +27,7 @@ def _load_cache(path: Path) -> dict[str, list]:
 def _save_cache(path: Path, cache: dict[str, list]) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".hashes-")
-        with os.fdopen(fd, "w") as f:
-            json.dump(cache, f)
-        Path(tmp).replace(path)  # atomic: a crash never leaves a half-written cache
+        write_atomic(path, lambda tmp: tmp.write_text(json.dumps(cache)))
     except OSError:
         pass  # a read-only home only costs re-hashing next time
 

@@ -22,7 +22,6 @@ Settings that cannot work (an empty token, a nan limit, a corrupt or newer catal
 from __future__ import annotations
 
 import hmac
-import math
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -52,6 +51,7 @@ from cliplens.errors import (
     UnsupportedImageError,
 )
 from cliplens.paths import readable
+from cliplens.tasks.limits import finite_number, whole_number
 
 T = TypeVar("T")
 STATIC = Path(__file__).parent / "static"
@@ -81,11 +81,8 @@ class ServerSettings:
         if self.token is not None:
             _check_token(self.token)
         for name, flag in _LIMITS.items():
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-                raise InvalidInputError(f"{flag} is {value!r}; give a finite number above 0")
-        if not (isinstance(self.max_files, int) and self.max_files >= 1):
-            raise InvalidInputError(f"max_files is {self.max_files!r}; give an integer >= 1")
+            finite_number(getattr(self, name), flag, 0, low_open=True)
+        whole_number(self.max_files, "max_files", 1)
 
 
 # the positive limits, with the name a user knows each by
@@ -131,7 +128,8 @@ ERRORS: dict[int | str, dict[str, Any]] = {
         (413, "Body or image too large"),
         (415, "Not an image, or an unsupported format"),
         (422, "The request does not match the schema"),
-        (503, "Busy past the time limit, or the model is unavailable"),
+        (501, "An optional part is not installed: the detail names the pip extra"),
+        (503, "Busy past the time limit, the model unavailable, or the catalog unreadable"),
     ]
 }
 
@@ -310,9 +308,17 @@ def _install_error_handlers(app: FastAPI) -> None:
 
 def _invalid(errors: Any) -> JSONResponse:
     first = errors[0] if errors else {}
-    where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+    loc, kind = tuple(first.get("loc", ())), first.get("type")
     msg = first.get("msg", "invalid request")
-    return _error(422, "invalid_request", f"{where}: {msg}" if where else msg)
+    shape = "send the documented shape (see /docs)"
+    if kind == "json_invalid":  # cut short or malformed: FastAPI's loc is ("body", offset)
+        why = first.get("ctx", {}).get("error", msg)
+        msg = f"the JSON body is not valid JSON ({why} at character {loc[-1]}); {shape}"
+    elif loc == ("body",) and kind == "missing":
+        msg = f"the request has no body; {shape}"
+    elif where := ".".join(str(p) for p in loc if p != "body"):
+        msg = f"{where}: {msg}"
+    return _error(422, "invalid_request", msg)
 
 
 class _Guard:

@@ -1,22 +1,25 @@
-"""Opening a photo on disk for GET /v1/images and /v1/thumbs: only a regular file reached
-through no symbolic link, and only as the image format its content shows.
+"""Opening a photo for GET /v1/images and /v1/thumbs: on disk, only a regular file reached
+through no symbolic link; on disk or in an object store, only as the image format its
+content shows.
 
 A catalog or a build-index folder records whatever the walk found, so a link planted in an
 indexed folder (`passwd.jpg -> /etc/passwd`), a page named `.png`, or a photo replaced
 after indexing must not become a way to read other files or to serve script to a browser.
-So the path must already be its own real path, every component is opened without
-following a link (`O_NOFOLLOW` from the root down, so a folder swapped for a link after
-the check changes nothing), the opened file must be regular (`fstat`, not the path), and
-Pillow must identify one of the formats in SERVED from its first bytes. The Content-Type
-is that format's, never the extension's; every response also says `nosniff` (app.py).
+So a local path must be absolute and normalised, every component is opened without
+following a link (`O_NOFOLLOW` from the root down: the open is the check, so nothing can
+be swapped for a link in between), and the opened file must be regular (`fstat`, not the
+path).
+Then, local or remote, `images.identify` must find one of the formats in SERVED in its
+first bytes, with the megapixel cap every image gets. The Content-Type is that format's,
+never the extension's; every response also says `nosniff` (app.py).
 """
 
 from __future__ import annotations
 
 import errno
+import io
 import os
 import stat
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -25,6 +28,8 @@ import anyio
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
+from cliplens.errors import NotAnImageError
+from cliplens.images import identify
 from cliplens.paths import readable
 from cliplens.server.app import ApiError
 
@@ -49,25 +54,26 @@ _FLAGS = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
 
 @dataclass
 class PhotoFile:
-    """An opened, checked photo: read it from `file` (at offset 0), then close it."""
+    """An opened photo, checked as a file (not yet by content): read it from `file`, then
+    close it. `version` is (dev, inode, size, mtime_ns) for a file on disk, None for an
+    object-store photo."""
 
     file: BinaryIO
-    media_type: str
+    label: str  # "photo 12 (/the/path)", for messages
     size: int
-    version: tuple[int, int, int, int]  # (dev, inode, size, mtime_ns): keys cached thumbnails
+    version: tuple[int, int, int, int] | None
 
-    def read(self) -> bytes:
-        with self.file:
-            return self.file.read()
+    def close(self) -> None:
+        self.file.close()
 
 
 def open_photo(path: str, label: str, update: str) -> PhotoFile:
-    """`path` opened for serving, or an ApiError (404 for what is not served, 415 for what is
-    not an image). `label` names it in messages ("photo 12"); `update` is the command that
-    refreshes what is searched."""
+    """`path` opened as a regular file reached through no link, or a 404 ApiError (what is
+    not served, what is gone). `label` names it in messages ("photo 12"); `update` is the
+    command that refreshes what is searched."""
     shown = readable(path)
-    if os.path.realpath(path) != path:
-        raise _not_served(label, shown, "is reached through a symbolic link")
+    if not _normalised(path):
+        raise _not_served(label, shown, "is not an absolute path without '.' or '..' parts")
     try:
         fd = _open_without_links(path)
     except OSError as e:
@@ -83,16 +89,42 @@ def open_photo(path: str, label: str, update: str) -> PhotoFile:
     if not stat.S_ISREG(st.st_mode):
         os.close(fd)
         raise _not_served(label, shown, "is not a regular file")
-    file = os.fdopen(fd, "rb")
+    version = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    return PhotoFile(os.fdopen(fd, "rb"), f"{label} ({shown})", st.st_size, version)
+
+
+def open_remote(uri: str, label: str) -> PhotoFile:
+    """An object-store photo, read whole through fsspec (it has no descriptor to keep);
+    404 when it cannot be read."""
+    import fsspec
+
     try:
-        media_type = _image_type(file, label, shown)
-        file.seek(0)
-    except BaseException:
-        file.close()
-        raise
-    return PhotoFile(
-        file, media_type, st.st_size, (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-    )
+        with fsspec.open(uri, "rb") as f:
+            data = f.read()
+    except (OSError, ValueError) as e:
+        why = f"{label} is in the index but cannot be read ({e})"
+        raise ApiError(404, "file_missing", why) from None
+    return PhotoFile(io.BytesIO(data), f"{label} ({readable(uri)})", len(data), None)
+
+
+def served_type(photo: PhotoFile, max_megapixels: float) -> str:
+    """The Content-Type of the served format that the photo's content is (the file is left
+    at its start); NotAnImageError (415) for anything else, whatever its name says,
+    ImageTooLargeError (413) above the cap."""
+    try:
+        found = identify(photo.file, photo.label, SERVED, max_megapixels=max_megapixels)
+    except NotAnImageError as e:
+        raise NotAnImageError(e.path, f"{e.reason}; served: {', '.join(SERVED)} only") from e
+    if found not in SERVED:  # a plugin that names its format otherwise
+        raise NotAnImageError(photo.label, f"{found or 'unnamed'} images are not served")
+    return SERVED[found]
+
+
+def _normalised(path: str) -> bool:
+    """Absolute, with no '.', '..' or empty part (nor a NUL): the form the walk below
+    expects. Links are the walk's to refuse, so no lstat of each component here."""
+    plain = "//" not in path and "\0" not in path
+    return plain and Path(path).is_absolute() and os.path.normpath(path) == path
 
 
 def _not_served(label: str, shown: str, why: str) -> ApiError:
@@ -103,9 +135,11 @@ def _not_served(label: str, shown: str, why: str) -> ApiError:
 def _open_without_links(path: str) -> int:
     """A read-only descriptor of `path`, opened one component at a time from the root
     without following a link (ELOOP or ENOTDIR where one is met)."""
-    if os.open not in os.supports_dir_fd or not _NOFOLLOW:  # no openat: the last one only
+    if os.open not in os.supports_dir_fd or not _NOFOLLOW:  # no openat: the path, resolved
+        if os.path.realpath(path) != path:
+            raise OSError(errno.ELOOP, "a symbolic link on the way", path)
         return os.open(path, _FLAGS | _NOFOLLOW | getattr(os, "O_NONBLOCK", 0))
-    root, *names = Path(path).parts  # realpath(path) == path: absolute, normalised
+    root, *names = Path(path).parts  # absolute and normalised (`_normalised`)
     if root != os.sep or not names:
         raise OSError(errno.ENOENT, "not an absolute file path", path)
     folder = os.open(os.sep, _FLAGS | os.O_DIRECTORY)
@@ -120,32 +154,11 @@ def _open_without_links(path: str) -> int:
         os.close(folder)
 
 
-def _image_type(file: BinaryIO, label: str, shown: str) -> str:
-    """The Content-Type of the image format Pillow identifies from the file's content."""
-    from PIL import Image
-
-    from cliplens.images import _register_plugins
-
-    _register_plugins()  # HEIC/AVIF through pillow-heif, where installed
-    Image.init()
-    formats = [f for f in SERVED if f in Image.OPEN]
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(file, formats=formats)  # reads the header only
-    except Image.DecompressionBombError:
-        raise ApiError(413, "image_too_large", f"{label} ({shown}) is too large to serve") from None
-    except Exception as e:  # UnidentifiedImageError, or a plugin's own failure: not served
-        what = f"{label} ({shown}) is not an image in a served format ({', '.join(SERVED)})"
-        raise ApiError(415, "not_an_image", f"{what}, whatever its name says") from e
-    return SERVED[image.format or ""]
-
-
 class PhotoResponse(Response):
-    """The checked file's bytes from the descriptor already open (never the path again)."""
+    """The checked file's bytes from the file already open (never the path again)."""
 
-    def __init__(self, photo: PhotoFile, headers: dict[str, str]) -> None:
-        super().__init__(None, media_type=photo.media_type, headers=headers)
+    def __init__(self, photo: PhotoFile, media_type: str, headers: dict[str, str]) -> None:
+        super().__init__(None, media_type=media_type, headers=headers)
         self.photo = photo
         self.headers["content-length"] = str(photo.size)
 

@@ -90,14 +90,13 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def uvicorn_config(app: Any, settings: ServerSettings, **options: Any) -> Any:
+def uvicorn_config(app: Any, settings: ServerSettings) -> uvicorn.Config:
     """The uvicorn Config that `serve` runs: the guarded protocol and the settings' timeouts."""
     return uvicorn.Config(
         app,
         http=guarded_protocol(settings.head_timeout_s),
         timeout_keep_alive=settings.keep_alive_s,
         log_level="warning",
-        **options,
     )
 
 

@@ -7,10 +7,8 @@ the model lock.
 
 from __future__ import annotations
 
-import mimetypes
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -172,20 +170,3 @@ class IndexPhotos:
     def models(self) -> list[tuple[str, int, int]]:
         built = self.built
         return [(built.model_id, built.index.d, len(built))]
-
-
-def read_remote(path: str, label: str) -> bytes:
-    """The bytes of an object-store photo; 404 when it is gone."""
-    import fsspec
-
-    try:
-        with fsspec.open(path, "rb") as f:
-            return f.read()
-    except (OSError, ValueError) as e:
-        raise ApiError(404, "file_missing", f"{label} is in the index but cannot be read "
-                       f"({' '.join(str(e).split())})") from None  # fmt: skip
-
-
-def media_type(path: str) -> str:
-    """An object-store photo's type, by its name (local files: by content, in files.py)."""
-    return mimetypes.guess_type(Path(path).name)[0] or "application/octet-stream"

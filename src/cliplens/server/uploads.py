@@ -9,7 +9,7 @@ from typing import Any
 from fastapi import UploadFile
 
 from cliplens.errors import InvalidInputError
-from cliplens.images import open_image_bytes
+from cliplens.images import open_image
 
 
 def upload_name(upload: UploadFile, index: int) -> str:
@@ -26,19 +26,23 @@ async def read_images(
     import anyio
 
     max_files = max_files or svc.settings.max_files
-    max_megapixels = svc.settings.max_megapixels
     if not uploads:
         raise InvalidInputError("no image uploaded; send one or more files as 'images'")
     if len(uploads) > max_files:
         raise InvalidInputError(f"{len(uploads)} images in one request; send at most {max_files}")
+    max_megapixels = svc.settings.max_megapixels
     min_size = await anyio.to_thread.run_sync(lambda: svc.ref.info.preprocessing.resize_size)
     names, images = [], []
     for i, upload in enumerate(uploads):
-        data = await upload.read()
         names.append(upload_name(upload, i))
-        # decoded as the indexer decodes files (JPEG at reduced scale down to min_size),
-        # so an uploaded photo embeds exactly as the same photo in the catalog
-        decode = partial(open_image_bytes, data, f"upload {names[-1]}", min_size=min_size,
-                         max_megapixels=max_megapixels)  # fmt: skip
+        # decoded from the spooled upload (no copy in memory) as the indexer decodes files
+        # (JPEG at reduced scale down to min_size), so it embeds as the same photo there
+        decode = partial(
+            open_image,
+            upload.file,
+            min_size=min_size,
+            max_megapixels=max_megapixels,
+            label=f"upload {names[-1]}",
+        )
         images.append(await anyio.to_thread.run_sync(decode))
     return names, images

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cliplens.store.files import write_atomic
+from cliplens.store.files import write_atomic, write_atomic_binary
 
 DEFAULT_MIN = 200_000
 DEFAULT_NPROBE = 64
@@ -122,12 +122,8 @@ def save(ann: AnnIndex, folder: Path, key: str) -> None:
     # the meta file names what the index holds: replace the index first, then the meta;
     # a crash between the two leaves a pair that disagrees, which `load` detects
     write_atomic(index_path, lambda tmp: faiss.write_index(ann.index, str(tmp)))
-    write_atomic(meta_path, lambda tmp: _save_meta(tmp, ann))
-
-
-def _save_meta(path: Path, ann: AnnIndex) -> None:
-    with path.open("wb") as f:  # a file object: np.savez would append .npz to a name
-        np.savez(f, ids=ann.ids, keys=ann.keys, n_trained=np.int64(ann.n_trained))
+    meta = {"ids": ann.ids, "keys": ann.keys, "n_trained": np.int64(ann.n_trained)}
+    write_atomic_binary(meta_path, lambda f: np.savez(f, **meta))
 
 
 def load(folder: Path, key: str) -> AnnIndex | None:

@@ -19,8 +19,18 @@ from pathlib import Path
 
 import numpy as np
 
-from cliplens.errors import ClipLensError, ImageNotFoundError, InvalidInputError
+from cliplens.errors import ImageNotFoundError, InvalidInputError
 from cliplens.paths import from_text, to_text
+from cliplens.store.catalog_errors import (
+    SQLITE_MAGIC,
+    CatalogBusyError,
+    CatalogError,
+    CatalogReadOnlyError,
+    not_a_catalog,
+    sqlite_error,
+)
+
+__all__ = ["Catalog", "CatalogBusyError", "CatalogError", "CatalogReadOnlyError", "FileRow"]
 
 SCHEMA_VERSION = 1
 
@@ -55,66 +65,6 @@ MIGRATIONS: dict[int, str] = {
 }
 
 
-class CatalogError(ClipLensError):
-    """The catalog cannot be opened or used."""
-
-
-class CatalogReadOnlyError(CatalogError):
-    """The catalog (or its folder) cannot be written: it can still be read as it is."""
-
-
-class CatalogBusyError(CatalogError):
-    """Another process is updating the catalog (an index run holds its lock)."""
-
-    def __init__(self, path: Path, pid: str) -> None:
-        self.path, self.pid = path, pid
-        who = f" (pid {pid})" if pid else ""
-        super().__init__(
-            f"another cliplens index{who} is updating catalog {path}; wait for it to finish"
-        )
-
-
-SQLITE_MAGIC = b"SQLite format 3\x00"
-
-
-def _sqlite_error(path: Path, e: sqlite3.Error) -> CatalogError:
-    """A sqlite error as a one-line CatalogError that says what happened to which file and
-    what to do; only a damaged file is worth moving aside."""
-    name = getattr(e, "sqlite_errorname", "")
-    what = " ".join(str(e).split())
-    if name.startswith("SQLITE_FULL"):
-        return CatalogError(
-            f"catalog {path}: the disk is full; free some space and run again "
-            "(everything committed so far is kept)"
-        )
-    if name.startswith("SQLITE_IOERR") or name.startswith("SQLITE_CANTOPEN"):
-        return CatalogError(
-            f"catalog {path}: cannot read or write it ({what}); check that its "
-            "disk has free space and is mounted, then run again; the catalog "
-            "itself is not known to be damaged, keep it"
-        )
-    if name.startswith("SQLITE_READONLY"):
-        return CatalogReadOnlyError(
-            f"catalog {path} is read-only (no permission to write it "
-            "or its folder); search it as it is, or use a writable "
-            "catalog"
-        )
-    if name.startswith("SQLITE_BUSY") or name.startswith("SQLITE_LOCKED"):
-        return CatalogError(
-            f"catalog {path} is locked by another process ({what}); try again when it has finished"
-        )
-    if name.startswith("SQLITE_NOTADB"):
-        return CatalogError(
-            f"{path} is not a cliplens catalog (not an SQLite database); give another catalog path"
-        )
-    if name.startswith("SQLITE_CORRUPT"):
-        return CatalogError(
-            f"catalog {path} is damaged ({what}); restore it from a backup, "
-            "or move it aside and index again"
-        )
-    return CatalogError(f"catalog {path}: {what}")
-
-
 @dataclass(frozen=True)
 class FileRow:
     id: int
@@ -124,6 +74,13 @@ class FileRow:
     hash: str | None
     status: str
     error: str | None
+
+
+_FILE_COLUMNS = "id, path, size, mtime_ns, hash, status, error"
+
+
+def _file_row(r: tuple) -> FileRow:
+    return FileRow(r[0], from_text(r[1]), *r[2:])
 
 
 def default_db_path() -> Path:
@@ -162,7 +119,7 @@ class Catalog:
             self.db = self._connect()
             self._migrate()
         except sqlite3.Error as e:
-            raise _sqlite_error(self.path, e) from e
+            raise sqlite_error(self.path, e) from e
         self._model_ids: dict[str, int] = {}
 
     def _check_header(self) -> None:
@@ -182,10 +139,7 @@ class Catalog:
         except OSError as e:
             raise CatalogError(f"catalog {self.path} cannot be read ({e.strerror})") from None
         if head and head != SQLITE_MAGIC:
-            raise CatalogError(
-                f"{self.path} is not a cliplens catalog (not an SQLite "
-                "database); give another catalog path"
-            )
+            raise not_a_catalog(self.path)
 
     def _check_writable(self) -> None:
         """A catalog to update must be writable, and so must its folder (SQLite keeps its
@@ -193,37 +147,43 @@ class Catalog:
         folder = self.path.parent
         for what in (self.path, folder):
             if what.exists() and not os.access(what, os.W_OK):
-                raise CatalogReadOnlyError(
-                    f"catalog {self.path} is read-only (no permission to write "
-                    f"{'it' if what == self.path else 'its folder'}); search it as it is, "
-                    "or use a writable catalog"
-                )
+                whose = "it" if what == self.path else "its folder"
+                raise CatalogReadOnlyError(self.path, f"no permission to write {whose}")
 
     def _connect(self) -> sqlite3.Connection:
-        if not self.readonly:
-            db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
-            self._refuse_foreign(db)  # before the journal switch, which writes to the file
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=NORMAL")
-            db.execute("PRAGMA foreign_keys=ON")
+        if self.readonly:
+            db = self._connect_readonly()
+            self._refuse_foreign(db)
             return db
-        # read-only: no journal change (that is a write), and a WAL catalog in a folder we
-        # cannot write (no -shm file can be made) is read as immutable
+        db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        self._refuse_foreign(db)  # before the journal switch, which writes to the file
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.execute("PRAGMA foreign_keys=ON")
+        return db
+
+    def _connect_readonly(self) -> sqlite3.Connection:
+        """No journal change (that is a write). A WAL catalog in a folder nobody can write
+        (no -shm file can be made there, so SQLite cannot open it) is read as immutable:
+        safe, as nothing can change it there, unless a -wal file holds changes that
+        immutable reading would not see."""
         uri = self.path.resolve().as_uri()
-        for params in ("mode=ro", "mode=ro&immutable=1"):
-            if "immutable" in params and self._unmerged_wal():
-                raise CatalogError(
-                    f"catalog {self.path}: its recent changes (in {self.path.name}-wal) cannot "
-                    "be read where the folder is read-only; open it once where it is writable"
-                )
-            db = sqlite3.connect(f"{uri}?{params}", uri=True, timeout=30, isolation_level=None)
-            try:
-                db.execute("SELECT count(*) FROM sqlite_master").fetchone()
-                return db
-            except sqlite3.OperationalError as e:
-                db.close()
-                error = e
-        raise error
+        db = sqlite3.connect(f"{uri}?mode=ro", uri=True, timeout=30, isolation_level=None)
+        try:
+            db.execute("SELECT count(*) FROM sqlite_master").fetchone()
+            return db
+        except sqlite3.OperationalError as e:
+            db.close()
+            cannot_open = getattr(e, "sqlite_errorname", "") == "SQLITE_CANTOPEN"
+            if not cannot_open or os.access(self.path.parent, os.W_OK):
+                raise
+        if self._unmerged_wal():
+            raise CatalogError(
+                f"catalog {self.path}: its recent changes (in {self.path.name}-wal) cannot "
+                "be read where the folder is read-only; open it once where it is writable"
+            )
+        uri = f"{uri}?mode=ro&immutable=1"
+        return sqlite3.connect(uri, uri=True, timeout=30, isolation_level=None)
 
     def close(self) -> None:
         self.db.close()
@@ -261,8 +221,9 @@ class Catalog:
             )
 
     def _migrate(self) -> None:
-        self._refuse_foreign(self.db)
         version = self._version()
+        if self.readonly and version == 0:
+            raise CatalogError(f"catalog {self.path} is empty; run 'cliplens index DIR' first")
         if self.readonly and version < SCHEMA_VERSION:
             raise CatalogError(
                 f"catalog {self.path} needs upgrading (schema {version}); index "
@@ -283,7 +244,7 @@ class Catalog:
         try:
             self.db.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as e:
-            raise _sqlite_error(self.path, e) from e
+            raise sqlite_error(self.path, e) from e
         try:
             yield self.db
             self.db.execute("COMMIT")
@@ -291,7 +252,7 @@ class Catalog:
             with contextlib.suppress(sqlite3.Error):
                 self.db.execute("ROLLBACK")
             if isinstance(e, sqlite3.Error):
-                raise _sqlite_error(self.path, e) from e
+                raise sqlite_error(self.path, e) from e
             raise
 
     @contextmanager
@@ -305,21 +266,22 @@ class Catalog:
             yield
             return
         lock = self.path.with_name(self.path.name + ".lock")
+        writable = True
         try:
             fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+        except PermissionError:  # another user's lock file: flock works read-only too
+            fd, writable = os.open(lock, os.O_RDONLY), False
         except OSError as e:
-            raise CatalogReadOnlyError(
-                f"catalog {self.path}: cannot create its lock file {lock} "
-                f"({e.strerror}); search it as it is, or use a writable "
-                "catalog"
-            ) from e
+            why = f"cannot create its lock file {lock}: {(e.strerror or str(e)).lower()}"
+            raise CatalogReadOnlyError(self.path, why) from e
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 raise CatalogBusyError(self.path, os.pread(fd, 32, 0).decode().strip()) from None
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            if writable:  # the holder's pid, for the message the next one gets
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
             yield
         finally:
             os.close(fd)  # closing releases the lock
@@ -363,21 +325,18 @@ class Catalog:
         for folder in folders:
             low, high = folder_range(folder)
             for r in self.db.execute(
-                "SELECT id, path, size, mtime_ns, hash, status, error FROM files "
-                "WHERE (path >= ? AND path < ?) OR path = ?",
+                f"SELECT {_FILE_COLUMNS} FROM files WHERE (path >= ? AND path < ?) OR path = ?",
                 (low, high, to_text(os.fspath(folder))),
             ):
-                row = FileRow(r[0], from_text(r[1]), *r[2:])
+                row = _file_row(r)
                 rows[row.path] = row
         return rows
 
     def file(self, file_id: int) -> FileRow | None:
         """The file with this id, or None."""
-        r = self.db.execute(
-            "SELECT id, path, size, mtime_ns, hash, status, error FROM files WHERE id=?",
-            (int(file_id),),
-        ).fetchone()
-        return FileRow(r[0], from_text(r[1]), *r[2:]) if r else None
+        query = f"SELECT {_FILE_COLUMNS} FROM files WHERE id=?"
+        r = self.db.execute(query, (int(file_id),)).fetchone()
+        return _file_row(r) if r else None
 
     def hashes_with_embedding(self, model: int) -> set[str]:
         return {

@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import os
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 
-def _umask() -> int:
+def _read_umask() -> int:
     mask = os.umask(0o022)  # reading the umask means setting it: put it straight back
     os.umask(mask)
     return mask
+
+
+# read once, at import: changing it for a moment on every write would race other threads
+_MODE = 0o666 & ~_read_umask()
 
 
 def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
@@ -25,18 +29,18 @@ def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
     temporary = Path(tmp)
     try:
         write(temporary)
-        temporary.chmod(0o666 & ~_umask())
+        temporary.chmod(_MODE)
         temporary.replace(path)
     finally:
         temporary.unlink(missing_ok=True)
 
 
-def remove_stale_temporaries(folder: Path, pattern: str, older_than_s: float = 3600) -> None:
-    """Remove temporary files a killed writer left (a live writer's are younger)."""
-    cutoff = time.time() - older_than_s
-    for tmp in folder.glob(pattern):
-        try:
-            if tmp.stat().st_mtime < cutoff:
-                tmp.unlink()
-        except OSError:
-            pass
+def write_atomic_binary(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """`write_atomic` for writers that take an open file, such as np.save and np.savez
+    (given a file name, they would append .npy or .npz to it)."""
+
+    def to_file(temporary: Path) -> None:
+        with temporary.open("wb") as f:
+            write(f)
+
+    write_atomic(path, to_file)

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from cliplens.errors import InvalidInputError
-from cliplens.store.files import write_atomic
+from cliplens.store.files import write_atomic_binary
 
 
 def save_arrays(path: str | Path, metrics: dict[str, float], **arrays: Any) -> Path:
@@ -17,12 +17,9 @@ def save_arrays(path: str | Path, metrics: dict[str, float], **arrays: Any) -> P
     path.parent.mkdir(parents=True, exist_ok=True)
     names = np.array(list(metrics), dtype=str)
     values = np.array(list(metrics.values()), dtype=np.float64)
-
-    def write(tmp: Path) -> None:
-        with tmp.open("wb") as f:  # a file object: np.savez would append .npz to a name
-            np.savez(f, metric_names=names, metric_values=values, **arrays)
-
-    write_atomic(path, write)
+    write_atomic_binary(
+        path, lambda f: np.savez(f, metric_names=names, metric_values=values, **arrays)
+    )
     return path
 
 

@@ -17,7 +17,7 @@ import numpy as np
 
 from cliplens.store import ann as ann_mod
 from cliplens.store.catalog import Catalog
-from cliplens.store.files import remove_stale_temporaries, write_atomic
+from cliplens.store.files import write_atomic_binary
 
 AnnMode = Literal["auto", "train", "off"]
 
@@ -150,20 +150,14 @@ def _load_exact(catalog: Catalog, model_id: str, gen: int) -> VectorIndex:
     return VectorIndex(ids, matrix, keys)
 
 
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    with path.open("wb") as f:  # a file object: np.save would append .npy to a name
-        np.save(f, array)
-
-
 def _write_cache(folder: Path, key: str, files: dict[str, Path], data: dict) -> None:
     try:
         folder.mkdir(parents=True, exist_ok=True)
         for part in ("f32", "keys", "ids"):  # ids last: their presence marks a whole set
-            write_atomic(files[part], lambda tmp, part=part: _save_npy(tmp, data[part]))
+            write_atomic_binary(files[part], lambda f, part=part: np.save(f, data[part]))
         for old in folder.glob(f"{key}-g*.npy"):
             if old not in files.values():
                 old.unlink(missing_ok=True)
-        remove_stale_temporaries(folder, f".{key}-g*.tmp")
     except OSError:
         pass  # a read-only or full disk only costs rebuilding from the catalog next time
 

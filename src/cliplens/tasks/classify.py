@@ -21,7 +21,7 @@ import numpy as np
 from cliplens.errors import ImageError, InvalidInputError
 from cliplens.images import ImageSource, describe
 from cliplens.models.base import Encoder
-from cliplens.tasks.textfile import read_text
+from cliplens.tasks.textfile import read_lines
 
 TEMPLATE_SETS = ("default", "imagenet", "photo", "none")
 
@@ -36,16 +36,16 @@ def load_templates(spec: str | Sequence[str] | None = "default") -> list[str]:
         if spec == "none":
             return ["{}"]
         if spec in ("default", "imagenet"):
-            text = resources.files("cliplens.tasks").joinpath("data", f"templates_{spec}.txt")
-            lines = text.read_text("utf-8").splitlines()
+            bundled = resources.files("cliplens.tasks").joinpath("data", f"templates_{spec}.txt")
+            with resources.as_file(bundled) as path:
+                templates = read_lines(path, "templates", "one template per line", comments=True)
         else:
             path = Path(spec).expanduser()
-            if not path.is_file():
+            if not path.is_file():  # a name that is neither a set nor a file: say both
                 raise InvalidInputError(
                     f"templates '{spec}': not a set ({', '.join(TEMPLATE_SETS)}) nor a file"
                 )
-            lines = read_text(path, "templates", "one template per line").splitlines()
-        templates = [t.strip() for t in lines if t.strip() and not t.lstrip().startswith("#")]
+            templates = read_lines(path, "templates", "one template per line", comments=True)
     else:
         templates = [str(t) for t in spec]
     bad = [t for t in templates if t.count("{}") != 1]
@@ -63,10 +63,7 @@ def parse_labels(text: str) -> list[str]:
 
 
 def read_labels_file(path: str | os.PathLike) -> list[str]:
-    p = Path(path)
-    if not p.is_file():
-        raise InvalidInputError(f"labels file {p} does not exist; give one label per line")
-    return clean_labels(read_text(p, "labels file", "one label per line").splitlines())
+    return clean_labels(read_lines(path, "labels file", "one label per line", comments=True))
 
 
 def labels_from_folder(path: str | os.PathLike) -> list[str]:

@@ -21,6 +21,24 @@ MAX_LR = 10.0  # above this no optimiser here converges; the loss check would st
 MAX_MINUTES = 1_000_000.0  # about two years
 MAX_QUERIES = 100_000  # held-out queries an index's recall is measured with (exactly)
 
+# ClipCap captioners (train.caption, and `caption train`/`run`/`eval`)
+MAX_PREFIX_LENGTH = 512  # prefix tokens the mapper puts before the caption
+MAX_MAPPER_LAYERS = 64  # of the transformer mapper
+MAX_LM_LAYERS = 64  # of a scratch LM
+MIN_LM_WIDTH, MAX_LM_WIDTH = 8, 8192  # of a scratch LM
+MAX_CAPTION_TOKENS = 1024  # the longest caption, in training and when generating
+
+# robust distillation (train.robust, and `train robust`)
+MAX_TEMPERATURE = 100.0  # of its InfoNCE loss
+MAX_ALIGN_WEIGHT = 1e6  # of its 1 - cosine term
+
+# the five steps of the two damage scales, each set by its tables: tasks.quality.distort
+# imitates camera faults, datasets.corruptions follows ImageNet-C (they differ on purpose)
+DISTORTION_LEVELS = (1, 2, 3, 4, 5)
+SEVERITIES = (1, 2, 3, 4, 5)
+
+MIN_SHAPE_SIZE, MAX_SHAPE_SIZE = 16, 1024  # pixels a side: the shapes are drawn for small CLIPs
+
 
 def _span(low: float | None, high: float | None, low_open: bool, high_open: bool) -> str:
     parts = []

@@ -130,19 +130,10 @@ def load_policy(source: str | Path | None = None) -> Policy:
     path = Path(source).expanduser()
     if not path.is_file():
         raise PolicyError(f"policy {source}: no such file (use 'default' or a YAML file)")
-    return replace(
-        parse_policy(_read_policy(path), label=str(path), folder=path.parent.resolve()),
-        source=path,
-    )
-
-
-def _read_policy(path: Path) -> str:
     from cliplens.tasks.textfile import read_text
 
-    try:
-        return read_text(path, "policy", "a YAML policy ('default' is the shipped one)")
-    except InvalidInputError as e:
-        raise PolicyError(str(e)) from None
+    text = read_text(path, "policy", "a YAML policy ('default' is the shipped one)", PolicyError)
+    return replace(parse_policy(text, label=str(path), folder=path.parent.resolve()), source=path)
 
 
 class _Lines:

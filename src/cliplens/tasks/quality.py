@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from cliplens.errors import ImageError, InvalidInputError
+from cliplens.tasks.limits import DISTORTION_LEVELS
 from cliplens.train.probe import LinearProbe, fit_probe
 
 # name -> (positive prompt, negative prompt), from CLIP-IQA
@@ -234,8 +235,9 @@ def distort(image: Any, kind: str, level: int) -> Any:
 
     from PIL import Image, ImageEnhance, ImageFilter
 
-    if not 1 <= level <= 5:
-        raise InvalidInputError(f"distortion level {level} must be 1..5")
+    if level not in DISTORTION_LEVELS:
+        low, high = DISTORTION_LEVELS[0], DISTORTION_LEVELS[-1]
+        raise InvalidInputError(f"distortion level {level} must be {low}..{high}")
     if kind == "blur":
         return image.filter(ImageFilter.GaussianBlur(radius=[1, 2, 3.5, 5, 8][level - 1]))
     if kind == "noise":

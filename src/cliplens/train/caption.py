@@ -26,7 +26,18 @@ import torch
 from cliplens.errors import InvalidInputError
 from cliplens.tasks.caption import lm as lms
 from cliplens.tasks.caption.model import Captioner, CaptionerConfig, check_lm_setup
-from cliplens.tasks.limits import MAX_LR, MAX_TRAIN_STEPS, finite_number, whole_number
+from cliplens.tasks.limits import (
+    MAX_CAPTION_TOKENS,
+    MAX_LM_LAYERS,
+    MAX_LM_WIDTH,
+    MAX_LR,
+    MAX_MAPPER_LAYERS,
+    MAX_PREFIX_LENGTH,
+    MAX_TRAIN_STEPS,
+    MIN_LM_WIDTH,
+    finite_number,
+    whole_number,
+)
 from cliplens.train.clip import (
     check_loss,
     check_schedule,
@@ -69,8 +80,8 @@ class CaptionTrainConfig:
         self.validate()
 
     def validate(self) -> None:
-        if self.epochs < 1 or self.batch_size < 1:
-            raise InvalidInputError("--epochs and --batch-size must be at least 1")
+        if self.batch_size < 1:
+            raise InvalidInputError(f"batch size {self.batch_size}: use at least 1")
         check_lm_setup(self.variant, self.lm, self.lm_trained)
         finite_number(self.word_dropout, "word dropout", 0, 1, high_open=True)
         if self.precision not in ("bf16", "fp32"):
@@ -80,14 +91,14 @@ class CaptionTrainConfig:
             finite_number(self.lm_lr, "LM learning rate", 0, MAX_LR, low_open=True, example="5e-5")
         finite_number(self.weight_decay, "weight decay", 0, 10)
         finite_number(self.grad_clip, "gradient clipping norm (0: none)", 0)
-        whole_number(self.prefix_length, "prefix length (tokens)", 1, 512)
-        whole_number(self.mapper_layers, "mapper layers", 1, 64)
-        whole_number(self.max_tokens, "caption length (tokens)", 2, 1024)
+        whole_number(self.prefix_length, "prefix length (tokens)", 1, MAX_PREFIX_LENGTH)
+        whole_number(self.mapper_layers, "mapper layers", 1, MAX_MAPPER_LAYERS)
+        whole_number(self.max_tokens, "caption length (tokens)", 2, MAX_CAPTION_TOKENS)
         whole_number(self.checkpoint_every, "checkpoint interval (steps)", 1, MAX_TRAIN_STEPS)
         whole_number(self.eval_images, "validation images captioned", 0, MAX_TRAIN_STEPS)
         lm = self.scratch
-        whole_number(lm.layers, "scratch LM layers", 1, 64)
-        whole_number(lm.width, "scratch LM width", 8, 8192)
+        whole_number(lm.layers, "scratch LM layers", 1, MAX_LM_LAYERS)
+        whole_number(lm.width, "scratch LM width", MIN_LM_WIDTH, MAX_LM_WIDTH)
         if lm.heads < 1 or lm.width % lm.heads:
             raise InvalidInputError(
                 f"scratch LM width {lm.width}: use a multiple of its {lm.heads} attention "
@@ -293,10 +304,10 @@ def train_captioner(
                 with autocast:
                     captions = [train_data.captions[i] for i in batch]
                     loss = model.loss(emb, captions, cfg.word_dropout)
-                value = loss.item()
-                check_loss(value, step, cfg.lr, out)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                value = loss.item()  # read once backward is queued (a GPU waits once a step)
+                check_loss(value, step, cfg.lr, out)
                 if cfg.grad_clip:
                     torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
                 optimizer.step()

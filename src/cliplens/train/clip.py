@@ -98,8 +98,8 @@ class TrainConfig:
             raise InvalidInputError(f"lock '{self.lock}': one of {', '.join(LOCKS)}")
         if self.precision not in ("fp32", "bf16"):
             raise InvalidInputError(f"precision '{self.precision}': fp32 or bf16")
-        if self.batch_size < 2 or self.accumulate < 1 or self.epochs < 1:
-            raise InvalidInputError("batch size >= 2, accumulate >= 1 and epochs >= 1")
+        if self.batch_size < 2 or self.accumulate < 1:
+            raise InvalidInputError("batch size >= 2 and accumulate >= 1")
         check_schedule(self.lr, self.epochs, self.warmup_steps, self.max_minutes, self.seed)
         finite_number(self.weight_decay, "weight decay", 0, 10)
         finite_number(self.grad_clip, "gradient clipping norm (0: none)", 0)

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cliplens.errors import InvalidInputError
+from cliplens.tasks.textfile import read_text
 
 _IMAGE_KEYS = ("image", "filepath", "path")
 _CAPTION_KEYS = ("caption", "title", "text")
@@ -62,11 +63,30 @@ def read_pairs(source: str | os.PathLike, check_files: bool = True) -> list[Pair
         raise DataError(f"training data {source}: no such file or folder")
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".json"):
-        rows = _read_jsonl(path)
+        rows = [row[:3] for row in _read_jsonl(path)]
     elif suffix in (".csv", ".tsv"):
         rows = _read_csv(path, "\t" if suffix == ".tsv" else ",")
     else:
         raise DataError(f"training data {source}: expected .jsonl, .csv, .tsv or a folder")
+    return _listed_pairs(path, rows, check_files)
+
+
+def read_labelled_pairs(
+    source: str | os.PathLike, check_files: bool = True
+) -> list[tuple[Pair, str]]:
+    """Each pair of a .jsonl file with its row's "label" (stripped; "" where the row has no
+    text label), from one reading of the file: the rows `read_pairs` would give."""
+    path = Path(source)
+    if not path.is_file():
+        raise DataError(f"training data {source}: no such file or folder")
+    rows = _read_jsonl(path)
+    pairs = _listed_pairs(path, [row[:3] for row in rows], check_files)
+    labels = [label.strip() if isinstance(label, str) else "" for *_, label in rows]
+    return list(zip(pairs, labels, strict=True))
+
+
+def _listed_pairs(path: Path, rows: list[tuple[int, str, str]], check_files: bool) -> list[Pair]:
+    """The pairs of a listing's rows, images relative to the listing."""
     pairs = []
     for line, image, caption in rows:
         pair = Pair((path.parent / image).resolve(), caption)
@@ -74,7 +94,7 @@ def read_pairs(source: str | os.PathLike, check_files: bool = True) -> list[Pair
             raise DataError(f"{path} row {line}: image {image} does not exist")
         pairs.append(pair)
     if not pairs:
-        raise DataError(f"training data {source}: no rows")
+        raise DataError(f"training data {path}: no rows")
     return pairs
 
 
@@ -88,9 +108,12 @@ def _field(row: dict, keys: tuple[str, ...], where: str, what: str) -> str:
     raise DataError(f"{where}: no {what} (expected one of {', '.join(keys)})")
 
 
-def _read_jsonl(path: Path) -> list[tuple[int, str, str]]:
+def _read_jsonl(path: Path) -> list[tuple[int, str, str, object]]:
+    """(line, image, caption, label) per row; the label as the row has it (None if none)."""
     rows = []
-    text = _read(path, 'JSON lines of {"image": ..., "caption": ...}')
+    text = read_text(
+        path, "training data", 'JSON lines of {"image": ..., "caption": ...}', DataError
+    )
     for n, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
@@ -103,23 +126,14 @@ def _read_jsonl(path: Path) -> list[tuple[int, str, str]]:
             raise DataError(f"{where}: JSON nested too deep") from None
         if not isinstance(row, dict):
             raise DataError(f"{where}: expected an object with image and caption")
-        rows.append((n, _field(row, _IMAGE_KEYS, where, "image"),
-                     _field(row, _CAPTION_KEYS, where, "caption")))  # fmt: skip
+        image = _field(row, _IMAGE_KEYS, where, "image")
+        caption = _field(row, _CAPTION_KEYS, where, "caption")
+        rows.append((n, image, caption, row.get("label")))
     return rows
 
 
-def _read(path: Path, expected: str) -> str:
-    """The listing's text; a binary or unreadable file is a DataError naming it."""
-    from cliplens.tasks.textfile import read_text
-
-    try:
-        return read_text(path, "training data", expected)
-    except InvalidInputError as e:
-        raise DataError(str(e)) from None
-
-
 def _read_csv(path: Path, delimiter: str) -> list[tuple[int, str, str]]:
-    text = _read(path, "a CSV file with image and caption columns")
+    text = read_text(path, "training data", "a CSV file with image and caption columns", DataError)
     reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
     try:
         return _csv_rows(path, reader)
@@ -151,7 +165,8 @@ def _read_folder(folder: Path) -> list[Pair]:
         text = image.with_suffix(".txt")
         if not text.is_file():
             raise DataError(f"{image}: no caption file {text.name} beside it")
-        caption = _read(text, f"the caption of {image.name} as text").strip()
+        expected = f"the caption of {image.name} as text"
+        caption = read_text(text, "training data", expected, DataError).strip()
         if not caption:
             raise DataError(f"{text}: empty caption")
         pairs.append(Pair(image.resolve(), caption))

@@ -33,14 +33,14 @@ import torch
 
 from cliplens.datasets.corruptions import CORRUPTIONS, corrupt
 from cliplens.errors import InvalidInputError
-from cliplens.tasks.limits import finite_number
+from cliplens.tasks.limits import MAX_ALIGN_WEIGHT, MAX_TEMPERATURE, SEVERITIES, finite_number
 from cliplens.train.probe import LinearProbe
 
 
 @dataclass
 class RobustConfig:
     corruptions: tuple[str, ...] = CORRUPTIONS
-    severities: tuple[int, ...] = (1, 2, 3, 4, 5)
+    severities: tuple[int, ...] = SEVERITIES
     clean_fraction: float = 0.3  # share of training images shown uncorrupted
     epochs: int = 3
     max_minutes: float | None = None
@@ -64,8 +64,10 @@ class RobustConfig:
         finite_number(self.clean_fraction, "clean fraction", 0, 1, high_open=True)
         if self.batch_size < 2:
             raise InvalidInputError(f"batch size {self.batch_size}: use at least 2")
-        finite_number(self.temperature, "temperature", 0, 100, low_open=True, example="0.1")
-        finite_number(self.align_weight, "align weight", 0, 1e6)
+        finite_number(
+            self.temperature, "temperature", 0, MAX_TEMPERATURE, low_open=True, example="0.1"
+        )
+        finite_number(self.align_weight, "align weight", 0, MAX_ALIGN_WEIGHT)
         finite_number(self.weight_decay, "weight decay", 0, 10)
         check_schedule(self.lr, self.epochs, self.warmup_steps, self.max_minutes, self.seed)
         if self.precision not in ("fp32", "bf16"):
@@ -75,8 +77,10 @@ class RobustConfig:
             raise InvalidInputError(
                 f"corruptions {unknown or 'none'}: choose from {', '.join(CORRUPTIONS)}"
             )
-        if not self.severities or any(s not in (1, 2, 3, 4, 5) for s in self.severities):
-            raise InvalidInputError(f"severities {self.severities}: choose from 1 to 5")
+        if not self.severities or any(s not in SEVERITIES for s in self.severities):
+            raise InvalidInputError(
+                f"severities {self.severities}: choose from {SEVERITIES[0]} to {SEVERITIES[-1]}"
+            )
 
 
 @dataclass
@@ -183,10 +187,10 @@ def train_robust(
                 loss = clip_loss(emb, target, scale)
                 if cfg.align_weight:
                     loss = loss + cfg.align_weight * (1 - (emb * target).sum(-1)).mean()
-                value = loss.item()
-                check_loss(value, step, cfg.lr, out)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                value = loss.item()  # read once backward is queued (a GPU waits once a step)
+                check_loss(value, step, cfg.lr, out)
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
                 optimizer.step()
                 scheduler.step()
@@ -230,7 +234,7 @@ def evaluate_robust(
     images: Sequence[Any],
     labels: Sequence[str],
     corruptions: Sequence[str] = CORRUPTIONS,
-    severities: Sequence[int] = (1, 2, 3, 4, 5),
+    severities: Sequence[int] = SEVERITIES,
     templates: Sequence[str] = ("a photo of a {}.",),
     probe: LinearProbe | None = None,
     seed: int = 0,

@@ -18,8 +18,7 @@ from pydantic import BaseModel, Field, model_validator
 from cliplens.images import is_remote
 from cliplens.paths import readable
 from cliplens.server.app import Service, service_of
-from cliplens.server.files import PhotoFile, PhotoResponse, open_photo
-from cliplens.server.photos import media_type, read_remote
+from cliplens.server.files import PhotoFile, PhotoResponse, open_photo, open_remote, served_type
 from cliplens.server.uploads import read_images
 from cliplens.tasks.search import MAX_WEIGHT  # the bound of parse_query's weights too
 
@@ -57,7 +56,7 @@ class Term(BaseModel):
 
     text: str | None = Field(None, min_length=1, max_length=1000)
     id: int | None = Field(None, ge=0, le=MAX_ID)
-    weight: float = Field(1.0, ge=-MAX_WEIGHT, le=MAX_WEIGHT)
+    weight: float = Field(1.0, ge=-MAX_WEIGHT, le=MAX_WEIGHT, allow_inf_nan=False)
 
     @model_validator(mode="after")
     def _one_kind(self) -> Term:
@@ -117,7 +116,7 @@ async def search_image(
     q: Annotated[
         str | None, Form(max_length=1000, description="Text to add (weights allowed).")
     ] = None,
-    image_weight: Annotated[float, Form(ge=-MAX_WEIGHT, le=MAX_WEIGHT)] = 1.0,
+    image_weight: Annotated[float, Form(ge=-MAX_WEIGHT, le=MAX_WEIGHT, allow_inf_nan=False)] = 1.0,
     n: Annotated[int, Form(ge=1, le=MAX_N)] = 20,
 ) -> SearchOut:
     """Search by an uploaded photo, optionally with text terms."""
@@ -154,25 +153,28 @@ def _update_hint(svc: Service) -> str:
     return "cliplens index" if svc.photos.kind == "catalog" else "cliplens build-index"
 
 
-def _remote_or_open(svc: Service, file_id: int) -> str | PhotoFile:
-    """The photo's object-store URI, or its local file opened with every check of files.py
-    (status ok in the catalog, no symbolic link, a regular file, an image by content)."""
+def _open(svc: Service, file_id: int) -> PhotoFile:
+    """The photo, opened with the checks of files.py for its kind: status ok in the
+    catalog; on disk, no symbolic link and a regular file (its content not yet checked)."""
     path = svc.photos.servable(file_id)
+    label = f"photo {file_id}"
     if is_remote(path):
-        return path
-    return open_photo(path, f"photo {file_id}", _update_hint(svc))
+        return open_remote(path, label)
+    return open_photo(path, label, _update_hint(svc))
 
 
 @router.get("/images/{file_id}", response_class=Response,
             responses={200: {"content": {"image/*": {}}}})  # fmt: skip
 def image(request: Request, file_id: FileId) -> Response:
     """The original file of a photo, typed by its content."""
-    photo = _remote_or_open(service_of(request), file_id)
-    headers = {"Cache-Control": "private, max-age=3600"}
-    if isinstance(photo, str):
-        return Response(read_remote(photo, f"photo {file_id}"), media_type=media_type(photo),
-                        headers=headers)  # fmt: skip
-    return PhotoResponse(photo, headers)
+    svc = service_of(request)
+    photo = _open(svc, file_id)
+    try:
+        media_type = served_type(photo, svc.settings.max_megapixels)
+    except BaseException:
+        photo.close()
+        raise
+    return PhotoResponse(photo, media_type, {"Cache-Control": "private, max-age=3600"})
 
 
 class _Thumbs:
@@ -194,12 +196,14 @@ class _Thumbs:
                 self.items.popitem(last=False)
 
 
-def _thumbnail(data: bytes, label: str, side: int, max_megapixels: float) -> bytes:
+def _thumbnail(photo: PhotoFile, side: int, max_megapixels: float) -> bytes:
+    """A JPEG of the photo, from the file already open, if /v1/images would serve it."""
     from PIL import Image
 
-    from cliplens.images import open_image_bytes
+    from cliplens.images import open_image
 
-    img = open_image_bytes(data, label, min_size=side, max_megapixels=max_megapixels)
+    served_type(photo, max_megapixels)
+    img = open_image(photo.file, min_size=side, max_megapixels=max_megapixels, label=photo.label)
     img.thumbnail((side, side), Image.Resampling.LANCZOS)
     buf = io.BytesIO()
     img.save(buf, format="JPEG", quality=85)
@@ -211,23 +215,26 @@ def _thumbnail(data: bytes, label: str, side: int, max_megapixels: float) -> byt
 def thumb(
     request: Request, file_id: FileId, size: Annotated[int, Query(ge=16, le=1024)] = 256
 ) -> Response:
-    """A JPEG thumbnail of a photo, at most `size` pixels on its long side."""
+    """A JPEG thumbnail of a photo, at most `size` pixels on its long side.
+
+    A file on disk is opened (and checked as a file) on every request and keyed by its
+    (device, inode, size, mtime): a hit was made from that very file, so its content is
+    not identified again, and a changed file is a new key. An object-store photo is keyed
+    by its URI, and read only on a miss."""
     svc = service_of(request)
-    label = f"photo {file_id}"
-    photo = _remote_or_open(svc, file_id)
-    if isinstance(photo, str):
-        uri = photo
-        key, read = (file_id, uri, size), lambda: read_remote(uri, label)
-    else:  # keyed by the opened file's (device, inode, size, mtime): a changed file is new
-        key, read = (file_id, photo.version, size), photo.read
+    path = svc.photos.servable(file_id)
+    photo = None if is_remote(path) else open_photo(path, f"photo {file_id}", _update_hint(svc))
+    key = (file_id, path if photo is None else photo.version, size)
     cache = svc.cached("thumbs", lambda: _Thumbs(512))
     try:
         data = cache.get(key)
         if data is None:
-            data = _thumbnail(read(), label, size, svc.settings.max_megapixels)
+            if photo is None:  # an object-store photo is read only now
+                photo = open_remote(path, f"photo {file_id}")
+            data = _thumbnail(photo, size, svc.settings.max_megapixels)
             cache.put(key, data)
     finally:
-        if isinstance(photo, PhotoFile):
-            photo.file.close()
+        if photo is not None:
+            photo.close()
     return Response(data, media_type="image/jpeg",
                     headers={"Cache-Control": "private, max-age=3600"})  # fmt: skip
