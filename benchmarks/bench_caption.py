@@ -20,11 +20,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cliplens.caption.metrics import score_captions
+from cliplens.caption.model import load_captioner
+from cliplens.caption.train import embed_pairs
 from cliplens.datasets.shapes import names_all_objects
 from cliplens.models.ref import ModelRef
-from cliplens.tasks.caption.metrics import score_captions
-from cliplens.tasks.caption.model import load_captioner
-from cliplens.train.caption import embed_pairs
 from cliplens.train.data import read_pairs
 
 

@@ -52,7 +52,7 @@ class ProbeJudge:
     """A linear probe on the offline model's image features."""
 
     def __init__(self, root: Path, n_train: int) -> None:
-        from cliplens.train.probe import fit_probe
+        from cliplens.tasks.probe import fit_probe
 
         self.encoder = load_model("offline")
         train = [r for r in rows(root, "train.jsonl") if r.get("label")][:n_train]

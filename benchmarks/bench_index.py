@@ -1,5 +1,5 @@
 """faiss indexes at scale on this machine: N synthetic clustered 512-d unit vectors, built with
-`cliplens.distributed.index` exactly as `cliplens build-index` builds over shards, but
+`cliplens.index.build` exactly as `cliplens build-index` builds over shards, but
 generated on the fly (10M float16 vectors would take 10 GB of disk as shards).
 
     python benchmarks/bench_index.py [--n 10000000] [--dim 512] [--clusters 20000]
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cliplens.distributed.index import (
+from cliplens.index.build import (
     VectorSource,
     build_from,
     measure,

@@ -32,16 +32,16 @@ def main() -> None:
 
     import ray
 
+    from cliplens.catalog.db import Catalog
+    from cliplens.catalog.update import update_catalog
     from cliplens.distributed.embed import EmbedJob, iter_shards, run_embed_job, shard_vectors
     from cliplens.models.ref import ModelRef
-    from cliplens.pipeline import index_folders
-    from cliplens.store.catalog import Catalog
 
     ref = ModelRef(args.model, precision=args.precision)
     ref.load()  # both runs start with the weights on disk cached and torch imported
     t = time.perf_counter()
     with Catalog(args.work / "single.db") as cat:
-        stats = index_folders(cat, ref, [args.photos])
+        stats = update_catalog(cat, ref, [args.photos])
         single_s = time.perf_counter() - t
         ids, _, matrix = cat.vectors(ref.info.model_id)
         single = dict(zip(cat.paths(ids.tolist()).values(), matrix.astype(np.float32),

@@ -28,8 +28,8 @@ import numpy as np
 from PIL import Image
 
 from cliplens import load_model
-from cliplens.datasets.corruptions import CORRUPTIONS, parse_severities
-from cliplens.train.probe import fit_probe
+from cliplens.corruptions import CORRUPTIONS, parse_severities
+from cliplens.tasks.probe import fit_probe
 from cliplens.train.robust import RobustConfig, evaluate_robust, train_robust
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from scipy.stats import spearmanr
 
-from cliplens.datasets.distortions import write_distortions
+from cliplens.datasets.distorted import write_distortions
 from cliplens.datasets.photos import write_photos
 from cliplens.images import iter_image_files
 from cliplens.models.ref import ModelRef

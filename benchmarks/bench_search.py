@@ -18,8 +18,8 @@ import time
 
 import numpy as np
 
-from cliplens.store import ann
-from cliplens.store.vectors import VectorIndex
+from cliplens.catalog import ivf as ann
+from cliplens.catalog.vectors import CatalogVectors
 
 
 def synthetic(n, dim, kind, rng, centres, spread):
@@ -58,7 +58,7 @@ def main() -> None:
         m = synthetic(n, dim, args.data, rng, centres, args.spread)
         q = synthetic(args.queries, dim, args.data, rng, centres, args.spread)
         ids = np.arange(n, dtype=np.int64)
-        index = VectorIndex(ids, m)
+        index = CatalogVectors(ids, m)
         exact_ms, truth = timed(lambda v, index=index: index.search(v, 10), q)
         label = f"{args.data}, spread {args.spread}" if args.data == "clustered" else args.data
         print(f"{n:>9,} vectors ({label}): exact top-10 median {exact_ms:6.1f} ms", flush=True)

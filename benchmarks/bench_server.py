@@ -85,7 +85,7 @@ def built_index(work: Path, n: int, model: str) -> Path:
     server accepts its text queries (the vectors are not that model's: only speed and
     memory mean anything here)."""
     from bench_index import synthetic
-    from cliplens.distributed.index import build_from, plan_index, write_index_folder
+    from cliplens.index.build import build_from, plan_index, write_index_folder
     from cliplens.models.ref import ModelRef
 
     folder = work / f"index-{n}"

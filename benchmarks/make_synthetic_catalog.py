@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from cliplens.catalog.db import Catalog
 from cliplens.models.ref import ModelRef
-from cliplens.store.catalog import Catalog
 
 
 def main() -> None:

@@ -19,10 +19,10 @@ def run_json(capsys, argv: list[str]):
 def built_index_from_catalog(folder: Path, catalog_db: Path, model: str, path_of=str) -> Path:
     """A flat build-index folder over the catalog's own vectors, with each photo's path
     rewritten by `path_of` (a local path, or an object-store URI)."""
+    from cliplens.catalog.db import Catalog
     from cliplens.distributed.embed import _save_manifest, _write_shard, shard_name
-    from cliplens.distributed.index import build_index
+    from cliplens.index.build import build_index
     from cliplens.models.ref import ModelRef
-    from cliplens.store.catalog import Catalog
 
     model_id = ModelRef(model).info.model_id
     with Catalog(catalog_db) as cat:

@@ -281,7 +281,7 @@ def test_train_robust_stops_when_the_loss_is_not_finite(capsys, env, monkeypatch
 
 
 def test_caption_train_stops_when_the_loss_is_not_finite(capsys, env, monkeypatch):
-    from cliplens.tasks.caption.model import Captioner
+    from cliplens.caption.model import Captioner
 
     monkeypatch.setattr(Captioner, "loss", _nan_after_first(Captioner.loss))
     argv = _argv(
@@ -331,7 +331,7 @@ def test_every_number_option_is_bounded_and_finite():
 INF, NAN = float("inf"), float("nan")
 CLIP, ROBUST = "cliplens.train.clip:TrainConfig", "cliplens.train.robust:RobustConfig"
 CAPTION, GENERATE = (
-    "cliplens.train.caption:CaptionTrainConfig",
+    "cliplens.caption.train:CaptionTrainConfig",
     "cliplens.tasks.generate:GenerateConfig",
 )
 

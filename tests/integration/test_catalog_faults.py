@@ -18,9 +18,9 @@ from pathlib import Path
 import psutil
 import pytest
 
+from cliplens.catalog.db import Catalog, CatalogBusyError, CatalogError
+from cliplens.catalog.update import update_catalog
 from cliplens.cli.main import main
-from cliplens.pipeline import index_folders
-from cliplens.store.catalog import Catalog, CatalogBusyError, CatalogError
 from cliplens.tasks.search import search
 from conftest import make_photos
 
@@ -265,11 +265,11 @@ def test_a_full_disk_names_the_catalog_and_keeps_what_was_committed(
 
 
 def test_failed_cache_writes_leave_no_temporary_files(monkeypatch, tmp_path, tiny):
-    from cliplens.store import vectors
+    from cliplens.catalog import vectors
 
     make_photos(tmp_path / "p", 3)
     catalog = Catalog(tmp_path / "c.db")
-    index_folders(catalog, tiny, [tmp_path / "p"], workers=0)
+    update_catalog(catalog, tiny, [tmp_path / "p"], workers=0)
 
     def no_space(file, array):
         file.write(b"partial")
@@ -282,11 +282,11 @@ def test_failed_cache_writes_leave_no_temporary_files(monkeypatch, tmp_path, tin
 
 
 def test_cache_files_get_the_umask_mode(tmp_path, tiny):
-    from cliplens.store import vectors
+    from cliplens.catalog import vectors
 
     make_photos(tmp_path / "p", 2)
     catalog = Catalog(tmp_path / "c.db")
-    index_folders(catalog, tiny, [tmp_path / "p"], workers=0)
+    update_catalog(catalog, tiny, [tmp_path / "p"], workers=0)
     search(catalog, tiny, "x", 2)
     mask = os.umask(0o022)
     os.umask(mask)
@@ -382,7 +382,7 @@ def _orphans(db: Path) -> int:
 def test_a_reindex_killed_before_collecting_leaves_no_orphans_for_good(monkeypatch, tmp_path, tiny):
     paths = make_photos(tmp_path / "p", 6)
     db = tmp_path / "c.db"
-    index_folders(Catalog(db), tiny, [tmp_path / "p"], workers=0)
+    update_catalog(Catalog(db), tiny, [tmp_path / "p"], workers=0)
     make_photos(tmp_path / "p", 6, seed=5)  # every photo changes: six embeddings orphaned
     assert len(paths) == 6
 
@@ -392,9 +392,9 @@ def test_a_reindex_killed_before_collecting_leaves_no_orphans_for_good(monkeypat
     with monkeypatch.context() as m:
         m.setattr(Catalog, "collect_garbage", killed)
         with pytest.raises(KeyboardInterrupt):
-            index_folders(Catalog(db), tiny, [tmp_path / "p"], workers=0)
+            update_catalog(Catalog(db), tiny, [tmp_path / "p"], workers=0)
     assert _orphans(db) == 6
-    stats = index_folders(Catalog(db), tiny, [tmp_path / "p"], workers=0)  # nothing to do...
+    stats = update_catalog(Catalog(db), tiny, [tmp_path / "p"], workers=0)  # nothing to do...
     assert stats.unchanged == 6 and stats.encoded == 0
     assert _orphans(db) == 0  # ...but the garbage the killed run left is collected
 

@@ -46,9 +46,9 @@ def _job(tmp_path, folder, tiny_model_dir, **kw) -> EmbedJob:
 def test_ray_job_matches_the_single_process_index(tmp_path, folder, tiny_model_dir):
     import pyarrow.parquet as pq
 
+    from cliplens.catalog.db import Catalog
+    from cliplens.catalog.update import update_catalog
     from cliplens.models.ref import ModelRef
-    from cliplens.pipeline import index_folders
-    from cliplens.store.catalog import Catalog
 
     report = run_embed_job(_job(tmp_path, folder, tiny_model_dir))
     assert report.files == 9 and report.shards == 3
@@ -61,7 +61,7 @@ def test_ray_job_matches_the_single_process_index(tmp_path, folder, tiny_model_d
     assert tables[0].schema.field("embedding").type.value_type == "halffloat"
     # the single-process pipeline on the same files, same model and precision
     with Catalog(tmp_path / "c.db") as cat:
-        index_folders(cat, ModelRef(f"local:{tiny_model_dir}", precision="fp32"), [folder],
+        update_catalog(cat, ModelRef(f"local:{tiny_model_dir}", precision="fp32"), [folder],
                       workers=0)  # fmt: skip
         ids, _, matrix = cat.vectors(ModelRef(f"local:{tiny_model_dir}").info.model_id)
         by_path = dict(zip(cat.paths(ids.tolist()).values(), matrix, strict=True))
@@ -152,10 +152,10 @@ def test_cli_embed_dataset_and_catalog_import(tmp_path, folder, tiny_model_dir, 
     """The commands end to end; imported embeddings make `cliplens index` a no-op."""
     import json
 
+    from cliplens.catalog.db import Catalog
+    from cliplens.catalog.update import update_catalog
     from cliplens.cli.main import main
     from cliplens.models.ref import ModelRef
-    from cliplens.pipeline import index_folders
-    from cliplens.store.catalog import Catalog
     from cliplens.tasks.search import search
     from tests_helpers import run_json
 
@@ -171,7 +171,7 @@ def test_cli_embed_dataset_and_catalog_import(tmp_path, folder, tiny_model_dir, 
     with Catalog(db) as cat:
         assert cat.count_embedded(ModelRef(model).info.model_id) == 7
         assert len(cat.failures()) == 2
-        stats = index_folders(cat, ModelRef(model, precision="fp32"), [folder], workers=0)
+        stats = update_catalog(cat, ModelRef(model, precision="fp32"), [folder], workers=0)
         assert stats.encoded == 0 and stats.unchanged == 7  # nothing to redo
         hits = search(cat, ModelRef(model), "a cat", 3)
         assert len(hits) == 3

@@ -10,11 +10,11 @@ import sys
 
 import numpy as np
 
+from cliplens.catalog.db import Catalog
+from cliplens.catalog.update import update_catalog
 from cliplens.cli.main import main
-from cliplens.models.fast_text import PROBES, find_text_encoder
+from cliplens.models.onnx_text import PROBES, find_text_encoder
 from cliplens.models.ref import ModelRef, recorded_info
-from cliplens.pipeline import index_folders
-from cliplens.store.catalog import Catalog
 from cliplens.tasks.search import parse_query, query_vector, search
 from conftest import TINY_CFG, make_photos, make_tiny_clip
 
@@ -25,18 +25,18 @@ def test_noop_index_does_not_load_the_model(tmp_path, tiny_model_dir):
     make_photos(folder, 4)
     cat = Catalog(tmp_path / "c.db")
     first = ModelRef(name, device="cpu", precision="fp32")
-    assert index_folders(cat, first, [folder], workers=0).new == 4
+    assert update_catalog(cat, first, [folder], workers=0).new == 4
     assert first.loaded
 
     again = ModelRef(name, device="cpu", precision="fp32")
-    stats = index_folders(cat, again, [folder], workers=0)
+    stats = update_catalog(cat, again, [folder], workers=0)
     assert stats.unchanged == 4 and stats.new == stats.changed == 0
     assert not again.loaded
     assert again.info.model_id == first.info.model_id
 
     make_photos(folder, 5, seed=1)  # 4 rewritten with new pixels, 1 new
     third = ModelRef(name, device="cpu", precision="fp32")
-    stats = index_folders(cat, third, [folder], workers=0)
+    stats = update_catalog(cat, third, [folder], workers=0)
     assert (stats.changed, stats.new) == (4, 1)
     assert third.loaded
 
@@ -138,7 +138,8 @@ def test_fast_text_can_be_switched_off(monkeypatch, tiny_model_dir):
 
 
 def test_unexportable_model_is_noted_once(tmp_path, monkeypatch):
-    from cliplens.models import fast_text, save_checkpoint
+    from cliplens.models import onnx_text as fast_text
+    from cliplens.models import save_checkpoint
     from cliplens.models.openclip import OpenClipEncoder
 
     folder = save_checkpoint(make_tiny_clip(seed=5), tmp_path / "ckpt", TINY_CFG, arch="tiny-test")

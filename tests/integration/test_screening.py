@@ -8,11 +8,11 @@ import shutil
 import numpy as np
 import pytest
 
+from cliplens.catalog.db import Catalog
+from cliplens.catalog.update import update_catalog
 from cliplens.cli.main import main
-from cliplens.datasets.distortions import write_distortions
+from cliplens.datasets.distorted import write_distortions
 from cliplens.datasets.photos import write_photos
-from cliplens.pipeline import index_folders
-from cliplens.store.catalog import Catalog
 from cliplens.tasks.embed import embed_files
 from cliplens.tasks.moderate import build_moderator
 from cliplens.tasks.policy import parse_policy
@@ -61,7 +61,7 @@ def test_moderate_cli_flags_redacts_and_reuses_the_catalog(tmp_path, offline, ph
     assert [p.name for p in (tmp_path / "redacted").iterdir()] == ["cat.redacted.jpg"]
     # an indexed folder is not encoded again
     db = Catalog(tmp_path / "c.db")
-    index_folders(db, offline, [photos], workers=0)
+    update_catalog(db, offline, [photos], workers=0)
     done = embed_files(offline, sorted(photos.iterdir()), Catalog(tmp_path / "c.db", readonly=True))
     assert done.reused == 7
     fresh = embed_files(offline, sorted(photos.iterdir()))

@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from cliplens.catalog.db import Catalog
+from cliplens.catalog.update import update_catalog
 from cliplens.cli.main import main
 from cliplens.errors import InvalidInputError
-from cliplens.pipeline import index_folders
-from cliplens.store.catalog import Catalog
 from cliplens.tasks.search import duplicates, parse_query, query_vector, search, similar
 from conftest import make_photos
 
@@ -53,7 +53,7 @@ def test_search_similar_and_folder_filter(tmp_path, tiny):
     make_photos(tmp_path / "a", 4)
     make_photos(tmp_path / "b", 3, seed=9)
     cat = Catalog(tmp_path / "c.db")
-    index_folders(cat, tiny, [tmp_path], workers=0)
+    update_catalog(cat, tiny, [tmp_path], workers=0)
     probe = str((tmp_path / "a" / "img002.jpg").resolve())
     hits = search(cat, tiny, probe, n=3)
     assert hits[0].path == probe and hits[0].score == pytest.approx(1.0, abs=2e-3)
@@ -76,7 +76,7 @@ def test_duplicates_exact_and_near(tmp_path, tiny):
     (tmp_path / "p" / "copy.jpg").write_bytes(src.read_bytes())
     Image.open(src).save(tmp_path / "p" / "recompressed.jpg", quality=70)
     cat = Catalog(tmp_path / "c.db")
-    index_folders(cat, tiny, [tmp_path / "p"], workers=0)
+    update_catalog(cat, tiny, [tmp_path / "p"], workers=0)
     groups = duplicates(cat, tiny.info.model_id, [tmp_path / "p"], threshold=0.97)
     kinds = {g.kind: g for g in groups}
     assert [Path(p).name for p in kinds["exact"].paths] == ["copy.jpg", "img000.jpg"]
@@ -98,7 +98,7 @@ def test_exif_rotated_photo_embeds_upright(tmp_path, tiny):
 
 def test_offline_semantic_search(tmp_path, offline, photos):
     cat = Catalog(tmp_path / "c.db")
-    index_folders(cat, offline, [photos], workers=0)
+    update_catalog(cat, offline, [photos], workers=0)
     hits = search(cat, offline, "a cat", n=2)
     assert any(Path(h.path).name == "cat.jpg" for h in hits)
     assert Path(search(cat, offline, "a cup of coffee", n=1)[0].path).name == "coffee.jpg"
@@ -151,7 +151,7 @@ def test_search_while_indexing(tmp_path, tiny_model_dir, tiny):
     make_photos(tmp_path / "p", 120, size=(640, 480))
     db = tmp_path / "c.db"
     cat = Catalog(db)
-    index_folders(cat, tiny, [tmp_path / "p" / "img000.jpg"], workers=0)
+    update_catalog(cat, tiny, [tmp_path / "p" / "img000.jpg"], workers=0)
     proc = subprocess.Popen([*_cmd(), "index", str(tmp_path / "p"), "--db", str(db), "-b", "2",
                              "--workers", "0"], env=_cli_env(tiny_model_dir),
                             stderr=subprocess.PIPE)  # fmt: skip

@@ -11,10 +11,10 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from cliplens.catalog.db import Catalog
+from cliplens.catalog.update import update_catalog
 from cliplens.models.ref import ModelRef
-from cliplens.pipeline import index_folders
 from cliplens.server import ServerSettings, create_app
-from cliplens.store.catalog import Catalog
 from tests_helpers import built_index_from_catalog
 
 
@@ -22,7 +22,7 @@ from tests_helpers import built_index_from_catalog
 def catalog_db(tmp_path_factory, tiny_model_dir, photos) -> Path:
     db = tmp_path_factory.mktemp("server") / "catalog.db"
     with Catalog(db) as cat:
-        index_folders(cat, ModelRef(f"local:{tiny_model_dir}"), [photos], workers=0)
+        update_catalog(cat, ModelRef(f"local:{tiny_model_dir}"), [photos], workers=0)
     return db
 
 
@@ -292,9 +292,9 @@ def test_no_catalog_is_a_clear_404(tiny_model_dir, tmp_path):
 
 def test_caption_route(settings, tiny, tmp_path_factory, tiny_model_dir, photos):
     """A tiny captioner trained here; the route's captions are the library's."""
+    from cliplens.caption.model import load_captioner
     from cliplens.cli.main import main
     from cliplens.datasets.shapes import write_shapes
-    from cliplens.tasks.caption.model import load_captioner
 
     data, out = tmp_path_factory.mktemp("shapes"), tmp_path_factory.mktemp("cap")
     write_shapes(data, n=40, size=32, heldout=4)

@@ -19,12 +19,12 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from cliplens.catalog.db import Catalog, CatalogError
+from cliplens.catalog.update import update_catalog
 from cliplens.cli.main import main
 from cliplens.errors import InvalidInputError
 from cliplens.models.ref import ModelRef
-from cliplens.pipeline import index_folders
 from cliplens.server import ServerSettings, create_app
-from cliplens.store.catalog import Catalog, CatalogError
 from conftest import make_photos
 from tests_helpers import built_index_from_catalog
 
@@ -86,7 +86,7 @@ def planted(tmp_path_factory, photos) -> dict[str, Path]:
 def hostile_db(planted, tiny_model_dir) -> Path:
     db = planted["root"] / "catalog.db"
     with Catalog(db) as cat:
-        index_folders(cat, ModelRef(f"local:{tiny_model_dir}"), [planted["inside"]], workers=0)
+        update_catalog(cat, ModelRef(f"local:{tiny_model_dir}"), [planted["inside"]], workers=0)
     return db
 
 
@@ -210,12 +210,12 @@ def test_the_content_type_comes_from_the_content(ok_rows, planted):
 
 def test_a_built_index_gets_the_same_checks(tmp_path, planted, settings):
     """A build-index folder has no status: its rows' files are checked as they are served."""
-    from cliplens.distributed.index import open_built_index
+    from cliplens.index.build import open_built_index
 
     db = tmp_path / "noise.db"
     with Catalog(db) as cat:
         make_photos(tmp_path / "noise", len(CASES) + 1)
-        index_folders(cat, ModelRef(settings.model), [tmp_path / "noise"], workers=0)
+        update_catalog(cat, ModelRef(settings.model), [tmp_path / "noise"], workers=0)
     root = planted["root"]
     targets = {str(root / "photos/cat.jpg"): (200, "")}
     targets |= {_planted_path(root, name): (status, kind) for name, status, kind, _ in CASES}

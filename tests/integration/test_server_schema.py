@@ -21,13 +21,13 @@ CHECKS = [schemathesis.checks.not_a_server_error, response_schema_conformance,
 
 @pytest.fixture(scope="module")
 def app(tmp_path_factory, tiny_model_dir, photos):
+    from cliplens.catalog.db import Catalog
+    from cliplens.catalog.update import update_catalog
     from cliplens.models.ref import ModelRef
-    from cliplens.pipeline import index_folders
-    from cliplens.store.catalog import Catalog
 
     db = tmp_path_factory.mktemp("schema") / "catalog.db"
     with Catalog(db) as cat:
-        index_folders(cat, ModelRef(f"local:{tiny_model_dir}"), [photos], workers=0)
+        update_catalog(cat, ModelRef(f"local:{tiny_model_dir}"), [photos], workers=0)
     return create_app(ServerSettings(model=f"local:{tiny_model_dir}", db=db, timeout_s=30))
 
 

@@ -44,13 +44,13 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def offline_catalog(tmp_path_factory, photos) -> Path:
+    from cliplens.catalog.db import Catalog
+    from cliplens.catalog.update import update_catalog
     from cliplens.models.ref import ModelRef
-    from cliplens.pipeline import index_folders
-    from cliplens.store.catalog import Catalog
 
     db = tmp_path_factory.mktemp("web") / "catalog.db"
     with Catalog(db) as cat:
-        index_folders(cat, ModelRef("offline"), [photos], workers=0)
+        update_catalog(cat, ModelRef("offline"), [photos], workers=0)
     return db
 
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cliplens.pipeline import index_folders
-from cliplens.store import ann
-from cliplens.store.catalog import Catalog
-from cliplens.store.vectors import VectorIndex, cache_dir, load_index
+from cliplens.catalog import ivf as ann
+from cliplens.catalog.db import Catalog
+from cliplens.catalog.update import update_catalog
+from cliplens.catalog.vectors import CatalogVectors, cache_dir, load_vectors
 from conftest import make_photos
 
 
@@ -20,7 +20,7 @@ def clustered(n: int, dim: int = 64, clusters: int = 40, seed: int = 0) -> np.nd
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
-def recall_at_10(index: VectorIndex, queries: np.ndarray) -> float:
+def recall_at_10(index: CatalogVectors, queries: np.ndarray) -> float:
     found = 0
     for q in queries:
         truth = {i for i, _ in index.search(q, 10, exact=True)}
@@ -31,7 +31,7 @@ def recall_at_10(index: VectorIndex, queries: np.ndarray) -> float:
 def test_ann_agrees_with_exact_search():
     m = clustered(20_000)
     ids = np.arange(10, 20_010, dtype=np.int64)
-    index = VectorIndex(ids, m, ann=ann.build(ids, ids * 7, m))
+    index = CatalogVectors(ids, m, ann=ann.build(ids, ids * 7, m))
     assert index.ann.index.nlist == ann.nlist_for(20_000) > 1
     queries = clustered(50, seed=1)
     assert recall_at_10(index, queries) >= 0.95
@@ -82,8 +82,8 @@ def test_saved_index_reloads_and_a_torn_pair_is_refused(tmp_path):
 def test_small_catalogs_stay_exact(tmp_path, tiny):
     make_photos(tmp_path / "p", 6)
     cat = Catalog(tmp_path / "c.db")
-    index_folders(cat, tiny, [tmp_path / "p"], workers=0)
-    assert load_index(cat, tiny.info.model_id).ann is None
+    update_catalog(cat, tiny, [tmp_path / "p"], workers=0)
+    assert load_vectors(cat, tiny.info.model_id).ann is None
     assert not list(cache_dir(cat).glob("*.ivf"))
 
 
@@ -93,15 +93,15 @@ def test_indexing_keeps_the_ann_index_current(tmp_path, tiny, monkeypatch):
     folder = tmp_path / "p"
     paths = make_photos(folder, 90)
     cat = Catalog(tmp_path / "c.db")
-    index_folders(cat, tiny, [folder], workers=0)
+    update_catalog(cat, tiny, [folder], workers=0)
     assert list(cache_dir(cat).glob("*.ivf"))
-    index = load_index(cat, tiny.info.model_id)
+    index = load_vectors(cat, tiny.info.model_id)
     assert index.ann is not None and len(index.ann) == 90
     for p in paths[:30]:
         p.unlink()
     make_photos(folder / "more", 5, seed=4)
-    index_folders(cat, tiny, [folder], workers=0)
-    index = load_index(cat, tiny.info.model_id)
+    update_catalog(cat, tiny, [folder], workers=0)
+    index = load_vectors(cat, tiny.info.model_id)
     assert index.ann is not None
     np.testing.assert_array_equal(index.ann.ids, index.ids)
     q = index.matrix[3]

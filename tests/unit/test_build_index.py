@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from cliplens.distributed.embed import _save_manifest, _write_shard, shard_name
-from cliplens.distributed.index import (
+from cliplens.errors import InvalidInputError
+from cliplens.index.build import (
     VectorSource,
     build_from,
     build_index,
@@ -16,7 +17,6 @@ from cliplens.distributed.index import (
     plan_index,
     shard_source,
 )
-from cliplens.errors import InvalidInputError
 
 
 def write_synthetic_shards(folder, n, dim, clusters=50, shard=2000, seed=0):
@@ -82,7 +82,7 @@ def _cos(a, b) -> float:
 def _check_stored_vectors(tmp_path, data):
     """What the server's similar-photo lookups read back: exact from flat, within SQ8
     error from the refine stage, the PQ approximation (through a direct map) without it."""
-    from cliplens.distributed.index import write_index_folder
+    from cliplens.index.build import write_index_folder
 
     rows = [0, 4321, 11_999]
     flat, pq8, plain = (open_built_index(tmp_path / k) for k in ("flat", "pq8", "pq"))
@@ -164,7 +164,7 @@ def test_update_adds_new_shards_without_training(tmp_path):
 
     import faiss
 
-    from cliplens.distributed.index import update_index
+    from cliplens.index.build import update_index
 
     whole = tmp_path / "whole"
     whole.mkdir()

@@ -9,10 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from cliplens.errors import InvalidInputError
-from cliplens.tasks.caption import lm as lms
-from cliplens.tasks.caption.metrics import java_available, score_captions, simple_tokenize
-from cliplens.tasks.caption.model import (
+from cliplens.caption import language_model as lms
+from cliplens.caption.metrics import java_available, score_captions, simple_tokenize
+from cliplens.caption.model import (
     Captioner,
     CaptionerConfig,
     MLPMapper,
@@ -21,12 +20,13 @@ from cliplens.tasks.caption.model import (
     load_captioner,
     read_config,
 )
-from cliplens.train.caption import (
+from cliplens.caption.train import (
     CaptionTrainConfig,
     EmbeddedPairs,
     embed_pairs,
     train_captioner,
 )
+from cliplens.errors import InvalidInputError
 
 CAPTIONS = ["a red circle", "a blue square above a green star", "a small yellow triangle",
             "a black hexagon to the left of a white diamond"]  # fmt: skip

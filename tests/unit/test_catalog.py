@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cliplens.pipeline import index_folders
-from cliplens.store.catalog import SCHEMA_VERSION, Catalog, CatalogError
-from cliplens.store.vectors import load_index
+from cliplens.catalog.db import SCHEMA_VERSION, Catalog, CatalogError
+from cliplens.catalog.update import update_catalog
+from cliplens.catalog.vectors import load_vectors
 from conftest import make_photos
 
 
@@ -22,21 +22,21 @@ def count(catalog, status="ok"):
 def test_add_modify_rename_copy_delete_cycle(tmp_path, tiny):
     photos = make_photos(tmp_path / "p", 6)
     cat = Catalog(tmp_path / "c.db")
-    s = index_folders(cat, tiny, [tmp_path / "p"], batch_size=4, workers=0)
+    s = update_catalog(cat, tiny, [tmp_path / "p"], batch_size=4, workers=0)
     assert (s.new, s.encoded, s.unchanged) == (6, 6, 0)
     gen = cat.generation
     # nothing changed: nothing opened, nothing written
-    s = index_folders(cat, tiny, [tmp_path / "p"], workers=0)
+    s = update_catalog(cat, tiny, [tmp_path / "p"], workers=0)
     assert (s.unchanged, s.new, s.encoded) == (6, 0, 0) and cat.generation == gen
-    before = load_index(cat, tiny.info.model_id)
+    before = load_vectors(cat, tiny.info.model_id)
     # modify one, rename one, copy one, delete one
     Image.new("RGB", (64, 48), (255, 0, 0)).save(photos[0], quality=90)
     photos[1].rename(tmp_path / "p" / "renamed.jpg")
     shutil.copy(photos[2], tmp_path / "p" / "copy.jpg")
     photos[3].unlink()
-    s = index_folders(cat, tiny, [tmp_path / "p"], workers=0)
+    s = update_catalog(cat, tiny, [tmp_path / "p"], workers=0)
     assert (s.changed, s.moved, s.removed, s.unchanged, s.encoded) == (1, 2, 2, 3, 1)
-    after = load_index(cat, tiny.info.model_id)
+    after = load_vectors(cat, tiny.info.model_id)
     assert len(before) == 6 and len(after) == 6  # 6 - 1 deleted - 1 renamed away + renamed + copy
     # the renamed file kept its embedding; the old path is gone
     paths = set(cat.paths(after.ids).values())
@@ -53,22 +53,22 @@ def test_unreadable_files_recorded_and_not_retried(tmp_path, tiny):
     bad = tmp_path / "p" / "bad.jpg"
     bad.write_bytes(b"not a jpeg")
     cat = Catalog(tmp_path / "c.db")
-    s = index_folders(cat, tiny, [tmp_path / "p"], workers=0)
+    s = update_catalog(cat, tiny, [tmp_path / "p"], workers=0)
     assert s.failed == 1 and s.errors[0][0].endswith("bad.jpg")
     assert cat.failures()[0][0].endswith("bad.jpg")
-    s = index_folders(cat, tiny, [tmp_path / "p"], workers=0)
+    s = update_catalog(cat, tiny, [tmp_path / "p"], workers=0)
     assert (s.failed, s.failed_before) == (0, 1)
     Image.new("RGB", (30, 30)).save(bad, format="JPEG")  # fixed: changed, so retried
-    s = index_folders(cat, tiny, [tmp_path / "p"], workers=0)
+    s = update_catalog(cat, tiny, [tmp_path / "p"], workers=0)
     assert (s.changed, s.failed) == (1, 0) and cat.failures() == []
 
 
 def test_worker_processes_give_the_same_embeddings(tmp_path, tiny):
     make_photos(tmp_path / "p", 9)
     a, b = Catalog(tmp_path / "a.db"), Catalog(tmp_path / "b.db")
-    index_folders(a, tiny, [tmp_path / "p"], workers=0, batch_size=4)
-    index_folders(b, tiny, [tmp_path / "p"], workers=2, batch_size=4)
-    ia, ib = load_index(a, tiny.info.model_id), load_index(b, tiny.info.model_id)
+    update_catalog(a, tiny, [tmp_path / "p"], workers=0, batch_size=4)
+    update_catalog(b, tiny, [tmp_path / "p"], workers=2, batch_size=4)
+    ia, ib = load_vectors(a, tiny.info.model_id), load_vectors(b, tiny.info.model_id)
     pa, pb = a.paths(ia.ids), b.paths(ib.ids)
     va = {pa[i]: v for i, v in zip(ia.ids, ia.matrix, strict=True)}
     vb = {pb[i]: v for i, v in zip(ib.ids, ib.matrix, strict=True)}
@@ -90,8 +90,8 @@ def test_two_models_coexist(tmp_path, tiny, tiny_model_dir):
     )
     make_photos(tmp_path / "p", 3)
     cat = Catalog(tmp_path / "c.db")
-    index_folders(cat, tiny, [tmp_path / "p"], workers=0)
-    s = index_folders(cat, other, [tmp_path / "p"], workers=0)
+    update_catalog(cat, tiny, [tmp_path / "p"], workers=0)
+    s = update_catalog(cat, other, [tmp_path / "p"], workers=0)
     assert s.encoded == 3  # readable already, but not embedded by this model
     assert sorted(n for _, _, n in cat.models()) == [3, 3]
 
@@ -109,24 +109,24 @@ def test_newer_catalog_is_refused(tmp_path):
 def test_vector_cache_follows_generation(tmp_path, tiny):
     make_photos(tmp_path / "p", 3)
     cat = Catalog(tmp_path / "c.db")
-    index_folders(cat, tiny, [tmp_path / "p"], workers=0)
-    first = load_index(cat, tiny.info.model_id)
+    update_catalog(cat, tiny, [tmp_path / "p"], workers=0)
+    first = load_vectors(cat, tiny.info.model_id)
     assert len(first) == 3
     files = list((tmp_path / "c.db.vectors").glob("*.npy"))
     assert len(files) == 3  # file ids, content keys, float16 matrix
     make_photos(tmp_path / "p2", 2, seed=3)
-    index_folders(cat, tiny, [tmp_path / "p2"], workers=0)
-    assert len(load_index(cat, tiny.info.model_id)) == 5
+    update_catalog(cat, tiny, [tmp_path / "p2"], workers=0)
+    assert len(load_vectors(cat, tiny.info.model_id)) == 5
     assert len(list((tmp_path / "c.db.vectors").glob("*.npy"))) == 3  # old generation removed
 
 
 def test_search_many_equals_one_search_per_query():
-    from cliplens.store.vectors import VectorIndex
+    from cliplens.catalog.vectors import CatalogVectors
 
     rng = np.random.default_rng(0)
     matrix = rng.standard_normal((500, 16)).astype(np.float32)
     matrix /= np.linalg.norm(matrix, axis=1, keepdims=True)
-    index = VectorIndex(np.arange(100, 600, dtype=np.int64), matrix)
+    index = CatalogVectors(np.arange(100, 600, dtype=np.int64), matrix)
     queries = matrix[[3, 77, 410]] + 0.1 * rng.standard_normal((3, 16)).astype(np.float32)
     batched = index.search_many(queries, 7)
     for q, hits in zip(queries, batched, strict=True):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cliplens.datasets.corruptions import (
+from cliplens.corruptions import (
     CORRUPTIONS,
     corrupt,
     parse_corruptions,

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from cliplens.errors import InvalidInputError
-from cliplens.train.probe import (
+from cliplens.tasks.probe import (
     C_GRID,
     LinearProbe,
     fit_probe,

@@ -12,7 +12,7 @@ from PIL import Image
 
 from cliplens.cli.main import main
 from cliplens.datasets.shapes import sample
-from cliplens.train.probe import fit_probe
+from cliplens.tasks.probe import fit_probe
 from cliplens.train.robust import (
     RobustConfig,
     corrupted_crops,

@@ -7,7 +7,7 @@ import pytest
 
 from cliplens.errors import InvalidInputError
 from cliplens.tasks.policy import PolicyError, load_policy
-from cliplens.tasks.textfile import read_lines, read_text
+from cliplens.textfile import read_lines, read_text
 from cliplens.train.data import DataError, read_pairs
 
 BINARY = bytes(range(256))

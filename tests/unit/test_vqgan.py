@@ -12,8 +12,8 @@ import torch
 import yaml
 
 from cliplens.errors import InvalidInputError
+from cliplens.models.vqgan import VQGAN, VQGANImage, load_vqgan
 from cliplens.tasks.generate import Cutouts, GenerateConfig, generate, parse_prompts
-from cliplens.tasks.vqgan import VQGAN, VQGANImage, load_vqgan
 
 DDCONFIG = {"double_z": False, "z_channels": 8, "resolution": 32, "in_channels": 3,
             "out_ch": 3, "ch": 32, "ch_mult": [1, 2], "num_res_blocks": 1,
@@ -130,7 +130,7 @@ def test_one_vqgan_step_lowers_the_loss(tmp_path, tiny):
 
 
 def test_clamp_passes_gradients_that_move_pixels_back_in_range():
-    from cliplens.tasks.vqgan import _ClampWithGrad
+    from cliplens.models.vqgan import _ClampWithGrad
 
     x = torch.tensor([-0.5, 0.5, 1.5, -0.5, 1.5], requires_grad=True)
     y = _ClampWithGrad.apply(x)

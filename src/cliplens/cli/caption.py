@@ -29,7 +29,7 @@ from cliplens.cli.common import (
 )
 from cliplens.cli.output import Format, info, print_csv, print_json, print_table, show_progress
 from cliplens.cli.output import warn as warn_message
-from cliplens.tasks.limits import (
+from cliplens.limits import (
     MAX_CAPTION_TOKENS,
     MAX_LM_LAYERS,
     MAX_LM_WIDTH,
@@ -78,8 +78,8 @@ MaxTokensOpt = Annotated[
 
 def _captioner_and_encoder(captioner_dir: Path, model, device, precision):
     """The captioner, and the encoder its embeddings come from (refusing any other)."""
+    from cliplens.caption.model import check_encoder, load_captioner, read_config
     from cliplens.models.ref import ModelRef
-    from cliplens.tasks.caption.model import check_encoder, load_captioner, read_config
 
     cfg = read_config(captioner_dir)  # fails fast, before any model loads
     ref = ModelRef(model or cfg.encoder, device=device, precision=precision)
@@ -245,14 +245,14 @@ def train_command(
     db: DbOpt = None,
 ) -> None:
     """Train a captioner on image-caption pairs; writes OUT/captioner."""
-    from cliplens.models.ref import ModelRef
-    from cliplens.tasks.caption.lm import ScratchLM
-    from cliplens.train.caption import (
+    from cliplens.caption.language_model import ScratchLM
+    from cliplens.caption.train import (
         CaptionTrainConfig,
         embed_pairs,
         resolve_encoder,
         train_captioner,
     )
+    from cliplens.models.ref import ModelRef
     from cliplens.train.data import read_pairs
 
     cfg = CaptionTrainConfig(
@@ -308,8 +308,8 @@ def eval_command(
     _check_search(beam, rerank)
     if captions_out is not None:
         out_file(captions_out, "--captions-out", (".jsonl",))
-    from cliplens.tasks.caption.metrics import score_captions
-    from cliplens.train.caption import embed_pairs
+    from cliplens.caption.metrics import score_captions
+    from cliplens.caption.train import embed_pairs
     from cliplens.train.data import read_pairs
 
     cap, ref = _captioner_and_encoder(captioner, model, device, precision)

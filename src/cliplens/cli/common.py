@@ -17,8 +17,8 @@ import typer.core
 from typer._click.types import FloatRange
 
 from cliplens.errors import ImageError, ImageNotFoundError, InvalidInputError
+from cliplens.limits import MAX_EPOCHS, MAX_LR, MAX_MINUTES, MAX_SEED
 from cliplens.settings import DEFAULT_MODEL
-from cliplens.tasks.limits import MAX_EPOCHS, MAX_LR, MAX_MINUTES, MAX_SEED
 
 # ------------------------------------------------------------------ number bounds
 
@@ -210,7 +210,7 @@ DbOpt = Annotated[
 
 def read_catalog(db: Path | None):
     """The catalog to reuse embeddings from (--db, or the default one), if it exists."""
-    from cliplens.store.catalog import Catalog, default_db_path
+    from cliplens.catalog.db import Catalog, default_db_path
 
     path = db or default_db_path()
     return Catalog(path, readonly=True) if path.exists() else None

@@ -9,7 +9,7 @@ import typer
 
 from cliplens.cli.common import SeedOpt, out_folder
 from cliplens.cli.output import info
-from cliplens.tasks.limits import DISTORTION_LEVELS, MAX_SHAPE_SIZE, MIN_SHAPE_SIZE
+from cliplens.limits import DISTORTION_LEVELS, MAX_SHAPE_SIZE, MIN_SHAPE_SIZE
 
 MAX_SHAPES = 10_000_000  # images
 LEVELS = f"{DISTORTION_LEVELS[0]}-{DISTORTION_LEVELS[-1]}"
@@ -37,7 +37,7 @@ def distortions(
     """The demo photos' tiles under each distortion type: data for 'cliplens quality train'."""
     import tempfile
 
-    from cliplens.datasets.distortions import write_distortions
+    from cliplens.datasets.distorted import write_distortions
     from cliplens.datasets.photos import write_photos
     from cliplens.errors import InvalidInputError
 

@@ -18,7 +18,7 @@ from cliplens.cli.common import (
     out_folder,
 )
 from cliplens.cli.output import Format, info, print_json, print_table, show_progress, warn
-from cliplens.tasks.limits import MAX_MINUTES, MAX_QUERIES
+from cliplens.limits import MAX_MINUTES, MAX_QUERIES
 
 MAX_SHARD_SIZE = 10_000_000  # files per shard: a shard is held in memory while it fills
 MAX_ACTORS = 4096  # encoder actors, or CPUs of a local Ray instance
@@ -97,8 +97,8 @@ def import_command(
     db: DbOpt = None,
 ) -> None:
     """Load embed-dataset shards into the catalog that search and the server use."""
+    from cliplens.catalog.db import Catalog
     from cliplens.distributed.embed import import_shards
-    from cliplens.store.catalog import Catalog
 
     with Catalog(db) as catalog:
         files, failures = import_shards(shards, catalog)
@@ -137,7 +137,7 @@ def build_index_command(
 ) -> None:
     """Build a faiss index sized to the shards; report recall@10, latency and size. An
     interrupted build resumes: run the same command again."""
-    from cliplens.distributed.index import build_index, update_index
+    from cliplens.index.build import build_index, update_index
 
     out_folder(out, "--out")
     if update:

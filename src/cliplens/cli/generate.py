@@ -11,7 +11,7 @@ import typer
 from cliplens.cli.common import FiniteFloat, ModelOpt, SeedOpt, out_file, out_folder
 from cliplens.cli.output import info
 from cliplens.errors import InvalidInputError
-from cliplens.tasks.limits import MAX_CUTOUTS, MAX_LR, MAX_SIZE, MAX_STEPS, MIN_SIZE
+from cliplens.limits import MAX_CUTOUTS, MAX_LR, MAX_SIZE, MAX_STEPS, MIN_SIZE
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
@@ -117,7 +117,7 @@ def generate_command(
     if (vqgan_config is None) != (vqgan_checkpoint is None):
         raise InvalidInputError("give both --vqgan-config and --vqgan-checkpoint, or neither")
     if vqgan_config and vqgan_checkpoint:
-        from cliplens.tasks.vqgan import VQGANImage, load_vqgan
+        from cliplens.models.vqgan import VQGANImage, load_vqgan
 
         vqgan = load_vqgan(vqgan_config, vqgan_checkpoint, trust=trust_checkpoint)
         generator = VQGANImage(vqgan, size, seed)

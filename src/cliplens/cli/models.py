@@ -24,7 +24,7 @@ def list_models(
     """List known model names (offline, and every open_clip ARCH:TAG), marking what is cached."""
     if ctx.invoked_subcommand is not None:
         return
-    from cliplens.models.catalogue import known_models
+    from cliplens.models.zoo import known_models
     from cliplens.settings import get_settings
 
     entries = [e for e in known_models() if e.cached or not cached]
@@ -47,7 +47,7 @@ def model_info(
     fmt: FormatOpt = Format.table,
 ) -> None:
     """Show a model's embedding size, preprocessing, size and cache path."""
-    from cliplens.models.catalogue import describe
+    from cliplens.models.zoo import describe
 
     details = describe(name)
     if fmt is Format.json:

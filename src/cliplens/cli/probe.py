@@ -54,7 +54,7 @@ def fit_command(
 ) -> None:
     """Fit a logistic-regression probe; C is chosen by cross-validation."""
     from cliplens.models.ref import ModelRef
-    from cliplens.train.probe import fit_probe, labelled_folder
+    from cliplens.tasks.probe import fit_probe, labelled_folder
 
     out_file(out, "--out")
     files, labels = labelled_folder(data)
@@ -89,7 +89,7 @@ def predict_command(
 ) -> None:
     """Classify images with a probe (the model must be the one it was fit with)."""
     from cliplens.models.ref import ModelRef
-    from cliplens.train.probe import LinearProbe
+    from cliplens.tasks.probe import LinearProbe
 
     probe = LinearProbe.load(head)
     ref = ModelRef(model, device=device, precision=precision)
@@ -155,7 +155,7 @@ def kshot_command(
     """Accuracy of probes fit on k images per class, against zero-shot with the class names."""
     from cliplens.models.ref import ModelRef
     from cliplens.tasks.classify import load_templates
-    from cliplens.train.probe import kshot, labelled_folder, split_per_class, zero_shot_accuracy
+    from cliplens.tasks.probe import kshot, labelled_folder, split_per_class, zero_shot_accuracy
 
     try:
         ks = sorted({int(s) for s in shots.split(",") if s.strip()})

@@ -127,8 +127,8 @@ def train_command(
 ) -> None:
     """Fit a few-shot distortion probe on embeddings; accuracy is cross-validated."""
     from cliplens.models.ref import ModelRef
+    from cliplens.tasks.probe import labelled_folder
     from cliplens.tasks.quality import train_probe
-    from cliplens.train.probe import labelled_folder
 
     out_file(out, "--out")
     files, labels = labelled_folder(data)

@@ -23,7 +23,7 @@ from cliplens.cli.common import (
 )
 from cliplens.cli.output import Format, info, print_csv, print_json, print_table, warn
 from cliplens.errors import InvalidInputError
-from cliplens.tasks.textfile import read_lines
+from cliplens.textfile import read_lines
 
 
 def _read_captions(path: Path) -> list[dict]:

@@ -58,11 +58,11 @@ class HitFormat(str, enum.Enum):
 
 def _index(db, ref, folders, batch_size=None, workers=None, max_megapixels=None,
            verbose=False, quiet=False):  # fmt: skip
-    from cliplens.pipeline import index_folders
-    from cliplens.store.catalog import Catalog
+    from cliplens.catalog.db import Catalog
+    from cliplens.catalog.update import update_catalog
 
     catalog = Catalog(db)
-    stats = index_folders(catalog, ref, folders, batch_size=batch_size, workers=workers,
+    stats = update_catalog(catalog, ref, folders, batch_size=batch_size, workers=workers,
                           progress=show_progress(), max_megapixels=max_megapixels)  # fmt: skip
     for path, error in stats.errors:
         warn(f"{path}: {error} (not indexed)")
@@ -120,8 +120,8 @@ def index_command(
 def _open(db, model, device, precision, folders, no_index: bool, texts: bool = False):
     """The catalog and model for a query, the folders brought up to date unless no_index.
     With `texts`, the text encoder loads in the background meanwhile."""
+    from cliplens.catalog.db import Catalog, CatalogBusyError, CatalogReadOnlyError
     from cliplens.models.ref import ModelRef
-    from cliplens.store.catalog import Catalog, CatalogBusyError, CatalogReadOnlyError
 
     ref = ModelRef(model, device=device, precision=precision)
     if texts:
@@ -192,7 +192,7 @@ def search_command(
 
 def _search_built_index(folder, terms, n, fmt, model, device, precision) -> None:
     """A query against a build-index folder: the model is the one its vectors came from."""
-    from cliplens.distributed.index import open_built_index
+    from cliplens.index.build import open_built_index
     from cliplens.models.ref import ModelRef
     from cliplens.tasks.search import Hit, query_vector
 

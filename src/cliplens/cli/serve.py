@@ -81,7 +81,7 @@ def serve_command(
 
     load_policy(policy)
     if captioner is not None:
-        from cliplens.tasks.caption.model import read_config
+        from cliplens.caption.model import read_config
 
         read_config(captioner)
     if quality_probe is not None:

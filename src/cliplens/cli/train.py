@@ -21,8 +21,8 @@ from cliplens.cli.common import (
 )
 from cliplens.cli.output import Format, info, print_json, print_table, show_progress
 from cliplens.errors import InvalidInputError
-from cliplens.tasks.limits import MAX_ALIGN_WEIGHT, MAX_TEMPERATURE, MAX_TRAIN_STEPS, SEVERITIES
-from cliplens.tasks.textfile import read_lines, read_text
+from cliplens.limits import MAX_ALIGN_WEIGHT, MAX_TEMPERATURE, MAX_TRAIN_STEPS, SEVERITIES
+from cliplens.textfile import read_lines, read_text
 
 app = typer.Typer(help="Train CLIP models.", no_args_is_help=True)
 
@@ -153,7 +153,7 @@ def clip_command(
 def _labelled_images(path: Path, what: str) -> tuple[list[Path], list[str]]:
     """(images, labels) from a folder of class subfolders or a .jsonl whose rows carry a
     "label" (rows without one are left out)."""
-    from cliplens.train.probe import labelled_folder
+    from cliplens.tasks.probe import labelled_folder
 
     if path.is_dir():
         return labelled_folder(path)
@@ -242,7 +242,7 @@ def robust_command(
 ) -> None:
     """Distil a corruption-robust image tower from a teacher (contrastive distillation),
     then compare teacher and student on corrupted held-out images."""
-    from cliplens.datasets.corruptions import parse_corruptions, parse_severities
+    from cliplens.corruptions import parse_corruptions, parse_severities
     from cliplens.models import load_model
     from cliplens.tasks.classify import load_templates
     from cliplens.train.robust import RobustConfig, evaluate_robust, train_robust
@@ -274,7 +274,7 @@ def robust_command(
     if eval_data is not None:
         probe = None
         if eval_mode == "probe":  # fit in the teacher's space, on the embeddings already made
-            from cliplens.train.probe import fit_probe
+            from cliplens.tasks.probe import fit_probe
 
             row = {image: i for i, image in enumerate(images) if isinstance(image, Path)}
             clean = result.teacher_embeddings[[row[f] for f in probe_files]]

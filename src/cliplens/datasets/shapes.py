@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 
 from cliplens.errors import InvalidInputError
+from cliplens.limits import MAX_SHAPE_SIZE, MIN_SHAPE_SIZE
 from cliplens.progress import progress_bar
-from cliplens.tasks.limits import MAX_SHAPE_SIZE, MIN_SHAPE_SIZE
 
 SHAPES = ("circle", "square", "triangle", "star", "hexagon", "diamond")
 COLOURS: dict[str, tuple[int, int, int]] = {

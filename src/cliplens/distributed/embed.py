@@ -52,7 +52,7 @@ class EmbedJob:
     add_new: bool = False  # the sources gained files: embed those into new shards
 
     def __post_init__(self) -> None:
-        from cliplens.tasks.limits import finite_number
+        from cliplens.limits import finite_number
 
         if self.shard_size < 1 or self.batch_size < 1 or self.actors < 1:
             raise InvalidInputError("--shard-size, --batch-size and --actors must be at least 1")

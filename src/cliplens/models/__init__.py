@@ -1,6 +1,6 @@
 """load_model(name) -> Encoder, for every backend; ModelRef for one loaded on demand.
 
-Names are imported lazily: `cliplens.models.ref` and `cliplens.models.fast_text` must
+Names are imported lazily: `cliplens.models.ref` and `cliplens.models.onnx_text` must
 stay importable without torch.
 """
 
@@ -10,8 +10,9 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "Encoder": "cliplens.models.base",
-    "ImageEncoding": "cliplens.models.base",
+    "Encoder": "cliplens.models.encoder",
+    "TorchEncoder": "cliplens.models.torch_encoder",
+    "ImageEncoding": "cliplens.models.encoder",
     "ModelInfo": "cliplens.models.info",
     "ModelRef": "cliplens.models.ref",
     "Preprocessing": "cliplens.preprocess",

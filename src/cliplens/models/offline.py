@@ -27,9 +27,9 @@ import torch
 
 from cliplens.device import Precision
 from cliplens.errors import DependencyMissingError, InvalidInputError, ModelError
-from cliplens.models.base import Encoder
-from cliplens.models.fast_text import TextGraph
 from cliplens.models.info import ModelInfo
+from cliplens.models.onnx_text import TextGraph
+from cliplens.models.torch_encoder import TorchEncoder
 from cliplens.models.weights import combined_digest, verify_sha256
 from cliplens.preprocess import Preprocessing
 from cliplens.settings import get_settings
@@ -130,7 +130,7 @@ class ConSETower(torch.nn.Module):
         return torch.einsum("bk,bkd->bd", weights, self.class_embeddings[idx])
 
 
-class OfflineEncoder(Encoder):
+class OfflineEncoder(TorchEncoder):
     default_batch_size = 64
 
     def __init__(

@@ -14,9 +14,9 @@ import torch
 
 from cliplens.device import Precision
 from cliplens.errors import InvalidInputError, ModelError, ModelUnavailableError
-from cliplens.models.base import Encoder
-from cliplens.models.fast_text import TextGraph
 from cliplens.models.info import ModelInfo
+from cliplens.models.onnx_text import TextGraph
+from cliplens.models.torch_encoder import TorchEncoder
 from cliplens.models.weights import combined_digest
 from cliplens.preprocess import Preprocessing
 from cliplens.settings import get_settings
@@ -26,7 +26,7 @@ CHECKPOINT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
 HUB_WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 
 
-class OpenClipEncoder(Encoder):
+class OpenClipEncoder(TorchEncoder):
     def __init__(self, model: Any, tokenizer: Callable, info: ModelInfo) -> None:
         self.model = model
         self.tokenizer = tokenizer

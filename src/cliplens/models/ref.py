@@ -126,7 +126,7 @@ class ModelRef:
         """The ONNX text encoder for this model, or None."""
         with self._text_lock:
             if self._text is None:
-                from cliplens.models.fast_text import find_text_encoder
+                from cliplens.models.onnx_text import find_text_encoder
 
                 self._text = find_text_encoder(self.info.model_id) or False
         return self._text or None
@@ -158,13 +158,13 @@ class ModelRef:
 
     def needs_fast_text(self) -> bool:
         """True when the text tower could be exported for torch-free queries but is not yet."""
-        from cliplens.models.fast_text import attempted, can_export
+        from cliplens.models.onnx_text import attempted, can_export
 
         return not attempted(self.info.model_id) and can_export()
 
     def prepare_fast_text(self) -> bool:
         """Export the text tower for torch-free queries, once per model. True if ready."""
-        from cliplens.models.fast_text import export_text
+        from cliplens.models.onnx_text import export_text
 
         if not self.needs_fast_text():
             return self.fast_text() is not None

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from cliplens.device import Precision, choose_device, choose_precision
 from cliplens.errors import UnknownModelError
-from cliplens.models.base import Encoder
+from cliplens.models.torch_encoder import TorchEncoder
 from cliplens.settings import get_settings
 
 OFFLINE = "offline"
@@ -84,7 +84,7 @@ def load_model(
     name: str | None = None,
     device: str | None = None,
     precision: str | Precision | None = None,
-) -> Encoder:
+) -> TorchEncoder:
     """Load a model by name on the best device and precision (or the ones asked for)."""
     spec = parse_model_name(name)
     dev = choose_device(device)

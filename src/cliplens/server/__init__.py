@@ -1,5 +1,6 @@
 """The HTTP service and web page (`cliplens serve`)."""
 
-from cliplens.server.app import ServerSettings, create_app
+from cliplens.server.app import create_app
+from cliplens.server.service import ServerSettings
 
 __all__ = ["ServerSettings", "create_app"]

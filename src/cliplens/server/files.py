@@ -31,7 +31,7 @@ from starlette.types import Receive, Scope, Send
 from cliplens.errors import NotAnImageError
 from cliplens.images import identify
 from cliplens.paths import readable
-from cliplens.server.app import ApiError
+from cliplens.server.service import ApiError
 
 # the formats served, with the type a browser knows them by (MPO: a JPEG with extra frames)
 SERVED: dict[str, str] = {

@@ -19,7 +19,7 @@ from typing import Any
 import uvicorn
 
 from cliplens.errors import ClipLensError, InvalidInputError
-from cliplens.server.app import ServerSettings
+from cliplens.server.service import ServerSettings
 
 
 class ListenError(ClipLensError):

@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from cliplens.server.app import ApiError
-from cliplens.store.catalog import FileRow
+from cliplens.catalog.db import FileRow
+from cliplens.server.service import ApiError
 from cliplens.tasks.search import Hit
 
 
@@ -99,7 +99,7 @@ class IndexPhotos:
         self._reload_lock = threading.Lock()
 
     def _meta_stamp(self) -> tuple[int, int] | None:
-        from cliplens.distributed.index import META_FILE
+        from cliplens.index.build import META_FILE
 
         try:
             st = (self._built.folder / META_FILE).stat()
@@ -116,8 +116,8 @@ class IndexPhotos:
             self._checked = time.monotonic()
             stamp = self._meta_stamp()
             if stamp is not None and stamp != self._stamp:
-                from cliplens.distributed.index import open_built_index
                 from cliplens.errors import ClipLensError
+                from cliplens.index.build import open_built_index
 
                 try:
                     fresh = open_built_index(self._built.folder)

@@ -20,8 +20,8 @@ import numpy as np
 
 from cliplens.errors import ImageError, InvalidInputError
 from cliplens.images import ImageSource, describe
-from cliplens.models.base import Encoder
-from cliplens.tasks.textfile import read_lines
+from cliplens.models.encoder import Encoder
+from cliplens.textfile import read_lines
 
 TEMPLATE_SETS = ("default", "imagenet", "photo", "none")
 

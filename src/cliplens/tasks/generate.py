@@ -10,7 +10,7 @@ Generators share one interface: a module whose forward() gives a (1, 3, H, W) im
 [0, 1], whose trainable parameters are what the loop optimises, and whose init_from(image)
 starts it from a picture. `FourierImage` needs no weights: the image is parameterised by its
 Fourier spectrum, scaled so that low frequencies dominate, with decorrelated colour, as
-Lucid's feature visualisation does. `cliplens.tasks.vqgan.VQGANImage` decodes a VQGAN
+Lucid's feature visualisation does. `cliplens.models.vqgan.VQGANImage` decodes a VQGAN
 latent grid (taming-transformers weights supplied by the user).
 """
 
@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from cliplens.errors import InvalidInputError
-from cliplens.tasks.limits import (
+from cliplens.limits import (
     MAX_CUTOUTS,
     MAX_SEED,
     MAX_SIZE,

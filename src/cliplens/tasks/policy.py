@@ -130,7 +130,7 @@ def load_policy(source: str | Path | None = None) -> Policy:
     path = Path(source).expanduser()
     if not path.is_file():
         raise PolicyError(f"policy {source}: no such file (use 'default' or a YAML file)")
-    from cliplens.tasks.textfile import read_text
+    from cliplens.textfile import read_text
 
     text = read_text(path, "policy", "a YAML policy ('default' is the shipped one)", PolicyError)
     return replace(parse_policy(text, label=str(path), folder=path.parent.resolve()), source=path)

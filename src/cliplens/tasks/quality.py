@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 
 from cliplens.errors import ImageError, InvalidInputError
-from cliplens.tasks.limits import DISTORTION_LEVELS
-from cliplens.train.probe import LinearProbe, fit_probe
+from cliplens.limits import DISTORTION_LEVELS
+from cliplens.tasks.probe import LinearProbe, fit_probe
 
 # name -> (positive prompt, negative prompt), from CLIP-IQA
 ATTRIBUTES: dict[str, tuple[str, str]] = {

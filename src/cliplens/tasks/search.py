@@ -15,12 +15,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from cliplens.catalog.db import Catalog, resolve_folders
+from cliplens.catalog.vectors import load_vectors
 from cliplens.errors import InvalidInputError
-from cliplens.store.catalog import Catalog, resolve_folders
-from cliplens.store.vectors import load_index
 
 if TYPE_CHECKING:
-    from cliplens.models.base import Encoder
+    from cliplens.models.encoder import Encoder
     from cliplens.models.ref import ModelRef
 
 MAX_WEIGHT = 100.0  # a term's weight, either sign: beyond it one term drowns the rest anyway
@@ -133,7 +133,7 @@ def search(
         if isinstance(query, np.ndarray)
         else query_vector(encoder, parse_query(query), catalog)
     )
-    index = load_index(catalog, encoder.info.model_id, ann="off" if exact else "auto")
+    index = load_vectors(catalog, encoder.info.model_id, ann="off" if exact else "auto")
     allowed = None
     if folders:
         resolved = resolve_folders(folders)
@@ -150,7 +150,7 @@ def search_many(
     catalog: Catalog, encoder: Encoder | ModelRef, queries: np.ndarray, n: int = 10
 ) -> list[list[Hit]]:
     """`search` for a batch of query vectors (B, D) over the whole catalog, in one pass."""
-    index = load_index(catalog, encoder.info.model_id)
+    index = load_vectors(catalog, encoder.info.model_id)
     found = index.search_many(np.atleast_2d(queries), n)
     paths = catalog.paths({i for hits in found for i, _ in hits})
     return [[Hit(paths[i], s, i) for i, s in hits if i in paths] for hits in found]
@@ -191,7 +191,7 @@ def duplicates(
     """Exact copies (same content hash) and near-duplicates (cosine >= threshold), as groups."""
     resolved = resolve_folders(folders)
     groups = [DuplicateGroup("exact", g, 1.0) for g in catalog.duplicate_hashes(resolved)]
-    index = load_index(catalog, model_id)
+    index = load_vectors(catalog, model_id)
     mask = np.isin(index.ids, catalog.ids_under(resolved))
     ids, m = index.ids[mask], index.matrix[mask]
     paths = catalog.paths(ids)

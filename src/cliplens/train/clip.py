@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from cliplens.errors import ClipLensError, InvalidInputError
-from cliplens.tasks.limits import (
+from cliplens.limits import (
     MAX_EPOCHS,
     MAX_LR,
     MAX_MINUTES,

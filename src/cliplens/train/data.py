@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cliplens.errors import InvalidInputError
-from cliplens.tasks.textfile import read_text
+from cliplens.textfile import read_text
 
 _IMAGE_KEYS = ("image", "filepath", "path")
 _CAPTION_KEYS = ("caption", "title", "text")

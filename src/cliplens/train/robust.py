@@ -31,10 +31,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from cliplens.datasets.corruptions import CORRUPTIONS, corrupt
+from cliplens.corruptions import CORRUPTIONS, corrupt
 from cliplens.errors import InvalidInputError
-from cliplens.tasks.limits import MAX_ALIGN_WEIGHT, MAX_TEMPERATURE, SEVERITIES, finite_number
-from cliplens.train.probe import LinearProbe
+from cliplens.limits import MAX_ALIGN_WEIGHT, MAX_TEMPERATURE, SEVERITIES, finite_number
+from cliplens.tasks.probe import LinearProbe
 
 
 @dataclass

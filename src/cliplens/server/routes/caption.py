@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, File, Form, Request, UploadFile
 from pydantic import BaseModel
 
-from cliplens.server.app import ApiError, service_of
+from cliplens.server.service import ApiError, service_of
 from cliplens.server.uploads import read_images
 
 router = APIRouter(prefix="/v1", tags=["caption"])
@@ -38,7 +38,7 @@ async def caption(
     names, pics = await read_images(svc, images)
 
     def work():
-        from cliplens.tasks.caption.model import check_encoder, load_captioner, read_config
+        from cliplens.caption.model import check_encoder, load_captioner, read_config
 
         def build():
             check_encoder(read_config(folder), svc.ref.info.model_id, svc.ref.name)

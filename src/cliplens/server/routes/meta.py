@@ -6,7 +6,7 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel
 
 from cliplens import __version__
-from cliplens.server.app import service_of
+from cliplens.server.service import service_of
 
 public = APIRouter(prefix="/v1", tags=["meta"])
 router = APIRouter(prefix="/v1", tags=["meta"])

@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, File, Request, UploadFile
 from pydantic import BaseModel
 
-from cliplens.server.app import service_of
+from cliplens.server.service import service_of
 from cliplens.server.uploads import read_images
 
 router = APIRouter(prefix="/v1", tags=["moderate"])

@@ -17,8 +17,8 @@ from pydantic import BaseModel, Field, model_validator
 
 from cliplens.images import is_remote
 from cliplens.paths import readable
-from cliplens.server.app import Service, service_of
 from cliplens.server.files import PhotoFile, PhotoResponse, open_photo, open_remote, served_type
+from cliplens.server.service import Service, service_of
 from cliplens.server.uploads import read_images
 from cliplens.tasks.search import MAX_WEIGHT  # the bound of parse_query's weights too
 

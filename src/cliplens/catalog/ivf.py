@@ -45,7 +45,7 @@ def nlist_for(n: int) -> int:
 
 
 @dataclass
-class AnnIndex:
+class IvfVectors:
     index: object  # faiss.IndexIVFFlat
     ids: np.ndarray  # (N,) int64 file ids, sorted
     keys: np.ndarray  # (N,) int64 content keys (hash prefixes) of those rows
@@ -68,7 +68,7 @@ class AnnIndex:
         return [(int(i), float(s)) for i, s in zip(ids[0], scores[0], strict=True) if i >= 0]
 
 
-def build(ids: np.ndarray, keys: np.ndarray, matrix: np.ndarray, seed: int = 0) -> AnnIndex:
+def build(ids: np.ndarray, keys: np.ndarray, matrix: np.ndarray, seed: int = 0) -> IvfVectors:
     """Train an IVF index on a sample of `matrix` and add every row."""
     import faiss
 
@@ -80,7 +80,7 @@ def build(ids: np.ndarray, keys: np.ndarray, matrix: np.ndarray, seed: int = 0) 
     sample = rng.choice(n, size=min(n, TRAIN_PER_LIST * nlist), replace=False)
     index.train(np.ascontiguousarray(matrix[np.sort(sample)], np.float32))
     _add(index, ids, matrix)
-    return AnnIndex(index, ids.copy(), keys.copy(), n_trained=n, nprobe=default_nprobe())
+    return IvfVectors(index, ids.copy(), keys.copy(), n_trained=n, nprobe=default_nprobe())
 
 
 def _add(index: object, ids: np.ndarray, matrix: np.ndarray, block: int = 65536) -> None:
@@ -89,7 +89,7 @@ def _add(index: object, ids: np.ndarray, matrix: np.ndarray, block: int = 65536)
         index.add_with_ids(rows, np.ascontiguousarray(ids[start : start + block], np.int64))
 
 
-def update(ann: AnnIndex, ids: np.ndarray, keys: np.ndarray, matrix: np.ndarray) -> int:
+def update(ann: IvfVectors, ids: np.ndarray, keys: np.ndarray, matrix: np.ndarray) -> int:
     """Bring `ann` to exactly (ids, keys, matrix); returns how many rows changed."""
     import faiss
 
@@ -114,7 +114,7 @@ def paths(folder: Path, key: str) -> tuple[Path, Path]:
     return folder / f"{key}.ivf", folder / f"{key}.ivf.npz"
 
 
-def save(ann: AnnIndex, folder: Path, key: str) -> None:
+def save(ann: IvfVectors, folder: Path, key: str) -> None:
     import faiss
 
     index_path, meta_path = paths(folder, key)
@@ -126,7 +126,7 @@ def save(ann: AnnIndex, folder: Path, key: str) -> None:
     write_atomic_binary(meta_path, lambda f: np.savez(f, **meta))
 
 
-def load(folder: Path, key: str) -> AnnIndex | None:
+def load(folder: Path, key: str) -> IvfVectors | None:
     import faiss
 
     index_path, meta_path = paths(folder, key)
@@ -135,7 +135,7 @@ def load(folder: Path, key: str) -> AnnIndex | None:
     try:
         index = faiss.read_index(str(index_path))
         with np.load(meta_path) as meta:
-            ann = AnnIndex(index, meta["ids"], meta["keys"], int(meta["n_trained"]))
+            ann = IvfVectors(index, meta["ids"], meta["keys"], int(meta["n_trained"]))
     except (OSError, RuntimeError, ValueError, KeyError):
         return None
     if index.ntotal != len(ann.ids):
@@ -146,7 +146,7 @@ def load(folder: Path, key: str) -> AnnIndex | None:
 
 def refresh(
     folder: Path, key: str, ids: np.ndarray, keys: np.ndarray, matrix: np.ndarray, train: bool
-) -> AnnIndex | None:
+) -> IvfVectors | None:
     """The ANN index for these vectors: loaded and updated, or (with `train`) built.
 
     Without `train`, returns None when no index exists or it would need retraining.
@@ -167,6 +167,6 @@ def refresh(
     return ann
 
 
-def _try_save(ann: AnnIndex, folder: Path, key: str) -> None:
+def _try_save(ann: IvfVectors, folder: Path, key: str) -> None:
     with contextlib.suppress(OSError, RuntimeError):
         save(ann, folder, key)  # read-only: the next run updates from the older file again

@@ -23,10 +23,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from cliplens.caption import language_model as lms
+from cliplens.caption.model import Captioner, CaptionerConfig, check_lm_setup
 from cliplens.errors import InvalidInputError
-from cliplens.tasks.caption import lm as lms
-from cliplens.tasks.caption.model import Captioner, CaptionerConfig, check_lm_setup
-from cliplens.tasks.limits import (
+from cliplens.limits import (
     MAX_CAPTION_TOKENS,
     MAX_LM_LAYERS,
     MAX_LM_WIDTH,
@@ -345,7 +345,7 @@ def evaluate_captioner(
 ) -> dict[str, float]:
     """Validation loss (teacher forced, all pairs) and metrics of greedy captions of the
     first `images` images against all their references."""
-    from cliplens.tasks.caption.metrics import score_captions
+    from cliplens.caption.metrics import score_captions
 
     model.eval()
     vectors = torch.from_numpy(data.vectors)

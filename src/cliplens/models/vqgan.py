@@ -90,7 +90,7 @@ def read_vqgan_config(path: str | os.PathLike) -> tuple[str, dict[str, Any], str
     YAML config."""
     import yaml
 
-    from cliplens.tasks.textfile import read_text
+    from cliplens.textfile import read_text
 
     p = Path(path)
     text = read_text(p, "VQGAN config", "a taming-transformers YAML config")

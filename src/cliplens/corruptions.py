@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 from cliplens.errors import InvalidInputError
-from cliplens.tasks.limits import SEVERITIES
+from cliplens.limits import SEVERITIES
 
 CORRUPTIONS = ("blur", "noise", "jpeg", "pixelate", "occlusion")
 # one entry per severity (SEVERITIES: 1..5)

@@ -15,14 +15,14 @@ from typing import Literal
 
 import numpy as np
 
-from cliplens.store import ann as ann_mod
-from cliplens.store.catalog import Catalog
+from cliplens.catalog import ivf as ann_mod
+from cliplens.catalog.db import Catalog
 from cliplens.store.files import write_atomic_binary
 
 AnnMode = Literal["auto", "train", "off"]
 
 
-class VectorIndex:
+class CatalogVectors:
     """ids (N,) int64 file ids; matrix (N, D) rows L2-normalised (float16 or float32)."""
 
     def __init__(
@@ -30,7 +30,7 @@ class VectorIndex:
         ids: np.ndarray,
         matrix: np.ndarray,
         keys: np.ndarray | None = None,
-        ann: ann_mod.AnnIndex | None = None,
+        ann: ann_mod.IvfVectors | None = None,
     ) -> None:
         self.ids = ids
         self.keys = keys if keys is not None else np.zeros(len(ids), np.int64)
@@ -104,7 +104,7 @@ class VectorIndex:
         return [(int(ids[i]), float(scores[i])) for i in top]
 
 
-_loaded: dict[tuple[str, str, int], VectorIndex] = {}
+_loaded: dict[tuple[str, str, int], CatalogVectors] = {}
 
 
 def cache_dir(catalog: Catalog) -> Path:
@@ -115,7 +115,7 @@ def _key(model_id: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", model_id)
 
 
-def load_index(catalog: Catalog, model_id: str, ann: AnnMode = "auto") -> VectorIndex:
+def load_vectors(catalog: Catalog, model_id: str, ann: AnnMode = "auto") -> CatalogVectors:
     """The model's vectors, from this process's memory, the .npy cache, or the catalog.
 
     ann: "auto" uses (and updates) an existing ANN index; "train" also builds one when
@@ -134,7 +134,7 @@ def load_index(catalog: Catalog, model_id: str, ann: AnnMode = "auto") -> Vector
     return index
 
 
-def _load_exact(catalog: Catalog, model_id: str, gen: int) -> VectorIndex:
+def _load_exact(catalog: Catalog, model_id: str, gen: int) -> CatalogVectors:
     folder = cache_dir(catalog)
     stem = folder / f"{_key(model_id)}-g{gen}"
     files = {part: stem.with_suffix(f".{part}.npy") for part in ("ids", "keys", "f32")}
@@ -147,7 +147,7 @@ def _load_exact(catalog: Catalog, model_id: str, gen: int) -> VectorIndex:
         # 65 M values/s (0.8 s for 100k x 512), more than the whole query may take
         matrix = matrix16.astype(np.float32)
         _write_cache(folder, _key(model_id), files, {"ids": ids, "keys": keys, "f32": matrix})
-    return VectorIndex(ids, matrix, keys)
+    return CatalogVectors(ids, matrix, keys)
 
 
 def _write_cache(folder: Path, key: str, files: dict[str, Path], data: dict) -> None:
@@ -170,4 +170,4 @@ def refresh_ann(catalog: Catalog, model_id: str, changed: bool) -> bool:
         return True
     if catalog.count_embedded(model_id) < ann_mod.ann_min():
         return False
-    return load_index(catalog, model_id, ann="train").ann is not None
+    return load_vectors(catalog, model_id, ann="train").ann is not None

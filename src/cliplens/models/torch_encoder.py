@@ -1,4 +1,5 @@
-"""The Encoder interface every model backend implements, and what it says about itself."""
+"""`TorchEncoder`: the base of the PyTorch backends (open_clip, offline), which implement
+the `Encoder` protocol; reading, decoding, batching and error handling live here once."""
 
 from __future__ import annotations
 
@@ -6,7 +7,6 @@ import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -15,18 +15,10 @@ from PIL import Image
 
 from cliplens.errors import ImageError, InvalidInputError
 from cliplens.images import ImageSource, open_image
-from cliplens.models.fast_text import TextGraph
+from cliplens.models.encoder import ImageEncoding
 from cliplens.models.info import ModelInfo
+from cliplens.models.onnx_text import TextGraph
 from cliplens.progress import progress_bar
-
-
-@dataclass
-class ImageEncoding:
-    """Result of a lenient encode: rows for the images that could be read, and why others failed."""
-
-    vectors: np.ndarray  # (len(kept), D) float32, L2-normalised
-    kept: list[int]  # input positions of the rows of `vectors`
-    failures: list[ImageError]
 
 
 def l2_normalize(x: torch.Tensor) -> np.ndarray:
@@ -34,7 +26,7 @@ def l2_normalize(x: torch.Tensor) -> np.ndarray:
     return torch.nn.functional.normalize(x, dim=-1).cpu().numpy()
 
 
-class Encoder(ABC):
+class TorchEncoder(ABC):
     """Embeds images and texts into one space as float32, L2-normalised rows.
 
     Backends implement `_encode_pixels` and `_encode_text_batch`; reading, decoding,
@@ -54,7 +46,7 @@ class Encoder(ABC):
     def _encode_text_batch(self, texts: list[str]) -> torch.Tensor:
         """list of texts -> (B, D) unnormalised embeddings."""
 
-    def load(self) -> Encoder:
+    def load(self) -> TorchEncoder:
         """Itself: an Encoder is already loaded (see ModelRef for one loaded on demand)."""
         return self
 
@@ -63,7 +55,7 @@ class Encoder(ABC):
         for fine-tuning it (robust training). The module is this encoder's own: copy it."""
         raise InvalidInputError(f"model {self.info.name}: no image tower that can be trained")
 
-    def with_image_tower(self, tower: torch.nn.Module, model_id: str) -> Encoder:
+    def with_image_tower(self, tower: torch.nn.Module, model_id: str) -> TorchEncoder:
         """This encoder with images embedded by `tower` (a trained copy of `image_tower()`)
         under a new model_id; the text side is shared."""
         raise InvalidInputError(f"model {self.info.name}: its image tower cannot be replaced")

@@ -16,19 +16,19 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from cliplens.decode import Decoded, decode_file, init_worker
+from cliplens.catalog.db import Catalog, resolve_folders
+from cliplens.catalog.vectors import refresh_ann
+from cliplens.catalog.worker import Decoded, decode_file, init_worker
 from cliplens.images import iter_image_files
 from cliplens.models.ref import ModelRef
 from cliplens.progress import progress_bar
-from cliplens.store.catalog import Catalog, resolve_folders
-from cliplens.store.vectors import refresh_ann
 
 if TYPE_CHECKING:
-    from cliplens.models.base import Encoder
+    from cliplens.models.encoder import Encoder
 
 
 @dataclass
-class IndexStats:
+class UpdateStats:
     new: int = 0
     changed: int = 0
     moved: int = 0  # new paths whose content was already embedded (renamed, moved, copied)
@@ -65,7 +65,7 @@ def _scan(roots: Sequence[str]) -> dict[str, tuple[int, int]]:
     return found
 
 
-def index_folders(
+def update_catalog(
     catalog: Catalog,
     model: Encoder | ModelRef,
     roots: Sequence[str | os.PathLike],
@@ -73,14 +73,14 @@ def index_folders(
     workers: int | None = None,
     progress: bool = False,
     max_megapixels: float | None = None,
-) -> IndexStats:
+) -> UpdateStats:
     """Bring the catalog up to date with the image files under `roots` for one model.
 
     With a ModelRef, the network is loaded only if some file needs encoding. One index
     run at a time per catalog: a second one gets CatalogBusyError at once.
     """
     with catalog.updating():
-        return _index_folders(
+        return _update_catalog(
             catalog,
             model,
             roots,
@@ -91,7 +91,7 @@ def index_folders(
         )
 
 
-def _index_folders(
+def _update_catalog(
     catalog: Catalog,
     model: Encoder | ModelRef,
     roots: Sequence[str | os.PathLike],
@@ -100,9 +100,9 @@ def _index_folders(
     workers: int | None,
     progress: bool,
     max_megapixels: float | None,
-) -> IndexStats:
+) -> UpdateStats:
     t0 = time.perf_counter()
-    stats = IndexStats()
+    stats = UpdateStats()
     folders = resolve_folders(roots)
     found = _scan(folders)
     existing = catalog.files_under(folders)

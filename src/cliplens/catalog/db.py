@@ -19,9 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cliplens.errors import ImageNotFoundError, InvalidInputError
-from cliplens.paths import from_text, to_text
-from cliplens.store.catalog_errors import (
+from cliplens.catalog.errors import (
     SQLITE_MAGIC,
     CatalogBusyError,
     CatalogError,
@@ -29,6 +27,8 @@ from cliplens.store.catalog_errors import (
     not_a_catalog,
     sqlite_error,
 )
+from cliplens.errors import ImageNotFoundError, InvalidInputError
+from cliplens.paths import from_text, to_text
 
 __all__ = ["Catalog", "CatalogBusyError", "CatalogError", "CatalogReadOnlyError", "FileRow"]
 

@@ -28,9 +28,9 @@ from typing import Any
 
 import numpy as np
 
+from cliplens.catalog.ivf import nlist_for
 from cliplens.errors import InvalidInputError
 from cliplens.paths import from_text
-from cliplens.store.ann import nlist_for
 
 KINDS = ("flat", "hnsw", "ivfpq")
 REFINES = ("none", "sq8", "fp16")
@@ -440,7 +440,7 @@ def build_from(
 
 def check_measure(queries: int, checkpoint_s: float = 0.0) -> None:
     """Held-out queries to measure recall with, and the checkpoint interval: both bounded."""
-    from cliplens.tasks.limits import MAX_QUERIES, finite_number, whole_number
+    from cliplens.limits import MAX_QUERIES, finite_number, whole_number
 
     whole_number(queries, "held-out queries", 1, MAX_QUERIES)
     finite_number(checkpoint_s, "checkpoint interval (seconds)", 0)

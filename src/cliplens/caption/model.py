@@ -26,8 +26,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from cliplens.caption import language_model as lms
 from cliplens.errors import InvalidInputError
-from cliplens.tasks.caption import lm as lms
 
 VARIANTS = ("mlp", "transformer")
 FORMAT = 1

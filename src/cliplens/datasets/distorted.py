@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from cliplens.errors import InvalidInputError
-from cliplens.tasks.limits import DISTORTION_LEVELS
+from cliplens.limits import DISTORTION_LEVELS
 from cliplens.tasks.quality import distort
 
 KINDS = ("clean", "blur", "noise", "jpeg", "underexposed", "overexposed", "low_resolution")

@@ -1,0 +1,1 @@
+"""Faiss indexes built over embed-dataset shards (`cliplens build-index`), and opening them."""
