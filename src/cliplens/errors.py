@@ -6,7 +6,19 @@ into exit codes, one-line messages and HTTP statuses at the edge.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
 from pathlib import Path
+
+# A parameter as library messages name it: `max_megapixels`. The edges show it as their
+# users know it: the CLI as the running command's flag (--max-megapixels), the server as
+# the request field; a Python caller reads the parameter's own name.
+PARAM = re.compile(r"`([a-z][a-z0-9_]*)`")
+
+
+def name_params(message: str, name: Callable[[str], str | None]) -> str:
+    """`message` with each `param` replaced by `name(param)` (kept as it is when None)."""
+    return PARAM.sub(lambda m: name(m.group(1)) or m.group(0), message)
 
 
 def one_line(e: BaseException) -> str:

@@ -27,6 +27,16 @@ MAX_TOP_K = 1000  # labels, classes or results shown per image
 MAX_MEGAPIXELS = 1000.0  # a decoded image of 1000 MP already takes 3 GB
 MAX_COUNT = 1_000_000_000  # counts that the data bounds anyway (results kept, files...)
 
+# Library messages name parameters as `name` (errors.name_params); the CLI shows the
+# running command's flag of that name. Where a library parameter has another name than the
+# command's option, the command lists it here: {"serve": {"timeout_s": "--timeout"}}.
+PARAM_FLAGS: dict[str, dict[str, str]] = {}
+
+
+def library_names(command: str, **flags: str) -> None:
+    """Register how `command` (e.g. "quality train") shows library parameters."""
+    PARAM_FLAGS.setdefault(command, {}).update(flags)
+
 
 class FiniteFloat(FloatRange):
     """A float in a range that is also finite: click's FloatRange lets nan through (every

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+from collections.abc import Callable
 
 import typer
 from typer._click.exceptions import ClickException, NoArgsIsHelpError
@@ -24,7 +25,8 @@ from cliplens.cli import (
     serve,
     train,
 )
-from cliplens.errors import ClipLensError
+from cliplens.cli.common import PARAM_FLAGS
+from cliplens.errors import ClipLensError, name_params
 from cliplens.paths import readable
 
 app = typer.Typer(
@@ -75,6 +77,26 @@ def _usage_line(e: ClickException) -> str:
     return message
 
 
+def _flag_namer(argv: list[str]) -> Callable[[str], str | None]:
+    """Names a library parameter as the invoked command's option (`max_megapixels` ->
+    --max-megapixels, `timeout_s` -> --timeout) or argument (FOLDER)."""
+    command = typer.main.get_command(app)
+    path: list[str] = []
+    for token in argv:
+        commands = getattr(command, "commands", None)
+        if token.startswith("-") or not commands or token not in commands:
+            break
+        command = commands[token]
+        path.append(token)
+    names: dict[str, str] = dict(PARAM_FLAGS.get(" ".join(path), {}))
+    for param in getattr(command, "params", []):
+        if param.opts and param.opts[0].startswith("-"):
+            names.setdefault(param.name, max(param.opts, key=len))
+        else:
+            names.setdefault(param.name, param.human_readable_name)
+    return lambda name: names.get(name) or ("--" + name.replace("_", "-"))
+
+
 def _make_streams_lossless() -> None:
     """File names that are not UTF-8 go to stdout as their own bytes (so `--format paths`
     feeds xargs the real names) and to stderr as \\xNN escapes, never as a crash."""
@@ -93,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
         # without standalone mode click returns the exit code of typer.Exit instead of exiting
         code = app(args=argv, prog_name="cliplens", standalone_mode=False)
     except ClipLensError as e:
-        print(f"error: {readable(str(e))}", file=sys.stderr)
+        message = name_params(str(e), _flag_namer(sys.argv[1:] if argv is None else argv))
+        print(f"error: {readable(message)}", file=sys.stderr)
         return e.exit_code
     except typer.Exit as e:
         return e.exit_code
