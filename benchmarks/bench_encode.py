@@ -31,9 +31,14 @@ def build(precision: Precision) -> OpenClipEncoder:
     torch.manual_seed(0)
     model = open_clip.create_model(ARCH, pretrained=None)
     return OpenClipEncoder.from_model(
-        model, open_clip.get_tokenizer(ARCH), name=f"{ARCH}:random", arch=ARCH,
-        model_id=f"{ARCH}:random", device=torch.device("cpu"), precision=precision,
-    )  # fmt: skip
+        model,
+        open_clip.get_tokenizer(ARCH),
+        name=f"{ARCH}:random",
+        arch=ARCH,
+        model_id=f"{ARCH}:random",
+        device=torch.device("cpu"),
+        precision=precision,
+    )
 
 
 def throughput(encoder: OpenClipEncoder, batch: int, seconds: float) -> float:

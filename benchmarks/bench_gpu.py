@@ -62,8 +62,12 @@ def main() -> None:
             cos = (enc.encode_images(imgs) * ref).sum(1)
             res["cosine_to_cpu_fp32"][p.value] = round(float(cos.min()), 5)
             res["network_images_per_s"][p.value] = round(net_rate(enc, 256), 1)
-            print(p.value, res["cosine_to_cpu_fp32"][p.value], res["network_images_per_s"][p.value],
-                  flush=True)  # fmt: skip
+            print(
+                p.value,
+                res["cosine_to_cpu_fp32"][p.value],
+                res["network_images_per_s"][p.value],
+                flush=True,
+            )
         rng = np.random.default_rng(0)
         pil = [rng.integers(0, 255, (256, 256, 3), dtype=np.uint8) for _ in range(512)]
         auto.encode_images(pil[:64], batch_size=64)

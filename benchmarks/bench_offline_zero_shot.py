@@ -31,6 +31,47 @@ def conse(probs: torch.Tensor, class_emb: torch.Tensor, k: int) -> np.ndarray:
     return torch.nn.functional.normalize(emb, dim=-1).numpy()
 
 
+def class_probabilities(model, images: np.ndarray) -> torch.Tensor:
+    """MobileNetV2's ImageNet class probabilities of every image, computed once."""
+    chunks = []
+    for start in range(0, len(images), 256):
+        batch = [model.load_pixels(im) for im in images[start : start + 256]]
+        pixels = torch.from_numpy(np.stack(batch))
+        with torch.inference_mode():
+            chunks.append(model.class_probabilities(pixels).float())
+    return torch.cat(chunks)
+
+
+def kind_retrieval_map(model, rows: list[dict], wordings: dict[str, list[str]]) -> dict:
+    """Does a basic-level word ("a photo of a dog") land on the classes under it (every dog
+    breed)? Mean average precision over the 30 commonest kinds, the class sentences
+    standing in for perfectly classified photos. Favours wordings that contain the kind by
+    design; it measures exactly what ConSE needs from them."""
+    by_count = sorted({r["kind"] for r in rows}, key=lambda k: -sum(r["kind"] == k for r in rows))
+    kinds = by_count[:30]
+    queries = model.encode_texts([f"a photo of a {k}." for k in kinds])
+    scores = {}
+    for name, texts in wordings.items():
+        sims_q = queries @ model.encode_texts(texts).T
+        aps = []
+        for qi, kind in enumerate(kinds):
+            relevant = np.array([r["kind"] == kind for r in rows])[np.argsort(-sims_q[qi])]
+            hits = np.cumsum(relevant)
+            aps.append(float((hits / np.arange(1, len(rows) + 1))[relevant].mean()))
+        scores[name] = round(float(np.mean(aps)), 3)
+    return scores
+
+
+def nll_by_logit_scale(sims: np.ndarray, truth: np.ndarray) -> dict[int, float]:
+    nll = {}
+    for scale in (10, 20, 30, 40, 50, 70, 100):
+        z = scale * sims
+        z = z - z.max(1, keepdims=True)
+        logp = z - np.log(np.exp(z).sum(1, keepdims=True))
+        nll[scale] = float(-logp[np.arange(len(truth)), truth].mean())
+    return nll
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--n", type=int, default=10000)
@@ -43,14 +84,7 @@ def main() -> None:
 
     model = load_model("offline", device="cpu")
     t0 = time.perf_counter()
-    chunks = []
-    for start in range(0, len(images), 256):
-        pixels = torch.from_numpy(
-            np.stack([model.load_pixels(im) for im in images[start : start + 256]])
-        )
-        with torch.inference_mode():
-            chunks.append(model.class_probabilities(pixels).float())
-    probs = torch.cat(chunks)
+    probs = class_probabilities(model, images)
     seconds = time.perf_counter() - t0
 
     rows = model.classes
@@ -73,21 +107,7 @@ def main() -> None:
         "top_k": {},
         "templates": {},
     }
-    # Does a basic-level word ("a photo of a dog") land on the classes under it (every dog
-    # breed)? Mean average precision over the 30 commonest kinds, the class sentences standing
-    # in for perfectly classified photos. Favours wordings that contain the kind by design;
-    # it measures exactly what ConSE needs from them.
-    kinds = sorted({r["kind"] for r in rows}, key=lambda k: -sum(r["kind"] == k for r in rows))[:30]
-    queries = model.encode_texts([f"a photo of a {k}." for k in kinds])
-    results["kind_retrieval_map"] = {}
-    for name, texts in wordings.items():
-        sims_q = queries @ model.encode_texts(texts).T
-        aps = []
-        for qi, kind in enumerate(kinds):
-            relevant = np.array([r["kind"] == kind for r in rows])[np.argsort(-sims_q[qi])]
-            hits = np.cumsum(relevant)
-            aps.append(float((hits / np.arange(1, len(rows) + 1))[relevant].mean()))
-        results["kind_retrieval_map"][name] = round(float(np.mean(aps)), 3)
+    results["kind_retrieval_map"] = kind_retrieval_map(model, rows, wordings)
 
     templates = load_templates("default")
     weights = zero_shot_weights(model, LABELS, templates)
@@ -106,13 +126,7 @@ def main() -> None:
             shipped, zero_shot_weights(model, LABELS, load_templates(tset))
         )
     sims = shipped @ weights.T
-    nll = {}
-    for scale in (10, 20, 30, 40, 50, 70, 100):
-        z = scale * sims
-        z = z - z.max(1, keepdims=True)
-        logp = z - np.log(np.exp(z).sum(1, keepdims=True))
-        nll[scale] = float(-logp[np.arange(len(truth)), truth].mean())
-    results["nll_by_logit_scale"] = nll
+    results["nll_by_logit_scale"] = nll_by_logit_scale(sims, truth)
     per_class = {
         LABELS[c]: float(((sims.argmax(1) == truth) & (truth == c)).sum() / (truth == c).sum())
         for c in range(10)

@@ -34,7 +34,7 @@ def main() -> None:
 
     from cliplens.catalog.db import Catalog
     from cliplens.catalog.update import update_catalog
-    from cliplens.distributed.embed import EmbedJob, iter_shards, run_embed_job, shard_vectors
+    from cliplens.distributed.embed import EmbedJob, embed_dataset, iter_shards, shard_vectors
     from cliplens.models.ref import ModelRef
 
     ref = ModelRef(args.model, precision=args.precision)
@@ -44,36 +44,52 @@ def main() -> None:
         stats = update_catalog(cat, ref, [args.photos])
         single_s = time.perf_counter() - t
         ids, _, matrix = cat.vectors(ref.info.model_id)
-        single = dict(zip(cat.paths(ids.tolist()).values(), matrix.astype(np.float32),
-                          strict=True))  # fmt: skip
-    print(f"single process: {stats.encoded} images in {single_s:.1f} s "
-          f"({stats.encoded / single_s:.1f} img/s)", flush=True)  # fmt: skip
+        single = dict(zip(cat.paths(ids.tolist()).values(), matrix.astype(np.float32), strict=True))
+    print(
+        f"single process: {stats.encoded} images in {single_s:.1f} s "
+        f"({stats.encoded / single_s:.1f} img/s)",
+        flush=True,
+    )
 
     t = time.perf_counter()
     ray.init(include_dashboard=False, log_to_driver=False)
     start_s = time.perf_counter() - t
     t = time.perf_counter()
-    job = EmbedJob(sources=(str(args.photos),), out=args.work / "shards", model=args.model,
-                   shard_size=args.shard_size, precision=args.precision)  # fmt: skip
-    report = run_embed_job(job)
+    job = EmbedJob(
+        sources=(str(args.photos),),
+        out=args.work / "shards",
+        model=args.model,
+        shard_size=args.shard_size,
+        precision=args.precision,
+    )
+    report = embed_dataset(job)
     ray_s = time.perf_counter() - t
     cpus = ray.cluster_resources().get("CPU")
     ray.shutdown()
-    print(f"Ray: {report.rows} images in {ray_s:.1f} s ({report.rows / ray_s:.1f} img/s), "
-          f"plus {start_s:.1f} s to start Ray", flush=True)  # fmt: skip
+    print(
+        f"Ray: {report.rows} images in {ray_s:.1f} s ({report.rows / ray_s:.1f} img/s), "
+        f"plus {start_s:.1f} s to start Ray",
+        flush=True,
+    )
 
     diffs = []
     for _, table in iter_shards(args.work / "shards"):
         for path, v in zip(table.column("path").to_pylist(), shard_vectors(table), strict=True):
             diffs.append(float(np.abs(v - single[path]).max()))
     result = {
-        "photos": str(args.photos), "model": ref.info.model_id, "images": report.rows,
-        "failures": report.failures, "single_s": round(single_s, 2),
-        "single_img_s": round(stats.encoded / single_s, 2), "ray_s": round(ray_s, 2),
-        "ray_img_s": round(report.rows / ray_s, 2), "ray_start_s": round(start_s, 2),
-        "compared": len(diffs), "max_abs_diff": max(diffs) if diffs else None,
+        "photos": str(args.photos),
+        "model": ref.info.model_id,
+        "images": report.rows,
+        "failures": report.failures,
+        "single_s": round(single_s, 2),
+        "single_img_s": round(stats.encoded / single_s, 2),
+        "ray_s": round(ray_s, 2),
+        "ray_img_s": round(report.rows / ray_s, 2),
+        "ray_start_s": round(start_s, 2),
+        "compared": len(diffs),
+        "max_abs_diff": max(diffs) if diffs else None,
         "ray_cpus": cpus,
-    }  # fmt: skip
+    }
     print(json.dumps(result, indent=1))
     (args.work / "results.json").write_text(json.dumps(result, indent=1))
 

@@ -3,26 +3,35 @@
 bf16 weights pay on CPUs with native bf16 dot products (Intel AMX, AVX512_BF16 on
 Intel and AMD Zen 4+): matmuls run 2.5-5x faster than fp32 and the embeddings agree
 with fp32 to a cosine above 0.999. Elsewhere fp32 is the safe choice on CPU.
+
+`Precision` is importable without torch (ModelInfo, ModelRef and the server settings
+are torch-free); torch is imported by the functions that pick a device or a dtype.
 """
 
 from __future__ import annotations
 
 import functools
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from cliplens.errors import InvalidInputError
 
+if TYPE_CHECKING:
+    import torch
 
-class Precision(str, Enum):
+
+class Precision(StrEnum):
+    """The number format of a model's weights and activations."""
+
     FP32 = "fp32"
     BF16 = "bf16"
     FP16 = "fp16"
 
     @property
     def dtype(self) -> torch.dtype:
+        import torch  # only when a network is built: Precision itself stays torch-free
+
         return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.value]
 
 
@@ -42,6 +51,9 @@ def cpu_has_fast_bf16() -> bool:
 
 
 def choose_device(requested: str | None = None) -> torch.device:
+    """The device asked for (checked to exist here), or the best one present."""
+    import torch  # a device is chosen only to build a network: keeps this module torch-free
+
     if requested in (None, "", "auto"):
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -56,23 +68,33 @@ def choose_device(requested: str | None = None) -> torch.device:
         ) from e
     if device.type == "cuda" and not torch.cuda.is_available():
         raise InvalidInputError(
-            f"device '{requested}': CUDA is not available here; use --device cpu"
+            f"device '{requested}': CUDA is not available here; use `device` cpu"
         )
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise InvalidInputError(
-            f"device '{requested}': MPS is not available here; use --device cpu"
+            f"device '{requested}': MPS is not available here; use `device` cpu"
         )
     return device
 
 
+def parse_precision(requested: str | Precision | None) -> Precision | None:
+    """`requested` as a Precision; None for automatic (None, "" or "auto")."""
+    if requested in (None, "", "auto"):
+        return None
+    try:
+        return Precision(requested)
+    except ValueError as e:
+        raise InvalidInputError(
+            f"precision '{requested}' is unknown; use fp32, bf16, fp16 or auto"
+        ) from e
+
+
 def choose_precision(device: torch.device, requested: str | Precision | None = None) -> Precision:
-    if requested not in (None, "", "auto"):
-        try:
-            precision = Precision(requested)
-        except ValueError as e:
-            raise InvalidInputError(
-                f"precision '{requested}' is unknown; use fp32, bf16, fp16 or auto"
-            ) from e
+    """The precision asked for (checked against the device), or the best one for it."""
+    import torch  # see choose_device
+
+    precision = parse_precision(requested)
+    if precision is not None:
         if device.type == "cpu" and precision is Precision.FP16:
             raise InvalidInputError("precision fp16 is not supported on CPU; use bf16 or fp32")
         return precision

@@ -4,12 +4,18 @@ processes that decode images stay light."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
 if TYPE_CHECKING:  # Pillow loads when pixels do: a text query never needs it
     from PIL import Image
+
+# how a resize samples pixels (Pillow's filters; open_clip's names)
+Interpolation = Literal["bicubic", "bilinear", "lanczos", "nearest"]
+# shortest: resize the short side, then centre crop; squash: resize both sides to the crop
+# (open_clip's "longest" pads instead, and is read here as shortest)
+ResizeMode = Literal["shortest", "longest", "squash"]
 
 
 @dataclass(frozen=True)
@@ -20,8 +26,8 @@ class Preprocessing:
     resize_size: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
-    interpolation: str = "bicubic"
-    resize_mode: str = "shortest"  # shortest (resize + centre crop) or squash
+    interpolation: Interpolation = "bicubic"
+    resize_mode: ResizeMode = "shortest"
 
     def crop(self, image: Image.Image) -> np.ndarray:
         """RGB PIL image -> uint8 HWC array, resized and cropped as torchvision's Resize +

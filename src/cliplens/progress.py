@@ -2,19 +2,29 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Protocol
+
+
+class Advance(Protocol):
+    """Moves a bar on by `n` items; a note (e.g. the current similarity) shows after it."""
+
+    def __call__(self, n: int, note: str | None = None) -> None: ...
+
+
+def _no_bar(n: int, note: str | None = None) -> None:
+    pass
 
 
 @contextmanager
-def progress_bar(
-    total: int, description: str, enabled: bool = True
-) -> Iterator[Callable[..., None]]:
+def progress_bar(total: int, description: str, enabled: bool = True) -> Iterator[Advance]:
     """Yields `advance(n, note=None)`, where a note (e.g. the current similarity) is shown
     after the bar; shows nothing when disabled or when stderr is not a terminal."""
     if not enabled or total <= 0:
-        yield lambda n, note=None: None
+        yield _no_bar
         return
+    # rich loads only when a bar is shown: commands without one start faster
     from rich.console import Console
     from rich.progress import (
         BarColumn,

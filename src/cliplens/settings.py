@@ -18,6 +18,8 @@ DEFAULT_MAX_MEGAPIXELS = 100.0
 
 @dataclass(frozen=True)
 class Settings:
+    """What the environment sets for this process (see the module docstring)."""
+
     home: Path
     default_model: str
     max_megapixels: float
@@ -34,7 +36,7 @@ class Settings:
 
 
 def _default_home() -> Path:
-    from platformdirs import user_cache_dir
+    from platformdirs import user_cache_dir  # ~40 ms: only when CLIPLENS_HOME is not set
 
     return Path(user_cache_dir("cliplens", appauthor=False))
 

@@ -10,9 +10,9 @@ import pytest
 
 from cliplens.distributed.embed import (
     EmbedJob,
+    embed_dataset,
     list_images,
     read_manifest,
-    run_embed_job,
     shard_vectors,
 )
 from cliplens.errors import InvalidInputError
@@ -39,8 +39,15 @@ def folder(tmp_path_factory, photos):
 
 
 def _job(tmp_path, folder, tiny_model_dir, **kw) -> EmbedJob:
-    return EmbedJob(sources=(str(folder),), out=tmp_path / "out", model=f"local:{tiny_model_dir}",
-                    shard_size=3, batch_size=4, precision="fp32", **kw)  # fmt: skip
+    return EmbedJob(
+        sources=(str(folder),),
+        out=tmp_path / "out",
+        model=f"local:{tiny_model_dir}",
+        shard_size=3,
+        batch_size=4,
+        precision="fp32",
+        **kw,
+    )
 
 
 def test_ray_job_matches_the_single_process_index(tmp_path, folder, tiny_model_dir):
@@ -50,7 +57,7 @@ def test_ray_job_matches_the_single_process_index(tmp_path, folder, tiny_model_d
     from cliplens.catalog.update import update_catalog
     from cliplens.models.ref import ModelRef
 
-    report = run_embed_job(_job(tmp_path, folder, tiny_model_dir))
+    report = embed_dataset(_job(tmp_path, folder, tiny_model_dir))
     assert report.files == 9 and report.shards == 3
     assert report.written == ["part-00000", "part-00001", "part-00002"]
     assert report.rows == 7 and report.failures == 2
@@ -61,8 +68,9 @@ def test_ray_job_matches_the_single_process_index(tmp_path, folder, tiny_model_d
     assert tables[0].schema.field("embedding").type.value_type == "halffloat"
     # the single-process pipeline on the same files, same model and precision
     with Catalog(tmp_path / "c.db") as cat:
-        update_catalog(cat, ModelRef(f"local:{tiny_model_dir}", precision="fp32"), [folder],
-                      workers=0)  # fmt: skip
+        update_catalog(
+            cat, ModelRef(f"local:{tiny_model_dir}", precision="fp32"), [folder], workers=0
+        )
         ids, _, matrix = cat.vectors(ModelRef(f"local:{tiny_model_dir}").info.model_id)
         by_path = dict(zip(cat.paths(ids.tolist()).values(), matrix, strict=True))
         hashes = {p: r.hash for p, r in cat.files_under([str(folder)]).items()}
@@ -72,31 +80,34 @@ def test_ray_job_matches_the_single_process_index(tmp_path, folder, tiny_model_d
     shas = [h for t in tables for h in t.column("sha256").to_pylist()]
     assert shas == [hashes[p] for p in paths]  # the catalog's content hashes
     # the unreadable files are listed with their reasons, not embedded
-    failures = {r["path"].rsplit("/", 1)[1]: r["error"]
-                for n in report.written
-                for r in pq.read_table(out / f"{n}.failures.parquet").to_pylist()}  # fmt: skip
+    failures = {
+        r["path"].rsplit("/", 1)[1]: r["error"]
+        for n in report.written
+        for r in pq.read_table(out / f"{n}.failures.parquet").to_pylist()
+    }
     assert set(failures) == {"notes.jpg", "empty.png"}
     assert "text file" in failures["notes.jpg"] and "empty" in failures["empty.png"]
     manifest = read_manifest(out)
-    assert manifest["files"] == 9 and manifest["dim"] == vectors.shape[1]
+    assert manifest.files == 9 and manifest.dim == vectors.shape[1]
 
 
 def test_resume_skips_finished_shards(tmp_path, folder, tiny_model_dir):
     out = tmp_path / "out"
-    first = run_embed_job(_job(tmp_path, folder, tiny_model_dir, max_shards=1))
+    first = embed_dataset(_job(tmp_path, folder, tiny_model_dir, max_shards=1))
     assert first.written == ["part-00000"]
     stamp = (out / "part-00000.parquet").stat().st_mtime_ns
     # what a killed job leaves behind: a half-written temporary file of the next shard
     (out / ".part-00001.parquet.abc.tmp").write_bytes(b"partial")
-    second = run_embed_job(_job(tmp_path, folder, tiny_model_dir))
+    second = embed_dataset(_job(tmp_path, folder, tiny_model_dir))
     assert second.skipped == ["part-00000"]
     assert second.written == ["part-00001", "part-00002"]
     assert (out / "part-00000.parquet").stat().st_mtime_ns == stamp  # not redone
-    assert run_embed_job(_job(tmp_path, folder, tiny_model_dir)).written == []
-    assert sorted(read_manifest(out)["shards"]) == ["part-00000", "part-00001", "part-00002"]
+    assert embed_dataset(_job(tmp_path, folder, tiny_model_dir)).written == []
+    assert sorted(read_manifest(out).shards) == ["part-00000", "part-00001", "part-00002"]
     with pytest.raises(InvalidInputError, match="shard_size"):
-        run_embed_job(EmbedJob(sources=(str(folder),), out=out, model=f"local:{tiny_model_dir}",
-                               shard_size=4))  # fmt: skip
+        embed_dataset(
+            EmbedJob(sources=(str(folder),), out=out, model=f"local:{tiny_model_dir}", shard_size=4)
+        )
 
 
 def test_add_new_files_into_new_shards(tmp_path, folder, tiny_model_dir):
@@ -107,19 +118,25 @@ def test_add_new_files_into_new_shards(tmp_path, folder, tiny_model_dir):
     grown = tmp_path / "grown"
     shutil.copytree(folder, grown)
     out = tmp_path / "out"
-    job = EmbedJob(sources=(str(grown),), out=out, model=f"local:{tiny_model_dir}",
-                   shard_size=4, batch_size=4, precision="fp32")  # fmt: skip
-    first = run_embed_job(job)
+    job = EmbedJob(
+        sources=(str(grown),),
+        out=out,
+        model=f"local:{tiny_model_dir}",
+        shard_size=4,
+        batch_size=4,
+        precision="fp32",
+    )
+    first = embed_dataset(job)
     assert first.written == ["part-00000", "part-00001", "part-00002"]  # 9 files
     stamps = {n: (out / f"{n}.parquet").stat().st_mtime_ns for n in first.written}
     for name in ("zz-new-cat.jpg", "aa-new-coffee.jpg"):
         shutil.copy(folder / name.split("-new-")[1], grown / name)
     (grown / "rocket.jpg").unlink()
-    with pytest.raises(InvalidInputError, match="--add-new"):
-        run_embed_job(job)
+    with pytest.raises(InvalidInputError, match="`add_new`"):
+        embed_dataset(job)
     from dataclasses import replace
 
-    added = run_embed_job(replace(job, add_new=True))
+    added = embed_dataset(replace(job, add_new=True))
     assert added.written == ["part-00003"] and added.rows == 2 and added.gone == 1
     assert added.skipped == first.written and added.files == 10
     assert sorted(pq.read_table(out / "part-00003.parquet")["path"].to_pylist()) == [
@@ -128,16 +145,16 @@ def test_add_new_files_into_new_shards(tmp_path, folder, tiny_model_dir):
     ]
     assert {n: (out / f"{n}.parquet").stat().st_mtime_ns for n in first.written} == stamps
     # the manifest follows the new listing: a plain rerun has nothing to do
-    again = run_embed_job(job)
+    again = embed_dataset(job)
     assert again.written == [] and len(again.skipped) == 4
     # a deleted shard file: its files are embedded again, into a new shard
     lost = set(pq.read_table(out / "part-00001.parquet")["path"].to_pylist())
     (out / "part-00001.parquet").unlink()
-    redone = run_embed_job(job)
+    redone = embed_dataset(job)
     assert redone.written == ["part-00004"]
     still_there = lost & set(list_images([str(grown)]))  # rocket.jpg is gone for good
     assert set(pq.read_table(out / "part-00004.parquet")["path"].to_pylist()) == still_there
-    assert "part-00001" not in read_manifest(out)["shards"]
+    assert "part-00001" not in read_manifest(out).shards
 
 
 def test_listing_local_and_uri_sources(folder, tmp_path):
@@ -161,8 +178,18 @@ def test_cli_embed_dataset_and_catalog_import(tmp_path, folder, tiny_model_dir, 
 
     out, db = tmp_path / "shards", tmp_path / "catalog.db"
     model = f"local:{tiny_model_dir}"
-    args = ["embed-dataset", str(folder), "--out", str(out), "--model", model,
-            "--shard-size", "4", "--precision", "fp32"]  # fmt: skip
+    args = [
+        "embed-dataset",
+        str(folder),
+        "--out",
+        str(out),
+        "--model",
+        model,
+        "--shard-size",
+        "4",
+        "--precision",
+        "fp32",
+    ]
     report = run_json(capsys, [*args, "--format", "json"])
     assert report["rows"] == 7 and report["failures"] == 2
     assert main(["catalog", "import", str(out), "--db", str(db)]) == 0
@@ -177,8 +204,21 @@ def test_cli_embed_dataset_and_catalog_import(tmp_path, folder, tiny_model_dir, 
         assert len(hits) == 3
     assert main(["catalog", "import", str(tmp_path), "--db", str(db)]) == 2  # not a job folder
     idx = str(tmp_path / "idx")
-    built = run_json(capsys, ["build-index", str(out), "--kind", "flat", "--out", idx,
-                              "--queries", "5", "--format", "json"])  # fmt: skip
+    built = run_json(
+        capsys,
+        [
+            "build-index",
+            str(out),
+            "--kind",
+            "flat",
+            "--out",
+            idx,
+            "--queries",
+            "5",
+            "--format",
+            "json",
+        ],
+    )
     assert built["n"] == 7 and built["recall_at_10"] == 1.0 and built["resumed_rows"] == 0
     assert main(["build-index", str(out), "--out", idx, "--checkpoint-minutes", "-1"]) == 2
     update = ["build-index", str(out), "--out", idx, "--update", "--queries", "5"]
@@ -186,9 +226,23 @@ def test_cli_embed_dataset_and_catalog_import(tmp_path, folder, tiny_model_dir, 
     # the index answers queries like the catalog does
     top3 = ["-n", "3", "--format", "json"]
     via_index = run_json(capsys, ["search", "a cat", "--index", idx, *top3])
-    via_catalog = run_json(capsys, ["search", "a cat", "--db", str(db), "--in", str(folder),
-                                    "--no-index", "--model", model, *top3])  # fmt: skip
+    via_catalog = run_json(
+        capsys,
+        [
+            "search",
+            "a cat",
+            "--db",
+            str(db),
+            "--in",
+            str(folder),
+            "--no-index",
+            "--model",
+            model,
+            *top3,
+        ],
+    )
     assert [h["path"] for h in via_index] == [h["path"] for h in via_catalog]
-    np.testing.assert_allclose([h["score"] for h in via_index],
-                               [h["score"] for h in via_catalog], atol=1e-3)  # fmt: skip
+    np.testing.assert_allclose(
+        [h["score"] for h in via_index], [h["score"] for h in via_catalog], atol=1e-3
+    )
     assert main(["search", "a cat", "--index", idx, "--model", "offline"]) == 2  # other model

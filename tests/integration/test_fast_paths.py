@@ -110,20 +110,47 @@ def test_cli_runs_noop_index_and_text_query_without_torch(tmp_path, tiny_model_d
         (blocker / mod / "__init__.py").write_text(f"raise ImportError('{mod} is blocked')\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(blocker), *sys.path])}
     cmd = [sys.executable, "-m", "cliplens.cli.main"]
-    noop = subprocess.run([*cmd, "index", str(folder), "--db", str(db), "--model", name,
-                           "--format", "json"], capture_output=True, text=True, env=env,
-                          timeout=120)  # fmt: skip
+    noop = subprocess.run(
+        [*cmd, "index", str(folder), "--db", str(db), "--model", name, "--format", "json"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert noop.returncode == 0, noop.stderr
     assert json.loads(noop.stdout)["unchanged"] == 6
-    query = subprocess.run([*cmd, "search", "a red boat", "--in", str(folder), "--db", str(db),
-                            "--model", name, "-n", "3", "--format", "json"],
-                           capture_output=True, text=True, env=env, timeout=120)  # fmt: skip
+    query = subprocess.run(
+        [
+            *cmd,
+            "search",
+            "a red boat",
+            "--in",
+            str(folder),
+            "--db",
+            str(db),
+            "--model",
+            name,
+            "-n",
+            "3",
+            "--format",
+            "json",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert query.returncode == 0, query.stderr
     assert [h["path"] for h in json.loads(query.stdout)] == expected
     # a photo that needs encoding does need torch: the error says so instead of hanging
     make_photos(folder / "new", 1, seed=9)
-    needs = subprocess.run([*cmd, "index", str(folder), "--db", str(db), "--model", name],
-                           capture_output=True, text=True, env=env, timeout=120)  # fmt: skip
+    needs = subprocess.run(
+        [*cmd, "index", str(folder), "--db", str(db), "--model", name],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert needs.returncode != 0
     assert "blocked" in needs.stderr
 

@@ -211,3 +211,60 @@ def test_device_and_precision_validation():
     if not torch.cuda.is_available():
         with pytest.raises(InvalidInputError, match="CUDA"):
             load_model("offline", device="cuda")
+
+
+# ------------------------------------------------------------------ the Encoder protocol
+
+
+def _protocol_members() -> set[str]:
+    from cliplens.models.encoder import Encoder
+
+    own = {n for c in Encoder.__mro__ if c.__module__ == Encoder.__module__ for n in vars(c)}
+    return {n for n in own if not n.startswith("_")}
+
+
+def test_every_encoder_satisfies_the_protocol(tiny, offline, tiny_model_dir):
+    from cliplens.models.encoder import Encoder
+    from cliplens.models.ref import ModelRef
+
+    assert isinstance(tiny, Encoder)
+    assert isinstance(offline, Encoder)
+    assert isinstance(ModelRef(f"local:{tiny_model_dir}"), Encoder)
+    assert isinstance(ModelRef("offline"), Encoder)
+
+
+def test_model_ref_has_every_protocol_member_with_its_signature():
+    """Fails when the protocol gains a member that ModelRef lacks, or when the two
+    signatures part (runtime isinstance only checks that the names exist)."""
+    import inspect
+
+    from cliplens.models.encoder import Encoder
+    from cliplens.models.ref import ModelRef
+
+    members = _protocol_members()
+    assert {"info", "feature_id", "load", "encode_images", "encode_texts"} <= members
+    for name in members:
+        assert hasattr(ModelRef, name), f"ModelRef lacks Encoder.{name}"
+        want, have = getattr(Encoder, name), getattr(ModelRef, name)
+        if callable(want):
+            assert inspect.signature(have).parameters.keys() == (
+                inspect.signature(want).parameters.keys()
+            ), name
+
+
+def test_model_ref_delegates_lenient_images_and_features(offline, tmp_path):
+    from cliplens.models.ref import ModelRef
+
+    ref = ModelRef("offline", device="cpu")
+    missing = tmp_path / "missing.jpg"
+    images = [*_images(2), missing]
+    lenient = ref.encode_images_lenient(images, batch_size=2)
+    assert lenient.kept == [0, 1] and len(lenient.failures) == 1
+    assert lenient.failures[0].path == str(missing)
+    np.testing.assert_allclose(lenient.vectors, offline.encode_images(images[:2]), atol=1e-5)
+    features = ref.encode_features(images)
+    assert features.kept == [0, 1] and features.vectors.shape[0] == 2
+    assert ref.feature_id == offline.feature_id != ref.info.model_id  # the CNN's pooled space
+    assert ref.encode_texts(["a cat"], batch_size=1).shape == (1, ref.info.dim)
+    with pytest.raises(InvalidInputError, match="precision"):
+        ModelRef("offline", precision="fp8")

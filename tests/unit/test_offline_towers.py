@@ -7,7 +7,7 @@ import torch
 
 from cliplens.datasets.shapes import sample, write_shapes
 from cliplens.models.offline import build_towers_clip, towers_config
-from cliplens.train.clip import TrainConfig, train
+from cliplens.train.clip import ClipTrainConfig, train_clip
 from cliplens.train.data import read_pairs
 
 
@@ -28,9 +28,16 @@ def test_fine_tuned_towers_save_and_load_for_every_task(tmp_path, capsys):
 
     write_shapes(tmp_path / "s", n=12, seed=0, size=32, val_fraction=0.0, heldout=0)
     pairs = read_pairs(tmp_path / "s" / "train.jsonl")
-    cfg = TrainConfig(model_cfg={}, init="offline", epochs=1, batch_size=4, lr=1e-5,
-                      warmup_steps=1, precision="bf16")  # fmt: skip
-    result = train(cfg, pairs, tmp_path / "run", max_steps=2)
+    cfg = ClipTrainConfig(
+        model_cfg={},
+        init="offline",
+        epochs=1,
+        batch_size=4,
+        lr=1e-5,
+        warmup_steps=1,
+        precision="bf16",
+    )
+    result = train_clip(cfg, pairs, tmp_path / "run", max_steps=2)
     assert result.steps == 2 and np.isfinite(result.losses).all()
     model = load_model(f"local:{result.model_path}", device="cpu", precision="fp32")
     assert model.info.arch == "offline-towers" and model.info.dim == 256

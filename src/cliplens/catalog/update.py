@@ -5,30 +5,45 @@ run skips what was committed and carries on.
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
-import sys
 import time
-from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import numpy as np
 
 from cliplens.catalog.db import Catalog, resolve_folders
 from cliplens.catalog.vectors import refresh_ann
-from cliplens.catalog.worker import Decoded, decode_file, init_worker
+from cliplens.catalog.worker import CropDecoder, Decoded, FileJob, decode_file, init_worker
+from cliplens.decode_ahead import INLINE, decode_ahead, process_pool
 from cliplens.images import iter_image_files
-from cliplens.models.ref import ModelRef
 from cliplens.progress import progress_bar
 
 if TYPE_CHECKING:
     from cliplens.models.encoder import Encoder
+    from cliplens.models.torch_encoder import TorchEncoder
+
+
+class FileFailure(NamedTuple):
+    """A file the run could not read, and why."""
+
+    path: str
+    error: str
 
 
 @dataclass
 class UpdateStats:
+    """What one `update_catalog` run found and did, counted per file.
+
+    Why: the CLI prints `summary()`, and a caller can tell what changed without reading
+    the catalog again.
+
+    >>> import cliplens
+    >>> stats = cliplens.update_catalog(cliplens.open_catalog(), cliplens.ModelRef(), ["photos/"])
+    >>> stats.new, stats.failed, stats.errors[:3]
+    """
+
     new: int = 0
     changed: int = 0
     moved: int = 0  # new paths whose content was already embedded (renamed, moved, copied)
@@ -38,7 +53,12 @@ class UpdateStats:
     failed_before: int = 0  # failed earlier and unchanged since: not retried
     encoded: int = 0
     timings: dict[str, float] = field(default_factory=dict)
-    errors: list[tuple[str, str]] = field(default_factory=list)
+    errors: list[FileFailure] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The counts and timings, then each failure as {"path", "error"}."""
+        counts = {k: v for k, v in vars(self).items() if k != "errors"}
+        return counts | {"errors": [f._asdict() for f in self.errors]}
 
     def summary(self) -> str:
         parts = [
@@ -67,7 +87,7 @@ def _scan(roots: Sequence[str]) -> dict[str, tuple[int, int]]:
 
 def update_catalog(
     catalog: Catalog,
-    model: Encoder | ModelRef,
+    model: Encoder,
     roots: Sequence[str | os.PathLike],
     batch_size: int | None = None,
     workers: int | None = None,
@@ -76,8 +96,14 @@ def update_catalog(
 ) -> UpdateStats:
     """Bring the catalog up to date with the image files under `roots` for one model.
 
-    With a ModelRef, the network is loaded only if some file needs encoding. One index
-    run at a time per catalog: a second one gets CatalogBusyError at once.
+    Why: search reads embeddings from the catalog; this embeds only what is new or
+    changed since the last run (a ModelRef loads the network only if some file needs
+    encoding), and a killed run loses at most the batch in flight. One index run at a
+    time per catalog: a second one gets CatalogBusyError at once.
+
+    >>> import cliplens
+    >>> catalog = cliplens.open_catalog("photos.db")
+    >>> cliplens.update_catalog(catalog, cliplens.ModelRef("offline"), ["photos/"]).summary()
     """
     with catalog.updating():
         return _update_catalog(
@@ -91,26 +117,20 @@ def update_catalog(
         )
 
 
-def _update_catalog(
-    catalog: Catalog,
-    model: Encoder | ModelRef,
-    roots: Sequence[str | os.PathLike],
-    *,
-    batch_size: int | None,
-    workers: int | None,
-    progress: bool,
-    max_megapixels: float | None,
-) -> UpdateStats:
-    t0 = time.perf_counter()
-    stats = UpdateStats()
-    folders = resolve_folders(roots)
+@dataclass
+class _Plan:
+    """What a run has to do: files to decode (new or changed), and paths that are gone."""
+
+    jobs: list[FileJob]
+    kinds: dict[str, Literal["new", "changed"]]  # of each job's path, for the counts
+    gone: list[str]
+
+
+def _plan(catalog: Catalog, folders: Sequence[str], known: set[str], stats: UpdateStats) -> _Plan:
     found = _scan(folders)
     existing = catalog.files_under(folders)
-    info = model.info
-    key = catalog.model_key(info.model_id, info.dim)
-    known = catalog.hashes_with_embedding(key)
-    jobs: list[tuple[str, int, int]] = []
-    kinds: dict[str, str] = {}
+    jobs: list[FileJob] = []
+    kinds: dict[str, Literal["new", "changed"]] = {}
     for path, (size, mtime) in found.items():
         row = existing.get(path)
         if row is not None and (row.size, row.mtime_ns) == (size, mtime):
@@ -125,98 +145,130 @@ def _update_catalog(
             kinds[path] = "new" if row is None else "changed"
         jobs.append((path, size, mtime))
     gone = [p for p in existing if p not in found]
+    return _Plan(jobs, kinds, gone)
+
+
+def _update_catalog(
+    catalog: Catalog,
+    model: Encoder,
+    roots: Sequence[str | os.PathLike],
+    *,
+    batch_size: int | None,
+    workers: int | None,
+    progress: bool,
+    max_megapixels: float | None,
+) -> UpdateStats:
+    t0 = time.perf_counter()
+    stats = UpdateStats()
+    folders = resolve_folders(roots)
+    info = model.info
+    key = catalog.model_key(info.model_id, info.dim)
+    known = catalog.hashes_with_embedding(key)
+    plan = _plan(catalog, folders, known, stats)
     stats.timings["scan"] = time.perf_counter() - t0
-    if not jobs and not gone:
+    if not plan.jobs and not plan.gone:
         if catalog.garbage_pending:  # left by a run killed before it collected
             with catalog.transaction():
                 catalog.collect_garbage()
         refresh_ann(catalog, info.model_id, changed=False)
         stats.timings["total"] = time.perf_counter() - t0
         return stats
-    encoder = model.load() if jobs else None
-
+    encoder = model.load() if plan.jobs else None
     bs = batch_size or (encoder.default_batch_size if encoder else 1)
-    pending: list[Decoded] = []
-    t_encode = t_write = t_decode = 0.0
-
-    def flush() -> None:
-        nonlocal t_encode, t_write
-        crops = [d for d in pending if d.crop is not None]
-        t = time.perf_counter()
-        vectors = encoder.encode_crops(np.stack([d.crop for d in crops])) if crops else None
-        t_encode += time.perf_counter() - t
-        t = time.perf_counter()
-        with catalog.transaction():
-            if vectors is not None:
-                catalog.put_embeddings(key, [d.hash for d in crops], vectors)
-            catalog.upsert_files(
-                (d.path, d.size, d.mtime_ns, d.hash, "failed" if d.error else "ok", d.error)
-                for d in pending
-            )
-        t_write += time.perf_counter() - t
-        stats.encoded += len(crops)
-        pending.clear()
-
-    with progress_bar(len(jobs), "indexing", progress) as advance:
-        for item in _decoded(jobs, known, encoder, workers, max_megapixels):
-            t_decode += item.seconds
-            if item.error:
-                stats.failed += 1
-                stats.errors.append((item.path, item.error))
-            elif item.crop is None:
-                stats.moved += 1
-                known.add(item.hash or "")
-            elif kinds[item.path] == "changed":
-                stats.changed += 1
-            else:
-                stats.new += 1
-            pending.append(item)
-            if sum(d.crop is not None for d in pending) >= bs or len(pending) >= 4 * bs:
-                flush()
+    decoder = CropDecoder(info.preprocessing, max_megapixels, frozenset(known))
+    writer = _BatchWriter(catalog, encoder, key, stats)
+    with progress_bar(len(plan.jobs), "indexing", progress) as advance:
+        for item in _decoded(plan.jobs, decoder, workers, bs):
+            _count(item, plan, known, stats)
+            writer.add(item, bs)
             advance(1)
-        if pending:
-            flush()
-    if gone:
+        writer.flush()
+    if plan.gone:
         with catalog.transaction():
-            stats.removed = catalog.remove_files(gone)
+            stats.removed = catalog.remove_files(plan.gone)
     if catalog.garbage_pending:  # changed or removed files, now or in a killed run
         with catalog.transaction():
             catalog.collect_garbage()
     t = time.perf_counter()
     refresh_ann(catalog, info.model_id, changed=True)
-    stats.timings.update(decode_cpu=t_decode, encode=t_encode, write=t_write,
-                         ann=time.perf_counter() - t, total=time.perf_counter() - t0)  # fmt: skip
+    stats.timings.update(decode_cpu=writer.t_decode, encode=writer.t_encode)
+    stats.timings.update(write=writer.t_write, ann=time.perf_counter() - t)
+    stats.timings["total"] = time.perf_counter() - t0
     return stats
 
 
+def _count(item: Decoded, plan: _Plan, known: set[str], stats: UpdateStats) -> None:
+    if item.error:
+        stats.failed += 1
+        stats.errors.append(FileFailure(item.path, item.error))
+    elif item.crop is None:
+        stats.moved += 1
+        known.add(item.hash or "")
+    elif plan.kinds[item.path] == "changed":
+        stats.changed += 1
+    else:
+        stats.new += 1
+
+
+class _BatchWriter:
+    """Encodes the decoded crops and commits them with their files, one transaction a
+    batch: a killed run loses at most the batch in flight."""
+
+    def __init__(
+        self, catalog: Catalog, encoder: TorchEncoder | None, key: int, stats: UpdateStats
+    ) -> None:
+        self.catalog, self.encoder, self.key, self.stats = catalog, encoder, key, stats
+        self.pending: list[Decoded] = []
+        self.t_decode = self.t_encode = self.t_write = 0.0
+
+    def add(self, item: Decoded, bs: int) -> None:
+        """Queue one file; commit once a batch of crops (or 4x as many files) is queued."""
+        self.t_decode += item.seconds
+        self.pending.append(item)
+        crops = sum(d.crop is not None for d in self.pending)
+        if crops >= bs or len(self.pending) >= 4 * bs:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        pending, catalog = self.pending, self.catalog
+        crops = [d for d in pending if d.crop is not None]
+        t = time.perf_counter()
+        vectors = None
+        if crops:
+            assert self.encoder is not None, "crops come only from jobs, which load the model"
+            vectors = self.encoder.encode_crops(np.stack([d.crop for d in crops]))
+        self.t_encode += time.perf_counter() - t
+        t = time.perf_counter()
+        with catalog.transaction():
+            if vectors is not None:
+                catalog.put_embeddings(self.key, [d.hash for d in crops], vectors)
+            catalog.upsert_files(
+                (d.path, d.size, d.mtime_ns, d.hash, "failed" if d.error else "ok", d.error)
+                for d in pending
+            )
+        self.t_write += time.perf_counter() - t
+        self.stats.encoded += len(crops)
+        self.pending = []
+
+
 def _decoded(
-    jobs: list[tuple[str, int, int]],
-    known: set[str],
-    encoder: Encoder,
-    workers: int | None,
-    max_megapixels: float | None,
-):
-    """Decoded files in job order, from a process pool with a bounded window in flight."""
+    jobs: list[FileJob], decoder: CropDecoder, workers: int | None, bs: int
+) -> Iterator[Decoded]:
+    """Decoded files in job order, from a process pool with a bounded window in flight
+    (in this process with `workers` 0)."""
     if not jobs:
         return
     n = workers if workers is not None else (os.cpu_count() or 1)
-    args = (frozenset(known), encoder.info.preprocessing, max_megapixels)
+    args = (decoder.known, decoder.prep, decoder.max_megapixels)
     if n <= 0:
         init_worker(*args)
-        yield from (decode_file(j) for j in jobs)
+        for _, batch in decode_ahead(jobs, decode_file, bs, INLINE, ahead=0):
+            yield from batch
         return
-    method = "fork" if sys.platform == "linux" else "spawn"
-    window = max(4 * n, 2 * (encoder.default_batch_size or 32))
-    with mp.get_context(method).Pool(n, initializer=init_worker, initargs=args) as pool:
-        queue: deque = deque()
-        it = iter(jobs)
-        for job in it:
-            queue.append(pool.apply_async(decode_file, (job,)))
-            if len(queue) >= window:
-                break
-        while queue:
-            result = queue.popleft().get()
-            nxt = next(it, None)
-            if nxt is not None:
-                queue.append(pool.apply_async(decode_file, (nxt,)))
-            yield result
+    window = max(4 * n, 2 * bs)  # files in flight: this batch and those decoding ahead
+    ahead = max(1, window // bs - 1)
+    with process_pool(n, init_worker, args) as pool:
+        for _, batch in decode_ahead(jobs, decode_file, bs, pool, ahead):
+            yield from batch

@@ -1,31 +1,31 @@
-"""The work done per file in decoder processes: hash, open, orient, downscale, crop.
+"""The work done per file when decoding for a catalog or shards: hash, open, orient,
+downscale, crop.
 
-Kept free of torch so that worker processes start fast and stay small.
+Kept free of torch so that worker processes start fast and stay small. The indexer runs
+`decode_file` in worker processes (set up once by `init_worker`, see
+`cliplens.decode_ahead.process_pool`); embed-dataset's Ray tasks call
+`CropDecoder.read` on local paths and object-store URIs alike.
 """
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
-import signal
-import sys
 import time
 from dataclasses import dataclass
 
 import numpy as np
 
 from cliplens.errors import ImageError
-from cliplens.images import open_image
+from cliplens.images import is_remote, open_image, open_image_bytes
 from cliplens.preprocess import Preprocessing
 
-PR_SET_PDEATHSIG = 1  # from <sys/prctl.h>
-_known: frozenset[str] = frozenset()
-_prep: Preprocessing | None = None
-_max_megapixels: float | None = None
+FileJob = tuple[str, int, int]  # path, size and mtime_ns as the scan found them
 
 
 @dataclass
 class Decoded:
+    """One file after decoding: its hash and crop, or why it could not be read."""
+
     path: str
     size: int
     mtime_ns: int
@@ -35,46 +35,91 @@ class Decoded:
     seconds: float = 0.0
 
 
-def init_worker(known: frozenset[str], prep: Preprocessing, max_megapixels: float | None) -> None:
-    global _known, _prep, _max_megapixels
-    _known, _prep, _max_megapixels = known, prep, max_megapixels
-    _die_with_parent()
+@dataclass(frozen=True)
+class CropDecoder:
+    """Hashes a file and, unless its content is already embedded (`known`), decodes it to
+    the model's uint8 crop. Unreadable files come back with `error`, never raised."""
+
+    prep: Preprocessing
+    max_megapixels: float | None = None
+    known: frozenset[str] = frozenset()
+
+    def __call__(self, job: FileJob) -> Decoded:
+        """A scanned local file, keeping the size and mtime the scan found."""
+        path, size, mtime_ns = job
+        return self._decode_local(path, size, mtime_ns)
+
+    def read(self, path: str) -> Decoded:
+        """A local path or an object-store URI (its bytes read through fsspec), sized by
+        the bytes read; size 0 when it cannot be read."""
+        if not is_remote(path):
+            return self._decode_local(path, None, 0)
+        import fsspec  # only for URIs: local files never need it
+
+        start = time.perf_counter()
+        out = Decoded(path, 0, 0)
+        try:
+            with fsspec.open(path, "rb") as f:
+                data = f.read()
+        except OSError as e:
+            out.error = f"cannot read: {e.strerror or e}"
+            return out
+        out.size, out.hash = len(data), hashlib.sha256(data).hexdigest()
+        try:
+            image = open_image_bytes(
+                data, path, min_size=self._min_size, max_megapixels=self.max_megapixels
+            )
+            out.crop = self.prep.crop(image)
+        except ImageError as e:
+            out.error = e.reason
+        out.seconds = time.perf_counter() - start
+        return out
+
+    def _decode_local(self, path: str, size: int | None, mtime_ns: int) -> Decoded:
+        """`size` None: the bytes hashed."""
+        start = time.perf_counter()
+        out = Decoded(path, size or 0, mtime_ns)
+        try:
+            out.hash, n_bytes = content_hash(path)
+            out.size = n_bytes if size is None else size
+            if out.hash not in self.known:
+                image = open_image(
+                    path, min_size=self._min_size, max_megapixels=self.max_megapixels
+                )
+                out.crop = self.prep.crop(image)
+        except ImageError as e:
+            out.error = e.reason
+        except OSError as e:
+            out.error = f"cannot read: {e.strerror or e}"
+        out.seconds = time.perf_counter() - start
+        return out
+
+    @property
+    def _min_size(self) -> int:
+        return self.prep.resize_size  # JPEGs decode at a reduced scale down to this
 
 
-def _die_with_parent() -> None:
-    """On Linux, ask the kernel to kill this worker when the indexer dies: a SIGKILLed
-    indexer cannot stop its pool, and the workers would linger on their task queue."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):  # no prctl here: the pool's own shutdown must do
-        pass
-
-
-def content_hash(path: str) -> str:
+def content_hash(path: str) -> tuple[str, int]:
+    """The sha256 of a file's bytes, and how many there were."""
     h = hashlib.sha256()
+    n = 0
     with open(path, "rb") as f:  # noqa: PTH123 (hot path: no Path object per file)
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
-    return h.hexdigest()
+            n += len(block)
+    return h.hexdigest(), n
 
 
-def decode_file(job: tuple[str, int, int]) -> Decoded:
+_decoder: CropDecoder | None = None  # this worker's, set by init_worker
+
+
+def init_worker(known: frozenset[str], prep: Preprocessing, max_megapixels: float | None) -> None:
+    """Set up a decoder process (or the indexer itself, decoding without workers)."""
+    global _decoder
+    _decoder = CropDecoder(prep, max_megapixels, known)
+
+
+def decode_file(job: FileJob) -> Decoded:
     """Hash a file and, unless its content is already embedded, decode it to a model crop."""
-    path, size, mtime_ns = job
-    start = time.perf_counter()
-    out = Decoded(path, size, mtime_ns)
-    try:
-        out.hash = content_hash(path)
-        if out.hash not in _known:
-            assert _prep is not None, "init_worker was not called"
-            image = open_image(path, min_size=_prep.resize_size, max_megapixels=_max_megapixels)
-            out.crop = _prep.crop(image)
-    except ImageError as e:
-        out.error = e.reason
-    except OSError as e:
-        out.error = f"cannot read: {e.strerror or e}"
-    out.seconds = time.perf_counter() - start
-    return out
+    assert _decoder is not None, "init_worker was not called"
+    return _decoder(job)

@@ -47,9 +47,9 @@ def model_info(
     fmt: FormatOpt = Format.table,
 ) -> None:
     """Show a model's embedding size, preprocessing, size and cache path."""
-    from cliplens.models.zoo import describe
+    from cliplens.models.zoo import describe_model
 
-    details = describe(name)
+    details = describe_model(name).to_dict()
     if fmt is Format.json:
         print_json(details)
     elif fmt is Format.csv:

@@ -19,6 +19,9 @@ _EXPORTS = {
     "load_model": "cliplens.models.registry",
     "parse_model_name": "cliplens.models.registry",
     "save_checkpoint": "cliplens.models.openclip",
+    "known_models": "cliplens.models.zoo",
+    "describe_model": "cliplens.models.zoo",
+    "ModelDescription": "cliplens.models.zoo",
 }
 
 __all__ = list(_EXPORTS)

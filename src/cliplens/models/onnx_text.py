@@ -22,11 +22,15 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from cliplens.settings import get_settings
+
+if TYPE_CHECKING:
+    from cliplens.models.info import ModelInfo
+    from cliplens.models.torch_encoder import TorchEncoder
 
 FORMAT = 1
 GRAPH = "text.opt.onnx"  # + text.opt.data (the weights)
@@ -64,7 +68,7 @@ class TextGraph:
 def _optimise(source: Path, target: Path) -> None:
     """Save ONNX Runtime's portable graph optimisations, weights in a separate file that
     loads without being parsed as protobuf."""
-    import onnxruntime as ort
+    import onnxruntime as ort  # optional, and ~0.2 s: only where a tower is used
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
@@ -102,7 +106,7 @@ class OnnxTextEncoder:
     def __init__(self, folder: Path, prepack: bool = False) -> None:
         """`prepack` lays the weights out for speed: +0.2 s to load, -5 ms a batch; worth
         it for a long-lived process, not for a one-shot query."""
-        import onnxruntime as ort
+        import onnxruntime as ort  # optional, and ~0.2 s: only where a tower is used
         from tokenizers import Tokenizer
 
         self.folder = folder
@@ -179,20 +183,20 @@ def can_export() -> bool:
     if not _enabled():
         return False
     try:
-        import onnxruntime  # noqa: F401
+        import onnxruntime  # noqa: F401 (optional: is it installed?)
     except ImportError:
         return False
     return True
 
 
-def export_text(encoder: Any) -> OnnxTextEncoder | None:
+def export_text(encoder: TorchEncoder) -> OnnxTextEncoder | None:
     """Export `encoder`'s text tower (load it in fp32 for an exact tower) and check it.
 
     Returns the ready encoder, or None when the backend cannot be exported or the check
     fails; then only a note of why stays on disk (so it is not retried) and queries keep
     using PyTorch.
     """
-    import torch
+    import torch  # only to export: queries through this module never import it
 
     graph = encoder.text_graph()
     if graph is None:
@@ -209,25 +213,11 @@ def export_text(encoder: Any) -> OnnxTextEncoder | None:
         ours = [[i for i, m in zip(e.ids, e.attention_mask, strict=True) if m] for e in batch]
         if ours != graph.token_ids(PROBES):
             return _unsupported(info, "the exported tokenizer gives other token ids")
-        ids = torch.tensor([e.ids for e in batch])
-        mask = torch.tensor([e.attention_mask for e in batch])
-        args = (ids, mask) if graph.with_mask else (ids,)
-        names = ["ids", "mask"] if graph.with_mask else ["ids"]
-        # torch.export keeps sizes symbolic (the TorchScript exporter bakes attention's
-        # sequence length into reshapes)
-        batch_dim = torch.export.Dim("batch")
-        dims = {0: batch_dim}
-        if graph.any_length:
-            dims[1] = torch.export.Dim("tokens", min=2, max=ids.shape[1])
-        shapes = {name: dims for name in names}  # the modules' forward() argument names
         with warnings.catch_warnings(), torch.inference_mode():
             warnings.simplefilter("ignore")
             # what the backend itself gives, full context and all
             want = encoder.encode_texts(PROBES)
-            torch.onnx.export(
-                graph.module, args, str(tmp / "text.onnx"), dynamo=True, input_names=names,
-                output_names=["vectors"], dynamic_shapes=shapes, verbose=False,
-            )  # fmt: skip
+            _export_onnx(graph, batch, tmp / "text.onnx")
         _optimise(tmp / "text.onnx", tmp / GRAPH)
         for raw in tmp.glob("text.onnx*"):  # the exporter's graph and its weights file
             raw.unlink()
@@ -261,7 +251,33 @@ def export_text(encoder: Any) -> OnnxTextEncoder | None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _unsupported(info: Any, reason: str) -> None:
+def _export_onnx(graph: TextGraph, batch: list[Any], path: Path) -> None:
+    """torch.onnx.export of the text tower, traced on the tokenized probes `batch`."""
+    import torch  # see export_text
+
+    ids = torch.tensor([e.ids for e in batch])
+    mask = torch.tensor([e.attention_mask for e in batch])
+    args = (ids, mask) if graph.with_mask else (ids,)
+    names = ["ids", "mask"] if graph.with_mask else ["ids"]
+    # torch.export keeps sizes symbolic (the TorchScript exporter bakes attention's
+    # sequence length into reshapes)
+    dims = {0: torch.export.Dim("batch")}
+    if graph.any_length:
+        dims[1] = torch.export.Dim("tokens", min=2, max=ids.shape[1])
+    shapes = {name: dims for name in names}  # the modules' forward() argument names
+    torch.onnx.export(
+        graph.module,
+        args,
+        str(path),
+        dynamo=True,
+        input_names=names,
+        output_names=["vectors"],
+        dynamic_shapes=shapes,
+        verbose=False,
+    )
+
+
+def _unsupported(info: ModelInfo, reason: str) -> None:
     """Remember that this model keeps the PyTorch path, so it is not tried again."""
     folder = folder_for(info.model_id)
     meta = {"format": FORMAT, "model_id": info.model_id, "unsupported": reason}

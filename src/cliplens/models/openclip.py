@@ -5,16 +5,25 @@ from __future__ import annotations
 import copy
 import json
 import os
+import socket
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
+import open_clip
 import torch
+from huggingface_hub import constants, try_to_load_from_cache
+from open_clip.tokenizer import SimpleTokenizer
+from open_clip.transform import PreprocessCfg
+from safetensors.torch import load_file, save_file
+from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors
 
 from cliplens.device import Precision
 from cliplens.errors import InvalidInputError, ModelError, ModelUnavailableError
 from cliplens.models.info import ModelInfo
+from cliplens.models.offline import build_towers_clip, is_towers_config
 from cliplens.models.onnx_text import TextGraph
 from cliplens.models.torch_encoder import TorchEncoder
 from cliplens.models.weights import combined_digest
@@ -32,7 +41,7 @@ class OpenClipEncoder(TorchEncoder):
         self.tokenizer = tokenizer
         self.info = info
         self._device = torch.device(info.device)
-        self._dtype = Precision(info.precision).dtype
+        self._dtype = info.precision.dtype
         # open_clip.CLIP keyword arguments, where known: what save_checkpoint needs to
         # write a fine-tuned copy (None for hub models)
         self.model_cfg: dict | None = None
@@ -56,7 +65,6 @@ class OpenClipEncoder(TorchEncoder):
         return self.model.encode_text(tokens)
 
     def text_graph(self) -> TextGraph | None:
-        from open_clip.tokenizer import SimpleTokenizer
 
         tok = self.tokenizer
         if not isinstance(tok, SimpleTokenizer) or self._dtype != torch.float32:
@@ -113,7 +121,7 @@ class OpenClipEncoder(TorchEncoder):
             weights=weights,
             n_params=sum(p.numel() for p in model.parameters()),
             device=str(device),
-            precision=precision.value,
+            precision=precision,
         )
         return cls(model, tokenizer, info)
 
@@ -143,7 +151,6 @@ class _TextTower(torch.nn.Module):
 
 
 def _trimmable(model: Any) -> bool:
-    import open_clip
 
     return (
         type(model) is open_clip.CLIP
@@ -154,7 +161,6 @@ def _trimmable(model: Any) -> bool:
 
 def _clip_tokenizer(tok: Any, context_length: int, pad_to_context: bool = True) -> Any:
     """open_clip's SimpleTokenizer (CLIP's byte-level BPE) as a `tokenizers` Tokenizer."""
-    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors
 
     merges = [pair for pair, _ in sorted(tok.bpe_ranks.items(), key=lambda kv: kv[1])]
     out = Tokenizer(models.BPE(vocab=dict(tok.encoder), merges=merges, end_of_word_suffix="</w>"))
@@ -194,8 +200,6 @@ def _short_reason(e: BaseException) -> str:
 
 def cached_weights(arch: str, tag: str) -> Path | None:
     """The weights file for arch:tag if it is already in the cache (no network)."""
-    import open_clip
-    from huggingface_hub import try_to_load_from_cache
 
     cfg = open_clip.get_pretrained_cfg(arch, tag)
     cache = str(get_settings().model_cache)
@@ -215,10 +219,6 @@ def cached_weights(arch: str, tag: str) -> Path | None:
 
 def _check_hub_reachable(name: str, cache: Path, url: str | None = None) -> None:
     """Fail in milliseconds when offline, instead of the hub client's minute of retries."""
-    import socket
-    from urllib.parse import urlparse
-
-    from huggingface_hub import constants
 
     if constants.HF_HUB_OFFLINE:
         raise ModelUnavailableError(name, cache, "HF_HUB_OFFLINE is set")
@@ -230,7 +230,6 @@ def _check_hub_reachable(name: str, cache: Path, url: str | None = None) -> None
 
 
 def fetch_weights(name: str, arch: str, tag: str) -> Path:
-    import open_clip
 
     hit = cached_weights(arch, tag)
     if hit is not None:
@@ -255,7 +254,6 @@ def load_pretrained(
     name: str, arch: str, pretrained: str, device: torch.device, precision: Precision
 ) -> OpenClipEncoder:
     """`arch:tag` (downloaded and cached) or `arch:PATH` (a state-dict file for that arch)."""
-    import open_clip
 
     tag_cfg = open_clip.get_pretrained_cfg(arch, pretrained)
     kwargs: dict[str, Any] = {}
@@ -294,8 +292,6 @@ def load_pretrained(
 
 def load_hub(name: str, repo: str, device: torch.device, precision: Precision) -> OpenClipEncoder:
     """`hf-hub:org/name`: an open_clip model published on the Hugging Face hub."""
-    import open_clip
-    from huggingface_hub import try_to_load_from_cache
 
     cache = get_settings().model_cache
     if try_to_load_from_cache(repo, "open_clip_config.json", cache_dir=str(cache)) is None:
@@ -336,7 +332,6 @@ def load_local(
     open_clip's `local-dir:` and the hub use, and what `cliplens train` writes), or a
     single file saved by `save_checkpoint` ({"format", "model_cfg", "state_dict"}).
     """
-    import open_clip
 
     path = path.expanduser()
     if path.is_dir():
@@ -352,7 +347,6 @@ def load_local(
         saved = json.loads(config.read_text())
         arch = saved.get("cliplens", {}).get("arch", path.name)
         model_cfg = saved.get("model_cfg")
-        from cliplens.models.offline import build_towers_clip, is_towers_config
 
         if model_cfg and is_towers_config(model_cfg):  # the offline towers, fine-tuned
             model, tokenizer = build_towers_clip(model_cfg, pretrained=False)
@@ -391,8 +385,6 @@ def load_local(
 
 def _load_state(name: str, model: Any, weights: Path) -> None:
     if weights.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         state = load_file(str(weights))
     else:
         state = torch.load(weights, map_location="cpu", weights_only=True)
@@ -406,10 +398,6 @@ def _build_from_cfg(
     name: str, model_cfg: dict, preprocess_cfg: dict | None
 ) -> tuple[Any, Callable]:
     """An open_clip CLIP with its own tokenizer, from a config dict (single-file checkpoints)."""
-    from dataclasses import asdict
-
-    import open_clip
-    from open_clip.transform import PreprocessCfg
 
     cfg = dict(model_cfg)
     if "hf_model_name" in cfg.get("text_cfg", {}) or "multimodal_cfg" in cfg:
@@ -425,16 +413,22 @@ def _build_from_cfg(
 
 
 def save_checkpoint(
-    model: Any,
+    model: torch.nn.Module,
     path: str | os.PathLike,
-    model_cfg: dict,
+    model_cfg: dict[str, Any],
     arch: str,
-    preprocess_cfg: dict | None = None,
+    preprocess_cfg: dict[str, Any] | None = None,
 ) -> Path:
-    """Write `model` so that `load_model("local:PATH")` loads it for every task.
+    """Write `model` (an open_clip CLIP) so that `load_model("local:PATH")` loads it for
+    every task.
 
-    A folder gets open_clip's layout (open_clip_config.json + safetensors, which open_clip's
-    own `local-dir:` also reads); a path ending in .pt gets one self-describing file.
+    Why: a fine-tuned or trained model becomes a model name like any other. A folder gets
+    open_clip's layout (open_clip_config.json + safetensors, which open_clip's own
+    `local-dir:` also reads); a path ending in .pt gets one self-describing file.
+
+    >>> import cliplens
+    >>> encoder = cliplens.load_model("ViT-B-32:openai")
+    >>> cliplens.save_checkpoint(encoder.model, "run/model", encoder.model_cfg, "ViT-B-32")
     """
     path = Path(path)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
@@ -451,7 +445,6 @@ def save_checkpoint(
             path,
         )
         return path
-    from safetensors.torch import save_file
 
     path.mkdir(parents=True, exist_ok=True)
     # open_clip reads model_cfg and preprocess_cfg and ignores the rest
@@ -466,7 +459,6 @@ def save_checkpoint(
 
 
 def _create(name: str, model_name: str, **kwargs: Any) -> Any:
-    import open_clip
 
     try:
         return open_clip.create_model(model_name, load_weights=True, **kwargs)

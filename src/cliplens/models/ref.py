@@ -5,7 +5,7 @@ already indexed; only new photos need the network itself. Every load records the
 identity under CLIPLENS_HOME/loaded-models.json together with the size and mtime of
 its weight files, so a later process that finds nothing to encode never imports torch
 while those files are unchanged. Text queries go through the ONNX export of the text
-tower when there is one (models.fast_text).
+tower when there is one (models.onnx_text).
 """
 
 from __future__ import annotations
@@ -16,14 +16,28 @@ import os
 import threading
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
 from cliplens import __version__
+from cliplens.device import Precision, parse_precision
+from cliplens.models.encoder import ImageEncoding
 from cliplens.models.info import ModelInfo
+from cliplens.models.onnx_text import (
+    OnnxTextEncoder,
+    attempted,
+    can_export,
+    export_text,
+    find_text_encoder,
+)
+from cliplens.models.registry import load_model
 from cliplens.settings import get_settings
 from cliplens.store.files import write_atomic
+
+if TYPE_CHECKING:
+    from cliplens.images import ImageSource
+    from cliplens.models.torch_encoder import TorchEncoder
 
 
 def _records_path() -> Path:
@@ -79,17 +93,30 @@ def record_info(name: str, info: ModelInfo) -> None:
 
 
 class ModelRef:
-    """Encoder-like handle: `info` and text queries without loading the model if possible."""
+    """A model by name that satisfies `Encoder`, loaded only when something is encoded.
+
+    Why: a catalog scan or a text query needs the model's identity, not its network;
+    the identity comes from the record of an earlier load and text queries from the
+    ONNX text tower, so neither imports torch while the weight files are unchanged.
+
+    >>> import cliplens
+    >>> model = cliplens.ModelRef("offline")
+    >>> model.encode_texts(["a red boat"]).shape
+    """
 
     def __init__(
-        self, name: str | None = None, device: str | None = None, precision: Any = None
+        self,
+        name: str | None = None,
+        device: str | None = None,
+        precision: Precision | str | None = None,
     ) -> None:
         name = (name or "").strip()
         self.name = get_settings().default_model if name in ("", "default") else name
-        self.device, self.precision = device, precision
-        self._encoder: Any = None
+        self.device = device
+        self.precision: Precision | None = parse_precision(precision)
+        self._encoder: TorchEncoder | None = None
         self._info: ModelInfo | None = None
-        self._text: Any = None
+        self._text: OnnxTextEncoder | Literal[False] | None = None  # False: there is none
         self._text_lock = threading.Lock()
         self._load_lock = threading.Lock()
 
@@ -105,13 +132,16 @@ class ModelRef:
             self._info = recorded_info(self.name) or self.load().info
         return self._info
 
-    def load(self) -> Any:
-        """The Encoder itself (imports torch and builds the network the first time, once
-        even when several threads ask at once)."""
+    @property
+    def feature_id(self) -> str:
+        """Names the space of `encode_features` (loads the model: backends differ)."""
+        return self.load().feature_id
+
+    def load(self) -> TorchEncoder:
+        """The loaded encoder itself (imports torch and builds the network the first
+        time, once even when several threads ask at once)."""
         with self._load_lock:
             if self._encoder is None:
-                from cliplens.models.registry import load_model
-
                 name, device, precision = self.name, self.device, self.precision
                 self._encoder = load_model(name, device=device, precision=precision)
                 record_info(self.name, self._encoder.info)
@@ -122,12 +152,10 @@ class ModelRef:
         self._info = self._info or (self._encoder.info if self._encoder else None)
         self._encoder = None
 
-    def fast_text(self) -> Any:
+    def fast_text(self) -> OnnxTextEncoder | None:
         """The ONNX text encoder for this model, or None."""
         with self._text_lock:
             if self._text is None:
-                from cliplens.models.onnx_text import find_text_encoder
-
                 self._text = find_text_encoder(self.info.model_id) or False
         return self._text or None
 
@@ -148,31 +176,57 @@ class ModelRef:
         with contextlib.suppress(Exception):  # the query's own call reports the error
             self.fast_text()
 
-    def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
+    def encode_texts(
+        self, texts: Sequence[str], batch_size: int = 256, progress: bool = False
+    ) -> np.ndarray:
+        """Embed texts in input order: through the ONNX text tower while the network is
+        not loaded and an export exists, else through the network."""
         if self._encoder is None and (fast := self.fast_text()) is not None:
             return fast.encode_texts(list(texts))
-        return self.load().encode_texts(texts)
+        return self.load().encode_texts(texts, batch_size, progress)
 
-    def encode_images(self, items: Sequence[Any], **kwargs: Any) -> np.ndarray:
-        return self.load().encode_images(items, **kwargs)
+    def encode_images(
+        self,
+        items: Sequence[ImageSource],
+        batch_size: int | None = None,
+        progress: bool = False,
+        max_megapixels: float | None = None,
+    ) -> np.ndarray:
+        """Embed images in input order; the first unreadable image raises its ImageError."""
+        return self.load().encode_images(items, batch_size, progress, max_megapixels)
+
+    def encode_images_lenient(
+        self,
+        items: Sequence[ImageSource],
+        batch_size: int | None = None,
+        progress: bool = False,
+        max_megapixels: float | None = None,
+    ) -> ImageEncoding:
+        """Embed what can be read; unreadable images are skipped and reported."""
+        return self.load().encode_images_lenient(items, batch_size, progress, max_megapixels)
+
+    def encode_features(
+        self,
+        items: Sequence[ImageSource],
+        batch_size: int | None = None,
+        progress: bool = False,
+        max_megapixels: float | None = None,
+    ) -> ImageEncoding:
+        """Image features for linear probes, in the space named by `feature_id`."""
+        return self.load().encode_features(items, batch_size, progress, max_megapixels)
 
     def needs_fast_text(self) -> bool:
         """True when the text tower could be exported for torch-free queries but is not yet."""
-        from cliplens.models.onnx_text import attempted, can_export
-
         return not attempted(self.info.model_id) and can_export()
 
     def prepare_fast_text(self) -> bool:
         """Export the text tower for torch-free queries, once per model. True if ready."""
-        from cliplens.models.onnx_text import export_text
-
         if not self.needs_fast_text():
             return self.fast_text() is not None
-        from cliplens.models.registry import load_model
-
         encoder = self._encoder
-        if encoder is None or encoder.info.precision != "fp32" or encoder.info.device != "cpu":
-            encoder = load_model(self.name, device="cpu", precision="fp32")
+        fp32 = Precision.FP32
+        if encoder is None or encoder.info.precision != fp32 or encoder.info.device != "cpu":
+            encoder = load_model(self.name, device="cpu", precision=fp32)
         self._text = export_text(encoder) or False
         return bool(self._text)
 

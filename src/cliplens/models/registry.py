@@ -13,11 +13,14 @@ import difflib
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cliplens.device import Precision, choose_device, choose_precision
 from cliplens.errors import UnknownModelError
-from cliplens.models.torch_encoder import TorchEncoder
 from cliplens.settings import get_settings
+
+if TYPE_CHECKING:
+    from cliplens.models.torch_encoder import TorchEncoder
 
 OFFLINE = "offline"
 
@@ -31,6 +34,8 @@ class Kind(str, Enum):
 
 @dataclass(frozen=True)
 class ModelSpec:
+    """A parsed model name: which backend, and what it loads."""
+
     name: str
     kind: Kind
     arch: str = ""
@@ -38,6 +43,8 @@ class ModelSpec:
 
 
 def parse_model_name(name: str | None) -> ModelSpec:
+    """What `name` refers to (the default model for None, "" or "default"), checked
+    against open_clip's architectures and tags without loading anything."""
     name = (name or "").strip()
     if name in ("", "default"):
         name = get_settings().default_model
@@ -85,7 +92,16 @@ def load_model(
     device: str | None = None,
     precision: str | Precision | None = None,
 ) -> TorchEncoder:
-    """Load a model by name on the best device and precision (or the ones asked for)."""
+    """Load a model by name on the best device and precision (or the ones asked for).
+
+    Why: every backend (open_clip, hub, local checkpoints, the bundled offline model)
+    comes back as one `TorchEncoder`, which satisfies `Encoder`. Use `ModelRef` instead
+    where the network may not be needed at all.
+
+    >>> import cliplens
+    >>> model = cliplens.load_model("offline", device="cpu")
+    >>> model.encode_texts(["a red boat"]).shape
+    """
     spec = parse_model_name(name)
     dev = choose_device(device)
     prec = choose_precision(dev, precision)

@@ -6,13 +6,13 @@ from __future__ import annotations
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
+from cliplens.decode_ahead import decode_ahead, thread_pool
 from cliplens.errors import ImageError, InvalidInputError
 from cliplens.images import ImageSource, open_image
 from cliplens.models.encoder import ImageEncoding
@@ -61,7 +61,7 @@ class TorchEncoder(ABC):
         raise InvalidInputError(f"model {self.info.name}: its image tower cannot be replaced")
 
     def text_graph(self) -> TextGraph | None:
-        """The text tower and tokenizer for an ONNX export (models.fast_text), if supported.
+        """The text tower and tokenizer for an ONNX export (models.onnx_text), if supported.
 
         Called on an fp32 CPU encoder; backends without an exportable tower return None.
         """
@@ -170,25 +170,15 @@ class TorchEncoder(ABC):
             except ImageError as e:
                 return e
 
-        starts = list(range(0, len(items), bs))
-        if not starts:
-            return
-        with ThreadPoolExecutor(max_workers=self.decode_workers) as pool:
-
-            def submit(s: int) -> list[Future]:
-                return [pool.submit(load, it) for it in items[s : s + bs]]
-
-            pending = submit(starts[0])
-            for i, start in enumerate(starts):
-                following = submit(starts[i + 1]) if i + 1 < len(starts) else []
-                yield start, [f.result() for f in pending]
-                pending = following
+        with thread_pool(self.decode_workers) as pool:
+            yield from decode_ahead(items, load, bs, pool)
 
     # ------------------------------------------------------------------ texts
 
     def encode_texts(
         self, texts: Sequence[str], batch_size: int = 256, progress: bool = False
     ) -> np.ndarray:
+        """Embed texts in input order."""
         if isinstance(texts, str):
             raise InvalidInputError(
                 "encode_texts takes a list of texts; wrap a single text in a list"
