@@ -21,12 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cliplens.index.build import (
-    VectorSource,
-    build_from,
-    measure,
-    plan_index,
-)
+from cliplens.index.build import VectorSource, build_faiss_index, measure, plan_index
 
 CHUNK = 200_000
 
@@ -59,12 +54,17 @@ def main() -> None:
     plan = plan_index(args.n, args.dim, "ivfpq", args.refine)
     print(f"plan: {plan}", flush=True)
     t = time.perf_counter()
-    report, index, (q, truth) = build_from(source, args.out, "ivfpq", args.refine, args.queries,
-                                           plan=plan, progress=True)  # fmt: skip
-    print(f"built in {time.perf_counter() - t:.0f} s: train {report.train_s:.0f} s, add "
-          f"{report.add_s:.0f} s, {report.index_bytes / 1e9:.2f} GB; recall@10 "
-          f"{report.recall_at_10:.3f} at {report.query_ms:.2f} ms (nprobe {plan.nprobe})",
-          flush=True)  # fmt: skip
+    built = build_faiss_index(
+        source, args.out, "ivfpq", args.refine, args.queries, plan=plan, progress=True
+    )
+    report, index, (q, truth) = built
+    times = f"train {report.train_s:.0f} s, add {report.add_s:.0f} s"
+    quality = f"recall@10 {report.recall_at_10:.3f} at {report.query_ms:.2f} ms"
+    size = f"{report.index_bytes / 1e9:.2f} GB"
+    elapsed = time.perf_counter() - t
+    print(
+        f"built in {elapsed:.0f} s: {times}, {size}; {quality} (nprobe {plan.nprobe})", flush=True
+    )
     import faiss
 
     ivf = faiss.extract_index_ivf(index)
@@ -79,12 +79,12 @@ def main() -> None:
         for nprobe in (64, 256):
             base.nprobe = nprobe
             recall, ms = measure(base, q, truth)
-            sweep.append({"nprobe": nprobe, "refine": "none", "recall_at_10": round(recall, 3),
-                          "ms": round(ms, 2)})  # fmt: skip
+            point = {"nprobe": nprobe, "refine": "none", "recall_at_10": round(recall, 3)}
+            sweep.append({**point, "ms": round(ms, 2)})
             print(f"  PQ only, nprobe {nprobe}: recall@10 {recall:.3f}, {ms:.2f} ms", flush=True)
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
-    result = {**report.to_dict(), "peak_rss_gb": round(peak_gb, 2), "sweep": sweep,
-              "clusters": args.clusters}  # fmt: skip
+    measured = {"peak_rss_gb": round(peak_gb, 2), "sweep": sweep, "clusters": args.clusters}
+    result = {**report.to_dict(), **measured}
     print(json.dumps(result, indent=1))
     (args.out / "results.json").write_text(json.dumps(result, indent=1))
 

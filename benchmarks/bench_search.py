@@ -70,10 +70,10 @@ def main() -> None:
         for nprobe in (int(p) for p in args.nprobe.split(",")):
             index.ann.nprobe = nprobe
             ms, found = timed(lambda v, index=index: index.search(v, 10), q)
-            recall = np.mean([len({i for i, _ in a} & {i for i, _ in b}) / 10
-                              for a, b in zip(found, truth, strict=True)])  # fmt: skip
-            print(f"          ANN nprobe {nprobe:>3}: median {ms:6.2f} ms, recall@10 {recall:.3f}",
-                  flush=True)  # fmt: skip
+            pairs = zip(found, truth, strict=True)
+            recall = np.mean([len({i for i, _ in a} & {i for i, _ in b}) / 10 for a, b in pairs])
+            line = f"ANN nprobe {nprobe:>3}: median {ms:6.2f} ms, recall@10 {recall:.3f}"
+            print(f"          {line}", flush=True)
         del index, m
 
 

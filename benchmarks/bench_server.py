@@ -31,11 +31,25 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 QUERIES = [
-    "a cat on a sofa", "sunset over the sea", "a red car", "people at a party", "snowy mountains",
-    "a bowl of soup", "a dog running on the beach", "city lights at night", "a birthday cake",
-    "an old castle", "2:a forest + river - people", "a page of text", "a bicycle", "fireworks",
-    "a cup of coffee", "children playing football", "a rocket launch", "a bird on a branch",
-]  # fmt: skip
+    "a cat on a sofa",
+    "sunset over the sea",
+    "a red car",
+    "people at a party",
+    "snowy mountains",
+    "a bowl of soup",
+    "a dog running on the beach",
+    "city lights at night",
+    "a birthday cake",
+    "an old castle",
+    "2:a forest + river - people",
+    "a page of text",
+    "a bicycle",
+    "fireworks",
+    "a cup of coffee",
+    "children playing football",
+    "a rocket launch",
+    "a bird on a branch",
+]
 
 
 def rss_mb(pid: int, field: str = "VmRSS") -> float:
@@ -85,7 +99,8 @@ def built_index(work: Path, n: int, model: str) -> Path:
     server accepts its text queries (the vectors are not that model's: only speed and
     memory mean anything here)."""
     from bench_index import synthetic
-    from cliplens.index.build import build_from, plan_index, write_index_folder
+    from cliplens.index.build import build_faiss_index, plan_index, write_index_folder
+    from cliplens.index.built import IndexMeta
     from cliplens.models.ref import ModelRef
 
     folder = work / f"index-{n}"
@@ -94,11 +109,12 @@ def built_index(work: Path, n: int, model: str) -> Path:
     info = ModelRef(model).info
     source = synthetic(n, info.dim, clusters=max(100, n // 500))
     plan = plan_index(n, info.dim, "ivfpq", "sq8")
-    report, _, _ = build_from(source, folder, plan=plan, queries=100, progress=True)
+    report, _, _ = build_faiss_index(source, folder, plan=plan, queries=100, progress=True)
     print(f"built: {report.to_dict()}", flush=True)
-    paths = ([f"/synthetic/{i:08d}.jpg" for i in range(s, min(n, s + 100_000))]
-             for s in range(0, n, 100_000))  # fmt: skip
-    write_index_folder(folder, paths, model, info.model_id, report, synthetic=True)
+    starts = range(0, n, 100_000)
+    paths = ([f"/synthetic/{i:08d}.jpg" for i in range(s, min(n, s + 100_000))] for s in starts)
+    meta = IndexMeta(info.model_id, report, model=model, synthetic=True)
+    write_index_folder(folder, paths, meta)
     return folder
 
 
@@ -121,14 +137,14 @@ def main() -> None:
     else:
         db = args.work / f"catalog-{args.n}.db"
         if not db.exists():
-            subprocess.run([sys.executable, str(HERE / "make_synthetic_catalog.py"), str(db),
-                            "--model", args.model, "--n", str(args.n),
-                            "--folder", str(args.work / "photos")], check=True)  # fmt: skip
+            make = [sys.executable, str(HERE / "make_synthetic_catalog.py"), str(db)]
+            options = ["--model", args.model, "--n", str(args.n)]
+            subprocess.run([*make, *options, "--folder", str(args.work / "photos")], check=True)
         what = ["--db", str(db)]
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "cliplens.cli.main", "serve", *what,
-                               "--model", args.model, "--port", str(port)],
-                              env={**os.environ, "PYTHONUNBUFFERED": "1"})  # fmt: skip
+    serve = [sys.executable, "-m", "cliplens.cli.main", "serve", *what]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    server = subprocess.Popen([*serve, "--model", args.model, "--port", str(port)], env=env)
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
@@ -155,19 +171,25 @@ def main() -> None:
         server.wait(30)
     lat = np.array(latencies) * 1000
     result = {
-        "vectors": args.n, "searches": "index (IVF-PQ + SQ8)" if args.built_index else "catalog",
-        "model": args.model, "clients": args.clients,
-        "seconds": args.seconds, "requests": len(lat),
+        "vectors": args.n,
+        "searches": "index (IVF-PQ + SQ8)" if args.built_index else "catalog",
+        "model": args.model,
+        "clients": args.clients,
+        "seconds": args.seconds,
+        "requests": len(lat),
         "requests_per_s": round(len(lat) / args.seconds, 1),
         "p50_ms": round(float(np.percentile(lat, 50)), 1),
         "p90_ms": round(float(np.percentile(lat, 90)), 1),
         "p99_ms": round(float(np.percentile(lat, 99)), 1),
         "max_ms": round(float(lat.max()), 1),
-        "errors": sum(errors.values()), "error_kinds": errors,
-        "first_query_s": round(warm_s, 2), "rss_idle_mb": round(rss_idle),
-        "rss_before_mb": round(rss_before), "rss_after_mb": round(rss_after),
+        "errors": sum(errors.values()),
+        "error_kinds": errors,
+        "first_query_s": round(warm_s, 2),
+        "rss_idle_mb": round(rss_idle),
+        "rss_before_mb": round(rss_before),
+        "rss_after_mb": round(rss_after),
         "private_after_mb": round(anon_after),
-    }  # fmt: skip
+    }
     print(json.dumps(result, indent=1))
     (args.work / "results.json").write_text(json.dumps(result, indent=1))
 

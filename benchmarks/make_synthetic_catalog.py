@@ -38,13 +38,14 @@ def main() -> None:
         v = rng.standard_normal((m, info.dim), dtype=np.float32)
         v /= np.linalg.norm(v, axis=1, keepdims=True)
         hashes = [hashlib.sha256(f"synthetic {start + i}".encode()).hexdigest() for i in range(m)]
-        rows = [(str(folder / f"IMG_{start + i:07d}.jpg"), 1000, 0, h, "ok", None)
-                for i, h in enumerate(hashes)]  # fmt: skip
+        names = [str(folder / f"IMG_{start + i:07d}.jpg") for i in range(m)]
+        rows = [(name, 1000, 0, h, "ok", None) for name, h in zip(names, hashes, strict=True)]
         with catalog.transaction():
             catalog.put_embeddings(key, hashes, v)
             catalog.upsert_files(rows)
-    print(f"{args.db}: {catalog.count_embedded(info.model_id):,} vectors for {info.model_id} "
-          f"under {folder} ({time.perf_counter() - t0:.1f} s)")  # fmt: skip
+    count = catalog.count_embedded(info.model_id)
+    took = time.perf_counter() - t0
+    print(f"{args.db}: {count:,} vectors for {info.model_id} under {folder} ({took:.1f} s)")
 
 
 if __name__ == "__main__":

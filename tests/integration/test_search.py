@@ -105,8 +105,8 @@ def test_offline_semantic_search(tmp_path, offline, photos):
 
 
 def _cli_env(tiny_model_dir: Path) -> dict:
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path),
-            "CLIPLENS_MODEL": f"local:{tiny_model_dir}"}  # fmt: skip
+    model = f"local:{tiny_model_dir}"
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "CLIPLENS_MODEL": model}
 
 
 def _cmd() -> list[str]:
@@ -118,11 +118,14 @@ def test_killed_index_resumes_and_loses_nothing(tmp_path, tiny_model_dir):
     db = tmp_path / "c.db"
     env = _cli_env(tiny_model_dir)
     # index a first part, so there is something to lose
-    first = subprocess.run([*_cmd(), "index", str(tmp_path / "p" / "img000.jpg"), "--db", str(db)],
-                           env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    one = [*_cmd(), "index", str(tmp_path / "p" / "img000.jpg"), "--db", str(db)]
+    first = subprocess.run(one, env=env, capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stderr
-    proc = subprocess.Popen([*_cmd(), "index", str(tmp_path / "p"), "--db", str(db), "-b", "2",
-                             "--workers", "0"], env=env, stderr=subprocess.PIPE)  # fmt: skip
+    proc = subprocess.Popen(
+        [*_cmd(), "index", str(tmp_path / "p"), "--db", str(db), "-b", "2", "--workers", "0"],
+        env=env,
+        stderr=subprocess.PIPE,
+    )
     deadline = time.time() + 120
     rows = 0
     while time.time() < deadline and proc.poll() is None:
@@ -141,8 +144,8 @@ def test_killed_index_resumes_and_loses_nothing(tmp_path, tiny_model_dir):
     assert 10 <= kept < 160
     assert con.execute("SELECT COUNT(*) FROM files WHERE path LIKE '%img000.jpg'").fetchone()[0]
     con.close()
-    again = subprocess.run([*_cmd(), "index", str(tmp_path / "p"), "--db", str(db), "-f", "json"],
-                           env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    whole = [*_cmd(), "index", str(tmp_path / "p"), "--db", str(db), "-f", "json"]
+    again = subprocess.run(whole, env=env, capture_output=True, text=True, timeout=300)
     stats = json.loads(again.stdout)
     assert stats["unchanged"] >= kept - 2 and stats["new"] + stats["unchanged"] == 160
 
@@ -152,9 +155,11 @@ def test_search_while_indexing(tmp_path, tiny_model_dir, tiny):
     db = tmp_path / "c.db"
     cat = Catalog(db)
     update_catalog(cat, tiny, [tmp_path / "p" / "img000.jpg"], workers=0)
-    proc = subprocess.Popen([*_cmd(), "index", str(tmp_path / "p"), "--db", str(db), "-b", "2",
-                             "--workers", "0"], env=_cli_env(tiny_model_dir),
-                            stderr=subprocess.PIPE)  # fmt: skip
+    proc = subprocess.Popen(
+        [*_cmd(), "index", str(tmp_path / "p"), "--db", str(db), "-b", "2", "--workers", "0"],
+        env=_cli_env(tiny_model_dir),
+        stderr=subprocess.PIPE,
+    )
     seen = set()
     while proc.poll() is None:
         reader = Catalog(db)
@@ -169,16 +174,15 @@ def test_cli_index_search_formats(tmp_path, capsys, photos):
     db = str(tmp_path / "c.db")
     assert main(["index", str(photos), "--model", "offline", "--db", db, "--workers", "0"]) == 0
     assert "7 new" in capsys.readouterr().err
-    code = main(["search", "a cat", "--in", str(photos), "--model", "offline", "--db", db,
-                 "-n", "2", "--format", "paths"])  # fmt: skip
+    where = ["--in", str(photos), "--model", "offline", "--db", db]
+    code = main(["search", "a cat", *where, "-n", "2", "--format", "paths"])
     out = capsys.readouterr().out.splitlines()
     assert code == 0 and len(out) == 2 and any(p.endswith("cat.jpg") for p in out)
-    code = main(["search", "2:a rocket", "-", "a cat", "--in", str(photos), "--model", "offline",
-                 "--db", db, "-n", "1", "--format", "json", "--no-index"])  # fmt: skip
+    mixed = ["search", "2:a rocket", "-", "a cat", *where]
+    code = main([*mixed, "-n", "1", "--format", "json", "--no-index"])
     data = json.loads(capsys.readouterr().out)
     assert code == 0 and data[0]["path"].endswith("rocket.jpg")
-    code = main(["similar", str(photos / "cat.jpg"), "--in", str(photos), "--model", "offline",
-                 "--db", db, "-n", "3", "--format", "json"])  # fmt: skip
+    code = main(["similar", str(photos / "cat.jpg"), *where, "-n", "3", "--format", "json"])
     data = json.loads(capsys.readouterr().out)
     assert code == 0 and len(data) == 3 and all(not d["path"].endswith("cat.jpg") for d in data)
     code = main(["search", "./nope.jpg", "--db", db, "--model", "offline"])

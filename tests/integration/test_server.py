@@ -81,8 +81,7 @@ def test_embed_matches_the_library(client, tiny, photos):
 
 def test_classify_and_its_errors(client, photos, tmp_path):
     files = [_upload(photos / "cat.jpg"), _upload(photos / "rocket.jpg")]
-    r = client.post("/v1/classify", data={"labels": "cat, rocket, car", "top_k": "3"},
-                    files=files)  # fmt: skip
+    r = client.post("/v1/classify", data={"labels": "cat, rocket, car", "top_k": "3"}, files=files)
     assert r.status_code == 200, r.text
     preds = r.json()["predictions"]
     assert [p["name"] for p in preds] == ["cat.jpg", "rocket.jpg"]
@@ -93,12 +92,14 @@ def test_classify_and_its_errors(client, photos, tmp_path):
     _error(client.post("/v1/classify", files=files), 422, "invalid_request")
     _error(client.post("/v1/classify", data={"labels": " , "}, files=files), 400, "invalid_input")
     text = ("images", ("notes.jpg", b"hello, I am text", "image/jpeg"))
-    detail = _error(client.post("/v1/classify", data={"labels": "a,b"}, files=[text]),
-                    415, "not_an_image")  # fmt: skip
+    detail = _error(
+        client.post("/v1/classify", data={"labels": "a,b"}, files=[text]), 415, "not_an_image"
+    )
     assert "notes.jpg" in detail and "text file" in detail
     empty = ("images", ("../../etc/passwd", b"", "image/png"))
-    detail = _error(client.post("/v1/classify", data={"labels": "a,b"}, files=[empty]),
-                    400, "empty_image")  # fmt: skip
+    detail = _error(
+        client.post("/v1/classify", data={"labels": "a,b"}, files=[empty]), 400, "empty_image"
+    )
     assert "passwd" in detail and "../" not in detail
 
 
@@ -112,13 +113,14 @@ def test_search_get_post_and_image(client, tiny, photos):
     # the same query as weighted JSON terms, and a catalog photo as a term
     body = {"terms": [{"text": "a cat"}], "n": 3}
     assert client.post("/v1/search", json=body).json()["results"] == hits
-    cat_id = next(h["id"] for h in client.get("/v1/search", params={"q": "x", "n": 7})
-                  .json()["results"] if h["name"] == "cat.jpg")  # fmt: skip
+    every = client.get("/v1/search", params={"q": "x", "n": 7}).json()["results"]
+    cat_id = next(h["id"] for h in every if h["name"] == "cat.jpg")
     by_id = client.post("/v1/search", json={"terms": [{"id": cat_id}], "n": 1}).json()
     assert by_id["results"][0]["id"] == cat_id and by_id["results"][0]["score"] > 0.999
     # an uploaded photo finds itself first
-    r = client.post("/v1/search/image", files=[_upload(photos / "rocket.jpg", "image")],
-                    data={"n": "2"})  # fmt: skip
+    r = client.post(
+        "/v1/search/image", files=[_upload(photos / "rocket.jpg", "image")], data={"n": "2"}
+    )
     assert r.status_code == 200, r.text
     assert r.json()["results"][0]["name"] == "rocket.jpg"
     assert r.json()["results"][0]["score"] == pytest.approx(1, abs=1e-3)
@@ -137,8 +139,9 @@ def test_weighted_queries_and_bad_json(client, tiny):
     r = client.post("/v1/search", **bad)
     _error(r, 422, "invalid_request")
     _error(client.post("/v1/search", json={"terms": []}), 422, "invalid_request")
-    _error(client.post("/v1/search", json={"terms": [{"text": "a", "id": 1}]}), 422,
-           "invalid_request")  # fmt: skip
+    _error(
+        client.post("/v1/search", json={"terms": [{"text": "a", "id": 1}]}), 422, "invalid_request"
+    )
     _error(client.get("/v1/search", params={"q": "cat - cat"}), 400, "invalid_input")
     _error(client.get("/v1/search"), 422, "invalid_request")
     _error(client.get("/v1/search", params={"q": "cat", "n": 0}), 422, "invalid_request")
@@ -183,15 +186,19 @@ def test_score_moderate_quality_and_caption_routes(client, tiny, photos):
     from cliplens.tasks.score import clip_score
 
     cat, coffee = photos / "cat.jpg", photos / "coffee.jpg"
-    r = client.post("/v1/score", data={"prompt": "a cat", "references": ["a cat", "a kitten"]},
-                    files=[_upload(cat), _upload(coffee)])  # fmt: skip
+    r = client.post(
+        "/v1/score",
+        data={"prompt": "a cat", "references": ["a cat", "a kitten"]},
+        files=[_upload(cat), _upload(coffee)],
+    )
     assert r.status_code == 200, r.text
     body = r.json()
     expected = clip_score(tiny.encode_images([cat, coffee]), tiny.encode_texts(["a cat"])[0])
     assert [s["clip_score"] for s in body["scores"]] == pytest.approx(expected.tolist(), abs=1e-4)
     assert all(s["ref_clip_score"] is not None for s in body["scores"])
-    _error(client.post("/v1/score", data={"prompt": "  "}, files=[_upload(cat)]), 400,
-           "invalid_input")  # fmt: skip
+    _error(
+        client.post("/v1/score", data={"prompt": "  "}, files=[_upload(cat)]), 400, "invalid_input"
+    )
     with pytest.warns(UserWarning, match="calibrated for"):  # the default policy's model
         r = client.post("/v1/moderate", files=[_upload(cat)])
     assert r.status_code == 200, r.text
@@ -211,8 +218,8 @@ def test_token(settings, photos):
         r = c.get("/v1/search", params={"q": "cat"})
         _error(r, 401, "unauthorized")
         assert r.headers["www-authenticate"] == "Bearer"
-        _error(c.get("/v1/search", params={"q": "cat"}, headers={"Authorization": "Bearer no"}),
-               401, "unauthorized")  # fmt: skip
+        wrong = {"Authorization": "Bearer no"}
+        _error(c.get("/v1/search", params={"q": "cat"}, headers=wrong), 401, "unauthorized")
         _error(c.get("/v1/images/1"), 401, "unauthorized")
         _error(c.post("/v1/embed", data={"texts": ["a"]}), 401, "unauthorized")
         ok = c.get("/v1/search", params={"q": "cat"}, headers={"Authorization": "Bearer s3cret"})
@@ -225,8 +232,9 @@ def test_upload_and_pixel_limits(settings, photos):
         big = ("images", ("big.png", b"\x89PNG" + b"0" * 20_000, "image/png"))
         _error(c.post("/v1/embed", files=[big]), 413, "too_large")
     with _app(settings, max_megapixels=0.01) as c:
-        detail = _error(c.post("/v1/embed", files=[_upload(photos / "cat.jpg")]), 413,
-                        "image_too_large")  # fmt: skip
+        detail = _error(
+            c.post("/v1/embed", files=[_upload(photos / "cat.jpg")]), 413, "image_too_large"
+        )
         assert "cat.jpg" in detail
     with _app(settings, max_files=1) as c:
         files = [_upload(photos / "cat.jpg"), _upload(photos / "coffee.jpg")]
@@ -292,17 +300,18 @@ def test_no_catalog_is_a_clear_404(tiny_model_dir, tmp_path):
 
 def test_caption_route(settings, tiny, tmp_path_factory, tiny_model_dir, photos):
     """A tiny captioner trained here; the route's captions are the library's."""
-    from cliplens.caption.model import load_captioner
+    from cliplens.captioning.model import load_captioner
     from cliplens.cli.main import main
     from cliplens.datasets.shapes import write_shapes
 
     data, out = tmp_path_factory.mktemp("shapes"), tmp_path_factory.mktemp("cap")
     write_shapes(data, n=40, size=32, heldout=4)
-    assert main(["caption", "train", "--data", str(data / "train-full.jsonl"),
-                 "--model", f"local:{tiny_model_dir}", "--lm", "scratch:gpt2",
-                 "--lm-layers", "1", "--lm-width", "32", "--epochs", "1", "--batch-size", "16",
-                 "--train-precision", "fp32", "--out", str(out),
-                 "--db", str(out / "none.db")]) == 0  # fmt: skip
+    tiny_lm = ["--lm", "scratch:gpt2", "--lm-layers", "1", "--lm-width", "32"]
+    quick = ["--epochs", "1", "--batch-size", "16", "--train-precision", "fp32"]
+    where = ["--out", str(out), "--db", str(out / "none.db")]
+    model = ["--model", f"local:{tiny_model_dir}"]
+    train = ["caption", "train", "--data", str(data / "train-full.jsonl")]
+    assert main([*train, *model, *tiny_lm, *quick, *where]) == 0
     images = [photos / "cat.jpg", photos / "coffee.jpg"]
     expected = load_captioner(out / "captioner").generate(tiny.encode_images(images))
     with _app(settings, captioner=out / "captioner") as c:
@@ -381,8 +390,9 @@ def test_search_a_built_index_like_the_catalog(client, settings, index_dir, phot
             got = c.get("/v1/search", params={"q": q, "n": 5}).json()["results"]
             want = client.get("/v1/search", params={"q": q, "n": 5}).json()["results"]
             assert [h["path"] for h in got] == [h["path"] for h in want]
-            np.testing.assert_allclose([h["score"] for h in got], [h["score"] for h in want],
-                                       atol=1e-4)  # fmt: skip
+            np.testing.assert_allclose(
+                [h["score"] for h in got], [h["score"] for h in want], atol=1e-4
+            )
         hits = c.get("/v1/search", params={"q": "coffee", "n": 7}).json()["results"]
         assert sorted(h["id"] for h in hits) == list(range(7))  # row numbers
         coffee = next(h for h in hits if h["name"] == "coffee.jpg")
@@ -480,12 +490,13 @@ def test_a_rebuilt_index_is_served_without_a_restart(tmp_path, settings, catalog
     new one is complete (index.json written last), then the new one does."""
     import shutil
 
-    from cliplens.server.photos import IndexPhotos
+    from cliplens.server.service import Service
 
-    monkeypatch.setattr(IndexPhotos, "recheck_s", 0.0)
+    monkeypatch.setattr(Service, "recheck_s", 0.0)
     served = built_index_from_catalog(tmp_path / "a", catalog_db, settings.model)
-    rebuilt = built_index_from_catalog(tmp_path / "b", catalog_db, settings.model,
-                                       lambda p: f"{p}.v2")  # fmt: skip
+    rebuilt = built_index_from_catalog(
+        tmp_path / "b", catalog_db, settings.model, lambda p: f"{p}.v2"
+    )
 
     def replace(name: str) -> None:  # as build-index writes: a new file renamed into place
         shutil.copy(rebuilt / name, served / f".{name}.tmp")

@@ -15,8 +15,13 @@ from schemathesis.specs.openapi.checks import (
 
 from cliplens.server import ServerSettings, create_app
 
-CHECKS = [schemathesis.checks.not_a_server_error, response_schema_conformance,
-          status_code_conformance, content_type_conformance, negative_data_rejection]  # fmt: skip
+CHECKS = [
+    schemathesis.checks.not_a_server_error,
+    response_schema_conformance,
+    status_code_conformance,
+    content_type_conformance,
+    negative_data_rejection,
+]
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +44,13 @@ def test_no_server_errors_and_no_schema_violations(app):
     for operation in operations:
 
         @given(operation.as_strategy())
-        @settings(max_examples=25, deadline=None, derandomize=True, database=None,
-                  suppress_health_check=list(HealthCheck))  # fmt: skip
+        @settings(
+            max_examples=25,
+            deadline=None,
+            derandomize=True,
+            database=None,
+            suppress_health_check=list(HealthCheck),
+        )
         def fuzz(case):
             case.call_and_validate(checks=CHECKS)
 

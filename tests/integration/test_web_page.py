@@ -87,8 +87,9 @@ def test_search_click_similar_and_classify_in_chromium(live_server, photos, tmp_
     from playwright.sync_api import expect, sync_playwright
 
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=shutil.which("chromium") or CHROMIUM,
-                                    args=["--no-sandbox"])  # fmt: skip
+        browser = p.chromium.launch(
+            executable_path=shutil.which("chromium") or CHROMIUM, args=["--no-sandbox"]
+        )
         page = browser.new_page(viewport={"width": 1280, "height": 900})
         errors: list[str] = []
         page.on("pageerror", lambda e: errors.append(str(e)))
@@ -104,8 +105,10 @@ def test_search_click_similar_and_classify_in_chromium(live_server, photos, tmp_
         assert hits.first.locator(".name").inner_text() == "cat.jpg"
         assert hits.count() == 7
         # thumbnails really loaded
-        page.wait_for_function("() => [...document.querySelectorAll('#results img')]"
-                               ".every(i => i.complete && i.naturalWidth > 0)")  # fmt: skip
+        page.wait_for_function(
+            "() => [...document.querySelectorAll('#results img')]"
+            ".every(i => i.complete && i.naturalWidth > 0)"
+        )
         page.screenshot(path=tmp_path / "search-a-cat.png", full_page=True)
 
         # click it: photos similar to the cat, without the cat itself
@@ -129,15 +132,16 @@ def test_search_click_similar_and_classify_in_chromium(live_server, photos, tmp_
         # drop a photo on the search zone: photos like it, itself first
         page.fill("#q", "")
         payload = base64.b64encode((photos / "motorcycle.jpg").read_bytes()).decode()
-        page.evaluate("""([data, name]) => {
+        drop = """([data, name]) => {
             const bytes = Uint8Array.from(atob(data), (c) => c.charCodeAt(0));
             const transfer = new DataTransfer();
             transfer.items.add(new File([bytes], name, { type: "image/jpeg" }));
             document.getElementById("drop").dispatchEvent(
                 new DragEvent("drop", { dataTransfer: transfer, bubbles: true }));
-        }""", [payload, "motorcycle.jpg"])  # fmt: skip
-        expect(page.locator("#results-title")).to_have_text("Photos like motorcycle.jpg",
-                                                            timeout=30_000)  # fmt: skip
+        }"""
+        page.evaluate(drop, [payload, "motorcycle.jpg"])
+        title = page.locator("#results-title")
+        expect(title).to_have_text("Photos like motorcycle.jpg", timeout=30_000)
         expect(hits.first.locator(".name")).to_have_text("motorcycle.jpg")
 
         # classify a photo given to the panel's file input (what a drop does)

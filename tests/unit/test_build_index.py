@@ -5,18 +5,18 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cliplens.distributed.embed import _save_manifest, _write_shard, shard_name
+from cliplens.distributed.embed import _write_shard, shard_name
+from cliplens.distributed.manifest import ShardManifest, save_manifest
 from cliplens.errors import InvalidInputError
 from cliplens.index.build import (
     VectorSource,
-    build_from,
+    build_faiss_index,
     build_index,
     exact_top_k,
-    load_built_index,
-    open_built_index,
     plan_index,
     shard_source,
 )
+from cliplens.index.built import IndexMeta, open_built_index
 
 
 def write_synthetic_shards(folder, n, dim, clusters=50, shard=2000, seed=0):
@@ -29,12 +29,15 @@ def write_synthetic_shards(folder, n, dim, clusters=50, shard=2000, seed=0):
         m = min(shard, n - start)
         v = centres[rng.integers(0, clusters, m)] + 0.5 * rng.standard_normal((m, dim))
         v = (v / np.linalg.norm(v, axis=1, keepdims=True)).astype(np.float32)
-        rows = [{"path": f"/photos/{start + j:07d}.jpg", "size": 1, "sha256": "x", "error": "",
-                 "embedding": v[j]} for j in range(m)]  # fmt: skip
+        paths = [f"/photos/{start + j:07d}.jpg" for j in range(m)]
+        rows = [
+            {"path": p, "size": 1, "sha256": "x", "error": "", "embedding": e}
+            for p, e in zip(paths, v, strict=True)
+        ]
         ok, bad = _write_shard(folder, shard_name(i), rows, "synthetic", "float32")
         manifest["shards"][shard_name(i)] = {"rows": ok, "failures": bad}
         all_v.append(v)
-    _save_manifest(folder, manifest)
+    save_manifest(folder, ShardManifest.from_dict(manifest))
     return np.concatenate(all_v)
 
 
@@ -43,9 +46,9 @@ def test_plan_sizes_to_the_data():
     assert p.nlist == 8192 and p.pq_m == 64 and p.train_size == 40 * 8192
     small = plan_index(5_000, 64, "ivfpq")
     assert small.nlist <= 5_000 // 39 and 64 % small.pq_m == 0
-    with pytest.raises(InvalidInputError, match="--kind"):
+    with pytest.raises(InvalidInputError, match="`kind`"):
         plan_index(10, 8, "lsh")
-    with pytest.raises(InvalidInputError, match="--refine"):
+    with pytest.raises(InvalidInputError, match="`refine`"):
         plan_index(10, 8, "ivfpq", refine="pq4")
 
 
@@ -64,14 +67,14 @@ def test_ivfpq_recall_on_clustered_vectors(tmp_path):
     assert refined.n == 12_000 and refined.index_bytes > plain.index_bytes
     flat = build_index(shards, tmp_path / "flat", "flat", queries=50)
     assert flat.recall_at_10 == 1.0
-    index = load_built_index(tmp_path / "pq")  # memory-mapped
+    index = open_built_index(tmp_path / "pq").index  # memory-mapped
     _, ids = index.search(data[:1], 3)
     assert ids.shape == (1, 3) and ids[0, 0] >= 0
     with pytest.raises(InvalidInputError, match=r"no index\.faiss"):
-        load_built_index(tmp_path)
+        open_built_index(tmp_path)
     (tmp_path / "index.faiss").write_bytes(b"not an index")
     with pytest.raises(InvalidInputError, match="not a faiss index"):
-        load_built_index(tmp_path)
+        open_built_index(tmp_path)
     _check_stored_vectors(tmp_path, data)
 
 
@@ -87,20 +90,20 @@ def _check_stored_vectors(tmp_path, data):
     rows = [0, 4321, 11_999]
     flat, pq8, plain = (open_built_index(tmp_path / k) for k in ("flat", "pq8", "pq"))
     for r in rows:
-        np.testing.assert_allclose(flat.vector(r), data[r], atol=1e-6)
-        assert _cos(pq8.vector(r), data[r]) > 0.99
-        assert 0.5 < _cos(plain.vector(r), data[r]) < 0.99
+        np.testing.assert_allclose(flat.vector(r, "synthetic"), data[r], atol=1e-6)
+        assert _cos(pq8.vector(r, "synthetic"), data[r]) > 0.99
+        assert 0.5 < _cos(plain.vector(r, "synthetic"), data[r]) < 0.99
     ends = (0, 1999, 2000, 4321, 11_999)  # paths come in shard-sized chunks of 2000
-    assert [flat.path(r) for r in ends] == [f"/photos/{r:07d}.jpg" for r in ends]
-    assert flat.path(12_000) is None and flat.path(-1) is None and len(flat) == 12_000
+    assert [flat.path_of(r) for r in ends] == [f"/photos/{r:07d}.jpg" for r in ends]
+    assert flat.path_of(12_000) is None and flat.path_of(-1) is None and len(flat) == 12_000
     # a batch of queries answers as the queries one at a time
     batch = pq8.search_rows(data[rows], 5)
     assert batch == [pq8.search_rows(data[r], 5)[0] for r in rows]
     assert [b[0][0] for b in batch] == rows
-    assert pq8.search(data[0], 1)[0][0] == "/photos/0000000.jpg"
+    assert pq8.search(data[0], 1, "synthetic")[0].path == "/photos/0000000.jpg"
     # a path table that does not match the index is refused
     report = build_index(tmp_path / "shards", tmp_path / "flat", "flat", queries=5)
-    write_index_folder(tmp_path / "flat", [["/photos/x.jpg"]], None, "synthetic", report)
+    write_index_folder(tmp_path / "flat", [["/photos/x.jpg"]], IndexMeta("synthetic", report))
     with pytest.raises(InvalidInputError, match="1 paths for 12000 vectors"):
         open_built_index(tmp_path / "flat")
     (tmp_path / "flat" / "index.json").unlink()  # what a build killed before its end leaves
@@ -137,12 +140,12 @@ def test_an_interrupted_build_resumes(tmp_path):
 
     dying, _ = source_killed_at(2, 4)  # pass 1 samples for training, pass 2 adds
     with pytest.raises(KilledError):
-        build_from(dying, out, "ivfpq", checkpoint_s=1e-9)  # a checkpoint after each chunk
+        build_faiss_index(dying, out, "ivfpq", checkpoint_s=1e-9)  # a checkpoint after each chunk
     assert not (out / "index.faiss").exists()
     trained_in = json.loads((out / ".build-state.json").read_text())["train_s"]
 
     counted, passes = source_killed_at(0, 0)  # never killed; counts its passes
-    report, index, _ = build_from(counted, out, "ivfpq", checkpoint_s=1e-9)
+    report, index, _ = build_faiss_index(counted, out, "ivfpq", checkpoint_s=1e-9)
     assert report.resumed_rows == 8000 and index.ntotal == 12_000
     assert len(passes) == 3  # adding, held-out queries, exact search: no training sample
     assert report.train_s == trained_in and report.recall_at_10 >= 0.9
@@ -151,8 +154,8 @@ def test_an_interrupted_build_resumes(tmp_path):
 
     dying, _ = source_killed_at(2, 3)
     with pytest.raises(KilledError):
-        build_from(dying, out, "ivfpq", checkpoint_s=1e-9)
-    other = build_from(source, out, "ivfpq", refine="none")[0]
+        build_faiss_index(dying, out, "ivfpq", checkpoint_s=1e-9)
+    other = build_faiss_index(source, out, "ivfpq", refine="none")[0]
     assert other.resumed_rows == 0 and other.params["refine"] == "none"
 
 
@@ -182,7 +185,7 @@ def test_update_adds_new_shards_without_training(tmp_path):
         (shards / "manifest.json").write_text(json.dumps({**manifest, "shards": done}))
 
     def centroids():
-        index = load_built_index(out, mmap=False)  # held: the parts below point into it
+        index = open_built_index(out, mmap=False).index  # held: the parts below point into it
         ivf = faiss.extract_index_ivf(index)
         return faiss.downcast_index(ivf.quantizer).reconstruct_n(0, ivf.nlist).copy()
 
@@ -193,11 +196,11 @@ def test_update_adds_new_shards_without_training(tmp_path):
     assert added == 0 and report.n == 12_000  # nothing new yet
     job_with(names)
     report, added, before = update_index(shards, out, queries=50)
-    assert added == 4000 and before["n"] == 12_000 and report.n == 16_000
+    assert added == 4000 and before.report.n == 12_000 and report.n == 16_000
     assert report.recall_at_10 >= 0.9
     built = open_built_index(out)
     assert len(built) == 16_000 and built.index.ntotal == 16_000
-    assert [built.path(r) for r in (0, 11_999, 12_000, 15_999)] == [
+    assert [built.path_of(r) for r in (0, 11_999, 12_000, 15_999)] == [
         f"/photos/{r:07d}.jpg" for r in (0, 11_999, 12_000, 15_999)
     ]
     assert built.search_rows(data[14_321], 1)[0][0][0] == 14_321
@@ -205,5 +208,5 @@ def test_update_adds_new_shards_without_training(tmp_path):
     # an index built from other shards than this job's first ones is refused
     (shards / "part-00000.parquet").unlink()
     job_with(names[1:])
-    with pytest.raises(InvalidInputError, match="without --update"):
+    with pytest.raises(InvalidInputError, match="without `update`"):
         update_index(shards, out)

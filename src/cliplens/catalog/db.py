@@ -16,6 +16,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
@@ -27,10 +28,19 @@ from cliplens.catalog.errors import (
     not_a_catalog,
     sqlite_error,
 )
+from cliplens.catalog.vectors import CatalogSearch
 from cliplens.errors import ImageNotFoundError, InvalidInputError
 from cliplens.paths import from_text, to_text
+from cliplens.settings import get_settings
 
-__all__ = ["Catalog", "CatalogBusyError", "CatalogError", "CatalogReadOnlyError", "FileRow"]
+__all__ = [
+    "Catalog",
+    "CatalogBusyError",
+    "CatalogError",
+    "CatalogReadOnlyError",
+    "FileRow",
+    "open_catalog",
+]
 
 SCHEMA_VERSION = 1
 
@@ -65,6 +75,10 @@ MIGRATIONS: dict[int, str] = {
 }
 
 
+#: a file the indexer read as an image, or one it could not read
+FileStatus = Literal["ok", "failed"]
+
+
 @dataclass(frozen=True)
 class FileRow:
     id: int
@@ -72,7 +86,7 @@ class FileRow:
     size: int
     mtime_ns: int
     hash: str | None
-    status: str
+    status: FileStatus
     error: str | None
 
 
@@ -84,9 +98,20 @@ def _file_row(r: tuple) -> FileRow:
 
 
 def default_db_path() -> Path:
-    from cliplens.settings import get_settings
-
     return get_settings().home / "catalog.db"
+
+
+def open_catalog(path: str | os.PathLike[str] | None = None, readonly: bool = False) -> Catalog:
+    """The photo catalog of `cliplens index` (default: CLIPLENS_HOME/catalog.db).
+
+    Why: one call for what search, similar and duplicates read, and what `update_catalog`
+    writes; `readonly` opens an existing catalog without writing a byte.
+
+    >>> import cliplens
+    >>> catalog = cliplens.open_catalog(readonly=True)
+    >>> cliplens.search(catalog, cliplens.load_model("offline"), "a cat", n=3)
+    """
+    return Catalog(path, readonly=readonly)
 
 
 def folder_range(folder: str | os.PathLike) -> tuple[str, str]:
@@ -96,8 +121,16 @@ def folder_range(folder: str | os.PathLike) -> tuple[str, str]:
     return prefix, prefix[:-1] + chr(ord(os.sep) + 1)
 
 
-class Catalog:
-    """Files, content hashes and embeddings per model, in one SQLite database."""
+class Catalog(CatalogSearch):
+    """Files, content hashes and embeddings per model, in one SQLite database; searchable
+    (the `Searchable` protocol: see catalog/vectors.py `CatalogSearch`).
+
+    Why: a photo is encoded once, whatever its path, and found again by any model's query.
+
+    >>> import cliplens
+    >>> with cliplens.Catalog("photos.db", readonly=True) as catalog:
+    ...     cliplens.search(catalog, cliplens.load_model("offline"), "a cat")
+    """
 
     def __init__(self, path: str | os.PathLike | None = None, readonly: bool = False) -> None:
         self.path = Path(path) if path else default_db_path()
@@ -311,13 +344,6 @@ class Catalog:
         self._model_ids[model_id] = row[0]
         return row[0]
 
-    def models(self) -> list[tuple[str, int, int]]:
-        """(model_id, dim, number of embeddings) for every model in the catalog."""
-        return self.db.execute(
-            "SELECT m.model_id, m.dim, COUNT(e.hash) FROM models m "
-            "LEFT JOIN embeddings e ON e.model = m.id GROUP BY m.id ORDER BY m.model_id"
-        ).fetchall()
-
     # ------------------------------------------------------------ files
 
     def files_under(self, folders: Sequence[str | os.PathLike]) -> dict[str, FileRow]:
@@ -474,11 +500,18 @@ class Catalog:
         ids: list[int] = []
         for folder in folders:
             low, high = folder_range(folder)
-            ids += [i for (i,) in self.db.execute(
+            found = self.db.execute(
                 "SELECT id FROM files WHERE (path >= ? AND path < ?) OR path = ?",
                 (low, high, to_text(os.fspath(folder))),
-            )]  # fmt: skip
+            )
+            ids += [i for (i,) in found]
         return np.asarray(sorted(set(ids)), np.int64)
+
+    def ids_within(self, folders: Sequence[str | os.PathLike[str]]) -> np.ndarray | None:
+        """The ids of the files under `folders` (as given: resolved here), or None when
+        every file is under them, so that a filter would exclude nothing."""
+        resolved = resolve_folders(folders)
+        return None if self.holds_only(resolved) else self.ids_under(resolved)
 
     def embedding_of(self, path: str, model_id: str) -> np.ndarray | None:
         r = self.db.execute(

@@ -56,7 +56,7 @@ class IvfVectors:
         return len(self.ids)
 
     def search(self, query: np.ndarray, k: int) -> list[tuple[int, float]]:
-        import faiss
+        import faiss  # heavy: loaded only where an IVF index is used
 
         k = min(k, len(self.ids))
         if k <= 0:
@@ -70,7 +70,7 @@ class IvfVectors:
 
 def build(ids: np.ndarray, keys: np.ndarray, matrix: np.ndarray, seed: int = 0) -> IvfVectors:
     """Train an IVF index on a sample of `matrix` and add every row."""
-    import faiss
+    import faiss  # heavy: loaded only where an IVF index is used
 
     n, dim = matrix.shape
     nlist = nlist_for(n)
@@ -91,7 +91,7 @@ def _add(index: object, ids: np.ndarray, matrix: np.ndarray, block: int = 65536)
 
 def update(ann: IvfVectors, ids: np.ndarray, keys: np.ndarray, matrix: np.ndarray) -> int:
     """Bring `ann` to exactly (ids, keys, matrix); returns how many rows changed."""
-    import faiss
+    import faiss  # heavy: loaded only where an IVF index is used
 
     old_ids, old_keys = ann.ids, ann.keys
     if len(old_ids):
@@ -115,7 +115,7 @@ def paths(folder: Path, key: str) -> tuple[Path, Path]:
 
 
 def save(ann: IvfVectors, folder: Path, key: str) -> None:
-    import faiss
+    import faiss  # heavy: loaded only where an IVF index is used
 
     index_path, meta_path = paths(folder, key)
     folder.mkdir(parents=True, exist_ok=True)
@@ -127,7 +127,7 @@ def save(ann: IvfVectors, folder: Path, key: str) -> None:
 
 
 def load(folder: Path, key: str) -> IvfVectors | None:
-    import faiss
+    import faiss  # heavy: loaded only where an IVF index is used
 
     index_path, meta_path = paths(folder, key)
     if not (index_path.exists() and meta_path.exists()):

@@ -3,22 +3,39 @@
 The matrix of one model is cached beside the catalog as float32 .npy files named by the
 catalog's generation, memory-mapped when fresh and rebuilt (atomically) when the
 catalog changed; a process loads it once and then answers each query with one
-matrix product. Above CLIPLENS_ANN_MIN vectors a faiss IVF index (store.ann) answers
+matrix product. Above CLIPLENS_ANN_MIN vectors a faiss IVF index (catalog/ivf.py) answers
 instead, kept in step with the catalog.
+
+`CatalogSearch` is the catalog's side of the `Searchable` protocol (searchable.py):
+`Catalog` inherits it, so a catalog is searched like a build-index folder.
 """
 
 from __future__ import annotations
 
+import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal, cast
 
 import numpy as np
 
 from cliplens.catalog import ivf as ann_mod
-from cliplens.catalog.db import Catalog
+from cliplens.searchable import (
+    Hit,
+    NotEmbeddedError,
+    NotServedError,
+    SearchableKind,
+    StoredModel,
+    UnknownIdError,
+)
 from cliplens.store.files import write_atomic_binary
 
+if TYPE_CHECKING:
+    from cliplens.catalog.db import Catalog
+
+#: "auto" uses (and updates) an existing ANN index; "train" also builds one when missing
+#: or outgrown (what `cliplens index` does); "off" searches exactly
 AnnMode = Literal["auto", "train", "off"]
 
 
@@ -90,7 +107,9 @@ class CatalogVectors:
             out.append([(int(self.ids[i]), float(scores[i, b])) for i in rows])
         return out
 
-    def _exact(self, query: np.ndarray, k: int, allowed: np.ndarray | None):
+    def _exact(
+        self, query: np.ndarray, k: int, allowed: np.ndarray | None
+    ) -> list[tuple[int, float]]:
         ids, matrix = self.ids, self.matrix
         if allowed is not None:
             keep = np.isin(ids, allowed)
@@ -118,8 +137,7 @@ def _key(model_id: str) -> str:
 def load_vectors(catalog: Catalog, model_id: str, ann: AnnMode = "auto") -> CatalogVectors:
     """The model's vectors, from this process's memory, the .npy cache, or the catalog.
 
-    ann: "auto" uses (and updates) an existing ANN index; "train" also builds one when
-    missing or outgrown (what `cliplens index` does); "off" searches exactly.
+    `ann`: see `AnnMode`.
     """
     gen = catalog.generation
     mem_key = (str(catalog.path), model_id, gen)
@@ -129,8 +147,9 @@ def load_vectors(catalog: Catalog, model_id: str, ann: AnnMode = "auto") -> Cata
         _loaded.clear()  # keep one matrix per process: they can be large
         _loaded[mem_key] = index
     if ann != "off" and index.ann is None and len(index) >= ann_mod.ann_min():
-        index.ann = ann_mod.refresh(cache_dir(catalog), _key(model_id), index.ids, index.keys,
-                                    index._source, train=ann == "train")  # fmt: skip
+        train = ann == "train"
+        folder, key = cache_dir(catalog), _key(model_id)
+        index.ann = ann_mod.refresh(folder, key, index.ids, index.keys, index._source, train)
     return index
 
 
@@ -150,7 +169,9 @@ def _load_exact(catalog: Catalog, model_id: str, gen: int) -> CatalogVectors:
     return CatalogVectors(ids, matrix, keys)
 
 
-def _write_cache(folder: Path, key: str, files: dict[str, Path], data: dict) -> None:
+def _write_cache(
+    folder: Path, key: str, files: dict[str, Path], data: dict[str, np.ndarray]
+) -> None:
     try:
         folder.mkdir(parents=True, exist_ok=True)
         for part in ("f32", "keys", "ids"):  # ids last: their presence marks a whole set
@@ -171,3 +192,84 @@ def refresh_ann(catalog: Catalog, model_id: str, changed: bool) -> bool:
     if catalog.count_embedded(model_id) < ann_mod.ann_min():
         return False
     return load_vectors(catalog, model_id, ann="train").ann is not None
+
+
+class CatalogSearch:
+    """The catalog's side of the `Searchable` protocol; `Catalog` inherits it.
+
+    Ids are the catalog's file ids. Only files the indexer read as images have vectors,
+    and only those are served."""
+
+    kind: SearchableKind = "catalog"
+
+    def _catalog(self) -> Catalog:
+        return cast("Catalog", self)
+
+    def models(self) -> list[StoredModel]:
+        """(model_id, dim, number of embeddings) for every model in the catalog."""
+        rows = self._catalog().db.execute(
+            "SELECT m.model_id, m.dim, COUNT(e.hash) FROM models m "
+            "LEFT JOIN embeddings e ON e.model = m.id GROUP BY m.id ORDER BY m.model_id"
+        )
+        return [StoredModel(*row) for row in rows]
+
+    def count(self, model_id: str) -> int:
+        return self._catalog().count_embedded(model_id)
+
+    def search(
+        self,
+        query: np.ndarray,
+        n: int,
+        model_id: str,
+        exclude: str | None = None,
+        within: Sequence[str | os.PathLike[str]] | None = None,
+        exact: bool = False,
+    ) -> list[Hit]:
+        """Large catalogs are searched through their ANN index unless `exact`; `within`
+        filters only when it excludes something."""
+        catalog = self._catalog()
+        vectors = load_vectors(catalog, model_id, ann="off" if exact else "auto")
+        allowed = catalog.ids_within(within) if within else None
+        found = vectors.search(query, n + (exclude is not None), allowed, exact=exact)
+        paths = catalog.paths(i for i, _ in found)
+        hits = [Hit(paths[i], s, i) for i, s in found if i in paths and paths[i] != exclude]
+        return hits[:n]
+
+    def search_many(self, queries: np.ndarray, n: int, model_id: str) -> list[list[Hit]]:
+        catalog = self._catalog()
+        found = load_vectors(catalog, model_id).search_many(np.atleast_2d(queries), n)
+        paths = catalog.paths({i for hits in found for i, _ in hits})
+        return [[Hit(paths[i], s, i) for i, s in hits if i in paths] for hits in found]
+
+    def path_of(self, photo_id: int) -> str | None:
+        row = self._catalog().file(photo_id)
+        return row.path if row else None
+
+    def _known(self, photo_id: int) -> str:
+        path = self.path_of(photo_id)
+        if path is None:
+            raise UnknownIdError(f"no file with id {photo_id} in the catalog")
+        return path
+
+    def servable(self, photo_id: int) -> str:
+        """A file the indexer read as an image (a failed one, such as a link to a text
+        file, is never opened again)."""
+        row = self._catalog().file(photo_id)
+        if row is None:
+            raise UnknownIdError(f"no file with id {photo_id} in the catalog")
+        if row.status != "ok":
+            why = f"photo {photo_id} could not be indexed as an image, so it is not served"
+            raise NotServedError(f"{why}; 'cliplens index' reports what failed")
+        return row.path
+
+    def vector(self, photo_id: int, model_id: str) -> np.ndarray:
+        vec = self.stored_vector(self._known(photo_id), model_id)
+        if vec is None:
+            raise NotEmbeddedError(
+                f"file {photo_id} has no embedding by {model_id}; "
+                "run 'cliplens index' with this model"
+            )
+        return vec / np.linalg.norm(vec)
+
+    def stored_vector(self, path: str, model_id: str) -> np.ndarray | None:
+        return self._catalog().embedding_of(path, model_id)

@@ -23,8 +23,9 @@ from cliplens.limits import MAX_MINUTES, MAX_QUERIES
 MAX_SHARD_SIZE = 10_000_000  # files per shard: a shard is held in memory while it fills
 MAX_ACTORS = 4096  # encoder actors, or CPUs of a local Ray instance
 
-catalog_app = typer.Typer(help="The catalog: import embeddings made elsewhere.",
-                          no_args_is_help=True)  # fmt: skip
+catalog_app = typer.Typer(
+    help="The catalog: import embeddings made elsewhere.", no_args_is_help=True
+)
 
 
 def embed_dataset_command(
@@ -69,25 +70,43 @@ def embed_dataset_command(
 ) -> None:
     """Embed a large image collection on Ray into Parquet shards; run again to resume, or
     with --add-new to add the files that appeared since."""
-    from cliplens.distributed.embed import EmbedJob, run_embed_job
+    from cliplens.distributed.embed import EmbedJob, embed_dataset
     from cliplens.settings import get_settings
 
     out_folder(out, "--out")
-    job = EmbedJob(sources=tuple(sources), out=out, model=model or get_settings().default_model,
-                   shard_size=shard_size, batch_size=batch_size, actors=actors, dtype=dtype,
-                   address=address, num_cpus=num_cpus, precision=precision,
-                   max_megapixels=max_megapixels, max_shards=max_shards,
-                   add_new=add_new)  # fmt: skip
-    report = run_embed_job(job, progress=show_progress())
+    job = EmbedJob(
+        sources=tuple(sources),
+        out=out,
+        model=model or get_settings().default_model,
+        shard_size=shard_size,
+        batch_size=batch_size,
+        actors=actors,
+        dtype=dtype,
+        address=address,
+        num_cpus=num_cpus,
+        precision=precision,
+        max_megapixels=max_megapixels,
+        max_shards=max_shards,
+        add_new=add_new,
+    )
+    report = embed_dataset(job, progress=show_progress())
     if report.gone:
-        warn(f"{report.gone} files in finished shards are no longer in the sources; they stay "
-             "in the shards (start a new --out to drop them)")  # fmt: skip
+        where = "they stay in the shards (start a new --out to drop them)"
+        warn(f"{report.gone} files in finished shards are no longer in the sources; {where}")
     if fmt is Format.json:
         print_json(report.to_dict())
         return
-    print_table(["files", "shards", "written", "skipped", "rows", "failures", "seconds"],
-                [(report.files, report.shards, len(report.written), len(report.skipped),
-                  report.rows, report.failures, f"{report.seconds:.1f}")])  # fmt: skip
+    header = ["files", "shards", "written", "skipped", "rows", "failures", "seconds"]
+    row = (
+        report.files,
+        report.shards,
+        len(report.written),
+        len(report.skipped),
+        report.rows,
+        report.failures,
+        f"{report.seconds:.1f}",
+    )
+    print_table(header, [row])
     info(f"shards and manifest in {out}")
 
 
@@ -142,22 +161,34 @@ def build_index_command(
     out_folder(out, "--out")
     if update:
         report, added, before = update_index(shards, out, queries, progress=show_progress())
-        trained = before.get("trained_n", before["n"])
-        info(f"added {added:,} vectors to the {before['n']:,} already in {out}")
+        trained = before.trained_on
+        info(f"added {added:,} vectors to the {before.report.n:,} already in {out}")
         if report.kind == "ivfpq" and report.n > 4 * trained:  # flat and HNSW train nothing
-            warn(f"{out} now holds {report.n / trained:.1f}x the {trained:,} vectors it was "
-                 "trained on; build it again (without --update) for the best recall")  # fmt: skip
+            grown = f"{out} now holds {report.n / trained:.1f}x the {trained:,} vectors"
+            warn(
+                f"{grown} it was trained on; build it again (without --update) for the best recall"
+            )
     else:
-        report = build_index(shards, out, kind, refine, queries, progress=show_progress(),
-                             checkpoint_s=checkpoint_minutes * 60)  # fmt: skip
+        checkpoint_s = checkpoint_minutes * 60
+        report = build_index(
+            shards, out, kind, refine, queries, progress=show_progress(), checkpoint_s=checkpoint_s
+        )
     if report.resumed_rows:
-        info(f"resumed an interrupted build: {report.resumed_rows:,} of {report.n:,} vectors "
-             "were already in it")  # fmt: skip
+        done = f"{report.resumed_rows:,} of {report.n:,} vectors were already in it"
+        info(f"resumed an interrupted build: {done}")
     if fmt is Format.json:
         print_json(report.to_dict())
         return
-    print_table(["kind", "vectors", "dim", "train s", "add s", "MB", "recall@10", "ms/query"],
-                [(report.kind, report.n, report.dim, f"{report.train_s:.1f}",
-                  f"{report.add_s:.1f}", f"{report.index_bytes / 1e6:.1f}",
-                  f"{report.recall_at_10:.3f}", f"{report.query_ms:.2f}")])  # fmt: skip
+    header = ["kind", "vectors", "dim", "train s", "add s", "MB", "recall@10", "ms/query"]
+    row = (
+        report.kind,
+        report.n,
+        report.dim,
+        f"{report.train_s:.1f}",
+        f"{report.add_s:.1f}",
+        f"{report.index_bytes / 1e6:.1f}",
+        f"{report.recall_at_10:.3f}",
+        f"{report.query_ms:.2f}",
+    )
+    print_table(header, [row])
     info(f"index in {out}")

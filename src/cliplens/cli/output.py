@@ -61,7 +61,7 @@ def print_paths(paths: Sequence[str]) -> None:
 def print_table(
     header: Sequence[str], rows: Sequence[Sequence[Any]], title: str | None = None
 ) -> None:
-    from rich.console import Console
+    from rich.console import Console  # here: every `cliplens` run imports this module
     from rich.table import Table
 
     table = Table(*header, title=title, title_justify="left", header_style="bold")

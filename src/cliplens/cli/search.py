@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -27,6 +27,13 @@ from cliplens.cli.output import (
     show_progress,
     warn,
 )
+
+if TYPE_CHECKING:
+    from cliplens.catalog.db import Catalog
+    from cliplens.catalog.update import UpdateStats
+    from cliplens.models.ref import ModelRef
+    from cliplens.searchable import Hit
+    from cliplens.tasks.search import Term
 
 MAX_WORKERS = 256  # decoder processes
 WorkersOpt = Annotated[
@@ -56,14 +63,30 @@ class HitFormat(str, enum.Enum):
     paths = "paths"
 
 
-def _index(db, ref, folders, batch_size=None, workers=None, max_megapixels=None,
-           verbose=False, quiet=False):  # fmt: skip
-    from cliplens.catalog.db import Catalog
+def _index(
+    db: Path | None,
+    ref: ModelRef,
+    folders: list[Path],
+    batch_size: int | None = None,
+    workers: int | None = None,
+    max_megapixels: float | None = None,
+    verbose: bool = False,
+    quiet: bool = False,
+) -> tuple[Catalog, UpdateStats]:
+    from cliplens.catalog.db import open_catalog
     from cliplens.catalog.update import update_catalog
 
-    catalog = Catalog(db)
-    stats = update_catalog(catalog, ref, folders, batch_size=batch_size, workers=workers,
-                          progress=show_progress(), max_megapixels=max_megapixels)  # fmt: skip
+    catalog = open_catalog(db)
+    progress = show_progress()
+    stats = update_catalog(
+        catalog,
+        ref,
+        folders,
+        batch_size=batch_size,
+        workers=workers,
+        progress=progress,
+        max_megapixels=max_megapixels,
+    )
     for path, error in stats.errors:
         warn(f"{path}: {error} (not indexed)")
     if not quiet or stats.new or stats.changed or stats.removed or stats.failed:
@@ -77,7 +100,7 @@ def _index(db, ref, folders, batch_size=None, workers=None, max_megapixels=None,
     return catalog, stats
 
 
-def _prepare_fast_text(ref) -> None:
+def _prepare_fast_text(ref: ModelRef) -> None:
     """Once per model, while it is loaded anyway: export the text tower so that later
     text queries need neither torch nor the full model."""
     if ref.loaded and ref.needs_fast_text():
@@ -109,37 +132,46 @@ def index_command(
     from cliplens.models.ref import ModelRef
 
     ref = ModelRef(model, device=device, precision=precision)
-    _, stats = _index(db, ref, folders, batch_size, workers, max_megapixels, verbose,
-                      quiet=fmt is Format.json)  # fmt: skip
+    quiet = fmt is Format.json
+    _, stats = _index(db, ref, folders, batch_size, workers, max_megapixels, verbose, quiet)
     if fmt is Format.json:
-        print_json({k: v for k, v in vars(stats).items() if k != "errors"}
-                   | {"errors": [{"path": p, "error": e} for p, e in stats.errors]})  # fmt: skip
+        counts = {k: v for k, v in vars(stats).items() if k != "errors"}
+        errors = [{"path": p, "error": e} for p, e in stats.errors]
+        print_json(counts | {"errors": errors})
     _prepare_fast_text(ref)
 
 
-def _open(db, model, device, precision, folders, no_index: bool, texts: bool = False):
+def _open(
+    db: Path | None,
+    model: str | None,
+    device: str | None,
+    precision: str | None,
+    folders: list[Path],
+    no_index: bool,
+    texts: bool = False,
+) -> tuple[Catalog, ModelRef]:
     """The catalog and model for a query, the folders brought up to date unless no_index.
     With `texts`, the text encoder loads in the background meanwhile."""
-    from cliplens.catalog.db import Catalog, CatalogBusyError, CatalogReadOnlyError
+    from cliplens.catalog.db import CatalogBusyError, CatalogReadOnlyError, open_catalog
     from cliplens.models.ref import ModelRef
 
     ref = ModelRef(model, device=device, precision=precision)
     if texts:
         ref.preload_text()
     if no_index:
-        return Catalog(db, readonly=True), ref
+        return open_catalog(db, readonly=True), ref
     try:
         catalog, _ = _index(db, ref, folders, quiet=True)
     except CatalogBusyError as e:  # that run encodes the new photos: search what it has
         warn(f"{e.what}; searching the photos it has committed so far")
-        return Catalog(db, readonly=True), ref
+        return open_catalog(db, readonly=True), ref
     except CatalogReadOnlyError as e:
         warn(f"{e.what}; searching it as it is, without updating it (--no-index)")
-        return Catalog(db, readonly=True), ref
+        return open_catalog(db, readonly=True), ref
     return catalog, ref
 
 
-def _print_hits(hits, fmt: HitFormat) -> None:
+def _print_hits(hits: list[Hit], fmt: HitFormat) -> None:
     if fmt is HitFormat.json:
         print_json([h.to_dict() for h in hits])
     elif fmt is HitFormat.paths:
@@ -190,17 +222,24 @@ def search_command(
     _prepare_fast_text(ref)
 
 
-def _search_built_index(folder, terms, n, fmt, model, device, precision) -> None:
+def _search_built_index(
+    folder: Path,
+    terms: list[Term],
+    n: int,
+    fmt: HitFormat,
+    model: str | None,
+    device: str | None,
+    precision: str | None,
+) -> None:
     """A query against a build-index folder: the model is the one its vectors came from."""
-    from cliplens.index.build import open_built_index
+    from cliplens.index.built import open_built_index
     from cliplens.models.ref import ModelRef
-    from cliplens.tasks.search import Hit, query_vector
+    from cliplens.tasks.search import query_vector, search
 
     built = open_built_index(folder)
     ref = ModelRef(model or built.model, device=device, precision=precision)
-    built.require_model(ref)
-    hits = [Hit(p, s) for p, s in built.search(query_vector(ref, terms), n)]
-    _print_hits(hits, fmt)
+    built.require_model(ref.info.model_id)  # before the text tower loads
+    _print_hits(search(built, ref, query_vector(ref, terms, built), n), fmt)
 
 
 def similar_command(
@@ -246,7 +285,7 @@ def duplicates_command(
     from cliplens.tasks.search import duplicates
 
     catalog, ref = _open(db, model, device, precision, folders, no_index)
-    groups = duplicates(catalog, ref.info.model_id, folders, threshold)
+    groups = duplicates(catalog, ref.info.model_id, list(folders), threshold)
     if fmt is Format.json:
         print_json([g.to_dict() for g in groups])
     elif fmt is Format.csv:

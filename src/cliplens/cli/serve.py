@@ -14,11 +14,15 @@ from cliplens.cli.common import (
     FiniteFloat,
     ModelOpt,
     PrecisionOpt,
+    library_names,
 )
 from cliplens.cli.output import info, warn
 from cliplens.errors import DependencyMissingError
 
 _POSITIVE = FiniteFloat(0, None, min_open=True)  # finite and > 0
+
+# the ServerSettings field that this command names otherwise
+library_names("serve", timeout_s="--timeout")
 
 
 def serve_command(
@@ -81,7 +85,7 @@ def serve_command(
 
     load_policy(policy)
     if captioner is not None:
-        from cliplens.caption.model import read_config
+        from cliplens.captioning.model import read_config
 
         read_config(captioner)
     if quality_probe is not None:
@@ -89,17 +93,26 @@ def serve_command(
 
         DistortionProbe.load(quality_probe)
     settings = ServerSettings(
-        model=model, db=db, index=index, token=token, captioner=captioner, policy=policy,
-        quality_probe=quality_probe, max_upload_mb=max_upload_mb,
-        max_megapixels=max_megapixels, timeout_s=timeout,
-        cors_origins=tuple(cors_origin or ()), device=device, precision=precision,
-    )  # fmt: skip
+        model=model,
+        db=db,
+        index=index,
+        token=token,
+        captioner=captioner,
+        policy=policy,
+        quality_probe=quality_probe,
+        max_upload_mb=max_upload_mb,
+        max_megapixels=max_megapixels,
+        timeout_s=timeout,
+        cors_origins=tuple(cors_origin or ()),
+        device=device,
+        precision=precision,
+    )
     if host not in ("127.0.0.1", "localhost", "::1") and token is None:
-        warn(f"serving on {host} without --token: anyone who can reach it can search your "
-             "photos")  # fmt: skip
+        exposed = "anyone who can reach it can search your photos"
+        warn(f"serving on {host} without --token: {exposed}")
     app = create_app(settings)  # reads the catalog once: a corrupt or newer one stops here
     if index is not None:
-        app.state.service.photos.check_model()  # the index's model, not another
+        app.state.service.model_id()  # the index's model, not another
     sock = bind(host, port)
     shown = f"[{host}]" if ":" in host else host
     info(f"cliplens on http://{shown}:{port}/ (API docs at /docs); Ctrl+C stops it")

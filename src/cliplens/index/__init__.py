@@ -1,1 +1,2 @@
-"""Faiss indexes built over embed-dataset shards (`cliplens build-index`), and opening them."""
+"""`cliplens build-index`: faiss indexes over embed-dataset shards (build.py), and the
+finished folders, opened and searched (built.py)."""

@@ -23,18 +23,21 @@ from __future__ import annotations
 
 import hmac
 from collections.abc import Callable
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 import anyio
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cliplens import __version__
+from cliplens.catalog.errors import CatalogError
 from cliplens.errors import (
     ClipLensError,
     DependencyMissingError,
@@ -47,8 +50,12 @@ from cliplens.errors import (
     NotAnImageError,
     TruncatedImageError,
     UnsupportedImageError,
+    name_params,
 )
 from cliplens.paths import readable
+from cliplens.searchable import NotEmbeddedError, NotServedError, UnknownIdError
+from cliplens.server.routes import caption, classify, embed, meta, moderate, quality, score
+from cliplens.server.routes import search as search_routes
 from cliplens.server.service import (
     ERRORS,
     ApiError,
@@ -63,10 +70,11 @@ STATIC = Path(__file__).parent / "static"
 
 def _status(e: ClipLensError) -> tuple[int, str]:
     """The HTTP status and error kind for a cliplens error."""
-    from cliplens.catalog.db import CatalogError
-
-    table: list[tuple[type, int, str]] = [
+    table: list[tuple[type[ClipLensError], int, str]] = [
         (CatalogError, 503, "catalog_unavailable"),  # it broke after the start's check
+        (UnknownIdError, 404, "unknown_id"),
+        (NotServedError, 404, "not_served"),
+        (NotEmbeddedError, 404, "not_embedded"),
         (ImageTooLargeError, 413, "image_too_large"),
         (UnsupportedImageError, 415, "unsupported_image"),
         (NotAnImageError, 415, "not_an_image"),
@@ -84,9 +92,24 @@ def _status(e: ClipLensError) -> tuple[int, str]:
     return 500, "internal"
 
 
-def _error(status: int, kind: str, detail: str, headers: dict[str, str] | None = None):
-    """The one error shape: {"error": kind, "detail": one readable line}."""
-    line = readable(" ".join(str(detail).split())) or kind
+_SETTINGS = {f.name for f in fields(ServerSettings)}
+_SERVE_FLAGS = {"timeout_s": "--timeout", "cors_origins": "--cors-origin"}
+
+
+def _named(param: str) -> str:
+    """A parameter of a library message as the reader of a response knows it: a request
+    field by its name; a server setting as `cliplens serve` takes it (the operator's)."""
+    if param in _SETTINGS:
+        return _SERVE_FLAGS.get(param, "--" + param.replace("_", "-"))
+    return param
+
+
+def _error(
+    status: int, kind: str, detail: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    """The one error shape: {"error": kind, "detail": one readable line}, with each
+    `param` of a library message named by `_named`."""
+    line = readable(" ".join(name_params(str(detail), _named).split())) or kind
     return JSONResponse({"error": kind, "detail": line}, status_code=status, headers=headers)
 
 
@@ -215,16 +238,23 @@ def _auth(token: str | None) -> Callable:
         scheme, _, value = given.partition(" ")
         sent = value.strip(" \t").encode("latin-1")
         if scheme.lower() != "bearer" or not hmac.compare_digest(sent, expected):
-            raise ApiError(401, "unauthorized", "missing or wrong token; send the header "
-                           "'Authorization: Bearer TOKEN'")  # fmt: skip
+            why = "missing or wrong token; send the header 'Authorization: Bearer TOKEN'"
+            raise ApiError(401, "unauthorized", why)
 
     return check
 
 
 def create_app(settings: ServerSettings | None = None) -> FastAPI:
-    from cliplens.server.routes import caption, classify, embed, meta, moderate, quality, score
-    from cliplens.server.routes import search as search_routes
+    """The HTTP API under /v1 and the search page at /, over the catalog or a
+    build-index folder (`settings.index`).
 
+    Why: embed the service in another ASGI application, or run several in one process
+    (no module-level state); `cliplens serve` runs one with uvicorn.
+
+    >>> import cliplens
+    >>> app = cliplens.create_app(cliplens.ServerSettings(model="offline"))
+    >>> app.title  # 'cliplens'; serve it with any ASGI server
+    """
     settings = settings or ServerSettings()
     service = Service(settings)
     app = FastAPI(
@@ -243,11 +273,12 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
     for module in (embed, classify, search_routes, moderate, quality, score, caption):
         app.include_router(module.router, dependencies=protected, responses=ERRORS)
     if settings.cors_origins:
-        from fastapi.middleware.cors import CORSMiddleware
-
-        app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins),
-                           allow_methods=["GET", "POST"],
-                           allow_headers=["Authorization", "Content-Type"])  # fmt: skip
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(settings.cors_origins),
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type"],
+        )
     limits = {"limit_mb": settings.max_upload_mb, "body_timeout_s": settings.body_timeout_s}
     app.add_middleware(_Guard, **limits)
     app.mount("/", StaticFiles(directory=STATIC, html=True), name="page")

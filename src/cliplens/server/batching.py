@@ -10,14 +10,22 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import anyio
 import numpy as np
 
+from cliplens.searchable import Hit
+from cliplens.tasks.search import search_many, weighted_sum
+
+if TYPE_CHECKING:
+    from cliplens.server.service import Service
+
 
 @dataclass
-class Query:
+class SearchQuery:
+    """One search: weighted texts and weighted photo ids, and how many results."""
+
     texts: list[str]
     text_weights: list[float]
     ids: list[int]
@@ -25,13 +33,18 @@ class Query:
     n: int
 
 
+Answer = list[Hit] | Exception  # what one query of a batch gets
+
+
 class SearchBatcher:
-    def __init__(self, service: Any, max_batch: int = 32) -> None:
+    """Queues concurrent searches and answers each waiting batch in one model call."""
+
+    def __init__(self, service: Service, max_batch: int = 32) -> None:
         self.service, self.max_batch = service, max_batch
-        self._queue: list[tuple[Query, asyncio.Future]] = []
+        self._queue: list[tuple[SearchQuery, asyncio.Future[list[Hit]]]] = []
         self._task: asyncio.Task | None = None  # held: the loop keeps only weak references
 
-    async def search(self, query: Query) -> list[Any]:
+    async def search(self, query: SearchQuery) -> list[Hit]:
         """The hits for one query, batched with whatever else is waiting."""
         future = asyncio.get_running_loop().create_future()
         self._queue.append((query, future))
@@ -48,6 +61,7 @@ class SearchBatcher:
         while self._queue:
             batch = self._queue[: self.max_batch]
             del self._queue[: self.max_batch]
+            results: list[Answer]
             try:
                 results = await self.service.run(self._answer, [q for q, _ in batch])
             except Exception as e:  # the batch as a whole failed (timeout, model)
@@ -60,19 +74,19 @@ class SearchBatcher:
                 else:
                     future.set_result(result)
 
-    def _answer(self, queries: list[Query]) -> list[Any]:
+    def _answer(self, queries: list[SearchQuery]) -> list[Answer]:
         """In the worker thread, holding the model: hits or an error per query."""
-        from cliplens.tasks.search import weighted_sum
-
         svc = self.service
-        photos = svc.photos
+        searched = svc.searched()
         texts = list(dict.fromkeys(t for q in queries for t in q.texts))
         encoded = dict(zip(texts, svc.ref.encode_texts(texts), strict=True)) if texts else {}
         vectors: list[np.ndarray] = []
-        answers: list[Any] = []
+        answers: list[Answer | None] = []
         for q in queries:
             try:
-                parts = [encoded[t] for t in q.texts] + [photos.embedding(i) for i in q.ids]
+                model_id = svc.model_id()
+                stored = [searched.vector(i, model_id) for i in q.ids]
+                parts = [encoded[t] for t in q.texts] + stored
                 vectors.append(weighted_sum(parts, q.text_weights + q.id_weights))
                 answers.append(None)
             except Exception as e:  # bad terms, unknown id: that request's own error
@@ -80,7 +94,7 @@ class SearchBatcher:
         ok = [i for i, a in enumerate(answers) if a is None]
         if ok:
             n = max(queries[i].n for i in ok)
-            found = photos.search_many(np.stack(vectors), n)
+            found = search_many(searched, svc.ref, np.stack(vectors), n)
             for i, hits in zip(ok, found, strict=True):
                 answers[i] = hits[: queries[i].n]
-        return answers
+        return [a for a in answers if a is not None]

@@ -96,7 +96,7 @@ def open_photo(path: str, label: str, update: str) -> PhotoFile:
 def open_remote(uri: str, label: str) -> PhotoFile:
     """An object-store photo, read whole through fsspec (it has no descriptor to keep);
     404 when it cannot be read."""
-    import fsspec
+    import fsspec  # optional, and heavy: only for object-store photos
 
     try:
         with fsspec.open(uri, "rb") as f:

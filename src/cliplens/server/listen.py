@@ -32,7 +32,7 @@ def guarded_protocol(head_timeout_s: float) -> type[asyncio.Protocol]:
     Both of uvicorn's protocols make a new `self.cycle` when a request head is complete
     and call `on_response_complete` when a response ends; a timer armed at the connection's
     start and at each response's end closes the connection if no new cycle began."""
-    from uvicorn.protocols.http.auto import AutoHTTPProtocol
+    from uvicorn.protocols.http.auto import AutoHTTPProtocol  # picks httptools or h11
 
     class HeadTimeoutProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
         _head_timer: asyncio.TimerHandle | None = None

@@ -1,5 +1,5 @@
-"""What the routes share: the server's settings, the `Service` (model, catalog, lock,
-time limit), and `ApiError`, the one error type routes raise.
+"""What the routes share: the server's settings, the `Service` (model, what search
+reads, lock, time limit), and `ApiError`, the one error type routes raise.
 
 Kept apart from `app.py` so that routes import it without importing the app that
 includes them.
@@ -8,6 +8,7 @@ includes them.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,14 +18,27 @@ import anyio
 from fastapi import HTTPException, Request
 from pydantic import BaseModel
 
+from cliplens.catalog.db import Catalog, default_db_path
 from cliplens.errors import InvalidInputError
+from cliplens.index.built import BuiltIndex, open_built_index
 from cliplens.limits import finite_number, whole_number
+from cliplens.models.ref import ModelRef
+from cliplens.searchable import Searchable, SearchableKind, StoredModel
+from cliplens.server.batching import SearchBatcher
 
 T = TypeVar("T")
 
 
 @dataclass(frozen=True)
 class ServerSettings:
+    """What `create_app` serves and its limits; settings that cannot work are refused here,
+    before any request.
+
+    >>> import cliplens
+    >>> settings = cliplens.ServerSettings(model="offline", token="s3cret", timeout_s=30)
+    >>> app = cliplens.create_app(settings)
+    """
+
     model: str | None = None  # default: the settings' default model
     db: Path | None = None  # default: the catalog the CLI uses
     index: Path | None = None  # a build-index folder: search it instead of the catalog
@@ -46,20 +60,20 @@ class ServerSettings:
     def __post_init__(self) -> None:
         if self.token is not None:
             _check_token(self.token)
-        for name, flag in _LIMITS.items():
-            finite_number(getattr(self, name), flag, 0, low_open=True)
-        whole_number(self.max_files, "max_files", 1)
+        for name in _LIMITS:
+            finite_number(getattr(self, name), f"`{name}`", 0, low_open=True)
+        whole_number(self.max_files, "`max_files`", 1)
 
 
-# the positive limits, with the name a user knows each by
-_LIMITS = {
-    "max_upload_mb": "--max-upload-mb",
-    "max_megapixels": "--max-megapixels",
-    "timeout_s": "--timeout",
-    "head_timeout_s": "head_timeout_s",
-    "body_timeout_s": "body_timeout_s",
-    "keep_alive_s": "keep_alive_s",
-}
+# the limits that must be finite and positive
+_LIMITS = (
+    "max_upload_mb",
+    "max_megapixels",
+    "timeout_s",
+    "head_timeout_s",
+    "body_timeout_s",
+    "keep_alive_s",
+)
 
 
 def _check_token(token: str) -> None:
@@ -67,12 +81,12 @@ def _check_token(token: str) -> None:
     around it (they are not part of a header value) and no control characters."""
     if not token.strip():
         raise InvalidInputError(
-            "--token is empty; give a secret of at least one character, "
-            "or leave --token out to serve without one"
+            "`token` is empty; give a secret of at least one character, "
+            "or leave `token` out to serve without one"
         )
     if token != token.strip(" \t") or any(ord(c) < 32 or ord(c) == 127 for c in token):
         raise InvalidInputError(
-            "--token starts or ends with a space or holds a control character; "
+            "`token` starts or ends with a space or holds a control character; "
             "give one a client can send in a header"
         )
 
@@ -120,29 +134,24 @@ class BodyTimeoutError(ApiError):
 
 
 class Service:
-    """What the routes share: settings, the model (loaded on first use), the catalog path,
-    and the lock that serialises model calls."""
+    """What the routes share: settings, the model (loaded on first use), what search reads
+    (the catalog, or a build-index folder), and the lock that serialises model calls."""
+
+    recheck_s = 1.0  # how often a served build-index folder is looked at for a new build
 
     def __init__(self, settings: ServerSettings) -> None:
-        from cliplens.catalog.db import default_db_path
-        from cliplens.models.ref import ModelRef
-        from cliplens.server.batching import SearchBatcher
-        from cliplens.server.photos import CatalogPhotos, IndexPhotos
-
         self.settings = settings
         self.db = Path(settings.db) if settings.db else default_db_path()
-        built = None
+        self._built: BuiltIndex | None = None
         if settings.index is not None:
-            from cliplens.index.build import open_built_index
-
-            built = open_built_index(settings.index)
+            self._built = open_built_index(settings.index)
         elif self.db.exists():
-            from cliplens.catalog.db import Catalog
-
             Catalog(self.db, readonly=True).close()  # a corrupt or newer catalog stops here
-        model = settings.model or (built.model if built else None)
+        model = settings.model or (self._built.model if self._built else None)
         self.ref = ModelRef(model, device=settings.device, precision=settings.precision)
-        self.photos = IndexPhotos(self, built) if built else CatalogPhotos(self)
+        self._model_checked = False
+        self._checked = time.monotonic()
+        self._reload_lock = threading.Lock()
         self._lock = threading.Lock()
         self._local = threading.local()
         self._cached: dict[str, Any] = {}
@@ -164,20 +173,63 @@ class Service:
 
     def timed_out(self) -> ApiError:
         """The 503 for a request that waited and ran past --timeout."""
-        return ApiError(503, "timeout", f"the request took over {self.settings.timeout_s:g} s; "
-                        "the server is busy, retry later")  # fmt: skip
+        return ApiError(
+            503,
+            "timeout",
+            f"the request took over {self.settings.timeout_s:g} s; the server is busy, retry later",
+        )
 
-    def catalog(self):
+    def catalog(self) -> Catalog | None:
         """This thread's read-only connection to the catalog (sqlite connections stay in
         their thread); None when there is no catalog yet."""
-        from cliplens.catalog.db import Catalog
-
         cat = getattr(self._local, "catalog", None)
         if cat is None:
             if not self.db.exists():
                 return None
             cat = self._local.catalog = Catalog(self.db, readonly=True)
         return cat
+
+    @property
+    def searches(self) -> SearchableKind:
+        """What search reads: the catalog, or a build-index folder."""
+        return "catalog" if self._built is None else "index"
+
+    def searchable(self) -> bool:
+        """Whether there is something to search."""
+        return self._built is not None or self.db.exists()
+
+    def searched(self) -> Searchable:
+        """What search reads, for this thread: the catalog (404 while there is none), or
+        the build-index folder, first opened again where it holds a newer complete build
+        (looked at every `recheck_s` seconds at most)."""
+        if self._built is None:
+            cat = self.catalog()
+            if cat is None:
+                raise ApiError(
+                    404,
+                    "no_catalog",
+                    f"no catalog at {self.db}; run 'cliplens index FOLDER' first, or serve "
+                    "with --db or --index",
+                )
+            return cat
+        if time.monotonic() - self._checked >= self.recheck_s:
+            with self._reload_lock:
+                self._checked = time.monotonic()
+                self._built = self._built.reopened() or self._built
+        return self._built
+
+    def model_id(self) -> str:
+        """The model id of queries, checked once against a built index's vectors (loads
+        the model's identity)."""
+        model_id = self.ref.info.model_id
+        if self._built is not None and not self._model_checked:
+            self._built.require_model(model_id)
+            self._model_checked = True
+        return model_id
+
+    def stored_models(self) -> list[StoredModel]:
+        """The models whose vectors search reads (none while there is no catalog)."""
+        return self.searched().models() if self.searchable() else []
 
     def cached(self, name: str, build: Callable[[], T]) -> T:
         """Something built once per server (a moderator, a screener, the captioner)."""
@@ -188,4 +240,5 @@ class Service:
 
 
 def service_of(request: Request) -> Service:
-    return request.app.state.service
+    service: Service = request.app.state.service
+    return service

@@ -6,6 +6,7 @@ from functools import partial
 from pathlib import PurePath
 from typing import Any
 
+import anyio
 from fastapi import UploadFile
 
 from cliplens.errors import InvalidInputError
@@ -23,8 +24,6 @@ async def read_images(
     svc: Any, uploads: list[UploadFile], max_files: int | None = None
 ) -> tuple[list[str], list[Any]]:
     """(names, images) of the uploaded files, in order; any bad file fails the request."""
-    import anyio
-
     max_files = max_files or svc.settings.max_files
     if not uploads:
         raise InvalidInputError("no image uploaded; send one or more files as 'images'")

@@ -1,4 +1,8 @@
-"""Search a catalog: text, image and weighted queries; similar photos; duplicates.
+"""Search what holds photo vectors: text, image and weighted queries; similar photos;
+duplicates.
+
+Every search takes a `Searchable` (searchable.py): the catalog of `cliplens index`, or a
+`cliplens build-index` folder, and the `Encoder` of the query's model.
 
 Query syntax (as rclip's): terms joined by + and -, each a text or an image path, with an
 optional weight: `2:sunset + ./beach.jpg - people`. A term is an image when it names an
@@ -11,17 +15,28 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Literal
 
 import numpy as np
 
 from cliplens.catalog.db import Catalog, resolve_folders
 from cliplens.catalog.vectors import load_vectors
 from cliplens.errors import InvalidInputError
+from cliplens.models.encoder import Encoder
+from cliplens.searchable import Hit, Searchable
 
-if TYPE_CHECKING:
-    from cliplens.models.encoder import Encoder
-    from cliplens.models.ref import ModelRef
+__all__ = [
+    "DuplicateGroup",
+    "Hit",
+    "Term",
+    "duplicates",
+    "parse_query",
+    "query_vector",
+    "search",
+    "search_many",
+    "similar",
+    "weighted_sum",
+]
 
 MAX_WEIGHT = 100.0  # a term's weight, either sign: beyond it one term drowns the rest anyway
 _WEIGHT = re.compile(r"^\s*([-+]?\d+(?:\.\d+)?)\s*:(.+)$")
@@ -29,19 +44,11 @@ _WEIGHT = re.compile(r"^\s*([-+]?\d+(?:\.\d+)?)\s*:(.+)$")
 
 @dataclass(frozen=True)
 class Term:
+    """One weighted term of a query: a text or an image path."""
+
     weight: float
     text: str | None = None
     image: str | None = None
-
-
-@dataclass(frozen=True)
-class Hit:
-    path: str
-    score: float
-    id: int | None = None  # the file's catalog id
-
-    def to_dict(self) -> dict:
-        return {"path": self.path, "score": round(self.score, 6)}
 
 
 def _is_image_term(term: str) -> bool:
@@ -55,7 +62,14 @@ def _is_image_term(term: str) -> bool:
 
 def parse_query(query: str, images: bool = True) -> list[Term]:
     """`2:sunset + ./beach.jpg - people` -> weighted text and image terms. With
-    `images=False` every term is text (no file is looked at: the server's queries)."""
+    `images=False` every term is text (no file is looked at: the server's queries).
+
+    Why: a bad query fails here, before any model loads.
+
+    >>> import cliplens
+    >>> terms = cliplens.parse_query("2:sunset - people")
+    >>> [(t.weight, t.text) for t in terms]  # [(2.0, 'sunset'), (-1.0, 'people')]
+    """
     parts = re.split(r"\s+([+-])\s+", " " + query.strip() + " ")
     terms: list[Term] = []
     sign = 1.0
@@ -86,9 +100,10 @@ def parse_query(query: str, images: bool = True) -> list[Term]:
 
 
 def query_vector(
-    encoder: Encoder | ModelRef, terms: list[Term], catalog: Catalog | None = None
+    encoder: Encoder, terms: list[Term], searched: Searchable | None = None
 ) -> np.ndarray:
-    """Weighted sum of the terms' embeddings, normalised. Indexed images are not re-encoded."""
+    """Weighted sum of the terms' embeddings, normalised. Images whose vectors `searched`
+    holds are not encoded again."""
     vectors, weights = [], []
     texts = [t for t in terms if t.text is not None]
     if texts:
@@ -97,7 +112,8 @@ def query_vector(
             weights.append(t.weight)
     for t in terms:
         if t.image is not None:
-            v = catalog.embedding_of(t.image, encoder.info.model_id) if catalog else None
+            model_id = encoder.info.model_id
+            v = searched.stored_vector(t.image, model_id) if searched is not None else None
             if v is None:
                 v = encoder.encode_images([t.image])[0]
             vectors.append(v)
@@ -117,78 +133,105 @@ def weighted_sum(vectors: list[np.ndarray], weights: list[float]) -> np.ndarray:
 
 
 def search(
-    catalog: Catalog,
-    encoder: Encoder | ModelRef,
+    searched: Searchable,
+    encoder: Encoder,
     query: str | np.ndarray,
     n: int = 10,
-    folders: list[str | os.PathLike] | None = None,
-    exclude: set[str] | None = None,
+    folders: list[str | os.PathLike[str]] | None = None,
+    exclude: str | None = None,
     exact: bool = False,
 ) -> list[Hit]:
-    """The n best matches for a query string (or a ready query vector) in the catalog.
+    """The n best matches for a query string (or a ready query vector), best first.
 
-    Large catalogs are searched through their ANN index unless `exact`."""
-    vec = (
-        query
-        if isinstance(query, np.ndarray)
-        else query_vector(encoder, parse_query(query), catalog)
-    )
-    index = load_vectors(catalog, encoder.info.model_id, ann="off" if exact else "auto")
-    allowed = None
-    if folders:
-        resolved = resolve_folders(folders)
-        if not catalog.holds_only(resolved):  # a filter only when it excludes something
-            allowed = catalog.ids_under(resolved)
-    extra = len(exclude) if exclude else 0
-    hits = index.search(vec, n + extra, allowed, exact=exact)
-    paths = catalog.paths(i for i, _ in hits)
-    out = [Hit(paths[i], s, i) for i, s in hits if i in paths and paths[i] not in (exclude or ())]
-    return out[:n]
+    Why: one call for text, image and weighted queries over the catalog or a built index;
+    `folders` keeps photos under them, `exclude` leaves out one path, `exact` skips an
+    approximate index.
+
+    >>> import cliplens
+    >>> model = cliplens.load_model("offline")
+    >>> cliplens.search(cliplens.open_catalog(readonly=True), model, "2:sunset - people")
+    """
+    if isinstance(query, np.ndarray):
+        vec = query
+    else:
+        vec = query_vector(encoder, parse_query(query), searched)
+    model_id = encoder.info.model_id
+    return searched.search(vec, n, model_id, exclude=exclude, within=folders, exact=exact)
 
 
 def search_many(
-    catalog: Catalog, encoder: Encoder | ModelRef, queries: np.ndarray, n: int = 10
+    searched: Searchable, encoder: Encoder, queries: np.ndarray, n: int = 10
 ) -> list[list[Hit]]:
-    """`search` for a batch of query vectors (B, D) over the whole catalog, in one pass."""
-    index = load_vectors(catalog, encoder.info.model_id)
-    found = index.search_many(np.atleast_2d(queries), n)
-    paths = catalog.paths({i for hits in found for i, _ in hits})
-    return [[Hit(paths[i], s, i) for i, s in hits if i in paths] for hits in found]
+    """`search` for a batch of query vectors (B, D) over all photos, in one pass.
+
+    Why: concurrent queries (the server's) cost about one.
+
+    >>> import cliplens
+    >>> model, photos = cliplens.load_model("offline"), cliplens.open_catalog(readonly=True)
+    >>> cliplens.search_many(photos, model, model.encode_texts(["a cat", "a boat"]), n=5)
+    """
+    return searched.search_many(np.atleast_2d(queries), n, encoder.info.model_id)
 
 
 def similar(
-    catalog: Catalog,
-    encoder: Encoder | ModelRef,
-    photo: str | os.PathLike,
+    searched: Searchable,
+    encoder: Encoder,
+    photo: str | os.PathLike[str],
     n: int = 10,
-    folders: list[str | os.PathLike] | None = None,
+    folders: list[str | os.PathLike[str]] | None = None,
 ) -> list[Hit]:
-    """Photos most like `photo` (itself excluded), using its stored embedding when indexed."""
+    """Photos most like `photo` (itself excluded), using its stored vector when held.
+
+    Why: "more like this" for any photo, indexed or not.
+
+    >>> import cliplens
+    >>> model = cliplens.load_model("offline")
+    >>> cliplens.similar(cliplens.open_catalog(readonly=True), model, "beach.jpg", n=5)
+    """
     path = str(Path(photo).expanduser().resolve())
-    vec = catalog.embedding_of(path, encoder.info.model_id)
+    vec = searched.stored_vector(path, encoder.info.model_id)
     if vec is None:
         vec = encoder.encode_images([path])[0]
-    return search(catalog, encoder, vec / np.linalg.norm(vec), n, folders, exclude={path})
+    return search(searched, encoder, vec / np.linalg.norm(vec), n, folders, exclude=path)
+
+
+DuplicateKind = Literal["exact", "near"]
 
 
 @dataclass
 class DuplicateGroup:
-    kind: str  # "exact" (same bytes) or "near" (embeddings above the threshold)
-    paths: list[str]
-    score: float  # lowest similarity inside the group (1.0 for exact copies)
+    """Photos that are copies: the same bytes ("exact"), or embeddings above a threshold
+    ("near"); `score` is the lowest similarity inside the group (1.0 for exact copies).
 
-    def to_dict(self) -> dict:
+    >>> import cliplens
+    >>> groups = cliplens.duplicates(cliplens.open_catalog(readonly=True), "MODEL_ID", ["."])
+    >>> [g.to_dict() for g in groups]  # doctest: +SKIP
+    """
+
+    kind: DuplicateKind
+    paths: list[str]
+    score: float
+
+    def to_dict(self) -> dict[str, str | float | list[str]]:
         return {"kind": self.kind, "score": round(self.score, 6), "paths": self.paths}
 
 
 def duplicates(
     catalog: Catalog,
     model_id: str,
-    folders: list[str | os.PathLike],
+    folders: list[str | os.PathLike[str]],
     threshold: float = 0.95,
     block: int = 4096,
 ) -> list[DuplicateGroup]:
-    """Exact copies (same content hash) and near-duplicates (cosine >= threshold), as groups."""
+    """Exact copies (same content hash) and near-duplicates (cosine >= threshold), as groups.
+
+    Why: a catalog knows both the bytes (hashes) and the looks (embeddings) of its photos,
+    so one pass finds copies of either kind (a build-index folder keeps no hashes).
+
+    >>> import cliplens
+    >>> model_id = cliplens.load_model("offline").info.model_id
+    >>> cliplens.duplicates(cliplens.open_catalog(readonly=True), model_id, ["."])
+    """
     resolved = resolve_folders(folders)
     groups = [DuplicateGroup("exact", g, 1.0) for g in catalog.duplicate_hashes(resolved)]
     index = load_vectors(catalog, model_id)

@@ -6,6 +6,7 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel
 
 from cliplens import __version__
+from cliplens.searchable import SearchableKind
 from cliplens.server.service import service_of
 
 public = APIRouter(prefix="/v1", tags=["meta"])
@@ -18,7 +19,7 @@ class Health(BaseModel):
     model: str
     model_loaded: bool
     catalog: bool  # the catalog file exists
-    searches: str  # what search reads: "catalog" or "index" (a build-index folder)
+    searches: SearchableKind  # what search reads: the catalog, or a build-index folder
     searchable: bool  # there is something to search
     auth: bool
 
@@ -26,10 +27,16 @@ class Health(BaseModel):
 @public.get("/health", response_model=Health)
 def health(request: Request) -> Health:
     svc = service_of(request)
-    return Health(status="ok", version=__version__, model=svc.ref.name,
-                  model_loaded=svc.ref.loaded, catalog=svc.db.exists(),
-                  searches=svc.photos.kind, searchable=svc.photos.available(),
-                  auth=svc.settings.token is not None)  # fmt: skip
+    return Health(
+        status="ok",
+        version=__version__,
+        model=svc.ref.name,
+        model_loaded=svc.ref.loaded,
+        catalog=svc.db.exists(),
+        searches=svc.searches,
+        searchable=svc.searchable(),
+        auth=svc.settings.token is not None,
+    )
 
 
 class CatalogModel(BaseModel):
@@ -52,6 +59,11 @@ async def models(request: Request) -> ModelsOut:
     catalog's, or the built index's one)."""
     svc = service_of(request)
     info = await svc.run(lambda: svc.ref.info)
-    stored = [CatalogModel(model_id=m, dim=d, embeddings=n) for m, d, n in svc.photos.models()]
-    return ModelsOut(model=svc.ref.name, model_id=info.model_id, dim=info.dim, catalog=stored,
-                     captioner=svc.settings.captioner is not None)  # fmt: skip
+    stored = [CatalogModel(model_id=m, dim=d, embeddings=n) for m, d, n in svc.stored_models()]
+    return ModelsOut(
+        model=svc.ref.name,
+        model_id=info.model_id,
+        dim=info.dim,
+        catalog=stored,
+        captioner=svc.settings.captioner is not None,
+    )

@@ -13,14 +13,22 @@ from typing import Annotated
 from fastapi import APIRouter, File, Form, Query, Request, UploadFile
 from fastapi import Path as PathParam
 from fastapi.responses import Response
+from PIL import Image
 from pydantic import BaseModel, Field, model_validator
 
-from cliplens.images import is_remote
+from cliplens.images import is_remote, open_image
 from cliplens.paths import readable
+from cliplens.searchable import Hit
+from cliplens.server.batching import SearchQuery
 from cliplens.server.files import PhotoFile, PhotoResponse, open_photo, open_remote, served_type
 from cliplens.server.service import Service, service_of
 from cliplens.server.uploads import read_images
-from cliplens.tasks.search import MAX_WEIGHT  # the bound of parse_query's weights too
+from cliplens.tasks.search import (
+    MAX_WEIGHT,  # the bound of parse_query's weights too
+    parse_query,
+    search,
+    weighted_sum,
+)
 
 router = APIRouter(prefix="/v1", tags=["search"])
 MAX_N = 200
@@ -42,13 +50,21 @@ class SearchOut(BaseModel):
     results: list[SearchHit]
 
 
-def _hits(hits) -> list[SearchHit]:
-    """Results as JSON can carry them: a name that is not UTF-8 shows its bytes as \\xNN
+def _hit(hit: Hit) -> SearchHit:
+    """A result as JSON can carry it: a name that is not UTF-8 shows its bytes as \\xNN
     (the files themselves are fetched by id)."""
-    return [SearchHit(id=h.id, name=readable(Path(h.path).name), path=readable(h.path),
-                      score=round(h.score, 6),
-                      image_url=f"/v1/images/{h.id}", thumb_url=f"/v1/thumbs/{h.id}")
-            for h in hits]  # fmt: skip
+    return SearchHit(
+        id=hit.id,
+        name=readable(Path(hit.path).name),
+        path=readable(hit.path),
+        score=round(hit.score, 6),
+        image_url=f"/v1/images/{hit.id}",
+        thumb_url=f"/v1/thumbs/{hit.id}",
+    )
+
+
+def _hits(hits: list[Hit]) -> list[SearchHit]:
+    return [_hit(h) for h in hits]
 
 
 class Term(BaseModel):
@@ -70,31 +86,39 @@ class SearchRequest(BaseModel):
     n: int = Field(20, ge=1, le=MAX_N)
 
 
-async def _search(svc: Service, terms: list[Term], n: int):
+async def _search(svc: Service, terms: list[Term], n: int) -> list[SearchHit]:
     """Hits for weighted terms (texts, photo ids: never paths), batched with concurrent
     queries."""
-    from cliplens.server.batching import Query
-
-    texts = [t for t in terms if t.text is not None]
-    ids = [t for t in terms if t.id is not None]
-    query = Query([t.text for t in texts], [t.weight for t in texts],
-                  [t.id for t in ids], [t.weight for t in ids], n)  # fmt: skip
+    texts = [(t.text, t.weight) for t in terms if t.text is not None]
+    ids = [(t.id, t.weight) for t in terms if t.id is not None]
+    query = SearchQuery(
+        [text for text, _ in texts],
+        [w for _, w in texts],
+        [i for i, _ in ids],
+        [w for _, w in ids],
+        n,
+    )
     return _hits(await svc.batcher.search(query))
 
 
 def _text_terms(q: str) -> list[Term]:
-    from cliplens.tasks.search import parse_query
-
     return [Term(text=t.text, weight=t.weight) for t in parse_query(q, images=False)]
+
+
+QueryText = Annotated[
+    str,
+    Query(
+        min_length=1,
+        max_length=1000,
+        description='Text, with weights: "2:sunset + beach - people".',
+    ),
+]
 
 
 @router.get("/search", response_model=SearchOut)
 async def search_get(
-    request: Request,
-    q: Annotated[str, Query(min_length=1, max_length=1000,
-                            description='Text, with weights: "2:sunset + beach - people".')],
-    n: Annotated[int, Query(ge=1, le=MAX_N)] = 20,
-) -> SearchOut:  # fmt: skip
+    request: Request, q: QueryText, n: Annotated[int, Query(ge=1, le=MAX_N)] = 20
+) -> SearchOut:
     """Search the catalog with a text query."""
     return SearchOut(query=q, results=await _search(service_of(request), _text_terms(q), n))
 
@@ -103,8 +127,8 @@ async def search_get(
 async def search_post(request: Request, body: SearchRequest) -> SearchOut:
     """Search with weighted terms: texts and catalog photos (by id), e.g.
     {"terms": [{"text": "beach"}, {"id": 12, "weight": 0.5}, {"text": "people", "weight": -1}]}."""
-    label = " + ".join(f"{t.weight:g}:{t.text if t.text is not None else '#' + str(t.id)}"
-                       for t in body.terms)  # fmt: skip
+    named = [t.text if t.text is not None else f"#{t.id}" for t in body.terms]
+    label = " + ".join(f"{t.weight:g}:{name}" for t, name in zip(body.terms, named, strict=True))
     svc = service_of(request)
     return SearchOut(query=label, results=await _search(svc, body.terms, body.n))
 
@@ -120,18 +144,18 @@ async def search_image(
     n: Annotated[int, Form(ge=1, le=MAX_N)] = 20,
 ) -> SearchOut:
     """Search by an uploaded photo, optionally with text terms."""
-    from cliplens.tasks.search import weighted_sum
-
     svc = service_of(request)
     _, pics = await read_images(svc, [image], 1)
     terms = _text_terms(q) if q and q.strip() else []
     label = " + ".join([f"{image_weight:g}:[image]", *([q] if terms else [])])
 
-    def work():
+    def work() -> list[Hit]:
+        searched = svc.searched()
         vectors = list(svc.ref.encode_texts([t.text for t in terms])) if terms else []
         vectors.append(svc.ref.encode_images(pics)[0])
         weights = [t.weight for t in terms] + [image_weight]
-        return svc.photos.search(weighted_sum(vectors, weights), n)
+        svc.model_id()  # a built index's model, not another
+        return search(searched, svc.ref, weighted_sum(vectors, weights), n)
 
     return SearchOut(query=label, results=_hits(await svc.run(work)))
 
@@ -143,28 +167,31 @@ async def similar(
     """Photos most like the photo `file_id` (itself excluded)."""
     svc = service_of(request)
 
-    def work():
-        return svc.photos.search(svc.photos.embedding(file_id), n, exclude=file_id)
+    def work() -> list[Hit]:
+        searched = svc.searched()
+        vec = searched.vector(file_id, svc.model_id())
+        return search(searched, svc.ref, vec, n, exclude=searched.path_of(file_id))
 
     return SearchOut(query=f"similar to {file_id}", results=_hits(await svc.run(work)))
 
 
 def _update_hint(svc: Service) -> str:
-    return "cliplens index" if svc.photos.kind == "catalog" else "cliplens build-index"
+    return "cliplens index" if svc.searches == "catalog" else "cliplens build-index"
 
 
 def _open(svc: Service, file_id: int) -> PhotoFile:
     """The photo, opened with the checks of files.py for its kind: status ok in the
     catalog; on disk, no symbolic link and a regular file (its content not yet checked)."""
-    path = svc.photos.servable(file_id)
+    path = svc.searched().servable(file_id)
     label = f"photo {file_id}"
     if is_remote(path):
         return open_remote(path, label)
     return open_photo(path, label, _update_hint(svc))
 
 
-@router.get("/images/{file_id}", response_class=Response,
-            responses={200: {"content": {"image/*": {}}}})  # fmt: skip
+@router.get(
+    "/images/{file_id}", response_class=Response, responses={200: {"content": {"image/*": {}}}}
+)
 def image(request: Request, file_id: FileId) -> Response:
     """The original file of a photo, typed by its content."""
     svc = service_of(request)
@@ -198,10 +225,6 @@ class _Thumbs:
 
 def _thumbnail(photo: PhotoFile, side: int, max_megapixels: float) -> bytes:
     """A JPEG of the photo, from the file already open, if /v1/images would serve it."""
-    from PIL import Image
-
-    from cliplens.images import open_image
-
     served_type(photo, max_megapixels)
     img = open_image(photo.file, min_size=side, max_megapixels=max_megapixels, label=photo.label)
     img.thumbnail((side, side), Image.Resampling.LANCZOS)
@@ -210,8 +233,9 @@ def _thumbnail(photo: PhotoFile, side: int, max_megapixels: float) -> bytes:
     return buf.getvalue()
 
 
-@router.get("/thumbs/{file_id}", response_class=Response,
-            responses={200: {"content": {"image/jpeg": {}}}})  # fmt: skip
+@router.get(
+    "/thumbs/{file_id}", response_class=Response, responses={200: {"content": {"image/jpeg": {}}}}
+)
 def thumb(
     request: Request, file_id: FileId, size: Annotated[int, Query(ge=16, le=1024)] = 256
 ) -> Response:
@@ -222,7 +246,7 @@ def thumb(
     not identified again, and a changed file is a new key. An object-store photo is keyed
     by its URI, and read only on a miss."""
     svc = service_of(request)
-    path = svc.photos.servable(file_id)
+    path = svc.searched().servable(file_id)
     photo = None if is_remote(path) else open_photo(path, f"photo {file_id}", _update_hint(svc))
     key = (file_id, path if photo is None else photo.version, size)
     cache = svc.cached("thumbs", lambda: _Thumbs(512))
@@ -236,5 +260,5 @@ def thumb(
     finally:
         if photo is not None:
             photo.close()
-    return Response(data, media_type="image/jpeg",
-                    headers={"Cache-Control": "private, max-age=3600"})  # fmt: skip
+    cache_control = {"Cache-Control": "private, max-age=3600"}
+    return Response(data, media_type="image/jpeg", headers=cache_control)
