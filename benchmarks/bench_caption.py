@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cliplens.caption.metrics import score_captions
-from cliplens.caption.model import load_captioner
-from cliplens.caption.train import embed_pairs
+from cliplens.captioning.embedded import embed_pairs
+from cliplens.captioning.metrics import score_captions
+from cliplens.captioning.model import load_captioner
 from cliplens.datasets.shapes import names_all_objects
 from cliplens.models.ref import ModelRef
 from cliplens.train.data import read_pairs

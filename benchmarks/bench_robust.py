@@ -40,8 +40,8 @@ def fmnist_data(train_per_class: int, test_per_class: int):
     for split, per in (("train", train_per_class), ("test", test_per_class)):
         images, labels = load(split)
         idx = np.concatenate([np.flatnonzero(labels == c)[:per] for c in range(len(LABELS))])
-        out.append(([Image.fromarray(images[i]).convert("RGB") for i in idx],
-                    [LABELS[labels[i]] for i in idx]))  # fmt: skip
+        pictures = [Image.fromarray(images[i]).convert("RGB") for i in idx]
+        out.append((pictures, [LABELS[labels[i]] for i in idx]))
     return out
 
 
@@ -60,8 +60,14 @@ def summarise(rows: list[dict]) -> list[dict]:
     for sev in sorted({r["severity"] for r in rows}):
         sel = [r for r in rows if r["severity"] == sev]
         t, s = np.mean([r["teacher"] for r in sel]), np.mean([r["student"] for r in sel])
-        out.append({"severity": sev, "teacher": round(float(t), 4),
-                    "student": round(float(s), 4), "gain": round(float(s - t), 4)})  # fmt: skip
+        out.append(
+            {
+                "severity": sev,
+                "teacher": round(float(t), 4),
+                "student": round(float(s), 4),
+                "gain": round(float(s - t), 4),
+            }
+        )
     return out
 
 
@@ -97,10 +103,15 @@ def main() -> None:
             args.data, args.n_train, args.n_eval
         )
         templates = tuple((args.data / "templates.txt").read_text().split("\n")[:-1])
-    cfg = RobustConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                       clean_fraction=args.clean_fraction, temperature=args.temperature,
-                       align_weight=args.align_weight,
-                       severities=parse_severities(args.train_severities))  # fmt: skip
+    cfg = RobustConfig(
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        clean_fraction=args.clean_fraction,
+        temperature=args.temperature,
+        align_weight=args.align_weight,
+        severities=parse_severities(args.train_severities),
+    )
     t0 = time.perf_counter()
     result = train_robust(teacher, train, args.run, cfg, progress=True)
     train_s = time.perf_counter() - t0
@@ -109,25 +120,36 @@ def main() -> None:
     probe = None  # shapes: zero-shot; Fashion-MNIST: a probe built in the teacher's space
     if train_labels is not None:
         probe = fit_probe(result.teacher_embeddings, train_labels, teacher.info.model_id)
-    rows = evaluate_robust({"teacher": teacher, "student": result.student}, test, test_labels,
-                           CORRUPTIONS, severities, templates, probe, progress=True)  # fmt: skip
+    encoders = {"teacher": teacher, "student": result.student}
+    conditions = (CORRUPTIONS, severities, templates, probe)
+    rows = evaluate_robust(encoders, test, test_labels, *conditions, progress=True)
     eval_s = time.perf_counter() - t0
     print(f"{'corruption':<10} {'sev':>3} {'teacher':>8} {'student':>8} {'gain':>7}")
     for r in rows:
-        print(f"{r['corruption']:<10} {r['severity']:>3} {r['teacher']:>8.3f} "
-              f"{r['student']:>8.3f} {r['student'] - r['teacher']:>+7.3f}")  # fmt: skip
+        print(
+            f"{r['corruption']:<10} {r['severity']:>3} {r['teacher']:>8.3f} "
+            f"{r['student']:>8.3f} {r['student'] - r['teacher']:>+7.3f}"
+        )
     summary = summarise(rows)
     print("mean over corruptions:", json.dumps(summary))
-    print(f"train {len(train)} images x {args.epochs} epochs: {train_s / 60:.1f} min "
-          f"({result.steps} steps); evaluation {eval_s / 60:.1f} min")  # fmt: skip
+    print(
+        f"train {len(train)} images x {args.epochs} epochs: {train_s / 60:.1f} min "
+        f"({result.steps} steps); evaluation {eval_s / 60:.1f} min"
+    )
     if args.out:
-        args.out.write_text(json.dumps({"setup": args.setup, "teacher": args.teacher,
-                                        "config": vars(args) | {"run": str(args.run),
-                                                                "data": str(args.data),
-                                                                "out": str(args.out)},
-                                        "train_images": len(train), "test_images": len(test),
-                                        "train_minutes": train_s / 60, "eval_minutes": eval_s / 60,
-                                        "rows": rows, "summary": summary}, indent=1))  # fmt: skip
+        paths = {"run": str(args.run), "data": str(args.data), "out": str(args.out)}
+        report = {
+            "setup": args.setup,
+            "teacher": args.teacher,
+            "config": vars(args) | paths,
+            "train_images": len(train),
+            "test_images": len(test),
+            "train_minutes": train_s / 60,
+            "eval_minutes": eval_s / 60,
+            "rows": rows,
+            "summary": summary,
+        }
+        args.out.write_text(json.dumps(report, indent=1))
 
 
 if __name__ == "__main__":

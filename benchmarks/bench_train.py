@@ -14,7 +14,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from cliplens.train.clip import PRESETS, TrainConfig, train
+from cliplens.train.clip import PRESETS, ClipTrainConfig, train_clip
 from cliplens.train.data import read_pairs
 
 
@@ -29,11 +29,16 @@ def main() -> None:
     print(f"{'preset':<18} {'precision':<9} {'pairs/s':>8}")
     for preset in PRESETS:
         for precision in ("fp32", "bf16"):
-            cfg = TrainConfig(model_cfg=PRESETS[preset], arch=preset, epochs=100,
-                              batch_size=args.batch_size, precision=precision,
-                              checkpoint_every=10**9)  # fmt: skip
+            cfg = ClipTrainConfig(
+                model_cfg=PRESETS[preset],
+                arch=preset,
+                epochs=100,
+                batch_size=args.batch_size,
+                precision=precision,
+                checkpoint_every=10**9,
+            )
             with tempfile.TemporaryDirectory() as run:
-                train(cfg, pairs, run, max_steps=args.steps)
+                train_clip(cfg, pairs, run, max_steps=args.steps)
                 log = [json.loads(x) for x in (Path(run) / "log.jsonl").read_text().splitlines()]
             t = {r["step"]: r["seconds"] for r in log if "seconds" in r}
             rate = (args.steps - 5) * args.batch_size / (t[args.steps] - t[5])

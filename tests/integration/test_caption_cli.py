@@ -26,11 +26,31 @@ def shapes(tmp_path_factory):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, shapes, tiny_model_dir):
     out = tmp_path_factory.mktemp("cap")
-    code = main(["caption", "train", "--data", str(shapes / "train-full.jsonl"),
-                 "--val", str(shapes / "val.jsonl"), "--model", f"local:{tiny_model_dir}",
-                 *TINY_LM, "--epochs", "2", "--batch-size", "16", "--eval-images", "4",
-                 "--train-precision", "fp32", "--out", str(out),
-                 "--db", str(out / "none.db")])  # fmt: skip
+    code = main(
+        [
+            "caption",
+            "train",
+            "--data",
+            str(shapes / "train-full.jsonl"),
+            "--val",
+            str(shapes / "val.jsonl"),
+            "--model",
+            f"local:{tiny_model_dir}",
+            *TINY_LM,
+            "--epochs",
+            "2",
+            "--batch-size",
+            "16",
+            "--eval-images",
+            "4",
+            "--train-precision",
+            "fp32",
+            "--out",
+            str(out),
+            "--db",
+            str(out / "none.db"),
+        ]
+    )
     assert code == 0
     return out
 
@@ -47,21 +67,54 @@ def test_train_writes_captioner_log_and_cache(trained, tiny_model_dir):
 
 def test_caption_run_table_and_json(capsys, trained, shapes):
     images = sorted((shapes / "images").glob("*.png"))[:3]
-    out = run_json(capsys, ["caption", *map(str, images), "--captioner",
-                            str(trained / "captioner"), "--format", "json"])  # fmt: skip
+    out = run_json(
+        capsys,
+        [
+            "caption",
+            *map(str, images),
+            "--captioner",
+            str(trained / "captioner"),
+            "--format",
+            "json",
+        ],
+    )
     assert [r["path"] for r in out] == [str(p.resolve()) for p in images]
     assert all(isinstance(r["caption"], str) for r in out)
-    beam = run_json(capsys, ["caption", "run", str(images[0]), "-c", str(trained / "captioner"),
-                             "--beam", "3", "--format", "json"])  # fmt: skip
+    beam = run_json(
+        capsys,
+        [
+            "caption",
+            "run",
+            str(images[0]),
+            "-c",
+            str(trained / "captioner"),
+            "--beam",
+            "3",
+            "--format",
+            "json",
+        ],
+    )
     assert len(beam) == 1
     assert main(["caption", str(images[0]), "-c", str(trained / "captioner")]) == 0
     assert "caption" in capsys.readouterr().out
 
 
 def test_caption_eval_reports_metrics(capsys, trained, shapes, tmp_path):
-    out = run_json(capsys, ["caption", "eval", "-c", str(trained / "captioner"), "--data",
-                            str(shapes / "heldout.jsonl"), "--format", "json",
-                            "--captions-out", str(tmp_path / "c.jsonl")])  # fmt: skip
+    out = run_json(
+        capsys,
+        [
+            "caption",
+            "eval",
+            "-c",
+            str(trained / "captioner"),
+            "--data",
+            str(shapes / "heldout.jsonl"),
+            "--format",
+            "json",
+            "--captions-out",
+            str(tmp_path / "c.jsonl"),
+        ],
+    )
     assert out["images"] == 8
     assert {"BLEU-1", "BLEU-4", "ROUGE-L", "CIDEr-D"} <= set(out["scores"])
     rows = [json.loads(x) for x in (tmp_path / "c.jsonl").read_text().splitlines()]
@@ -74,8 +127,9 @@ def test_caption_refuses_another_encoder(capsys, trained, shapes, tmp_path):
 
     other = save_checkpoint(make_tiny_clip(seed=1), tmp_path / "other", TINY_CFG, arch="t")
     image = next((shapes / "images").glob("*.png"))
-    code = main(["caption", str(image), "-c", str(trained / "captioner"),
-                 "--model", f"local:{other}"])  # fmt: skip
+    code = main(
+        ["caption", str(image), "-c", str(trained / "captioner"), "--model", f"local:{other}"]
+    )
     assert code == 2
     assert "trained on embeddings of" in capsys.readouterr().err
 
@@ -84,17 +138,71 @@ def test_caption_errors(capsys, trained, shapes, tmp_path):
     image = next((shapes / "images").glob("*.png"))
     assert main(["caption", str(image), "-c", str(tmp_path)]) == 2
     assert "no captioner.json" in capsys.readouterr().err
-    assert main(["caption", str(image), "-c", str(trained / "captioner"), "--beam", "2",
-                 "--top-p", "0.9"]) == 2  # fmt: skip
+    assert (
+        main(
+            [
+                "caption",
+                str(image),
+                "-c",
+                str(trained / "captioner"),
+                "--beam",
+                "2",
+                "--top-p",
+                "0.9",
+            ]
+        )
+        == 2
+    )
     assert "pick one" in capsys.readouterr().err
-    assert main(["caption", str(image), "-c", str(trained / "captioner"), "--beam", "2",
-                 "--rerank", "4"]) == 2  # fmt: skip
+    assert (
+        main(
+            [
+                "caption",
+                str(image),
+                "-c",
+                str(trained / "captioner"),
+                "--beam",
+                "2",
+                "--rerank",
+                "4",
+            ]
+        )
+        == 2
+    )
     assert "pick one" in capsys.readouterr().err
-    assert main(["caption", "train", "--data", str(shapes / "train.jsonl"), "--out",
-                 str(tmp_path / "x"), "--variant", "lstm", *TINY_LM]) == 2  # fmt: skip
+    assert (
+        main(
+            [
+                "caption",
+                "train",
+                "--data",
+                str(shapes / "train.jsonl"),
+                "--out",
+                str(tmp_path / "x"),
+                "--variant",
+                "lstm",
+                *TINY_LM,
+            ]
+        )
+        == 2
+    )
     assert "--variant lstm" in capsys.readouterr().err
-    assert main(["caption", "train", "--data", str(shapes / "train.jsonl"), "--out",
-                 str(tmp_path / "x"), "--lm", "scratch:gpt2", "--freeze-lm"]) == 2  # fmt: skip
+    assert (
+        main(
+            [
+                "caption",
+                "train",
+                "--data",
+                str(shapes / "train.jsonl"),
+                "--out",
+                str(tmp_path / "x"),
+                "--lm",
+                "scratch:gpt2",
+                "--freeze-lm",
+            ]
+        )
+        == 2
+    )
     assert "cannot stay frozen" in capsys.readouterr().err
 
 
@@ -105,16 +213,46 @@ def test_caption_errors(capsys, trained, shapes, tmp_path):
 )
 def test_smollm2_captioner(capsys, shapes, tiny_model_dir, tmp_path):
     """A captioner on the real SmolLM2-135M (frozen, from the GGUF) trains and captions."""
-    code = main(["caption", "train", "--data", str(shapes / "train-full.jsonl"),
-                 "--model", f"local:{tiny_model_dir}", "--lm", "smollm2-135m",
-                 "--variant", "transformer", "--mapper-layers", "1", "--batch-size", "4",
-                 "--max-steps", "2", "--out", str(tmp_path),
-                 "--db", str(tmp_path / "n.db")])  # fmt: skip
+    code = main(
+        [
+            "caption",
+            "train",
+            "--data",
+            str(shapes / "train-full.jsonl"),
+            "--model",
+            f"local:{tiny_model_dir}",
+            "--lm",
+            "smollm2-135m",
+            "--variant",
+            "transformer",
+            "--mapper-layers",
+            "1",
+            "--batch-size",
+            "4",
+            "--max-steps",
+            "2",
+            "--out",
+            str(tmp_path),
+            "--db",
+            str(tmp_path / "n.db"),
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     meta = json.loads((tmp_path / "captioner" / "captioner.json").read_text())
     assert meta["lm"]["model_type"] == "llama" and meta["lm"]["hidden_size"] == 576
     assert not (tmp_path / "captioner" / "lm").exists()  # frozen: referenced by name
     image = next((shapes / "images").glob("*.png"))
-    out = run_json(capsys, ["caption", str(image), "-c", str(tmp_path / "captioner"),
-                            "--max-tokens", "5", "--format", "json"])  # fmt: skip
+    out = run_json(
+        capsys,
+        [
+            "caption",
+            str(image),
+            "-c",
+            str(tmp_path / "captioner"),
+            "--max-tokens",
+            "5",
+            "--format",
+            "json",
+        ],
+    )
     assert len(out) == 1 and out[0]["caption"].strip()

@@ -9,35 +9,46 @@ import numpy as np
 import pytest
 import torch
 
-from cliplens.caption import language_model as lms
-from cliplens.caption.metrics import java_available, score_captions, simple_tokenize
-from cliplens.caption.model import (
+from cliplens.captioning import language_model as lms
+from cliplens.captioning.embedded import EmbeddedPairs, embed_pairs
+from cliplens.captioning.metrics import java_available, score_captions, simple_tokenize
+from cliplens.captioning.model import (
     Captioner,
     CaptionerConfig,
+    EncoderIdentity,
     MLPMapper,
     TransformerMapper,
     check_encoder,
     load_captioner,
     read_config,
 )
-from cliplens.caption.train import (
-    CaptionTrainConfig,
-    EmbeddedPairs,
-    embed_pairs,
-    train_captioner,
-)
+from cliplens.captioning.train import CaptionTrainConfig, train_captioner
 from cliplens.errors import InvalidInputError
 
-CAPTIONS = ["a red circle", "a blue square above a green star", "a small yellow triangle",
-            "a black hexagon to the left of a white diamond"]  # fmt: skip
+CAPTIONS = [
+    "a red circle",
+    "a blue square above a green star",
+    "a small yellow triangle",
+    "a black hexagon to the left of a white diamond",
+]
 DIM = 16
 TINY_LM = lms.ScratchLM(layers=1, width=32, heads=2, vocab=300, context=64)
 
 
 def _cfg(variant: str = "mlp", **kw) -> CaptionerConfig:
-    base = dict(encoder="local:/x", encoder_id="enc-a", embed_dim=DIM, lm="scratch:gpt2",
-                lm_width=TINY_LM.width, variant=variant, prefix_length=4, clip_length=3,
-                mapper_layers=1, mapper_heads=2, max_tokens=48)  # fmt: skip
+    base = dict(
+        encoder="local:/x",
+        encoder_id="enc-a",
+        embed_dim=DIM,
+        lm="scratch:gpt2",
+        lm_width=TINY_LM.width,
+        variant=variant,
+        prefix_length=4,
+        clip_length=3,
+        mapper_layers=1,
+        mapper_heads=2,
+        max_tokens=48,
+    )
     return CaptionerConfig(**{**base, **kw})
 
 
@@ -101,8 +112,9 @@ def test_padding_does_not_change_a_captions_loss():
     with torch.no_grad():
         alone = cap.loss(emb[:1], ["a red circle"])
         ids, mask = cap.tokenize(["a red circle", "a blue square above a green star"])
-        logits = cap.lm(**{k: v for k, v in cap.inputs(emb, ids, mask).items()
-                           if k != "labels"}).logits  # fmt: skip
+        logits = cap.lm(
+            **{k: v for k, v in cap.inputs(emb, ids, mask).items() if k != "labels"}
+        ).logits
         n, k = int(mask[0].sum()), cap.cfg.prefix_length
         logp = torch.log_softmax(logits[0, k - 1 : k + n - 1].float(), -1)
         padded = -logp.gather(1, ids[0, :n, None]).mean()
@@ -170,8 +182,9 @@ def test_frozen_lm_is_referenced_not_copied(tmp_path):
     lm.save_pretrained(tmp_path / "lm-folder")
     tok.save_pretrained(tmp_path / "lm-folder")
     model, tokenizer = lms.load_lm(str(tmp_path / "lm-folder"))
-    cap = Captioner(_cfg("transformer", lm=str(tmp_path / "lm-folder"), lm_trained=False),
-                    model, tokenizer)  # fmt: skip
+    cap = Captioner(
+        _cfg("transformer", lm=str(tmp_path / "lm-folder"), lm_trained=False), model, tokenizer
+    )
     emb = _unit(3)
     before = cap.generate(emb)
     cap.save(tmp_path / "cap")
@@ -256,17 +269,27 @@ def test_bad_lm_names(tmp_path):
 def _toy_data(n_images: int = 8) -> EmbeddedPairs:
     captions = [CAPTIONS[i % len(CAPTIONS)] for i in range(n_images)]
     emb = _unit(len(CAPTIONS), seed=1)[[i % len(CAPTIONS) for i in range(n_images)]]
-    return EmbeddedPairs(emb, [f"img{i}" for i in range(n_images)],
-                         np.arange(n_images), captions)  # fmt: skip
+    return EmbeddedPairs(emb, [f"img{i}" for i in range(n_images)], np.arange(n_images), captions)
 
 
-ENCODER = {"name": "local:/x", "model_id": "enc-a", "dim": DIM}
+ENCODER = EncoderIdentity(name="local:/x", model_id="enc-a", dim=DIM)
 
 
 def _train_cfg(**kw) -> CaptionTrainConfig:
-    base = dict(lm="scratch:gpt2", variant="mlp", prefix_length=4, mapper_layers=1,
-                batch_size=4, epochs=3, warmup=2, checkpoint_every=2, eval_images=4,
-                precision="fp32", scratch=TINY_LM, lr=3e-3)  # fmt: skip
+    base = dict(
+        lm="scratch:gpt2",
+        variant="mlp",
+        prefix_length=4,
+        mapper_layers=1,
+        batch_size=4,
+        epochs=3,
+        warmup=2,
+        checkpoint_every=2,
+        eval_images=4,
+        precision="fp32",
+        scratch=TINY_LM,
+        lr=3e-3,
+    )
     return CaptionTrainConfig(**{**base, **kw})
 
 
@@ -367,10 +390,12 @@ def test_metric_input_errors():
 
 @pytest.mark.skipif(not java_available(), reason="the PTB tokenizer and METEOR need Java")
 def test_java_tokenizer_agrees_with_python_one():
-    captions = ["A red circle, above a Blue square.", "two dogs' toys (red) on grass!",
-                "it isn't a dog's toy; it's a 3.5 m-long \"big\" car..."]  # fmt: skip
-    refs = [["a red circle above a blue square"], ["two dogs' toys on the grass"],
-            ["a big car"]]  # fmt: skip
+    captions = [
+        "A red circle, above a Blue square.",
+        "two dogs' toys (red) on grass!",
+        "it isn't a dog's toy; it's a 3.5 m-long \"big\" car...",
+    ]
+    refs = [["a red circle above a blue square"], ["two dogs' toys on the grass"], ["a big car"]]
     java = score_captions(captions, refs, metrics=("bleu", "cider", "meteor"))
     python = score_captions(captions, refs, metrics=("bleu", "cider"), java=False)
     assert java.tokenizer == "ptb" and python.tokenizer == "python"

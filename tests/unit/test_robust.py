@@ -29,8 +29,15 @@ def images():
 
 @pytest.fixture(scope="module")
 def trained(tiny, images, tmp_path_factory):
-    cfg = RobustConfig(corruptions=("noise", "occlusion"), severities=(4, 5), epochs=6,
-                       batch_size=16, lr=2e-3, warmup_steps=2, clean_fraction=0.1)  # fmt: skip
+    cfg = RobustConfig(
+        corruptions=("noise", "occlusion"),
+        severities=(4, 5),
+        epochs=6,
+        batch_size=16,
+        lr=2e-3,
+        warmup_steps=2,
+        clean_fraction=0.1,
+    )
     return train_robust(tiny, images, tmp_path_factory.mktemp("robust"), cfg)
 
 
@@ -63,8 +70,7 @@ def test_student_keeps_the_text_tower_and_saves_a_local_model(trained, tiny, ima
     assert trained.student.info.model_id != tiny.info.model_id
     loaded = load_model(f"local:{trained.model_path}", device="cpu", precision="fp32")
     x = images[:4]
-    np.testing.assert_allclose(loaded.encode_images(x), trained.student.encode_images(x),
-                               atol=1e-5)  # fmt: skip
+    np.testing.assert_allclose(loaded.encode_images(x), trained.student.encode_images(x), atol=1e-5)
     # the teacher itself did not move
     first = tiny.image_tower().state_dict()
     student = trained.student.image_tower().state_dict()
@@ -75,10 +81,16 @@ def test_evaluation_reports_every_condition_for_every_encoder(trained, tiny, ima
     labels = [s.objects[0].colour for s in (sample(1, i, size=32) for i in range(64))]
     probe = fit_probe(tiny.encode_images(images[32:]), labels[32:], tiny.info.model_id)
     encoders = {"teacher": tiny, "same": tiny, "student": trained.student}
-    rows = evaluate_robust(encoders, images[:32], labels[:32], ("blur", "jpeg"), (1, 5),
-                           probe=probe)  # fmt: skip
+    rows = evaluate_robust(
+        encoders, images[:32], labels[:32], ("blur", "jpeg"), (1, 5), probe=probe
+    )
     assert [(r["corruption"], r["severity"]) for r in rows] == [
-        ("clean", 0), ("blur", 1), ("blur", 5), ("jpeg", 1), ("jpeg", 5)]  # fmt: skip
+        ("clean", 0),
+        ("blur", 1),
+        ("blur", 5),
+        ("jpeg", 1),
+        ("jpeg", 5),
+    ]
     for r in rows:
         assert r["teacher"] == r["same"]  # the same encoder, the same corrupted images
         assert all(0 <= r[k] <= 1 for k in ("teacher", "student"))
@@ -99,10 +111,30 @@ def test_robust_cli_trains_and_compares(tiny_model_dir, tmp_path, capsys):
 
     write_shapes(tmp_path / "s", n=80, seed=0, size=32, val_fraction=0.5)
     s = tmp_path / "s"
-    code = main(["train", "robust", "--teacher", f"local:{tiny_model_dir}", "--data",
-                 str(s / "train.jsonl"), "--eval", str(s / "val.jsonl"), "--corruptions",
-                 "noise,pixelate", "--severity", "5", "--epochs", "1", "--batch-size", "16",
-                 "--out", str(tmp_path / "run"), "--format", "json"])  # fmt: skip
+    code = main(
+        [
+            "train",
+            "robust",
+            "--teacher",
+            f"local:{tiny_model_dir}",
+            "--data",
+            str(s / "train.jsonl"),
+            "--eval",
+            str(s / "val.jsonl"),
+            "--corruptions",
+            "noise,pixelate",
+            "--severity",
+            "5",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "16",
+            "--out",
+            str(tmp_path / "run"),
+            "--format",
+            "json",
+        ]
+    )
     report = json.loads(capsys.readouterr().out)
     assert code == 0 and report["steps"] == 40 // 16
     assert len(report["eval"]) == 1 + 2 * 5  # clean, then 2 corruptions x 5 severities
@@ -110,11 +142,60 @@ def test_robust_cli_trains_and_compares(tiny_model_dir, tmp_path, capsys):
     # a probe fit on the labelled training rows' teacher embeddings (the mechanics only:
     # evaluated on those rows, so that every class has been seen)
     rows = str(s / "train.jsonl")
-    probe = run_json(capsys, ["train", "robust", "--teacher", f"local:{tiny_model_dir}",
-                              "--data", rows, "--eval", rows, "--eval-mode", "probe",
-                              "--corruptions", "blur", "--epochs", "1", "--batch-size", "16",
-                              "--out", str(tmp_path / "p"), "-f", "json"])  # fmt: skip
+    probe = run_json(
+        capsys,
+        [
+            "train",
+            "robust",
+            "--teacher",
+            f"local:{tiny_model_dir}",
+            "--data",
+            rows,
+            "--eval",
+            rows,
+            "--eval-mode",
+            "probe",
+            "--corruptions",
+            "blur",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "16",
+            "--out",
+            str(tmp_path / "p"),
+            "-f",
+            "json",
+        ],
+    )
     assert len(probe["eval"]) == 1 + 5 and probe["eval"][0]["teacher"] > 0.5
-    assert main(["train", "robust", "--teacher", f"local:{tiny_model_dir}", "--data", str(s),
-                 "--out", str(tmp_path / "x"), "--severity", "9"]) == 2  # fmt: skip
+    assert (
+        main(
+            [
+                "train",
+                "robust",
+                "--teacher",
+                f"local:{tiny_model_dir}",
+                "--data",
+                str(s),
+                "--out",
+                str(tmp_path / "x"),
+                "--severity",
+                "9",
+            ]
+        )
+        == 2
+    )
     assert "severity '9'" in capsys.readouterr().err
+
+
+def test_resume_takes_the_same_steps_as_an_uninterrupted_run(tiny, images, tmp_path):
+    """The loop CLIP and ClipCap training share: a run stopped mid-epoch and resumed
+    draws the same order and corruptions, so its losses are the straight run's."""
+    cfg = RobustConfig(corruptions=("noise", "blur"), epochs=2, batch_size=16, warmup_steps=1)
+    straight = train_robust(tiny, images, tmp_path / "a", cfg)
+    first = train_robust(tiny, images, tmp_path / "b", cfg, max_steps=5)
+    rest = train_robust(tiny, images, tmp_path / "b", cfg)
+    assert (first.steps, rest.steps) == (5, straight.steps) == (5, 8)
+    np.testing.assert_allclose(first.losses + rest.losses, straight.losses, rtol=1e-5)
+    with pytest.raises(ValueError, match="other settings"):
+        train_robust(tiny, images, tmp_path / "b", RobustConfig(corruptions=("blur",)))

@@ -179,9 +179,15 @@ def test_webdataset_shards_with_brace_patterns(tmp_path):
 
     assert expand_shards("a-{08..10}.tar") == ["a-08.tar", "a-09.tar", "a-10.tar"]
     assert expand_shards("{x,y}-{0..1}.tar") == ["x-0.tar", "x-1.tar", "y-0.tar", "y-1.tar"]
-    _shard(tmp_path / "s-0.tar", [("k1.png", _png("red")), ("k1.txt", b"a red square"),
-                                  ("d/k2.jpg", _png("blue")),
-                                  ("d/k2.json", b'{"caption": "a blue square"}')])  # fmt: skip
+    _shard(
+        tmp_path / "s-0.tar",
+        [
+            ("k1.png", _png("red")),
+            ("k1.txt", b"a red square"),
+            ("d/k2.jpg", _png("blue")),
+            ("d/k2.json", b'{"caption": "a blue square"}'),
+        ],
+    )
     _shard(tmp_path / "s-1.tar", [("k3.txt", b"a green square"), ("k3.webp", _png("green"))])
     pairs = read_pairs(tmp_path / "s-{0..1}.tar")
     assert [p.caption for p in pairs] == ["a red square", "a blue square", "a green square"]

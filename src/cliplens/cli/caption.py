@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
@@ -23,6 +24,7 @@ from cliplens.cli.common import (
     SeedOpt,
     collect_images,
     embed_paths,
+    library_names,
     out_file,
     out_folder,
     read_catalog,
@@ -40,6 +42,10 @@ from cliplens.limits import (
     MIN_LM_WIDTH,
 )
 
+# the library's names of parameters that these commands' options call otherwise
+library_names("caption run", beams="--beam", candidates="--rerank")
+library_names("caption eval", beams="--beam", candidates="--rerank")
+library_names("caption train", out_dir="--out", train_lm="--freeze-lm")
 app = typer.Typer(
     cls=DefaultCommandGroup,
     help="Caption images with a CLIP prefix and a language model (ClipCap): caption, train, eval.",
@@ -78,7 +84,7 @@ MaxTokensOpt = Annotated[
 
 def _captioner_and_encoder(captioner_dir: Path, model, device, precision):
     """The captioner, and the encoder its embeddings come from (refusing any other)."""
-    from cliplens.caption.model import check_encoder, load_captioner, read_config
+    from cliplens.captioning.model import check_encoder, load_captioner, read_config
     from cliplens.models.ref import ModelRef
 
     cfg = read_config(captioner_dir)  # fails fast, before any model loads
@@ -92,13 +98,6 @@ def _device(device: str | None):
     from cliplens.device import choose_device
 
     return choose_device(device)
-
-
-def _bf16(device: str | None, precision: str | None) -> bool:
-    """The LM decodes in bf16 where the encoder would (the fast choice on CPUs with bf16)."""
-    from cliplens.device import Precision, choose_precision
-
-    return choose_precision(_device(device), precision) is Precision.BF16
 
 
 @app.command("run")
@@ -125,15 +124,24 @@ def caption_command(
     max_megapixels: MegapixelsOpt = None,
 ) -> None:
     """Caption images: greedy by default, --beam N, --top-p P sampling, or --rerank N."""
-    _check_search(beam, rerank)
+    from cliplens.captioning.model import CaptionOptions, lm_bf16
+
+    options = CaptionOptions(
+        beams=beam,
+        top_p=top_p,
+        temperature=temperature,
+        max_tokens=max_tokens,
+        seed=seed,
+        rerank=rerank,
+        batch_size=batch_size,
+    )
     files, missing = collect_images(paths)
     cap, ref = _captioner_and_encoder(captioner, model, device, precision)
     done = embed_paths(ref, files, db, max_megapixels)
     for e in [*missing, *done.failures]:
         warn_message(f"{e} (not captioned)")
-    captions = _generate(cap, ref, done.vectors, beam, top_p, temperature, max_tokens, seed,
-                         rerank, batch_size, _bf16(device, precision))  # fmt: skip
-    rows = list(zip(done.paths, captions, strict=True))
+    options = replace(options, bf16=lm_bf16(device, precision))
+    rows = list(zip(done.paths, cap.captions(done.vectors, options, ref), strict=True))
     if fmt is Format.json:
         print_json([{"path": p, "caption": c} for p, c in rows])
     elif fmt is Format.csv:
@@ -142,26 +150,6 @@ def caption_command(
         print_table(["path", "caption"], rows)
     if missing or done.failures:
         raise typer.Exit(1)
-
-
-def _check_search(beam: int, rerank: int) -> None:
-    from cliplens.errors import InvalidInputError
-
-    if rerank > 1 and beam > 1:
-        raise InvalidInputError("--beam and --rerank are different searches: pick one")
-
-
-def _generate(cap, ref, vectors, beam, top_p, temperature, max_tokens, seed, rerank,
-              batch_size, bf16):  # fmt: skip
-    if rerank > 1:
-        return cap.generate_reranked(
-            vectors, ref.encode_texts, candidates=rerank, top_p=top_p or 1.0,
-            temperature=temperature, seed=seed, bf16=bf16, max_tokens=max_tokens,
-            batch_size=batch_size,
-        )  # fmt: skip
-    return cap.generate(vectors, beams=beam, top_p=top_p, temperature=temperature,
-                        max_tokens=max_tokens, seed=seed, batch_size=batch_size,
-                        bf16=bf16)  # fmt: skip
 
 
 @app.command("train")
@@ -245,24 +233,31 @@ def train_command(
     db: DbOpt = None,
 ) -> None:
     """Train a captioner on image-caption pairs; writes OUT/captioner."""
-    from cliplens.caption.language_model import ScratchLM
-    from cliplens.caption.train import (
-        CaptionTrainConfig,
-        embed_pairs,
-        resolve_encoder,
-        train_captioner,
-    )
+    from cliplens.captioning.embedded import embed_pairs
+    from cliplens.captioning.language_model import ScratchLM
+    from cliplens.captioning.model import EncoderIdentity
+    from cliplens.captioning.train import CaptionTrainConfig, train_captioner
     from cliplens.models.ref import ModelRef
     from cliplens.train.data import read_pairs
 
     cfg = CaptionTrainConfig(
-        lm=lm, variant=variant, train_lm=train_lm, prefix_length=prefix_length,
+        lm=lm,
+        variant=variant,
+        train_lm=train_lm,
+        prefix_length=prefix_length,
         word_dropout=word_dropout,
-        mapper_layers=mapper_layers, epochs=epochs, batch_size=batch_size, lr=lr, lm_lr=lm_lr,
-        precision=train_precision, device=str(_device(device)), seed=seed,
-        max_minutes=max_minutes, eval_images=eval_images,
-        scratch=ScratchLM(layers=lm_layers, width=lm_width, heads=max(1, lm_width // 64)),
-    )  # fmt: skip
+        mapper_layers=mapper_layers,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        lm_lr=lm_lr,
+        precision=train_precision,
+        device=str(_device(device)),
+        seed=seed,
+        max_minutes=max_minutes,
+        eval_images=eval_images,
+        scratch=ScratchLM(layers=lm_layers, width=lm_width),
+    )
     out_folder(out, "--out")
     train_pairs = read_pairs(data)
     val_pairs = read_pairs(val) if val else []
@@ -273,8 +268,10 @@ def train_command(
     train_data = embed_pairs(ref, train_pairs, cache, catalog, progress, warn_message)
     val_data = embed_pairs(ref, val_pairs, cache, catalog, progress, warn_message) if val else None
     info(f"{len(train_data.captions)} pairs, {len(train_data.images)} images embedded")
-    result = train_captioner(cfg, resolve_encoder(ref), train_data, out, val_data,
-                             resume=resume, max_steps=max_steps, progress=progress)  # fmt: skip
+    encoder = EncoderIdentity.of(ref)
+    result = train_captioner(
+        cfg, encoder, train_data, out, val_data, resume, max_steps, progress=progress
+    )
     for m in result.metrics:
         info("  ".join(f"{k} {v}" for k, v in m.items()))
     if result.captioner_path:
@@ -303,38 +300,33 @@ def eval_command(
     db: DbOpt = None,
 ) -> None:
     """BLEU-1..4, ROUGE-L, CIDEr-D (and METEOR, SPICE with Java) against the references."""
-    import json
+    from cliplens.captioning.model import CaptionOptions, lm_bf16
 
-    _check_search(beam, rerank)
+    options = CaptionOptions(
+        beams=beam, top_p=top_p, max_tokens=max_tokens, seed=seed, rerank=rerank
+    )
     if captions_out is not None:
         out_file(captions_out, "--captions-out", (".jsonl",))
-    from cliplens.caption.metrics import score_captions
-    from cliplens.caption.train import embed_pairs
+    from cliplens.captioning.evaluate import evaluate_captioner
     from cliplens.train.data import read_pairs
 
     cap, ref = _captioner_and_encoder(captioner, model, device, precision)
     catalog = read_catalog(db)
-    rows = read_pairs(data)
-    if limit:  # the first `limit` images, with all their captions: only those are embedded
-        first = set(list(dict.fromkeys(p.image for p in rows))[:limit])
-        rows = [p for p in rows if p.image in first]
-    pairs = embed_pairs(ref, rows, None, catalog, show_progress(), warn_message)
-    k = len(pairs.images)
-    refs = pairs.references()[:k]
-    captions = _generate(cap, ref, pairs.vectors[:k], beam, top_p, 1.0, max_tokens, seed,
-                         rerank, 32, _bf16(device, precision))  # fmt: skip
-    scores = score_captions(captions, refs)
+    pairs = read_pairs(data)
+    options = replace(options, bf16=lm_bf16(device, precision))
+    progress = show_progress()
+    evaluation = evaluate_captioner(
+        cap, ref, pairs, options, limit, catalog, progress, warn_message
+    )
     if captions_out:
-        with captions_out.open("w", encoding="utf-8") as f:
-            for image, c, r in zip(pairs.images[:k], captions, refs, strict=True):
-                f.write(json.dumps({"image": image, "caption": c, "references": r}) + "\n")
+        evaluation.write_captions(captions_out)
+    scores = evaluation.scores
     for metric, why in scores.skipped.items():
         warn_message(f"{metric} not computed: {why}")
+    rows = [(m, f"{v:.4f}") for m, v in scores.scores.items()]
     if fmt is Format.json:
-        print_json({"images": k, "scores": scores.scores, "skipped": scores.skipped,
-                    "tokenizer": scores.tokenizer})  # fmt: skip
+        print_json(evaluation.to_dict())
     elif fmt is Format.csv:
-        print_csv(["metric", "score"], [(m, f"{v:.4f}") for m, v in scores.scores.items()])
+        print_csv(["metric", "score"], rows)
     else:
-        print_table(["metric", "score"], [(m, f"{v:.4f}") for m, v in scores.scores.items()],
-                    title=f"{k} images")  # fmt: skip
+        print_table(["metric", "score"], rows, title=f"{len(evaluation.images)} images")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
@@ -17,32 +18,18 @@ from cliplens.cli.common import (
     MaxMinutesOpt,
     SeedOpt,
     TemplatesOpt,
+    library_names,
     out_folder,
 )
 from cliplens.cli.output import Format, info, print_json, print_table, show_progress
 from cliplens.errors import InvalidInputError
 from cliplens.limits import MAX_ALIGN_WEIGHT, MAX_TEMPERATURE, MAX_TRAIN_STEPS, SEVERITIES
-from cliplens.textfile import read_lines, read_text
+from cliplens.textfile import read_lines
 
 app = typer.Typer(help="Train CLIP models.", no_args_is_help=True)
-
-
-def _model_config(spec: str) -> dict:
-    from cliplens.train.clip import PRESETS
-
-    if spec in PRESETS:
-        return PRESETS[spec]
-    path = Path(spec)
-    expected = f"a preset ({', '.join(PRESETS)}) or a JSON file of open_clip.CLIP arguments"
-    if not path.is_file():
-        raise InvalidInputError(f"--model-config {spec}: {expected}")
-    try:
-        cfg = json.loads(read_text(path, "--model-config", expected))
-    except (ValueError, RecursionError) as e:
-        raise InvalidInputError(f"--model-config {spec}: not valid JSON ({e})") from None
-    if not isinstance(cfg, dict):
-        raise InvalidInputError(f"--model-config {spec}: {expected} (an object)")
-    return cfg
+# the library's names of parameters that these commands' options call otherwise
+library_names("train clip", out_dir="--out")
+library_names("train robust", out_dir="--out")
 
 
 def _labelled(path: Path):
@@ -105,7 +92,7 @@ def clip_command(
 ) -> None:
     """Train a CLIP from scratch, or fine-tune one with --init; resumes from OUT/last.pt
     when it exists."""
-    from cliplens.train.clip import TrainConfig, train
+    from cliplens.train.clip import ClipTrainConfig, clip_model_config, train_clip
     from cliplens.train.data import read_pairs
 
     out_folder(out, "--out")
@@ -121,27 +108,29 @@ def clip_command(
             raise InvalidInputError(
                 f"--templates {templates}: one template per line, each with {{}}"
             )
-    if init and model_config:
-        raise InvalidInputError(
-            "give --init (fine-tune) or --model-config (from scratch), not both"
-        )
-    if init:
-        model_cfg, arch = {}, "custom"  # taken from the initial model
-    else:
-        model_config = model_config or "tiny-shapes"
-        model_cfg = _model_config(model_config)
-        arch = Path(model_config).stem if model_config.endswith(".json") else model_config
-    cfg = TrainConfig(
-        model_cfg=model_cfg, arch=arch, init=init, epochs=epochs, batch_size=batch_size,
-        accumulate=accumulate, lr=lr, warmup_steps=warmup, precision=precision, loss=loss,
-        lock=lock, max_minutes=max_minutes, seed=seed, classes=names, templates=prompts,
-    )  # fmt: skip
-    result = train(cfg, read_pairs(data), out, read_pairs(val) if val else (), evals,
-                   progress=show_progress())  # fmt: skip
+    model_cfg, arch = clip_model_config(model_config, init)
+    cfg = ClipTrainConfig(
+        model_cfg=model_cfg,
+        arch=arch,
+        init=init,
+        epochs=epochs,
+        batch_size=batch_size,
+        accumulate=accumulate,
+        lr=lr,
+        warmup_steps=warmup,
+        precision=precision,
+        loss=loss,
+        lock=lock,
+        max_minutes=max_minutes,
+        seed=seed,
+        classes=names,
+        templates=prompts,
+    )
+    val_pairs = read_pairs(val) if val else ()
+    progress = show_progress()
+    result = train_clip(cfg, read_pairs(data), out, val_pairs, evals, progress=progress)
     if fmt is Format.json:
-        print_json({"steps": result.steps, "epochs": result.epochs_done,
-                    "model": str(result.model_path) if result.model_path else None,
-                    "metrics": result.metrics})  # fmt: skip
+        print_json(result.to_dict())
         return
     if result.metrics:
         keys = list(result.metrics[-1])
@@ -245,54 +234,87 @@ def robust_command(
     from cliplens.corruptions import parse_corruptions, parse_severities
     from cliplens.models import load_model
     from cliplens.tasks.classify import load_templates
-    from cliplens.train.robust import RobustConfig, evaluate_robust, train_robust
+    from cliplens.train.robust import RobustConfig, parse_eval_mode, train_robust
 
     kinds = parse_corruptions(corruptions)
     levels = parse_severities(severity)
-    if eval_mode not in ("zero-shot", "probe"):
-        raise InvalidInputError(f"--eval-mode {eval_mode}: zero-shot or probe")
-    cfg = RobustConfig(corruptions=kinds, severities=levels, clean_fraction=clean_fraction,
-                       epochs=epochs, batch_size=batch_size, lr=lr, temperature=temperature,
-                       align_weight=align_weight, precision=precision, seed=seed,
-                       max_minutes=max_minutes)  # fmt: skip
+    mode = parse_eval_mode(eval_mode)
+    cfg = RobustConfig(
+        corruptions=kinds,
+        severities=levels,
+        clean_fraction=clean_fraction,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        temperature=temperature,
+        align_weight=align_weight,
+        precision=precision,
+        seed=seed,
+        max_minutes=max_minutes,
+    )
     out_folder(out, "--out")
     prompts = load_templates(templates)
     probe_files: list[Path] = []
     probe_labels: list[str] = []
     if eval_data is not None:
         eval_files, eval_labels = _labelled_images(eval_data, "--eval")
-        if eval_mode == "probe":
+        if mode == "probe":
             probe_files, probe_labels = _labelled_images(data, "--data (for --eval-mode probe)")
     images = _images_of(data)
     # the teacher in fp32: the student starts from its exact weights
     model = load_model(teacher, device=device, precision="fp32")
     result = train_robust(model, images, out, cfg, progress=show_progress())
-    saved = result.model_path or result.tower_path
-    summary: dict = {"steps": result.steps, "minutes": round(result.minutes, 2),
-                     "student": str(saved), "final_loss": result.losses[-1]}  # fmt: skip
     rows: list[dict] = []
     if eval_data is not None:
-        probe = None
-        if eval_mode == "probe":  # fit in the teacher's space, on the embeddings already made
-            from cliplens.tasks.probe import fit_probe
-
-            row = {image: i for i, image in enumerate(images) if isinstance(image, Path)}
-            clean = result.teacher_embeddings[[row[f] for f in probe_files]]
-            probe = fit_probe(clean, probe_labels, model.info.model_id)
-        rows = evaluate_robust({"teacher": model, "student": result.student},
-                               eval_files, eval_labels, kinds,
-                               SEVERITIES, prompts, probe, seed,
-                               progress=show_progress())  # fmt: skip
-        (out / "eval.json").write_text(json.dumps({"mode": eval_mode, "rows": rows}, indent=1))
+        evaluation = _RobustEvaluation(mode, eval_files, eval_labels, probe_files, probe_labels)
+        rows = evaluation.run(model, result, images, kinds, prompts, seed, out)
     if fmt is Format.json:
-        print_json({**summary, "eval_mode": eval_mode if rows else None, "eval": rows})
+        print_json({**result.to_dict(), "eval_mode": mode if rows else None, "eval": rows})
         return
     if rows:
-        print_table(["corruption", "severity", "teacher", "student", "gain"],
-                    [(r["corruption"], r["severity"] or "", f"{r['teacher']:.3f}",
-                      f"{r['student']:.3f}", f"{r['student'] - r['teacher']:+.3f}")
-                     for r in rows])  # fmt: skip
+        header = ["corruption", "severity", "teacher", "student", "gain"]
+        print_table(header, [_gain_row(r) for r in rows])
+    saved = result.saved_path
     if result.model_path:
         info(f"student: {saved} (use it as --model local:{saved})")
     else:
         info(f"student image tower: {saved}")
+
+
+def _gain_row(r: dict) -> tuple:
+    gain = f"{r['student'] - r['teacher']:+.3f}"
+    severity = r["severity"] or ""
+    return (r["corruption"], severity, f"{r['teacher']:.3f}", f"{r['student']:.3f}", gain)
+
+
+@dataclass
+class _RobustEvaluation:
+    """What `train robust --eval` compares teacher and student on."""
+
+    mode: str
+    files: list[Path]
+    labels: list[str]
+    probe_files: list[Path]
+    probe_labels: list[str]
+
+    def run(self, teacher, result, images, kinds, prompts, seed, out: Path) -> list[dict]:
+        from cliplens.store.files import write_atomic
+        from cliplens.train.robust import evaluate_robust, teacher_probe
+
+        probe = None
+        if self.mode == "probe":  # fit in the teacher's space, on the embeddings already made
+            probe = teacher_probe(teacher, result, images, self.probe_files, self.probe_labels)
+        encoders = {"teacher": teacher, "student": result.student}
+        rows = evaluate_robust(
+            encoders,
+            self.files,
+            self.labels,
+            corruptions=kinds,
+            templates=prompts,
+            probe=probe,
+            seed=seed,
+            progress=show_progress(),
+        )
+        text = json.dumps({"mode": self.mode, "rows": rows}, indent=1)
+        write_atomic(out / "eval.json", lambda tmp: tmp.write_text(text))
+        return rows

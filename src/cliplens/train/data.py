@@ -53,7 +53,13 @@ class DataError(InvalidInputError):
 
 def read_pairs(source: str | os.PathLike, check_files: bool = True) -> list[Pair]:
     """All (image, caption) pairs listed by a .jsonl or .csv file, found in a folder, or
-    held in WebDataset shards (a .tar path, or a pattern like "train-{000..009}.tar")."""
+    held in WebDataset shards (a .tar path, or a pattern like "train-{000..009}.tar"):
+    why, the training data of every trainer here, read one way, a bad row an error.
+
+    >>> import cliplens
+    >>> pairs = cliplens.read_pairs("shapes/train.jsonl")
+    >>> pairs[0].caption  # doctest: +SKIP
+    """
     if _is_shards(source):
         return _read_shards(str(source))
     path = Path(source)
@@ -145,15 +151,18 @@ def _csv_rows(path: Path, reader: csv.DictReader) -> list[tuple[int, str, str]]:
     header = reader.fieldnames or []
     if not any(k in header for k in _IMAGE_KEYS) or not any(k in header for k in _CAPTION_KEYS):
         images, captions = ", ".join(_IMAGE_KEYS), ", ".join(_CAPTION_KEYS)
-        raise DataError(f"{path} row 1: the header needs an image column ({images}) "
-                        f"and a caption column ({captions})")  # fmt: skip
+        raise DataError(
+            f"{path} row 1: the header needs an image column ({images}) "
+            f"and a caption column ({captions})"
+        )
     rows = []
     for row in reader:
         where = f"{path} row {reader.line_num}"
         if None in row:
             raise DataError(f"{where}: more fields than the header has")
-        rows.append((reader.line_num, _field(row, _IMAGE_KEYS, where, "image"),
-                     _field(row, _CAPTION_KEYS, where, "caption")))  # fmt: skip
+        image = _field(row, _IMAGE_KEYS, where, "image")
+        caption = _field(row, _CAPTION_KEYS, where, "caption")
+        rows.append((reader.line_num, image, caption))
     return rows
 
 
@@ -210,9 +219,8 @@ def _read_shards(spec: str) -> list[Pair]:
                     if not member.isfile():
                         continue
                     folder, _, base = member.name.rpartition("/")
-                    stem, dot, ext = base.partition(
-                        "."
-                    )  # WebDataset: the key ends at the first dot
+                    # WebDataset: the key ends at the first dot
+                    stem, dot, ext = base.partition(".")
                     if not dot or stem.startswith("."):
                         continue
                     key = f"{folder}/{stem}" if folder else stem
@@ -225,8 +233,8 @@ def _read_shards(spec: str) -> list[Pair]:
             image_ext = next((e for e in _SHARD_IMAGES if e in files), None)
             if image_ext is None:
                 raise DataError(f"{where}: no image ({', '.join(_SHARD_IMAGES)})")
-            pairs.append(Pair(Path(shard) / f"{key}.{image_ext}", _shard_caption(files, where),
-                              files[image_ext]))  # fmt: skip
+            member = Path(shard) / f"{key}.{image_ext}"
+            pairs.append(Pair(member, _shard_caption(files, where), files[image_ext]))
     if not pairs:
         raise DataError(f"training data {spec}: the shards hold no samples")
     return pairs

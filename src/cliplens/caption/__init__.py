@@ -1,1 +1,0 @@
-"""Captioning with a CLIP prefix (ClipCap): model, language models, metrics."""
