@@ -33,8 +33,14 @@ from PIL import Image
 from cliplens import load_model
 from cliplens.tasks.generate import GenerateConfig, generate, parse_prompts
 
-PROMPTS = ["a red circle", "a blue square", "a green triangle", "a yellow star",
-           "a purple hexagon", "an orange square"]  # fmt: skip
+PROMPTS = [
+    "a red circle",
+    "a blue square",
+    "a green triangle",
+    "a yellow star",
+    "a purple hexagon",
+    "an orange square",
+]
 
 
 def rows(root: Path, name: str) -> list[dict]:
@@ -98,30 +104,45 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
 
     t0 = time.perf_counter()
-    judge = ProbeJudge(args.data, args.probe_train) if args.judge == "probe" else \
-        ZeroShotJudge(args.data, args.judge)  # fmt: skip
-    print(f"judge {args.judge}: val accuracy {judge.val_accuracy:.3f} on single shapes "
-          f"({time.perf_counter() - t0:.0f} s to set up)")  # fmt: skip
+    judge = (
+        ProbeJudge(args.data, args.probe_train)
+        if args.judge == "probe"
+        else ZeroShotJudge(args.data, args.judge)
+    )
+    print(
+        f"judge {args.judge}: val accuracy {judge.val_accuracy:.3f} on single shapes "
+        f"({time.perf_counter() - t0:.0f} s to set up)"
+    )
 
     encoder = load_model(args.model, device="cpu", precision="fp32")
     results, step_times = [], []
     for prompt in args.prompts.split("|"):
         target = prompt.removeprefix("a ").removeprefix("an ").strip()
         for seed in range(args.seeds):
-            cfg = GenerateConfig(size=args.size, steps=args.steps, lr=args.lr,
-                                 cutouts=args.cutouts, seed=seed)  # fmt: skip
+            cfg = GenerateConfig(
+                size=args.size, steps=args.steps, lr=args.lr, cutouts=args.cutouts, seed=seed
+            )
             t = time.perf_counter()
             res = generate(encoder, parse_prompts(prompt), cfg)
             step_times.append((time.perf_counter() - t) / args.steps)
             image = Image.fromarray(res.image)
             image.save(args.out / f"{target.replace(' ', '_')}_{seed}.png")
             label = judge.label([image])[0]
-            results.append({"prompt": prompt, "target": target, "seed": seed,
-                            "judged": label, "correct": label == target,
-                            "similarity": res.similarities[-1]})  # fmt: skip
-            print(f"  {prompt!r} seed {seed}: judged {label!r}, "
-                  f"similarity {res.similarities[-1]:.3f}, {step_times[-1]:.3f} s/step",
-                  flush=True)  # fmt: skip
+            results.append(
+                {
+                    "prompt": prompt,
+                    "target": target,
+                    "seed": seed,
+                    "judged": label,
+                    "correct": label == target,
+                    "similarity": res.similarities[-1],
+                }
+            )
+            print(
+                f"  {prompt!r} seed {seed}: judged {label!r}, "
+                f"similarity {res.similarities[-1]:.3f}, {step_times[-1]:.3f} s/step",
+                flush=True,
+            )
 
     print("\n| prompt | judged right | mean similarity |\n|---|---|---|")
     summary = []
@@ -132,12 +153,22 @@ def main() -> None:
         summary.append({"prompt": prompt, "right": right, "seeds": len(mine), "similarity": sim})
         print(f"| {prompt} | {right}/{len(mine)} | {sim:.3f} |")
     sps = float(np.median(step_times))
-    print(f"\nseconds per step at {args.size} px, {args.cutouts} cut-outs: {sps:.3f} (median), "
-          f"torch threads {torch.get_num_threads()}")  # fmt: skip
-    (args.out / "results.json").write_text(json.dumps(
-        {"args": {k: str(v) for k, v in vars(args).items()}, "judge_val_accuracy":
-         judge.val_accuracy, "seconds_per_step": sps, "summary": summary, "runs": results},
-        indent=1))  # fmt: skip
+    print(
+        f"\nseconds per step at {args.size} px, {args.cutouts} cut-outs: {sps:.3f} (median), "
+        f"torch threads {torch.get_num_threads()}"
+    )
+    (args.out / "results.json").write_text(
+        json.dumps(
+            {
+                "args": {k: str(v) for k, v in vars(args).items()},
+                "judge_val_accuracy": judge.val_accuracy,
+                "seconds_per_step": sps,
+                "summary": summary,
+                "runs": results,
+            },
+            indent=1,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -56,9 +56,12 @@ def throughput(name: str, files: list[Path]) -> None:
     [check_file(p) for p in files]
     integ_s = time.perf_counter() - t
     n = len(files)
-    print(f"{name}: moderate {n / mod_s:.1f} img/s, quality {n / qual_s:.1f} img/s, "
-          f"quality --integrity-only {n / integ_s:.1f} img/s ({n} photos, "
-          f"{encoder.info.precision})", flush=True)  # fmt: skip
+    print(
+        f"{name}: moderate {n / mod_s:.1f} img/s, quality {n / qual_s:.1f} img/s, "
+        f"quality --integrity-only {n / integ_s:.1f} img/s ({n} photos, "
+        f"{encoder.info.precision})",
+        flush=True,
+    )
 
 
 def graded(name: str, photos: list[Path], work: Path) -> None:
@@ -67,7 +70,7 @@ def graded(name: str, photos: list[Path], work: Path) -> None:
     print(f"{name}: Spearman correlation of CLIP-IQA scores with distortion level (0-5)")
     attrs = list(ATTRIBUTES)
     print("  distortion    " + " ".join(f"{a:>12s}" for a in attrs))
-    for kind in ("blur", "noise", "jpeg", "brightness"):
+    for kind in ("blur", "noise", "jpeg", "underexposed"):
         folder = work / f"graded-{kind}"
         written = write_distortions(folder, photos, ("clean", kind), levels=(1, 2, 3, 4, 5))
         paths = written["clean"] + written[kind]
@@ -106,8 +109,11 @@ def probe(name: str, photos: list[Path], work: Path) -> None:
             p = train_probe(x, y, encoder.feature_id)
             accs.append(float(np.mean([a == b for a, b in zip(p.predict(xt), yt, strict=True)])))
         each = ", ".join(f"{a:.3f}" for a in accs)
-        print(f"{name}: probe on {space}: held-out accuracy {each} "
-              f"(mean {np.mean(accs):.3f}; chance {1 / len(kinds):.2f})", flush=True)  # fmt: skip
+        print(
+            f"{name}: probe on {space}: held-out accuracy {each} "
+            f"(mean {np.mean(accs):.3f}; chance {1 / len(kinds):.2f})",
+            flush=True,
+        )
 
 
 def main() -> None:

@@ -281,7 +281,7 @@ def test_train_robust_stops_when_the_loss_is_not_finite(capsys, env, monkeypatch
 
 
 def test_caption_train_stops_when_the_loss_is_not_finite(capsys, env, monkeypatch):
-    from cliplens.caption.model import Captioner
+    from cliplens.captioning.model import Captioner
 
     monkeypatch.setattr(Captioner, "loss", _nan_after_first(Captioner.loss))
     argv = _argv(
@@ -329,9 +329,9 @@ def test_every_number_option_is_bounded_and_finite():
 
 
 INF, NAN = float("inf"), float("nan")
-CLIP, ROBUST = "cliplens.train.clip:TrainConfig", "cliplens.train.robust:RobustConfig"
+CLIP, ROBUST = "cliplens.train.clip:ClipTrainConfig", "cliplens.train.robust:RobustConfig"
 CAPTION, GENERATE = (
-    "cliplens.caption.train:CaptionTrainConfig",
+    "cliplens.captioning.train:CaptionTrainConfig",
     "cliplens.tasks.generate:GenerateConfig",
 )
 

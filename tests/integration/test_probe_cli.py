@@ -31,25 +31,67 @@ def colours(tmp_path_factory):
 def test_fit_then_predict(colours, tiny_model_dir, tmp_path, capsys):
     model = f"local:{tiny_model_dir}"
     head = tmp_path / "head.npz"
-    fit = run_json(capsys, ["probe", "fit", "--data", str(colours), "--out", str(head),
-                            "--model", model, "--format", "json"])  # fmt: skip
+    fit = run_json(
+        capsys,
+        [
+            "probe",
+            "fit",
+            "--data",
+            str(colours),
+            "--out",
+            str(head),
+            "--model",
+            model,
+            "--format",
+            "json",
+        ],
+    )
     assert fit["classes"] == ["blue", "red", "yellow"]
     assert fit["metrics"]["cv_accuracy"] > 0.6  # chance is 1/3
     images = sorted((colours / "red").iterdir())[:5]
-    preds = run_json(capsys, ["probe", "predict", *map(str, images), "--head", str(head),
-                              "--model", model, "--top-k", "2", "--format", "json"])  # fmt: skip
+    preds = run_json(
+        capsys,
+        [
+            "probe",
+            "predict",
+            *map(str, images),
+            "--head",
+            str(head),
+            "--model",
+            model,
+            "--top-k",
+            "2",
+            "--format",
+            "json",
+        ],
+    )
     assert len(preds) == 5 and all(len(p["labels"]) == 2 for p in preds)
     assert sum(p["labels"][0]["label"] == "red" for p in preds) >= 4
     # a head fit on another model is refused with the fix
-    assert main(["probe", "predict", str(images[0]), "--head", str(head), "--model",
-                 "offline"]) == 2  # fmt: skip
+    assert (
+        main(["probe", "predict", str(images[0]), "--head", str(head), "--model", "offline"]) == 2
+    )
     assert "pass the --model it was fit with" in capsys.readouterr().err
 
 
 def test_kshot_reports_a_curve_and_zero_shot(colours, tiny_model_dir, capsys):
-    report = run_json(capsys, ["probe", "kshot", "--data", str(colours), "--shots", "1,4,50",
-                               "--repeats", "2", "--model", f"local:{tiny_model_dir}",
-                               "--format", "json"])  # fmt: skip
+    report = run_json(
+        capsys,
+        [
+            "probe",
+            "kshot",
+            "--data",
+            str(colours),
+            "--shots",
+            "1,4,50",
+            "--repeats",
+            "2",
+            "--model",
+            f"local:{tiny_model_dir}",
+            "--format",
+            "json",
+        ],
+    )
     assert [r["shots"] for r in report["kshot"]] == [1, 4]  # 50 is more than a class holds
     assert report["test_images"] == 12 and report["classes"] == 3
     assert 0 <= report["zero_shot_accuracy"] <= 1

@@ -36,8 +36,12 @@ def cat_policy(offline, photos, tmp_path):
     )
     mod = build_moderator(parse_policy(text), offline)
     files = sorted(photos.iterdir())
-    scores = {f.name: v.score for f, v in zip(files, mod.judge([str(f) for f in files],
-              offline.encode_images(files)), strict=True)}  # fmt: skip
+    scores = {
+        f.name: v.score
+        for f, v in zip(
+            files, mod.judge([str(f) for f in files], offline.encode_images(files)), strict=True
+        )
+    }
     others = max(s for n, s in scores.items() if n != "cat.jpg")
     assert scores["cat.jpg"] > others
     path = tmp_path / "cats.yaml"
@@ -47,16 +51,46 @@ def cat_policy(offline, photos, tmp_path):
 
 def test_moderate_cli_flags_redacts_and_reuses_the_catalog(tmp_path, offline, photos, capsys):
     policy = cat_policy(offline, photos, tmp_path)
-    verdicts = run_json(capsys, ["moderate", str(photos), "--policy", str(policy), "--model",
-                                 "offline", "--format", "json"])  # fmt: skip
+    verdicts = run_json(
+        capsys,
+        [
+            "moderate",
+            str(photos),
+            "--policy",
+            str(policy),
+            "--model",
+            "offline",
+            "--format",
+            "json",
+        ],
+    )
     assert {v["path"].rsplit("/", 1)[-1]: v["flagged"] for v in verdicts} == {
-        "cat.jpg": True, "coffee.jpg": False, "rocket.jpg": False, "motorcycle.jpg": False,
-        "cameraman.png": False, "hubble.jpg": False, "page.png": False}  # fmt: skip
+        "cat.jpg": True,
+        "coffee.jpg": False,
+        "rocket.jpg": False,
+        "motorcycle.jpg": False,
+        "cameraman.png": False,
+        "hubble.jpg": False,
+        "page.png": False,
+    }
     cat = next(v for v in verdicts if v["flagged"])
     assert cat["margin"] > 0 and cat["concept"] == "a photo of a cat"
-    flagged = run_json(capsys, ["moderate", str(photos), "--policy", str(policy), "--model",
-                                "offline", "--format", "json", "--only-flagged", "--redact",
-                                str(tmp_path / "redacted")])  # fmt: skip
+    flagged = run_json(
+        capsys,
+        [
+            "moderate",
+            str(photos),
+            "--policy",
+            str(policy),
+            "--model",
+            "offline",
+            "--format",
+            "json",
+            "--only-flagged",
+            "--redact",
+            str(tmp_path / "redacted"),
+        ],
+    )
     assert len(flagged) == 1
     assert [p.name for p in (tmp_path / "redacted").iterdir()] == ["cat.redacted.jpg"]
     # an indexed folder is not encoded again
@@ -89,20 +123,65 @@ def test_calibrate_and_train_head_from_folders(tmp_path, tiles, capsys):
         "  coffee:\n    - {text: a cup of coffee, threshold: 0.3}\n"
     )
     out = tmp_path / "calibrated.yaml"
-    report = run_json(capsys, ["moderate", "calibrate", "--policy", str(policy),
-                               "--positive", str(pos), "--negative", str(neg),
-                               "--target-precision", "0.9", "--out", str(out),
-                               "--model", "offline", "--format", "json"])  # fmt: skip
+    report = run_json(
+        capsys,
+        [
+            "moderate",
+            "calibrate",
+            "--policy",
+            str(policy),
+            "--positive",
+            str(pos),
+            "--negative",
+            str(neg),
+            "--target-precision",
+            "0.9",
+            "--out",
+            str(out),
+            "--model",
+            "offline",
+            "--format",
+            "json",
+        ],
+    )
     assert set(report["points"]) == {"cat", "coffee"}  # subfolders named after categories
     assert all(p["precision"] >= 0.9 for p in report["points"].values())
-    verdicts = run_json(capsys, ["moderate", str(pos), str(neg), "--policy", str(out),
-                                 "--model", "offline", "--format", "json"])  # fmt: skip
+    verdicts = run_json(
+        capsys,
+        [
+            "moderate",
+            str(pos),
+            str(neg),
+            "--policy",
+            str(out),
+            "--model",
+            "offline",
+            "--format",
+            "json",
+        ],
+    )
     flagged = {v["path"] for v in verdicts if v["flagged"]}
     assert all("/pos/" in p for p in flagged) and flagged
     headed = tmp_path / "headed.yaml"
-    result = run_json(capsys, ["moderate", "train-head", "--policy", str(policy), "--positive",
-                               str(pos), "--negative", str(neg), "--out", str(headed),
-                               "--model", "offline", "--format", "json"])  # fmt: skip
+    result = run_json(
+        capsys,
+        [
+            "moderate",
+            "train-head",
+            "--policy",
+            str(policy),
+            "--positive",
+            str(pos),
+            "--negative",
+            str(neg),
+            "--out",
+            str(headed),
+            "--model",
+            "offline",
+            "--format",
+            "json",
+        ],
+    )
     assert result["metrics"]["cv_roc_auc"] > 0.8
     assert "head:" in headed.read_text()
 
@@ -115,15 +194,19 @@ def test_quality_reports_broken_files_and_exits_1(tmp_path, photos, capsys):
     assert main(["quality", str(folder), "--integrity-only", "--format", "json"]) == 1
     report = json.loads(capsys.readouterr().out)
     assert {p["path"].rsplit("/", 1)[-1]: p["problem"] for p in report["problems"]} == {
-        "empty.jpg": "empty", "half.jpg": "truncated"}  # fmt: skip
+        "empty.jpg": "empty",
+        "half.jpg": "truncated",
+    }
     assert report["scores"] == []
     # scoring decodes each file once, through the encoder, and finds the same problems
     assert main(["quality", str(folder), "--model", "offline", "--format", "json"]) == 1
     full = json.loads(capsys.readouterr().out)
     assert full["problems"] == report["problems"]
     assert len(full["scores"]) == 7
-    assert main(["quality", str(photos), "--model", "offline", "--worst", "3", "--format",
-                 "json"]) == 0  # fmt: skip
+    assert (
+        main(["quality", str(photos), "--model", "offline", "--worst", "3", "--format", "json"])
+        == 0
+    )
     scores = json.loads(capsys.readouterr().out)["scores"]
     assert len(scores) == 3
     assert [s["quality"] for s in scores] == sorted(s["quality"] for s in scores)
@@ -139,11 +222,37 @@ def test_distortion_probe_beats_chance_on_held_out_photos(tmp_path, capsys):
     write_distortions(tmp_path / "train", train, kinds, levels=(2, 4))
     write_distortions(tmp_path / "test", held_out, kinds, levels=(3,))
     probe = tmp_path / "probe.npz"
-    trained = run_json(capsys, ["quality", "train", "--data", str(tmp_path / "train"), "--out",
-                                str(probe), "--model", "offline", "--format", "json"])  # fmt: skip
+    trained = run_json(
+        capsys,
+        [
+            "quality",
+            "train",
+            "--data",
+            str(tmp_path / "train"),
+            "--out",
+            str(probe),
+            "--model",
+            "offline",
+            "--format",
+            "json",
+        ],
+    )
     assert trained["classes"] == sorted(kinds)
-    assert main(["quality", str(tmp_path / "test"), "--probe", str(probe), "--model", "offline",
-                 "--format", "json"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "quality",
+                str(tmp_path / "test"),
+                "--probe",
+                str(probe),
+                "--model",
+                "offline",
+                "--format",
+                "json",
+            ]
+        )
+        == 0
+    )
     scores = json.loads(capsys.readouterr().out)["scores"]
     assert len(scores) == 40 and all(s["distortion_source"] == "probe" for s in scores)
     right = [s["distortion"] == s["path"].split("/")[-2] for s in scores]
@@ -156,7 +265,14 @@ def test_datasets_distortions_writes_a_probe_layout(tmp_path, capsys):
     folders = {p.name: len(list(p.iterdir())) for p in (tmp_path / "d").iterdir()}
     assert folders["clean"] == 28  # 7 photos x 4 tiles
     assert folders["blur"] == folders["jpeg"] == 56  # x 2 levels
-    assert set(folders) == {"clean", "blur", "noise", "jpeg", "underexposed", "overexposed",
-                            "low_resolution"}  # fmt: skip
+    assert set(folders) == {
+        "clean",
+        "blur",
+        "noise",
+        "jpeg",
+        "underexposed",
+        "overexposed",
+        "low_resolution",
+    }
     assert main(["datasets", "distortions", str(tmp_path / "e"), "--levels", "9"]) == 2
     assert "level 9" in capsys.readouterr().err

@@ -24,8 +24,9 @@ from cliplens.tasks.generate import (
 
 def test_parse_prompts_weights_and_text_colons():
     assert parse_prompts("a red circle:1 | blurry:-0.5") == [
-        Prompt("a red circle", 1.0), Prompt("blurry", -0.5)
-    ]  # fmt: skip
+        Prompt("a red circle", 1.0),
+        Prompt("blurry", -0.5),
+    ]
     assert parse_prompts("a blue square") == [Prompt("a blue square", 1.0)]
     assert parse_prompts("a 16:9 poster:2") == [Prompt("a 16:9 poster", 2.0)]
     assert parse_prompts("ratio 16:9 poster") == [Prompt("ratio 16:9 poster", 1.0)]
@@ -55,7 +56,7 @@ def test_fourier_image_range_shape_and_inverse():
     gen.init_from(target)
     with torch.no_grad():
         assert torch.allclose(gen(), target, atol=1e-4)
-    with pytest.raises(InvalidInputError, match="--size 8"):
+    with pytest.raises(InvalidInputError, match="`size` 8"):
         FourierImage(8)
 
 
@@ -108,8 +109,9 @@ def test_generation_is_seeded_and_moves_toward_the_prompt(tiny):
     c = generate(tiny, prompts, GenerateConfig(size=32, steps=12, cutouts=4, seed=6, lr=0.1))
     assert not np.array_equal(a.image, c.image)
     # a smoothness penalty gives a smoother image from the same start
-    smooth = generate(tiny, prompts, GenerateConfig(size=32, steps=12, cutouts=4, seed=5,
-                                                    lr=0.1, tv=20.0))  # fmt: skip
+    smooth = generate(
+        tiny, prompts, GenerateConfig(size=32, steps=12, cutouts=4, seed=5, lr=0.1, tv=20.0)
+    )
 
     def tv_of(image):
         return float(total_variation(torch.from_numpy(image).float().permute(2, 0, 1)[None]))
@@ -124,10 +126,26 @@ def test_generate_cli(tmp_path, tiny_model_dir, photos, capsys):
     from cliplens.cli.main import main
 
     photo = str(next(photos.glob("*.jpg")))
-    args = ["generate", "a red circle:1 | blurry:-0.5", "--negative", "noise",
-            "--image-prompt", photo, "--init-image", photo, "--size", "32", "--steps", "4",
-            "--cutouts", "2", "--save-every", "2",
-            "--model", f"local:{tiny_model_dir}"]  # fmt: skip
+    args = [
+        "generate",
+        "a red circle:1 | blurry:-0.5",
+        "--negative",
+        "noise",
+        "--image-prompt",
+        photo,
+        "--init-image",
+        photo,
+        "--size",
+        "32",
+        "--steps",
+        "4",
+        "--cutouts",
+        "2",
+        "--save-every",
+        "2",
+        "--model",
+        f"local:{tiny_model_dir}",
+    ]
     assert (
         main([*args, "--out", str(tmp_path / "a.png"), "--animation", str(tmp_path / "a.gif")]) == 0
     )

@@ -150,8 +150,9 @@ categories:
 
 
 def arithmetic_model() -> FakeModel:
-    return FakeModel({"bad": unit(1, 0, 0, 0), "worse": unit(0, 1, 0, 0),
-                      "special": unit(0, 0, 1, 0)})  # fmt: skip
+    return FakeModel(
+        {"bad": unit(1, 0, 0, 0), "worse": unit(0, 1, 0, 0), "special": unit(0, 0, 1, 0)}
+    )
 
 
 def test_verdicts_follow_thresholds_and_special_care():
@@ -209,8 +210,13 @@ def test_calibrated_policy_reaches_target_precision_on_held_out_embeddings():
     rng = np.random.default_rng(1)
     dim = 32
     bad = unit(*rng.standard_normal(dim))
-    model = FakeModel({"bad": bad, "worse": unit(*rng.standard_normal(dim)),
-                       "special": unit(*rng.standard_normal(dim))})  # fmt: skip
+    model = FakeModel(
+        {
+            "bad": bad,
+            "worse": unit(*rng.standard_normal(dim)),
+            "special": unit(*rng.standard_normal(dim)),
+        }
+    )
     mod = build_moderator(parse_policy(POLICY), model)
 
     def data(n):
@@ -225,8 +231,9 @@ def test_calibrated_policy_reaches_target_precision_on_held_out_embeddings():
     precision = flagged[:3000].sum() / flagged.sum()
     assert abs(precision - 0.95) <= 0.02
     # per category: only the category with examples moves
-    policy2, points2 = calibrate(mod, pos, neg, target_precision=0.95,
-                                 positive_categories=["bad"] * len(pos))  # fmt: skip
+    policy2, points2 = calibrate(
+        mod, pos, neg, target_precision=0.95, positive_categories=["bad"] * len(pos)
+    )
     assert set(points2) == {"bad"}
     assert policy2.categories[1] == mod.policy.categories[1]
 

@@ -47,8 +47,12 @@ def test_chosen_c_is_the_best_of_the_grid_on_validation():
     x, y = blobs(15, classes=3, dim=100, spread=4.0, seed=2)  # weak signal, many dims
     probe = fit_probe(x, y, "s")
     cv = StratifiedKFold(n_splits=5, shuffle=True, random_state=0)
-    scores = {c: cross_val_score(make_pipeline(StandardScaler(), LogisticRegression(
-        C=c, max_iter=3000)), x, y, cv=cv).mean() for c in C_GRID}  # fmt: skip
+    scores = {
+        c: cross_val_score(
+            make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=3000)), x, y, cv=cv
+        ).mean()
+        for c in C_GRID
+    }
     assert probe.metrics["cv_accuracy"] == pytest.approx(max(scores.values()))
     assert scores[probe.metrics["C"]] == max(scores.values())
 
@@ -82,8 +86,9 @@ def test_kshot_curve_rises_with_shots_and_skips_what_cannot_be_drawn():
     pool, test = split_per_class(y, 0.3)
     assert not set(pool) & set(test) and len(pool) + len(test) == len(y)
     assert {y[i] for i in test} == set(y)  # every class is tested
-    rows = kshot(x[pool], [y[i] for i in pool], x[test], [y[i] for i in test],
-                 shots=(1, 16, 64), repeats=3)  # fmt: skip
+    rows = kshot(
+        x[pool], [y[i] for i in pool], x[test], [y[i] for i in test], shots=(1, 16, 64), repeats=3
+    )
     assert [r["shots"] for r in rows] == [1, 16]  # 64 is more than a class holds
     assert rows[1]["accuracy"] > rows[0]["accuracy"]
     assert rows[1]["accuracy"] > 0.5  # chance is 0.25

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
+from cliplens.corruptions import distort
 from cliplens.tasks.quality import (
     ATTRIBUTES,
     DISTORTIONS,
     DistortionProbe,
     build_screener,
     check_file,
-    distort,
     train_probe,
 )
 
@@ -26,8 +26,14 @@ def broken_corpus(folder):
     rng = np.random.default_rng(0)
     noise = Image.fromarray(rng.integers(0, 255, (60, 80, 3), dtype=np.uint8))
     expected = {}
-    for name, fmt in (("good.jpg", "JPEG"), ("good.png", "PNG"), ("good.webp", "WEBP"),
-                      ("good.gif", "GIF"), ("good.tiff", "TIFF"), ("good.bmp", "BMP")):  # fmt: skip
+    for name, fmt in (
+        ("good.jpg", "JPEG"),
+        ("good.png", "PNG"),
+        ("good.webp", "WEBP"),
+        ("good.gif", "GIF"),
+        ("good.tiff", "TIFF"),
+        ("good.bmp", "BMP"),
+    ):
         noise.save(folder / name, format=fmt)
         expected[name] = None
     (folder / "empty.jpg").write_bytes(b"")
@@ -105,10 +111,12 @@ def test_distortions_are_graded():
     base = Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8))
     base = base.filter(ImageFilter.SMOOTH)
     x = np.asarray(base, np.float32)
-    blur = [np.abs(np.diff(np.asarray(distort(base, "blur", k), np.float32), axis=1)).mean()
-            for k in range(1, 6)]  # fmt: skip
+    blur = [
+        np.abs(np.diff(np.asarray(distort(base, "blur", k), np.float32), axis=1)).mean()
+        for k in range(1, 6)
+    ]
     assert blur == sorted(blur, reverse=True)  # less edge energy with each level
-    dark = [np.asarray(distort(base, "brightness", k), np.float32).mean() for k in range(1, 6)]
+    dark = [np.asarray(distort(base, "underexposed", k), np.float32).mean() for k in range(1, 6)]
     assert dark == sorted(dark, reverse=True) and dark[0] < x.mean()
     noise = [
         np.abs(np.asarray(distort(base, "noise", k), np.float32) - x).mean() for k in range(1, 6)

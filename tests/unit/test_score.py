@@ -11,7 +11,7 @@ import pytest
 
 from cliplens.cli.main import main
 from cliplens.errors import InvalidInputError
-from cliplens.tasks.score import W, clip_score, rank, ref_clip_score
+from cliplens.tasks.score import W, clip_score, ref_clip_score, rerank
 from tests_helpers import run_json
 
 
@@ -58,9 +58,9 @@ def test_ref_clip_score_is_the_harmonic_mean():
         ref_clip_score(image, E1, refs * 2)
 
 
-def test_rank_orders_by_fit_and_keeps_ties_in_order():
+def test_rerank_orders_by_fit_and_keeps_ties_in_order():
     images = np.stack([_at(0.1), _at(0.9), _at(0.5), _at(0.9)])
-    order, cos = rank(images, E1)
+    order, cos = rerank(images, E1)
     assert order.tolist() == [1, 3, 2, 0]
     np.testing.assert_allclose(cos, [0.1, 0.9, 0.5, 0.9], atol=1e-6)
 
@@ -81,8 +81,18 @@ def _model(tiny_model_dir):
 
 def test_score_cli(capsys, photos, tiny_model_dir, tiny, tmp_path):
     files = sorted(photos.glob("*.jpg"))[:3]
-    out = run_json(capsys, ["score", *map(str, files), "--prompt", "a cat", "--format", "json",
-                            *_model(tiny_model_dir)])  # fmt: skip
+    out = run_json(
+        capsys,
+        [
+            "score",
+            *map(str, files),
+            "--prompt",
+            "a cat",
+            "--format",
+            "json",
+            *_model(tiny_model_dir),
+        ],
+    )
     img, txt = tiny.encode_images(files), tiny.encode_texts(["a cat"])[0]
     assert [r["path"] for r in out["images"]] == [str(f.resolve()) for f in files]
     np.testing.assert_allclose([r["cosine"] for r in out["images"]], img @ txt, atol=2e-3)
@@ -91,9 +101,20 @@ def test_score_cli(capsys, photos, tiny_model_dir, tiny, tmp_path):
     np.testing.assert_allclose(scores, expected, atol=1e-3)
     assert out["mean"]["clip_score"] == pytest.approx(np.mean(scores), abs=1e-3)
     (tmp_path / "refs.txt").write_text("a cat on a sofa\n# a comment\na kitten\n")
-    with_refs = run_json(capsys, ["score", str(files[0]), "-p", "a cat", "--refs",
-                                  str(tmp_path / "refs.txt"), "-f", "json",
-                                  *_model(tiny_model_dir)])  # fmt: skip
+    with_refs = run_json(
+        capsys,
+        [
+            "score",
+            str(files[0]),
+            "-p",
+            "a cat",
+            "--refs",
+            str(tmp_path / "refs.txt"),
+            "-f",
+            "json",
+            *_model(tiny_model_dir),
+        ],
+    )
     row = with_refs["images"][0]
     r = tiny.encode_texts(["a cat on a sofa", "a kitten"]) @ tiny.encode_texts(["a cat"])[0]
     assert row["ref_score"] == pytest.approx(max(float(r.max()), 0), abs=2e-3)
@@ -108,8 +129,10 @@ def test_score_captions_file(capsys, photos, tiny_model_dir, tmp_path):
         {"image": str(files[1]), "caption": "a rocket", "references": ["a rocket"]},
     ]
     (tmp_path / "c.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
-    out = run_json(capsys, ["score", "--captions", str(tmp_path / "c.jsonl"), "-f", "json",
-                            *_model(tiny_model_dir)])  # fmt: skip
+    out = run_json(
+        capsys,
+        ["score", "--captions", str(tmp_path / "c.jsonl"), "-f", "json", *_model(tiny_model_dir)],
+    )
     assert [r["caption"] for r in out["images"]] == ["a cat", "a rocket"]
     # each caption is also a reference of its own image: reference score 1
     assert all(r["ref_score"] == pytest.approx(1.0, abs=1e-3) for r in out["images"])
@@ -131,9 +154,21 @@ def test_score_errors(capsys, photos, tmp_path, tiny_model_dir):
 
 def test_rerank_cli(capsys, photos, tiny_model_dir, tiny, tmp_path):
     files = sorted(photos.glob("*.jpg"))
-    out = run_json(capsys, ["rerank", "a rocket", *map(str, files), "-k", "2",
-                            "--copy-top", str(tmp_path / "best"), "-f", "json",
-                            *_model(tiny_model_dir)])  # fmt: skip
+    out = run_json(
+        capsys,
+        [
+            "rerank",
+            "a rocket",
+            *map(str, files),
+            "-k",
+            "2",
+            "--copy-top",
+            str(tmp_path / "best"),
+            "-f",
+            "json",
+            *_model(tiny_model_dir),
+        ],
+    )
     cos = tiny.encode_images(files) @ tiny.encode_texts(["a rocket"])[0]
     best = [str(files[i].resolve()) for i in np.argsort(-cos, kind="stable")[:2]]
     assert [r["path"] for r in out] == best

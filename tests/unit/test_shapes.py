@@ -94,8 +94,9 @@ def test_write_shapes_and_cli(tmp_path, capsys):
 
 def test_named_objects_reads_colour_shape_pairs():
     assert named_objects("a small red circle above a large blue star") == [
-        ("red", "circle"), ("blue", "star")
-    ]  # fmt: skip
+        ("red", "circle"),
+        ("blue", "star"),
+    ]
     assert named_objects("A red circle, and a blue square") == [
         ("red", "circle"),
         ("blue", "square"),

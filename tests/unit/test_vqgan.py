@@ -15,12 +15,28 @@ from cliplens.errors import InvalidInputError
 from cliplens.models.vqgan import VQGAN, VQGANImage, load_vqgan
 from cliplens.tasks.generate import Cutouts, GenerateConfig, generate, parse_prompts
 
-DDCONFIG = {"double_z": False, "z_channels": 8, "resolution": 32, "in_channels": 3,
-            "out_ch": 3, "ch": 32, "ch_mult": [1, 2], "num_res_blocks": 1,
-            "attn_resolutions": [16], "dropout": 0.0}  # fmt: skip
-LOSS = {"target": "taming.modules.losses.vqperceptual.VQLPIPSWithDiscriminator",
-        "params": {"disc_conditional": False, "disc_in_channels": 3, "disc_start": 10000,
-                   "disc_weight": 0.8, "codebook_weight": 1.0}}  # fmt: skip
+DDCONFIG = {
+    "double_z": False,
+    "z_channels": 8,
+    "resolution": 32,
+    "in_channels": 3,
+    "out_ch": 3,
+    "ch": 32,
+    "ch_mult": [1, 2],
+    "num_res_blocks": 1,
+    "attn_resolutions": [16],
+    "dropout": 0.0,
+}
+LOSS = {
+    "target": "taming.modules.losses.vqperceptual.VQLPIPSWithDiscriminator",
+    "params": {
+        "disc_conditional": False,
+        "disc_in_channels": 3,
+        "disc_start": 10000,
+        "disc_weight": 0.8,
+        "codebook_weight": 1.0,
+    },
+}
 
 
 def write_vqgan(
@@ -81,9 +97,11 @@ def test_gumbel_and_transformer_configs(tmp_path):
     torch.testing.assert_close(vqgan.codebook, weights["quantize.embed.weight"])
     (tmp_path / "t").mkdir()
     config, ckpt, weights = write_vqgan(
-        tmp_path / "t", "taming.models.cond_transformer.Net2NetTransformer", "vq",
+        tmp_path / "t",
+        "taming.models.cond_transformer.Net2NetTransformer",
+        "vq",
         prefix="first_stage_model.",
-    )  # fmt: skip
+    )
     # the transformer's config names its first stage; weights sit under first_stage_model.
     text = yaml.safe_load(config.read_text())
     text["model"]["params"]["first_stage_config"]["target"] = "taming.models.vqgan.VQModel"
@@ -124,8 +142,10 @@ def test_one_vqgan_step_lowers_the_loss(tmp_path, tiny):
     # and the whole loop runs on it, seeded
     cfg = GenerateConfig(size=32, steps=3, cutouts=2, seed=1)
     vqgan = load_vqgan(config, ckpt)
-    runs = [generate(tiny, parse_prompts("a red circle"), cfg, VQGANImage(vqgan, 32, seed=1))
-            for _ in range(2)]  # fmt: skip
+    runs = [
+        generate(tiny, parse_prompts("a red circle"), cfg, VQGANImage(vqgan, 32, seed=1))
+        for _ in range(2)
+    ]
     np.testing.assert_array_equal(runs[0].image, runs[1].image)
 
 
@@ -153,7 +173,7 @@ def test_init_from_an_image_encodes_it(tmp_path):
 def test_vqgan_errors(tmp_path):
     config, ckpt, _ = write_vqgan(tmp_path)
     vqgan = load_vqgan(config, ckpt)
-    with pytest.raises(InvalidInputError, match="--size 31: use a multiple of 2"):
+    with pytest.raises(InvalidInputError, match="`size` 31: use a multiple of 2"):
         VQGANImage(vqgan, 31)
     bad = tmp_path / "other.yaml"
     bad.write_text(yaml.safe_dump({"model": {"target": "ldm.models.Autoencoder"}}))
@@ -173,7 +193,7 @@ def test_vqgan_errors(tmp_path):
 
 def test_checkpoints_with_pickled_objects_need_trust(tmp_path):
     config, ckpt, weights = write_vqgan(tmp_path, extra={"hparams": argparse.Namespace(lr=1)})
-    with pytest.raises(InvalidInputError, match="--trust-checkpoint"):
+    with pytest.raises(InvalidInputError, match="pass `trust`"):
         load_vqgan(config, ckpt)
     vqgan = load_vqgan(config, ckpt, trust=True)
     torch.testing.assert_close(vqgan.codebook, weights["quantize.embedding.weight"])
@@ -186,8 +206,20 @@ def test_generate_cli_with_a_vqgan_and_an_mp4(tmp_path, tiny_model_dir):
     from cliplens.cli.main import main
 
     config, ckpt, _ = write_vqgan(tmp_path)
-    base = ["generate", "a red circle", "--size", "32", "--steps", "4", "--cutouts", "2",
-            "--model", f"local:{tiny_model_dir}", "--out", str(tmp_path / "v.png")]  # fmt: skip
+    base = [
+        "generate",
+        "a red circle",
+        "--size",
+        "32",
+        "--steps",
+        "4",
+        "--cutouts",
+        "2",
+        "--model",
+        f"local:{tiny_model_dir}",
+        "--out",
+        str(tmp_path / "v.png"),
+    ]
     vq = ["--vqgan-config", str(config), "--vqgan-checkpoint", str(ckpt)]
     assert main([*base, *vq, "--animation", str(tmp_path / "v.mp4")]) == 0
     assert Image.open(tmp_path / "v.png").size == (32, 32)

@@ -1,4 +1,8 @@
-"""`cliplens classify`: zero-shot classification of images among labels."""
+"""`cliplens classify`: zero-shot classification of images among labels.
+
+Commands import the library inside their functions, so `cliplens --help` imports none
+of it (no torch).
+"""
 
 from __future__ import annotations
 

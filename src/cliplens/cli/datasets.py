@@ -1,4 +1,8 @@
-"""`cliplens datasets`: write small datasets to folders."""
+"""`cliplens datasets`: write small datasets to folders.
+
+Commands import the library inside their functions, so `cliplens --help` imports none
+of it (no torch).
+"""
 
 from __future__ import annotations
 

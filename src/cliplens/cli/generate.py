@@ -1,19 +1,29 @@
-"""`cliplens generate`: CLIP-guided image synthesis."""
+"""`cliplens generate`: CLIP-guided image synthesis.
+
+Commands import the library inside their functions, so `cliplens --help` imports none
+of it (no torch).
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Annotated
 
-import numpy as np
 import typer
 
-from cliplens.cli.common import FiniteFloat, ModelOpt, SeedOpt, out_file, out_folder
+from cliplens.cli.common import (
+    FiniteFloat,
+    ModelOpt,
+    SeedOpt,
+    library_names,
+    out_file,
+    out_folder,
+)
 from cliplens.cli.output import info
-from cliplens.errors import InvalidInputError
 from cliplens.limits import MAX_CUTOUTS, MAX_LR, MAX_SIZE, MAX_STEPS, MIN_SIZE
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+library_names("generate", trust="--trust-checkpoint")
 
 
 def generate_command(
@@ -84,69 +94,52 @@ def generate_command(
 ) -> None:
     """Optimise an image (Fourier-parameterised, or a VQGAN's latents) so CLIP matches it
     to the prompts."""
-    from PIL import Image
-
     from cliplens.cli.output import show_progress
-    from cliplens.images import open_image
-    from cliplens.models.registry import load_model
+    from cliplens.progress import progress_bar
     from cliplens.tasks.generate import (
-        FourierImage,
         GenerateConfig,
-        Prompt,
         animation_format,
+        animation_interval,
+        build_generator,
         generate,
+        guide_model,
         parse_prompts,
         write_animation,
     )
 
-    prompts = parse_prompts(prompt)
-    if negative:
-        prompts.append(Prompt(negative.strip(), -1.0))
-    if image_prompt:
-        prompts.append(Prompt(None, 1.0, image_prompt))
+    prompts = parse_prompts(prompt, negative, image_prompt)
     # every path the work ends in is checked before the work, not after
     out_file(out, "--out", IMAGE_SUFFIXES)
     if animation:
         animation_format(animation)
         out_file(animation, "--animation", (".gif", ".mp4"))
     if animation and not save_every:
-        save_every = max(1, steps // 50)
+        save_every = animation_interval(steps)
     frames_dir = out.with_name(f"{out.stem}_frames")
     if save_every:
         out_folder(frames_dir, "frames folder")
-    if (vqgan_config is None) != (vqgan_checkpoint is None):
-        raise InvalidInputError("give both --vqgan-config and --vqgan-checkpoint, or neither")
-    if vqgan_config and vqgan_checkpoint:
-        from cliplens.models.vqgan import VQGANImage, load_vqgan
-
-        vqgan = load_vqgan(vqgan_config, vqgan_checkpoint, trust=trust_checkpoint)
-        generator = VQGANImage(vqgan, size, seed)
-    else:
-        generator = FourierImage(size, seed)
-    if lr is None:
-        lr = 0.1 if vqgan_config else 0.05  # VQGAN-CLIP's step; the Fourier image's
-    cfg = GenerateConfig(size=size, steps=steps, lr=lr, cutouts=cutouts, seed=seed,
-                         save_every=save_every, tv=tv)  # fmt: skip
-    if init_image:
-        import torch
-
-        start = open_image(init_image).convert("RGB").resize((size, size))
-        pixels = torch.from_numpy(np.asarray(start, np.float32) / 255).permute(2, 0, 1)[None]
-        generator.init_from(pixels)
-    # the optimisation loop runs on the CPU, in fp32 (gradients through the image tower)
-    encoder = load_model(model, device="cpu", precision="fp32")
-    from cliplens.progress import progress_bar
-
+    cfg = GenerateConfig(
+        size=size,
+        steps=steps,
+        lr=lr,
+        cutouts=cutouts,
+        seed=seed,
+        save_every=save_every,
+        tv=tv,
+        vqgan_config=vqgan_config,
+        vqgan_checkpoint=vqgan_checkpoint,
+        trust_checkpoint=trust_checkpoint,
+        init_image=init_image,
+    )
+    generator = build_generator(cfg)  # before the model: a bad VQGAN stops here
+    encoder = guide_model(model)
     with progress_bar(steps, "generating", show_progress()) as advance:
-        result = generate(encoder, prompts, cfg, generator,
-                          lambda step, sim: advance(1, f"similarity {sim:.3f}"))  # fmt: skip
-    out.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(result.image).save(out)
-    if result.frames:
-        frames_dir.mkdir(exist_ok=True)
-        for i, frame in enumerate(result.frames, 1):
-            Image.fromarray(frame).save(frames_dir / f"{i * save_every:05d}.png")
-        info(f"wrote {len(result.frames)} frames to {frames_dir}")
+        result = generate(
+            encoder, prompts, cfg, generator, lambda _, sim: advance(1, f"similarity {sim:.3f}")
+        )
+    frames = result.save(out, frames_dir if result.frames else None, save_every)
+    if frames:
+        info(f"wrote {len(frames)} frames to {frames_dir}")
     if animation:
         info(f"wrote {write_animation(result.frames, animation)}")
     info(f"wrote {out}: similarity {result.similarities[-1]:.3f} after {steps} steps")

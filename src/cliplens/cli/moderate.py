@@ -1,10 +1,14 @@
-"""`cliplens moderate`: flag images by similarity to unsafe concepts; calibrate; train heads."""
+"""`cliplens moderate`: flag images by similarity to unsafe concepts; calibrate; train heads.
+
+Commands import the library inside their functions, so `cliplens --help` imports none
+of it (no torch).
+"""
 
 from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -17,12 +21,23 @@ from cliplens.cli.common import (
     ModelOpt,
     PrecisionOpt,
     collect_images,
-    embed_paths,
+    library_names,
     out_file,
     out_folder,
+    read_catalog,
 )
-from cliplens.cli.output import Format, info, print_csv, print_json, print_table, warn
-from cliplens.errors import InvalidInputError
+from cliplens.cli.output import (
+    Format,
+    info,
+    print_csv,
+    print_json,
+    print_table,
+    show_progress,
+    warn,
+)
+
+if TYPE_CHECKING:
+    from cliplens.tasks.moderate import OperatingPoint, Verdict
 
 app = typer.Typer(
     cls=DefaultCommandGroup,
@@ -32,7 +47,12 @@ app = typer.Typer(
 PolicyOpt = Annotated[str, typer.Option("--policy", "-p", help="'default' or a policy YAML file.")]
 
 
+library_names("moderate", out_dir="--redact")
+library_names("moderate check", out_dir="--redact")
+
+
 def _moderator(policy_name: str, model, device, precision):
+    """The policy, the model and the moderator; the policy's warnings are printed."""
     from cliplens.models.ref import ModelRef
     from cliplens.tasks.moderate import build_moderator
     from cliplens.tasks.policy import load_policy
@@ -66,57 +86,64 @@ def check_command(
     max_megapixels: MegapixelsOpt = None,
 ) -> None:
     """Verdict per image: flagged or not, category, closest concept, score, margin."""
+    from cliplens.tasks.moderate import moderate
     from cliplens.tasks.moderate import redact as redact_image
 
     if redact is not None:
         out_folder(redact, "--redact")
     files, missing = collect_images(paths)
     _, ref, moderator = _moderator(policy, model, device, precision)
-    done = embed_paths(ref, files, db, max_megapixels)
-    verdicts = moderator.judge(done.paths, done.vectors)
+    catalog, progress = read_catalog(db), show_progress()
+    done = moderate(
+        files,
+        ref,
+        moderator=moderator,
+        catalog=catalog,
+        max_megapixels=max_megapixels,
+        progress=progress,
+    )
+    verdicts = done.verdicts
     for e in [*missing, *done.failures]:
         warn(f"{e} (not checked)")
     if redact is not None:
-        for v in verdicts:
-            if v.flagged:
-                v_out = redact_image(v.path, redact)
-                info(f"redacted copy: {v_out}")
-    shown = [v for v in verdicts if v.flagged or not only_flagged]
+        for v in done.flagged:
+            info(f"redacted copy: {redact_image(v.path, redact)}")
+    shown = done.flagged if only_flagged else verdicts
     if fmt is Format.json:
         print_json([v.to_dict() for v in shown])
     elif fmt is Format.csv:
-        print_csv(
-            ["path", "flagged", "category", "concept", "score", "threshold", "margin",
-             "special_care"],
-            [(v.path, v.flagged, v.category, v.concept, f"{v.score:.4f}", f"{v.threshold:.4f}",
-              f"{v.margin:.4f}", v.special_care or "") for v in shown],
-        )  # fmt: skip
+        header = ["path", "flagged", "category", "concept", "score", "threshold", "margin"]
+        print_csv([*header, "special_care"], [_csv_row(v) for v in shown])
     else:
-        rows = [("FLAGGED" if v.flagged else "ok", v.category, v.concept, f"{v.score:.3f}",
-                 f"{v.margin:+.3f}", v.path) for v in shown]  # fmt: skip
+        rows = [_table_row(v) for v in shown]
         print_table(["verdict", "category", "closest concept", "score", "margin", "path"], rows)
-        flagged = sum(v.flagged for v in verdicts)
+        flagged = len(done.flagged)
         info(f"{flagged} of {len(verdicts)} flagged ({done.reused} embeddings from the catalog)")
     if missing or done.failures:
         raise typer.Exit(1)
 
 
-def _labelled(positive: Path, negative: Path, ref, db, max_megapixels):
-    """Embeddings of the positive and negative folders, and each positive's category
-    (its subfolder under `positive`, when all positives sit in subfolders)."""
-    for folder, what in ((positive, "--positive"), (negative, "--negative")):
-        if not folder.is_dir():
-            raise InvalidInputError(f"{what} {folder} is not a folder of images")
-    pos_files, _ = collect_images([positive])
-    neg_files, _ = collect_images([negative])
-    pos = embed_paths(ref, pos_files, db, max_megapixels)
-    neg = embed_paths(ref, neg_files, db, max_megapixels)
-    for e in [*pos.failures, *neg.failures]:
+def _csv_row(v: Verdict) -> tuple:
+    numbers = (f"{v.score:.4f}", f"{v.threshold:.4f}", f"{v.margin:.4f}")
+    return (v.path, v.flagged, v.category, v.concept, *numbers, v.special_care or "")
+
+
+def _table_row(v: Verdict) -> tuple:
+    verdict = "FLAGGED" if v.flagged else "ok"
+    return (verdict, v.category, v.concept, f"{v.score:.3f}", f"{v.margin:+.3f}", v.path)
+
+
+def _examples(positive: Path, negative: Path, ref, db, max_megapixels):
+    """The labelled examples of the positive and negative folders; unreadable images are
+    warned about."""
+    from cliplens.tasks.moderate import labelled_examples
+
+    found = labelled_examples(
+        positive, negative, ref, read_catalog(db), max_megapixels, show_progress()
+    )
+    for e in [*found.positives.failures, *found.negatives.failures]:
         warn(f"{e} (skipped)")
-    root = positive.resolve()
-    parts = [Path(p).relative_to(root).parts for p in pos.paths]
-    categories = [p[0] for p in parts] if parts and all(len(p) > 1 for p in parts) else None
-    return pos, neg, categories
+    return found
 
 
 @app.command("calibrate")
@@ -146,37 +173,27 @@ def calibrate_command(
     max_megapixels: MegapixelsOpt = None,
 ) -> None:
     """Choose thresholds from labelled examples for a target precision or recall."""
-    from dataclasses import replace
-
-    from cliplens.tasks.moderate import calibrate
+    from cliplens.tasks.moderate import calibrate_policy
 
     out_file(out, "--out")
-    pol, ref, moderator = _moderator(policy, model, device, precision)
-    pos, neg, categories = _labelled(positive, negative, ref, db, max_megapixels)
-    if categories is not None:
-        unknown = sorted(set(categories) - set(moderator.categories))
-        if unknown:
-            raise InvalidInputError(
-                f"--positive subfolders {', '.join(unknown)} are not categories of the policy "
-                f"({', '.join(dict.fromkeys(moderator.categories))})"
-            )
-    new, points = calibrate(moderator, pos.vectors, neg.vectors, target_precision,
-                            target_recall, categories)  # fmt: skip
-    target = (f"precision >= {target_precision}" if target_precision is not None
-              else f"recall >= {target_recall}")  # fmt: skip
-    note = (f"Calibrated for {ref.info.name} on {len(pos.paths)} positive and "
-            f"{len(neg.paths)} negative images for {target}. Started from: {pol.note}")  # fmt: skip
-    new = replace(new, model=ref.info.name, note=note, name=f"{pol.name}-calibrated")
+    _, ref, moderator = _moderator(policy, model, device, precision)
+    examples = _examples(positive, negative, ref, db, max_megapixels)
+    targets = (target_precision, target_recall)
+    new, points = calibrate_policy(moderator, examples, ref.info.name, *targets)
     new.save(out)
     if fmt is Format.json:
         print_json({"policy": str(out), "points": {k: p.to_dict() for k, p in points.items()}})
     else:
         print_table(
             ["scope", "offset", "precision", "recall", "ROC AUC", "PR AUC", "pos", "neg"],
-            [(k, f"{p.offset:+.4f}", f"{p.precision:.3f}", f"{p.recall:.3f}", f"{p.roc_auc:.3f}",
-              f"{p.pr_auc:.3f}", p.positives, p.negatives) for k, p in points.items()],
-        )  # fmt: skip
+            [_point_row(scope, p) for scope, p in points.items()],
+        )
         info(f"calibrated policy written to {out}")
+
+
+def _point_row(scope: str, p: OperatingPoint) -> tuple:
+    rates = (f"{p.precision:.3f}", f"{p.recall:.3f}", f"{p.roc_auc:.3f}", f"{p.pr_auc:.3f}")
+    return (scope, f"{p.offset:+.4f}", *rates, p.positives, p.negatives)
 
 
 @app.command("train-head")
@@ -204,28 +221,26 @@ def train_head_command(
     max_megapixels: MegapixelsOpt = None,
 ) -> None:
     """Fit a logistic-regression head on embeddings (cross-validated) and add it to a policy."""
-    from dataclasses import replace
-
+    from cliplens.models.ref import ModelRef
     from cliplens.tasks.moderate import train_head
-    from cliplens.tasks.policy import Head, load_policy
+    from cliplens.tasks.policy import load_policy
 
     out_file(out, "--out")
     head_path = out.with_suffix(".head.npz")
     out_file(head_path, "the head file beside --out")
-    from cliplens.models.ref import ModelRef
-
     pol = load_policy(policy)
     ref = ModelRef(model, device=device, precision=precision)
-    pos, neg, _ = _labelled(positive, negative, ref, db, max_megapixels)
-    head = train_head(pos.vectors, neg.vectors, ref.info.model_id)
+    found = _examples(positive, negative, ref, db, max_megapixels)
+    head = train_head(found.positives.vectors, found.negatives.vectors, ref.info.model_id)
     head_file = head.save(head_path)
-    new = replace(pol, head=Head(head_file.resolve(), threshold, category), model=ref.info.name)
-    new.save(out)
+    pol.with_head(head_file, ref.info.name, threshold, category).save(out)
     m = head.metrics
     if fmt is Format.json:
         print_json({"policy": str(out), "head": str(head_file), "metrics": m})
     else:
-        print_table(["cv accuracy", "cv ROC AUC", "cv PR AUC", "folds", "pos", "neg"],
-                    [(f"{m['cv_accuracy']:.3f}", f"{m['cv_roc_auc']:.3f}", f"{m['cv_pr_auc']:.3f}",
-                      int(m["folds"]), int(m["positives"]), int(m["negatives"]))])  # fmt: skip
+        aucs = (f"{m['cv_accuracy']:.3f}", f"{m['cv_roc_auc']:.3f}", f"{m['cv_pr_auc']:.3f}")
+        counts = (int(m["folds"]), int(m["positives"]), int(m["negatives"]))
+        print_table(
+            ["cv accuracy", "cv ROC AUC", "cv PR AUC", "folds", "pos", "neg"], [(*aucs, *counts)]
+        )
         info(f"head written to {head_file}; policy with the head: {out}")

@@ -1,9 +1,13 @@
-"""`cliplens probe`: linear probes on embeddings (fit, predict, k-shot curves)."""
+"""`cliplens probe`: linear probes on embeddings (fit, predict, k-shot curves).
+
+Commands import the library inside their functions, so `cliplens --help` imports none
+of it (no torch).
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -17,17 +21,29 @@ from cliplens.cli.common import (
     SeedOpt,
     TemplatesOpt,
     collect_images,
-    embed_labelled,
-    embed_paths,
+    library_names,
     out_file,
+    read_catalog,
 )
-from cliplens.cli.output import Format, info, print_csv, print_json, print_table, warn
-from cliplens.errors import InvalidInputError
+from cliplens.cli.output import (
+    Format,
+    info,
+    print_csv,
+    print_json,
+    print_table,
+    show_progress,
+    warn,
+)
 
-app = typer.Typer(help="Linear probes: fit a classifier on embeddings, predict, k-shot curves.",
-                  no_args_is_help=True)  # fmt: skip
+if TYPE_CHECKING:
+    from cliplens.models.ref import ModelRef
+    from cliplens.tasks.probe import LabelledVectors
 
-MAX_SHOTS = 100_000  # labelled images per class
+app = typer.Typer(
+    help="Linear probes: fit a classifier on embeddings, predict, k-shot curves.",
+    no_args_is_help=True,
+)
+library_names("probe predict", probe="--head")
 FeaturesOpt = Annotated[
     bool,
     typer.Option(
@@ -54,23 +70,33 @@ def fit_command(
 ) -> None:
     """Fit a logistic-regression probe; C is chosen by cross-validation."""
     from cliplens.models.ref import ModelRef
-    from cliplens.tasks.probe import fit_probe, labelled_folder
+    from cliplens.tasks.probe import fit_folder_probe
 
     out_file(out, "--out")
-    files, labels = labelled_folder(data)
     ref = ModelRef(model, device=device, precision=precision)
-    x, y = embed_labelled(ref, files, labels, db, max_megapixels, features)
-    space = ref.load().feature_id if features else ref.info.model_id
-    probe = fit_probe(x, y, space)
+    probe = fit_folder_probe(_labelled(data, ref, features, db, max_megapixels), ref)
     probe.save(out)
     m = probe.metrics
     if fmt is Format.json:
         print_json({"probe": str(out), "classes": probe.classes, "metrics": m})
         return
     acc = f"{m['cv_accuracy']:.3f}" if "cv_accuracy" in m else "n/a (1 image in a class)"
-    print_table(["classes", "examples", "C", "cv accuracy"],
-                [(len(probe.classes), int(m["examples"]), f"{m['C']:g}", acc)])  # fmt: skip
+    row = (len(probe.classes), int(m["examples"]), f"{m['C']:g}", acc)
+    print_table(["classes", "examples", "C", "cv accuracy"], [row])
     info(f"probe written to {out}")
+
+
+def _labelled(
+    folder: Path, ref: ModelRef, features: bool, db: Path | None, max_megapixels: float | None
+) -> LabelledVectors:
+    """A labelled folder's vectors; the images that could not be read are warned about."""
+    from cliplens.tasks.probe import embed_labelled_folder
+
+    catalog, progress = read_catalog(db), show_progress()
+    found = embed_labelled_folder(folder, ref, features, catalog, max_megapixels, progress)
+    for failure in found.failures:
+        warn(f"{failure} (skipped)")
+    return found
 
 
 @app.command("predict")
@@ -93,36 +119,22 @@ def predict_command(
 
     probe = LinearProbe.load(head)
     ref = ModelRef(model, device=device, precision=precision)
-    if probe.model_id == ref.info.model_id:
-        features = False
-    elif probe.model_id == ref.load().feature_id:
-        features = True
-    else:
-        raise InvalidInputError(
-            f"--head {head} was fit on {probe.model_id}, not {ref.info.model_id}; pass the "
-            "--model it was fit with"
-        )
+    probe.uses_features(ref)  # a probe of another model fails before the files are read
     files, failures = collect_images(paths)
-    done = embed_paths(ref, files, db, max_megapixels, features=features)
+    catalog, progress = read_catalog(db), show_progress()
+    done = probe.predict_files(files, ref, top_k, catalog, max_megapixels, progress)
     for failure in [*failures, *done.failures]:
         warn(f"{failure} (skipped)")
-    probs = probe.probabilities(done.vectors)
-    k = min(top_k, len(probe.classes))
-    order = (-probs).argsort(axis=1)[:, :k]
-    rows = [[(probe.classes[j], float(probs[i, j])) for j in order[i]]
-            for i in range(len(done.paths))]  # fmt: skip
+    preds = done.predictions
     if fmt is Format.json:
-        print_json([{"path": p, "labels": [{"label": c, "probability": round(s, 6)}
-                                           for c, s in r]}
-                    for p, r in zip(done.paths, rows, strict=True)])  # fmt: skip
+        print_json([p.to_dict() for p in preds])
     elif fmt is Format.csv:
-        print_csv(["path", "rank", "label", "probability"],
-                  [(p, i + 1, c, f"{s:.4f}") for p, r in zip(done.paths, rows, strict=True)
-                   for i, (c, s) in enumerate(r)])  # fmt: skip
+        rows = [(p.path, i + 1, c, f"{s:.4f}") for p in preds for i, (c, s) in enumerate(p.labels)]
+        print_csv(["path", "rank", "label", "probability"], rows)
     else:
-        print_table(["image", *(f"#{i + 1}" for i in range(k))],
-                    [(p, *(f"{c} {s:.2f}" for c, s in r))
-                     for p, r in zip(done.paths, rows, strict=True)])  # fmt: skip
+        k = min(top_k, len(probe.classes))
+        rows = [(p.path, *(f"{c} {s:.2f}" for c, s in p.labels)) for p in preds]
+        print_table(["image", *(f"#{i + 1}" for i in range(k))], rows)
     if failures or done.failures:
         raise typer.Exit(1)
 
@@ -155,40 +167,20 @@ def kshot_command(
     """Accuracy of probes fit on k images per class, against zero-shot with the class names."""
     from cliplens.models.ref import ModelRef
     from cliplens.tasks.classify import load_templates
-    from cliplens.tasks.probe import kshot, labelled_folder, split_per_class, zero_shot_accuracy
+    from cliplens.tasks.probe import kshot_report, parse_shots
 
-    try:
-        ks = sorted({int(s) for s in shots.split(",") if s.strip()})
-    except ValueError:
-        raise InvalidInputError(f"--shots {shots}: comma-separated integers, e.g. 1,2,4") from None
-    if not ks or ks[0] < 1 or ks[-1] > MAX_SHOTS:
-        raise InvalidInputError(f"--shots {shots}: shots from 1 to {MAX_SHOTS}")
+    ks = parse_shots(shots)
     prompts = load_templates(templates)
-    files, labels = labelled_folder(data)
     ref = ModelRef(model, device=device, precision=precision)
-    x, y = embed_labelled(ref, files, labels, db, max_megapixels, features)
-    if test is not None:
-        tfiles, tlabels = labelled_folder(test)
-        tx, ty = embed_labelled(ref, tfiles, tlabels, db, max_megapixels, features)
-        unknown = sorted(set(ty) - set(y))
-        if unknown:
-            raise InvalidInputError(f"--test {test} has classes not in --data: {unknown}")
-    else:
-        pool, held = split_per_class(y, seed=seed)
-        tx, ty = x[held], [y[i] for i in held]
-        x, y = x[pool], [y[i] for i in pool]
-    curve = kshot(x, y, tx, ty, ks, repeats, seed)
-    skipped = [k for k in ks if k not in {int(r["shots"]) for r in curve}]
-    if skipped:
-        warn(f"shots {skipped} skipped: the smallest class has fewer training images")
-    zero = None
-    if not features:  # zero-shot needs the embedding space
-        zero = zero_shot_accuracy(ref, tx, ty, prompts)
+    train = _labelled(data, ref, features, db, max_megapixels)
+    held = _labelled(test, ref, features, db, max_megapixels) if test is not None else None
+    report = kshot_report(train, held, ref, ks, repeats, prompts, seed)
+    if report.skipped:
+        warn(f"shots {report.skipped} skipped: the smallest class has fewer training images")
     if fmt is Format.json:
-        print_json({"model": ref.info.model_id, "classes": len(set(y)), "test_images": len(ty),
-                    "zero_shot_accuracy": zero, "kshot": curve})  # fmt: skip
+        print_json(report.to_dict())
         return
-    rows = [(int(r["shots"]), f"{r['accuracy']:.3f} ± {r['std']:.3f}") for r in curve]
-    if zero is not None:
-        rows.append(("zero-shot", f"{zero:.3f}"))
-    print_table(["shots per class", f"accuracy ({len(ty)} test images)"], rows)
+    rows = [(int(r["shots"]), f"{r['accuracy']:.3f} ± {r['std']:.3f}") for r in report.curve]
+    if report.zero_shot_accuracy is not None:
+        rows.append(("zero-shot", f"{report.zero_shot_accuracy:.3f}"))
+    print_table(["shots per class", f"accuracy ({report.test_images} test images)"], rows)

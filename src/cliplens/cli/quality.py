@@ -1,9 +1,13 @@
-"""`cliplens quality`: corrupt files, CLIP-IQA scores, distortion type; `quality train`."""
+"""`cliplens quality`: corrupt files, CLIP-IQA scores, distortion type; `quality train`.
+
+Commands import the library inside their functions, so `cliplens --help` imports none
+of it (no torch).
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -16,12 +20,21 @@ from cliplens.cli.common import (
     ModelOpt,
     PrecisionOpt,
     collect_images,
-    embed_labelled,
-    embed_paths,
     out_file,
+    read_catalog,
 )
-from cliplens.cli.output import Format, info, print_csv, print_json, print_table
-from cliplens.errors import InvalidInputError
+from cliplens.cli.output import (
+    Format,
+    info,
+    print_csv,
+    print_json,
+    print_table,
+    show_progress,
+    warn,
+)
+
+if TYPE_CHECKING:
+    from cliplens.tasks.quality import Attribute, QualityScores
 
 app = typer.Typer(
     cls=DefaultCommandGroup,
@@ -54,64 +67,61 @@ def check_command(
     max_megapixels: MegapixelsOpt = None,
 ) -> None:
     """Report corrupt files (exit code 1 if any), then score the readable ones."""
+    from cliplens.models.ref import ModelRef
     from cliplens.tasks.quality import (
         ATTRIBUTES,
         DistortionProbe,
-        build_screener,
-        check_file,
+        Screening,
         problem_of,
+        screen,
     )
 
-    if sort not in ATTRIBUTES:
-        raise InvalidInputError(f"--sort {sort}: one of {', '.join(ATTRIBUTES)}")
     files, missing = collect_images(paths)
-    problems = [problem_of(e) for e in missing]
-    scores = []
-    if integrity_only:
-        problems += [c for c in (check_file(f, max_megapixels) for f in files) if not c.ok]
-    elif files:
-        # each file is decoded once, by the encoder: what it cannot read is the finding
-        from cliplens.models.ref import ModelRef
-
-        ref = ModelRef(model, device=device, precision=precision)
-        screener = build_screener(ref, DistortionProbe.load(probe) if probe else None)
-        done = embed_paths(ref, files, db, max_megapixels)
-        problems += [problem_of(e) for e in done.failures]
-        problems += [c for p in done.paths if not (c := check_file(p, decode=False)).ok]
-        features = None
-        if probe is not None:
-            features = embed_paths(ref, done.paths, db, max_megapixels, features=True).vectors
-        scores = screener.score(done.paths, done.vectors, features)
-        scores.sort(key=lambda s: s.attributes[sort])
-        if worst is not None:
-            scores = scores[:worst]
+    ref = None if integrity_only else ModelRef(model, device=device, precision=precision)
+    found = screen(
+        files,
+        ref,
+        DistortionProbe.load(probe) if probe and files and ref else None,
+        catalog=read_catalog(db) if ref and files else None,
+        sort=sort,  # type: ignore[arg-type]  # checked by screen
+        worst=worst,
+        max_megapixels=max_megapixels,
+        progress=show_progress(),
+    )
+    problems, scores = [*map(problem_of, missing), *found.problems], found.scores
+    names = list(ATTRIBUTES)
     if fmt is Format.json:
-        print_json({"problems": [p.to_dict() for p in problems],
-                    "scores": [s.to_dict() for s in scores]})  # fmt: skip
+        print_json(Screening(problems, scores).to_dict())
     elif fmt is Format.csv:
-        names = list(ATTRIBUTES)
+        blanks = [""] * len(names)
         print_csv(
             ["path", "problem", "reason", *names, "distortion", "distortion_probability"],
-            [(p.path, p.problem, p.reason, *[""] * len(names), "", "") for p in problems]
-            + [(s.path, "", "", *[f"{s.attributes[n]:.4f}" for n in names], s.distortion,
-                f"{s.distortion_probability:.4f}") for s in scores],
-        )  # fmt: skip
+            [(p.path, p.problem, p.reason, *blanks, "", "") for p in problems]
+            + [_csv_row(s, names) for s in scores],
+        )
     else:
         if problems:
-            print_table(["problem", "reason", "path"],
-                        [(p.problem, p.reason, p.path) for p in problems],
-                        title="Problems")  # fmt: skip
+            rows = [(p.problem, p.reason, p.path) for p in problems]
+            print_table(["problem", "reason", "path"], rows, title="Problems")
         if scores:
-            names = list(ATTRIBUTES)
             print_table(
                 [*names, "distortion", "path"],
-                [(*[f"{s.attributes[n]:.2f}" for n in names],
-                  f"{s.distortion} {s.distortion_probability:.2f}", s.path) for s in scores],
+                [_table_row(s, names) for s in scores],
                 title=f"Scores (0-1, higher is better; sorted by {sort})",
-            )  # fmt: skip
+            )
         info(f"{len(files) + len(missing)} files, {len(problems)} with problems")
     if problems:
         raise typer.Exit(1)
+
+
+def _csv_row(s: QualityScores, names: list[Attribute]) -> tuple:
+    attributes = [f"{s.attributes[n]:.4f}" for n in names]
+    return (s.path, "", "", *attributes, s.distortion, f"{s.distortion_probability:.4f}")
+
+
+def _table_row(s: QualityScores, names: list[Attribute]) -> tuple:
+    attributes = [f"{s.attributes[n]:.2f}" for n in names]
+    return (*attributes, f"{s.distortion} {s.distortion_probability:.2f}", s.path)
 
 
 @app.command("train")
@@ -127,20 +137,22 @@ def train_command(
 ) -> None:
     """Fit a few-shot distortion probe on embeddings; accuracy is cross-validated."""
     from cliplens.models.ref import ModelRef
-    from cliplens.tasks.probe import labelled_folder
+    from cliplens.tasks.probe import embed_labelled_folder
     from cliplens.tasks.quality import train_probe
 
     out_file(out, "--out")
-    files, labels = labelled_folder(data)
     ref = ModelRef(model, device=device, precision=precision)
-    x, y = embed_labelled(ref, files, labels, db, max_megapixels, features=True)
-    probe = train_probe(x, y, ref.load().feature_id)
+    catalog, progress = read_catalog(db), show_progress()
+    found = embed_labelled_folder(data, ref, True, catalog, max_megapixels, progress)
+    for failure in found.failures:
+        warn(f"{failure} (skipped)")
+    probe = train_probe(found.vectors, found.labels, ref.feature_id)
     probe.save(out)
     m = probe.metrics
     if fmt is Format.json:
         print_json({"probe": str(out), "classes": probe.classes, "metrics": m})
     else:
         acc = f"{m['cv_accuracy']:.3f}" if "cv_accuracy" in m else "n/a (too few per type)"
-        print_table(["types", "examples", "cv accuracy"],
-                    [(", ".join(probe.classes), int(m["examples"]), acc)])  # fmt: skip
+        row = (", ".join(probe.classes), int(m["examples"]), acc)
+        print_table(["types", "examples", "cv accuracy"], [row])
         info(f"probe written to {out}")

@@ -1,13 +1,14 @@
-"""`cliplens score` (CLIPScore, RefCLIPScore) and `cliplens rerank` (best-of-N)."""
+"""`cliplens score` (CLIPScore, RefCLIPScore) and `cliplens rerank` (best-of-N).
+
+Commands import the library inside their functions, so `cliplens --help` imports none
+of it (no torch).
+"""
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 from typing import Annotated
 
-import numpy as np
 import typer
 
 from cliplens.cli.common import (
@@ -18,36 +19,20 @@ from cliplens.cli.common import (
     ModelOpt,
     PrecisionOpt,
     collect_images,
-    embed_paths,
     out_folder,
+    read_catalog,
 )
-from cliplens.cli.output import Format, info, print_csv, print_json, print_table, warn
+from cliplens.cli.output import (
+    Format,
+    info,
+    print_csv,
+    print_json,
+    print_table,
+    show_progress,
+    warn,
+)
 from cliplens.errors import InvalidInputError
 from cliplens.textfile import read_lines
-
-
-def _read_captions(path: Path) -> list[dict]:
-    """{"image", "caption", "references"?} per line: what `caption eval --captions-out`
-    writes."""
-    rows = []
-    expected = 'JSON lines of {"image": ..., "caption": ...}'
-    lines = read_lines(path, "--captions", expected, comments=True, required=True)
-    for n, line in enumerate(lines, 1):
-        try:
-            row = json.loads(line)
-            image, caption = str(row["image"]), str(row["caption"])
-        except (ValueError, KeyError, TypeError, RecursionError) as e:
-            raise InvalidInputError(
-                f'--captions {path} line {n}: need {{"image": ..., "caption": ...}} ({e})'
-            ) from None
-        refs = row.get("references") or []
-        if not isinstance(refs, list) or not all(isinstance(r, str) for r in refs):
-            raise InvalidInputError(
-                f"--captions {path} line {n}: references must be a list of texts"
-            )
-        image_path = Path(image) if Path(image).is_absolute() else path.parent / image
-        rows.append({"image": image_path, "caption": caption, "references": refs})
-    return rows
 
 
 def score_command(
@@ -77,7 +62,7 @@ def score_command(
     """CLIPScore = 2.5 * max(cos(image, text), 0) per image, and the mean; RefCLIPScore with
     reference captions (Hessel et al. 2021)."""
     from cliplens.models.ref import ModelRef
-    from cliplens.tasks.score import clip_score, cosine, ref_clip_score
+    from cliplens.tasks.score import read_captions, score_images
 
     if (captions is None) == (prompt is None):
         raise InvalidInputError("give --prompt TEXT with image PATHS, or --captions FILE")
@@ -89,58 +74,39 @@ def score_command(
     if refs is not None:
         expected = "reference captions, one per line"
         shared_refs = read_lines(refs, "--refs", expected, comments=True, required=True)
-    rows = _read_captions(captions) if captions else None
-    files, missing = collect_images([r["image"] for r in rows] if rows else (paths or []))
+    rows = read_captions(captions) if captions else None
+    files, missing = collect_images([r.image for r in rows] if rows else (paths or []))
     if not files and not missing:
         raise InvalidInputError("no images: give image files or folders")
     ref = ModelRef(model, device=device, precision=precision)
-    done = embed_paths(ref, files, db, max_megapixels)
-    for e in [*missing, *done.failures]:
+    report = score_images(
+        files,
+        ref,
+        prompt,
+        shared_refs,
+        rows,
+        catalog=read_catalog(db),
+        max_megapixels=max_megapixels,
+        progress=show_progress(),
+    )
+    for e in [*missing, *report.failures]:
         warn(f"{e} (not scored)")
-    if not done.paths:
+    if not report.scores:
         raise typer.Exit(1)
-    if rows:
-        by_path = {str(Path(r["image"]).resolve()): r for r in rows}
-        kept = [by_path[p] for p in done.paths]
-        texts = ref.encode_texts([r["caption"] for r in kept])
-        ref_sets = [r["references"] for r in kept]
-    else:
-        kept = None
-        texts = ref.encode_texts([prompt])
-        ref_sets = [shared_refs] * len(done.paths) if shared_refs else None
-    signed = cosine(done.vectors, texts)
-    clip = clip_score(done.vectors, texts)
-    ref_scores = harmonic = None
-    if ref_sets is not None and all(ref_sets):
-        unique = sorted({t for s in ref_sets for t in s})
-        emb = dict(zip(unique, ref.encode_texts(unique), strict=True))
-        ref_scores, harmonic = ref_clip_score(
-            done.vectors, texts, [np.stack([emb[t] for t in s]) for s in ref_sets]
-        )
-    elif ref_sets is not None:
+    if report.references_left_out:
         warn("some images have no references: RefCLIPScore is left out")
-    out = []
-    for i, path in enumerate(done.paths):
-        row = {"path": path, "cosine": round(float(signed[i]), 4),
-               "clip_score": round(float(clip[i]), 4)}  # fmt: skip
-        if kept is not None:
-            row["caption"] = kept[i]["caption"]
-        if harmonic is not None and ref_scores is not None:
-            row["ref_score"] = round(float(ref_scores[i]), 4)
-            row["ref_clip_score"] = round(float(harmonic[i]), 4)
-        out.append(row)
-    mean = {"clip_score": round(float(np.mean(clip)), 4)}
-    if harmonic is not None:
-        mean["ref_clip_score"] = round(float(np.mean(harmonic)), 4)
+    shown = report.to_dict()
+    out, mean = shown["images"], shown["mean"]
     keys = [k for k in out[0] if k != "path"]
+    table = [[r["path"], *(r[k] for k in keys)] for r in out]
     if fmt is Format.json:
-        print_json({"images": out, "mean": mean, "model": ref.info.model_id})
+        print_json(shown)
     elif fmt is Format.csv:
-        print_csv(["path", *keys], [[r["path"], *(r[k] for k in keys)] for r in out])
+        print_csv(["path", *keys], table)
     else:
         title = "  ".join(f"mean {k} {v}" for k, v in mean.items())
-        print_table(["path", *keys], [[r["path"], *(r[k] for k in keys)] for r in out], title)
-    if missing or done.failures:
+        print_table(["path", *keys], table, title)
+    if missing or report.failures:
         raise typer.Exit(1)
 
 
@@ -164,7 +130,7 @@ def rerank_command(
     """Order candidate images by how well they fit PROMPT (best-of-N, as DALL-E reranked its
     samples with CLIP)."""
     from cliplens.models.ref import ModelRef
-    from cliplens.tasks.score import clip_score, rank
+    from cliplens.tasks.score import copy_ranked, rerank_images
 
     if not prompt.strip():
         raise InvalidInputError("the prompt is empty")
@@ -172,26 +138,22 @@ def rerank_command(
         out_folder(copy_top, "--copy-top")
     files, missing = collect_images(paths)
     ref = ModelRef(model, device=device, precision=precision)
-    done = embed_paths(ref, files, db, max_megapixels)
+    catalog, progress = read_catalog(db), show_progress()
+    done = rerank_images(
+        files, ref, prompt, k, catalog=catalog, max_megapixels=max_megapixels, progress=progress
+    )
     for e in [*missing, *done.failures]:
         warn(f"{e} (not ranked)")
-    if not done.paths:
+    if not done.ranked:
         raise typer.Exit(1)
-    text = ref.encode_texts([prompt])
-    order, cos = rank(done.vectors, text)
-    scores = clip_score(done.vectors, text)
-    top = order[:k] if k else order
-    rows = [(r + 1, done.paths[i], round(float(cos[i]), 4), round(float(scores[i]), 4))
-            for r, i in enumerate(top)]  # fmt: skip
     if copy_top is not None:
-        copy_top.mkdir(parents=True, exist_ok=True)
-        width = len(str(len(rows)))
-        for r, path, _, _ in rows:
-            shutil.copy2(path, copy_top / f"{r:0{width}d}-{Path(path).name}")
-        info(f"copied the best {len(rows)} to {copy_top}")
+        copy_ranked(done.ranked, copy_top)
+        info(f"copied the best {len(done.ranked)} to {copy_top}")
     if fmt is Format.json:
-        print_json([{"rank": r, "path": p, "cosine": c, "clip_score": s} for r, p, c, s in rows])
-    elif fmt is Format.csv:
+        print_json([r.to_dict() for r in done.ranked])
+        return
+    rows = [(r.rank, r.path, r.cosine, r.clip_score) for r in done.ranked]
+    if fmt is Format.csv:
         print_csv(["rank", "path", "cosine", "clip_score"], rows)
     else:
         print_table(["rank", "path", "cosine", "clip_score"], rows, title=prompt)

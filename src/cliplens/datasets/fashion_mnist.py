@@ -8,18 +8,35 @@ from __future__ import annotations
 import gzip
 import os
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
+from PIL import Image
 
 from cliplens.errors import InvalidInputError
 from cliplens.progress import progress_bar
+from cliplens.store.files import write_atomic
 
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 # worded for zero-shot prompts ("a photo of a pullover sweater"); folder names use "_"
-LABELS = ("t-shirt", "trousers", "pullover sweater", "dress", "coat", "sandal", "shirt",
-          "sneaker", "bag", "ankle boot")  # fmt: skip
-FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
-         "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}  # fmt: skip
+LABELS = (
+    "t-shirt",
+    "trousers",
+    "pullover sweater",
+    "dress",
+    "coat",
+    "sandal",
+    "shirt",
+    "sneaker",
+    "bag",
+    "ankle boot",
+)
+Split = Literal["train", "test"]
+# the split's (images, labels) files, as Zalando published them
+FILES: dict[Split, tuple[str, str]] = {
+    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+}
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -31,7 +48,7 @@ def read_idx(path: Path) -> np.ndarray:
 
 
 def load(
-    split: str = "test", source: str | os.PathLike | None = None
+    split: Split = "test", source: str | os.PathLike | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """(images (N, 28, 28) uint8, labels (N,) int) of the train or test split."""
     if split not in FILES:
@@ -49,16 +66,21 @@ def load(
 
 def write_fashion_mnist(
     out_dir: str | os.PathLike,
-    split: str = "test",
+    split: Split = "test",
     per_class: int | None = None,
     offset: int = 0,
     source: str | os.PathLike | None = None,
     progress: bool = False,
 ) -> dict[str, int]:
     """Write `per_class` images of each class (all by default), skipping the first `offset`
-    of each class, to OUT/<label>/<index>.png. Returns the count per class folder."""
-    from PIL import Image
+    of each class, to OUT/<label>/<index>.png. Returns the count per class folder.
 
+    Why: a real ten-class dataset for probes and robust training, installed, not fetched.
+
+    >>> import cliplens
+    >>> cliplens.write_fashion_mnist("fashion/", split="test", per_class=100)
+    >>> # {'t-shirt': 100, 'trousers': 100, ...}
+    """
     if offset < 0 or (per_class is not None and per_class < 1):
         raise InvalidInputError(f"per class {per_class}, offset {offset}: use 1 or more, 0 or more")
     images, labels = load(split, source)
@@ -72,7 +94,9 @@ def write_fashion_mnist(
         for i in picked:
             folder = LABELS[labels[i]].replace(" ", "_")
             (out / folder).mkdir(parents=True, exist_ok=True)
-            Image.fromarray(images[i]).save(out / folder / f"{split}-{i:05d}.png")
+            image = Image.fromarray(images[i])
+            path = out / folder / f"{split}-{i:05d}.png"
+            write_atomic(path, lambda tmp, image=image: image.save(tmp, format="PNG"))
             counts[folder] = counts.get(folder, 0) + 1
             advance(1)
     return counts

@@ -5,7 +5,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from PIL import Image
+
 from cliplens.errors import DependencyMissingError
+from cliplens.store.files import write_atomic
 
 # file name -> (scikit-image function, what it shows: the label a classifier should give).
 # Photos of everyday subjects only: scikit-image's other images (textures, microscopy,
@@ -23,15 +26,20 @@ PHOTOS: dict[str, tuple[str, str]] = {
 
 
 def write_photos(out_dir: str | os.PathLike) -> list[Path]:
-    """Write the photos (JPEG for colour photos, PNG for the rest); returns the paths."""
+    """Write the photos (JPEG for colour photos, PNG for the rest); returns the paths.
+
+    Why: real photos for demos and tests, without a download.
+
+    >>> import cliplens
+    >>> paths = cliplens.write_photos("photos/")
+    >>> [p.name for p in paths]  # ['cat.jpg', 'coffee.jpg', ...]
+    """
     try:
-        from skimage import data
+        from skimage import data  # optional: only these photos need it
     except ImportError as e:
         raise DependencyMissingError(
             "the demo photos come from scikit-image: pip install scikit-image"
         ) from e
-    from PIL import Image
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = []
@@ -40,7 +48,9 @@ def write_photos(out_dir: str | os.PathLike) -> list[Path]:
         if func == "stereo_motorcycle":
             pixels = pixels[0]  # (left, right, disparity)
         path = out / name
-        Image.fromarray(pixels).save(path, **({"quality": 92} if path.suffix == ".jpg" else {}))
+        image = Image.fromarray(pixels)
+        options = {"format": "JPEG", "quality": 92} if path.suffix == ".jpg" else {"format": "PNG"}
+        write_atomic(path, lambda tmp, image=image, options=options: image.save(tmp, **options))
         written.append(path)
     return written
 

@@ -22,9 +22,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from torch import nn
 
 from cliplens.errors import InvalidInputError
+from cliplens.models.image_budget import (
+    IMAGE_BYTES_PER_PIXEL,
+    available_memory,
+    check_memory,
+    check_size,
+)
+from cliplens.textfile import read_text
 
 # the model targets whose weights this can load, and the key prefix of their autoencoder
 _TARGETS = {
@@ -36,6 +44,7 @@ INSTALL_HINT = "pip install --no-deps taming-transformers-rom1504 && pip install
 
 
 def _taming():
+    # optional, installed by hand (INSTALL_HINT): only when a VQGAN is built
     try:
         from taming.modules.diffusionmodules import model as ae
         from taming.modules.vqvae import quantize
@@ -88,10 +97,6 @@ class VQGAN(nn.Module):
 def read_vqgan_config(path: str | os.PathLike) -> tuple[str, dict[str, Any], str]:
     """(kind, params, checkpoint key prefix) of the autoencoder in a taming-transformers
     YAML config."""
-    import yaml
-
-    from cliplens.textfile import read_text
-
     p = Path(path)
     text = read_text(p, "VQGAN config", "a taming-transformers YAML config")
     try:
@@ -139,7 +144,7 @@ def load_vqgan(
             raise InvalidInputError(f"VQGAN checkpoint {ckpt}: cannot read it ({e})") from e
         raise InvalidInputError(
             f"VQGAN checkpoint {ckpt} holds pickled objects besides weights ({found[1]}); "
-            "if you trust its source, pass --trust-checkpoint"
+            "if you trust its source, pass `trust`"
         ) from e
     except (OSError, RuntimeError, EOFError) as e:
         raise InvalidInputError(f"VQGAN checkpoint {ckpt}: cannot read it ({e})") from e
@@ -181,14 +186,12 @@ class VQGANImage(nn.Module):
 
     def __init__(self, vqgan: VQGAN, size: int, seed: int = 0) -> None:
         super().__init__()
-        from cliplens.tasks.generate import FOURIER_BYTES_PER_PIXEL, check_memory, check_size
-
         f = vqgan.factor
         if size < f or size % f:
-            raise InvalidInputError(f"--size {size}: use a multiple of {f} for this VQGAN")
+            raise InvalidInputError(f"`size` {size}: use a multiple of {f} for this VQGAN")
         check_size(size)
-        self.bytes_per_pixel = FOURIER_BYTES_PER_PIXEL + vqgan.bytes_per_pixel
-        check_memory(size, self.bytes_per_pixel, what="the VQGAN's decoding")
+        self.bytes_per_pixel = IMAGE_BYTES_PER_PIXEL + vqgan.bytes_per_pixel
+        check_memory(size, self.bytes_per_pixel, available_memory(), what="the VQGAN's decoding")
         self.size, self.side = size, size // f
         self._vqgan = [vqgan]  # frozen and not a parameter of this module
         codebook = vqgan.codebook.detach()

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+from typing import Literal, get_args
 
 import numpy as np
 
@@ -23,11 +24,20 @@ from cliplens.images import ImageSource, describe
 from cliplens.models.encoder import Encoder
 from cliplens.textfile import read_lines
 
-TEMPLATE_SETS = ("default", "imagenet", "photo", "none")
+# the bundled prompt template sets; a file of templates or a list may be given instead
+TemplateSet = Literal["default", "imagenet", "photo", "none"]
+TEMPLATE_SETS: tuple[TemplateSet, ...] = get_args(TemplateSet)
 
 
 def load_templates(spec: str | Sequence[str] | None = "default") -> list[str]:
-    """A named set (default: 7, imagenet: the paper's 80, photo, none), a file, or a list."""
+    """A named set (default: 7, imagenet: the paper's 80, photo, none), a file, or a list.
+
+    Why: prompt ensembling over templates is worth a few points of zero-shot accuracy.
+
+    >>> import cliplens
+    >>> templates = cliplens.load_templates("imagenet")
+    >>> cliplens.zero_shot_weights(cliplens.ModelRef("offline"), ["cat", "dog"], templates)
+    """
     if spec is None or spec == "default":
         spec = "default"
     if isinstance(spec, str):
@@ -59,10 +69,12 @@ def load_templates(spec: str | Sequence[str] | None = "default") -> list[str]:
 
 
 def parse_labels(text: str) -> list[str]:
+    """'cat, dog' as labels: stripped, each once, in order."""
     return clean_labels(text.split(","))
 
 
 def read_labels_file(path: str | os.PathLike) -> list[str]:
+    """A file of one label per line (# starts a comment)."""
     return clean_labels(read_lines(path, "labels file", "one label per line", comments=True))
 
 
@@ -77,20 +89,28 @@ def labels_from_folder(path: str | os.PathLike) -> list[str]:
 
 
 def clean_labels(labels: Sequence[str]) -> list[str]:
+    """Labels stripped, without blanks, comments and repeats; at least one."""
     out: list[str] = []
     for raw in labels:
         label = raw.strip()
         if label and not label.startswith("#") and label not in out:
             out.append(label)
     if len(out) < 1:
-        raise InvalidInputError("labels: none given; pass --labels cat,dog or --labels-file F")
+        raise InvalidInputError("labels: none given; pass `labels` cat,dog or `labels_file` F")
     return out
 
 
 def zero_shot_weights(
     model: Encoder, labels: Sequence[str], templates: Sequence[str]
 ) -> np.ndarray:
-    """(C, D) classifier: mean of the normalised template embeddings of each label."""
+    """(C, D) classifier: mean of the normalised template embeddings of each label.
+
+    Why: a zero-shot classifier is just these rows; image embeddings @ weights.T scores.
+
+    >>> import cliplens
+    >>> model = cliplens.ModelRef("offline")
+    >>> weights = cliplens.zero_shot_weights(model, ["cat", "dog"], ["a photo of a {}."])
+    """
     prompts = [t.format(label.replace("_", " ")) for label in labels for t in templates]
     emb = model.encode_texts(prompts).reshape(len(labels), len(templates), -1).mean(axis=1)
     return emb / np.linalg.norm(emb, axis=1, keepdims=True)
@@ -98,6 +118,8 @@ def zero_shot_weights(
 
 @dataclass
 class Prediction:
+    """The labels of one image, best first."""
+
     path: str
     labels: list[tuple[str, float]]  # sorted by score, highest first
 
@@ -111,10 +133,25 @@ class Prediction:
 
 @dataclass
 class ClassifyResult:
+    """Predictions for the images that could be read, and why the others could not.
+
+    >>> import cliplens
+    >>> result = cliplens.classify(cliplens.ModelRef("offline"), ["cat.jpg"], ["cat", "dog"])
+    >>> result.to_dict()["predictions"], result.failures
+    """
+
     predictions: list[Prediction]
     failures: list[ImageError] = field(default_factory=list)
     multi_label: bool = False
-    threshold: float | None = None
+    threshold: float | None = None  # the multi-label cut-off used
+
+    def to_dict(self) -> dict:
+        predictions = [p.to_dict() for p in self.predictions]
+        return {
+            "predictions": predictions,
+            "multi_label": self.multi_label,
+            "threshold": self.threshold,
+        }
 
 
 def scores(
@@ -134,6 +171,7 @@ def scores(
 
 
 def default_threshold(model: Encoder) -> float:
+    """The multi-label cut-off: 0.5 for sigmoid models, else the model's cosine threshold."""
     return 0.5 if model.info.logit_bias is not None else model.info.cosine_threshold
 
 
@@ -149,7 +187,14 @@ def classify(
     progress: bool = False,
     max_megapixels: float | None = None,
 ) -> ClassifyResult:
-    """Classify images among labels; unreadable images are skipped and reported."""
+    """Classify images among labels; unreadable images are skipped and reported.
+
+    Why: labels the model was never trained on, from their names alone (zero-shot).
+
+    >>> import cliplens
+    >>> result = cliplens.classify(cliplens.ModelRef("offline"), ["cat.jpg"], ["cat", "dog"])
+    >>> result.predictions[0].top  # 'cat'
+    """
     labels = clean_labels(labels)
     if top_k is not None and top_k < 1:
         raise InvalidInputError(f"top-k {top_k} must be at least 1")

@@ -8,15 +8,21 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from cliplens.errors import ImageError
+from cliplens.models.encoder import Encoder
+
+if TYPE_CHECKING:
+    from cliplens.catalog.db import Catalog
 
 
 @dataclass
 class Embedded:
+    """Rows for the files that could be read, and why the others could not."""
+
     paths: list[str]  # the files that could be read, in input order
     vectors: np.ndarray  # (len(paths), D) float32, L2-normalised
     failures: list[ImageError] = field(default_factory=list)
@@ -24,26 +30,32 @@ class Embedded:
 
 
 def embed_files(
-    model: Any,
+    model: Encoder,
     files: Sequence[str | os.PathLike],
-    catalog: Any = None,
+    catalog: Catalog | None = None,
     progress: bool = False,
     max_megapixels: float | None = None,
     features: bool = False,
 ) -> Embedded:
-    """Embed image files with `model` (an Encoder or ModelRef), reusing a catalog's rows.
+    """Embed image files with `model`, reusing a catalog's rows.
 
-    With `features`, the encoder's probe features instead (`Encoder.encode_features`); the
-    catalog serves them only where they are the embeddings."""
+    Why: a folder already indexed is not encoded again. With `features`, the encoder's
+    probe features instead (`Encoder.encode_features`); the catalog serves them only where
+    they are the embeddings.
+
+    >>> import cliplens
+    >>> done = cliplens.embed_files(cliplens.ModelRef("offline"), ["a.jpg", "b.png"])
+    >>> done.paths, done.vectors.shape, done.failures
+    """
     paths = [str(Path(f).resolve()) for f in files]
-    if features and model.load().feature_id != model.info.model_id:
+    if features and model.feature_id != model.info.model_id:
         catalog = None  # the catalog holds embeddings, not these features
     stored = catalog.fresh_embeddings(paths, model.info.model_id) if catalog is not None else {}
     todo = [p for p in paths if p not in stored]
     encoded: dict[str, np.ndarray] = {}
     failures: list[ImageError] = []
     if todo:
-        encoder = model.load()
+        encoder = model.load()  # the network: what is not in the catalog is encoded
         encode = encoder.encode_features if features else encoder.encode_images_lenient
         result = encode(todo, progress=progress, max_megapixels=max_megapixels)
         encoded = {todo[i]: v for i, v in zip(result.kept, result.vectors, strict=True)}

@@ -20,27 +20,35 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 
 from cliplens.errors import InvalidInputError
-from cliplens.limits import (
-    MAX_CUTOUTS,
-    MAX_SEED,
-    MAX_SIZE,
-    MAX_STEPS,
-    MIN_SIZE,
-    finite_number,
-    whole_number,
+from cliplens.images import open_image
+from cliplens.limits import MAX_CUTOUTS, MAX_SEED, MAX_STEPS, finite_number, whole_number
+from cliplens.models.encoder import Encoder
+from cliplens.models.image_budget import (
+    IMAGE_BYTES_PER_PIXEL,
+    available_memory,
+    check_memory,
+    check_size,
 )
+from cliplens.models.registry import load_model
+from cliplens.models.vqgan import VQGANImage, load_vqgan
+from cliplens.store.files import write_atomic
 
-# what the optimisation holds per pixel of a FourierImage: the spectrum, its gradient and
-# Adam's two moments, and the forward's intermediates kept for backward (measured: 127 at
-# 2048 px, 154 at 1024 px, with a tiny CLIP)
-FOURIER_BYTES_PER_PIXEL = 160
+if TYPE_CHECKING:
+    from cliplens.models.torch_encoder import TorchEncoder
+
+# what is optimised: a Fourier spectrum (no weights needed) or a VQGAN's latent grid
+GeneratorKind = Literal["fourier", "vqgan"]
+# Adam's step size unless one is given: the Fourier image's, and VQGAN-CLIP's
+DEFAULT_LR: dict[GeneratorKind, float] = {"fourier": 0.05, "vqgan": 0.1}
+ANIMATION_FRAMES = 50  # frames an animation gets when no frame interval is given
 
 # Lucid's square root of the colour correlation matrix of ImageNet, from its SVD
 _COLOUR_SQRT = torch.tensor([[0.26, 0.09, 0.02], [0.27, 0.00, -0.05], [0.27, -0.09, 0.03]])
@@ -54,9 +62,17 @@ class Prompt:
     image: Path | None = None
 
 
-def parse_prompts(spec: str) -> list[Prompt]:
+def parse_prompts(
+    spec: str, negative: str | None = None, image: Path | None = None
+) -> list[Prompt]:
     """ "a red circle:1 | blurry:-0.5" -> text prompts with weights (default 1). A colon is
-    a weight only when a number follows it, so "16:9 poster" stays text."""
+    a weight only when a number follows it, so "16:9 poster" stays text. `negative` is a
+    text to steer away from (weight -1), `image` an image to steer toward (weight 1).
+
+    >>> import cliplens
+    >>> cliplens.parse_prompts("a red circle:1 | blurry:-0.5")
+    >>> # [Prompt('a red circle', 1.0), Prompt('blurry', -0.5)]
+    """
     prompts = []
     for part in spec.split("|"):
         part = part.strip()
@@ -79,60 +95,22 @@ def parse_prompts(spec: str) -> list[Prompt]:
         prompts.append(Prompt(text, weight))
     if not any(p.weight > 0 for p in prompts):
         raise InvalidInputError(f"prompt '{spec}': at least one part needs a positive weight")
+    if negative:
+        prompts.append(Prompt(negative.strip(), -1.0))
+    if image:
+        prompts.append(Prompt(None, 1.0, image))
     return prompts
-
-
-def check_size(size: int) -> None:
-    if not MIN_SIZE <= size <= MAX_SIZE:
-        raise InvalidInputError(f"--size {size}: use a side of {MIN_SIZE} to {MAX_SIZE} pixels")
-
-
-def available_memory() -> int | None:
-    """Bytes this process can still allocate: the smaller of the kernel's MemAvailable and
-    what its cgroup's limit leaves; None where neither can be read."""
-    found: list[int] = []
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                found.append(int(line.split()[1]) * 1024)
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        cgroup = Path("/sys/fs/cgroup")
-        limit = (cgroup / "memory.max").read_text().strip()
-        if limit != "max":
-            found.append(int(limit) - int((cgroup / "memory.current").read_text()))
-    except (OSError, ValueError):
-        pass
-    return min(found) if found else None
-
-
-def check_memory(size: int, bytes_per_pixel: float, frames: int = 0, what: str = "") -> None:
-    """Refuse an image side whose optimisation (and `frames` kept copies) cannot fit in the
-    memory left, before allocating it: past that the kernel kills the process instead."""
-    free = available_memory()
-    per_pixel = bytes_per_pixel + 3 * frames
-    need = size * size * per_pixel
-    if free is None or need <= 0.8 * free:
-        return
-    largest = int(math.sqrt(0.8 * free / per_pixel))
-    kept = f" and {frames} kept frames" if frames else ""
-    raise InvalidInputError(
-        f"image size {size}: {what or 'the image'}{kept} would take about {need / 1e9:.1f} GB, and "
-        f"{free / 1e9:.1f} GB of memory is free; use a side of at most {largest} pixels"
-        + (" or keep fewer frames" if frames else "")
-    )
 
 
 class FourierImage(nn.Module):
     """An image as a scaled Fourier spectrum with decorrelated colour (no weights needed)."""
 
-    bytes_per_pixel = FOURIER_BYTES_PER_PIXEL
+    bytes_per_pixel = IMAGE_BYTES_PER_PIXEL
 
     def __init__(self, size: int, seed: int = 0, decay: float = 1.0, std: float = 0.01) -> None:
         super().__init__()
         check_size(size)
-        check_memory(size, self.bytes_per_pixel, what="a Fourier image")
+        check_memory(size, self.bytes_per_pixel, available_memory(), what="a Fourier image")
         fy = torch.fft.fftfreq(size)[:, None]
         fx = torch.fft.rfftfreq(size)[None, :]
         freqs = torch.sqrt(fx**2 + fy**2)
@@ -213,26 +191,89 @@ def prompt_loss(emb: torch.Tensor, targets: list[torch.Tensor], weights) -> torc
 
 @dataclass(frozen=True)
 class GenerateConfig:
+    """What to optimise and how. The generator is a VQGAN when its config and checkpoint
+    are given, else a Fourier image; `lr` None is that generator's DEFAULT_LR.
+
+    Why: numbers are checked where they are made, so a bad one fails before any work.
+
+    >>> import cliplens
+    >>> cfg = cliplens.GenerateConfig(size=128, steps=100, save_every=10)
+    >>> cfg.generator, cfg.learning_rate  # ('fourier', 0.05)
+    """
+
     size: int = 256
     steps: int = 300
-    lr: float = 0.05
+    lr: float | None = None
     cutouts: int = 16
     seed: int = 0
     save_every: int = 0  # keep a frame every N steps (0: none)
     tv: float = 0.0  # weight of a total-variation penalty (smoothness; 0: none)
+    vqgan_config: Path | None = None  # a taming-transformers config (YAML)
+    vqgan_checkpoint: Path | None = None  # and its checkpoint
+    trust_checkpoint: bool = False  # unpickle a checkpoint that holds more than weights
+    init_image: Path | None = None  # start from this image
 
     def __post_init__(self) -> None:
         check_size(self.size)
         whole_number(self.steps, "steps", 1, MAX_STEPS)
         whole_number(self.cutouts, "cut-outs per step", 1, MAX_CUTOUTS)
-        finite_number(self.lr, "learning rate", 0, low_open=True, example="0.05")
+        if self.lr is not None:
+            finite_number(self.lr, "learning rate", 0, low_open=True, example="0.05")
         finite_number(self.tv, "smoothness (tv) weight", 0)
         whole_number(self.save_every, "frame interval (steps)", 0, MAX_STEPS)
         whole_number(self.seed, "seed", 0, MAX_SEED)
+        if (self.vqgan_config is None) != (self.vqgan_checkpoint is None):
+            raise InvalidInputError("give both `vqgan_config` and `vqgan_checkpoint`, or neither")
+
+    @property
+    def generator(self) -> GeneratorKind:
+        return "vqgan" if self.vqgan_config is not None else "fourier"
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else DEFAULT_LR[self.generator]
 
     @property
     def frames(self) -> int:
         return self.steps // self.save_every if self.save_every else 0
+
+
+def animation_interval(steps: int) -> int:
+    """The frame interval of an animation of `steps` steps when none is given."""
+    return max(1, steps // ANIMATION_FRAMES)
+
+
+def build_generator(cfg: GenerateConfig) -> nn.Module:
+    """The generator `cfg` names, checked and started (from `cfg.init_image` if given),
+    before any CLIP model is loaded.
+
+    >>> import cliplens
+    >>> cfg = cliplens.GenerateConfig(vqgan_config=Path("a.yaml"), vqgan_checkpoint=Path("a.ckpt"))
+    >>> generator = cliplens.build_generator(cfg)  # a bad checkpoint fails here, not later
+    """
+    generator: FourierImage | VQGANImage
+    if cfg.vqgan_config is not None and cfg.vqgan_checkpoint is not None:
+        trust = cfg.trust_checkpoint
+        vqgan = load_vqgan(cfg.vqgan_config, cfg.vqgan_checkpoint, trust=trust)
+        generator = VQGANImage(vqgan, cfg.size, cfg.seed)
+    else:
+        generator = FourierImage(cfg.size, cfg.seed)
+    if cfg.init_image is not None:
+        start = open_image(cfg.init_image).convert("RGB").resize((cfg.size, cfg.size))
+        pixels = np.asarray(start, np.float32) / 255
+        generator.init_from(torch.from_numpy(pixels).permute(2, 0, 1)[None])
+    return generator
+
+
+def guide_model(name: str | None) -> TorchEncoder:
+    """The CLIP model that guides generation: on the CPU, in fp32 (the loop's gradients
+    run through its image tower).
+
+    >>> import cliplens
+    >>> model = cliplens.guide_model("ViT-B-32:openai")
+    >>> cliplens.generate(model, cliplens.parse_prompts("a red boat"), cliplens.GenerateConfig())
+    """
+    return load_model(name, device="cpu", precision="fp32")
 
 
 @dataclass
@@ -242,23 +283,52 @@ class GenerateResult:
     similarities: list[float]  # mean cosine of the cut-outs to the first positive prompt
     frames: list[np.ndarray]
 
+    def save(
+        self, out: str | Path, frames_dir: str | Path | None = None, every: int = 1
+    ) -> list[Path]:
+        """Write the image to `out` and the kept frames into `frames_dir` as NNNNN.png (the
+        step each was kept at, frames kept every `every` steps); returns the frames'
+        paths. Each file is written whole or not at all."""
+
+        def write(path: Path, pixels: np.ndarray) -> None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            image = Image.fromarray(pixels)
+            fmt = Image.registered_extensions().get(path.suffix.lower())
+            write_atomic(path, lambda tmp: image.save(tmp, format=fmt))
+
+        write(Path(out), self.image)
+        written = []
+        if frames_dir is not None:
+            for i, frame in enumerate(self.frames, 1):
+                written.append(Path(frames_dir) / f"{i * every:05d}.png")
+                write(written[-1], frame)
+        return written
+
 
 def generate(
-    encoder: Any,
+    encoder: Encoder,
     prompts: list[Prompt],
     cfg: GenerateConfig,
     generator: nn.Module | None = None,
     on_step: Callable[[int, float], None] | None = None,
 ) -> GenerateResult:
-    """Optimise `generator` (a FourierImage of cfg.size by default) toward the prompts.
-    The same seed gives the same image on CPU (seed the generator's start with it too)."""
+    """Optimise `generator` (`build_generator(cfg)` by default) toward the prompts.
+    The same seed gives the same image on CPU (seed the generator's start with it too).
+
+    Why: CLIP can draw what it knows, which shows what a model has learnt of a prompt.
+
+    >>> import cliplens
+    >>> prompts = cliplens.parse_prompts("a red boat | blurry:-0.5")
+    >>> cliplens.generate(cliplens.guide_model("offline"), prompts, cliplens.GenerateConfig())
+    """
     torch.manual_seed(cfg.seed)
     rng = torch.Generator().manual_seed(cfg.seed)
-    image_gen = generator if generator is not None else FourierImage(cfg.size, cfg.seed)
+    image_gen = generator if generator is not None else build_generator(cfg)
     if cfg.frames:
-        per_pixel = getattr(image_gen, "bytes_per_pixel", FOURIER_BYTES_PER_PIXEL)
-        check_memory(cfg.size, per_pixel, cfg.frames, "the optimisation")
-    tower = encoder.image_tower().eval()
+        per_pixel = getattr(image_gen, "bytes_per_pixel", IMAGE_BYTES_PER_PIXEL)
+        check_memory(cfg.size, per_pixel, available_memory(), cfg.frames, "the optimisation")
+    network = encoder.load()
+    tower = network.image_tower().eval()
     tower.requires_grad_(False)
     prep = encoder.info.preprocessing
     mean = torch.tensor(prep.mean).view(1, 3, 1, 1)
@@ -267,7 +337,7 @@ def generate(
     first = int(np.argmax(weights > 0))
     cut = Cutouts(cfg.cutouts, prep.image_size)
     params = [p for p in image_gen.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=cfg.lr)
+    opt = torch.optim.Adam(params, lr=cfg.learning_rate)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, cfg.steps))
     losses, sims, frames = [], [], []
     for step in range(cfg.steps):
@@ -294,14 +364,13 @@ def generate(
     return GenerateResult(final, losses, sims, frames)
 
 
-def _targets(encoder: Any, prompts: list[Prompt]) -> tuple[list[torch.Tensor], np.ndarray]:
+def _targets(encoder: Encoder, prompts: list[Prompt]) -> tuple[list[torch.Tensor], np.ndarray]:
     texts = [p.text for p in prompts if p.text is not None]
     text_emb = iter(encoder.encode_texts(texts)) if texts else iter(())
     images = [p.image for p in prompts if p.image is not None]
     image_emb = iter(encoder.encode_images(images)) if images else iter(())
-    targets = [torch.from_numpy(np.asarray(next(text_emb) if p.text is not None
-                                           else next(image_emb), np.float32))
-               for p in prompts]  # fmt: skip
+    rows = [next(text_emb) if p.text is not None else next(image_emb) for p in prompts]
+    targets = [torch.from_numpy(np.asarray(row, np.float32)) for row in rows]
     return targets, np.array([p.weight for p in prompts], dtype=np.float64)
 
 
@@ -325,26 +394,32 @@ def write_animation(frames: list[np.ndarray], path: str | Path, fps: int = 10) -
         raise InvalidInputError(f"animation {path}: no frames were kept")
     path.parent.mkdir(parents=True, exist_ok=True)
     if suffix == ".gif":
-        from PIL import Image
-
         images = [Image.fromarray(f) for f in frames]
-        images[0].save(path, save_all=True, append_images=images[1:],
-                       duration=round(1000 / fps), loop=0)  # fmt: skip
+        options = {"save_all": True, "append_images": images[1:], "loop": 0}
+        write_atomic(
+            path, lambda tmp: images[0].save(tmp, "GIF", duration=round(1000 / fps), **options)
+        )
         return path
     try:
-        import imageio_ffmpeg
+        import imageio_ffmpeg  # optional (the generate extra): only for MP4
     except ImportError as e:
         raise InvalidInputError(
             f"animation {path}: MP4 needs imageio-ffmpeg (pip install 'cliplens[generate]'), "
             "or name a .gif"
         ) from e
     h, w = frames[0].shape[:2]
-    # yuv420p (what players expect) needs even sides
-    writer = imageio_ffmpeg.write_frames(str(path), (w - w % 2, h - h % 2), fps=fps,
-                                         codec="libx264", pix_fmt_out="yuv420p",
-                                         macro_block_size=1, quality=8)  # fmt: skip
-    writer.send(None)
-    for frame in frames:
-        writer.send(np.ascontiguousarray(frame[: h - h % 2, : w - w % 2]))
-    writer.close()
+    even = (w - w % 2, h - h % 2)  # yuv420p (what players expect) needs even sides
+
+    def write_mp4(tmp: Path) -> None:
+        options = {"codec": "libx264", "pix_fmt_out": "yuv420p", "macro_block_size": 1}
+        # the temporary file has no .mp4 suffix: name the container
+        writer = imageio_ffmpeg.write_frames(
+            str(tmp), even, fps=fps, quality=8, output_params=["-f", "mp4"], **options
+        )
+        writer.send(None)
+        for frame in frames:
+            writer.send(np.ascontiguousarray(frame[: even[1], : even[0]]))
+        writer.close()
+
+    write_atomic(path, write_mp4)
     return path

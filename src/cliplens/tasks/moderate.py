@@ -10,16 +10,26 @@ policy and flags on its own probability.
 
 from __future__ import annotations
 
+import os
 import warnings
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from PIL import ImageFilter
 
-from cliplens.errors import InvalidInputError
+from cliplens.errors import ImageError, InvalidInputError
+from cliplens.images import ImageSource, describe, iter_image_files, open_image
+from cliplens.models.encoder import Encoder
+from cliplens.store.files import write_atomic
 from cliplens.store.npz import load_arrays, save_arrays
-from cliplens.tasks.policy import Concept, Policy, PolicyError
+from cliplens.tasks.embed import Embedded, embed_files
+from cliplens.tasks.policy import Concept, Policy, PolicyError, load_policy
+
+if TYPE_CHECKING:
+    from cliplens.catalog.db import Catalog
 
 # ---------------------------------------------------------------------------- heads
 
@@ -38,8 +48,8 @@ class LinearHead:
         return 1.0 / (1.0 + np.exp(-np.clip(z, -50, 50)))
 
     def save(self, path: str | Path) -> Path:
-        return save_arrays(path, self.metrics, weights=self.weights, bias=self.bias,
-                           model_id=self.model_id)  # fmt: skip
+        arrays = {"weights": self.weights, "bias": self.bias, "model_id": self.model_id}
+        return save_arrays(path, self.metrics, **arrays)
 
     @classmethod
     def load(cls, path: str | Path) -> LinearHead:
@@ -47,8 +57,8 @@ class LinearHead:
             a, metrics = load_arrays(path, "head")
             return cls(a["weights"], float(a["bias"]), str(a["model_id"]), metrics)
         except (InvalidInputError, KeyError) as e:
-            raise PolicyError(str(e).split(" (")[0] + " (train it with 'cliplens moderate "
-                              "train-head')") from e  # fmt: skip
+            hint = " (train it with 'cliplens moderate train-head')"
+            raise PolicyError(str(e).split(" (")[0] + hint) from e
 
 
 # ---------------------------------------------------------------------------- verdicts
@@ -56,6 +66,8 @@ class LinearHead:
 
 @dataclass
 class Verdict:
+    """Whether one image is flagged, and by which concept."""
+
     path: str
     flagged: bool
     category: str  # of the concept closest to (or past) its threshold
@@ -127,17 +139,24 @@ class Moderator:
                 threshold=float(thresholds[i, j]),
                 special_care=self.special_labels[special[i]] if special[i] >= 0 else None,
             )
-            if probs is not None:
+            head = self.policy.head
+            if probs is not None and head is not None:
                 v.head_probability = float(probs[i])
-                if not v.flagged and probs[i] >= self.policy.head.threshold:  # type: ignore[union-attr]
-                    v.flagged, v.category = True, self.policy.head.category  # type: ignore[union-attr]
-                    v.concept = "trained head"
+                if not v.flagged and probs[i] >= head.threshold:
+                    v.flagged, v.category, v.concept = True, head.category, "trained head"
             out.append(v)
         return out
 
 
-def build_moderator(policy: Policy, model: Any) -> Moderator:
-    """Embed the policy's concepts (texts and example images) with `model`."""
+def build_moderator(policy: Policy, model: Encoder) -> Moderator:
+    """Embed the policy's concepts (texts and example images) with `model`.
+
+    Why: the concepts are embedded once, then every image is judged by arithmetic.
+
+    >>> import cliplens
+    >>> moderator = cliplens.build_moderator(cliplens.load_policy(), cliplens.ModelRef("offline"))
+    >>> moderator.judge(["a.jpg"], vectors_of_a)  # doctest: +SKIP
+    """
     info = model.info
     if policy.model and policy.model != info.name:
         warnings.warn(
@@ -179,6 +198,99 @@ def build_moderator(policy: Policy, model: Any) -> Moderator:
     )
 
 
+# ---------------------------------------------------------------------------- moderation
+
+
+@dataclass
+class Moderation:
+    """Verdicts on the images that could be read, and why the others could not."""
+
+    verdicts: list[Verdict]
+    failures: list[ImageError] = field(default_factory=list)
+    reused: int = 0  # embeddings taken from the catalog
+
+    @property
+    def flagged(self) -> list[Verdict]:
+        return [v for v in self.verdicts if v.flagged]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"verdicts": [v.to_dict() for v in self.verdicts]}
+
+
+def moderate(
+    images: Sequence[ImageSource],
+    model: Encoder,
+    policy: Policy | None = None,
+    *,
+    moderator: Moderator | None = None,
+    names: Sequence[str] | None = None,
+    catalog: Catalog | None = None,
+    max_megapixels: float | None = None,
+    progress: bool = False,
+) -> Moderation:
+    """Judge images against a policy (the shipped default unless one is given).
+
+    Why: one call flags what a policy names, from files (embeddings of unchanged files
+    come from `catalog`) or images already open (named by `names`). `moderator` (from
+    `build_moderator`) is reused instead of embedding the policy's concepts again.
+
+    >>> import cliplens
+    >>> found = cliplens.moderate(["photos/a.jpg"], cliplens.ModelRef("offline"))
+    >>> [v.to_dict() for v in found.flagged]
+    """
+    moderator = moderator or build_moderator(policy or load_policy(), model)
+    if all(isinstance(item, (str, os.PathLike)) for item in images):
+        options = {"max_megapixels": max_megapixels, "progress": progress}
+        done = embed_files(model, images, catalog, **options)  # type: ignore[arg-type]
+        verdicts = moderator.judge(done.paths, done.vectors)
+        return Moderation(verdicts, done.failures, done.reused)
+    labels = list(names) if names is not None else [describe(item) for item in images]
+    if len(labels) != len(images):
+        raise InvalidInputError(f"{len(images)} images but {len(labels)} `names`")
+    enc = model.encode_images_lenient(images, None, progress, max_megapixels)
+    verdicts = moderator.judge([labels[i] for i in enc.kept], enc.vectors)
+    return Moderation(verdicts, enc.failures)
+
+
+@dataclass
+class Examples:
+    """Embedded images that must be flagged and images that must pass."""
+
+    positives: Embedded
+    negatives: Embedded
+    categories: list[str] | None = None  # of each positive, when its folder names one
+
+
+def labelled_examples(
+    positive: str | os.PathLike,
+    negative: str | os.PathLike,
+    model: Encoder,
+    catalog: Catalog | None = None,
+    max_megapixels: float | None = None,
+    progress: bool = False,
+) -> Examples:
+    """Embeddings of the images under the `positive` and `negative` folders, and each
+    positive's category: its subfolder under `positive`, when all positives sit in
+    subfolders. Unreadable images are left out (`Embedded.failures` says why).
+
+    >>> import cliplens
+    >>> examples = cliplens.labelled_examples("flag/", "pass/", cliplens.ModelRef("offline"))
+    >>> examples.categories  # ['nudity', 'violence', ...] when flag/ has those subfolders
+    """
+    found = []
+    for folder, name in ((Path(positive), "positive"), (Path(negative), "negative")):
+        if not folder.is_dir():
+            raise InvalidInputError(f"`{name}` {folder} is not a folder of images")
+        found.append(list(iter_image_files([folder])))
+    options = {"max_megapixels": max_megapixels, "progress": progress}
+    pos = embed_files(model, found[0], catalog, **options)
+    neg = embed_files(model, found[1], catalog, **options)
+    root = Path(positive).resolve()
+    parts = [Path(p).relative_to(root).parts for p in pos.paths]
+    categories = [p[0] for p in parts] if parts and all(len(p) > 1 for p in parts) else None
+    return Examples(pos, neg, categories)
+
+
 # ---------------------------------------------------------------------------- calibration
 
 
@@ -208,10 +320,11 @@ def choose_offset(
     examples is at least the target. With a recall target: the highest offset (most
     precision) whose recall is at least the target.
     """
+    # scikit-learn takes a second to import: only where something is fitted or measured
     from sklearn.metrics import average_precision_score, roc_auc_score
 
     if (target_precision is None) == (target_recall is None):
-        raise InvalidInputError("give exactly one of --target-precision or --target-recall")
+        raise InvalidInputError("give exactly one of `target_precision` or `target_recall`")
     labels = np.asarray(labels, bool)
     if labels.all() or not labels.any():
         raise InvalidInputError("calibration needs both positive and negative examples")
@@ -251,7 +364,14 @@ def calibrate(
     positive_categories: list[str] | None = None,
 ) -> tuple[Policy, dict[str, OperatingPoint]]:
     """Thresholds chosen from labelled embeddings: one offset for the whole policy, or, when
-    each positive names its category, one per category (against all the negatives)."""
+    each positive names its category, one per category (against all the negatives).
+
+    Why: a target precision or recall is met on these examples, not guessed.
+
+    >>> import cliplens
+    >>> policy, points = cliplens.calibrate(moderator, flag_vectors, pass_vectors, 0.9)
+    >>> points["all"].to_dict()
+    """
     vectors = np.concatenate([positives, negatives])
     labels = np.r_[np.ones(len(positives), bool), np.zeros(len(negatives), bool)]
     scores, thresholds, _ = moderator.margins(vectors)
@@ -275,10 +395,60 @@ def calibrate(
     return moderator.policy.shifted(offsets), points
 
 
+def calibrate_policy(
+    moderator: Moderator,
+    examples: Examples,
+    model_name: str,
+    target_precision: float | None = None,
+    target_recall: float | None = None,
+) -> tuple[Policy, dict[str, OperatingPoint]]:
+    """The moderator's policy with thresholds chosen on `examples` (per category when the
+    positives name theirs), named and noted as calibrated for `model_name`.
+
+    Why: thresholds belong to the model and the images they were set on.
+
+    >>> import cliplens
+    >>> examples = cliplens.labelled_examples("flag/", "pass/", model)
+    >>> policy, points = cliplens.calibrate_policy(moderator, examples, model.info.name, 0.9)
+    """
+    categories = examples.categories
+    if categories is not None:
+        unknown = sorted(set(categories) - set(moderator.categories))
+        if unknown:
+            raise InvalidInputError(
+                f"`positive` subfolders {', '.join(unknown)} are not categories of the policy "
+                f"({', '.join(dict.fromkeys(moderator.categories))})"
+            )
+    pos, neg = examples.positives, examples.negatives
+    new, points = calibrate(
+        moderator, pos.vectors, neg.vectors, target_precision, target_recall, categories
+    )
+    if target_precision is not None:
+        target = f"precision >= {target_precision}"
+    else:
+        target = f"recall >= {target_recall}"
+    old = moderator.policy
+    note = (
+        f"Calibrated for {model_name} on {len(pos.paths)} positive and "
+        f"{len(neg.paths)} negative images for {target}. Started from: {old.note}"
+    )
+    new = replace(new, model=model_name, note=note, name=f"{old.name}-calibrated")
+    return new, points
+
+
 def train_head(
     positives: np.ndarray, negatives: np.ndarray, model_id: str, folds: int = 5, seed: int = 0
 ) -> LinearHead:
-    """Logistic regression on embeddings, its metrics cross-validated (stratified folds)."""
+    """Logistic regression on embeddings, its metrics cross-validated (stratified folds).
+
+    Why: where concepts in words miss, a head learns from example images (as LAION's
+    CLIP NSFW detector does); `Policy.with_head` adds it to a policy.
+
+    >>> import cliplens
+    >>> head = cliplens.train_head(flag_vectors, pass_vectors, model.info.model_id)
+    >>> head.save("flag.head.npz"), head.metrics["cv_roc_auc"]
+    """
+    # scikit-learn takes a second to import: only where something is fitted or measured
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import accuracy_score, average_precision_score, roc_auc_score
     from sklearn.model_selection import StratifiedKFold, cross_val_predict
@@ -307,11 +477,13 @@ def train_head(
 
 
 def redact(path: str | Path, out_dir: str | Path, radius_fraction: float = 0.06) -> Path:
-    """Write a heavily blurred copy of an image into out_dir; the original is not touched."""
-    from PIL import ImageFilter
+    """Write a heavily blurred copy of an image into out_dir; the original is not touched.
 
-    from cliplens.images import open_image
+    Why: a flagged photo can still be shown, or sent on, without what flagged it.
 
+    >>> import cliplens
+    >>> cliplens.redact("photos/cat.jpg", "redacted")  # redacted/cat.jpg
+    """
     src = Path(path).resolve()
     out_dir = Path(out_dir).resolve()
     out = out_dir / f"{src.stem}.redacted.jpg"
@@ -320,12 +492,10 @@ def redact(path: str | Path, out_dir: str | Path, radius_fraction: float = 0.06)
         n += 1
         out = out_dir / f"{src.stem}.redacted-{n}.jpg"
     if out == src:
-        raise InvalidInputError(f"--redact {out_dir} would overwrite {src}")
+        raise InvalidInputError(f"`out_dir` {out_dir} would overwrite {src}")
     image = open_image(src)
     radius = max(4.0, radius_fraction * max(image.size))
     blurred = image.filter(ImageFilter.GaussianBlur(radius))
     out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    blurred.save(tmp, format="JPEG", quality=85)
-    tmp.replace(out)
+    write_atomic(out, lambda tmp: blurred.save(tmp, format="JPEG", quality=85))
     return out

@@ -15,9 +15,15 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from cliplens.errors import InvalidInputError
+from cliplens.store.files import write_atomic
+from cliplens.textfile import read_text
 
 DEFAULT_POLICY = "default"
+DEFAULT_ADJUSTMENT = 0.01  # of a special_care section that gives none
+HEAD_CATEGORY = "trained head"  # reported when a head flags, unless the policy names one
 _TOP_KEYS = {"name", "model", "note", "special_care", "categories", "head"}
 _CONCEPT_KEYS = {"text", "image", "threshold"}
 _SPECIAL_KEYS = {"adjustment", "concepts"}
@@ -49,7 +55,7 @@ class Category:
 class Head:
     file: Path
     threshold: float = 0.5
-    category: str = "trained head"
+    category: str = HEAD_CATEGORY
 
 
 @dataclass(frozen=True)
@@ -78,9 +84,14 @@ class Policy:
         )
         return replace(self, categories=cats)
 
+    def with_head(
+        self, file: Path, model: str, threshold: float = 0.5, category: str = HEAD_CATEGORY
+    ) -> Policy:
+        """A copy that also flags by a head trained on `model`'s embeddings (its file)."""
+        return replace(self, head=Head(file.resolve(), threshold, category), model=model)
+
     def to_yaml(self, folder: Path | None = None) -> str:
         """The policy as YAML; image paths relative to `folder` where they lie under it."""
-        import yaml
 
         def concept(k: Concept) -> dict[str, Any]:
             if k.text is not None:
@@ -105,16 +116,16 @@ class Policy:
             head = self.head.file
             if folder is not None and head.is_relative_to(folder):
                 head = head.relative_to(folder)
-            doc["head"] = {"file": str(head), "threshold": self.head.threshold,
-                           "category": self.head.category}  # fmt: skip
+            threshold, category = self.head.threshold, self.head.category
+            doc["head"] = {"file": str(head), "threshold": threshold, "category": category}
         return yaml.safe_dump(doc, sort_keys=False, allow_unicode=True, width=100)
 
     def save(self, path: str | Path) -> Path:
+        """Write the policy as YAML (whole or not at all), its paths relative to its folder."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(self.to_yaml(path.parent.resolve()), encoding="utf-8")
-        tmp.replace(path)
+        text = self.to_yaml(path.parent.resolve())
+        write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
         return path
 
 
@@ -123,15 +134,20 @@ def _round(x: float) -> float:
 
 
 def load_policy(source: str | Path | None = None) -> Policy:
-    """`default` (the shipped policy), or a YAML file; errors name the line and key."""
+    """`default` (the shipped policy), or a YAML file; errors name the line and key.
+
+    Why: what to flag, and how close counts, is data the user can read and change.
+
+    >>> import cliplens
+    >>> policy = cliplens.load_policy("my-policy.yaml")
+    >>> [c.name for c in policy.categories]
+    """
     if source is None or str(source) == DEFAULT_POLICY:
         text = resources.files("cliplens.tasks").joinpath("data", "policy-default.yaml")
         return parse_policy(text.read_text("utf-8"), label="default policy", folder=None)
     path = Path(source).expanduser()
     if not path.is_file():
         raise PolicyError(f"policy {source}: no such file (use 'default' or a YAML file)")
-    from cliplens.textfile import read_text
-
     text = read_text(path, "policy", "a YAML policy ('default' is the shipped one)", PolicyError)
     return replace(parse_policy(text, label=str(path), folder=path.parent.resolve()), source=path)
 
@@ -149,8 +165,6 @@ class _Lines:
 
 
 def _yaml_load(text: str, label: str) -> Any:
-    import yaml
-
     class Loader(yaml.SafeLoader):
         pass
 
@@ -185,102 +199,22 @@ def _yaml_load(text: str, label: str) -> Any:
 
 
 def parse_policy(text: str, label: str = "policy", folder: Path | None = None) -> Policy:
+    """A policy from its YAML text; `label` names it in errors, `folder` resolves its
+    relative paths (example images, the head)."""
     doc = _yaml_load(text, label)
     if not isinstance(doc, dict):
         raise PolicyError(f"{label}: expected a mapping with 'name' and 'categories'")
-
-    def at(mapping: Any, key: Any) -> str:
-        line = getattr(mapping, "lines", {}).get(key) if isinstance(mapping, dict) else None
-        return f"{label} line {line}" if line else label
-
-    def check_keys(mapping: dict, allowed: set[str], where: str) -> None:
-        for key in mapping:
-            if key not in allowed:
-                raise PolicyError(
-                    f"{at(mapping, key)}: unknown key '{key}' in {where} "
-                    f"(expected {', '.join(sorted(allowed))})"
-                )
-
-    def number(mapping: dict, key: str, lo: float, hi: float, where: str) -> float:
-        value = mapping.get(key)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
-            raise PolicyError(
-                f"{at(mapping, key)}: {where} '{key}' must be a number, got {value!r}"
-            )
-        if not lo <= value <= hi:
-            raise PolicyError(
-                f"{at(mapping, key)}: {where} '{key}' is {value}, outside [{lo:g}, {hi:g}]"
-            )
-        return float(value)
-
-    def concept(item: Any, where: str, parent: Any, index: int) -> Concept:
-        line = parent.lines[index] if hasattr(parent, "lines") else None
-        here = f"{label} line {line}" if line else label
-        if not isinstance(item, dict):
-            raise PolicyError(f"{here}: each concept in {where} is a mapping with text or image "
-                              "and threshold")  # fmt: skip
-        check_keys(item, _CONCEPT_KEYS, where)
-        if ("text" in item) == ("image" in item):
-            raise PolicyError(f"{here}: a concept in {where} needs exactly one of text or image")
-        if "threshold" not in item:
-            raise PolicyError(f"{here}: a concept in {where} has no threshold")
-        threshold = number(item, "threshold", -1.0, 1.0, f"{where} concept")
-        if "text" in item:
-            if not isinstance(item["text"], str) or not item["text"].strip():
-                raise PolicyError(f"{at(item, 'text')}: concept text in {where} must be a text")
-            return Concept(threshold, text=item["text"].strip())
-        image = Path(str(item["image"])).expanduser()
-        if not image.is_absolute():
-            if folder is None:
-                raise PolicyError(f"{at(item, 'image')}: relative image path in {where}")
-            image = folder / image
-        if not image.is_file():
-            raise PolicyError(f"{at(item, 'image')}: example image {image} does not exist")
-        return Concept(threshold, image=str(image.resolve()))
-
-    def concepts(items: Any, where: str, owner: Any, key: Any) -> tuple[Concept, ...]:
-        if not isinstance(items, list) or not items:
-            raise PolicyError(f"{at(owner, key)}: {where} needs a non-empty list of concepts")
-        return tuple(concept(it, where, items, i) for i, it in enumerate(items))
-
-    check_keys(doc, _TOP_KEYS, "the policy")
+    read = _Reader(label, folder)
+    read.check_keys(doc, _TOP_KEYS, "the policy")
     for key in ("name", "categories"):
         if key not in doc:
             raise PolicyError(f"{label}: missing '{key}'")
-    cats_doc = doc["categories"]
-    if not isinstance(cats_doc, dict) or not cats_doc:
-        raise PolicyError(f"{at(doc, 'categories')}: 'categories' must map names to concept lists")
-    categories = tuple(
-        Category(str(name), concepts(items, f"category '{name}'", cats_doc, name))
-        for name, items in cats_doc.items()
-    )
-    special: tuple[Concept, ...] = ()
-    adjustment = 0.0
-    if "special_care" in doc:
-        sc = doc["special_care"]
-        if not isinstance(sc, dict):
-            raise PolicyError(f"{at(doc, 'special_care')}: 'special_care' must be a mapping")
-        check_keys(sc, _SPECIAL_KEYS, "special_care")
-        special = concepts(sc.get("concepts"), "special_care", sc, "concepts")
-        adjustment = (
-            number(sc, "adjustment", 0.0, 0.5, "special_care") if "adjustment" in sc else 0.01
-        )
-    head = None
-    if doc.get("head") is not None:
-        h = doc["head"]
-        if not isinstance(h, dict) or "file" not in h:
-            raise PolicyError(f"{at(doc, 'head')}: 'head' needs a file (and a threshold)")
-        check_keys(h, _HEAD_KEYS, "head")
-        file = Path(str(h["file"])).expanduser()
-        if not file.is_absolute() and folder is not None:
-            file = folder / file
-        if not file.is_file():
-            raise PolicyError(f"{at(h, 'file')}: head file {file} does not exist")
-        threshold = number(h, "threshold", 0.0, 1.0, "head") if "threshold" in h else 0.5
-        head = Head(file, threshold, str(h.get("category", "trained head")))
+    categories = read.categories(doc)
+    special, adjustment = read.special_care(doc)
+    head = read.head(doc)
     model = doc.get("model")
     if model is not None and not isinstance(model, str):
-        raise PolicyError(f"{at(doc, 'model')}: 'model' must be a model name")
+        raise PolicyError(f"{read.at(doc, 'model')}: 'model' must be a model name")
     return Policy(
         name=str(doc["name"]),
         categories=categories,
@@ -290,3 +224,106 @@ def parse_policy(text: str, label: str = "policy", folder: Path | None = None) -
         adjustment=adjustment,
         head=head,
     )
+
+
+class _Reader:
+    """Reads the parts of one policy document; every error names its file, line and key."""
+
+    def __init__(self, label: str, folder: Path | None) -> None:
+        self.label, self.folder = label, folder
+
+    def at(self, mapping: Any, key: Any) -> str:
+        line = getattr(mapping, "lines", {}).get(key) if isinstance(mapping, dict) else None
+        return f"{self.label} line {line}" if line else self.label
+
+    def check_keys(self, mapping: dict, allowed: set[str], where: str) -> None:
+        for key in mapping:
+            if key not in allowed:
+                raise PolicyError(
+                    f"{self.at(mapping, key)}: unknown key '{key}' in {where} "
+                    f"(expected {', '.join(sorted(allowed))})"
+                )
+
+    def number(self, mapping: dict, key: str, lo: float, hi: float, where: str) -> float:
+        value = mapping.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+            raise PolicyError(
+                f"{self.at(mapping, key)}: {where} '{key}' must be a number, got {value!r}"
+            )
+        if not lo <= value <= hi:
+            raise PolicyError(
+                f"{self.at(mapping, key)}: {where} '{key}' is {value}, outside [{lo:g}, {hi:g}]"
+            )
+        return float(value)
+
+    def concept(self, item: Any, where: str, parent: Any, index: int) -> Concept:
+        line = parent.lines[index] if hasattr(parent, "lines") else None
+        here = f"{self.label} line {line}" if line else self.label
+        if not isinstance(item, dict):
+            raise PolicyError(
+                f"{here}: each concept in {where} is a mapping with text or image and threshold"
+            )
+        self.check_keys(item, _CONCEPT_KEYS, where)
+        if ("text" in item) == ("image" in item):
+            raise PolicyError(f"{here}: a concept in {where} needs exactly one of text or image")
+        if "threshold" not in item:
+            raise PolicyError(f"{here}: a concept in {where} has no threshold")
+        threshold = self.number(item, "threshold", -1.0, 1.0, f"{where} concept")
+        if "text" in item:
+            if not isinstance(item["text"], str) or not item["text"].strip():
+                raise PolicyError(
+                    f"{self.at(item, 'text')}: concept text in {where} must be a text"
+                )
+            return Concept(threshold, text=item["text"].strip())
+        image = Path(str(item["image"])).expanduser()
+        if not image.is_absolute():
+            if self.folder is None:
+                raise PolicyError(f"{self.at(item, 'image')}: relative image path in {where}")
+            image = self.folder / image
+        if not image.is_file():
+            raise PolicyError(f"{self.at(item, 'image')}: example image {image} does not exist")
+        return Concept(threshold, image=str(image.resolve()))
+
+    def concepts(self, items: Any, where: str, owner: Any, key: Any) -> tuple[Concept, ...]:
+        if not isinstance(items, list) or not items:
+            raise PolicyError(f"{self.at(owner, key)}: {where} needs a non-empty list of concepts")
+        return tuple(self.concept(it, where, items, i) for i, it in enumerate(items))
+
+    def categories(self, doc: dict) -> tuple[Category, ...]:
+        cats_doc = doc["categories"]
+        if not isinstance(cats_doc, dict) or not cats_doc:
+            raise PolicyError(
+                f"{self.at(doc, 'categories')}: 'categories' must map names to concept lists"
+            )
+        return tuple(
+            Category(str(name), self.concepts(items, f"category '{name}'", cats_doc, name))
+            for name, items in cats_doc.items()
+        )
+
+    def special_care(self, doc: dict) -> tuple[tuple[Concept, ...], float]:
+        """(special concepts, adjustment): none and 0 without a special_care section."""
+        if "special_care" not in doc:
+            return (), 0.0
+        sc = doc["special_care"]
+        if not isinstance(sc, dict):
+            raise PolicyError(f"{self.at(doc, 'special_care')}: 'special_care' must be a mapping")
+        self.check_keys(sc, _SPECIAL_KEYS, "special_care")
+        special = self.concepts(sc.get("concepts"), "special_care", sc, "concepts")
+        if "adjustment" not in sc:
+            return special, DEFAULT_ADJUSTMENT
+        return special, self.number(sc, "adjustment", 0.0, 0.5, "special_care")
+
+    def head(self, doc: dict) -> Head | None:
+        if doc.get("head") is None:
+            return None
+        h = doc["head"]
+        if not isinstance(h, dict) or "file" not in h:
+            raise PolicyError(f"{self.at(doc, 'head')}: 'head' needs a file (and a threshold)")
+        self.check_keys(h, _HEAD_KEYS, "head")
+        file = Path(str(h["file"])).expanduser()
+        if not file.is_absolute() and self.folder is not None:
+            file = self.folder / file
+        if not file.is_file():
+            raise PolicyError(f"{self.at(h, 'file')}: head file {file} does not exist")
+        threshold = self.number(h, "threshold", 0.0, 1.0, "head") if "threshold" in h else 0.5
+        return Head(file, threshold, str(h.get("category", HEAD_CATEGORY)))

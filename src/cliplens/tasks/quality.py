@@ -1,30 +1,43 @@
 """Image screening: corrupt files (exact, no model), CLIP-IQA quality scores, distortion type.
 
+`screen` is the one way in: the CLI (`cliplens quality`) and the server (POST /v1/quality)
+both call it.
+
 - Integrity: every file is fully decoded; empty, truncated, undecodable, oversized (a
   decompression bomb) and misnamed files (a PNG called .jpg) are reported with a reason.
 - CLIP-IQA (Wang et al., 2023): an attribute is a pair of antonym prompts, "Good photo." /
   "Bad photo."; its score is the softmax over the image's similarity to the pair, so 1.0
   leans fully to the first prompt. The prompts are the paper's.
-- Distortion type: zero-shot over prompts, or a linear probe trained on a few examples per
-  type (`train_probe`), which is what works for a model whose text side knows little of
+- Distortion type: zero-shot over prompts naming the camera distortions of
+  `cliplens.corruptions`, or a linear probe trained on a few examples per type
+  (`train_probe`), which is what works for a model whose text side knows little of
   image quality (such as the offline model).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
+from PIL import Image
 
+from cliplens.corruptions import DistortionKind
 from cliplens.errors import ImageError, InvalidInputError
-from cliplens.limits import DISTORTION_LEVELS
+from cliplens.images import ImageSource, describe, open_image
+from cliplens.models.encoder import Encoder
+from cliplens.tasks.embed import embed_files
 from cliplens.tasks.probe import LinearProbe, fit_probe
 
+if TYPE_CHECKING:
+    from cliplens.catalog.db import Catalog
+
+Attribute = Literal["quality", "sharpness", "noisiness", "brightness", "colorfulness", "contrast"]
 # name -> (positive prompt, negative prompt), from CLIP-IQA
-ATTRIBUTES: dict[str, tuple[str, str]] = {
+ATTRIBUTES: dict[Attribute, tuple[str, str]] = {
     "quality": ("Good photo.", "Bad photo."),
     "sharpness": ("Sharp photo.", "Blurry photo."),
     "noisiness": ("Clean photo.", "Noisy photo."),
@@ -34,7 +47,9 @@ ATTRIBUTES: dict[str, tuple[str, str]] = {
 }
 CLIP_IQA_SCALE = 100.0  # CLIP's logit scale, as CLIP-IQA uses it
 
-DISTORTIONS: dict[str, str] = {
+# what zero-shot screening tells apart: the camera distortions of `cliplens.corruptions`
+DistortionType = Literal["clean"] | DistortionKind
+DISTORTIONS: dict[DistortionType, str] = {
     "clean": "a sharp, clean, well exposed photo",
     "blur": "a blurry photo",
     "noise": "a noisy, grainy photo",
@@ -43,6 +58,17 @@ DISTORTIONS: dict[str, str] = {
     "jpeg": "a photo with heavy JPEG compression artifacts",
     "low_resolution": "a pixelated, low resolution photo",
 }
+DistortionSource = Literal["zero-shot", "probe"]
+Problem = Literal[
+    "empty",
+    "truncated",
+    "not_an_image",
+    "unsupported",
+    "too_large",
+    "missing",
+    "unreadable",
+    "wrong_extension",
+]
 
 # what each Pillow format is usually called
 _EXTENSIONS = {
@@ -65,9 +91,11 @@ _EXTENSIONS = {
 
 @dataclass
 class Integrity:
+    """What, if anything, is wrong with one file."""
+
     path: str
     ok: bool
-    problem: str | None = None  # empty, truncated, not_an_image, too_large, ...
+    problem: Problem | None = None
     reason: str | None = None
     format: str | None = None
 
@@ -75,7 +103,7 @@ class Integrity:
         return dict(vars(self))
 
 
-_PROBLEMS = {
+_PROBLEMS: dict[str, Problem] = {
     "EmptyImageError": "empty",
     "TruncatedImageError": "truncated",
     "NotAnImageError": "not_an_image",
@@ -87,21 +115,24 @@ _PROBLEMS = {
 
 def problem_of(error: ImageError) -> Integrity:
     """An image error (from any reader) as an integrity finding."""
-    return Integrity(error.path, False, _PROBLEMS.get(type(error).__name__, "unreadable"),
-                     error.reason)  # fmt: skip
+    problem = _PROBLEMS.get(type(error).__name__, "unreadable")
+    return Integrity(error.path, False, problem, error.reason)
 
 
 def check_file(
-    path: str | Path, max_megapixels: float | None = None, decode: bool = True
+    path: str | os.PathLike, max_megapixels: float | None = None, decode: bool = True
 ) -> Integrity:
     """Say what, if anything, is wrong with a file. `decode` reads all of it (JPEGs at
     reduced scale, which still reads every byte); without it only the header is checked,
-    for files already decoded elsewhere (by the encoder)."""
-    from PIL import Image
+    for files already decoded elsewhere (by the encoder).
 
-    from cliplens.images import open_image
+    Why: an empty, truncated, misnamed or oversized file is found without any model.
 
-    label = str(path)
+    >>> import cliplens
+    >>> finding = cliplens.check_file("photo.jpg")  # doctest: +SKIP
+    >>> finding.ok, finding.problem, finding.reason  # doctest: +SKIP
+    """
+    label = os.fsdecode(path)
     if decode:
         try:
             open_image(path, min_size=256, max_megapixels=max_megapixels)
@@ -112,8 +143,8 @@ def check_file(
     expected = _EXTENSIONS.get(fmt or "")
     suffix = Path(path).suffix.lower()
     if expected and suffix not in expected:
-        return Integrity(label, False, "wrong_extension",
-                         f"a {fmt} file named {suffix or 'without extension'}", fmt)  # fmt: skip
+        reason = f"a {fmt} file named {suffix or 'without extension'}"
+        return Integrity(label, False, "wrong_extension", reason, fmt)
     return Integrity(label, True, format=fmt)
 
 
@@ -122,11 +153,13 @@ def check_file(
 
 @dataclass
 class QualityScores:
+    """CLIP-IQA attribute scores and the likely distortion of one image."""
+
     path: str
-    attributes: dict[str, float]  # CLIP-IQA scores in [0, 1]
-    distortion: str
+    attributes: dict[Attribute, float]  # CLIP-IQA scores in [0, 1]
+    distortion: str  # a DistortionType, or a class of the probe
     distortion_probability: float
-    distortion_source: str = "zero-shot"  # or "probe"
+    distortion_source: DistortionSource = "zero-shot"
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -150,9 +183,9 @@ class Screener:
 
     model_id: str
     pairs: np.ndarray  # (A, 2, D)
-    attribute_names: list[str]
+    attribute_names: list[Attribute]
     distortion_vectors: np.ndarray  # (K, D)
-    distortion_names: list[str]
+    distortion_names: list[DistortionType]
     scale: float = CLIP_IQA_SCALE
     probe: DistortionProbe | None = None
 
@@ -169,30 +202,39 @@ class Screener:
     ) -> list[QualityScores]:
         """Scores per image from its embedding (and its probe features, with a probe)."""
         attrs = self.attribute_scores(vectors)
+        names: list[str]
+        source: DistortionSource
         if self.probe is not None:
             if features is None:
                 raise InvalidInputError("a screener with a probe needs the images' features")
             probs, names, source = self.probe.probabilities(features), self.probe.classes, "probe"
         else:
-            probs, names = self.distortion_probabilities(vectors), self.distortion_names
+            probs, names = self.distortion_probabilities(vectors), list(self.distortion_names)
             source = "zero-shot"
         out = []
         for i, path in enumerate(paths):
             k = int(probs[i].argmax())
-            out.append(QualityScores(
-                path, dict(zip(self.attribute_names, map(float, attrs[i]), strict=True)),
-                names[k], float(probs[i, k]), source,
-            ))  # fmt: skip
+            attributes = dict(zip(self.attribute_names, map(float, attrs[i]), strict=True))
+            out.append(QualityScores(path, attributes, names[k], float(probs[i, k]), source))
         return out
 
 
-def build_screener(model: Any, probe: DistortionProbe | None = None) -> Screener:
+def build_screener(model: Encoder, probe: DistortionProbe | None = None) -> Screener:
+    """The prompts of screening embedded by `model`, with a distortion probe fit in its
+    feature space if one is given.
+
+    Why: embedded once, reused for every call of `screen` (the server keeps one).
+
+    >>> import cliplens
+    >>> model = cliplens.ModelRef("offline")
+    >>> cliplens.screen(files, model, screener=cliplens.build_screener(model))
+    """
     info = model.info
     names = list(ATTRIBUTES)
     texts = [t for n in names for t in ATTRIBUTES[n]]
     pairs = model.encode_texts(texts).reshape(len(names), 2, -1)
     dnames = list(DISTORTIONS)
-    feature_id = model.load().feature_id if probe is not None else info.model_id
+    feature_id = model.feature_id if probe is not None else info.model_id
     if probe is not None and probe.model_id != feature_id:
         raise InvalidInputError(
             f"probe was trained on {probe.model_id}, not {feature_id}; train one for this "
@@ -208,6 +250,119 @@ def build_screener(model: Any, probe: DistortionProbe | None = None) -> Screener
     )
 
 
+# ---------------------------------------------------------------------------- screening
+
+
+@dataclass
+class Screening:
+    """What screening found: files with problems, and the scores of the readable ones."""
+
+    problems: list[Integrity] = field(default_factory=list)
+    scores: list[QualityScores] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "problems": [p.to_dict() for p in self.problems],
+            "scores": [s.to_dict() for s in self.scores],
+        }
+
+
+def screen(
+    images: Sequence[ImageSource],
+    model: Encoder | None,
+    probe: DistortionProbe | None = None,
+    *,
+    screener: Screener | None = None,
+    names: Sequence[str] | None = None,
+    catalog: Catalog | None = None,
+    sort: Attribute | None = None,
+    worst: int | None = None,
+    max_megapixels: float | None = None,
+    progress: bool = False,
+) -> Screening:
+    """Integrity problems, CLIP-IQA scores and the likely distortion of each image.
+
+    Why: one pass finds the files that are broken and ranks the rest by quality. Each
+    file is decoded once, by the encoder: what it cannot read is the finding. Without a
+    `model` only the files' integrity is checked (every file fully decoded). Files take
+    unchanged embeddings from `catalog`; `screener` (from `build_screener`) is reused
+    instead of building one with `probe`; `sort` orders the scores by an attribute, lowest
+    first, and `worst` keeps that many.
+
+    >>> import cliplens
+    >>> found = cliplens.screen(["photos/a.jpg", "photos/b.png"], cliplens.ModelRef("offline"))
+    >>> [s.to_dict() for s in found.scores]  # doctest: +SKIP
+    """
+    if sort is not None and sort not in ATTRIBUTES:
+        raise InvalidInputError(f"`sort` {sort}: one of {', '.join(ATTRIBUTES)}")
+    if worst is not None and worst < 1:
+        raise InvalidInputError(f"`worst` {worst}: keep at least 1 image")
+    files = all(isinstance(item, (str, os.PathLike)) for item in images)
+    if model is None:
+        if not files:
+            raise InvalidInputError("screening without a `model` checks files; give their paths")
+        found = [check_file(f, max_megapixels) for f in images]  # type: ignore[arg-type]
+        return Screening(problems=[c for c in found if not c.ok])
+    if not images:
+        return Screening()
+    screener = screener or build_screener(model, probe)
+    encode = _encode_files if files else _encode_in_memory
+    paths, vectors, features, problems = encode(
+        images, model, screener, names, catalog, max_megapixels, progress
+    )
+    scores = screener.score(paths, vectors, features)
+    if sort is not None:
+        by: Attribute = sort
+        scores.sort(key=lambda s: s.attributes[by])
+    return Screening(problems, scores[:worst] if worst is not None else scores)
+
+
+_Encoded = tuple[list[str], np.ndarray, np.ndarray | None, list[Integrity]]
+
+
+def _encode_files(
+    files: Sequence[Any],
+    model: Encoder,
+    screener: Screener,
+    names: Sequence[str] | None,
+    catalog: Catalog | None,
+    max_megapixels: float | None,
+    progress: bool,
+) -> _Encoded:
+    """Embeddings (and probe features) of files, named by their resolved paths, and the
+    problems of those that could not be read or are misnamed."""
+    options = {"max_megapixels": max_megapixels, "progress": progress}
+    done = embed_files(model, files, catalog, **options)
+    problems = [problem_of(e) for e in done.failures]
+    problems += [c for p in done.paths if not (c := check_file(p, decode=False)).ok]
+    features = None
+    if screener.probe is not None:
+        features = embed_files(model, done.paths, catalog, features=True, **options).vectors
+    return done.paths, done.vectors, features, problems
+
+
+def _encode_in_memory(
+    images: Sequence[ImageSource],
+    model: Encoder,
+    screener: Screener,
+    names: Sequence[str] | None,
+    catalog: Catalog | None,
+    max_megapixels: float | None,
+    progress: bool,
+) -> _Encoded:
+    """Embeddings (and probe features) of images already open, named by `names`."""
+    labels = list(names) if names is not None else [describe(item) for item in images]
+    if len(labels) != len(images):
+        raise InvalidInputError(f"{len(images)} images but {len(labels)} `names`")
+    done = model.encode_images_lenient(images, None, progress, max_megapixels)
+    kept = [images[i] for i in done.kept]
+    features = None
+    if screener.probe is not None:
+        features = model.encode_features(kept, None, progress, max_megapixels).vectors
+    problems = [problem_of(e) for e in done.failures]
+    return [labels[i] for i in done.kept], done.vectors, features, problems
+
+
 # ---------------------------------------------------------------------------- probe
 
 # a multinomial logistic regression on features, one class per distortion type
@@ -219,45 +374,15 @@ def train_probe(
 ) -> DistortionProbe:
     """Fit the probe; its accuracy is cross-validated (stratified folds) before the final fit.
     C is fixed at 10: standardised probe features on held-out photos scored 0.30 -> 0.43
-    against the default (offline model), and distortion sets are too small to choose it."""
+    against the default (offline model), and distortion sets are too small to choose it.
+
+    Why: a model whose text side knows little of image quality (such as the offline one)
+    still tells distortions apart from a few examples of each (`write_distortions`).
+
+    >>> import cliplens
+    >>> model = cliplens.ModelRef("offline")
+    >>> probe = cliplens.train_probe(features, folder_names, model.feature_id)  # doctest: +SKIP
+    """
     if len(set(labels)) < 2:
         raise InvalidInputError("a probe needs at least two distortion types (subfolders)")
     return fit_probe(vectors, labels, model_id, grid=(10.0,), folds=folds, seed=seed)
-
-
-# ---------------------------------------------------------------------------- distortions
-
-
-def distort(image: Any, kind: str, level: int) -> Any:
-    """`image` (PIL, RGB) with a distortion at severity 1..5: blur, noise, jpeg,
-    brightness (darker), overexposed, low_resolution. Used by tests and benchmarks."""
-    import io
-
-    from PIL import Image, ImageEnhance, ImageFilter
-
-    if level not in DISTORTION_LEVELS:
-        low, high = DISTORTION_LEVELS[0], DISTORTION_LEVELS[-1]
-        raise InvalidInputError(f"distortion level {level} must be {low}..{high}")
-    if kind == "blur":
-        return image.filter(ImageFilter.GaussianBlur(radius=[1, 2, 3.5, 5, 8][level - 1]))
-    if kind == "noise":
-        rng = np.random.default_rng(level)
-        x = np.asarray(image, np.float32)
-        x = x + rng.normal(0, [8, 16, 28, 42, 60][level - 1], x.shape)
-        return Image.fromarray(np.clip(x, 0, 255).astype(np.uint8))
-    if kind == "jpeg":
-        buf = io.BytesIO()
-        image.save(buf, format="JPEG", quality=[40, 20, 10, 5, 2][level - 1])
-        return Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
-    if kind in ("brightness", "underexposed"):
-        return ImageEnhance.Brightness(image).enhance([0.7, 0.5, 0.35, 0.22, 0.12][level - 1])
-    if kind == "overexposed":
-        return ImageEnhance.Brightness(image).enhance([1.4, 1.8, 2.3, 2.9, 3.6][level - 1])
-    if kind == "low_resolution":
-        w, h = image.size
-        f = [2, 4, 6, 8, 12][level - 1]
-        small = image.resize((max(1, w // f), max(1, h // f)), Image.Resampling.BILINEAR)
-        return small.resize((w, h), Image.Resampling.NEAREST)
-    raise InvalidInputError(
-        f"unknown distortion '{kind}' (blur, noise, jpeg, brightness, overexposed, low_resolution)"
-    )

@@ -10,23 +10,27 @@ Encoder and any catalog serve.
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from cliplens.errors import InvalidInputError
+from cliplens.errors import ImageError, InvalidInputError
+from cliplens.images import ImageSource, describe
+from cliplens.models.encoder import Encoder
+from cliplens.store.files import write_atomic
+from cliplens.tasks.embed import embed_files
+from cliplens.textfile import read_lines
+
+if TYPE_CHECKING:
+    from cliplens.catalog.db import Catalog
 
 W = 2.5  # the paper's rescaling, which spreads scores over roughly [0, 1] for ViT-B/32
-
-
-@dataclass(frozen=True)
-class ImageScore:
-    path: str
-    cosine: float
-    clip_score: float
-    ref_score: float | None = None  # max(max_r cos(c, r), 0), with references
-    ref_clip_score: float | None = None
 
 
 def _rows(x: np.ndarray, what: str) -> np.ndarray:
@@ -55,7 +59,14 @@ def cosine(images: np.ndarray, texts: np.ndarray) -> np.ndarray:
 
 
 def clip_score(images: np.ndarray, texts: np.ndarray, w: float = W) -> np.ndarray:
-    """w * max(cos, 0) row by row; one text (D,) is compared with every image."""
+    """w * max(cos, 0) row by row; one text (D,) is compared with every image.
+
+    Why: how well images show a text, on the scale of Hessel et al. (2021).
+
+    >>> import cliplens
+    >>> model = cliplens.ModelRef("offline")
+    >>> cliplens.clip_score(model.encode_images(["a.jpg"]), model.encode_texts(["a cat"]))
+    """
     return w * np.maximum(cosine(images, texts), 0.0)
 
 
@@ -63,7 +74,14 @@ def ref_clip_score(
     images: np.ndarray, texts: np.ndarray, references: Sequence[np.ndarray], w: float = W
 ) -> tuple[np.ndarray, np.ndarray]:
     """(reference scores, RefCLIPScores): for candidate i, max(max_r cos(c_i, r), 0) over
-    its references (R_i, D), and the harmonic mean of that with CLIPScore(c_i, v_i)."""
+    its references (R_i, D), and the harmonic mean of that with CLIPScore(c_i, v_i).
+
+    Why: a caption should fit the image and agree with what people wrote of it.
+
+    >>> import cliplens
+    >>> refs = [model.encode_texts(["a cat on a mat", "a sleeping cat"])]
+    >>> cliplens.ref_clip_score(image_vectors, model.encode_texts(["a cat"]), refs)
+    """
     img, txt = _paired(images, texts)
     if len(references) != img.shape[0]:
         raise InvalidInputError(f"{img.shape[0]} images but {len(references)} reference sets")
@@ -79,9 +97,16 @@ def ref_clip_score(
     return ref, harmonic
 
 
-def rank(images: np.ndarray, prompt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def rerank(images: np.ndarray, prompt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(order, cosines): indices of the images, best fit to the prompt first. Ties keep
-    input order."""
+    input order.
+
+    Why: best-of-N, as DALL-E kept the samples CLIP judged closest to the prompt.
+
+    >>> import cliplens
+    >>> order, cosines = cliplens.rerank(model.encode_images(files), model.encode_texts(["a cat"]))
+    >>> [files[i] for i in order[:3]]
+    """
     cos = _unit(_rows(images, "images")) @ _unit(_rows(prompt, "prompt"))[0]
     order = np.argsort(-cos, kind="stable")
     return order, cos
@@ -89,3 +114,241 @@ def rank(images: np.ndarray, prompt: np.ndarray) -> tuple[np.ndarray, np.ndarray
 
 def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+# ---------------------------------------------------------------------------- images
+
+
+@dataclass(frozen=True)
+class Caption:
+    """An image and the caption it is scored against, with optional references."""
+
+    image: Path
+    caption: str
+    references: tuple[str, ...] = ()
+
+
+def read_captions(path: str | os.PathLike) -> list[Caption]:
+    """{"image", "caption", "references"?} per line (what `caption eval` writes); relative
+    image paths are under the file's folder."""
+    path = Path(path)
+    expected = 'JSON lines of {"image": ..., "caption": ...}'
+    lines = read_lines(path, "`captions`", expected, comments=True, required=True)
+    rows = []
+    for n, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line)
+            image, caption = str(row["image"]), str(row["caption"])
+        except (ValueError, KeyError, TypeError, RecursionError) as e:
+            raise InvalidInputError(
+                f'`captions` {path} line {n}: need {{"image": ..., "caption": ...}} ({e})'
+            ) from None
+        refs = row.get("references") or []
+        if not isinstance(refs, list) or not all(isinstance(r, str) for r in refs):
+            raise InvalidInputError(
+                f"`captions` {path} line {n}: references must be a list of texts"
+            )
+        image_path = Path(image) if Path(image).is_absolute() else path.parent / image
+        rows.append(Caption(image_path, caption, tuple(refs)))
+    return rows
+
+
+@dataclass(frozen=True)
+class ImageScore:
+    """How well one image fits its text: cosine, CLIPScore, RefCLIPScore with references."""
+
+    path: str
+    cosine: float
+    clip_score: float
+    ref_score: float | None = None  # max(max_r cos(c, r), 0), with references
+    ref_clip_score: float | None = None
+    caption: str | None = None  # the image's own caption, when each has one
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"path": self.path, "cosine": round(self.cosine, 4)}
+        out["clip_score"] = round(self.clip_score, 4)
+        if self.caption is not None:
+            out["caption"] = self.caption
+        if self.ref_score is not None and self.ref_clip_score is not None:
+            out["ref_score"] = round(self.ref_score, 4)
+            out["ref_clip_score"] = round(self.ref_clip_score, 4)
+        return out
+
+
+@dataclass
+class ScoreReport:
+    """The scores of the images that could be read, their means, and what was left out."""
+
+    scores: list[ImageScore]
+    model_id: str
+    failures: list[ImageError] = field(default_factory=list)
+    references_left_out: bool = False  # some images had none: no RefCLIPScore
+
+    @property
+    def mean(self) -> dict[str, float]:
+        out = {"clip_score": float(np.mean([s.clip_score for s in self.scores]))}
+        refs = [s.ref_clip_score for s in self.scores if s.ref_clip_score is not None]
+        if refs:
+            out["ref_clip_score"] = float(np.mean(refs))
+        return out
+
+    @property
+    def best(self) -> str:
+        """The image that fits its text best (the highest cosine; the first of ties)."""
+        return max(self.scores, key=lambda s: s.cosine).path
+
+    def to_dict(self) -> dict[str, Any]:
+        mean = {k: round(v, 4) for k, v in self.mean.items()}
+        images = [s.to_dict() for s in self.scores]
+        return {"images": images, "mean": mean, "model": self.model_id}
+
+
+def score_images(
+    images: Sequence[ImageSource],
+    model: Encoder,
+    prompt: str | None = None,
+    references: Sequence[str] | None = None,
+    captions: Sequence[Caption] | None = None,
+    *,
+    names: Sequence[str] | None = None,
+    catalog: Catalog | None = None,
+    max_megapixels: float | None = None,
+    progress: bool = False,
+) -> ScoreReport:
+    """CLIPScore of each image for `prompt` (RefCLIPScore too with shared `references`), or
+    for its own caption in `captions` (with that caption's references).
+
+    Why: CLIP as a judge of generated images and captions, without human ratings.
+
+    >>> import cliplens
+    >>> report = cliplens.score_images(["a.png", "b.png"], cliplens.ModelRef("offline"), "a cat")
+    >>> report.to_dict()["mean"]
+    """
+    if (prompt is None) == (captions is None):
+        raise InvalidInputError("give a `prompt` or `captions`, not both")
+    if prompt is not None and not prompt.strip():
+        raise InvalidInputError("`prompt` is empty")
+    paths, vectors, failures = _embed(images, model, names, catalog, max_megapixels, progress)
+    if not paths:
+        return ScoreReport([], model.info.model_id, failures)
+    if captions is not None:
+        by_path = {str(Path(c.image).resolve()): c for c in captions}
+        kept = [by_path[p] for p in paths]
+        texts = model.encode_texts([c.caption for c in kept])
+        ref_sets: list[Sequence[str]] | None = [c.references for c in kept]
+    else:
+        kept = None
+        texts = model.encode_texts([prompt or ""])
+        ref_sets = [references] * len(paths) if references else None
+    signed, clip = cosine(vectors, texts), clip_score(vectors, texts)
+    ref_scores = harmonic = None
+    if ref_sets is not None and all(ref_sets):
+        unique = sorted({t for s in ref_sets for t in s})
+        emb = dict(zip(unique, model.encode_texts(unique), strict=True))
+        per_image = [np.stack([emb[t] for t in s]) for s in ref_sets]
+        ref_scores, harmonic = ref_clip_score(vectors, texts, per_image)
+    scores = [
+        ImageScore(
+            path,
+            float(signed[i]),
+            float(clip[i]),
+            None if ref_scores is None else float(ref_scores[i]),
+            None if harmonic is None else float(harmonic[i]),
+            None if kept is None else kept[i].caption,
+        )
+        for i, path in enumerate(paths)
+    ]
+    left_out = ref_sets is not None and harmonic is None
+    return ScoreReport(scores, model.info.model_id, failures, left_out)
+
+
+def _embed(
+    images: Sequence[ImageSource],
+    model: Encoder,
+    names: Sequence[str] | None,
+    catalog: Catalog | None,
+    max_megapixels: float | None,
+    progress: bool,
+) -> tuple[list[str], np.ndarray, list[ImageError]]:
+    """(names, embeddings, failures): files by their resolved paths, embeddings of unchanged
+    ones from `catalog`; images already open by `names`."""
+    if all(isinstance(item, (str, os.PathLike)) for item in images):
+        options = {"max_megapixels": max_megapixels, "progress": progress}
+        done = embed_files(model, images, catalog, **options)  # type: ignore[arg-type]
+        return done.paths, done.vectors, done.failures
+    labels = list(names) if names is not None else [describe(item) for item in images]
+    if len(labels) != len(images):
+        raise InvalidInputError(f"{len(images)} images but {len(labels)} `names`")
+    enc = model.encode_images_lenient(images, None, progress, max_megapixels)
+    return [labels[i] for i in enc.kept], enc.vectors, enc.failures
+
+
+@dataclass(frozen=True)
+class RankedImage:
+    rank: int  # 1 is the best fit
+    path: str
+    cosine: float
+    clip_score: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "rank": self.rank,
+            "path": self.path,
+            "cosine": self.cosine,
+            "clip_score": self.clip_score,
+        }
+
+
+@dataclass
+class Reranking:
+    """Images that could be read, best fit to the prompt first."""
+
+    ranked: list[RankedImage]
+    failures: list[ImageError] = field(default_factory=list)
+
+
+def rerank_images(
+    images: Sequence[ImageSource],
+    model: Encoder,
+    prompt: str,
+    top: int | None = None,
+    *,
+    names: Sequence[str] | None = None,
+    catalog: Catalog | None = None,
+    max_megapixels: float | None = None,
+    progress: bool = False,
+) -> Reranking:
+    """The `top` images (all by default) that fit `prompt` best, with cosine and CLIPScore.
+
+    Why: best-of-N over files or images already open, as `cliplens rerank` does.
+
+    >>> import cliplens
+    >>> best = cliplens.rerank_images(["a.png", "b.png"], cliplens.ModelRef("offline"), "a cat", 1)
+    >>> best.ranked[0].path
+    """
+    if not prompt.strip():
+        raise InvalidInputError("the prompt is empty")
+    paths, vectors, failures = _embed(images, model, names, catalog, max_megapixels, progress)
+    if not paths:
+        return Reranking([], failures)
+    text = model.encode_texts([prompt])
+    order, cos = rerank(vectors, text)
+    scores = clip_score(vectors, text)
+    ranked = [
+        RankedImage(r + 1, paths[i], round(float(cos[i]), 4), round(float(scores[i]), 4))
+        for r, i in enumerate(order[:top] if top else order)
+    ]
+    return Reranking(ranked, failures)
+
+
+def copy_ranked(ranked: Sequence[RankedImage], folder: str | os.PathLike) -> list[Path]:
+    """Copy ranked images into `folder` as 01-NAME, 02-NAME... (each copy whole or not at
+    all); returns the copies."""
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    width = len(str(len(ranked)))
+    copies = []
+    for r in ranked:
+        copies.append(out / f"{r.rank:0{width}d}-{Path(r.path).name}")
+        write_atomic(copies[-1], lambda tmp, src=r.path: shutil.copy2(src, tmp))
+    return copies

@@ -9,6 +9,8 @@ from pydantic import BaseModel
 
 from cliplens.server.service import service_of
 from cliplens.server.uploads import read_images
+from cliplens.tasks.classify import TEMPLATE_SETS, parse_labels
+from cliplens.tasks.classify import classify as run_classify
 
 router = APIRouter(prefix="/v1", tags=["classify"])
 
@@ -41,17 +43,15 @@ async def classify(
     top_k: Annotated[int, Form(ge=1, le=1000)] = 5,
     multi_label: Annotated[bool, Form()] = False,
 ) -> ClassifyOut:
-    from cliplens.tasks.classify import TEMPLATE_SETS, parse_labels
-    from cliplens.tasks.classify import classify as run_classify
-
     svc = service_of(request)
     names, pics = await read_images(svc, images)
     label_list = parse_labels(labels)
     # a set name or literal templates: never a file on the server
     spec = templates if templates in TEMPLATE_SETS else templates.split("|")
-    result = await svc.run(lambda: run_classify(svc.ref.load(), pics, label_list, spec,
-                                                top_k=top_k, multi_label=multi_label))  # fmt: skip
-    out = [ImageLabels(name=n, labels=[LabelScore(label=lb, score=sc) for lb, sc in p.labels])
-           for n, p in zip(names, result.predictions, strict=True)]  # fmt: skip
-    return ClassifyOut(predictions=out, multi_label=result.multi_label,
-                       threshold=result.threshold)  # fmt: skip
+    options = {"top_k": top_k, "multi_label": multi_label}
+    result = await svc.run(lambda: run_classify(svc.ref.load(), pics, label_list, spec, **options))
+    out = [
+        ImageLabels(name=n, labels=[LabelScore(label=lb, score=sc) for lb, sc in p.labels])
+        for n, p in zip(names, result.predictions, strict=True)
+    ]
+    return ClassifyOut(predictions=out, multi_label=result.multi_label, threshold=result.threshold)

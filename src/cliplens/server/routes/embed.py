@@ -33,8 +33,7 @@ async def embed(
         raise InvalidInputError("nothing to embed; send 'texts' fields and/or 'images' files")
     if len(texts) > 256:
         raise InvalidInputError(f"{len(texts)} texts in one request; send at most 256")
-    names, pics = await read_images(svc, images) if images \
-        else ([], [])  # fmt: skip
+    names, pics = await read_images(svc, images) if images else ([], [])
 
     def work():
         t = svc.ref.encode_texts(texts).tolist() if texts else []

@@ -9,6 +9,9 @@ from pydantic import BaseModel
 
 from cliplens.server.service import service_of
 from cliplens.server.uploads import read_images
+from cliplens.tasks.moderate import build_moderator
+from cliplens.tasks.moderate import moderate as judge_images
+from cliplens.tasks.policy import load_policy
 
 router = APIRouter(prefix="/v1", tags=["moderate"])
 
@@ -40,17 +43,15 @@ async def moderate(
     names, pics = await read_images(svc, images)
 
     def work():
-        from cliplens.tasks.moderate import build_moderator
-        from cliplens.tasks.policy import load_policy
-
-        moderator = svc.cached("moderator", lambda: build_moderator(
-            load_policy(svc.settings.policy), svc.ref))  # fmt: skip
-        return moderator.judge(names, svc.ref.encode_images(pics))
+        moderator = svc.cached(
+            "moderator", lambda: build_moderator(load_policy(svc.settings.policy), svc.ref)
+        )
+        return judge_images(pics, svc.ref, moderator=moderator, names=names).verdicts
 
     verdicts = await svc.run(work)
-    out = []
-    for v in verdicts:
-        d = v.to_dict()
-        d["name"] = d.pop("path")
-        out.append(VerdictOut(**d))
-    return ModerateOut(policy=svc.settings.policy, verdicts=out)
+    return ModerateOut(policy=svc.settings.policy, verdicts=[_out(v.to_dict()) for v in verdicts])
+
+
+def _out(verdict: dict) -> VerdictOut:
+    """A verdict's dictionary (rounded as the CLI prints it), named by its upload."""
+    return VerdictOut(name=verdict.pop("path"), **verdict)

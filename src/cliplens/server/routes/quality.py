@@ -9,6 +9,7 @@ from pydantic import BaseModel
 
 from cliplens.server.service import service_of
 from cliplens.server.uploads import read_images
+from cliplens.tasks.quality import DistortionProbe, build_screener, screen
 
 router = APIRouter(prefix="/v1", tags=["quality"])
 
@@ -35,20 +36,21 @@ async def quality(
     svc = service_of(request)
     names, pics = await read_images(svc, images)
 
-    def work():
-        from cliplens.tasks.quality import DistortionProbe, build_screener
+    def make_screener():
+        path = svc.settings.quality_probe
+        return build_screener(svc.ref, DistortionProbe.load(path) if path else None)
 
-        probe_path = svc.settings.quality_probe
-        screener = svc.cached("screener", lambda: build_screener(
-            svc.ref, DistortionProbe.load(probe_path) if probe_path else None))  # fmt: skip
-        vectors = svc.ref.encode_images(pics)
-        features = None
-        if screener.probe is not None:
-            features = svc.ref.load().encode_features(pics).vectors
-        return screener.score(names, vectors, features)
+    def work():
+        screener = svc.cached("screener", make_screener)
+        return screen(pics, svc.ref, screener=screener, names=names).scores
 
     scores = await svc.run(work)
-    return QualityListOut(scores=[QualityOut(
-        name=s.path, attributes={k: round(v, 4) for k, v in s.attributes.items()},
-        distortion=s.distortion, distortion_probability=round(s.distortion_probability, 4),
-        distortion_source=s.distortion_source) for s in scores])  # fmt: skip
+    return QualityListOut(scores=[_out(s.to_dict()) for s in scores])
+
+
+def _out(scores: dict) -> QualityOut:
+    """A score's dictionary (rounded as the CLI prints it) in the response's shape."""
+    name = scores.pop("path")
+    fields = ("distortion", "distortion_probability", "distortion_source")
+    top = {k: scores.pop(k) for k in fields}
+    return QualityOut(name=name, attributes=scores, **top)
