@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 import typer.core
@@ -19,6 +19,10 @@ from typer._click.types import FloatRange
 from cliplens.errors import ImageError, ImageNotFoundError, InvalidInputError
 from cliplens.limits import MAX_EPOCHS, MAX_LR, MAX_MINUTES, MAX_SEED
 from cliplens.settings import DEFAULT_MODEL
+
+if TYPE_CHECKING:
+    from cliplens.models.encoder import Encoder
+    from cliplens.tasks.embed import Embedded
 
 # ------------------------------------------------------------------ number bounds
 
@@ -226,15 +230,26 @@ def read_catalog(db: Path | None):
     return Catalog(path, readonly=True) if path.exists() else None
 
 
-def embed_paths(model, files, db: Path | None, max_megapixels: float | None = None,
-                features: bool = False):  # fmt: skip
+def embed_paths(
+    model: Encoder,
+    files: Sequence[Path],
+    db: Path | None,
+    max_megapixels: float | None = None,
+    features: bool = False,
+) -> Embedded:
     """Embed files, taking unchanged ones from the catalog (--db, or the default one when it
     exists) so a folder already indexed is not encoded again."""
     from cliplens.cli.output import show_progress
     from cliplens.tasks.embed import embed_files
 
-    return embed_files(model, files, read_catalog(db), progress=show_progress(),
-                       max_megapixels=max_megapixels, features=features)  # fmt: skip
+    return embed_files(
+        model,
+        files,
+        read_catalog(db),
+        progress=show_progress(),
+        max_megapixels=max_megapixels,
+        features=features,
+    )
 
 
 def embed_labelled(ref, files, labels, db, max_megapixels, features):

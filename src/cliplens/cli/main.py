@@ -93,7 +93,7 @@ def _flag_namer(argv: list[str]) -> Callable[[str], str | None]:
         if param.opts and param.opts[0].startswith("-"):
             names.setdefault(param.name, max(param.opts, key=len))
         else:
-            names.setdefault(param.name, param.human_readable_name)
+            names.setdefault(param.name, param.name.upper())
     return lambda name: names.get(name) or ("--" + name.replace("_", "-"))
 
 

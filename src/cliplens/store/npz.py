@@ -28,8 +28,8 @@ def load_arrays(path: str | Path, what: str) -> tuple[dict[str, np.ndarray], dic
     try:
         with np.load(path, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files if not k.startswith("metric_")}
-            metrics = dict(zip(z["metric_names"].tolist(), z["metric_values"].tolist(),
-                               strict=True))  # fmt: skip
+            names, values = z["metric_names"].tolist(), z["metric_values"].tolist()
+            metrics = dict(zip(names, values, strict=True))
     except (OSError, KeyError, ValueError) as e:
         raise InvalidInputError(f"{what} {path}: not a cliplens {what} file ({e})") from e
     return arrays, metrics
