@@ -1,6 +1,6 @@
 """CLIP-guided generation with the shapes model, judged by an independent classifier.
 
-For each prompt ("a red circle", ...) and each seed, `cliplens.tasks.generate` optimises a
+For each prompt ("a red circle", ...) and each seed, `cliplens.generation.generate` optimises a
 Fourier-parameterised image toward the prompt under the shapes CLIP from `cliplens train
 clip`. A separate judge then labels the final image with one of the 48 "colour shape"
 classes; a seed counts when the label is the prompted colour and shape.
@@ -31,7 +31,7 @@ import torch
 from PIL import Image
 
 from cliplens import load_model
-from cliplens.tasks.generate import GenerateConfig, generate, parse_prompts
+from cliplens.generation.generate import GenerateConfig, generate, parse_prompts
 
 PROMPTS = [
     "a red circle",

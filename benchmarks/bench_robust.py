@@ -122,7 +122,8 @@ def main() -> None:
         probe = fit_probe(result.teacher_embeddings, train_labels, teacher.info.model_id)
     encoders = {"teacher": teacher, "student": result.student}
     conditions = (CORRUPTIONS, severities, templates, probe)
-    rows = evaluate_robust(encoders, test, test_labels, *conditions, progress=True)
+    evaluation = evaluate_robust(encoders, test, test_labels, *conditions, progress=True)
+    rows = [r.to_dict() for r in evaluation]  # flat: corruption, severity, teacher, student
     eval_s = time.perf_counter() - t0
     print(f"{'corruption':<10} {'sev':>3} {'teacher':>8} {'student':>8} {'gain':>7}")
     for r in rows:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from cliplens.errors import InvalidInputError
-from cliplens.tasks.generate import (
+from cliplens.generation.generate import (
     Cutouts,
     FourierImage,
     GenerateConfig,
@@ -157,3 +157,10 @@ def test_generate_cli(tmp_path, tiny_model_dir, photos, capsys):
     assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()  # seeded
     assert main(["generate", "blurry:-1", "--model", f"local:{tiny_model_dir}"]) == 2
     assert "positive weight" in capsys.readouterr().err
+
+
+def test_an_animation_keeps_frames_without_an_interval():
+    assert GenerateConfig(steps=300, animate=True).frame_interval == 6  # 50 frames
+    assert GenerateConfig(steps=300, animate=True, save_every=10).frame_interval == 10
+    assert GenerateConfig(steps=10, animate=True).frames == 10  # at least one step apart
+    assert GenerateConfig(steps=300).frames == 0

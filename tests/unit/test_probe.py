@@ -89,9 +89,15 @@ def test_kshot_curve_rises_with_shots_and_skips_what_cannot_be_drawn():
     rows = kshot(
         x[pool], [y[i] for i in pool], x[test], [y[i] for i in test], shots=(1, 16, 64), repeats=3
     )
-    assert [r["shots"] for r in rows] == [1, 16]  # 64 is more than a class holds
-    assert rows[1]["accuracy"] > rows[0]["accuracy"]
-    assert rows[1]["accuracy"] > 0.5  # chance is 0.25
+    assert [r.shots for r in rows] == [1, 16]  # 64 is more than a class holds
+    assert rows[1].accuracy > rows[0].accuracy
+    assert rows[1].accuracy > 0.5  # chance is 0.25
+    assert rows[0].to_dict() == {
+        "shots": 1,
+        "accuracy": rows[0].accuracy,
+        "std": rows[0].std,
+        "repeats": 3,
+    }
 
 
 def test_labelled_folder_reads_class_subfolders(tmp_path):

@@ -84,7 +84,7 @@ def test_evaluation_reports_every_condition_for_every_encoder(trained, tiny, ima
     rows = evaluate_robust(
         encoders, images[:32], labels[:32], ("blur", "jpeg"), (1, 5), probe=probe
     )
-    assert [(r["corruption"], r["severity"]) for r in rows] == [
+    assert [(r.corruption, r.severity) for r in rows] == [
         ("clean", 0),
         ("blur", 1),
         ("blur", 5),
@@ -92,8 +92,9 @@ def test_evaluation_reports_every_condition_for_every_encoder(trained, tiny, ima
         ("jpeg", 5),
     ]
     for r in rows:
-        assert r["teacher"] == r["same"]  # the same encoder, the same corrupted images
-        assert all(0 <= r[k] <= 1 for k in ("teacher", "student"))
+        assert r.accuracy["teacher"] == r.accuracy["same"]  # the same images, corrupted alike
+        assert all(0 <= r.accuracy[k] <= 1 for k in ("teacher", "student"))
+    assert rows[0].to_dict() == {"corruption": "clean", "severity": 0, **rows[0].accuracy}
 
 
 def test_offline_teacher_trains_its_cnn(offline, tmp_path):
@@ -138,7 +139,9 @@ def test_robust_cli_trains_and_compares(tiny_model_dir, tmp_path, capsys):
     report = json.loads(capsys.readouterr().out)
     assert code == 0 and report["steps"] == 40 // 16
     assert len(report["eval"]) == 1 + 2 * 5  # clean, then 2 corruptions x 5 severities
-    assert (tmp_path / "run" / "eval.json").is_file()
+    saved = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert saved == {"mode": "zero-shot", "rows": report["eval"]}
+    assert set(report["eval"][0]) == {"corruption", "severity", "teacher", "student"}
     # a probe fit on the labelled training rows' teacher embeddings (the mechanics only:
     # evaluated on those rows, so that every class has been seen)
     rows = str(s / "train.jsonl")

@@ -12,8 +12,8 @@ import torch
 import yaml
 
 from cliplens.errors import InvalidInputError
-from cliplens.models.vqgan import VQGAN, VQGANImage, load_vqgan
-from cliplens.tasks.generate import Cutouts, GenerateConfig, generate, parse_prompts
+from cliplens.generation.generate import Cutouts, GenerateConfig, generate, parse_prompts
+from cliplens.generation.vqgan import VQGAN, VQGANImage, load_vqgan
 
 DDCONFIG = {
     "double_z": False,
@@ -111,7 +111,7 @@ def test_gumbel_and_transformer_configs(tmp_path):
 
 
 def test_one_vqgan_step_lowers_the_loss(tmp_path, tiny):
-    from cliplens.tasks.generate import prompt_loss
+    from cliplens.generation.generate import prompt_loss
 
     config, ckpt, _ = write_vqgan(tmp_path)
     gen = VQGANImage(load_vqgan(config, ckpt), 32, seed=0)
@@ -150,7 +150,7 @@ def test_one_vqgan_step_lowers_the_loss(tmp_path, tiny):
 
 
 def test_clamp_passes_gradients_that_move_pixels_back_in_range():
-    from cliplens.models.vqgan import _ClampWithGrad
+    from cliplens.generation.vqgan import _ClampWithGrad
 
     x = torch.tensor([-0.5, 0.5, 1.5, -0.5, 1.5], requires_grad=True)
     y = _ClampWithGrad.apply(x)

@@ -6,6 +6,7 @@ of it (no torch).
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Annotated
 
@@ -20,7 +21,11 @@ from cliplens.cli.common import (
     out_folder,
 )
 from cliplens.cli.output import info
+from cliplens.generation.config import DEFAULT_LR  # torch-free: the help shows the defaults
 from cliplens.limits import MAX_CUTOUTS, MAX_LR, MAX_SIZE, MAX_STEPS, MIN_SIZE
+
+# Commands import the library inside their bodies, so that `cliplens --help` and every
+# other command start without torch (tests/unit/test_structure.py checks --help).
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 library_names("generate", trust="--trust-checkpoint")
@@ -50,7 +55,8 @@ def generate_command(
         float | None,
         typer.Option(
             "--lr",
-            help="Adam's step size. [default: 0.05; 0.1 with a VQGAN]",
+            help=f"Adam's step size. [default: {DEFAULT_LR['fourier']}; "
+            f"{DEFAULT_LR['vqgan']} with a VQGAN]",
             click_type=FiniteFloat(0, MAX_LR, min_open=True),
         ),
     ] = None,
@@ -95,17 +101,14 @@ def generate_command(
     """Optimise an image (Fourier-parameterised, or a VQGAN's latents) so CLIP matches it
     to the prompts."""
     from cliplens.cli.output import show_progress
-    from cliplens.progress import progress_bar
-    from cliplens.tasks.generate import (
+    from cliplens.generation.generate import (
         GenerateConfig,
         animation_format,
-        animation_interval,
-        build_generator,
         generate,
-        guide_model,
         parse_prompts,
         write_animation,
     )
+    from cliplens.progress import progress_bar
 
     prompts = parse_prompts(prompt, negative, image_prompt)
     # every path the work ends in is checked before the work, not after
@@ -113,11 +116,6 @@ def generate_command(
     if animation:
         animation_format(animation)
         out_file(animation, "--animation", (".gif", ".mp4"))
-    if animation and not save_every:
-        save_every = animation_interval(steps)
-    frames_dir = out.with_name(f"{out.stem}_frames")
-    if save_every:
-        out_folder(frames_dir, "frames folder")
     cfg = GenerateConfig(
         size=size,
         steps=steps,
@@ -130,14 +128,23 @@ def generate_command(
         vqgan_checkpoint=vqgan_checkpoint,
         trust_checkpoint=trust_checkpoint,
         init_image=init_image,
+        animate=animation is not None,
     )
-    generator = build_generator(cfg)  # before the model: a bad VQGAN stops here
-    encoder = guide_model(model)
-    with progress_bar(steps, "generating", show_progress()) as advance:
-        result = generate(
-            encoder, prompts, cfg, generator, lambda _, sim: advance(1, f"similarity {sim:.3f}")
-        )
-    frames = result.save(out, frames_dir if result.frames else None, save_every)
+    frames_dir = out.with_name(f"{out.stem}_frames")
+    if cfg.frame_interval:
+        out_folder(frames_dir, "frames folder")
+    with contextlib.ExitStack() as bar:
+        advance: list = []  # the bar opens at the first step: a bad generator or model shows none
+
+        def on_step(_: int, sim: float) -> None:
+            if not advance:
+                advance.append(
+                    bar.enter_context(progress_bar(steps, "generating", show_progress()))
+                )
+            advance[0](1, f"similarity {sim:.3f}")
+
+        result = generate(model, prompts, cfg, on_step=on_step)
+    frames = result.save(out, frames_dir if result.frames else None, cfg.frame_interval)
     if frames:
         info(f"wrote {len(frames)} frames to {frames_dir}")
     if animation:

@@ -39,6 +39,9 @@ if TYPE_CHECKING:
     from cliplens.models.ref import ModelRef
     from cliplens.tasks.probe import LabelledVectors
 
+# Commands import the library inside their bodies, so that `cliplens --help` and every
+# other command start without torch (tests/unit/test_structure.py checks --help).
+
 app = typer.Typer(
     help="Linear probes: fit a classifier on embeddings, predict, k-shot curves.",
     no_args_is_help=True,
@@ -180,7 +183,7 @@ def kshot_command(
     if fmt is Format.json:
         print_json(report.to_dict())
         return
-    rows = [(int(r["shots"]), f"{r['accuracy']:.3f} ± {r['std']:.3f}") for r in report.curve]
+    rows = [(p.shots, f"{p.accuracy:.3f} ± {p.std:.3f}") for p in report.curve]
     if report.zero_shot_accuracy is not None:
         rows.append(("zero-shot", f"{report.zero_shot_accuracy:.3f}"))
     print_table(["shots per class", f"accuracy ({report.test_images} test images)"], rows)

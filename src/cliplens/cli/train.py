@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -25,6 +23,12 @@ from cliplens.cli.output import Format, info, print_json, print_table, show_prog
 from cliplens.errors import InvalidInputError
 from cliplens.limits import MAX_ALIGN_WEIGHT, MAX_TEMPERATURE, MAX_TRAIN_STEPS, SEVERITIES
 from cliplens.textfile import read_lines
+
+if TYPE_CHECKING:
+    from cliplens.train.robust import RobustRow
+
+# Commands import the library inside their bodies, so that `cliplens --help` and every
+# other command start without torch (tests/unit/test_structure.py checks --help).
 
 app = typer.Typer(help="Train CLIP models.", no_args_is_help=True)
 # the library's names of parameters that these commands' options call otherwise
@@ -232,9 +236,14 @@ def robust_command(
     """Distil a corruption-robust image tower from a teacher (contrastive distillation),
     then compare teacher and student on corrupted held-out images."""
     from cliplens.corruptions import parse_corruptions, parse_severities
-    from cliplens.models import load_model
     from cliplens.tasks.classify import load_templates
-    from cliplens.train.robust import RobustConfig, parse_eval_mode, train_robust
+    from cliplens.train.robust import (
+        RobustConfig,
+        evaluate_robust_run,
+        load_teacher,
+        parse_eval_mode,
+        train_robust,
+    )
 
     kinds = parse_corruptions(corruptions)
     levels = parse_severities(severity)
@@ -261,15 +270,27 @@ def robust_command(
         if mode == "probe":
             probe_files, probe_labels = _labelled_images(data, "--data (for --eval-mode probe)")
     images = _images_of(data)
-    # the teacher in fp32: the student starts from its exact weights
-    model = load_model(teacher, device=device, precision="fp32")
+    model = load_teacher(teacher, device)
     result = train_robust(model, images, out, cfg, progress=show_progress())
-    rows: list[dict] = []
+    rows = []
     if eval_data is not None:
-        evaluation = _RobustEvaluation(mode, eval_files, eval_labels, probe_files, probe_labels)
-        rows = evaluation.run(model, result, images, kinds, prompts, seed, out)
+        rows = evaluate_robust_run(
+            model,
+            result,
+            images,
+            eval_files,
+            eval_labels,
+            mode,
+            (probe_files, probe_labels),
+            corruptions=kinds,
+            templates=prompts,
+            seed=seed,
+            out=out,
+            progress=show_progress(),
+        )
     if fmt is Format.json:
-        print_json({**result.to_dict(), "eval_mode": mode if rows else None, "eval": rows})
+        evaluation = [r.to_dict() for r in rows]
+        print_json({**result.to_dict(), "eval_mode": mode if rows else None, "eval": evaluation})
         return
     if rows:
         header = ["corruption", "severity", "teacher", "student", "gain"]
@@ -281,40 +302,8 @@ def robust_command(
         info(f"student image tower: {saved}")
 
 
-def _gain_row(r: dict) -> tuple:
-    gain = f"{r['student'] - r['teacher']:+.3f}"
-    severity = r["severity"] or ""
-    return (r["corruption"], severity, f"{r['teacher']:.3f}", f"{r['student']:.3f}", gain)
-
-
-@dataclass
-class _RobustEvaluation:
-    """What `train robust --eval` compares teacher and student on."""
-
-    mode: str
-    files: list[Path]
-    labels: list[str]
-    probe_files: list[Path]
-    probe_labels: list[str]
-
-    def run(self, teacher, result, images, kinds, prompts, seed, out: Path) -> list[dict]:
-        from cliplens.store.files import write_atomic
-        from cliplens.train.robust import evaluate_robust, teacher_probe
-
-        probe = None
-        if self.mode == "probe":  # fit in the teacher's space, on the embeddings already made
-            probe = teacher_probe(teacher, result, images, self.probe_files, self.probe_labels)
-        encoders = {"teacher": teacher, "student": result.student}
-        rows = evaluate_robust(
-            encoders,
-            self.files,
-            self.labels,
-            corruptions=kinds,
-            templates=prompts,
-            probe=probe,
-            seed=seed,
-            progress=show_progress(),
-        )
-        text = json.dumps({"mode": self.mode, "rows": rows}, indent=1)
-        write_atomic(out / "eval.json", lambda tmp: tmp.write_text(text))
-        return rows
+def _gain_row(r: RobustRow) -> tuple:
+    """A `RobustRow` as a table row: teacher, student and what the student gains."""
+    teacher, student = r.accuracy["teacher"], r.accuracy["student"]
+    gain = f"{student - teacher:+.3f}"
+    return (r.corruption, r.severity or "", f"{teacher:.3f}", f"{student:.3f}", gain)

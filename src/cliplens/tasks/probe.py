@@ -272,6 +272,24 @@ def split_per_class(
     return np.array(pool), np.array(test)
 
 
+@dataclass(frozen=True)
+class KShotPoint:
+    """One point of a k-shot curve: probes fit on `shots` images per class, `repeats` times."""
+
+    shots: int
+    accuracy: float  # mean test accuracy over the draws
+    std: float
+    repeats: int
+
+    def to_dict(self) -> dict[str, float]:
+        return {
+            "shots": self.shots,
+            "accuracy": self.accuracy,
+            "std": self.std,
+            "repeats": self.repeats,
+        }
+
+
 def kshot(
     vectors: np.ndarray,
     labels: Sequence[str],
@@ -280,16 +298,16 @@ def kshot(
     shots: Sequence[int] = (1, 2, 4, 8, 16),
     repeats: int = 5,
     seed: int = 0,
-) -> list[dict[str, float]]:
+) -> list[KShotPoint]:
     """Test accuracy of probes fit on k images per class (drawn `repeats` times from
-    `vectors`), per k: {"shots", "accuracy" (mean), "std", "repeats"}. A k above the smallest
-    class's count is skipped.
+    `vectors`), per k: a `KShotPoint` (mean accuracy, its std over the draws). A k above the
+    smallest class's count is skipped.
 
     Why: how many labelled images a class needs before a probe beats zero-shot.
 
     >>> import cliplens
     >>> curve = cliplens.kshot(train_x, train_y, test_x, test_y, shots=(1, 4, 16))
-    >>> [(row["shots"], row["accuracy"]) for row in curve]
+    >>> [(point.shots, point.accuracy) for point in curve]
     """
     labels = np.asarray(labels)
     truth = np.asarray(test_labels)
@@ -310,7 +328,7 @@ def kshot(
             probe = fit_probe(vectors[pick], labels[pick].tolist(), "", folds=min(5, k))
             accs.append(float(np.mean(np.array(probe.predict(test_vectors)) == truth)))
         mean, std = float(np.mean(accs)), float(np.std(accs))
-        rows.append({"shots": k, "accuracy": mean, "std": std, "repeats": repeats})
+        rows.append(KShotPoint(k, mean, std, repeats))
     return rows
 
 
@@ -344,7 +362,7 @@ class KShotReport:
     model: str
     classes: int
     test_images: int
-    curve: list[dict[str, float]]
+    curve: list[KShotPoint]
     zero_shot_accuracy: float | None
     skipped: list[int]  # shots above the smallest class's count of training images
 
@@ -354,7 +372,7 @@ class KShotReport:
             "classes": self.classes,
             "test_images": self.test_images,
             "zero_shot_accuracy": self.zero_shot_accuracy,
-            "kshot": self.curve,
+            "kshot": [point.to_dict() for point in self.curve],
         }
 
 
@@ -387,7 +405,7 @@ def kshot_report(
         tx, ty = x[held], [y[i] for i in held]
         x, y = x[pool], [y[i] for i in pool]
     curve = kshot(x, y, tx, ty, shots, repeats, seed)
-    skipped = [k for k in shots if k not in {int(r["shots"]) for r in curve}]
+    skipped = [k for k in shots if k not in {point.shots for point in curve}]
     zero = None
     if not data.features:  # zero-shot needs the embedding space
         zero = zero_shot_accuracy(model, tx, ty, templates)

@@ -12,15 +12,17 @@ and linear probes built there work on its output; the text tower is untouched.
 
 Corruptions are applied to the decoded image (before the model's resize and crop), as
 they would happen to a photo. `evaluate_robust` reports teacher and student accuracy per
-corruption and severity, by zero-shot classification or by a linear probe fit on the
-teacher's clean embeddings. Training is `train.loop`'s: a time limit, checkpoints and an exact
-resume, as CLIP and ClipCap training have.
+corruption and severity (`RobustRow`s; `evaluate_robust_run` for a finished run), by
+zero-shot classification or by a linear probe fit on the teacher's clean embeddings.
+Training is `train.loop`'s: a time limit, checkpoints and an exact resume, as CLIP and
+ClipCap training have.
 """
 
 from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -33,7 +35,7 @@ import torch
 from cliplens.corruptions import CORRUPTIONS, CorruptionKind, corrupt
 from cliplens.device import Precision
 from cliplens.errors import InvalidInputError
-from cliplens.images import ImageSource
+from cliplens.images import ImageSource, open_image
 from cliplens.limits import (
     MAX_ALIGN_WEIGHT,
     MAX_TEMPERATURE,
@@ -43,8 +45,12 @@ from cliplens.limits import (
     whole_number,
 )
 from cliplens.models.encoder import Encoder
+from cliplens.models.registry import load_model
 from cliplens.models.torch_encoder import TorchEncoder
-from cliplens.tasks.probe import LinearProbe
+from cliplens.progress import progress_bar
+from cliplens.store.files import write_atomic, write_atomic_binary
+from cliplens.tasks.classify import zero_shot_weights
+from cliplens.tasks.probe import LinearProbe, fit_probe
 from cliplens.train import loss as contrastive
 from cliplens.train.loop import (
     LoopSettings,
@@ -52,7 +58,7 @@ from cliplens.train.loop import (
     TrainingLoop,
     check_schedule,
     training_precision,
-    warmup_cosine,
+    warmup_cosine_schedule,
 )
 
 # how `evaluate_robust` classifies: zero-shot among the class names, or with a linear
@@ -150,13 +156,21 @@ def parse_eval_mode(eval_mode: str) -> EvalMode:
     raise InvalidInputError(f"`eval_mode` {eval_mode}: {' or '.join(EVAL_MODES)}")
 
 
+def load_teacher(name: str | None, device: str | None = None) -> TorchEncoder:
+    """The model to make robust, in fp32 whatever the device: the student starts from its
+    exact weights, and training chooses the student's precision (`RobustConfig.precision`).
+
+    >>> import cliplens
+    >>> teacher = cliplens.load_teacher("ViT-B-32:openai")
+    >>> cliplens.train_robust(teacher, files, "run", cliplens.RobustConfig())
+    """
+    return load_model(name, device=device, precision="fp32")
+
+
 def decode_all(
     teacher: Encoder, images: Sequence[ImageSource], progress: bool = False
 ) -> list[Any]:
     """The images decoded once (RGB PIL, downscaled no further than the model needs)."""
-    from cliplens.images import open_image
-    from cliplens.progress import progress_bar
-
     size = teacher.info.preprocessing.resize_size
     out = []
     with progress_bar(len(images), "decoding", progress) as advance:
@@ -259,17 +273,8 @@ def _loop(
 ) -> TrainingLoop:
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
     per_epoch = n // cfg.batch_size
-    schedule = warmup_cosine(cfg.warmup_steps, per_epoch * cfg.epochs)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    settings = LoopSettings(
-        epochs=cfg.epochs,
-        steps_per_epoch=per_epoch,
-        lr=cfg.lr,
-        checkpoint_every=cfg.checkpoint_every,
-        max_minutes=cfg.max_minutes,
-        max_steps=max_steps,
-        grad_clip=cfg.grad_clip,
-    )
+    scheduler = warmup_cosine_schedule(optimizer, cfg.warmup_steps, per_epoch * cfg.epochs)
+    settings = LoopSettings.of(cfg, per_epoch, max_steps)
     modules = {"student": student}
 
     def order(epoch: int) -> np.ndarray:
@@ -322,6 +327,7 @@ def _save_student(
     tower, as a checkpoint every task loads; for other teachers the tower alone."""
     model_cfg = getattr(teacher, "model_cfg", None)
     if model_cfg:
+        # heavy: open_clip loads only for an open_clip teacher's checkpoint
         from cliplens.models.openclip import save_checkpoint
 
         full = copy.deepcopy(teacher.model).float()  # type: ignore[attr-defined]
@@ -329,8 +335,6 @@ def _save_student(
         arch = f"robust-{teacher.info.arch}"
         pp = dict(student.preprocess_cfg)
         return save_checkpoint(full, out / "model", model_cfg, arch, pp), None
-    from cliplens.store.files import write_atomic_binary
-
     tower_path = out / "student.pt"
     saved = {"teacher": teacher.info.model_id, "config": asdict(cfg)}
     saved["state_dict"] = student.state_dict()
@@ -353,11 +357,23 @@ def teacher_probe(
     >>> result = cliplens.train_robust(teacher, files, "run", cliplens.RobustConfig())
     >>> probe = cliplens.teacher_probe(teacher, result, files, files[:100], labels[:100])
     """
-    from cliplens.tasks.probe import fit_probe
-
     row = {image: i for i, image in enumerate(images) if isinstance(image, Path)}
     clean = result.teacher_embeddings[[row[f] for f in files]]
     return fit_probe(clean, list(labels), teacher.info.model_id)
+
+
+@dataclass(frozen=True)
+class RobustRow:
+    """Accuracy of each encoder under one condition (a corruption at a severity, or clean),
+    so teacher and student are compared on the same corrupted images."""
+
+    corruption: str  # a CorruptionKind, or "clean"
+    severity: int  # 0 when clean
+    accuracy: dict[str, float]  # encoder name -> accuracy
+
+    def to_dict(self) -> dict[str, Any]:
+        """{"corruption", "severity", <name>: accuracy, ...}"""
+        return {"corruption": self.corruption, "severity": self.severity, **self.accuracy}
 
 
 def evaluate_robust(
@@ -370,11 +386,10 @@ def evaluate_robust(
     probe: LinearProbe | None = None,
     seed: int = 0,
     progress: bool = False,
-) -> list[dict[str, Any]]:
+) -> list[RobustRow]:
     """Accuracy of each encoder (name -> Encoder sharing one preprocessing and text tower)
     on `images` clean and under every corruption and severity: why, to see what a robust
-    student gains over its teacher, and where. One row per condition, {"corruption",
-    "severity", <name>: accuracy, ...}.
+    student gains over its teacher, and where. One `RobustRow` per condition.
 
     By default zero-shot among the sorted label names. With `probe`, a linear probe fit on
     the teacher's clean embeddings (`teacher_probe`), that classifier is applied to every
@@ -384,8 +399,6 @@ def evaluate_robust(
     >>> result = cliplens.train_robust(teacher, photos, "run", cliplens.RobustConfig())
     >>> cliplens.evaluate_robust({"teacher": teacher, "student": result.student}, x, y)
     """
-    from cliplens.progress import progress_bar
-
     names = list(encoders)
     networks = {name: encoders[name].load() for name in names}
     first = encoders[names[0]]
@@ -402,12 +415,56 @@ def evaluate_robust(
             rngs = [np.random.default_rng([seed, key, sev, i]) for i in range(len(images))]
             n = len(images)
             crops = corrupted_crops(first, images, [kind] * n, [sev] * n, rngs)
-            row: dict[str, Any] = {"corruption": kind or "clean", "severity": sev}
+            accuracy = {}
             for name in names:
                 pred = predict(_embed_crops(networks[name], crops))
-                row[name] = float(np.mean(pred == truth))
-            rows.append(row)
+                accuracy[name] = float(np.mean(pred == truth))
+            rows.append(RobustRow(kind or "clean", sev, accuracy))
             advance(1)
+    return rows
+
+
+def evaluate_robust_run(
+    teacher: Encoder,
+    result: RobustResult,
+    images: Sequence[ImageSource],
+    files: Sequence[Path],
+    labels: Sequence[str],
+    mode: EvalMode = "zero-shot",
+    probe_data: tuple[Sequence[Path], Sequence[str]] = ((), ()),
+    corruptions: Sequence[CorruptionKind] = CORRUPTIONS,
+    templates: Sequence[str] = ("a photo of a {}.",),
+    seed: int = 0,
+    out: Path | None = None,
+    progress: bool = False,
+) -> list[RobustRow]:
+    """Teacher against the student of `result` (trained on `images`) on the held-out
+    `files`: zero-shot among the label names, or with mode "probe" a `teacher_probe` fit on
+    `probe_data` (training files and their labels, among `images`). Writes `out`/eval.json
+    ({"mode", "rows"}) when `out` is given.
+
+    Why: one call for what a robust run's evaluation is, for the CLI and for scripts alike.
+
+    >>> import cliplens
+    >>> result = cliplens.train_robust(teacher, files, "run", cliplens.RobustConfig())
+    >>> cliplens.evaluate_robust_run(teacher, result, files, test, test_labels, out=Path("run"))
+    """
+    probe = None
+    if mode == "probe":  # fit in the teacher's space, on the embeddings already made
+        probe = teacher_probe(teacher, result, images, *probe_data)
+    rows = evaluate_robust(
+        {"teacher": teacher, "student": result.student},
+        files,
+        labels,
+        corruptions=corruptions,
+        templates=templates,
+        probe=probe,
+        seed=seed,
+        progress=progress,
+    )
+    if out is not None:
+        text = json.dumps({"mode": mode, "rows": [r.to_dict() for r in rows]}, indent=1)
+        write_atomic(Path(out) / "eval.json", lambda tmp: tmp.write_text(text))
     return rows
 
 
@@ -425,7 +482,5 @@ def _classifier(
             raise InvalidInputError(f"evaluation classes {unknown} are not in the probe data")
         order = [probe.classes.index(c) for c in classes]
         return lambda vectors: probe.probabilities(vectors)[:, order].argmax(axis=1)
-    from cliplens.tasks.classify import zero_shot_weights
-
     weights = zero_shot_weights(encoder, classes, templates)
     return lambda vectors: (vectors @ weights.T).argmax(axis=1)

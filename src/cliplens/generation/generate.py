@@ -10,8 +10,11 @@ Generators share one interface: a module whose forward() gives a (1, 3, H, W) im
 [0, 1], whose trainable parameters are what the loop optimises, and whose init_from(image)
 starts it from a picture. `FourierImage` needs no weights: the image is parameterised by its
 Fourier spectrum, scaled so that low frequencies dominate, with decorrelated colour, as
-Lucid's feature visualisation does. `cliplens.models.vqgan.VQGANImage` decodes a VQGAN
+Lucid's feature visualisation does. `cliplens.generation.vqgan.VQGANImage` decodes a VQGAN
 latent grid (taming-transformers weights supplied by the user).
+
+What to optimise and how is a `GenerateConfig` (`generation/config.py`, torch-free);
+`generate` builds the generator it names and loads the guide model from a name.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -28,27 +31,21 @@ from PIL import Image
 from torch import nn
 
 from cliplens.errors import InvalidInputError
-from cliplens.images import open_image
-from cliplens.limits import MAX_CUTOUTS, MAX_SEED, MAX_STEPS, finite_number, whole_number
-from cliplens.models.encoder import Encoder
-from cliplens.models.image_budget import (
+from cliplens.generation.config import GenerateConfig
+from cliplens.generation.image_budget import (
     IMAGE_BYTES_PER_PIXEL,
     available_memory,
     check_memory,
     check_size,
 )
+from cliplens.generation.vqgan import VQGANImage, load_vqgan
+from cliplens.images import open_image
+from cliplens.models.encoder import Encoder
 from cliplens.models.registry import load_model
-from cliplens.models.vqgan import VQGANImage, load_vqgan
 from cliplens.store.files import write_atomic
 
 if TYPE_CHECKING:
     from cliplens.models.torch_encoder import TorchEncoder
-
-# what is optimised: a Fourier spectrum (no weights needed) or a VQGAN's latent grid
-GeneratorKind = Literal["fourier", "vqgan"]
-# Adam's step size unless one is given: the Fourier image's, and VQGAN-CLIP's
-DEFAULT_LR: dict[GeneratorKind, float] = {"fourier": 0.05, "vqgan": 0.1}
-ANIMATION_FRAMES = 50  # frames an animation gets when no frame interval is given
 
 # Lucid's square root of the colour correlation matrix of ImageNet, from its SVD
 _COLOUR_SQRT = torch.tensor([[0.26, 0.09, 0.02], [0.27, 0.00, -0.05], [0.27, -0.09, 0.03]])
@@ -189,60 +186,6 @@ def prompt_loss(emb: torch.Tensor, targets: list[torch.Tensor], weights) -> torc
     return torch.stack(terms).sum()
 
 
-@dataclass(frozen=True)
-class GenerateConfig:
-    """What to optimise and how. The generator is a VQGAN when its config and checkpoint
-    are given, else a Fourier image; `lr` None is that generator's DEFAULT_LR.
-
-    Why: numbers are checked where they are made, so a bad one fails before any work.
-
-    >>> import cliplens
-    >>> cfg = cliplens.GenerateConfig(size=128, steps=100, save_every=10)
-    >>> cfg.generator, cfg.learning_rate  # ('fourier', 0.05)
-    """
-
-    size: int = 256
-    steps: int = 300
-    lr: float | None = None
-    cutouts: int = 16
-    seed: int = 0
-    save_every: int = 0  # keep a frame every N steps (0: none)
-    tv: float = 0.0  # weight of a total-variation penalty (smoothness; 0: none)
-    vqgan_config: Path | None = None  # a taming-transformers config (YAML)
-    vqgan_checkpoint: Path | None = None  # and its checkpoint
-    trust_checkpoint: bool = False  # unpickle a checkpoint that holds more than weights
-    init_image: Path | None = None  # start from this image
-
-    def __post_init__(self) -> None:
-        check_size(self.size)
-        whole_number(self.steps, "steps", 1, MAX_STEPS)
-        whole_number(self.cutouts, "cut-outs per step", 1, MAX_CUTOUTS)
-        if self.lr is not None:
-            finite_number(self.lr, "learning rate", 0, low_open=True, example="0.05")
-        finite_number(self.tv, "smoothness (tv) weight", 0)
-        whole_number(self.save_every, "frame interval (steps)", 0, MAX_STEPS)
-        whole_number(self.seed, "seed", 0, MAX_SEED)
-        if (self.vqgan_config is None) != (self.vqgan_checkpoint is None):
-            raise InvalidInputError("give both `vqgan_config` and `vqgan_checkpoint`, or neither")
-
-    @property
-    def generator(self) -> GeneratorKind:
-        return "vqgan" if self.vqgan_config is not None else "fourier"
-
-    @property
-    def learning_rate(self) -> float:
-        return self.lr if self.lr is not None else DEFAULT_LR[self.generator]
-
-    @property
-    def frames(self) -> int:
-        return self.steps // self.save_every if self.save_every else 0
-
-
-def animation_interval(steps: int) -> int:
-    """The frame interval of an animation of `steps` steps when none is given."""
-    return max(1, steps // ANIMATION_FRAMES)
-
-
 def build_generator(cfg: GenerateConfig) -> nn.Module:
     """The generator `cfg` names, checked and started (from `cfg.init_image` if given),
     before any CLIP model is loaded.
@@ -306,27 +249,34 @@ class GenerateResult:
 
 
 def generate(
-    encoder: Encoder,
+    model: Encoder | str | None,
     prompts: list[Prompt],
     cfg: GenerateConfig,
     generator: nn.Module | None = None,
     on_step: Callable[[int, float], None] | None = None,
 ) -> GenerateResult:
-    """Optimise `generator` (`build_generator(cfg)` by default) toward the prompts.
-    The same seed gives the same image on CPU (seed the generator's start with it too).
+    """Optimise `generator` (`build_generator(cfg)` by default) toward the prompts, guided
+    by `model`: an Encoder, or a model name (None: the default) loaded by `guide_model`
+    once the generator is built, so a bad VQGAN fails before any model loads. The same
+    seed gives the same image on CPU (seed the generator's start with it too).
 
     Why: CLIP can draw what it knows, which shows what a model has learnt of a prompt.
 
     >>> import cliplens
     >>> prompts = cliplens.parse_prompts("a red boat | blurry:-0.5")
-    >>> cliplens.generate(cliplens.guide_model("offline"), prompts, cliplens.GenerateConfig())
+    >>> cliplens.generate("offline", prompts, cliplens.GenerateConfig())
     """
     torch.manual_seed(cfg.seed)
-    rng = torch.Generator().manual_seed(cfg.seed)
     image_gen = generator if generator is not None else build_generator(cfg)
     if cfg.frames:
         per_pixel = getattr(image_gen, "bytes_per_pixel", IMAGE_BYTES_PER_PIXEL)
         check_memory(cfg.size, per_pixel, available_memory(), cfg.frames, "the optimisation")
+    if model is None or isinstance(model, str):
+        encoder: Encoder = guide_model(model)
+        torch.manual_seed(cfg.seed)  # loading may draw from torch's generator
+    else:
+        encoder = model
+    rng = torch.Generator().manual_seed(cfg.seed)
     network = encoder.load()
     tower = network.image_tower().eval()
     tower.requires_grad_(False)
@@ -340,6 +290,7 @@ def generate(
     opt = torch.optim.Adam(params, lr=cfg.learning_rate)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, cfg.steps))
     losses, sims, frames = [], [], []
+    every = cfg.frame_interval
     for step in range(cfg.steps):
         image = image_gen()
         emb = tower(((cut(image, rng) - mean) / std).float())
@@ -357,7 +308,7 @@ def generate(
         sims.append(float(cos.mean()))
         if on_step:
             on_step(step + 1, sims[-1])
-        if cfg.save_every and (step + 1) % cfg.save_every == 0:
+        if every and (step + 1) % every == 0:
             frames.append(_to_uint8(image))
     with torch.no_grad():
         final = _to_uint8(image_gen())

@@ -26,7 +26,7 @@ import yaml
 from torch import nn
 
 from cliplens.errors import InvalidInputError
-from cliplens.models.image_budget import (
+from cliplens.generation.image_budget import (
     IMAGE_BYTES_PER_PIXEL,
     available_memory,
     check_memory,

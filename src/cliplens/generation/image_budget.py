@@ -1,7 +1,7 @@
 """What an optimised image may cost: its side, and the memory its optimisation takes.
 
-Shared by the generators of CLIP-guided synthesis (`tasks.generate.FourierImage`,
-`models.vqgan.VQGANImage`), which check both before allocating anything: past the memory
+Shared by the generators of CLIP-guided synthesis (`generation.generate.FourierImage`,
+`generation.vqgan.VQGANImage`), which check both before allocating anything: past the memory
 left the kernel kills the process instead of raising. Torch-free.
 """
 
