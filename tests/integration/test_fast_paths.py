@@ -166,8 +166,7 @@ def test_fast_text_can_be_switched_off(monkeypatch, tiny_model_dir):
 
 def test_unexportable_model_is_noted_once(tmp_path, monkeypatch):
     from cliplens.models import onnx_text as fast_text
-    from cliplens.models import save_checkpoint
-    from cliplens.models.openclip import OpenClipEncoder
+    from cliplens.models.openclip import OpenClipEncoder, save_checkpoint
 
     folder = save_checkpoint(make_tiny_clip(seed=5), tmp_path / "ckpt", TINY_CFG, arch="tiny-test")
     monkeypatch.setattr(OpenClipEncoder, "text_graph", lambda self: None)

@@ -47,6 +47,12 @@ def test_query_vector_is_the_weighted_sum(tiny):
     np.testing.assert_allclose(v, expected / np.linalg.norm(expected), atol=1e-5)
     with pytest.raises(InvalidInputError, match="cancel"):
         query_vector(tiny, parse_query("cat - cat"))
+    # an image already open (an upload) joins the terms with its weight
+    img = Image.new("RGB", (32, 32), (200, 40, 40))
+    (c,) = tiny.encode_images([img])
+    v = query_vector(tiny, parse_query("sunset"), images=[(img, 0.5)])
+    expected = a + 0.5 * c
+    np.testing.assert_allclose(v, expected / np.linalg.norm(expected), atol=1e-5)
 
 
 def test_search_similar_and_folder_filter(tmp_path, tiny):
@@ -62,6 +68,9 @@ def test_search_similar_and_folder_filter(tmp_path, tiny):
     assert len(only_b) == 3 and all("/b/" in h.path for h in only_b)
     sims = similar(cat, tiny, probe, n=10)
     assert probe not in [h.path for h in sims] and len(sims) == 6
+    # by the photo's id: its stored vector, itself excluded, the same answer
+    by_id = similar(cat, tiny, hits[0].id, n=10)
+    assert [h.path for h in by_id] == [h.path for h in sims]
 
 
 def test_duplicates_exact_and_near(tmp_path, tiny):

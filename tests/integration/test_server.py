@@ -182,6 +182,35 @@ def test_similar(client):
     assert len(got) == 3 and first["id"] not in [h["id"] for h in got]
 
 
+def test_similar_route_is_the_library_call(client, settings):
+    """/v1/similar/{id} answers what `cliplens.similar` answers for that photo id."""
+    from cliplens.tasks.search import similar
+
+    first = client.get("/v1/search", params={"q": "rocket", "n": 1}).json()["results"][0]
+    got = client.get(f"/v1/similar/{first['id']}", params={"n": 3}).json()["results"]
+    with Catalog(settings.db, readonly=True) as cat:
+        hits = similar(cat, ModelRef(settings.model, precision="fp32"), first["id"], 3)
+    assert [h["id"] for h in got] == [h.id for h in hits]
+    assert [h["score"] for h in got] == pytest.approx([h.score for h in hits], abs=1e-5)
+
+
+def test_create_app_reads_its_files_before_any_request(settings, tmp_path):
+    """A bad policy, captioner or quality probe stops `create_app` itself, in one line."""
+    from cliplens.device import Precision
+    from cliplens.errors import ClipLensError
+
+    assert settings.precision is Precision.FP32  # a str is parsed
+    (tmp_path / "junk.npz").write_bytes(b"junk")
+    for change in (
+        {"policy": str(tmp_path / "none.yaml")},
+        {"captioner": tmp_path},
+        {"quality_probe": tmp_path / "junk.npz"},
+    ):
+        with pytest.raises(ClipLensError) as caught:
+            _app(settings, **change)
+        assert "\n" not in str(caught.value)
+
+
 def test_score_moderate_quality_and_caption_routes(client, tiny, photos):
     from cliplens.tasks.score import clip_score
 

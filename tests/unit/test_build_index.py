@@ -210,3 +210,20 @@ def test_update_adds_new_shards_without_training(tmp_path):
     job_with(names[1:])
     with pytest.raises(InvalidInputError, match="without `update`"):
         update_index(shards, out)
+
+
+def test_needs_rebuild_once_an_ivfpq_index_outgrows_its_training():
+    """Over 4x the vectors it was trained on, an ivfpq index should be built again; flat
+    and HNSW indexes train nothing."""
+    from dataclasses import replace
+
+    from cliplens.index.built import IndexReport
+
+    report = IndexReport("ivfpq", 1000, 8, {}, 0.0, 0.0, 1, 1.0, 0.1, 10)
+    meta = IndexMeta("m", report)
+    assert not meta.needs_rebuild()
+    assert not meta.needs_rebuild(replace(report, n=4000))
+    assert meta.needs_rebuild(replace(report, n=4001))
+    assert not meta.needs_rebuild(replace(report, kind="flat", n=10_000))
+    grown = replace(meta, report=replace(report, n=5000), trained_n=1000)
+    assert grown.needs_rebuild()

@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import numpy as np
 
-from cliplens.catalog.db import Catalog, resolve_folders
+from cliplens.catalog.db import Catalog, open_catalog, resolve_folders
+from cliplens.catalog.errors import CatalogBusyError, CatalogReadOnlyError
 from cliplens.catalog.vectors import refresh_ann
 from cliplens.catalog.worker import CropDecoder, Decoded, FileJob, decode_file, init_worker
 from cliplens.decode_ahead import INLINE, decode_ahead, process_pool
@@ -115,6 +116,59 @@ def update_catalog(
             progress=progress,
             max_megapixels=max_megapixels,
         )
+
+
+#: why a query searched the catalog as it was: another run is updating it, or it cannot
+#: be written
+NotUpdated = Literal["busy", "read_only"]
+
+
+@dataclass
+class QueryCatalog:
+    """The catalog a query searches, brought up to date first where it could be.
+
+    Why: a search goes on while another run updates the catalog (over the photos that run
+    has committed so far) and where the catalog cannot be written (as it is):
+    `not_updated` says which, `detail` what happened, and `stats` what an update did.
+
+    >>> import cliplens
+    >>> from cliplens.catalog.update import catalog_for_query
+    >>> found = catalog_for_query(None, cliplens.ModelRef(), ["photos/"])
+    >>> found.not_updated, found.to_dict()  # doctest: +SKIP
+    """
+
+    catalog: Catalog
+    stats: UpdateStats | None = None  # the update that ran; None: none did
+    not_updated: NotUpdated | None = None  # why no update ran, where one was asked for
+    detail: str = ""  # the busy or read-only catalog's words, without advice
+
+    def to_dict(self) -> dict[str, Any]:
+        stats = self.stats.to_dict() if self.stats is not None else None
+        return {"stats": stats, "not_updated": self.not_updated, "detail": self.detail}
+
+
+def catalog_for_query(
+    db: str | os.PathLike[str] | None,
+    model: Encoder,
+    roots: Sequence[str | os.PathLike],
+    update: bool = True,
+    progress: bool = False,
+) -> QueryCatalog:
+    """The catalog at `db` for a query by `model`: `roots` brought up to date first (unless
+    not `update`); a busy or read-only catalog is searched as it is, and says so.
+
+    Why: `search`, `similar` and `duplicates` from the CLI decide this one way.
+    """
+    if not update:
+        return QueryCatalog(open_catalog(db, readonly=True))
+    try:
+        catalog = open_catalog(db)
+        stats = update_catalog(catalog, model, roots, progress=progress)
+    except CatalogBusyError as e:  # that run encodes the new photos: search what it has
+        return QueryCatalog(open_catalog(db, readonly=True), not_updated="busy", detail=e.what)
+    except CatalogReadOnlyError as e:
+        return QueryCatalog(open_catalog(db, readonly=True), not_updated="read_only", detail=e.what)
+    return QueryCatalog(catalog, stats)
 
 
 @dataclass

@@ -20,6 +20,9 @@ from cliplens.cli.common import (
 from cliplens.cli.output import Format, info, print_json, print_table, show_progress, warn
 from cliplens.limits import MAX_MINUTES, MAX_QUERIES
 
+# Commands import the library inside their bodies, so that `cliplens --help` and every
+# other command start without torch (tests/unit/test_structure.py checks --help).
+
 MAX_SHARD_SIZE = 10_000_000  # files per shard: a shard is held in memory while it fills
 MAX_ACTORS = 4096  # encoder actors, or CPUs of a local Ray instance
 
@@ -71,13 +74,12 @@ def embed_dataset_command(
     """Embed a large image collection on Ray into Parquet shards; run again to resume, or
     with --add-new to add the files that appeared since."""
     from cliplens.distributed.embed import EmbedJob, embed_dataset
-    from cliplens.settings import get_settings
 
     out_folder(out, "--out")
     job = EmbedJob(
         sources=tuple(sources),
         out=out,
-        model=model or get_settings().default_model,
+        model=model,
         shard_size=shard_size,
         batch_size=batch_size,
         actors=actors,
@@ -163,7 +165,7 @@ def build_index_command(
         report, added, before = update_index(shards, out, queries, progress=show_progress())
         trained = before.trained_on
         info(f"added {added:,} vectors to the {before.report.n:,} already in {out}")
-        if report.kind == "ivfpq" and report.n > 4 * trained:  # flat and HNSW train nothing
+        if before.needs_rebuild(report):
             grown = f"{out} now holds {report.n / trained:.1f}x the {trained:,} vectors"
             warn(
                 f"{grown} it was trained on; build it again (without --update) for the best recall"

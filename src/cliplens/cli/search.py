@@ -35,6 +35,9 @@ if TYPE_CHECKING:
     from cliplens.searchable import Hit
     from cliplens.tasks.search import Term
 
+# Commands import the library inside their bodies, so that `cliplens --help` and every
+# other command start without torch (tests/unit/test_structure.py checks --help).
+
 MAX_WORKERS = 256  # decoder processes
 WorkersOpt = Annotated[
     int | None,
@@ -87,6 +90,11 @@ def _index(
         progress=progress,
         max_megapixels=max_megapixels,
     )
+    _print_stats(stats, verbose, quiet)
+    return catalog, stats
+
+
+def _print_stats(stats: UpdateStats, verbose: bool = False, quiet: bool = False) -> None:
     for path, error in stats.errors:
         warn(f"{path}: {error} (not indexed)")
     if not quiet or stats.new or stats.changed or stats.removed or stats.failed:
@@ -97,21 +105,17 @@ def _index(
         if t.get("encode"):
             line += f"; encoding {stats.encoded / t['encode']:.1f} img/s"
         info(f"timings: {line}")
-    return catalog, stats
 
 
 def _prepare_fast_text(ref: ModelRef) -> None:
     """Once per model, while it is loaded anyway: export the text tower so that later
     text queries need neither torch nor the full model."""
-    if ref.loaded and ref.needs_fast_text():
+    from cliplens.tasks.search import export_fast_text, fast_text_due
+
+    if fast_text_due(ref):
         info(f"preparing fast text queries for {ref.name} (once per model)")
-        ref.unload()  # the export loads an fp32 copy: do not hold both
-        try:
-            ready = ref.prepare_fast_text()
-            reason = "its export did not reproduce the model"
-        except Exception as e:  # an exporter failure must not fail the command that ran
-            ready, reason = False, f"{type(e).__name__}: {e}"
-        if not ready:
+        reason = export_fast_text(ref)
+        if reason is not None:
             warn(f"{ref.name}: no fast text path ({reason}); queries will load the full model")
 
 
@@ -152,23 +156,20 @@ def _open(
 ) -> tuple[Catalog, ModelRef]:
     """The catalog and model for a query, the folders brought up to date unless no_index.
     With `texts`, the text encoder loads in the background meanwhile."""
-    from cliplens.catalog.db import CatalogBusyError, CatalogReadOnlyError, open_catalog
+    from cliplens.catalog.update import catalog_for_query
     from cliplens.models.ref import ModelRef
 
     ref = ModelRef(model, device=device, precision=precision)
     if texts:
         ref.preload_text()
-    if no_index:
-        return open_catalog(db, readonly=True), ref
-    try:
-        catalog, _ = _index(db, ref, folders, quiet=True)
-    except CatalogBusyError as e:  # that run encodes the new photos: search what it has
-        warn(f"{e.what}; searching the photos it has committed so far")
-        return open_catalog(db, readonly=True), ref
-    except CatalogReadOnlyError as e:
-        warn(f"{e.what}; searching it as it is, without updating it (--no-index)")
-        return open_catalog(db, readonly=True), ref
-    return catalog, ref
+    found = catalog_for_query(db, ref, folders, update=not no_index, progress=show_progress())
+    if found.stats is not None:
+        _print_stats(found.stats, quiet=True)
+    if found.not_updated == "busy":
+        warn(f"{found.detail}; searching the photos it has committed so far")
+    elif found.not_updated == "read_only":
+        warn(f"{found.detail}; searching it as it is, without updating it (--no-index)")
+    return found.catalog, ref
 
 
 def _print_hits(hits: list[Hit], fmt: HitFormat) -> None:

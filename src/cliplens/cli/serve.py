@@ -19,6 +19,9 @@ from cliplens.cli.common import (
 from cliplens.cli.output import info, warn
 from cliplens.errors import DependencyMissingError
 
+# Commands import the library inside their bodies, so that `cliplens --help` and every
+# other command start without torch (tests/unit/test_structure.py checks --help).
+
 _POSITIVE = FiniteFloat(0, None, min_open=True)  # finite and > 0
 
 # the ServerSettings field that this command names otherwise
@@ -80,18 +83,6 @@ def serve_command(
         raise DependencyMissingError(
             f"the server needs its extra ({e}); pip install 'cliplens[server]'"
         ) from e
-    # read what the routes will need now, so a bad file stops the start, not a request
-    from cliplens.tasks.policy import load_policy
-
-    load_policy(policy)
-    if captioner is not None:
-        from cliplens.captioning.model import read_config
-
-        read_config(captioner)
-    if quality_probe is not None:
-        from cliplens.tasks.quality import DistortionProbe
-
-        DistortionProbe.load(quality_probe)
     settings = ServerSettings(
         model=model,
         db=db,
@@ -110,7 +101,8 @@ def serve_command(
     if host not in ("127.0.0.1", "localhost", "::1") and token is None:
         exposed = "anyone who can reach it can search your photos"
         warn(f"serving on {host} without --token: {exposed}")
-    app = create_app(settings)  # reads the catalog once: a corrupt or newer one stops here
+    # reads the policy, captioner and probe, and the catalog once: a bad one stops here
+    app = create_app(settings)
     if index is not None:
         app.state.service.model_id()  # the index's model, not another
     sock = bind(host, port)

@@ -33,6 +33,7 @@ REFINES: tuple[Refine, ...] = get_args(Refine)
 INDEX_FILE = "index.faiss"
 META_FILE = "index.json"
 PATHS_FILE = "paths.arrow"  # row number -> path, in the order vectors were added
+REBUILD_GROWTH = 4  # an ivfpq index grown past this times its training vectors: rebuild
 
 
 @dataclass
@@ -76,6 +77,14 @@ class IndexMeta:
     @property
     def trained_on(self) -> int:
         return self.report.n if self.trained_n is None else self.trained_n
+
+    def needs_rebuild(self, report: IndexReport | None = None) -> bool:
+        """Whether the index, as `report` says it is now (default: as built), holds over
+        REBUILD_GROWTH times the vectors it was trained on: updates added so many that
+        its trained partition fits them badly, and a new build gives the best recall.
+        Flat and HNSW indexes train nothing, so they never need it."""
+        report = report or self.report
+        return report.kind == "ivfpq" and report.n > REBUILD_GROWTH * self.trained_on
 
     def to_json(self) -> str:
         """The file's layout: the report's fields at the top level, beside the others."""

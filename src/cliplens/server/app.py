@@ -1,4 +1,5 @@
-"""The HTTP service: a FastAPI app factory, what the routes share, errors as JSON.
+"""The HTTP service: a FastAPI app factory, its middleware, and errors as JSON (what the
+routes share is in service.py).
 
 `create_app(ServerSettings(...))` builds an app with no module-level state, so tests and
 embedding applications can run several. The routes only parse the request, call the

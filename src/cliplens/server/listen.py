@@ -17,6 +17,7 @@ import socket
 from typing import Any
 
 import uvicorn
+from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
 from cliplens.errors import ClipLensError, InvalidInputError
 from cliplens.server.service import ServerSettings
@@ -32,7 +33,6 @@ def guarded_protocol(head_timeout_s: float) -> type[asyncio.Protocol]:
     Both of uvicorn's protocols make a new `self.cycle` when a request head is complete
     and call `on_response_complete` when a response ends; a timer armed at the connection's
     start and at each response's end closes the connection if no new cycle began."""
-    from uvicorn.protocols.http.auto import AutoHTTPProtocol  # picks httptools or h11
 
     class HeadTimeoutProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
         _head_timer: asyncio.TimerHandle | None = None

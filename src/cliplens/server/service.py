@@ -19,12 +19,15 @@ from fastapi import HTTPException, Request
 from pydantic import BaseModel
 
 from cliplens.catalog.db import Catalog, default_db_path
+from cliplens.device import Precision, parse_precision
 from cliplens.errors import InvalidInputError
 from cliplens.index.built import BuiltIndex, open_built_index
 from cliplens.limits import finite_number, whole_number
 from cliplens.models.ref import ModelRef
 from cliplens.searchable import Searchable, SearchableKind, StoredModel
 from cliplens.server.batching import SearchBatcher
+from cliplens.tasks.policy import load_policy
+from cliplens.tasks.quality import DistortionProbe
 
 T = TypeVar("T")
 
@@ -49,7 +52,7 @@ class ServerSettings:
     timeout_s: float = 60.0
     cors_origins: tuple[str, ...] = ()  # none: the browser's same-origin rule applies
     device: str | None = None
-    precision: str | None = None
+    precision: Precision | None = None  # a str is parsed ('auto': None)
     policy: str = "default"  # the moderation policy: 'default' or a YAML file
     quality_probe: Path | None = None  # a distortion probe for POST /v1/quality
     max_files: int = 32  # images per request
@@ -63,6 +66,7 @@ class ServerSettings:
         for name in _LIMITS:
             finite_number(getattr(self, name), f"`{name}`", 0, low_open=True)
         whole_number(self.max_files, "`max_files`", 1)
+        object.__setattr__(self, "precision", parse_precision(self.precision))
 
 
 # the limits that must be finite and positive
@@ -89,6 +93,18 @@ def _check_token(token: str) -> None:
             "`token` starts or ends with a space or holds a control character; "
             "give one a client can send in a header"
         )
+
+
+def _read_parts(settings: ServerSettings) -> None:
+    """Read what the routes will need (the policy, the captioner's config, the quality
+    probe), so that a bad file stops `create_app`, not a request."""
+    load_policy(settings.policy)
+    if settings.captioner is not None:
+        from cliplens.captioning.model import read_config  # torch: only with a captioner
+
+        read_config(settings.captioner)
+    if settings.quality_probe is not None:
+        DistortionProbe.load(settings.quality_probe)
 
 
 class ErrorOut(BaseModel):
@@ -141,6 +157,7 @@ class Service:
 
     def __init__(self, settings: ServerSettings) -> None:
         self.settings = settings
+        _read_parts(settings)
         self.db = Path(settings.db) if settings.db else default_db_path()
         self._built: BuiltIndex | None = None
         if settings.index is not None:

@@ -13,17 +13,22 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
 from cliplens.catalog.db import Catalog, resolve_folders
 from cliplens.catalog.vectors import load_vectors
 from cliplens.errors import InvalidInputError
+from cliplens.images import ImageSource
 from cliplens.models.encoder import Encoder
 from cliplens.searchable import Hit, Searchable
+
+if TYPE_CHECKING:
+    from cliplens.models.ref import ModelRef
 
 __all__ = [
     "DuplicateGroup",
@@ -100,10 +105,21 @@ def parse_query(query: str, images: bool = True) -> list[Term]:
 
 
 def query_vector(
-    encoder: Encoder, terms: list[Term], searched: Searchable | None = None
+    encoder: Encoder,
+    terms: list[Term],
+    searched: Searchable | None = None,
+    images: Sequence[tuple[ImageSource, float]] = (),
 ) -> np.ndarray:
     """Weighted sum of the terms' embeddings, normalised. Images whose vectors `searched`
-    holds are not encoded again."""
+    holds are not encoded again; `images` adds weighted images already open (an upload),
+    encoded after the terms.
+
+    Why: one query vector for the CLI's terms and the server's uploads alike.
+
+    >>> import cliplens
+    >>> from cliplens.tasks.search import query_vector
+    >>> vec = query_vector(cliplens.load_model("offline"), cliplens.parse_query("sunset - people"))
+    """
     vectors, weights = [], []
     texts = [t for t in terms if t.text is not None]
     if texts:
@@ -118,6 +134,9 @@ def query_vector(
                 v = encoder.encode_images([t.image])[0]
             vectors.append(v)
             weights.append(t.weight)
+    if images:
+        vectors.extend(encoder.encode_images([image for image, _ in images]))
+        weights.extend(weight for _, weight in images)
     return weighted_sum(vectors, weights)
 
 
@@ -176,11 +195,13 @@ def search_many(
 def similar(
     searched: Searchable,
     encoder: Encoder,
-    photo: str | os.PathLike[str],
+    photo: str | os.PathLike[str] | int,
     n: int = 10,
     folders: list[str | os.PathLike[str]] | None = None,
 ) -> list[Hit]:
     """Photos most like `photo` (itself excluded), using its stored vector when held.
+    `photo` is a path, or the id of a photo `searched` holds (its `Hit.id`: the stored
+    vector is then required, UnknownIdError or NotEmbeddedError).
 
     Why: "more like this" for any photo, indexed or not.
 
@@ -188,11 +209,34 @@ def similar(
     >>> model = cliplens.load_model("offline")
     >>> cliplens.similar(cliplens.open_catalog(readonly=True), model, "beach.jpg", n=5)
     """
+    if isinstance(photo, int):
+        vec = searched.vector(photo, encoder.info.model_id)
+        return search(searched, encoder, vec, n, folders, exclude=searched.path_of(photo))
     path = str(Path(photo).expanduser().resolve())
     vec = searched.stored_vector(path, encoder.info.model_id)
     if vec is None:
         vec = encoder.encode_images([path])[0]
     return search(searched, encoder, vec / np.linalg.norm(vec), n, folders, exclude=path)
+
+
+def fast_text_due(ref: ModelRef) -> bool:
+    """Whether to export `ref`'s text tower now: once per model, while it is loaded anyway
+    (a command encoded with it), so that later text queries need neither torch nor the
+    full model."""
+    return ref.loaded and ref.needs_fast_text()
+
+
+def export_fast_text(ref: ModelRef) -> str | None:
+    """Export `ref`'s text tower for torch-free queries (the loaded network is dropped
+    first: the export loads an fp32 copy). None when it is ready, else why not: a failed
+    export must not fail the command that ran, whose queries then load the full model."""
+    ref.unload()
+    try:
+        ready = ref.prepare_fast_text()
+        reason = "its export did not reproduce the model"
+    except Exception as e:  # an exporter failure must not fail the command that ran
+        ready, reason = False, f"{type(e).__name__}: {e}"
+    return None if ready else reason
 
 
 DuplicateKind = Literal["exact", "near"]

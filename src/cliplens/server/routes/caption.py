@@ -39,21 +39,12 @@ async def caption(
     names, pics = await read_images(svc, images)
 
     def work() -> list[str]:
-        from cliplens.captioning.model import (
-            CaptionOptions,
-            check_encoder,
-            load_captioner,
-            read_config,
-        )
+        # heavy: torch loads only when a caption is asked for, not when the server starts
+        from cliplens.captioning.model import CaptionOptions, caption, load_captioner
 
-        def build():
-            check_encoder(read_config(folder), svc.ref.info.model_id, svc.ref.name)
-            return load_captioner(folder)
-
-        captioner = svc.cached("captioner", build)
-        vectors = svc.ref.encode_images(pics)
+        captioner = svc.cached("captioner", lambda: load_captioner(folder))
         # rerank N: the best of N candidates (greedy and unrestricted samples, seed 0)
-        return captioner.captions(vectors, CaptionOptions(rerank=max(1, rerank)), svc.ref)
+        return caption(captioner, pics, CaptionOptions(rerank=max(1, rerank)), svc.ref)
 
     texts = await svc.run(work)
     found = [CaptionOut(name=n, caption=t) for n, t in zip(names, texts, strict=True)]

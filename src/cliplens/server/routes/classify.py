@@ -49,7 +49,7 @@ async def classify(
     # a set name or literal templates: never a file on the server
     spec = templates if templates in TEMPLATE_SETS else templates.split("|")
     options = {"top_k": top_k, "multi_label": multi_label}
-    result = await svc.run(lambda: run_classify(svc.ref.load(), pics, label_list, spec, **options))
+    result = await svc.run(lambda: run_classify(svc.ref, pics, label_list, spec, **options))
     out = [
         ImageLabels(name=n, labels=[LabelScore(label=lb, score=sc) for lb, sc in p.labels])
         for n, p in zip(names, result.predictions, strict=True)

@@ -9,7 +9,7 @@ from pydantic import BaseModel
 
 from cliplens.server.service import service_of
 from cliplens.server.uploads import read_images
-from cliplens.tasks.quality import DistortionProbe, build_screener, screen
+from cliplens.tasks.quality import build_screener, screen
 
 router = APIRouter(prefix="/v1", tags=["quality"])
 
@@ -37,8 +37,7 @@ async def quality(
     names, pics = await read_images(svc, images)
 
     def make_screener():
-        path = svc.settings.quality_probe
-        return build_screener(svc.ref, DistortionProbe.load(path) if path else None)
+        return build_screener(svc.ref, svc.settings.quality_probe)
 
     def work():
         screener = svc.cached("screener", make_screener)

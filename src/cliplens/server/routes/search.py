@@ -26,9 +26,10 @@ from cliplens.server.uploads import read_images
 from cliplens.tasks.search import (
     MAX_WEIGHT,  # the bound of parse_query's weights too
     parse_query,
+    query_vector,
     search,
-    weighted_sum,
 )
+from cliplens.tasks.search import similar as similar_photos
 
 router = APIRouter(prefix="/v1", tags=["search"])
 MAX_N = 200
@@ -146,16 +147,14 @@ async def search_image(
     """Search by an uploaded photo, optionally with text terms."""
     svc = service_of(request)
     _, pics = await read_images(svc, [image], 1)
-    terms = _text_terms(q) if q and q.strip() else []
+    terms = parse_query(q, images=False) if q and q.strip() else []
     label = " + ".join([f"{image_weight:g}:[image]", *([q] if terms else [])])
 
     def work() -> list[Hit]:
         searched = svc.searched()
-        vectors = list(svc.ref.encode_texts([t.text for t in terms])) if terms else []
-        vectors.append(svc.ref.encode_images(pics)[0])
-        weights = [t.weight for t in terms] + [image_weight]
+        vec = query_vector(svc.ref, terms, images=[(pics[0], image_weight)])
         svc.model_id()  # a built index's model, not another
-        return search(searched, svc.ref, weighted_sum(vectors, weights), n)
+        return search(searched, svc.ref, vec, n)
 
     return SearchOut(query=label, results=_hits(await svc.run(work)))
 
@@ -169,8 +168,8 @@ async def similar(
 
     def work() -> list[Hit]:
         searched = svc.searched()
-        vec = searched.vector(file_id, svc.model_id())
-        return search(searched, svc.ref, vec, n, exclude=searched.path_of(file_id))
+        svc.model_id()  # a built index's model, not another
+        return similar_photos(searched, svc.ref, file_id, n)
 
     return SearchOut(query=f"similar to {file_id}", results=_hits(await svc.run(work)))
 
