@@ -32,7 +32,7 @@ class Preprocessing:
     def crop(self, image: Image.Image) -> np.ndarray:
         """RGB PIL image -> uint8 HWC array, resized and cropped as torchvision's Resize +
         CenterCrop would. Small enough to pass between processes cheaply."""
-        from PIL import Image
+        from PIL import Image  # ~30 ms: only to crop; model info and listings import this module
 
         resample = {
             "bilinear": Image.Resampling.BILINEAR,

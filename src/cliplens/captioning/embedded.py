@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from cliplens.errors import InvalidInputError
+from cliplens.store.npz import load_arrays, save_arrays
+from cliplens.tasks.embed import embed_files
 from cliplens.train.data import Pair
 
 if TYPE_CHECKING:
@@ -66,9 +68,6 @@ def embed_pairs(
     >>> data = cliplens.embed_pairs(cliplens.ModelRef("offline"), cliplens.read_pairs("t.jsonl"))
     >>> data.vectors.shape  # doctest: +SKIP
     """
-    from cliplens.store.npz import load_arrays, save_arrays
-    from cliplens.tasks.embed import embed_files
-
     by_image: dict[Path, Pair] = {p.image: p for p in pairs}
     cache = None
     if cache_dir is not None:

@@ -15,6 +15,7 @@ import torch
 from cliplens.captioning.embedded import EmbeddedPairs, embed_pairs
 from cliplens.captioning.metrics import CaptionScores, score_captions
 from cliplens.captioning.model import Captioner, CaptionOptions
+from cliplens.store.files import write_atomic
 from cliplens.train.data import Pair
 
 if TYPE_CHECKING:
@@ -38,8 +39,6 @@ class CaptionEvaluation:
 
     def write_captions(self, path: str | os.PathLike) -> None:
         """One JSON line per image: {"image", "caption", "references"} (atomically)."""
-        from cliplens.store.files import write_atomic
-
         rows = zip(self.images, self.captions, self.references, strict=True)
         text = "".join(
             json.dumps({"image": image, "caption": c, "references": r}) + "\n"

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,7 +63,7 @@ def smollm2_path() -> Path:
 
 
 def _quiet_transformers() -> None:
-    import transformers
+    import transformers  # heavy: transformers loads only when a language model is used
 
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
@@ -78,6 +79,7 @@ def _gguf_folder(path: Path) -> Path:
         return folder
     if importlib.util.find_spec("gguf") is None:
         raise DependencyMissingError(f"reading {path} needs the gguf package: pip install gguf")
+    # heavy: transformers loads only when a language model is used
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tmp = folder.with_name(folder.name + ".tmp")
@@ -96,8 +98,6 @@ def _gguf_folder(path: Path) -> Path:
     model.save_pretrained(tmp)
     (tmp / "done").write_text(str(path), encoding="utf-8")
     if folder.exists():  # another process finished first
-        import shutil
-
         shutil.rmtree(tmp, ignore_errors=True)
     else:
         tmp.replace(folder)
@@ -123,6 +123,7 @@ def load_lm(name: str) -> tuple[Any, Any]:
             f"`lm` {name} is trained from scratch: it exists only inside a captioner"
         )
     _quiet_transformers()
+    # heavy: transformers loads only when a language model is used
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     target = resolve(name)
@@ -160,6 +161,7 @@ def scratch_lm(name: str, captions: Sequence[str], size: ScratchLM) -> tuple[Any
     if arch != "gpt2":
         raise InvalidInputError(f"`lm` {name}: only scratch:gpt2 is built from scratch")
     _quiet_transformers()
+    # heavy: tokenizers and transformers load only when a scratch LM is built
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 

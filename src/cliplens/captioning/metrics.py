@@ -21,6 +21,7 @@ import sys
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from cliplens.errors import DependencyMissingError, InvalidInputError
 
@@ -29,6 +30,9 @@ from cliplens.errors import DependencyMissingError, InvalidInputError
 _PUNCTUATION = {"''", "'", "``", "`", '"', ".", "?", "!", ",", ":", "-", "--", "...", ";"}
 _BRACKETS = {"(": "-lrb-", ")": "-rrb-", "[": "-lsb-", "]": "-rsb-", "{": "-lcb-", "}": "-rcb-"}
 _TOKEN = re.compile(r"[a-z]+(?=n't\b)|n't|'[a-z]+|[a-z0-9]+(?:[.\-][a-z0-9]+)*|[^\sa-z0-9]")
+
+# the metric families `score_captions` computes
+Metric = Literal["bleu", "rouge", "cider", "meteor", "spice"]
 
 
 @dataclass
@@ -66,6 +70,7 @@ def _quiet_stderr() -> Iterator[None]:
 
 def _tokenize(captions: Mapping[str, Sequence[str]], use_java: bool) -> dict[str, list[str]]:
     if use_java:
+        # optional: pycocoevalcap is the caption extra (checked in score_captions)
         from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
         with contextlib.redirect_stdout(io.StringIO()), _quiet_stderr():
@@ -78,7 +83,7 @@ def _tokenize(captions: Mapping[str, Sequence[str]], use_java: bool) -> dict[str
 def _spice_ready() -> tuple[bool, str]:
     if not java_available():
         return False, "needs a Java runtime"
-    import pycocoevalcap.spice
+    import pycocoevalcap.spice  # optional: pycocoevalcap is the caption extra
 
     lib = Path(pycocoevalcap.spice.__file__).parent / "lib" / "stanford-corenlp-3.6.0.jar"
     if not lib.is_file():
@@ -89,7 +94,7 @@ def _spice_ready() -> tuple[bool, str]:
 def score_captions(
     candidates: Sequence[str],
     references: Sequence[Sequence[str]],
-    metrics: Sequence[str] = ("bleu", "rouge", "cider", "meteor", "spice"),
+    metrics: Sequence[Metric] = ("bleu", "rouge", "cider", "meteor", "spice"),
     java: bool | None = None,
 ) -> CaptionScores:
     """Corpus scores of candidate captions against their references (one list per
@@ -109,7 +114,7 @@ def score_captions(
         raise InvalidInputError("no captions to score")
     if any(not r for r in references):
         raise InvalidInputError("every caption needs at least one reference")
-    try:
+    try:  # optional: pycocoevalcap is the caption extra
         from pycocoevalcap.bleu.bleu import Bleu
         from pycocoevalcap.cider.cider import Cider
         from pycocoevalcap.rouge.rouge import Rouge
@@ -141,7 +146,7 @@ def score_captions(
         out.per_caption["CIDEr-D"] = [float(s) for s in each]
     if "meteor" in metrics:
         if use_java:
-            from pycocoevalcap.meteor.meteor import Meteor
+            from pycocoevalcap.meteor.meteor import Meteor  # optional: the caption extra
 
             with _quiet_stderr():
                 corpus, _ = Meteor().compute_score(gts, res)
@@ -151,7 +156,7 @@ def score_captions(
     if "spice" in metrics:
         ready, why = _spice_ready() if use_java else (False, "needs a Java runtime")
         if ready:
-            from pycocoevalcap.spice.spice import Spice
+            from pycocoevalcap.spice.spice import Spice  # optional: the caption extra
 
             with _quiet_stderr():
                 corpus, _ = Spice().compute_score(gts, res)

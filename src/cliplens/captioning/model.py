@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -24,10 +25,14 @@ from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from cliplens.captioning import language_model as lms
+from cliplens.device import Precision, choose_device, choose_precision
 from cliplens.errors import InvalidInputError
+from cliplens.models.ref import ModelRef
+from cliplens.tasks.score import rerank
 
 if TYPE_CHECKING:
     from cliplens.images import ImageSource
@@ -66,7 +71,7 @@ class CaptionerConfig:
             )
 
 
-def check_lm_setup(variant: str, lm: str, lm_trained: bool, trained: str) -> None:
+def check_lm_setup(variant: Variant, lm: str, lm_trained: bool, trained: str) -> None:
     """The variant exists, and an LM from scratch is trained (it has nothing to keep);
     `trained` names the caller's parameter that says whether the LM trains."""
     if variant not in VARIANTS:
@@ -330,8 +335,6 @@ class Captioner(nn.Module):
         the captioner's own encoder) is closest to the image's wins. The encoder knows
         combinations the decoder's training captions never showed it, so it can overrule
         the decoder's prior."""
-        from cliplens.tasks.score import rerank
-
         if candidates < 1:
             raise InvalidInputError(f"`candidates` {candidates}: use at least 1")
         x = np.asarray(embeddings, dtype=np.float32)
@@ -388,10 +391,6 @@ class Captioner(nn.Module):
 
     def save(self, folder: str | os.PathLike) -> Path:
         """Write the captioner folder (atomically: a folder of the same name is replaced)."""
-        import shutil
-
-        from safetensors.torch import save_file
-
         out = Path(folder)
         tmp = out.with_name(f".{out.name}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -448,10 +447,8 @@ def load_captioner(captioner: str | os.PathLike) -> Captioner:
 
     >>> import cliplens
     >>> captioner = cliplens.load_captioner("run/captioner")
-    >>> cliplens.captioning(captioner, ["photo.jpg"])  # doctest: +SKIP
+    >>> cliplens.caption(captioner, ["photo.jpg"])  # doctest: +SKIP
     """
-    from safetensors.torch import load_file
-
     folder = Path(captioner)
     cfg = read_config(folder)
     if cfg.lm_trained:
@@ -476,7 +473,7 @@ def caption(
 
     >>> import cliplens
     >>> captioner = cliplens.load_captioner("run/captioner")
-    >>> cliplens.captioning(captioner, ["photo.jpg"])  # doctest: +SKIP
+    >>> cliplens.caption(captioner, ["photo.jpg"])  # doctest: +SKIP
     """
     encoder = model if model is not None else default_encoder(captioner.cfg)
     check_encoder(captioner.cfg, encoder.info.model_id, encoder.info.name)
@@ -486,13 +483,9 @@ def caption(
 def lm_bf16(device: str | None = None, precision: str | None = None) -> bool:
     """Whether the LM decodes in bf16: where the encoder would (the fast choice on CPUs
     with bf16) on that device at that precision."""
-    from cliplens.device import Precision, choose_device, choose_precision
-
     return choose_precision(choose_device(device), precision) is Precision.BF16
 
 
 def default_encoder(cfg: CaptionerConfig) -> Encoder:
     """The encoder a captioner was trained on, loaded when something is encoded."""
-    from cliplens.models.ref import ModelRef
-
     return ModelRef(cfg.encoder)

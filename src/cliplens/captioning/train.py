@@ -48,7 +48,7 @@ from cliplens.train.loop import (
     TrainingLoop,
     check_schedule,
     training_precision,
-    warmup_cosine,
+    warmup_cosine_schedule,
 )
 
 
@@ -147,6 +147,7 @@ def _build(cfg: CaptionTrainConfig, encoder: EncoderIdentity, captions: list[str
     if lms.is_scratch(cfg.lm):
         folder = out / "scratch-lm"
         if (folder / "config.json").is_file():
+            # heavy: transformers loads only when a scratch LM is resumed
             from transformers import AutoModelForCausalLM, AutoTokenizer
 
             lm = AutoModelForCausalLM.from_pretrained(folder)  # the same random start
@@ -245,17 +246,8 @@ def _loop(
         modules["lm"] = model.lm
     optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
     per_epoch = n // cfg.batch_size
-    schedule = warmup_cosine(cfg.warmup, per_epoch * cfg.epochs)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    settings = LoopSettings(
-        epochs=cfg.epochs,
-        steps_per_epoch=per_epoch,
-        lr=cfg.lr,
-        checkpoint_every=cfg.checkpoint_every,
-        max_minutes=cfg.max_minutes,
-        max_steps=max_steps,
-        grad_clip=cfg.grad_clip,
-    )
+    scheduler = warmup_cosine_schedule(optimizer, cfg.warmup, per_epoch * cfg.epochs)
+    settings = LoopSettings.of(cfg, per_epoch, max_steps)
 
     def order(epoch: int) -> np.ndarray:
         return np.random.default_rng([cfg.seed, epoch]).permutation(n)

@@ -294,7 +294,7 @@ class Catalog(CatalogSearch):
         (or a search that would index) does not encode the same files again: it gets
         CatalogBusyError at once. An OS lock (flock), so a killed holder releases it."""
         try:
-            import fcntl
+            import fcntl  # optional: POSIX only (Windows has no flock)
         except ImportError:  # no flock on this platform: no guard
             yield
             return

@@ -107,7 +107,7 @@ class OnnxTextEncoder:
         """`prepack` lays the weights out for speed: +0.2 s to load, -5 ms a batch; worth
         it for a long-lived process, not for a one-shot query."""
         import onnxruntime as ort  # optional, and ~0.2 s: only where a tower is used
-        from tokenizers import Tokenizer
+        from tokenizers import Tokenizer  # ~0.1 s: only where a tower is used
 
         self.folder = folder
         self.meta = json.loads((folder / "meta.json").read_text())

@@ -339,7 +339,7 @@ def load_local(
         if not config.is_file():
             raise InvalidInputError(
                 f"model '{name}': folder {path} has no open_clip_config.json; save checkpoints "
-                f"with cliplens.models.save_checkpoint or open_clip's hub layout"
+                f"with cliplens.save_checkpoint or open_clip's hub layout"
             )
         weights = tuple(p for p in sorted(path.iterdir()) if p.suffix in CHECKPOINT_SUFFIXES)
         if not weights:
@@ -363,7 +363,7 @@ def load_local(
             )
         arch = ckpt.get("arch", "custom")
         model_cfg = ckpt["model_cfg"]
-        model, tokenizer = _build_from_cfg(name, ckpt["model_cfg"], ckpt.get("preprocess_cfg"))
+        model, tokenizer = build_from_cfg(name, ckpt["model_cfg"], ckpt.get("preprocess_cfg"))
         model.load_state_dict(ckpt["state_dict"])
         weights = (path,)
     else:
@@ -394,9 +394,7 @@ def _load_state(name: str, model: Any, weights: Path) -> None:
         raise InvalidInputError(f"model '{name}': {weights} does not fit its config ({e})") from e
 
 
-def _build_from_cfg(
-    name: str, model_cfg: dict, preprocess_cfg: dict | None
-) -> tuple[Any, Callable]:
+def build_from_cfg(name: str, model_cfg: dict, preprocess_cfg: dict | None) -> tuple[Any, Callable]:
     """An open_clip CLIP with its own tokenizer, from a config dict (single-file checkpoints)."""
 
     cfg = dict(model_cfg)

@@ -60,7 +60,7 @@ def parse_model_name(name: str | None) -> ModelSpec:
         if not path:
             raise UnknownModelError(f"model '{name}': write local:PATH to a checkpoint")
         return ModelSpec(name, Kind.LOCAL, target=path)
-    import open_clip
+    import open_clip  # heavy (torch): only to check a name that is not offline or local
 
     arch, sep, target = name.partition(":")
     known = open_clip.list_models()
@@ -106,10 +106,10 @@ def load_model(
     dev = choose_device(device)
     prec = choose_precision(dev, precision)
     if spec.kind is Kind.OFFLINE:
-        from cliplens.models.offline import OfflineEncoder
+        from cliplens.models.offline import OfflineEncoder  # heavy: torch, only when loaded
 
         return OfflineEncoder(dev, prec)
-    from cliplens.models import openclip
+    from cliplens.models import openclip  # heavy: torch and open_clip, only when loaded
 
     if spec.kind is Kind.HUB:
         return openclip.load_hub(spec.name, spec.target, dev, prec)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from cliplens.errors import DependencyMissingError
 from cliplens.models.registry import OFFLINE, Kind, ModelSpec, parse_model_name
@@ -44,7 +44,7 @@ def known_models() -> list[ModelEntry]:
     """
     import open_clip  # torch: only when models are listed, not on importing this module
 
-    from cliplens.models.openclip import cached_weights
+    from cliplens.models.openclip import cached_weights  # torch and open_clip, as above
 
     default = get_settings().default_model
     entries = [ModelEntry(OFFLINE, cached=_offline_installed(), default=default == OFFLINE)]
@@ -54,12 +54,16 @@ def known_models() -> list[ModelEntry]:
     return entries
 
 
+# the values of registry.Kind, as a description holds them
+ModelKind = Literal["offline", "pretrained", "hf-hub", "local"]
+
+
 @dataclass
 class ModelDescription:
     """What `describe_model` tells about a model; each kind adds its own fields."""
 
     name: str
-    kind: str
+    kind: ModelKind
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -152,7 +156,7 @@ def _describe_pretrained(spec: ModelSpec) -> PretrainedDescription:
     import open_clip  # torch: see known_models
     import torch
 
-    from cliplens.models.openclip import cached_weights
+    from cliplens.models.openclip import cached_weights  # torch and open_clip, as above
 
     cfg = open_clip.get_model_config(spec.arch) or {}
     vision = cfg.get("vision_cfg", {})

@@ -25,10 +25,15 @@ from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from cliplens.device import Precision
 from cliplens.errors import InvalidInputError
+from cliplens.images import open_image
 from cliplens.limits import MAX_TRAIN_STEPS, finite_number, whole_number
+from cliplens.models.offline import TOWERS_ARCH, build_towers_clip, towers_config
+from cliplens.models.registry import load_model
+from cliplens.preprocess import Preprocessing
 from cliplens.textfile import read_text
 from cliplens.train.data import Pair
 from cliplens.train.loop import (
@@ -40,7 +45,7 @@ from cliplens.train.loop import (
     check_schedule,
     set_seed,
     training_precision,
-    warmup_cosine,
+    warmup_cosine_schedule,
 )
 from cliplens.train.loss import MAX_LOGIT_SCALE, Loss, sharded_loss
 
@@ -159,9 +164,6 @@ class Pairs:
     """Images decoded and cropped once (uint8, in memory) and captions tokenised once."""
 
     def __init__(self, pairs: Sequence[Pair], model: Any, tokenizer: Callable) -> None:
-        from cliplens.images import open_image
-        from cliplens.preprocess import Preprocessing
-
         pp = model.visual.preprocess_cfg
         size = model.visual.image_size
         size = size if isinstance(size, int) else int(size[0])
@@ -184,11 +186,7 @@ class Pairs:
 def initial_model(name: str) -> tuple[Any, Callable, dict[str, Any], str]:
     """(model in fp32, tokenizer, model config, arch) of a model to fine-tune. `offline`
     gives a CLIP made of the offline model's pretrained towers with new projections."""
-    from cliplens.models import load_model
-
     if name == "offline":
-        from cliplens.models.offline import TOWERS_ARCH, build_towers_clip, towers_config
-
         cfg = towers_config()
         model, tokenizer = build_towers_clip(cfg, pretrained=True)
         return model.float().requires_grad_(True), tokenizer, cfg, TOWERS_ARCH
@@ -204,10 +202,11 @@ def initial_model(name: str) -> tuple[Any, Callable, dict[str, Any], str]:
 
 def build_model(cfg: ClipTrainConfig) -> tuple[Any, Callable]:
     """A fresh CLIP from the config (the same builder `local:` checkpoints load with)."""
-    from cliplens.models.openclip import _build_from_cfg
+    # heavy: open_clip, transformers and torchvision load only when an open_clip model is built
+    from cliplens.models.openclip import build_from_cfg
 
     torch.manual_seed(cfg.seed)
-    model, tokenizer = _build_from_cfg(cfg.arch, cfg.model_cfg, None)
+    model, tokenizer = build_from_cfg(cfg.arch, cfg.model_cfg, None)
     if cfg.loss == "siglip":
         model.logit_bias = torch.nn.Parameter(torch.tensor(-10.0))
         with torch.no_grad():
@@ -310,6 +309,7 @@ def train_clip(
     outcome = loop.run(step, model.parameters(), evaluate, clamp, "training", progress)
     model_path = None
     if outcome.finished and processes.main:
+        # heavy: open_clip loads only when a checkpoint is written
         from cliplens.models.openclip import save_checkpoint
 
         pp = dict(model.visual.preprocess_cfg) if cfg.init else None  # e.g. OpenAI's mean/std
@@ -338,17 +338,8 @@ def _loop(
     # the fused kernel: 9 ms a step instead of 51 for the tiny presets' 12M parameters
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6, fused=True)
     per_epoch = n // (cfg.batch_size * cfg.accumulate)
-    schedule = warmup_cosine(cfg.warmup_steps, per_epoch * cfg.epochs)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    settings = LoopSettings(
-        epochs=cfg.epochs,
-        steps_per_epoch=per_epoch,
-        lr=cfg.lr,
-        checkpoint_every=cfg.checkpoint_every,
-        max_minutes=cfg.max_minutes,
-        max_steps=max_steps,
-        grad_clip=cfg.grad_clip,
-    )
+    scheduler = warmup_cosine_schedule(optimizer, cfg.warmup_steps, per_epoch * cfg.epochs)
+    settings = LoopSettings.of(cfg, per_epoch, max_steps)
 
     def order(epoch: int) -> np.ndarray:
         return np.random.default_rng([cfg.seed, epoch]).permutation(n)
@@ -387,8 +378,6 @@ def _clip_step(model: Any, data: Pairs, cfg: ClipTrainConfig, processes: Process
 
 def _sum_grads(model: Any, loss: float) -> float:
     """All-reduce (sum) every gradient across processes; returns the whole batch's loss."""
-    import torch.distributed as dist
-
     for p in model.parameters():
         if p.grad is not None:
             dist.all_reduce(p.grad)

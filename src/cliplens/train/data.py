@@ -42,7 +42,7 @@ class Pair:
         """What `open_image` takes: the path, or the shard member's decoded image."""
         if self.data is None:
             return self.image
-        from PIL import Image
+        from PIL import Image  # only for a shard member: reading pairs stays PIL-free
 
         return Image.open(io.BytesIO(self.data))
 
@@ -167,6 +167,7 @@ def _csv_rows(path: Path, reader: csv.DictReader) -> list[tuple[int, str, str]]:
 
 
 def _read_folder(folder: Path) -> list[Pair]:
+    # numpy and PIL load only for a folder of images: a JSONL or CSV list needs neither
     from cliplens.images import iter_image_files
 
     pairs = []

@@ -25,6 +25,7 @@ from typing import Any, TextIO
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from cliplens.device import Precision
 from cliplens.errors import ClipLensError, InvalidInputError
@@ -37,6 +38,7 @@ from cliplens.limits import (
     finite_number,
     whole_number,
 )
+from cliplens.progress import progress_bar
 from cliplens.store.files import write_atomic_binary
 
 CHECKPOINT = "last.pt"
@@ -95,6 +97,13 @@ def warmup_cosine(warmup: int, total_steps: int) -> Callable[[int], float]:
     return factor
 
 
+def warmup_cosine_schedule(
+    optimizer: torch.optim.Optimizer, warmup: int, total_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """The learning-rate schedule of every trainer here: `warmup_cosine` on `optimizer`."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(warmup, total_steps))
+
+
 def rng_state() -> dict[str, Any]:
     """Every global generator a training run draws from, for an exact resume."""
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state()}
@@ -132,8 +141,6 @@ class Processes:
     @classmethod
     def join(cls) -> Processes:
         """Join torchrun's process group (gloo on CPU, nccl on GPU) when there is one."""
-        import torch.distributed as dist
-
         if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
             dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
         if dist.is_available() and dist.is_initialized():
@@ -149,16 +156,12 @@ class Processes:
         """True in every process when it is true in one (all stop at the same step)."""
         if self.size == 1:
             return flag
-        import torch.distributed as dist
-
         t = torch.tensor(int(flag))
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t)
 
     def barrier(self) -> None:
         if self.size > 1:
-            import torch.distributed as dist
-
             dist.barrier()
 
 
@@ -176,6 +179,20 @@ class LoopSettings:
     max_minutes: float | None = None  # stop (checkpoint and save) after this long
     max_steps: int | None = None  # stop after this many steps in all, resumed ones included
     grad_clip: float = 0.0  # gradient norm clipping (0: none)
+
+    @classmethod
+    def of(cls, cfg: Any, steps_per_epoch: int, max_steps: int | None) -> LoopSettings:
+        """The settings a trainer's config holds (epochs, lr, checkpoint_every,
+        max_minutes, grad_clip): the same fields in every config here."""
+        return cls(
+            epochs=cfg.epochs,
+            steps_per_epoch=steps_per_epoch,
+            lr=cfg.lr,
+            checkpoint_every=cfg.checkpoint_every,
+            max_minutes=cfg.max_minutes,
+            max_steps=max_steps,
+            grad_clip=cfg.grad_clip,
+        )
 
 
 @dataclass
@@ -275,8 +292,6 @@ class TrainingLoop:
         """Take the steps left: `step` computes a batch's gradients, the loop checks the
         loss, clips the gradients of `parameters`, steps the optimiser and the schedule,
         then `after_step` (a clamp, say); `evaluate` runs after each epoch."""
-        from cliplens.progress import progress_bar
-
         s = self.settings
         run = _Run(list(parameters), step, after_step, time.perf_counter())
         outcome = LoopOutcome(self.step, self.epoch, [], [], [], 0.0, False, False)

@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F  # noqa: N812
 
 MAX_LOGIT_SCALE = 100.0
@@ -66,8 +67,6 @@ def sharded_loss(
 
 
 def _world() -> tuple[int, int]:
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
@@ -82,6 +81,7 @@ def _gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     _, world = _world()
     if world == 1:
         return x
+    # only with several processes: torch.distributed.nn needs a build with distributed support
     from torch.distributed.nn.functional import all_gather
 
     return torch.cat(all_gather(x))
