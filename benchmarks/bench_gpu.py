@@ -23,7 +23,7 @@ import torch
 from bench_encode import ARCH, photos
 from cliplens import load_model
 from cliplens.device import Precision
-from cliplens.models import save_checkpoint
+from cliplens.models.openclip import save_checkpoint
 
 
 def net_rate(encoder, batch: int, seconds: float = 5.0) -> float:

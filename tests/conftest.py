@@ -37,7 +37,7 @@ def make_tiny_clip(seed: int = 0):
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A checkpoint folder in open_clip's layout holding a tiny random CLIP."""
-    from cliplens.models import save_checkpoint
+    from cliplens.models.openclip import save_checkpoint
 
     return save_checkpoint(
         make_tiny_clip(), tmp_path_factory.mktemp("tiny") / "ckpt", TINY_CFG, arch="tiny-test"

@@ -63,8 +63,8 @@ class ModelUnavailableError(ModelError):
         self.name, self.cache_dir, self.reason = name, cache_dir, reason
         super().__init__(
             f"cannot fetch weights for model '{name}' ({reason}); they are cached under "
-            f"{cache_dir} once downloaded. Without network use '--model offline' (bundled, "
-            f"no download) or '--model local:PATH' (a checkpoint you already have)"
+            f"{cache_dir} once downloaded. Without network give `model` 'offline' (bundled, "
+            f"no download) or 'local:PATH' (a checkpoint you already have)"
         )
 
 

@@ -32,8 +32,8 @@ MAX_CAPTION_TOKENS = 1024  # the longest caption, in training and when generatin
 MAX_TEMPERATURE = 100.0  # of its InfoNCE loss
 MAX_ALIGN_WEIGHT = 1e6  # of its 1 - cosine term
 
-# the five steps of the two damage scales, each set by its tables: tasks.quality.distort
-# imitates camera faults, datasets.corruptions follows ImageNet-C (they differ on purpose)
+# the five steps of the two damage scales of cliplens.corruptions, each set by its tables:
+# `distort` imitates camera faults, `corrupt` follows ImageNet-C (they differ on purpose)
 DISTORTION_LEVELS = (1, 2, 3, 4, 5)
 SEVERITIES = (1, 2, 3, 4, 5)
 

@@ -332,7 +332,7 @@ INF, NAN = float("inf"), float("nan")
 CLIP, ROBUST = "cliplens.train.clip:ClipTrainConfig", "cliplens.train.robust:RobustConfig"
 CAPTION, GENERATE = (
     "cliplens.captioning.train:CaptionTrainConfig",
-    "cliplens.tasks.generate:GenerateConfig",
+    "cliplens.generation.generate:GenerateConfig",
 )
 
 
@@ -368,7 +368,7 @@ def test_library_configs_refuse_nonsense_numbers(config, kwargs, needle):
 
 
 def test_an_image_too_large_for_the_memory_left_is_refused_before_allocating(monkeypatch):
-    import cliplens.tasks.generate as generate
+    import cliplens.generation.generate as generate
     from cliplens.errors import InvalidInputError
 
     monkeypatch.setattr(generate, "available_memory", lambda: 1_000_000_000)  # 1 GB free

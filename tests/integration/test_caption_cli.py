@@ -122,7 +122,7 @@ def test_caption_eval_reports_metrics(capsys, trained, shapes, tmp_path):
 
 
 def test_caption_refuses_another_encoder(capsys, trained, shapes, tmp_path):
-    from cliplens.models import save_checkpoint
+    from cliplens.models.openclip import save_checkpoint
     from conftest import TINY_CFG, make_tiny_clip
 
     other = save_checkpoint(make_tiny_clip(seed=1), tmp_path / "other", TINY_CFG, arch="t")

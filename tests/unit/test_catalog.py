@@ -82,7 +82,7 @@ def test_worker_processes_give_the_same_embeddings(tmp_path, tiny):
 
 def test_two_models_coexist(tmp_path, tiny, tiny_model_dir):
     from cliplens import load_model
-    from cliplens.models import save_checkpoint
+    from cliplens.models.openclip import save_checkpoint
     from conftest import TINY_CFG, make_tiny_clip
 
     other = load_model(

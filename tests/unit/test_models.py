@@ -17,8 +17,8 @@ from cliplens.errors import (
     NotAnImageError,
     UnknownModelError,
 )
-from cliplens.models import parse_model_name, save_checkpoint
-from cliplens.models.registry import Kind
+from cliplens.models.openclip import save_checkpoint
+from cliplens.models.registry import Kind, parse_model_name
 from conftest import TINY_CFG, make_tiny_clip
 
 

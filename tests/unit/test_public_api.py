@@ -42,3 +42,23 @@ def test_unknown_name_is_a_clear_attribute_error():
 
 def test_dir_lists_the_public_names():
     assert set(NAMES) <= set(dir(cliplens))
+
+
+def _example_names(doc: str) -> set[str]:
+    """The `cliplens.X` an example's `>>>` lines use."""
+    import re
+
+    lines = [line for line in doc.splitlines() if line.strip().startswith((">>>", "..."))]
+    return set(re.findall(r"\bcliplens\.([A-Za-z_]\w*)", "\n".join(lines)))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_examples_use_only_public_names(name):
+    doc = inspect.getdoc(getattr(cliplens, name)) or ""
+    unknown = sorted(_example_names(doc) - set(cliplens.__all__))
+    assert not unknown, f"{name}: its example uses cliplens.{unknown}, not public names"
+
+
+def test_example_names_are_found():
+    doc = ">>> import cliplens\n>>> cliplens.search(x)\nnot cliplens.other here"
+    assert _example_names(doc) == {"search"}

@@ -42,6 +42,9 @@ from cliplens.limits import (
     MIN_LM_WIDTH,
 )
 
+# Commands import the library inside their bodies, so that `cliplens --help` and every
+# other command start without torch (tests/unit/test_structure.py checks --help).
+
 # the library's names of parameters that these commands' options call otherwise
 library_names("caption run", beams="--beam", candidates="--rerank")
 library_names("caption eval", beams="--beam", candidates="--rerank")

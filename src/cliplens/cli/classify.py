@@ -33,6 +33,9 @@ from cliplens.cli.output import (
 )
 from cliplens.errors import InvalidInputError
 
+# Commands import the library inside their bodies, so that `cliplens --help` and every
+# other command start without torch (tests/unit/test_structure.py checks --help).
+
 
 def classify_command(
     paths: Annotated[
@@ -75,7 +78,7 @@ def classify_command(
     max_megapixels: MegapixelsOpt = None,
 ) -> None:
     """Classify images among labels the model was never trained on (zero-shot)."""
-    from cliplens.models import load_model
+    from cliplens.models.registry import load_model
     from cliplens.tasks import classify as task
 
     given = [x for x in (labels, labels_file, labels_dir) if x is not None]

@@ -24,6 +24,9 @@ if TYPE_CHECKING:
     from cliplens.models.encoder import Encoder
     from cliplens.tasks.embed import Embedded
 
+# Commands import the library inside their bodies, so that `cliplens --help` and every
+# other command start without torch (tests/unit/test_structure.py checks --help).
+
 # ------------------------------------------------------------------ number bounds
 
 MAX_BATCH = 4096  # images or captions per batch

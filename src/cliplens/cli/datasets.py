@@ -15,6 +15,9 @@ from cliplens.cli.common import SeedOpt, out_folder
 from cliplens.cli.output import info
 from cliplens.limits import DISTORTION_LEVELS, MAX_SHAPE_SIZE, MIN_SHAPE_SIZE
 
+# Commands import the library inside their bodies, so that `cliplens --help` and every
+# other command start without torch (tests/unit/test_structure.py checks --help).
+
 MAX_SHAPES = 10_000_000  # images
 LEVELS = f"{DISTORTION_LEVELS[0]}-{DISTORTION_LEVELS[-1]}"
 

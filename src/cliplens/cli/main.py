@@ -29,6 +29,9 @@ from cliplens.cli.common import PARAM_FLAGS
 from cliplens.errors import ClipLensError, name_params
 from cliplens.paths import readable
 
+# Commands import the library inside their bodies, so that `cliplens --help` and every
+# other command start without torch (tests/unit/test_structure.py checks --help).
+
 app = typer.Typer(
     name="cliplens",
     help="CLIP toolkit: zero-shot classification, photo search, moderation and more.",

@@ -39,6 +39,9 @@ from cliplens.cli.output import (
 if TYPE_CHECKING:
     from cliplens.tasks.moderate import OperatingPoint, Verdict
 
+# Commands import the library inside their bodies, so that `cliplens --help` and every
+# other command start without torch (tests/unit/test_structure.py checks --help).
+
 app = typer.Typer(
     cls=DefaultCommandGroup,
     help="Flag images by cosine similarity to unsafe concepts (a YAML policy).",
@@ -222,18 +225,16 @@ def train_head_command(
 ) -> None:
     """Fit a logistic-regression head on embeddings (cross-validated) and add it to a policy."""
     from cliplens.models.ref import ModelRef
-    from cliplens.tasks.moderate import train_head
+    from cliplens.tasks.moderate import head_file_for, save_with_head, train_head
     from cliplens.tasks.policy import load_policy
 
     out_file(out, "--out")
-    head_path = out.with_suffix(".head.npz")
-    out_file(head_path, "the head file beside --out")
+    out_file(head_file_for(out), "the head file beside --out")
     pol = load_policy(policy)
     ref = ModelRef(model, device=device, precision=precision)
     found = _examples(positive, negative, ref, db, max_megapixels)
     head = train_head(found.positives.vectors, found.negatives.vectors, ref.info.model_id)
-    head_file = head.save(head_path)
-    pol.with_head(head_file, ref.info.name, threshold, category).save(out)
+    head_file = save_with_head(pol, head, ref.info.name, out, threshold, category)
     m = head.metrics
     if fmt is Format.json:
         print_json({"policy": str(out), "head": str(head_file), "metrics": m})

@@ -15,6 +15,9 @@ from typing import Any
 
 from cliplens.paths import readable
 
+# Commands import the library inside their bodies, so that `cliplens --help` and every
+# other command start without torch (tests/unit/test_structure.py checks --help).
+
 
 class Format(str, Enum):
     table = "table"

@@ -36,6 +36,9 @@ from cliplens.cli.output import (
 if TYPE_CHECKING:
     from cliplens.tasks.quality import Attribute, QualityScores
 
+# Commands import the library inside their bodies, so that `cliplens --help` and every
+# other command start without torch (tests/unit/test_structure.py checks --help).
+
 app = typer.Typer(
     cls=DefaultCommandGroup,
     help="Screen images: corrupt files, quality scores (CLIP-IQA), distortion type.",
@@ -70,7 +73,6 @@ def check_command(
     from cliplens.models.ref import ModelRef
     from cliplens.tasks.quality import (
         ATTRIBUTES,
-        DistortionProbe,
         Screening,
         problem_of,
         screen,
@@ -81,7 +83,7 @@ def check_command(
     found = screen(
         files,
         ref,
-        DistortionProbe.load(probe) if probe and files and ref else None,
+        probe,  # loaded when there is something to screen
         catalog=read_catalog(db) if ref and files else None,
         sort=sort,  # type: ignore[arg-type]  # checked by screen
         worst=worst,

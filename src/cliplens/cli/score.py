@@ -34,6 +34,9 @@ from cliplens.cli.output import (
 from cliplens.errors import InvalidInputError
 from cliplens.textfile import read_lines
 
+# Commands import the library inside their bodies, so that `cliplens --help` and every
+# other command start without torch (tests/unit/test_structure.py checks --help).
+
 
 def score_command(
     paths: Annotated[list[Path] | None, typer.Argument(help="Images to score.")] = None,

@@ -193,8 +193,8 @@ def sample(seed: int, index: int, split: Split = "train", size: int = 64) -> Sam
 
     Why: samples are drawn on demand, so tests and benchmarks need no files.
 
-    >>> import cliplens
-    >>> s = cliplens.sample(seed=0, index=3, split="heldout", size=64)
+    >>> from cliplens.datasets.shapes import sample
+    >>> s = sample(seed=0, index=3, split="heldout", size=64)
     >>> s.image.shape, s.caption  # (64, 64, 3), 'a large red star at the top'
     """
     if split not in SPLITS:
@@ -235,7 +235,6 @@ def write_shapes(
 
     >>> import cliplens
     >>> cliplens.write_shapes("shapes/", n=2000, size=64)  # {'train': 1900, 'val': 100, ...}
-    >>> cliplens.sample(0, 3).caption
     """
     if n < 1 or not MIN_SHAPE_SIZE <= size <= MAX_SHAPE_SIZE:
         raise InvalidInputError(

@@ -47,6 +47,7 @@ from cliplens.models.registry import load_model
 from cliplens.paths import from_text, to_text
 from cliplens.preprocess import Preprocessing
 from cliplens.progress import progress_bar
+from cliplens.settings import get_settings
 from cliplens.store.files import write_atomic
 
 if TYPE_CHECKING:
@@ -62,13 +63,13 @@ class EmbedJob:
     the manifest of the first one.
 
     >>> import cliplens
-    >>> job = cliplens.EmbedJob(sources=("s3://bucket/photos",), out=Path("shards"))
+    >>> job = cliplens.EmbedJob(sources=["s3://bucket/photos"], out="shards")
     >>> cliplens.embed_dataset(job, progress=True)
     """
 
-    sources: tuple[str, ...]
-    out: Path
-    model: str = "offline"
+    sources: tuple[str, ...]  # a list is kept as a tuple
+    out: Path  # a str is kept as a Path
+    model: str | None = None  # None: the default model (CLIPLENS_MODEL, else offline)
     shard_size: int = 10_000
     batch_size: int = 64  # images per encoder call
     actors: int = 1  # encoder actors (one GPU each when GPUs are present)
@@ -96,6 +97,9 @@ class EmbedJob:
         if not self.sources:
             raise InvalidInputError("no sources: give image folders, files or URIs")
         object.__setattr__(self, "precision", parse_precision(self.precision))
+        object.__setattr__(self, "sources", tuple(self.sources))
+        object.__setattr__(self, "out", Path(self.out))
+        object.__setattr__(self, "model", self.model or get_settings().default_model)
 
 
 @dataclass

@@ -1,1 +1,1 @@
-"""Storage: the SQLite catalog of files and embeddings, and vector search over it."""
+"""Files cliplens writes beside its data: atomic writes (files.py), small arrays (npz.py)."""

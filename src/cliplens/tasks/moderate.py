@@ -26,7 +26,7 @@ from cliplens.models.encoder import Encoder
 from cliplens.store.files import write_atomic
 from cliplens.store.npz import load_arrays, save_arrays
 from cliplens.tasks.embed import Embedded, embed_files
-from cliplens.tasks.policy import Concept, Policy, PolicyError, load_policy
+from cliplens.tasks.policy import HEAD_CATEGORY, Concept, Policy, PolicyError, load_policy
 
 if TYPE_CHECKING:
     from cliplens.catalog.db import Catalog
@@ -471,6 +471,34 @@ def train_head(
     }
     clf.fit(x, y)
     return LinearHead(clf.coef_[0].astype(np.float32), float(clf.intercept_[0]), model_id, metrics)
+
+
+def head_file_for(policy_file: str | Path) -> Path:
+    """Where a head trained for the policy `policy_file` is kept: beside it, OUT.head.npz."""
+    return Path(policy_file).with_suffix(".head.npz")
+
+
+def save_with_head(
+    policy: Policy,
+    head: LinearHead,
+    model: str,
+    out: str | Path,
+    threshold: float = 0.5,
+    category: str = HEAD_CATEGORY,
+) -> Path:
+    """Save `head` beside `out` (`head_file_for`) and, at `out`, `policy` flagging by it
+    too; returns the head's file.
+
+    Why: a policy file and its head travel together, and the policy names the model whose
+    embeddings the head reads.
+
+    >>> import cliplens
+    >>> head = cliplens.train_head(flag_vectors, pass_vectors, model.info.model_id)
+    >>> cliplens.save_with_head(cliplens.load_policy(), head, model.info.name, "mine.yaml")
+    """
+    head_file = head.save(head_file_for(out))
+    policy.with_head(head_file, model, threshold, category).save(Path(out))
+    return head_file
 
 
 # ---------------------------------------------------------------------------- redaction

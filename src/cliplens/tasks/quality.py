@@ -219,9 +219,11 @@ class Screener:
         return out
 
 
-def build_screener(model: Encoder, probe: DistortionProbe | None = None) -> Screener:
+def build_screener(
+    model: Encoder, probe: DistortionProbe | str | os.PathLike[str] | None = None
+) -> Screener:
     """The prompts of screening embedded by `model`, with a distortion probe fit in its
-    feature space if one is given.
+    feature space if one is given (or the path of one `train_probe` saved).
 
     Why: embedded once, reused for every call of `screen` (the server keeps one).
 
@@ -229,6 +231,8 @@ def build_screener(model: Encoder, probe: DistortionProbe | None = None) -> Scre
     >>> model = cliplens.ModelRef("offline")
     >>> cliplens.screen(files, model, screener=cliplens.build_screener(model))
     """
+    if isinstance(probe, (str, os.PathLike)):
+        probe = DistortionProbe.load(probe)
     info = model.info
     names = list(ATTRIBUTES)
     texts = [t for n in names for t in ATTRIBUTES[n]]
@@ -270,7 +274,7 @@ class Screening:
 def screen(
     images: Sequence[ImageSource],
     model: Encoder | None,
-    probe: DistortionProbe | None = None,
+    probe: DistortionProbe | str | os.PathLike[str] | None = None,
     *,
     screener: Screener | None = None,
     names: Sequence[str] | None = None,
