@@ -1,4 +1,4 @@
-# make demo / make test: each creates .venv with the project installed when it is missing
+# make demo / make test / make docs: each creates .venv with the project installed when it is missing
 # or older than pyproject.toml (idempotent), then runs.
 PYTHON ?= python3
 VENV   := .venv
@@ -10,7 +10,7 @@ TORCH  ?= torch==2.14.1 torchvision==0.29.1
 DEMO_DIR    ?= demo-photos
 DEMO_LABELS ?= cat,dog,car,coffee,rocket,motorcycle,camera,galaxy,text,flower,bird,horse,pizza,tree
 
-.PHONY: venv demo test lint format bench clean
+.PHONY: venv demo test lint format docs bench clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -48,6 +48,15 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
+# the documentation site, offline and strict (a warning fails), into site/: first the
+# pictures from the recorded figures, the command-line reference from the Typer app, and
+# benchmarks/RESULTS.md copied in as a page (mkdocs sees only docs/)
+docs: $(STAMP)
+	$(BIN)/python docs/figures.py docs/img
+	$(BIN)/python docs/reference/gen_cli.py docs/reference/cli.md
+	cp benchmarks/RESULTS.md docs/results.md
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
+
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_encode.py
 	$(BIN)/python benchmarks/bench_decode.py
@@ -60,4 +69,4 @@ bench: $(STAMP)
 	# bash benchmarks/bench_vs_rclip.sh
 
 clean:
-	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache .ruff_cache site docs/results.md
