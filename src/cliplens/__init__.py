@@ -59,6 +59,7 @@ _EXPORTS = {
     "zero_shot_weights": "cliplens.tasks.classify",
     "load_templates": "cliplens.tasks.classify",
     "embed_files": "cliplens.tasks.embed",
+    "embed_images": "cliplens.tasks.embed",
     "Embedded": "cliplens.tasks.embed",
     # moderation
     "load_policy": "cliplens.tasks.policy",

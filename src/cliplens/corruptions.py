@@ -132,7 +132,7 @@ def corrupt(
 
     Why: robust training and its evaluation damage images alike whatever their size.
 
-    >>> import cliplens
+    >>> import cliplens, numpy
     >>> photo = cliplens.open_image("photo.jpg")
     >>> cliplens.corrupt(photo, "occlusion", 5, numpy.random.default_rng(0))
     """

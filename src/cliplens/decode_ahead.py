@@ -1,6 +1,6 @@
 """Decoding ahead: batches of decoded items, in input order, while the next ones decode.
 
-Every image reader in cliplens works this way: an encoder decodes its next batch in
+The readers that feed a network work this way: an encoder decodes its next batch in
 threads while the network embeds this one (Pillow drops the GIL), the catalog indexer
 decodes in worker processes while it encodes and commits, and embed-dataset's Ray tasks
 decode their batch with the same per-item function. `decode_ahead` is that loop, once,

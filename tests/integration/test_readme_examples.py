@@ -70,7 +70,7 @@ def test_skipped_example_compiles(example: CodeExample):
 
 
 @pytest.fixture(scope="module")
-def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[Path, Path]:
+def folders() -> dict[Path, Path]:
     return {}
 
 

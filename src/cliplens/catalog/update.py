@@ -273,14 +273,15 @@ class _BatchWriter:
     ) -> None:
         self.catalog, self.encoder, self.key, self.stats = catalog, encoder, key, stats
         self.pending: list[Decoded] = []
+        self.crops = 0  # pending items with a crop to encode
         self.t_decode = self.t_encode = self.t_write = 0.0
 
     def add(self, item: Decoded, bs: int) -> None:
         """Queue one file; commit once a batch of crops (or 4x as many files) is queued."""
         self.t_decode += item.seconds
         self.pending.append(item)
-        crops = sum(d.crop is not None for d in self.pending)
-        if crops >= bs or len(self.pending) >= 4 * bs:
+        self.crops += item.crop is not None
+        if self.crops >= bs or len(self.pending) >= 4 * bs:
             self.flush()
 
     def flush(self) -> None:
@@ -304,7 +305,7 @@ class _BatchWriter:
             )
         self.t_write += time.perf_counter() - t
         self.stats.encoded += len(crops)
-        self.pending = []
+        self.pending, self.crops = [], 0
 
 
 def _decoded(

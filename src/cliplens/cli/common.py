@@ -255,17 +255,6 @@ def embed_paths(
     )
 
 
-def embed_labelled(ref, files, labels, db, max_megapixels, features):
-    """(vectors, labels) of the files that could be read; the others are warned about."""
-    from cliplens.cli.output import warn
-
-    done = embed_paths(ref, files, db, max_megapixels, features=features)
-    for failure in done.failures:
-        warn(f"{failure} (skipped)")
-    by_path = dict(zip([str(Path(f).resolve()) for f in files], labels, strict=True))
-    return done.vectors, [by_path[p] for p in done.paths]
-
-
 class DefaultCommandGroup(typer.core.TyperGroup):
     """A command group whose first command runs when no subcommand is named:
     `cliplens moderate PHOTOS` is `cliplens moderate check PHOTOS`."""

@@ -24,9 +24,6 @@ from cliplens.cli.output import info
 from cliplens.generation.config import DEFAULT_LR  # torch-free: the help shows the defaults
 from cliplens.limits import MAX_CUTOUTS, MAX_LR, MAX_SIZE, MAX_STEPS, MIN_SIZE
 
-# Commands import the library inside their bodies, so that `cliplens --help` and every
-# other command start without torch (tests/unit/test_structure.py checks --help).
-
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 library_names("generate", trust="--trust-checkpoint")
 

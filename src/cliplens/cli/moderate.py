@@ -55,7 +55,7 @@ library_names("moderate check", out_dir="--redact")
 
 
 def _moderator(policy_name: str, model, device, precision):
-    """The policy, the model and the moderator; the policy's warnings are printed."""
+    """The model and the moderator of a policy; the policy's warnings are printed."""
     from cliplens.models.ref import ModelRef
     from cliplens.tasks.moderate import build_moderator
     from cliplens.tasks.policy import load_policy
@@ -67,7 +67,7 @@ def _moderator(policy_name: str, model, device, precision):
         moderator = build_moderator(policy, ref)
     for w in caught:
         warn(str(w.message))
-    return policy, ref, moderator
+    return ref, moderator
 
 
 @app.command("check")
@@ -95,7 +95,7 @@ def check_command(
     if redact is not None:
         out_folder(redact, "--redact")
     files, missing = collect_images(paths)
-    _, ref, moderator = _moderator(policy, model, device, precision)
+    ref, moderator = _moderator(policy, model, device, precision)
     catalog, progress = read_catalog(db), show_progress()
     done = moderate(
         files,
@@ -179,7 +179,7 @@ def calibrate_command(
     from cliplens.tasks.moderate import calibrate_policy
 
     out_file(out, "--out")
-    _, ref, moderator = _moderator(policy, model, device, precision)
+    ref, moderator = _moderator(policy, model, device, precision)
     examples = _examples(positive, negative, ref, db, max_megapixels)
     targets = (target_precision, target_recall)
     new, points = calibrate_policy(moderator, examples, ref.info.name, *targets)

@@ -39,9 +39,6 @@ if TYPE_CHECKING:
     from cliplens.models.ref import ModelRef
     from cliplens.tasks.probe import LabelledVectors
 
-# Commands import the library inside their bodies, so that `cliplens --help` and every
-# other command start without torch (tests/unit/test_structure.py checks --help).
-
 app = typer.Typer(
     help="Linear probes: fit a classifier on embeddings, predict, k-shot curves.",
     no_args_is_help=True,

@@ -168,7 +168,9 @@ class ModelRef:
         onnxruntime (or torch) under it, which aborts the process."""
         if self._text is not None or self._encoder is not None:
             return
-        if self._info is None and recorded_info(self.name) is None:
+        if self._info is None:
+            self._info = recorded_info(self.name)  # kept: the thread's lookup needs it
+        if self._info is None:
             return  # finding the model's id would load it, and no export exists yet anyway
         threading.Thread(target=self._preload, name="cliplens-text-preload").start()
 

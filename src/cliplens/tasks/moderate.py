@@ -21,11 +21,11 @@ import numpy as np
 from PIL import ImageFilter
 
 from cliplens.errors import ImageError, InvalidInputError
-from cliplens.images import ImageSource, describe, iter_image_files, open_image
+from cliplens.images import ImageSource, iter_image_files, open_image
 from cliplens.models.encoder import Encoder
 from cliplens.store.files import write_atomic
 from cliplens.store.npz import load_arrays, save_arrays
-from cliplens.tasks.embed import Embedded, embed_files
+from cliplens.tasks.embed import Embedded, embed_files, embed_images
 from cliplens.tasks.policy import HEAD_CATEGORY, Concept, Policy, PolicyError, load_policy
 
 if TYPE_CHECKING:
@@ -239,17 +239,8 @@ def moderate(
     >>> [v.to_dict() for v in found.flagged]
     """
     moderator = moderator or build_moderator(policy or load_policy(), model)
-    if all(isinstance(item, (str, os.PathLike)) for item in images):
-        options = {"max_megapixels": max_megapixels, "progress": progress}
-        done = embed_files(model, images, catalog, **options)  # type: ignore[arg-type]
-        verdicts = moderator.judge(done.paths, done.vectors)
-        return Moderation(verdicts, done.failures, done.reused)
-    labels = list(names) if names is not None else [describe(item) for item in images]
-    if len(labels) != len(images):
-        raise InvalidInputError(f"{len(images)} images but {len(labels)} `names`")
-    enc = model.encode_images_lenient(images, None, progress, max_megapixels)
-    verdicts = moderator.judge([labels[i] for i in enc.kept], enc.vectors)
-    return Moderation(verdicts, enc.failures)
+    done = embed_images(model, images, names, catalog, progress, max_megapixels)
+    return Moderation(moderator.judge(done.paths, done.vectors), done.failures, done.reused)
 
 
 @dataclass

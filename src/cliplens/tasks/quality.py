@@ -27,9 +27,9 @@ from PIL import Image
 
 from cliplens.corruptions import DistortionKind
 from cliplens.errors import ImageError, InvalidInputError
-from cliplens.images import ImageSource, describe, open_image
+from cliplens.images import ImageSource, open_image
 from cliplens.models.encoder import Encoder
-from cliplens.tasks.embed import embed_files
+from cliplens.tasks.embed import embed_files, embed_images
 from cliplens.tasks.probe import LinearProbe, fit_probe
 
 if TYPE_CHECKING:
@@ -355,16 +355,13 @@ def _encode_in_memory(
     progress: bool,
 ) -> _Encoded:
     """Embeddings (and probe features) of images already open, named by `names`."""
-    labels = list(names) if names is not None else [describe(item) for item in images]
-    if len(labels) != len(images):
-        raise InvalidInputError(f"{len(images)} images but {len(labels)} `names`")
-    done = model.encode_images_lenient(images, None, progress, max_megapixels)
-    kept = [images[i] for i in done.kept]
+    done = embed_images(model, images, names, None, progress, max_megapixels)
     features = None
     if screener.probe is not None:
+        kept = [images[i] for i in done.positions]
         features = model.encode_features(kept, None, progress, max_megapixels).vectors
     problems = [problem_of(e) for e in done.failures]
-    return [labels[i] for i in done.kept], done.vectors, features, problems
+    return done.paths, done.vectors, features, problems
 
 
 # ---------------------------------------------------------------------------- probe

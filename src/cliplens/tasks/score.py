@@ -21,10 +21,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from cliplens.errors import ImageError, InvalidInputError
-from cliplens.images import ImageSource, describe
+from cliplens.images import ImageSource
 from cliplens.models.encoder import Encoder
 from cliplens.store.files import write_atomic
-from cliplens.tasks.embed import embed_files
+from cliplens.tasks.embed import embed_images
 from cliplens.textfile import read_lines
 
 if TYPE_CHECKING:
@@ -240,7 +240,8 @@ def score_images(
         kept = None
         texts = model.encode_texts([prompt or ""])
         ref_sets = [references] * len(paths) if references else None
-    signed, clip = cosine(vectors, texts), clip_score(vectors, texts)
+    signed = cosine(vectors, texts)
+    clip = W * np.maximum(signed, 0.0)  # clip_score, from the cosines already at hand
     ref_scores = harmonic = None
     if ref_sets is not None and all(ref_sets):
         unique = sorted({t for s in ref_sets for t in s})
@@ -272,15 +273,8 @@ def _embed(
 ) -> tuple[list[str], np.ndarray, list[ImageError]]:
     """(names, embeddings, failures): files by their resolved paths, embeddings of unchanged
     ones from `catalog`; images already open by `names`."""
-    if all(isinstance(item, (str, os.PathLike)) for item in images):
-        options = {"max_megapixels": max_megapixels, "progress": progress}
-        done = embed_files(model, images, catalog, **options)  # type: ignore[arg-type]
-        return done.paths, done.vectors, done.failures
-    labels = list(names) if names is not None else [describe(item) for item in images]
-    if len(labels) != len(images):
-        raise InvalidInputError(f"{len(images)} images but {len(labels)} `names`")
-    enc = model.encode_images_lenient(images, None, progress, max_megapixels)
-    return [labels[i] for i in enc.kept], enc.vectors, enc.failures
+    done = embed_images(model, images, names, catalog, progress, max_megapixels)
+    return done.paths, done.vectors, done.failures
 
 
 @dataclass(frozen=True)
@@ -333,7 +327,7 @@ def rerank_images(
         return Reranking([], failures)
     text = model.encode_texts([prompt])
     order, cos = rerank(vectors, text)
-    scores = clip_score(vectors, text)
+    scores = W * np.maximum(cos, 0.0)  # clip_score, from rerank's cosines
     ranked = [
         RankedImage(r + 1, paths[i], round(float(cos[i]), 4), round(float(scores[i]), 4))
         for r, i in enumerate(order[:top] if top else order)

@@ -171,7 +171,6 @@ class Pairs:
         self.prep = Preprocessing(size, size, mean, std, pp.get("interpolation", "bicubic"))
         self.images = np.stack([self.prep.crop(open_image(p.source())) for p in pairs])
         self.tokens = tokenizer([p.caption for p in pairs])
-        self.captions = [p.caption for p in pairs]
 
     def __len__(self) -> int:
         return len(self.images)

@@ -333,8 +333,10 @@ class TrainingLoop:
             row |= {"lr": self.scheduler.get_last_lr()[0], "seconds": round(seconds, 3)}
             outcome.log.append(row)
             run.write(row)
-            out_of_time = bool(s.max_minutes) and seconds > 60 * (s.max_minutes or 0)
-            out_of_time = self.processes.any(out_of_time)
+            # every process has the same settings: without a limit there is nothing to agree on
+            out_of_time = bool(s.max_minutes) and self.processes.any(
+                seconds > 60 * (s.max_minutes or 0)
+            )
             if (s.max_steps and self.step >= s.max_steps) or out_of_time:
                 return True
             if self.step % s.checkpoint_every == 0:
