@@ -7,15 +7,19 @@ import json
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from cliplens.captioning.embedded import EmbeddedPairs, embed_pairs
 from cliplens.captioning.metrics import CaptionScores, score_captions
 from cliplens.captioning.model import Captioner, CaptionOptions
+from cliplens.captioning.reference import ReferenceCaptioner
 from cliplens.store.files import write_atomic
+from cliplens.tasks.score import PREFIX, clip_score, prefixed, ref_clip_score
 from cliplens.train.data import Pair
 
 if TYPE_CHECKING:
@@ -48,7 +52,7 @@ class CaptionEvaluation:
 
 
 def evaluate_captioner(
-    captioner: Captioner,
+    captioner: Captioner | ReferenceCaptioner,
     model: Encoder,
     pairs: Sequence[Pair],
     options: CaptionOptions | None = None,
@@ -56,11 +60,13 @@ def evaluate_captioner(
     catalog: Catalog | None = None,
     progress: bool = False,
     warn: Callable[[str], None] = lambda m: None,
+    prefix: str = PREFIX,
 ) -> CaptionEvaluation:
     """BLEU-1..4, ROUGE-L, CIDEr-D (and METEOR, SPICE with Java) of the captioner's captions
-    of the images of `pairs` against all of each image's captions: why, to compare
-    captioners and searches on held-out data. `model` is the captioner's encoder; `limit`
-    keeps the first that many images (only those are embedded).
+    of the images of `pairs` against all of each image's captions, and CLIPScore and
+    RefCLIPScore (texts embedded as `prefix` + caption, the paper's "A photo depicts "; ""
+    for none): why, to compare captioners and searches on held-out data. `model` is the
+    captioner's encoder; `limit` keeps the first that many images (only those are embedded).
 
     >>> import cliplens
     >>> captioner = cliplens.load_captioner("run/captioner")
@@ -72,10 +78,39 @@ def evaluate_captioner(
         rows = [p for p in rows if p.image in first]
     data = embed_pairs(model, rows, None, catalog, progress, warn)
     references = data.references()
-    captions = captioner.captions(data.vectors, options, model)
-    return CaptionEvaluation(
-        data.images, captions, references, score_captions(captions, references)
-    )
+    if isinstance(captioner, ReferenceCaptioner):  # it takes the raw CLIP embeddings
+        raw, _, failures = captioner.embed_images(model, data.images)
+        if failures:
+            raise failures[0]
+        captions = captioner.captions(raw, options)
+    else:
+        captions = captioner.captions(data.vectors, options, model)
+    scores = score_captions(captions, references)
+    clip, ref = clip_scores(model, data.vectors, captions, references, prefix)
+    scores.scores.update({"CLIPScore": float(np.mean(clip)), "RefCLIPScore": float(np.mean(ref))})
+    scores.per_caption.update({"CLIPScore": clip.tolist(), "RefCLIPScore": ref.tolist()})
+    return CaptionEvaluation(data.images, captions, references, scores)
+
+
+def clip_scores(
+    model: Encoder,
+    images: np.ndarray,
+    captions: Sequence[str],
+    references: Sequence[Sequence[str]],
+    prefix: str = PREFIX,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(CLIPScore, RefCLIPScore) of each caption as Hessel et al. (2021) compute them:
+    candidates and references embedded as `prefix` + text by `model`, the encoder of the
+    image embeddings `images`."""
+    texts = model.encode_texts(prefixed(list(captions), prefix))
+    flat = [r for refs in references for r in refs]
+    vectors = model.encode_texts(prefixed(flat, prefix)) if flat else np.zeros((0, 1))
+    bounds = np.cumsum([0, *(len(refs) for refs in references)])
+    split = [vectors[lo:hi] for lo, hi in pairwise(bounds)]
+    clip = clip_score(images, texts)
+    if not flat or any(len(refs) == 0 for refs in references):
+        return clip, np.full(len(clip), np.nan)
+    return clip, ref_clip_score(images, texts, split)[1]
 
 
 def validation_metrics(

@@ -9,7 +9,8 @@ prefix; the LM stays frozen).
 
 A captioner is one folder: captioner.json (config: the encoder's name and model_id, the
 LM, the mapper), mapper.safetensors, and lm/ when the LM was trained (fine-tuned or from
-scratch). It refuses embeddings of any other encoder.
+scratch). It refuses embeddings of any other encoder. The ClipCap authors' own checkpoint
+files load through `load_captioner` too, into their modules (captioning.reference).
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from cliplens.captioning import language_model as lms
+from cliplens.captioning import reference
+from cliplens.captioning.reference import ReferenceCaptioner
 from cliplens.device import Precision, choose_device, choose_precision
 from cliplens.errors import InvalidInputError
 from cliplens.models.ref import ModelRef
@@ -441,14 +444,18 @@ def read_config(captioner: str | os.PathLike) -> CaptionerConfig:
     return cfg
 
 
-def load_captioner(captioner: str | os.PathLike) -> Captioner:
-    """The captioner saved in the folder `captioner` (what `train_captioner` writes): why,
-    to caption images with it (`caption`) or score it (`evaluate_captioner`).
+def load_captioner(captioner: str | os.PathLike) -> Captioner | ReferenceCaptioner:
+    """The captioner saved in the folder `captioner` (what `train_captioner` writes), or a
+    checkpoint file of the ClipCap authors (`coco_weights.pt`...: see
+    `load_clipcap_checkpoint`): why, to caption images with it (`caption`) or score it
+    (`evaluate_captioner`).
 
     >>> import cliplens
     >>> captioner = cliplens.load_captioner("run/captioner")
     >>> cliplens.caption(captioner, ["photo.jpg"])  # doctest: +SKIP
     """
+    if reference.is_checkpoint_file(captioner):
+        return reference.load_clipcap_checkpoint(captioner)
     folder = Path(captioner)
     cfg = read_config(folder)
     if cfg.lm_trained:
@@ -461,7 +468,7 @@ def load_captioner(captioner: str | os.PathLike) -> Captioner:
 
 
 def caption(
-    captioner: Captioner,
+    captioner: Captioner | ReferenceCaptioner,
     images: Sequence[ImageSource],
     options: CaptionOptions | None = None,
     model: Encoder | None = None,
@@ -475,6 +482,9 @@ def caption(
     >>> captioner = cliplens.load_captioner("run/captioner")
     >>> cliplens.caption(captioner, ["photo.jpg"])  # doctest: +SKIP
     """
+    if isinstance(captioner, ReferenceCaptioner):
+        encoder = model if model is not None else reference_encoder(captioner)
+        return captioner.caption_images(encoder, images, options)
     encoder = model if model is not None else default_encoder(captioner.cfg)
     check_encoder(captioner.cfg, encoder.info.model_id, encoder.info.name)
     return captioner.captions(encoder.encode_images(images), options, encoder)
@@ -489,3 +499,17 @@ def lm_bf16(device: str | None = None, precision: str | None = None) -> bool:
 def default_encoder(cfg: CaptionerConfig) -> Encoder:
     """The encoder a captioner was trained on, loaded when something is encoded."""
     return ModelRef(cfg.encoder)
+
+
+def reference_encoder(
+    captioner: ReferenceCaptioner, device: str | None = None, precision: str | None = None
+) -> Encoder:
+    """The CLIP an authors' checkpoint was trained on (ViT-B/32, or RN50x4 for 640-wide
+    embeddings), in fp32 unless `precision` says otherwise, as their scripts ran it."""
+    name = captioner.cfg.encoder
+    if name is None:
+        raise InvalidInputError(
+            f"`captioner` {captioner.source} takes {captioner.cfg.embed_dim}-wide embeddings of "
+            "no CLIP the authors used: pass the CLIP it was trained on as `model`"
+        )
+    return ModelRef(name, device=device, precision=precision or "fp32")

@@ -55,7 +55,27 @@ app = typer.Typer(
     no_args_is_help=True,
 )
 CaptionerOpt = Annotated[
-    Path, typer.Option("--captioner", "-c", help="Captioner folder (`caption train` writes it).")
+    Path,
+    typer.Option(
+        "--captioner",
+        "-c",
+        help="Captioner folder (`caption train` writes it), or a checkpoint file of the ClipCap "
+        "authors (coco_weights.pt, conceptual_weights.pt, their transformer model).",
+    ),
+]
+TokenizerOpt = Annotated[
+    str,
+    typer.Option(
+        "--tokenizer", help="With an authors' checkpoint: GPT-2's tokenizer (hub name or folder)."
+    ),
+]
+NormalizeOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--normalize-prefix/--raw-prefix",
+        help="With an authors' checkpoint: divide the CLIP embedding by its norm first "
+        "(default: as the checkpoint was trained; their transformer model yes, MLP ones no).",
+    ),
 ]
 MAX_BEAMS = 64  # beams or rerank candidates: each is a whole decoding per image
 BeamOpt = Annotated[
@@ -85,16 +105,38 @@ MaxTokensOpt = Annotated[
 ]
 
 
-def _captioner_and_encoder(captioner_dir: Path, model, device, precision):
+def _captioner_and_encoder(
+    captioner_dir: Path, model, device, precision, tokenizer="gpt2", normalize=None
+):
     """The captioner, and the encoder its embeddings come from (refusing any other)."""
     from cliplens.captioning.model import check_encoder, load_captioner, read_config
+    from cliplens.captioning.reference import is_checkpoint_file
     from cliplens.models.ref import ModelRef
 
+    if is_checkpoint_file(captioner_dir):
+        return _checkpoint_and_encoder(
+            captioner_dir, model, device, precision, tokenizer, normalize
+        )
     cfg = read_config(captioner_dir)  # fails fast, before any model loads
     ref = ModelRef(model or cfg.encoder, device=device, precision=precision)
     if model:
         check_encoder(cfg, ref.info.model_id, ref.name)
     return load_captioner(captioner_dir).to(_device(device)), ref
+
+
+def _checkpoint_and_encoder(path: Path, model, device, precision, tokenizer, normalize):
+    """An authors' checkpoint, and its CLIP (the one it expects unless --model)."""
+    from cliplens.captioning.model import reference_encoder
+    from cliplens.captioning.reference import load_clipcap_checkpoint
+    from cliplens.models.ref import ModelRef
+
+    cap = load_clipcap_checkpoint(path, tokenizer=tokenizer, normalize_prefix=normalize)
+    if model:
+        ref = ModelRef(model, device=device, precision=precision or "fp32")
+    else:
+        ref = reference_encoder(cap, device, precision)
+    cap.check_encoder(ref)
+    return cap.to(_device(device)), ref
 
 
 def _device(device: str | None):
@@ -125,9 +167,12 @@ def caption_command(
     db: DbOpt = None,
     batch_size: BatchSizeOpt = 32,
     max_megapixels: MegapixelsOpt = None,
+    tokenizer: TokenizerOpt = "gpt2",
+    normalize_prefix: NormalizeOpt = None,
 ) -> None:
     """Caption images: greedy by default, --beam N, --top-p P sampling, or --rerank N."""
     from cliplens.captioning.model import CaptionOptions, lm_bf16
+    from cliplens.captioning.reference import ReferenceCaptioner
 
     options = CaptionOptions(
         beams=beam,
@@ -139,19 +184,26 @@ def caption_command(
         batch_size=batch_size,
     )
     files, missing = collect_images(paths)
-    cap, ref = _captioner_and_encoder(captioner, model, device, precision)
-    done = embed_paths(ref, files, db, max_megapixels)
-    for e in [*missing, *done.failures]:
+    cap, ref = _captioner_and_encoder(
+        captioner, model, device, precision, tokenizer, normalize_prefix
+    )
+    if isinstance(cap, ReferenceCaptioner):  # the raw embeddings: not from the catalog
+        vectors, kept, failures = cap.embed_images(ref, files, max_megapixels)
+        done_paths = [str(files[i].resolve()) for i in kept]
+    else:
+        done = embed_paths(ref, files, db, max_megapixels)
+        vectors, failures, done_paths = done.vectors, done.failures, done.paths
+    for e in [*missing, *failures]:
         warn_message(f"{e} (not captioned)")
     options = replace(options, bf16=lm_bf16(device, precision))
-    rows = list(zip(done.paths, cap.captions(done.vectors, options, ref), strict=True))
+    rows = list(zip(done_paths, cap.captions(vectors, options, ref), strict=True))
     if fmt is Format.json:
         print_json([{"path": p, "caption": c} for p, c in rows])
     elif fmt is Format.csv:
         print_csv(["path", "caption"], rows)
     else:
         print_table(["path", "caption"], rows)
-    if missing or done.failures:
+    if missing or failures:
         raise typer.Exit(1)
 
 
@@ -301,8 +353,18 @@ def eval_command(
     device: DeviceOpt = None,
     precision: PrecisionOpt = None,
     db: DbOpt = None,
+    prefix: Annotated[
+        str,
+        typer.Option(
+            "--prefix",
+            help='Text put before candidates and references for CLIPScore ("" for none).',
+        ),
+    ] = "A photo depicts ",
+    tokenizer: TokenizerOpt = "gpt2",
+    normalize_prefix: NormalizeOpt = None,
 ) -> None:
-    """BLEU-1..4, ROUGE-L, CIDEr-D (and METEOR, SPICE with Java) against the references."""
+    """BLEU-1..4, ROUGE-L, CIDEr-D (and METEOR, SPICE with Java), CLIPScore and RefCLIPScore
+    against the references."""
     from cliplens.captioning.model import CaptionOptions, lm_bf16
 
     options = CaptionOptions(
@@ -313,13 +375,15 @@ def eval_command(
     from cliplens.captioning.evaluate import evaluate_captioner
     from cliplens.train.data import read_pairs
 
-    cap, ref = _captioner_and_encoder(captioner, model, device, precision)
+    cap, ref = _captioner_and_encoder(
+        captioner, model, device, precision, tokenizer, normalize_prefix
+    )
     catalog = read_catalog(db)
     pairs = read_pairs(data)
     options = replace(options, bf16=lm_bf16(device, precision))
     progress = show_progress()
     evaluation = evaluate_captioner(
-        cap, ref, pairs, options, limit, catalog, progress, warn_message
+        cap, ref, pairs, options, limit, catalog, progress, warn_message, prefix
     )
     if captions_out:
         evaluation.write_captions(captions_out)

@@ -99,10 +99,14 @@ def _read_parts(settings: ServerSettings) -> None:
     """Read what the routes will need (the policy, the captioner's config, the quality
     probe), so that a bad file stops `create_app`, not a request."""
     load_policy(settings.policy)
-    if settings.captioner is not None:
-        from cliplens.captioning.model import read_config  # torch: only with a captioner
+    if settings.captioner is not None:  # torch: only with a captioner
+        from cliplens.captioning.model import read_config
+        from cliplens.captioning.reference import infer_config, is_checkpoint_file, read_state
 
-        read_config(settings.captioner)
+        if is_checkpoint_file(settings.captioner):  # the ClipCap authors' .pt file
+            infer_config(read_state(Path(settings.captioner)), str(settings.captioner))
+        else:
+            read_config(settings.captioner)
     if settings.quality_probe is not None:
         DistortionProbe.load(settings.quality_probe)
 
