@@ -62,6 +62,23 @@ def check_command(
     sort: Annotated[
         str, typer.Option("--sort", help="Attribute to sort by (quality, sharpness, ...).")
     ] = "quality",
+    iqa: Annotated[
+        str | None,
+        typer.Option(
+            "--iqa",
+            help="How CLIP-IQA sees an image: faithful (the paper's: the whole image, "
+            "longest side at most 1024 px; OpenAI-layout ResNets such as RN50, their "
+            "default) or crop (the model's centre crop; every other model's default).",
+        ),
+    ] = None,
+    prompts: Annotated[
+        str,
+        typer.Option(
+            "--prompts",
+            help="Attribute prompts: attributes (the paper's six pairs) or clipiqa "
+            "(pyiqa's five-pair quality score).",
+        ),
+    ] = "attributes",
     fmt: Annotated[Format, typer.Option("--format", "-f")] = Format.table,
     model: ModelOpt = None,
     device: DeviceOpt = None,
@@ -71,12 +88,7 @@ def check_command(
 ) -> None:
     """Report corrupt files (exit code 1 if any), then score the readable ones."""
     from cliplens.models.ref import ModelRef
-    from cliplens.tasks.quality import (
-        ATTRIBUTES,
-        Screening,
-        problem_of,
-        screen,
-    )
+    from cliplens.tasks.quality import PROMPT_SETS, problem_of, screen
 
     files, missing = collect_images(paths)
     ref = None if integrity_only else ModelRef(model, device=device, precision=precision)
@@ -89,11 +101,14 @@ def check_command(
         worst=worst,
         max_megapixels=max_megapixels,
         progress=show_progress(),
+        iqa=iqa,  # type: ignore[arg-type]  # checked by screen
+        prompts=prompts,  # type: ignore[arg-type]
     )
-    problems, scores = [*map(problem_of, missing), *found.problems], found.scores
-    names = list(ATTRIBUTES)
+    found.problems[:0] = map(problem_of, missing)
+    problems, scores = found.problems, found.scores
+    names: list[Attribute] = list(PROMPT_SETS[prompts])  # type: ignore[index]
     if fmt is Format.json:
-        print_json(Screening(problems, scores).to_dict())
+        print_json(found.to_dict())
     elif fmt is Format.csv:
         blanks = [""] * len(names)
         print_csv(
@@ -109,7 +124,7 @@ def check_command(
             print_table(
                 [*names, "distortion", "path"],
                 [_table_row(s, names) for s in scores],
-                title=f"Scores (0-1, higher is better; sorted by {sort})",
+                title=f"Scores (0-1, higher is better; CLIP-IQA {found.iqa}; sorted by {sort})",
             )
         info(f"{len(files) + len(missing)} files, {len(problems)} with problems")
     if problems:

@@ -7,7 +7,13 @@ both call it.
   decompression bomb) and misnamed files (a PNG called .jpg) are reported with a reason.
 - CLIP-IQA (Wang et al., 2023): an attribute is a pair of antonym prompts, "Good photo." /
   "Bad photo."; its score is the softmax over the image's similarity to the pair, so 1.0
-  leans fully to the first prompt. The prompts are the paper's.
+  leans fully to the first prompt. `attributes` are the paper's prompts; `clipiqa` is
+  pyiqa's ensemble (the mean over five pairs). Two ways to see the image (`IqaMode`):
+  `faithful`, the paper's, for OpenAI-layout ResNets (the whole image, longest side at
+  most `MAX_SIDE`, the attention pool without its positional embedding, the model's own
+  logit scale: `tasks.clip_iqa`); `crop`, for every other model (a ViT's position
+  embeddings fix its input grid): the embedding of the model's centre crop, as the catalog
+  holds it, at CLIP's trained scale of 100.
 - Distortion type: zero-shot over prompts naming the camera distortions of
   `cliplens.corruptions`, or a linear probe trained on a few examples per type
   (`train_probe`), which is what works for a model whose text side knows little of
@@ -27,9 +33,9 @@ from PIL import Image
 
 from cliplens.corruptions import DistortionKind
 from cliplens.errors import ImageError, InvalidInputError
-from cliplens.images import ImageSource, open_image
+from cliplens.images import ImageSource, describe, open_image
 from cliplens.models.encoder import Encoder
-from cliplens.tasks.embed import embed_files, embed_images
+from cliplens.tasks.embed import Embedded, embed_files, embed_images
 from cliplens.tasks.probe import LinearProbe, fit_probe
 
 if TYPE_CHECKING:
@@ -45,7 +51,29 @@ ATTRIBUTES: dict[Attribute, tuple[str, str]] = {
     "colorfulness": ("Colorful photo.", "Dull photo."),
     "contrast": ("High contrast photo.", "Low contrast photo."),
 }
-CLIP_IQA_SCALE = 100.0  # CLIP's logit scale, as CLIP-IQA uses it
+# what a prompt set scores: attribute -> antonym pairs, whose scores are averaged
+PromptSet = Literal["attributes", "clipiqa"]
+PROMPT_SETS: dict[PromptSet, dict[Attribute, tuple[tuple[str, str], ...]]] = {
+    "attributes": {name: (pair,) for name, pair in ATTRIBUTES.items()},
+    # pyiqa's `clipiqa` (clipiqa_arch.py): the mean of five pairs, as one quality score
+    "clipiqa": {
+        "quality": (
+            ("Good image", "bad image"),
+            ("Sharp image", "blurry image"),
+            ("sharp edges", "blurry edges"),
+            ("High resolution image", "low resolution image"),
+            ("Noise-free image", "noisy image"),
+        )
+    },
+}
+# faithful: the whole image through a ResNet without the attention pool's positional
+# embedding (CLIP-IQA as published); crop: the model's own centre-crop embedding
+IqaMode = Literal["faithful", "crop"]
+IQA_MODES: tuple[IqaMode, ...] = ("faithful", "crop")
+# faithful mode's bound on the longest side: KonIQ-10k's 1024x768 photos (the paper's
+# benchmark) pass untouched; a 12 MP photo is brought down 4x, not 13x as to a 224 crop
+MAX_SIDE = 1024
+CLIP_IQA_SCALE = 100.0  # CLIP's trained logit scale: crop mode and zero-shot distortions
 
 # what zero-shot screening tells apart: the camera distortions of `cliplens.corruptions`
 DistortionType = Literal["clean"] | DistortionKind
@@ -179,23 +207,36 @@ def _softmax(x: np.ndarray) -> np.ndarray:
 
 @dataclass
 class Screener:
-    """The attribute prompt pairs and distortion prompts embedded once by one model."""
+    """The attribute prompt pairs and distortion prompts embedded once by one model, and
+    how it sees an image for CLIP-IQA (`iqa`)."""
 
     model_id: str
-    pairs: np.ndarray  # (A, 2, D)
+    pairs: np.ndarray  # (P, 2, D): every antonym pair of the prompt set
     attribute_names: list[Attribute]
     distortion_vectors: np.ndarray  # (K, D)
     distortion_names: list[DistortionType]
-    scale: float = CLIP_IQA_SCALE
+    scale: float = CLIP_IQA_SCALE  # the attributes' logit scale
     probe: DistortionProbe | None = None
+    pair_attributes: np.ndarray | None = None  # (P,): the attribute each pair scores
+    iqa: IqaMode = "crop"
+    prompts: PromptSet = "attributes"
+    max_side: int = MAX_SIDE  # faithful mode: the longest side an image is scored at
 
     def attribute_scores(self, vectors: np.ndarray) -> np.ndarray:
-        """(N, A): the softmax weight of each pair's positive prompt."""
-        sims = np.einsum("nd,apd->nap", vectors, self.pairs)
-        return _softmax(self.scale * sims)[..., 0]
+        """(N, A): the softmax weight of each pair's positive prompt, averaged over the
+        attribute's pairs."""
+        sims = np.einsum("nd,pkd->npk", vectors, self.pairs)
+        positive = _softmax(self.scale * sims)[..., 0]
+        owner = self.pair_attributes
+        if owner is None:
+            return positive
+        return np.stack(
+            [positive[:, owner == a].mean(axis=1) for a in range(len(self.attribute_names))],
+            axis=1,
+        )
 
     def distortion_probabilities(self, vectors: np.ndarray) -> np.ndarray:
-        return _softmax(self.scale * vectors @ self.distortion_vectors.T)
+        return _softmax(CLIP_IQA_SCALE * vectors @ self.distortion_vectors.T)
 
     def score(
         self, paths: list[str], vectors: np.ndarray, features: np.ndarray | None = None
@@ -219,11 +260,47 @@ class Screener:
         return out
 
 
+def iqa_mode(model: Encoder, iqa: str | None = None) -> IqaMode:
+    """How `model` sees an image for CLIP-IQA: `iqa` if it can, else the default
+    (faithful for an OpenAI-layout ResNet, crop for any other model).
+
+    Why: the published method needs a network that takes any image size; a model's name
+    rules most out without loading it.
+
+    >>> import cliplens
+    >>> cliplens.iqa_mode(cliplens.ModelRef("offline"))
+    'crop'
+    """
+    if iqa is not None and iqa not in IQA_MODES:
+        raise InvalidInputError(f"`iqa` {iqa}: one of {', '.join(IQA_MODES)}")
+    if iqa == "crop":
+        return "crop"
+    unloaded = not getattr(model, "loaded", True)  # a ModelRef not built yet
+    if iqa is None and unloaded and "RN" not in str(getattr(model.info, "arch", "")):
+        return "crop"  # ViTs, SigLIP, ConvNeXt, the offline model: told without a load
+    from cliplens.tasks.clip_iqa import whole_image_tower  # torch: only for a ResNet
+
+    if whole_image_tower(model) is not None:
+        return "faithful"
+    if iqa == "faithful":
+        raise InvalidInputError(
+            "`iqa` faithful needs an OpenAI-layout ResNet (RN50, RN101, RN50x4...), which "
+            f"takes images of any size; {model.info.name} is not one: use `iqa` crop"
+        )
+    return "crop"
+
+
 def build_screener(
-    model: Encoder, probe: DistortionProbe | str | os.PathLike[str] | None = None
+    model: Encoder,
+    probe: DistortionProbe | str | os.PathLike[str] | None = None,
+    *,
+    iqa: IqaMode | None = None,
+    prompts: PromptSet = "attributes",
 ) -> Screener:
     """The prompts of screening embedded by `model`, with a distortion probe fit in its
-    feature space if one is given (or the path of one `train_probe` saved).
+    feature space if one is given (or the path of one `train_probe` saved). `iqa` is how
+    images are seen (`iqa_mode`: faithful or crop; default by model), `prompts` the
+    attribute prompts (`PROMPT_SETS`: the paper's `attributes`, or pyiqa's `clipiqa`).
 
     Why: embedded once, reused for every call of `screen` (the server keeps one).
 
@@ -231,12 +308,17 @@ def build_screener(
     >>> model = cliplens.ModelRef("offline")
     >>> cliplens.screen(files, model, screener=cliplens.build_screener(model))
     """
+    if prompts not in PROMPT_SETS:
+        raise InvalidInputError(f"`prompts` {prompts}: one of {', '.join(PROMPT_SETS)}")
     if isinstance(probe, (str, os.PathLike)):
         probe = DistortionProbe.load(probe)
+    mode = iqa_mode(model, iqa)
     info = model.info
-    names = list(ATTRIBUTES)
-    texts = [t for n in names for t in ATTRIBUTES[n]]
-    pairs = model.encode_texts(texts).reshape(len(names), 2, -1)
+    chosen = PROMPT_SETS[prompts]
+    names = list(chosen)
+    owners = [i for i, n in enumerate(names) for _ in chosen[n]]
+    texts = [t for n in names for pair in chosen[n] for t in pair]
+    pairs = model.encode_texts(texts).reshape(len(owners), 2, -1)
     dnames = list(DISTORTIONS)
     feature_id = model.feature_id if probe is not None else info.model_id
     if probe is not None and probe.model_id != feature_id:
@@ -250,7 +332,11 @@ def build_screener(
         attribute_names=names,
         distortion_vectors=model.encode_texts([DISTORTIONS[d] for d in dnames]),
         distortion_names=dnames,
+        scale=float(info.logit_scale) if mode == "faithful" else CLIP_IQA_SCALE,
         probe=probe,
+        pair_attributes=np.asarray(owners),
+        iqa=mode,
+        prompts=prompts,
     )
 
 
@@ -259,15 +345,20 @@ def build_screener(
 
 @dataclass
 class Screening:
-    """What screening found: files with problems, and the scores of the readable ones."""
+    """What screening found: files with problems, and the scores of the readable ones
+    (seen as `iqa` says, scored with the `prompts` set)."""
 
     problems: list[Integrity] = field(default_factory=list)
     scores: list[QualityScores] = field(default_factory=list)
+    iqa: IqaMode | None = None
+    prompts: PromptSet | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "problems": [p.to_dict() for p in self.problems],
             "scores": [s.to_dict() for s in self.scores],
+            "iqa": self.iqa,
+            "prompts": self.prompts,
         }
 
 
@@ -283,22 +374,28 @@ def screen(
     worst: int | None = None,
     max_megapixels: float | None = None,
     progress: bool = False,
+    iqa: IqaMode | None = None,
+    prompts: PromptSet = "attributes",
 ) -> Screening:
     """Integrity problems, CLIP-IQA scores and the likely distortion of each image.
 
     Why: one pass finds the files that are broken and ranks the rest by quality. Each
     file is decoded once, by the encoder: what it cannot read is the finding. Without a
     `model` only the files' integrity is checked (every file fully decoded). Files take
-    unchanged embeddings from `catalog`; `screener` (from `build_screener`) is reused
-    instead of building one with `probe`; `sort` orders the scores by an attribute, lowest
-    first, and `worst` keeps that many.
+    unchanged embeddings from `catalog` (crop mode: the catalog holds crops); `screener`
+    (from `build_screener`) is reused instead of building one with `probe`, `iqa` and
+    `prompts` (see there); `sort` orders the scores by an attribute, lowest first, and
+    `worst` keeps that many.
 
     >>> import cliplens
     >>> found = cliplens.screen(["photos/a.jpg", "photos/b.png"], cliplens.ModelRef("offline"))
     >>> [s.to_dict() for s in found.scores]  # doctest: +SKIP
     """
-    if sort is not None and sort not in ATTRIBUTES:
-        raise InvalidInputError(f"`sort` {sort}: one of {', '.join(ATTRIBUTES)}")
+    if screener is None and prompts not in PROMPT_SETS:
+        raise InvalidInputError(f"`prompts` {prompts}: one of {', '.join(PROMPT_SETS)}")
+    known = screener.attribute_names if screener is not None else list(PROMPT_SETS[prompts])
+    if sort is not None and sort not in known:
+        raise InvalidInputError(f"`sort` {sort}: one of {', '.join(known)}")
     if worst is not None and worst < 1:
         raise InvalidInputError(f"`worst` {worst}: keep at least 1 image")
     files = all(isinstance(item, (str, os.PathLike)) for item in images)
@@ -309,43 +406,23 @@ def screen(
         return Screening(problems=[c for c in found if not c.ok])
     if not images:
         return Screening()
-    screener = screener or build_screener(model, probe)
-    encode = _encode_files if files else _encode_in_memory
-    paths, vectors, features, problems = encode(
-        images, model, screener, names, catalog, max_megapixels, progress
-    )
-    scores = screener.score(paths, vectors, features)
+    screener = screener or build_screener(model, probe, iqa=iqa, prompts=prompts)
+    done = _embed(images, model, screener, names, catalog, max_megapixels, progress)
+    problems = [problem_of(e) for e in done.failures]
+    if files:  # misnamed files decode; their headers say what they are
+        problems += [c for p in done.paths if not (c := check_file(p, decode=False)).ok]
+    features = None
+    if screener.probe is not None:
+        features = _features(images, done, model, catalog, files, max_megapixels, progress)
+    scores = screener.score(done.paths, done.vectors, features)
     if sort is not None:
         by: Attribute = sort
         scores.sort(key=lambda s: s.attributes[by])
-    return Screening(problems, scores[:worst] if worst is not None else scores)
+    kept = scores[:worst] if worst is not None else scores
+    return Screening(problems, kept, screener.iqa, screener.prompts)
 
 
-_Encoded = tuple[list[str], np.ndarray, np.ndarray | None, list[Integrity]]
-
-
-def _encode_files(
-    files: Sequence[Any],
-    model: Encoder,
-    screener: Screener,
-    names: Sequence[str] | None,
-    catalog: Catalog | None,
-    max_megapixels: float | None,
-    progress: bool,
-) -> _Encoded:
-    """Embeddings (and probe features) of files, named by their resolved paths, and the
-    problems of those that could not be read or are misnamed."""
-    options = {"max_megapixels": max_megapixels, "progress": progress}
-    done = embed_files(model, files, catalog, **options)
-    problems = [problem_of(e) for e in done.failures]
-    problems += [c for p in done.paths if not (c := check_file(p, decode=False)).ok]
-    features = None
-    if screener.probe is not None:
-        features = embed_files(model, done.paths, catalog, features=True, **options).vectors
-    return done.paths, done.vectors, features, problems
-
-
-def _encode_in_memory(
+def _embed(
     images: Sequence[ImageSource],
     model: Encoder,
     screener: Screener,
@@ -353,15 +430,42 @@ def _encode_in_memory(
     catalog: Catalog | None,
     max_megapixels: float | None,
     progress: bool,
-) -> _Encoded:
-    """Embeddings (and probe features) of images already open, named by `names`."""
-    done = embed_images(model, images, names, None, progress, max_megapixels)
-    features = None
-    if screener.probe is not None:
-        kept = [images[i] for i in done.positions]
-        features = model.encode_features(kept, None, progress, max_megapixels).vectors
-    problems = [problem_of(e) for e in done.failures]
-    return done.paths, done.vectors, features, problems
+) -> Embedded:
+    """The images' vectors as the screener sees them; files are named by their resolved
+    paths, images already open by `names`."""
+    if screener.iqa == "crop":
+        return embed_images(model, images, names, catalog, progress, max_megapixels)
+    from cliplens.tasks.clip_iqa import encode_whole  # torch: only to encode
+
+    if all(isinstance(item, (str, os.PathLike)) for item in images):
+        labels = [str(Path(os.fsdecode(item)).resolve()) for item in images]  # type: ignore[arg-type]
+        images = labels
+    elif names is not None:
+        if len(names) != len(images):
+            raise InvalidInputError(f"{len(images)} images but {len(names)} `names`")
+        labels = list(names)
+    else:
+        labels = [describe(item) for item in images]
+    enc = encode_whole(model, images, screener.max_side, progress, max_megapixels)
+    kept = [labels[i] for i in enc.kept]
+    return Embedded(kept, enc.vectors, enc.failures, positions=list(enc.kept))
+
+
+def _features(
+    images: Sequence[ImageSource],
+    done: Embedded,
+    model: Encoder,
+    catalog: Catalog | None,
+    files: bool,
+    max_megapixels: float | None,
+    progress: bool,
+) -> np.ndarray:
+    """The probe features of the images that were embedded."""
+    options = {"max_megapixels": max_megapixels, "progress": progress}
+    if files:
+        return embed_files(model, done.paths, catalog, features=True, **options).vectors
+    kept = [images[i] for i in done.positions]
+    return model.encode_features(kept, None, progress, max_megapixels).vectors
 
 
 # ---------------------------------------------------------------------------- probe
