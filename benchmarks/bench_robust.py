@@ -86,6 +86,8 @@ def main() -> None:
     ap.add_argument("--clean-fraction", type=float, default=0.2)
     ap.add_argument("--temperature", type=float, default=0.05)
     ap.add_argument("--align-weight", type=float, default=1.0)
+    # the recorded figures are of cliplens's loss; simclr is the paper's (bench_robust_loss.py)
+    ap.add_argument("--loss", choices=["clip-align", "simclr"], default="clip-align")
     ap.add_argument("--severities", default="1,3,5", help="evaluated")
     ap.add_argument("--train-severities", default="1-5", help="trained on")
     ap.add_argument("--run", type=Path, default=Path("robust-run"))
@@ -110,6 +112,7 @@ def main() -> None:
         clean_fraction=args.clean_fraction,
         temperature=args.temperature,
         align_weight=args.align_weight,
+        loss=args.loss,
         severities=parse_severities(args.train_severities),
     )
     t0 = time.perf_counter()

@@ -271,7 +271,7 @@ def test_train_clip_stops_when_the_loss_is_not_finite(capsys, env, monkeypatch):
 def test_train_robust_stops_when_the_loss_is_not_finite(capsys, env, monkeypatch):
     import cliplens.train.loss as loss
 
-    monkeypatch.setattr(loss, "clip_loss", _nan_after_first(loss.clip_loss))
+    monkeypatch.setattr(loss, "nt_xent_loss", _nan_after_first(loss.nt_xent_loss))  # the default
     argv = _argv(
         "train robust --teacher {tiny} --data {photos} --out {out} --batch-size 2 "
         "--epochs 1 --precision fp32",

@@ -45,3 +45,14 @@ def test_fine_tuned_towers_save_and_load_for_every_task(tmp_path, capsys):
     txt = model.encode_texts(["a red circle", "a blue square"])
     assert img.shape == (1, 256) and txt.shape == (2, 256)
     assert np.allclose(np.linalg.norm(txt, axis=1), 1, atol=1e-4)
+
+
+def test_a_siglip_fine_tune_of_the_towers_is_built_with_its_bias():
+    """The saved config of a SigLIP fine-tune records its bias; the towers are built with
+    the parameter, so its weights load (they would not without it)."""
+    plain, _ = build_towers_clip(towers_config(), pretrained=False)
+    assert plain.logit_bias is None
+    biased, _ = build_towers_clip(towers_config() | {"init_logit_bias": -10.0}, pretrained=False)
+    assert biased.logit_bias.item() == -10.0
+    biased.load_state_dict(plain.state_dict() | {"logit_bias": torch.tensor([-7.0])})
+    assert biased.logit_bias.item() == -7.0

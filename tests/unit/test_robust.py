@@ -30,6 +30,7 @@ def images():
 @pytest.fixture(scope="module")
 def trained(tiny, images, tmp_path_factory):
     cfg = RobustConfig(
+        loss="clip-align",  # cliplens's loss, with its alignment term
         corruptions=("noise", "occlusion"),
         severities=(4, 5),
         epochs=6,
@@ -158,6 +159,8 @@ def test_robust_cli_trains_and_compares(tiny_model_dir, tmp_path, capsys):
             rows,
             "--eval-mode",
             "probe",
+            "--loss",
+            "clip-align",
             "--corruptions",
             "blur",
             "--epochs",
@@ -189,6 +192,9 @@ def test_robust_cli_trains_and_compares(tiny_model_dir, tmp_path, capsys):
         == 2
     )
     assert "severity '9'" in capsys.readouterr().err
+    bad_loss = ["train", "robust", "--teacher", "offline", "--data", str(s), "--loss", "mse"]
+    assert main([*bad_loss, "--out", str(tmp_path / "y")]) == 2
+    assert "--loss mse: simclr or clip-align" in capsys.readouterr().err
 
 
 def test_resume_takes_the_same_steps_as_an_uninterrupted_run(tiny, images, tmp_path):

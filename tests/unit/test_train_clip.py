@@ -319,3 +319,36 @@ def _fp32():
     from cliplens.device import Precision
 
     return Precision("fp32")
+
+
+def test_siglip_fine_tuning_of_a_clip_starts_at_siglips_scale_and_bias(
+    shapes, tmp_path, tiny_model_dir
+):
+    """A CLIP has no bias and a temperature learnt without one: both start at SigLIP's
+    init (t' = log 10, b = -10); a SigLIP checkpoint keeps its own."""
+    import math
+
+    pairs = read_pairs(shapes / "train.jsonl")
+    cfg = config(init=f"local:{tiny_model_dir}", model_cfg={}, loss="siglip", lr=1e-7, epochs=1)
+    result = train_clip(cfg, pairs, tmp_path / "ft", max_steps=1)
+    state = torch.load(tmp_path / "ft" / "last.pt", weights_only=False)["model"]
+    assert float(state["logit_scale"]) == pytest.approx(math.log(10), abs=1e-3)
+    assert float(state["logit_bias"]) == pytest.approx(-10, abs=1e-3)
+    from cliplens.models.openclip import load_local
+
+    clip_scale = load_local("a", tiny_model_dir, torch.device("cpu"), _fp32()).model.logit_scale
+    assert abs(float(clip_scale) - math.log(10)) > 0.1  # the CLIP's own was another
+    # a SigLIP checkpoint (this run's model, its scale and bias moved) keeps its own
+    from safetensors.torch import load_file, save_file
+
+    weights = result.model_path / "open_clip_model.safetensors"
+    moved = load_file(str(weights)) | {
+        "logit_scale": torch.tensor(1.5),
+        "logit_bias": torch.tensor(-3.0),
+    }
+    save_file(moved, str(weights))
+    again = config(init=f"local:{result.model_path}", model_cfg={}, loss="siglip", lr=1e-7)
+    train_clip(again, pairs, tmp_path / "ft2", max_steps=1)
+    kept = torch.load(tmp_path / "ft2" / "last.pt", weights_only=False)["model"]
+    assert float(kept["logit_scale"]) == pytest.approx(1.5, abs=1e-3)
+    assert float(kept["logit_bias"]) == pytest.approx(-3.0, abs=1e-3)

@@ -35,6 +35,7 @@ from cliplens.cli.output import (
     show_progress,
     warn,
 )
+from cliplens.errors import InvalidInputError
 
 if TYPE_CHECKING:
     from cliplens.tasks.moderate import OperatingPoint, Verdict
@@ -52,6 +53,7 @@ PolicyOpt = Annotated[str, typer.Option("--policy", "-p", help="'default' or a p
 
 library_names("moderate", out_dir="--redact")
 library_names("moderate check", out_dir="--redact")
+library_names("moderate train-head", head="--head")
 
 
 def _moderator(policy_name: str, model, device, precision):
@@ -216,6 +218,12 @@ def train_head_command(
     category: Annotated[
         str, typer.Option("--category", help="Name reported when the head flags.")
     ] = "trained head",
+    head_kind: Annotated[
+        str,
+        typer.Option(
+            "--head", help="linear (logistic regression) or mlp (LAION's NSFW detector's layers)."
+        ),
+    ] = "linear",
     fmt: Annotated[Format, typer.Option("--format", "-f")] = Format.table,
     model: ModelOpt = None,
     device: DeviceOpt = None,
@@ -223,17 +231,22 @@ def train_head_command(
     db: DbOpt = None,
     max_megapixels: MegapixelsOpt = None,
 ) -> None:
-    """Fit a logistic-regression head on embeddings (cross-validated) and add it to a policy."""
+    """Fit a head on embeddings (cross-validated) and add it to a policy: logistic
+    regression, or with --head mlp the layers of LAION's CLIP NSFW detector."""
     from cliplens.models.ref import ModelRef
+    from cliplens.tasks.heads import HEAD_KINDS
     from cliplens.tasks.moderate import head_file_for, save_with_head, train_head
     from cliplens.tasks.policy import load_policy
 
+    if head_kind not in HEAD_KINDS:  # before any image is embedded
+        raise InvalidInputError(f"`head` {head_kind}: {' or '.join(HEAD_KINDS)}")
     out_file(out, "--out")
     out_file(head_file_for(out), "the head file beside --out")
     pol = load_policy(policy)
     ref = ModelRef(model, device=device, precision=precision)
     found = _examples(positive, negative, ref, db, max_megapixels)
-    head = train_head(found.positives.vectors, found.negatives.vectors, ref.info.model_id)
+    vectors = (found.positives.vectors, found.negatives.vectors)
+    head = train_head(*vectors, ref.info.model_id, head=head_kind)  # type: ignore[arg-type]
     head_file = save_with_head(pol, head, ref.info.name, out, threshold, category)
     m = head.metrics
     if fmt is Format.json:

@@ -211,22 +211,29 @@ def robust_command(
             click_type=FiniteFloat(0, 1, max_open=True),
         ),
     ] = 0.3,
+    loss: Annotated[
+        str,
+        typer.Option(
+            "--loss",
+            help="simclr (the paper's NT-Xent) or clip-align (CLIP loss + alignment term).",
+        ),
+    ] = "simclr",
     temperature: Annotated[
         float,
         typer.Option(
             "--temperature",
-            help="Of the InfoNCE loss.",
+            help="Of the contrastive loss (fixed).",
             click_type=FiniteFloat(0, MAX_TEMPERATURE, min_open=True),
         ),
     ] = 0.1,
     align_weight: Annotated[
-        float,
+        float | None,
         typer.Option(
             "--align-weight",
-            help="Of the 1 - cosine term to the clean target.",
+            help="Of the 1 - cosine term to the clean target [simclr: 0, clip-align: 10].",
             click_type=FiniteFloat(0, MAX_ALIGN_WEIGHT),
         ),
-    ] = 10.0,
+    ] = None,
     precision: Annotated[str, typer.Option("--precision", help="Student: fp32 or bf16.")] = "bf16",
     max_minutes: MaxMinutesOpt = None,
     seed: SeedOpt = 0,
@@ -255,6 +262,7 @@ def robust_command(
         epochs=epochs,
         batch_size=batch_size,
         lr=lr,
+        loss=loss,  # type: ignore[arg-type]  # checked by RobustConfig
         temperature=temperature,
         align_weight=align_weight,
         precision=precision,

@@ -321,7 +321,11 @@ def build_towers_clip(cfg: dict, pretrained: bool) -> tuple[torch.nn.Module, Any
     text_cfg["hf_model_pretrained"] = pretrained
     if pretrained:
         verify_sha256(text_dir / "model.safetensors", MINILM_SHA256, "all-MiniLM-L6-v2 weights")
-    model = open_clip.CustomTextCLIP(cfg["embed_dim"], cfg["vision_cfg"], text_cfg)
+    # a SigLIP fine-tune saves its bias: the model is built with the parameter it fills
+    bias = cfg.get("init_logit_bias")
+    model = open_clip.CustomTextCLIP(
+        cfg["embed_dim"], cfg["vision_cfg"], text_cfg, init_logit_bias=bias
+    )
     if pretrained:
         weights = mobilenet_weights()
         verify_sha256(weights, MOBILENET_SHA256, "MobileNetV2 ImageNet weights")

@@ -3,9 +3,9 @@
 The scheme is the Stable Diffusion safety checker's: an image is flagged when its cosine
 to some concept's embedding passes that concept's threshold; when a "special care"
 concept hits, every threshold is lowered by the policy's adjustment. Policies (YAML) are
-parsed in `tasks.policy`; thresholds belong to the model they were set for. A trained
-head (logistic regression on embeddings, as LAION's CLIP NSFW detector) can be added to a
-policy and flags on its own probability.
+parsed in `tasks.policy`; thresholds belong to the model they were set for. A head
+trained on example embeddings (`tasks.heads`: logistic regression, or the small MLP of
+LAION's CLIP NSFW detector) can be added to a policy and flags on its own probability.
 """
 
 from __future__ import annotations
@@ -24,42 +24,12 @@ from cliplens.errors import ImageError, InvalidInputError
 from cliplens.images import ImageSource, iter_image_files, open_image
 from cliplens.models.encoder import Encoder
 from cliplens.store.files import write_atomic
-from cliplens.store.npz import load_arrays, save_arrays
 from cliplens.tasks.embed import Embedded, embed_files, embed_images
+from cliplens.tasks.heads import HEAD_KINDS, Head, HeadKind, LinearHead, fit_mlp, load_head
 from cliplens.tasks.policy import HEAD_CATEGORY, Concept, Policy, PolicyError, load_policy
 
 if TYPE_CHECKING:
     from cliplens.catalog.db import Catalog
-
-# ---------------------------------------------------------------------------- heads
-
-
-@dataclass(frozen=True)
-class LinearHead:
-    """A logistic-regression head on embeddings: p = sigmoid(x . w + b)."""
-
-    weights: np.ndarray  # (D,)
-    bias: float
-    model_id: str
-    metrics: dict[str, float] = field(default_factory=dict)
-
-    def probability(self, vectors: np.ndarray) -> np.ndarray:
-        z = vectors @ self.weights + self.bias
-        return 1.0 / (1.0 + np.exp(-np.clip(z, -50, 50)))
-
-    def save(self, path: str | Path) -> Path:
-        arrays = {"weights": self.weights, "bias": self.bias, "model_id": self.model_id}
-        return save_arrays(path, self.metrics, **arrays)
-
-    @classmethod
-    def load(cls, path: str | Path) -> LinearHead:
-        try:
-            a, metrics = load_arrays(path, "head")
-            return cls(a["weights"], float(a["bias"]), str(a["model_id"]), metrics)
-        except (InvalidInputError, KeyError) as e:
-            hint = " (train it with 'cliplens moderate train-head')"
-            raise PolicyError(str(e).split(" (")[0] + hint) from e
-
 
 # ---------------------------------------------------------------------------- verdicts
 
@@ -110,7 +80,7 @@ class Moderator:
     special_vectors: np.ndarray  # (S, D)
     special_thresholds: np.ndarray  # (S,)
     special_labels: list[str]
-    head: LinearHead | None = None
+    head: Head | None = None
 
     def margins(self, vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(scores (N, C), effective thresholds (N, C), special hit index or -1 (N,))."""
@@ -178,7 +148,7 @@ def build_moderator(policy: Policy, model: Encoder) -> Moderator:
     pairs = policy.concepts
     head = None
     if policy.head is not None:
-        head = LinearHead.load(policy.head.file)
+        head = load_head(policy.head.file)
         if head.model_id != info.model_id:
             raise PolicyError(
                 f"head {policy.head.file} was trained on {head.model_id}, not {info.model_id}; "
@@ -428,30 +398,39 @@ def calibrate_policy(
 
 
 def train_head(
-    positives: np.ndarray, negatives: np.ndarray, model_id: str, folds: int = 5, seed: int = 0
-) -> LinearHead:
-    """Logistic regression on embeddings, its metrics cross-validated (stratified folds).
+    positives: np.ndarray,
+    negatives: np.ndarray,
+    model_id: str,
+    folds: int = 5,
+    seed: int = 0,
+    head: HeadKind = "linear",
+) -> Head:
+    """A head on embeddings, its metrics cross-validated (stratified folds): `head`
+    "linear" (logistic regression, class-balanced) or "mlp" (the layers of LAION's CLIP
+    NSFW detector, `tasks.heads.MlpHead`).
 
-    Why: where concepts in words miss, a head learns from example images (as LAION's
-    CLIP NSFW detector does); `Policy.with_head` adds it to a policy.
+    Why: where concepts in words miss, a head learns from example images;
+    `Policy.with_head` adds it to a policy.
 
     >>> import cliplens
     >>> head = cliplens.train_head(flag_vectors, pass_vectors, model.info.model_id)
     >>> head.save("flag.head.npz"), head.metrics["cv_roc_auc"]
     """
     # scikit-learn takes a second to import: only where something is fitted or measured
-    from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import accuracy_score, average_precision_score, roc_auc_score
-    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+    from sklearn.model_selection import StratifiedKFold
 
+    if head not in HEAD_KINDS:
+        raise InvalidInputError(f"`head` {head}: {' or '.join(HEAD_KINDS)}")
     x = np.concatenate([positives, negatives]).astype(np.float64)
     y = np.r_[np.ones(len(positives), int), np.zeros(len(negatives), int)]
     folds = min(folds, int(y.sum()), int(len(y) - y.sum()))
     if folds < 2:
         raise InvalidInputError("a head needs at least 2 positive and 2 negative images")
-    clf = LogisticRegression(C=10.0, max_iter=2000, class_weight="balanced")
+    p = np.zeros(len(y))
     cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
-    p = cross_val_predict(clf, x, y, cv=cv, method="predict_proba")[:, 1]
+    for train, test in cv.split(x, y):
+        p[test] = _fit_head(head, x[train], y[train], model_id, seed).probability(x[test])
     metrics = {
         "cv_accuracy": float(accuracy_score(y, p >= 0.5)),
         "cv_roc_auc": float(roc_auc_score(y, p)),
@@ -460,8 +439,16 @@ def train_head(
         "positives": float(y.sum()),
         "negatives": float(len(y) - y.sum()),
     }
-    clf.fit(x, y)
-    return LinearHead(clf.coef_[0].astype(np.float32), float(clf.intercept_[0]), model_id, metrics)
+    return replace(_fit_head(head, x, y, model_id, seed), metrics=metrics)
+
+
+def _fit_head(kind: HeadKind, x: np.ndarray, y: np.ndarray, model_id: str, seed: int) -> Head:
+    if kind == "mlp":
+        return fit_mlp(x, y, model_id, seed)
+    from sklearn.linear_model import LogisticRegression
+
+    clf = LogisticRegression(C=10.0, max_iter=2000, class_weight="balanced").fit(x, y)
+    return LinearHead(clf.coef_[0].astype(np.float32), float(clf.intercept_[0]), model_id)
 
 
 def head_file_for(policy_file: str | Path) -> Path:
@@ -471,7 +458,7 @@ def head_file_for(policy_file: str | Path) -> Path:
 
 def save_with_head(
     policy: Policy,
-    head: LinearHead,
+    head: Head,
     model: str,
     out: str | Path,
     threshold: float = 0.5,

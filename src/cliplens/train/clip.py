@@ -3,10 +3,15 @@ locked (LiT), in one process or several under torchrun; checkpoints resume exact
 
 The loop: AdamW (no decay on gains, biases and the temperature), linear warmup then cosine
 decay, gradient accumulation, bf16 autocast where the CPU or GPU has it, gradient clipping,
-the temperature clamped at 100. Each checkpoint holds the model, optimiser, schedule, every
-random generator and the position in the data, so a resumed run takes the same steps as
-one that never stopped (the loop is `train.loop`'s, shared with the other trainers). The
-final model is written with `save_checkpoint`, so every task loads it as `local:PATH`.
+the temperature clamped at 100. With `loss="siglip"` the scale and bias start at SigLIP's
+initialisation, t' = log 10 and b = -10 (Zhai et al. 2023; big_vision's and open_clip's
+`init_logit_scale`, `init_logit_bias`), from scratch and when fine-tuning a model that has
+no bias (a CLIP: its scale of about 100 with the bias -10 would call most pairs of a batch
+matching); a SigLIP checkpoint keeps its learnt scale and bias. Each checkpoint holds the
+model, optimiser, schedule, every random generator and the position in the data, so a
+resumed run takes the same steps as one that never stopped (the loop is `train.loop`'s,
+shared with the other trainers). The final model is written with `save_checkpoint`, so
+every task loads it as `local:PATH`.
 
 Under torchrun every process takes its rows of each global batch, the loss is computed
 over the whole batch (`sharded_loss`) and gradients are summed across processes, so N
@@ -76,6 +81,10 @@ PRESETS: dict[str, dict[str, Any]] = {
 Lock = Literal["none", "image", "text"]
 LOCKS: tuple[Lock, ...] = get_args(Lock)
 LOSSES: tuple[Loss, ...] = get_args(Loss)
+# SigLIP's initial log-scale and bias (Zhai et al. 2023, "Sigmoid Loss for Language Image
+# Pre-Training"; big_vision, open_clip's SigLIP configs)
+SIGLIP_INIT_LOGIT_SCALE = math.log(10.0)
+SIGLIP_INIT_BIAS = -10.0
 
 
 @dataclass
@@ -207,10 +216,15 @@ def build_model(cfg: ClipTrainConfig) -> tuple[Any, Callable]:
     torch.manual_seed(cfg.seed)
     model, tokenizer = build_from_cfg(cfg.arch, cfg.model_cfg, None)
     if cfg.loss == "siglip":
-        model.logit_bias = torch.nn.Parameter(torch.tensor(-10.0))
-        with torch.no_grad():
-            model.logit_scale.fill_(math.log(10.0))
+        _siglip_init(model)
     return model, tokenizer
+
+
+def _siglip_init(model: Any) -> None:
+    """SigLIP's initial scale and bias: t' = log 10, b = -10."""
+    model.logit_bias = torch.nn.Parameter(torch.tensor(SIGLIP_INIT_BIAS))
+    with torch.no_grad():
+        model.logit_scale.fill_(SIGLIP_INIT_LOGIT_SCALE)
 
 
 def _starting_model(cfg: ClipTrainConfig) -> tuple[Any, Callable, ClipTrainConfig]:
@@ -222,8 +236,16 @@ def _starting_model(cfg: ClipTrainConfig) -> tuple[Any, Callable, ClipTrainConfi
     cfg = replace(cfg, model_cfg=model_cfg, arch=arch)
     torch.manual_seed(cfg.seed)
     if cfg.loss == "siglip" and getattr(model, "logit_bias", None) is None:
-        model.logit_bias = torch.nn.Parameter(torch.tensor(-10.0))
+        _siglip_init(model)  # a CLIP: its temperature was learnt without a bias
     return model, tokenizer, cfg
+
+
+def _saved_config(model: Any, cfg: ClipTrainConfig) -> dict[str, Any]:
+    """The model's config as saved: a model with a bias (SigLIP) records that it has one,
+    so that open_clip builds it with the parameter its weights fill."""
+    if getattr(model, "logit_bias", None) is None or "init_logit_bias" in cfg.model_cfg:
+        return cfg.model_cfg
+    return cfg.model_cfg | {"init_logit_bias": SIGLIP_INIT_BIAS}
 
 
 def _parameters(model: Any, cfg: ClipTrainConfig) -> list[dict[str, Any]]:
@@ -313,7 +335,7 @@ def train_clip(
 
         pp = dict(model.visual.preprocess_cfg) if cfg.init else None  # e.g. OpenAI's mean/std
         folder = out / "model"
-        model_path = save_checkpoint(model.eval(), folder, cfg.model_cfg, cfg.arch, pp)
+        model_path = save_checkpoint(model.eval(), folder, _saved_config(model, cfg), cfg.arch, pp)
     return ClipTrainResult(
         outcome.steps,
         outcome.epochs_done,

@@ -6,9 +6,11 @@
   callers clamp at 100 as CLIP does.
 - `siglip_loss`: SigLIP's pairwise sigmoid loss, every pair a binary decision (matching
   or not), with a learnable scale and bias; it needs no softmax over the batch.
+- `nt_xent_loss`: SimCLR's NT-Xent over 2N embeddings, two views of each of N items, as
+  the robust encoder's paper trains with (Ravula et al. 2021, `simclr`).
 
-Both take L2-normalised (N, D) features. `sharded_loss` is the form for several processes:
-each sees the whole global batch as negatives.
+They take L2-normalised (N, D) features. `sharded_loss` is the form for several
+processes: each sees the whole global batch as negatives.
 """
 
 from __future__ import annotations
@@ -36,6 +38,19 @@ def siglip_loss(
     logits = logit_scale * image @ text.T + logit_bias
     signs = 2 * torch.eye(len(image), device=image.device) - 1  # +1 on the diagonal, -1 off it
     return -F.logsigmoid(signs * logits).sum() / len(image)
+
+
+def nt_xent_loss(first: torch.Tensor, second: torch.Tensor, temperature: float) -> torch.Tensor:
+    """SimCLR's NT-Xent over the 2N rows first[0], second[0], first[1], second[1], ...:
+    each row's positive is its partner, its negatives the other 2N - 2 rows of both sides;
+    the mean over all 2N anchors, at a fixed `temperature`. Rows are L2-normalised here."""
+    n = len(first)
+    rows = F.normalize(torch.stack([first, second], dim=1).reshape(2 * n, -1), dim=-1)
+    logits = rows @ rows.T / temperature
+    self_pairs = torch.eye(2 * n, dtype=torch.bool, device=rows.device)
+    logits = logits.masked_fill(self_pairs, float("-inf"))
+    partners = torch.arange(2 * n, device=rows.device) ^ 1  # 0 <-> 1, 2 <-> 3, ...
+    return F.cross_entropy(logits, partners)
 
 
 def sharded_loss(
@@ -78,10 +93,12 @@ def _offset(x: torch.Tensor) -> int:
 
 
 def _gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    _, world = _world()
-    if world == 1:
+    """Every process's `x`, stacked in rank order; the backward sums each process's
+    gradients of the gathered rows into its own (a reduce-scatter)."""
+    if not (dist.is_available() and dist.is_initialized()):
         return x
-    # only with several processes: torch.distributed.nn needs a build with distributed support
-    from torch.distributed.nn.functional import all_gather
+    # only in a process group: the functional collectives need a build with distributed
+    # support. torch.distributed.nn.functional.all_gather is deprecated (torch 2.14)
+    from torch.distributed._functional_collectives import all_gather_single_autograd
 
-    return torch.cat(all_gather(x))
+    return all_gather_single_autograd(x.contiguous(), 0, dist.group.WORLD)

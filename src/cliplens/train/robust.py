@@ -3,12 +3,21 @@ Problems Leveraging Pre-trained Contrastive Representations", NeurIPS 2021).
 
 A student starts as a copy of the teacher's image tower. It sees corrupted images (blur,
 noise, JPEG, pixelation, occlusion at random severities, and some clean ones) and learns to
-put each where the frozen teacher puts the clean image: an InfoNCE loss whose positive is
-the teacher's clean embedding of the same image and whose negatives are the teacher's
-embeddings of the other images in the batch. The paper's loss only ranks: the student may
-drift as a whole and still win it. An alignment term (1 - cosine to the teacher's clean
-embedding, `align_weight`) keeps it in the teacher's space, so that zero-shot classifiers
-and linear probes built there work on its output; the text tower is untouched.
+put each where the frozen teacher puts the clean image. Two losses (`RobustConfig.loss`):
+
+- "simclr" (the default: the paper's, as its sample configuration trains): NT-Xent at a
+  fixed temperature 0.1 over the 2N embeddings of a batch, the teacher's clean one and
+  the student's corrupted one of each image, interleaved; each one's positive is the other
+  view of its image, its negatives the other 2N - 2, teacher's and student's alike.
+- "clip-align" (cliplens's): the repository's `clip` variant, a symmetric InfoNCE between
+  the student's N and the teacher's N embeddings (in the student-to-teacher direction
+  the negatives are the teacher's embeddings of the other images, in the other direction
+  the student's), plus an alignment term, `align_weight` x mean(1 - cosine) to the
+  teacher's clean embedding. Either loss only ranks: the student may drift as a whole and
+  still win it; the alignment term keeps it in the teacher's space, so that zero-shot
+  classifiers and linear probes built there work on its output.
+
+The text tower is untouched.
 
 Corruptions are applied to the decoded image (before the model's resize and crop), as
 they would happen to a photo. `evaluate_robust` reports teacher and student accuracy per
@@ -65,6 +74,12 @@ from cliplens.train.loop import (
 # probe fit on the teacher's clean embeddings of labelled training images
 EvalMode = Literal["zero-shot", "probe"]
 EVAL_MODES: tuple[EvalMode, ...] = get_args(EvalMode)
+# the distillation loss: the paper's NT-Xent, or cliplens's CLIP-style loss with alignment
+RobustLoss = Literal["simclr", "clip-align"]
+ROBUST_LOSSES: tuple[RobustLoss, ...] = get_args(RobustLoss)
+# of the 1 - cosine term under "clip-align" when `align_weight` is not given. At 1, a shapes
+# student lost 19 points of clean accuracy; at 10 it kept it (benchmarks/RESULTS.md)
+CLIP_ALIGN_WEIGHT = 10.0
 
 
 @dataclass
@@ -74,8 +89,8 @@ class RobustConfig:
 
     >>> import cliplens
     >>> cfg = cliplens.RobustConfig(corruptions=("blur", "noise"), severities=(3, 5))
-    >>> cfg.align_weight
-    10.0
+    >>> cfg.loss, cfg.temperature, cfg.alignment
+    ('simclr', 0.1, 0.0)
     """
 
     corruptions: tuple[CorruptionKind, ...] = CORRUPTIONS
@@ -87,10 +102,11 @@ class RobustConfig:
     lr: float = 1e-4
     weight_decay: float = 0.01
     warmup_steps: int = 20
-    temperature: float = 0.1  # of the InfoNCE loss
-    # of the mean (1 - cosine) to the teacher's clean embedding. At 1, a shapes student lost
-    # 19 points of clean accuracy; at 10 it kept it (benchmarks/RESULTS.md)
-    align_weight: float = 10.0
+    loss: RobustLoss = "simclr"
+    temperature: float = 0.1  # of either loss, fixed (the paper's `loss_tau`)
+    # of the mean (1 - cosine) to the teacher's clean embedding, added to either loss;
+    # None: 0 under "simclr" (the paper has none), CLIP_ALIGN_WEIGHT under "clip-align"
+    align_weight: float | None = None
     precision: Precision = Precision.BF16
     seed: int = 0
     grad_clip: float = 1.0
@@ -106,7 +122,10 @@ class RobustConfig:
         finite_number(
             self.temperature, "temperature", 0, MAX_TEMPERATURE, low_open=True, example="0.1"
         )
-        finite_number(self.align_weight, "align weight", 0, MAX_ALIGN_WEIGHT)
+        if self.loss not in ROBUST_LOSSES:
+            raise InvalidInputError(f"`loss` {self.loss}: {' or '.join(ROBUST_LOSSES)}")
+        if self.align_weight is not None:
+            finite_number(self.align_weight, "align weight", 0, MAX_ALIGN_WEIGHT)
         finite_number(self.weight_decay, "weight decay", 0, 10)
         finite_number(self.grad_clip, "gradient clipping norm (0: none)", 0)
         check_schedule(self.lr, self.epochs, self.warmup_steps, self.max_minutes, self.seed)
@@ -121,6 +140,13 @@ class RobustConfig:
             raise InvalidInputError(
                 f"severities {self.severities}: choose from {SEVERITIES[0]} to {SEVERITIES[-1]}"
             )
+
+    @property
+    def alignment(self) -> float:
+        """The weight of the 1 - cosine term this run trains with."""
+        if self.align_weight is not None:
+            return self.align_weight
+        return CLIP_ALIGN_WEIGHT if self.loss == "clip-align" else 0.0
 
 
 @dataclass
@@ -294,7 +320,7 @@ def _distil_step(
     rng: np.random.Generator,
 ) -> Step:
     """A batch of images, each corrupted at random (or clean), pulled by the student to the
-    teacher's clean embedding of it."""
+    teacher's clean embedding of it (`RobustConfig.loss`)."""
     prep = teacher.info.preprocessing
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
     scale = torch.tensor(1.0 / cfg.temperature)
@@ -311,9 +337,12 @@ def _distil_step(
             emb = student(pixels).float()
         emb = torch.nn.functional.normalize(emb, dim=-1)
         target = targets[idx]
-        loss = contrastive.clip_loss(emb, target, scale)
-        if cfg.align_weight:
-            loss = loss + cfg.align_weight * (1 - (emb * target).sum(-1)).mean()
+        if cfg.loss == "simclr":
+            loss = contrastive.nt_xent_loss(target, emb, cfg.temperature)
+        else:
+            loss = contrastive.clip_loss(emb, target, scale)
+        if cfg.alignment:
+            loss = loss + cfg.alignment * (1 - (emb * target).sum(-1)).mean()
         loss.backward()
         return loss.item()  # read once backward is queued (a GPU waits once a step)
 
