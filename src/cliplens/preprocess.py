@@ -32,6 +32,17 @@ class Preprocessing:
     def crop(self, image: Image.Image) -> np.ndarray:
         """RGB PIL image -> uint8 HWC array, resized and cropped as torchvision's Resize +
         CenterCrop would. Small enough to pass between processes cheaply."""
+        image = self.resize(image)
+        if self.resize_mode != "squash":
+            w, h = image.size
+            s = self.image_size
+            left, top = round((w - s) / 2.0), round((h - s) / 2.0)
+            image = image.crop((left, top, left + s, top + s))
+        return np.asarray(image, dtype=np.uint8)
+
+    def resize(self, image: Image.Image) -> Image.Image:
+        """The resize step alone (short side to `resize_size`, or squashed to the input
+        square); `crop` of the result resizes nothing again."""
         from PIL import Image  # ~30 ms: only to crop; model info and listings import this module
 
         resample = {
@@ -41,18 +52,12 @@ class Preprocessing:
         }.get(self.interpolation, Image.Resampling.BICUBIC)
         w, h = image.size
         if self.resize_mode == "squash":
-            image = image.resize((self.image_size, self.image_size), resample)
+            size = (self.image_size, self.image_size)
         else:
             short, long = (w, h) if w <= h else (h, w)
             new_short, new_long = self.resize_size, int(self.resize_size * long / short)
             size = (new_short, new_long) if w <= h else (new_long, new_short)
-            if size != (w, h):
-                image = image.resize(size, resample)
-            w, h = image.size
-            s = self.image_size
-            left, top = round((w - s) / 2.0), round((h - s) / 2.0)
-            image = image.crop((left, top, left + s, top + s))
-        return np.asarray(image, dtype=np.uint8)
+        return image if size == (w, h) else image.resize(size, resample)
 
     def normalize(self, crops: np.ndarray) -> np.ndarray:
         """uint8 NHWC crops -> float32 NCHW model input."""

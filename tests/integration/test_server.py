@@ -200,15 +200,21 @@ def test_create_app_reads_its_files_before_any_request(settings, tmp_path):
     from cliplens.errors import ClipLensError
 
     assert settings.precision is Precision.FP32  # a str is parsed
+    import torch
+
     (tmp_path / "junk.npz").write_bytes(b"junk")
-    for change in (
-        {"policy": str(tmp_path / "none.yaml")},
-        {"captioner": tmp_path},
-        {"quality_probe": tmp_path / "junk.npz"},
+    (tmp_path / "junk.pt").write_bytes(b"junk")
+    torch.save({"fc.weight": torch.zeros(2, 2)}, tmp_path / "other.pt")  # not ClipCap's
+    for change, words in (
+        ({"policy": str(tmp_path / "none.yaml")}, "none.yaml"),
+        ({"captioner": tmp_path}, str(tmp_path)),
+        ({"captioner": tmp_path / "junk.pt"}, "cannot be read as a PyTorch state dict"),
+        ({"captioner": tmp_path / "other.pt"}, "is not a ClipCap checkpoint"),
+        ({"quality_probe": tmp_path / "junk.npz"}, "junk.npz"),
     ):
         with pytest.raises(ClipLensError) as caught:
             _app(settings, **change)
-        assert "\n" not in str(caught.value)
+        assert "\n" not in str(caught.value) and words in str(caught.value), change
 
 
 def test_score_moderate_quality_and_caption_routes(client, tiny, photos):
@@ -222,9 +228,18 @@ def test_score_moderate_quality_and_caption_routes(client, tiny, photos):
     )
     assert r.status_code == 200, r.text
     body = r.json()
-    expected = clip_score(tiny.encode_images([cat, coffee]), tiny.encode_texts(["a cat"])[0])
+    # decoded whole (no reduced-scale JPEG decode), as the reference code reads images
+    img = tiny.encode_images([Image.open(f).convert("RGB") for f in (cat, coffee)])
+    expected = clip_score(img, tiny.encode_texts(["A photo depicts a cat"])[0])
     assert [s["clip_score"] for s in body["scores"]] == pytest.approx(expected.tolist(), abs=1e-4)
     assert all(s["ref_clip_score"] is not None for s in body["scores"])
+    assert body["prefix"] == "A photo depicts "
+    r = client.post(
+        "/v1/score", data={"prompt": "a cat", "prefix": " "}, files=[_upload(cat), _upload(coffee)]
+    )
+    raw = clip_score(img, tiny.encode_texts(["a cat"])[0])
+    assert [s["clip_score"] for s in r.json()["scores"]] == pytest.approx(raw.tolist(), abs=1e-4)
+    assert raw.tolist() != pytest.approx(expected.tolist(), abs=1e-4)
     _error(
         client.post("/v1/score", data={"prompt": "  "}, files=[_upload(cat)]), 400, "invalid_input"
     )

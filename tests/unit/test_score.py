@@ -93,7 +93,7 @@ def test_score_cli(capsys, photos, tiny_model_dir, tiny, tmp_path):
             *_model(tiny_model_dir),
         ],
     )
-    img, txt = tiny.encode_images(files), tiny.encode_texts(["a cat"])[0]
+    img, txt = tiny.encode_images(files), tiny.encode_texts(["A photo depicts a cat"])[0]
     assert [r["path"] for r in out["images"]] == [str(f.resolve()) for f in files]
     np.testing.assert_allclose([r["cosine"] for r in out["images"]], img @ txt, atol=2e-3)
     scores = [r["clip_score"] for r in out["images"]]
@@ -116,7 +116,8 @@ def test_score_cli(capsys, photos, tiny_model_dir, tiny, tmp_path):
         ],
     )
     row = with_refs["images"][0]
-    r = tiny.encode_texts(["a cat on a sofa", "a kitten"]) @ tiny.encode_texts(["a cat"])[0]
+    refs = ["A photo depicts a cat on a sofa", "A photo depicts a kitten"]
+    r = tiny.encode_texts(refs) @ tiny.encode_texts(["A photo depicts a cat"])[0]
     assert row["ref_score"] == pytest.approx(max(float(r.max()), 0), abs=2e-3)
     c, s = row["clip_score"], row["ref_score"]
     assert row["ref_clip_score"] == pytest.approx(2 * c * s / (c + s) if c + s else 0, abs=2e-3)

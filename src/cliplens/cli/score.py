@@ -13,7 +13,6 @@ import typer
 
 from cliplens.cli.common import (
     MAX_COUNT,
-    DbOpt,
     DeviceOpt,
     MegapixelsOpt,
     ModelOpt,
@@ -33,6 +32,28 @@ from cliplens.cli.output import (
 )
 from cliplens.errors import InvalidInputError
 from cliplens.textfile import read_lines
+
+# the reference implementation's text before every caption (tasks/score.PREFIX, repeated
+# here so that `--help` imports no numpy)
+DEFAULT_PREFIX = "A photo depicts "
+# a metric decodes every image whole, as its reference code does; a catalog's vectors (a
+# reduced-scale decode, stored as float16) are used only when asked for
+ReuseDbOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--db",
+        help="Reuse this catalog's embeddings of indexed images: faster, but decoded at "
+        "reduced scale and stored as float16, so a score can move by 1e-3 or more.",
+    ),
+]
+PrefixOpt = Annotated[
+    str,
+    typer.Option(
+        "--prefix",
+        help="Text put before every caption and reference before it is embedded, as the "
+        'CLIPScore paper\'s code does; --prefix "" for the raw text.',
+    ),
+]
 
 # Commands import the library inside their bodies, so that `cliplens --help` and every
 # other command start without torch (tests/unit/test_structure.py checks --help).
@@ -59,11 +80,13 @@ def score_command(
     model: ModelOpt = None,
     device: DeviceOpt = None,
     precision: PrecisionOpt = None,
-    db: DbOpt = None,
+    db: ReuseDbOpt = None,
     max_megapixels: MegapixelsOpt = None,
+    prefix: PrefixOpt = DEFAULT_PREFIX,
 ) -> None:
-    """CLIPScore = 2.5 * max(cos(image, text), 0) per image, and the mean; RefCLIPScore with
-    reference captions (Hessel et al. 2021)."""
+    """CLIPScore = 2.5 * max(cos(image, "A photo depicts " + text), 0) per image, and the
+    mean; RefCLIPScore with reference captions (Hessel et al. 2021, as their code computes
+    them)."""
     from cliplens.models.ref import ModelRef
     from cliplens.tasks.score import read_captions, score_images
 
@@ -88,9 +111,10 @@ def score_command(
         prompt,
         shared_refs,
         rows,
-        catalog=read_catalog(db),
+        catalog=read_catalog(db) if db else None,
         max_megapixels=max_megapixels,
         progress=show_progress(),
+        prefix=prefix,
     )
     for e in [*missing, *report.failures]:
         warn(f"{e} (not scored)")
@@ -127,11 +151,12 @@ def rerank_command(
     model: ModelOpt = None,
     device: DeviceOpt = None,
     precision: PrecisionOpt = None,
-    db: DbOpt = None,
+    db: ReuseDbOpt = None,
     max_megapixels: MegapixelsOpt = None,
+    prefix: PrefixOpt = DEFAULT_PREFIX,
 ) -> None:
     """Order candidate images by how well they fit PROMPT (best-of-N, as DALL-E reranked its
-    samples with CLIP)."""
+    samples with CLIP); the clip_score column is the paper's CLIPScore (see --prefix)."""
     from cliplens.models.ref import ModelRef
     from cliplens.tasks.score import copy_ranked, rerank_images
 
@@ -141,9 +166,16 @@ def rerank_command(
         out_folder(copy_top, "--copy-top")
     files, missing = collect_images(paths)
     ref = ModelRef(model, device=device, precision=precision)
-    catalog, progress = read_catalog(db), show_progress()
+    catalog, progress = read_catalog(db) if db else None, show_progress()
     done = rerank_images(
-        files, ref, prompt, k, catalog=catalog, max_megapixels=max_megapixels, progress=progress
+        files,
+        ref,
+        prompt,
+        k,
+        catalog=catalog,
+        max_megapixels=max_megapixels,
+        progress=progress,
+        prefix=prefix,
     )
     for e in [*missing, *done.failures]:
         warn(f"{e} (not ranked)")

@@ -10,7 +10,7 @@ from pydantic import BaseModel
 from cliplens.errors import InvalidInputError
 from cliplens.server.service import service_of
 from cliplens.server.uploads import read_images
-from cliplens.tasks.score import score_images
+from cliplens.tasks.score import PREFIX, score_images
 
 router = APIRouter(prefix="/v1", tags=["score"])
 
@@ -24,6 +24,7 @@ class ScoreOut(BaseModel):
 
 class ScoreListOut(BaseModel):
     prompt: str
+    prefix: str
     scores: list[ScoreOut]
     mean_clip_score: float
     best: str
@@ -37,15 +38,27 @@ async def score(
     references: Annotated[
         list[str], Form(description="Reference captions for RefCLIPScore (repeat the field).")
     ] = [],  # noqa: B006
+    prefix: Annotated[
+        str,
+        Form(
+            max_length=200,
+            description="Put before the prompt and every reference before embedding, as the "
+            "CLIPScore paper's code does; a single space for the raw text (an empty form "
+            "field counts as not sent).",
+        ),
+    ] = PREFIX,
 ) -> ScoreListOut:
-    """CLIPScore = 2.5 * max(cos, 0) per image (Hessel et al. 2021); with references, the
-    harmonic mean with the best reference similarity. `best` is the top-ranked image."""
+    """CLIPScore = 2.5 * max(cos, 0) per image (Hessel et al. 2021) for "A photo depicts " +
+    prompt (see `prefix`); with references, the harmonic mean with the best reference
+    similarity. `best` is the top-ranked image."""
     svc = service_of(request)
     if not prompt.strip():
         raise InvalidInputError("prompt is blank; send the text the images should show")
-    names, pics = await read_images(svc, images)
+    names, pics = await read_images(svc, images, whole=True)
     refs = references or None
-    report = await svc.run(lambda: score_images(pics, svc.ref, prompt, refs, names=names))
+    report = await svc.run(
+        lambda: score_images(pics, svc.ref, prompt, refs, names=names, prefix=prefix)
+    )
     out = [
         ScoreOut(
             name=s.path,
@@ -56,4 +69,6 @@ async def score(
         for s in report.scores
     ]
     mean = round(report.mean["clip_score"], 6)
-    return ScoreListOut(prompt=prompt, scores=out, mean_clip_score=mean, best=report.best)
+    return ScoreListOut(
+        prompt=prompt, prefix=prefix, scores=out, mean_clip_score=mean, best=report.best
+    )
