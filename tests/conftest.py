@@ -19,6 +19,28 @@ os.environ["CLIPLENS_HOME"] = _HOME
 atexit.register(shutil.rmtree, _HOME, ignore_errors=True)
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
+
+def _no_skips(report) -> None:
+    """With CLIPLENS_NO_SKIPS=1 (CI sets it) a skip fails, with its reason: a missing
+    browser, Java, Ray or SmolLM2 package must not pass as green."""
+    if os.environ.get("CLIPLENS_NO_SKIPS") == "1" and report.skipped:
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
+        report.outcome = "failed"
+        report.longrepr = f"skipped, and CLIPLENS_NO_SKIPS=1 requires it to run: {reason}"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    _no_skips(outcome.get_result())
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    outcome = yield  # a module that skips itself (importorskip) as it is collected
+    _no_skips(outcome.get_result())
+
+
 TINY_CFG = {
     "embed_dim": 32,
     "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},
@@ -44,6 +66,32 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
 
 
+@pytest.fixture(scope="session", autouse=True)
+def text_towers_exported(tiny_model_dir: Path) -> None:
+    """The text towers of the tiny model and of the offline model exported to ONNX in the
+    session's CLIPLENS_HOME before the first test: text is encoded by the exported tower
+    in every test, whatever ran before, so a file run alone tests what the whole suite
+    tests. A test of the path without an export makes its own CLIPLENS_HOME (`fresh_home`)
+    or its own model."""
+    from cliplens.models.ref import ModelRef
+
+    for name in (f"local:{tiny_model_dir}", "offline"):
+        assert ModelRef(name, device="cpu", precision="fp32").prepare_fast_text(), name
+
+
+@pytest.fixture
+def fresh_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty CLIPLENS_HOME for this test alone (nothing exported, cached or recorded)."""
+    from cliplens.settings import get_settings
+
+    home = tmp_path / "home"
+    monkeypatch.setenv("CLIPLENS_HOME", str(home))
+    get_settings.cache_clear()
+    yield home
+    monkeypatch.undo()
+    get_settings.cache_clear()
+
+
 @pytest.fixture(scope="session")
 def tiny(tiny_model_dir: Path):
     from cliplens import load_model
@@ -63,7 +111,8 @@ def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def offline():
-    """The bundled offline model (real weights), loaded once for the session."""
+    """The bundled offline model (real weights), loaded once for the session, its text
+    tower already exported."""
     from cliplens import load_model
 
     return load_model("offline", device="cpu")

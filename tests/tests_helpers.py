@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from cliplens.cli.main import main
@@ -41,3 +43,69 @@ def built_index_from_catalog(folder: Path, catalog_db: Path, model: str, path_of
     save_manifest(shards, manifest)
     build_index(shards, folder / "index", "flat", queries=3)
     return folder / "index"
+
+
+def write_synthetic_shards(folder, n, dim, clusters=50, shard=2000, seed=0):
+    """Clustered unit vectors in the embed-dataset layout."""
+    import numpy as np
+
+    from cliplens.distributed.embed import _write_shard, shard_name
+    from cliplens.distributed.manifest import ShardManifest, save_manifest
+
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((clusters, dim)).astype(np.float32)
+    manifest = {"version": 1, "model_id": "synthetic", "dim": dim, "shards": {}}
+    all_v = []
+    for i, start in enumerate(range(0, n, shard)):
+        m = min(shard, n - start)
+        v = centres[rng.integers(0, clusters, m)] + 0.5 * rng.standard_normal((m, dim))
+        v = (v / np.linalg.norm(v, axis=1, keepdims=True)).astype(np.float32)
+        paths = [f"/photos/{start + j:07d}.jpg" for j in range(m)]
+        rows = [
+            {"path": p, "size": 1, "sha256": "x", "error": "", "embedding": e}
+            for p, e in zip(paths, v, strict=True)
+        ]
+        ok, bad = _write_shard(folder, shard_name(i), rows, "synthetic", "float32")
+        manifest["shards"][shard_name(i)] = {"rows": ok, "failures": bad}
+        all_v.append(v)
+    save_manifest(folder, ShardManifest.from_dict(manifest))
+    return np.concatenate(all_v)
+
+
+@contextmanager
+def live_server(app, settings) -> Iterator[int]:
+    """`app` on a real uvicorn server on 127.0.0.1, as `serve` runs it; yields its port."""
+    import threading
+    import time
+
+    import uvicorn
+
+    from cliplens.server.listen import bind, uvicorn_config
+
+    server = uvicorn.Server(uvicorn_config(app, settings))
+    sock = bind("127.0.0.1", 0)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    for _ in range(200):
+        if server.started:
+            break
+        time.sleep(0.05)
+    assert server.started
+    try:
+        yield sock.getsockname()[1]
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+def job_with(whole: Path, shards: Path, first: list[str]) -> None:
+    """The embed-dataset folder `shards` as it stood when the job `whole` had written only
+    the shards `first`."""
+    import shutil
+
+    manifest = json.loads((whole / "manifest.json").read_text())
+    for name in first:
+        for part in (f"{name}.parquet", f"{name}.failures.parquet"):
+            shutil.copy(whole / part, shards / part)
+    done = {n: manifest["shards"][n] for n in first}
+    (shards / "manifest.json").write_text(json.dumps({**manifest, "shards": done}))

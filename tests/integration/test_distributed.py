@@ -4,6 +4,7 @@ embeddings as `cliplens index`, failures in their table, resume without redoing 
 from __future__ import annotations
 
 import shutil
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -246,3 +247,57 @@ def test_cli_embed_dataset_and_catalog_import(tmp_path, folder, tiny_model_dir, 
         [h["score"] for h in via_index], [h["score"] for h in via_catalog], atol=1e-3
     )
     assert main(["search", "a cat", "--index", idx, "--model", "offline"]) == 2  # other model
+
+
+def test_a_killed_job_resumes_with_the_same_shards_and_rows(tmp_path, tiny_model_dir):
+    """`cliplens embed-dataset` as a subprocess on this Ray instance, killed with SIGKILL
+    once three shards are written, then run again: the same shards holding the same rows
+    as a job never killed, no path twice and none missing."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import pyarrow.parquet as pq
+
+    from conftest import make_photos
+
+    src = tmp_path / "src"
+    make_photos(src, 24, size=(320, 240))
+    model = f"local:{tiny_model_dir}"
+    job = EmbedJob(sources=(str(src),), out=tmp_path / "ref", model=model, shard_size=2)
+    reference = embed_dataset(replace(job, batch_size=2, precision="fp32"))
+    out = tmp_path / "out"
+    address = ray.get_runtime_context().gcs_address
+    cmd = [sys.executable, "-m", "cliplens.cli.main", "embed-dataset", str(src), "--out", str(out)]
+    cmd += ["--model", model, "--shard-size", "2", "-b", "2", "--precision", "fp32"]
+    cmd += ["--address", address]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        if len(list(out.glob("part-*.failures.parquet"))) >= 3:
+            break
+        time.sleep(0.01)
+    assert proc.poll() is None, "the job ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(30)
+    proc.stderr.close()
+    done_before = sorted(p.name for p in out.glob("part-*.parquet"))
+    assert 3 <= len(done_before) < 12
+    resumed = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+
+    def shards(folder):
+        names = sorted(read_manifest(folder).shards)
+        tables = {n: pq.read_table(folder / f"{n}.parquet") for n in names}
+        return {n: (t.column("path").to_pylist(), shard_vectors(t)) for n, t in tables.items()}
+
+    got, want = shards(out), shards(tmp_path / "ref")
+    assert sorted(got) == sorted(want) == reference.written
+    for name, (paths, vectors) in want.items():
+        assert got[name][0] == paths, name
+        np.testing.assert_allclose(got[name][1], vectors, atol=2e-3, err_msg=name)
+    every = [p for paths, _ in got.values() for p in paths]
+    assert len(every) == len(set(every)) == 24

@@ -56,10 +56,11 @@ def test_record_is_dropped_when_weights_change(tmp_path, tiny_model_dir):
     assert recorded_info(name) is None
 
 
-def test_text_tower_export_matches_pytorch(tiny_model_dir):
+def test_text_tower_export_matches_pytorch(tiny_model_dir, fresh_home):
     name = f"local:{tiny_model_dir}"
     ref = ModelRef(name, device="cpu", precision="fp32")
     torch_encoder = ref.load()
+    assert ref.needs_fast_text()  # not yet exported here: this test exports it
     assert ref.prepare_fast_text()
     assert not ref.needs_fast_text()
     fast = find_text_encoder(ref.info.model_id)
@@ -76,10 +77,11 @@ def test_text_tower_export_matches_pytorch(tiny_model_dir):
     np.testing.assert_allclose(vec[0], want[-2], atol=1e-4)
 
 
-def test_offline_text_export_matches_pytorch():
+def test_offline_text_export_matches_pytorch(fresh_home):
     ref = ModelRef("offline", device="cpu", precision="fp32")
     texts = [*PROBES, "a cup of coffee"]
     before = ref.load().encode_texts(texts)
+    assert ref.needs_fast_text()  # not yet exported here: this test exports it
     assert ref.prepare_fast_text()
     # exporting must leave the model as it was (the exporter restores the module's mode)
     np.testing.assert_allclose(ref.load().encode_texts(texts), before, atol=1e-6)

@@ -4,7 +4,6 @@ unknown paths, and clients that send their request slowly or never finish it."""
 from __future__ import annotations
 
 import socket
-import threading
 import time
 
 import pytest
@@ -14,6 +13,7 @@ from cliplens.catalog.db import Catalog
 from cliplens.catalog.update import update_catalog
 from cliplens.models.ref import ModelRef
 from cliplens.server import ServerSettings, create_app
+from tests_helpers import live_server
 
 
 def _shape(r, *case: str) -> dict:
@@ -173,28 +173,14 @@ class _SlowHandler:
 @pytest.fixture(scope="module")
 def live(tmp_path_factory, tiny_model_dir):
     """A real uvicorn server on 127.0.0.1, as `serve` runs it, with 1 s bounds."""
-    import uvicorn
-
-    from cliplens.server.listen import bind, uvicorn_config
-
     settings = ServerSettings(
         model=f"local:{tiny_model_dir}",
         head_timeout_s=1.0,
         body_timeout_s=1.0,
         db=tmp_path_factory.mktemp("live") / "n.db",
     )
-    server = uvicorn.Server(uvicorn_config(_SlowHandler(create_app(settings)), settings))
-    sock = bind("127.0.0.1", 0)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    for _ in range(200):
-        if server.started:
-            break
-        time.sleep(0.05)
-    assert server.started
-    yield sock.getsockname()[1]
-    server.should_exit = True
-    thread.join(10)
+    with live_server(_SlowHandler(create_app(settings)), settings) as port:
+        yield port
 
 
 def _connect(port: int) -> socket.socket:

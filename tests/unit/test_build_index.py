@@ -5,8 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cliplens.distributed.embed import _write_shard, shard_name
-from cliplens.distributed.manifest import ShardManifest, save_manifest
 from cliplens.errors import InvalidInputError
 from cliplens.index.build import (
     VectorSource,
@@ -17,28 +15,8 @@ from cliplens.index.build import (
     shard_source,
 )
 from cliplens.index.built import IndexMeta, open_built_index
-
-
-def write_synthetic_shards(folder, n, dim, clusters=50, shard=2000, seed=0):
-    """Clustered unit vectors in the embed-dataset layout."""
-    rng = np.random.default_rng(seed)
-    centres = rng.standard_normal((clusters, dim)).astype(np.float32)
-    manifest = {"version": 1, "model_id": "synthetic", "dim": dim, "shards": {}}
-    all_v = []
-    for i, start in enumerate(range(0, n, shard)):
-        m = min(shard, n - start)
-        v = centres[rng.integers(0, clusters, m)] + 0.5 * rng.standard_normal((m, dim))
-        v = (v / np.linalg.norm(v, axis=1, keepdims=True)).astype(np.float32)
-        paths = [f"/photos/{start + j:07d}.jpg" for j in range(m)]
-        rows = [
-            {"path": p, "size": 1, "sha256": "x", "error": "", "embedding": e}
-            for p, e in zip(paths, v, strict=True)
-        ]
-        ok, bad = _write_shard(folder, shard_name(i), rows, "synthetic", "float32")
-        manifest["shards"][shard_name(i)] = {"rows": ok, "failures": bad}
-        all_v.append(v)
-    save_manifest(folder, ShardManifest.from_dict(manifest))
-    return np.concatenate(all_v)
+from tests_helpers import job_with as shared_job_with
+from tests_helpers import write_synthetic_shards
 
 
 def test_plan_sizes_to_the_data():
@@ -150,7 +128,8 @@ def test_an_interrupted_build_resumes(tmp_path):
     assert len(passes) == 3  # adding, held-out queries, exact search: no training sample
     assert report.train_s == trained_in and report.recall_at_10 >= 0.9
     assert (out / "index.faiss").is_file() and not (out / ".build-partial.faiss").exists()
-    assert not (out / ".build-state.json").exists()
+    # kept, marked complete, until write_index_folder makes the folder whole
+    assert json.loads((out / ".build-state.json").read_text())["complete"] is True
 
     dying, _ = source_killed_at(2, 3)
     with pytest.raises(KilledError):
@@ -163,7 +142,6 @@ def test_update_adds_new_shards_without_training(tmp_path):
     """After embed-dataset --add-new: the new shards' vectors and paths are appended to the
     built index; the quantiser is not trained again."""
     import json
-    import shutil
 
     import faiss
 
@@ -178,11 +156,7 @@ def test_update_adds_new_shards_without_training(tmp_path):
     shards.mkdir()
 
     def job_with(first: list[str]) -> None:  # the job folder as it stood with these shards
-        for name in first:
-            for part in (f"{name}.parquet", f"{name}.failures.parquet"):
-                shutil.copy(whole / part, shards / part)
-        done = {n: manifest["shards"][n] for n in first}
-        (shards / "manifest.json").write_text(json.dumps({**manifest, "shards": done}))
+        shared_job_with(whole, shards, first)
 
     def centroids():
         index = open_built_index(out, mmap=False).index  # held: the parts below point into it

@@ -60,7 +60,7 @@ __all__ = [
 ]
 
 PARTIAL_FILE = ".build-partial.faiss"  # an unfinished build: trained, some vectors added
-STATE_FILE = ".build-state.json"  # what the partial index is a build of
+STATE_FILE = ".build-state.json"  # what the partial (or finished) index is a build of
 
 
 @dataclass
@@ -329,6 +329,7 @@ def write_index_folder(out: str | os.PathLike[str], paths: Iterable[Any], meta: 
 
     write_atomic(out / PATHS_FILE, write_paths)
     write_atomic(out / META_FILE, lambda p: p.write_text(meta.to_json()))
+    (out / STATE_FILE).unlink(missing_ok=True)  # whole: nothing is left to resume
 
 
 @dataclass
@@ -338,6 +339,7 @@ class _BuildState:
     key: str
     train_s: float = 0.0
     add_s: float = 0.0
+    complete: bool = False  # every vector added: the index is OUT/index.faiss
 
 
 def build_faiss_index(
@@ -356,9 +358,10 @@ def build_faiss_index(
     The folder is not complete: `write_index_folder` adds its paths and index.json.
 
     Resumable: the trained index, then the growing one every `checkpoint_s` seconds of
-    adding (0: never) and the complete one, are saved to OUT/.build-partial.faiss. A build
-    of the same plan over the same data that finds it goes on from there instead of
-    training and adding again."""
+    adding (0: never) and the complete one, are saved to OUT/.build-partial.faiss; the
+    complete one then becomes OUT/index.faiss, and .build-state.json says so until
+    `write_index_folder` makes the folder whole. A build of the same plan over the same
+    data that finds them goes on from there instead of training and adding again."""
     check_measure(queries, checkpoint_s)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -375,8 +378,10 @@ def build_faiss_index(
     q = held_out_queries(source, queries, seed)
     truth = exact_top_k(source, q, 10, progress)
     recall, query_ms = measure(index, q, truth)
-    (out / PARTIAL_FILE).replace(out / INDEX_FILE)
-    (out / STATE_FILE).unlink(missing_ok=True)
+    if not state.complete:
+        (out / PARTIAL_FILE).replace(out / INDEX_FILE)
+        state.complete = True  # kept until the folder is whole: a kill now adds nothing again
+        write_atomic(out / STATE_FILE, lambda p: p.write_text(json.dumps(asdict(state))))
     params = {k: v for k, v in asdict(plan).items() if k not in ("kind", "n", "dim")}
     size = (out / INDEX_FILE).stat().st_size
     report = IndexReport(
@@ -474,7 +479,7 @@ def _load_partial(out: Path, key: str) -> tuple[Any, _BuildState] | None:
         state = _BuildState(**json.loads((out / STATE_FILE).read_text()))
         if state.key != key:
             return None
-        return faiss.read_index(str(out / PARTIAL_FILE)), state
+        return faiss.read_index(str(out / (INDEX_FILE if state.complete else PARTIAL_FILE))), state
     except (OSError, ValueError, TypeError, RuntimeError):
         return None
 

@@ -8,7 +8,8 @@ trained modules, the optimiser, the schedule, every random generator, the epoch'
 of the data and the position in it, so a resumed run takes the same steps, with the same
 numbers, as one that never stopped. A loss that is no longer a number stops the run
 before that step is applied or saved. Each step and each evaluation is a line of
-OUT/log.jsonl.
+OUT/log.jsonl; a resumed run first drops the lines written after its checkpoint, so the
+steps it takes again appear once.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from cliplens.limits import (
     whole_number,
 )
 from cliplens.progress import progress_bar
-from cliplens.store.files import write_atomic_binary
+from cliplens.store.files import write_atomic, write_atomic_binary
 
 CHECKPOINT = "last.pt"
 LOG = "log.jsonl"
@@ -245,6 +246,8 @@ class TrainingLoop:
     def resume(self, device: str | torch.device = "cpu") -> bool:
         """Load OUT/last.pt when there is one; False when the run starts afresh."""
         if not self.checkpoint.is_file():
+            if self.processes.main:  # the lines of a run killed before its first checkpoint
+                _log_until(self.out / LOG, 0)
             return False
         state = torch.load(self.checkpoint, map_location=device, weights_only=False)
         if state["config"] != _plain(self.identity):
@@ -260,6 +263,8 @@ class TrainingLoop:
         if self.generator is not None:
             self.generator.bit_generator.state = state["generator"]
         self._epoch_order = state.get("order")
+        if self.processes.main:
+            _log_until(self.out / LOG, self.step)
         return True
 
     def save(self) -> None:
@@ -374,3 +379,23 @@ class _Run:
     def write(self, row: dict[str, Any]) -> None:
         if self.log is not None:
             self.log.write(json.dumps(row) + "\n")
+
+
+def _log_until(log: Path, step: int) -> None:
+    """OUT/log.jsonl without the rows written after the checkpoint a run resumes from (and
+    a line a kill cut short): the steps taken again are logged once."""
+    if not log.is_file():
+        return
+    lines = log.read_text(encoding="utf-8").splitlines()
+
+    def before(line: str) -> bool:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            return False
+        return not isinstance(row, dict) or row.get("step", 0) <= step
+
+    kept = [line for line in lines if before(line)]
+    if len(kept) != len(lines):
+        text = "".join(line + "\n" for line in kept)
+        write_atomic(log, lambda tmp: tmp.write_text(text, encoding="utf-8"))
