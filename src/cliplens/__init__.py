@@ -81,6 +81,7 @@ _EXPORTS = {
     "check_file": "cliplens.tasks.quality",
     "Integrity": "cliplens.tasks.quality",
     "build_screener": "cliplens.tasks.quality",
+    "iqa_mode": "cliplens.tasks.quality",
     "train_probe": "cliplens.tasks.quality",
     "distort": "cliplens.corruptions",
     "corrupt": "cliplens.corruptions",
@@ -95,6 +96,7 @@ _EXPORTS = {
     "fit_folder_probe": "cliplens.tasks.probe",
     # CLIPScore, RefCLIPScore, reranking
     "clip_score": "cliplens.tasks.score",
+    "prefixed": "cliplens.tasks.score",
     "ref_clip_score": "cliplens.tasks.score",
     "rerank": "cliplens.tasks.score",
     "score_images": "cliplens.tasks.score",
@@ -120,6 +122,7 @@ _EXPORTS = {
     "Captioner": "cliplens.captioning.model",
     "CaptionOptions": "cliplens.captioning.model",
     "load_captioner": "cliplens.captioning.model",
+    "load_clipcap_checkpoint": "cliplens.captioning.reference",
     "caption": "cliplens.captioning.model",
     "evaluate_captioner": "cliplens.captioning.evaluate",
     "CaptionEvaluation": "cliplens.captioning.evaluate",
