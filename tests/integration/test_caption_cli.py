@@ -79,7 +79,13 @@ def test_caption_run_table_and_json(capsys, trained, shapes):
         ],
     )
     assert [r["path"] for r in out] == [str(p.resolve()) for p in images]
-    assert all(isinstance(r["caption"], str) for r in out)
+    # the library's captions for the same images: greedy, then a 3-beam search
+    from cliplens.captioning.model import CaptionOptions, caption, load_captioner
+
+    captioner = load_captioner(trained / "captioner")
+    greedy = caption(captioner, images)
+    assert [r["caption"] for r in out] == greedy
+    assert all(r["caption"].strip() for r in out)
     beam = run_json(
         capsys,
         [
@@ -94,7 +100,8 @@ def test_caption_run_table_and_json(capsys, trained, shapes):
             "json",
         ],
     )
-    assert len(beam) == 1
+    [by_beam] = caption(captioner, images[:1], CaptionOptions(beams=3))
+    assert [r["caption"] for r in beam] == [by_beam]
     assert main(["caption", str(images[0]), "-c", str(trained / "captioner")]) == 0
     assert "caption" in capsys.readouterr().out
 

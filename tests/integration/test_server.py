@@ -243,15 +243,29 @@ def test_score_moderate_quality_and_caption_routes(client, tiny, photos):
     _error(
         client.post("/v1/score", data={"prompt": "  "}, files=[_upload(cat)]), 400, "invalid_input"
     )
+    # moderation and quality: the library's own answers for the same files
+    from cliplens.tasks.moderate import moderate
+    from cliplens.tasks.quality import screen
+
     with pytest.warns(UserWarning, match="calibrated for"):  # the default policy's model
-        r = client.post("/v1/moderate", files=[_upload(cat)])
+        r = client.post("/v1/moderate", files=[_upload(cat), _upload(coffee)])
+        want = moderate([cat, coffee], tiny).verdicts
     assert r.status_code == 200, r.text
-    verdict = r.json()["verdicts"][0]
-    assert verdict["name"] == "cat.jpg" and isinstance(verdict["flagged"], bool)
-    r = client.post("/v1/quality", files=[_upload(coffee)])
+    got = r.json()["verdicts"]
+    assert [v["name"] for v in got] == ["cat.jpg", "coffee.jpg"]
+    for v, w in zip(got, want, strict=True):
+        assert (v["flagged"], v["category"], v["concept"]) == (w.flagged, w.category, w.concept)
+        assert v["score"] == pytest.approx(w.score, abs=1e-3)
+        assert v["threshold"] == pytest.approx(w.threshold, abs=1e-6)
+    r = client.post("/v1/quality", files=[_upload(coffee), _upload(cat)])
     assert r.status_code == 200, r.text
-    scores = r.json()["scores"][0]
-    assert 0 <= scores["attributes"]["quality"] <= 1 and scores["distortion"]
+    got = r.json()["scores"]
+    want = [s.to_dict() for s in screen([coffee, cat], tiny).scores]
+    assert [g["name"] for g in got] == ["coffee.jpg", "cat.jpg"]
+    for g, w in zip(got, want, strict=True):
+        assert g["distortion"] == w["distortion"] and len(g["attributes"]) >= 6
+        for name, value in g["attributes"].items():
+            assert value == pytest.approx(w[name], abs=1e-3), name
     _error(client.post("/v1/caption", files=[_upload(cat)]), 404, "no_captioner")
 
 
@@ -312,13 +326,22 @@ def test_concurrent_requests_are_safe(client, tiny):
         np.testing.assert_allclose(r.json()["texts"][0], expected, atol=1e-5)
 
 
-def test_batched_searches_match_single_ones_and_keep_their_own_errors(client):
+def test_batched_searches_match_single_ones_and_keep_their_own_errors(client, monkeypatch):
     """Concurrent searches are answered in batches: each gets exactly what it would get
     alone, and a bad query fails only itself."""
     import httpx
 
     queries = [f"photo number {i}" for i in range(10)]
     alone = [client.get("/v1/search", params={"q": q, "n": 3}).json() for q in queries]
+    batcher = client.app.state.service.batcher
+    sizes: list[int] = []
+    answer = batcher._answer
+
+    def counted(batch):
+        sizes.append(len(batch))
+        return answer(batch)
+
+    monkeypatch.setattr(batcher, "_answer", counted)
 
     async def go():
         transport = httpx.ASGITransport(app=client.app)
@@ -329,7 +352,12 @@ def test_batched_searches_match_single_ones_and_keep_their_own_errors(client):
             return await asyncio.gather(*jobs)
 
     *good, cancel, unknown = asyncio.run(go())
-    assert [r.json() for r in good] == alone
+    assert sum(sizes) == 12 and max(sizes) > 1, sizes  # batched: fewer model calls than queries
+    for got, want in zip((r.json() for r in good), alone, strict=True):
+        # the same hits; scores within rounding, the texts of a batch being encoded together
+        assert [h["id"] for h in got["results"]] == [h["id"] for h in want["results"]]
+        scores = [h["score"] for h in got["results"]]
+        assert scores == pytest.approx([h["score"] for h in want["results"]], abs=5e-6)
     _error(cancel, 400, "invalid_input")
     _error(unknown, 404, "unknown_id")
 

@@ -41,6 +41,12 @@ def test_fine_tuned_towers_save_and_load_for_every_task(tmp_path, capsys):
     assert result.steps == 2 and np.isfinite(result.losses).all()
     model = load_model(f"local:{result.model_path}", device="cpu", precision="fp32")
     assert model.info.arch == "offline-towers" and model.info.dim == 256
+    # what loads is what was trained: every tensor of the run's last checkpoint
+    trained = torch.load(tmp_path / "run" / "last.pt", weights_only=False)["model"]
+    loaded = model.model.state_dict()
+    assert sorted(loaded) == sorted(trained)
+    for name, value in trained.items():
+        assert torch.equal(loaded[name].float(), value.float()), name
     img = model.encode_images([pairs[0].image])
     txt = model.encode_texts(["a red circle", "a blue square"])
     assert img.shape == (1, 256) and txt.shape == (2, 256)

@@ -72,10 +72,14 @@ def test_student_keeps_the_text_tower_and_saves_a_local_model(trained, tiny, ima
     loaded = load_model(f"local:{trained.model_path}", device="cpu", precision="fp32")
     x = images[:4]
     np.testing.assert_allclose(loaded.encode_images(x), trained.student.encode_images(x), atol=1e-5)
-    # the teacher itself did not move
-    first = tiny.image_tower().state_dict()
+    # the student's image tower moved away from the teacher's...
+    teacher = tiny.image_tower().state_dict()
     student = trained.student.image_tower().state_dict()
-    assert any(not torch.equal(first[k], student[k]) for k in first)
+    assert any(not torch.equal(teacher[k], student[k]) for k in teacher)
+    # ...and the teacher itself did not move: it is still the checkpoint it was loaded from
+    saved = load_model(tiny.info.name, device="cpu", precision="fp32").image_tower().state_dict()
+    assert sorted(saved) == sorted(teacher)
+    assert all(torch.equal(saved[k], teacher[k]) for k in teacher)
 
 
 def test_evaluation_reports_every_condition_for_every_encoder(trained, tiny, images):
@@ -101,11 +105,17 @@ def test_evaluation_reports_every_condition_for_every_encoder(trained, tiny, ima
 def test_offline_teacher_trains_its_cnn(offline, tmp_path):
     imgs = [Image.fromarray(sample(2, i, size=64).image) for i in range(4)]
     cfg = RobustConfig(corruptions=("blur",), epochs=1, batch_size=4, warmup_steps=1)
+    before = {k: v.clone() for k, v in offline.image_tower().state_dict().items()}
     result = train_robust(offline, imgs, tmp_path, cfg)
     assert result.steps == 1 and result.tower_path.is_file() and result.model_path is None
     assert result.student.encode_images(imgs).shape == (4, offline.info.dim)
     saved = torch.load(result.tower_path, weights_only=False)
     assert saved["teacher"] == offline.info.model_id
+    # the CNN trained: the student's tower is not the teacher's, which stayed as it was
+    student = result.student.image_tower().state_dict()
+    assert any(not torch.equal(before[k], student[k]) for k in before)
+    teacher = offline.image_tower().state_dict()
+    assert all(torch.equal(before[k], teacher[k]) for k in before)
 
 
 def test_robust_cli_trains_and_compares(tiny_model_dir, tmp_path, capsys):
