@@ -474,3 +474,18 @@ def test_embed_dataset_keeps_names_that_are_not_utf8(odd_folder):
     prep = Preprocessing(32, 32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
     size, _, crop, error = _decode_one(odd[0], prep, None)
     assert error == "" and crop is not None and size == (odd_folder / ODD).stat().st_size
+
+
+def test_a_fifo_named_like_a_photo_is_a_failure_not_a_hang(tmp_path, tiny_model_dir):
+    """Given by name, a FIFO (or any file that is not a regular one) is reported failed at
+    once: reading it to hash its bytes would wait for a writer for ever."""
+    make_photos(tmp_path / "p", 2)
+    os.mkfifo(tmp_path / "p" / "pipe.jpg")
+    db = tmp_path / "c.db"
+    named = [str(tmp_path / "p" / n) for n in ("img000.jpg", "pipe.jpg", "img001.jpg")]
+    env = {"CLIPLENS_MODEL": f"local:{tiny_model_dir}"}
+    done = cli("index", *named, "--db", str(db), "-f", "json", env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    stats = json.loads(done.stdout)
+    assert stats["new"] == 2 and stats["failed"] == 1
+    assert "pipe.jpg: not a regular file" in done.stderr.decode()

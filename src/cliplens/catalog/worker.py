@@ -10,12 +10,14 @@ Kept free of torch so that worker processes start fast and stay small. The index
 from __future__ import annotations
 
 import hashlib
+import os
+import stat
 import time
 from dataclasses import dataclass
 
 import numpy as np
 
-from cliplens.errors import ImageError
+from cliplens.errors import ImageError, NotAnImageError
 from cliplens.images import is_remote, open_image, open_image_bytes
 from cliplens.preprocess import Preprocessing
 
@@ -100,10 +102,15 @@ class CropDecoder:
 
 
 def content_hash(path: str) -> tuple[str, int]:
-    """The sha256 of a file's bytes, and how many there were."""
+    """The sha256 of a file's bytes, and how many there were. A path that is not a regular
+    file (a FIFO, a device named like a photo) raises NotAnImageError without blocking:
+    it is opened non-blocking and checked before it is read."""
     h = hashlib.sha256()
     n = 0
-    with open(path, "rb") as f:  # noqa: PTH123 (hot path: no Path object per file)
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    with open(fd, "rb") as f:  # noqa: PTH123 (hot path: no Path object per file)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise NotAnImageError(path, "not a regular file")
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
             n += len(block)
