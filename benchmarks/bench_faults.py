@@ -248,9 +248,10 @@ def bad_inputs(work: Path, env: dict, model: str) -> dict:
                 out["unclean"].append(f"{template[0]} {f.name}: hung")
                 continue
             out["cli_tried"] += 1
-            lines = [x for x in done.stderr.splitlines() if x.startswith("error")]
+            # clean: exit 0, 1 or 2, no traceback, and a failure says which file and why
+            named = [x for x in done.stderr.splitlines() if os.fsdecode(f.name) in x]
             clean = done.returncode in (0, 1, 2) and "Traceback" not in done.stderr
-            clean = clean and (done.returncode == 0 or len(lines) >= 1)
+            clean = clean and (done.returncode == 0 or len(named) >= 1)
             out["cli_clean"] += int(clean)
             if not clean:
                 out["unclean"].append(f"{template[0]} {f.name}: exit {done.returncode}")

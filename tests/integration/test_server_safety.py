@@ -209,6 +209,13 @@ def test_a_chunked_upload_over_the_limit_is_refused_before_it_is_read(settings):
             b"POST /v1/embed HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n"
             b"Content-Type: multipart/form-data; boundary=b\r\n\r\n"
         )
+        # a well-formed start of a file field, so the form parser reads on and only the
+        # byte count can stop it
+        head = (
+            b'--b\r\nContent-Disposition: form-data; name="images"; filename="big.png"\r\n'
+            b"Content-Type: image/png\r\n\r\n"
+        )
+        s.sendall(b"%x\r\n%s\r\n" % (len(head), head))
         chunk = b"x" * 16 * 1024
         sent = 0
         try:
