@@ -18,6 +18,10 @@ _HOME = tempfile.mkdtemp(prefix="cliplens-test-home-")
 os.environ["CLIPLENS_HOME"] = _HOME
 atexit.register(shutil.rmtree, _HOME, ignore_errors=True)
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+# The suite runs image towers on PyTorch unless a test asks for an engine: converting and
+# measuring a model for OpenVINO in every fresh home would double the suite's time
+# (tests/unit/test_openvino.py covers that engine, `auto` included).
+os.environ.setdefault("CLIPLENS_ENGINE", "torch")
 
 
 def _no_skips(report) -> None:

@@ -37,6 +37,8 @@ _EXPORTS = {
     "Precision": "cliplens.device",
     "known_models": "cliplens.models.zoo",
     "describe_model": "cliplens.models.zoo",
+    "describe_engines": "cliplens.models.zoo",
+    "Engine": "cliplens.models.openvino",
     "save_checkpoint": "cliplens.models.openclip",
     # the photo catalog and search
     "open_catalog": "cliplens.catalog.db",

@@ -27,12 +27,42 @@ class Precision(StrEnum):
     FP32 = "fp32"
     BF16 = "bf16"
     FP16 = "fp16"
+    INT8 = "int8"  # OpenVINO only: a network quantised after training (models.openvino)
 
     @property
     def dtype(self) -> torch.dtype:
         import torch  # only when a network is built: Precision itself stays torch-free
 
+        if self is Precision.INT8:
+            raise InvalidInputError(
+                "precision int8 runs on the OpenVINO engine only; use `engine` openvino "
+                "(pip install 'cliplens[openvino]') or precision bf16 or fp32"
+            )
         return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.value]
+
+
+def gpu_visible() -> bool:
+    """Whether a GPU torch could use is visible, without importing torch (a CUDA driver's
+    device files, or Apple silicon): decides whether a CPU engine may run by default."""
+    import platform
+    import sys
+
+    if sys.platform == "darwin":
+        return platform.machine() == "arm64"
+    return Path("/proc/driver/nvidia/gpus").is_dir() or Path("/dev/nvidia0").exists()
+
+
+def cpu_name() -> str:
+    """The CPU's model name (where an engine's speed was measured)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
 
 
 @functools.cache
@@ -85,7 +115,7 @@ def parse_precision(requested: str | Precision | None) -> Precision | None:
         return Precision(requested)
     except ValueError as e:
         raise InvalidInputError(
-            f"precision '{requested}' is unknown; use fp32, bf16, fp16 or auto"
+            f"precision '{requested}' is unknown; use fp32, bf16, fp16, int8 or auto"
         ) from e
 
 
@@ -97,6 +127,8 @@ def choose_precision(device: torch.device, requested: str | Precision | None = N
     if precision is not None:
         if device.type == "cpu" and precision is Precision.FP16:
             raise InvalidInputError("precision fp16 is not supported on CPU; use bf16 or fp32")
+        if precision is Precision.INT8:
+            precision.dtype  # noqa: B018 (raises: torch networks have no int8 here)
         return precision
     if device.type == "cuda":
         return Precision.BF16 if torch.cuda.is_bf16_supported() else Precision.FP16

@@ -138,7 +138,7 @@ def test_empty_folder_and_unexpected_errors(capsys, tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise OSError("disk on fire")
 
-    monkeypatch.setattr("cliplens.models.registry.load_model", boom)
+    monkeypatch.setattr("cliplens.models.ref.load_model", boom)  # what ModelRef builds with
     (tmp_path / "x.png").write_bytes(b"")
     monkeypatch.delenv("CLIPLENS_DEBUG", raising=False)
     code, _, err = run(capsys, "classify", str(tmp_path), "--labels", "a,b")

@@ -89,7 +89,7 @@ def embed_pairs(
         blocks.append(done.vectors)
     if members:
         sources = [p.source() for p in members]
-        result = encoder.load().encode_images_lenient(sources, progress=progress)
+        result = encoder.ready().encode_images_lenient(sources, progress=progress)
         for failure in result.failures:
             warn(f"{failure} (its pairs are skipped)")
         images += [str(members[i].image) for i in result.kept]

@@ -328,6 +328,11 @@ class Catalog(CatalogSearch):
 
     # ------------------------------------------------------------ models
 
+    def has_model(self, model_id: str) -> bool:
+        """Whether the catalog has ever held vectors of `model_id`."""
+        found = self.db.execute("SELECT 1 FROM models WHERE model_id=?", (model_id,))
+        return found.fetchone() is not None
+
     def model_key(self, model_id: str, dim: int) -> int:
         if model_id in self._model_ids:
             return self._model_ids[model_id]

@@ -19,11 +19,13 @@ from cliplens.catalog.vectors import refresh_ann
 from cliplens.catalog.worker import CropDecoder, Decoded, FileJob, decode_file, init_worker
 from cliplens.decode_ahead import INLINE, decode_ahead, process_pool
 from cliplens.images import iter_image_files
+from cliplens.models.info import INT8_SUFFIX
 from cliplens.progress import progress_bar
 
 if TYPE_CHECKING:
+    from cliplens.models.batched import BatchedEncoder
     from cliplens.models.encoder import Encoder
-    from cliplens.models.torch_encoder import TorchEncoder
+    from cliplens.models.info import ModelInfo
 
 
 class FileFailure(NamedTuple):
@@ -53,7 +55,9 @@ class UpdateStats:
     failed: int = 0  # newly failed in this run
     failed_before: int = 0  # failed earlier and unchanged since: not retried
     encoded: int = 0
+    engine: str = ""  # what encoded, e.g. "openvino bf16" (empty when nothing was encoded)
     timings: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # what the user should know about the run
     errors: list[FileFailure] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -219,6 +223,8 @@ def _update_catalog(
     key = catalog.model_key(info.model_id, info.dim)
     known = catalog.hashes_with_embedding(key)
     plan = _plan(catalog, folders, known, stats)
+    if plan.jobs:
+        stats.notes += _precision_notes(catalog, info)
     stats.timings["scan"] = time.perf_counter() - t0
     if not plan.jobs and not plan.gone:
         if catalog.garbage_pending:  # left by a run killed before it collected
@@ -227,7 +233,9 @@ def _update_catalog(
         refresh_ann(catalog, info.model_id, changed=False)
         stats.timings["total"] = time.perf_counter() - t0
         return stats
-    encoder = model.load() if plan.jobs else None
+    encoder = model.ready() if plan.jobs else None
+    if encoder is not None:
+        stats.engine = f"{encoder.info.engine} {encoder.info.precision}"
     bs = batch_size or (encoder.default_batch_size if encoder else 1)
     decoder = CropDecoder(info.preprocessing, max_megapixels, frozenset(known))
     writer = _BatchWriter(catalog, encoder, key, stats)
@@ -251,6 +259,25 @@ def _update_catalog(
     return stats
 
 
+def _precision_notes(catalog: Catalog, info: ModelInfo) -> list[str]:
+    """A note when the catalog holds this model's vectors at the other kind of precision:
+    an int8 network's vectors are kept apart from fp32 and bf16 ones, never mixed."""
+    sibling = info.quantized_from or info.model_id + INT8_SUFFIX
+    held = catalog.count_embedded(sibling) if catalog.has_model(sibling) else 0
+    if not held:
+        return []
+    if info.quantized_from:
+        return [
+            f"the catalog holds {held} full-precision vectors of this model; int8 vectors are "
+            f"kept apart from them, so this run embeds these photos again at int8 (search "
+            f"with `precision` int8 to use them)"
+        ]
+    return [
+        f"the catalog also holds {held} int8 vectors of this model, kept apart; this run "
+        f"makes full-precision ones (search with `precision` int8 to use the int8 ones)"
+    ]
+
+
 def _count(item: Decoded, plan: _Plan, known: set[str], stats: UpdateStats) -> None:
     if item.error:
         stats.failed += 1
@@ -269,7 +296,7 @@ class _BatchWriter:
     batch: a killed run loses at most the batch in flight."""
 
     def __init__(
-        self, catalog: Catalog, encoder: TorchEncoder | None, key: int, stats: UpdateStats
+        self, catalog: Catalog, encoder: BatchedEncoder | None, key: int, stats: UpdateStats
     ) -> None:
         self.catalog, self.encoder, self.key, self.stats = catalog, encoder, key, stats
         self.pending: list[Decoded] = []

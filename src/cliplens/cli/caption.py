@@ -14,6 +14,7 @@ from cliplens.cli.common import (
     DbOpt,
     DefaultCommandGroup,
     DeviceOpt,
+    EngineOpt,
     EpochsOpt,
     FiniteFloat,
     LrOpt,
@@ -164,6 +165,7 @@ def caption_command(
     model: ModelOpt = None,
     device: DeviceOpt = None,
     precision: PrecisionOpt = None,
+    engine: EngineOpt = None,
     db: DbOpt = None,
     batch_size: BatchSizeOpt = 32,
     max_megapixels: MegapixelsOpt = None,
@@ -285,6 +287,7 @@ def train_command(
     model: ModelOpt = None,
     device: DeviceOpt = None,
     precision: PrecisionOpt = None,
+    engine: EngineOpt = None,
     db: DbOpt = None,
 ) -> None:
     """Train a captioner on image-caption pairs; writes OUT/captioner."""
@@ -352,6 +355,7 @@ def eval_command(
     model: ModelOpt = None,
     device: DeviceOpt = None,
     precision: PrecisionOpt = None,
+    engine: EngineOpt = None,
     db: DbOpt = None,
     prefix: Annotated[
         str,

@@ -15,6 +15,7 @@ from cliplens.cli.common import (
     MAX_TOP_K,
     BatchOpt,
     DeviceOpt,
+    EngineOpt,
     FiniteFloat,
     MegapixelsOpt,
     ModelOpt,
@@ -74,11 +75,12 @@ def classify_command(
     model: ModelOpt = None,
     device: DeviceOpt = None,
     precision: PrecisionOpt = None,
+    engine: EngineOpt = None,
     batch_size: BatchOpt = None,
     max_megapixels: MegapixelsOpt = None,
 ) -> None:
     """Classify images among labels the model was never trained on (zero-shot)."""
-    from cliplens.models.registry import load_model
+    from cliplens.models.ref import ModelRef
     from cliplens.tasks import classify as task
 
     given = [x for x in (labels, labels_file, labels_dir) if x is not None]
@@ -99,7 +101,7 @@ def classify_command(
         raise InvalidInputError(
             f"no images under {', '.join(map(str, paths))} (extensions: jpg, png, webp, ...)"
         )
-    encoder = load_model(model, device=device, precision=precision)
+    encoder = ModelRef(model, device=device, precision=precision)
     result = task.classify(
         encoder,
         [str(f) for f in files],

@@ -96,7 +96,39 @@ DeviceOpt = Annotated[
     str | None, typer.Option("--device", help="cpu, cuda, cuda:N or mps (default: best available).")
 ]
 PrecisionOpt = Annotated[
-    str | None, typer.Option("--precision", help="fp32, bf16 or fp16 (default: fastest safe one).")
+    str | None,
+    typer.Option(
+        "--precision",
+        help="fp32, bf16, fp16, or int8 (OpenVINO; a checked, quantised network) "
+        "(default: fastest safe one).",
+    ),
+]
+
+
+def _set_engine(value: str | None) -> str | None:
+    """The engine for this run, as CLIPLENS_ENGINE (ModelRef's default, and what child
+    processes inherit); checked here so a typo is a usage error."""
+    if value is None:
+        return None
+    from cliplens.models.openvino import parse_engine  # torch-free
+
+    try:
+        engine = parse_engine(value)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+    os.environ["CLIPLENS_ENGINE"] = engine.value
+    return engine.value
+
+
+EngineOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--engine",
+        help="auto, torch or openvino: what runs the image tower on CPU (auto: OpenVINO "
+        "where installed and measured faster).",
+        envvar="CLIPLENS_ENGINE",
+        callback=_set_engine,
+    ),
 ]
 BatchOpt = Annotated[
     int | None,

@@ -11,6 +11,7 @@ from cliplens.cli.common import (
     MAX_COUNT,
     BatchSizeOpt,
     DbOpt,
+    EngineOpt,
     FiniteFloat,
     MegapixelsOpt,
     ModelOpt,
@@ -69,6 +70,7 @@ def embed_dataset_command(
     fmt: Annotated[Format, typer.Option("--format", "-f")] = Format.table,
     model: ModelOpt = None,
     precision: PrecisionOpt = None,
+    engine: EngineOpt = None,
     max_megapixels: MegapixelsOpt = None,
 ) -> None:
     """Embed a large image collection on Ray into Parquet shards; run again to resume, or

@@ -49,10 +49,10 @@ def model_info(
     name: Annotated[str, typer.Argument(help="A model name, e.g. offline or ViT-B-32:openai.")],
     fmt: FormatOpt = Format.table,
 ) -> None:
-    """Show a model's embedding size, preprocessing, size and cache path."""
-    from cliplens.models.zoo import describe_model
+    """Show a model's embedding size, preprocessing, size, cache path and engines."""
+    from cliplens.models.zoo import describe_engines, describe_model
 
-    details = describe_model(name).to_dict()
+    details = describe_model(name).to_dict() | describe_engines(name)
     if fmt is Format.json:
         print_json(details)
     elif fmt is Format.csv:

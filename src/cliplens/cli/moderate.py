@@ -16,6 +16,7 @@ from cliplens.cli.common import (
     DbOpt,
     DefaultCommandGroup,
     DeviceOpt,
+    EngineOpt,
     FiniteFloat,
     MegapixelsOpt,
     ModelOpt,
@@ -87,6 +88,7 @@ def check_command(
     model: ModelOpt = None,
     device: DeviceOpt = None,
     precision: PrecisionOpt = None,
+    engine: EngineOpt = None,
     db: DbOpt = None,
     max_megapixels: MegapixelsOpt = None,
 ) -> None:
@@ -174,6 +176,7 @@ def calibrate_command(
     model: ModelOpt = None,
     device: DeviceOpt = None,
     precision: PrecisionOpt = None,
+    engine: EngineOpt = None,
     db: DbOpt = None,
     max_megapixels: MegapixelsOpt = None,
 ) -> None:
@@ -228,6 +231,7 @@ def train_head_command(
     model: ModelOpt = None,
     device: DeviceOpt = None,
     precision: PrecisionOpt = None,
+    engine: EngineOpt = None,
     db: DbOpt = None,
     max_megapixels: MegapixelsOpt = None,
 ) -> None:

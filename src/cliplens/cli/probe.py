@@ -15,6 +15,7 @@ from cliplens.cli.common import (
     MAX_TOP_K,
     DbOpt,
     DeviceOpt,
+    EngineOpt,
     MegapixelsOpt,
     ModelOpt,
     PrecisionOpt,
@@ -65,6 +66,7 @@ def fit_command(
     model: ModelOpt = None,
     device: DeviceOpt = None,
     precision: PrecisionOpt = None,
+    engine: EngineOpt = None,
     db: DbOpt = None,
     max_megapixels: MegapixelsOpt = None,
 ) -> None:
@@ -110,6 +112,7 @@ def predict_command(
     model: ModelOpt = None,
     device: DeviceOpt = None,
     precision: PrecisionOpt = None,
+    engine: EngineOpt = None,
     db: DbOpt = None,
     max_megapixels: MegapixelsOpt = None,
 ) -> None:
@@ -161,6 +164,7 @@ def kshot_command(
     model: ModelOpt = None,
     device: DeviceOpt = None,
     precision: PrecisionOpt = None,
+    engine: EngineOpt = None,
     db: DbOpt = None,
     max_megapixels: MegapixelsOpt = None,
 ) -> None:

@@ -16,6 +16,7 @@ from cliplens.cli.common import (
     DbOpt,
     DefaultCommandGroup,
     DeviceOpt,
+    EngineOpt,
     MegapixelsOpt,
     ModelOpt,
     PrecisionOpt,
@@ -83,6 +84,7 @@ def check_command(
     model: ModelOpt = None,
     device: DeviceOpt = None,
     precision: PrecisionOpt = None,
+    engine: EngineOpt = None,
     db: DbOpt = None,
     max_megapixels: MegapixelsOpt = None,
 ) -> None:
@@ -149,6 +151,7 @@ def train_command(
     model: ModelOpt = None,
     device: DeviceOpt = None,
     precision: PrecisionOpt = None,
+    engine: EngineOpt = None,
     db: DbOpt = None,
     max_megapixels: MegapixelsOpt = None,
 ) -> None:

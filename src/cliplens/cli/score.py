@@ -14,6 +14,7 @@ import typer
 from cliplens.cli.common import (
     MAX_COUNT,
     DeviceOpt,
+    EngineOpt,
     MegapixelsOpt,
     ModelOpt,
     PrecisionOpt,
@@ -80,6 +81,7 @@ def score_command(
     model: ModelOpt = None,
     device: DeviceOpt = None,
     precision: PrecisionOpt = None,
+    engine: EngineOpt = None,
     db: ReuseDbOpt = None,
     max_megapixels: MegapixelsOpt = None,
     prefix: PrefixOpt = DEFAULT_PREFIX,
@@ -151,6 +153,7 @@ def rerank_command(
     model: ModelOpt = None,
     device: DeviceOpt = None,
     precision: PrecisionOpt = None,
+    engine: EngineOpt = None,
     db: ReuseDbOpt = None,
     max_megapixels: MegapixelsOpt = None,
     prefix: PrefixOpt = DEFAULT_PREFIX,

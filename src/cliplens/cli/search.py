@@ -13,6 +13,7 @@ from cliplens.cli.common import (
     BatchOpt,
     DbOpt,
     DeviceOpt,
+    EngineOpt,
     FiniteFloat,
     MegapixelsOpt,
     ModelOpt,
@@ -81,6 +82,7 @@ def _index(
 
     catalog = open_catalog(db)
     progress = show_progress()
+    ref.announce = info
     stats = update_catalog(
         catalog,
         ref,
@@ -97,6 +99,8 @@ def _index(
 def _print_stats(stats: UpdateStats, verbose: bool = False, quiet: bool = False) -> None:
     for path, error in stats.errors:
         warn(f"{path}: {error} (not indexed)")
+    for note in stats.notes:
+        warn(note)
     if not quiet or stats.new or stats.changed or stats.removed or stats.failed:
         info(f"index: {stats.summary()}")
     if verbose:
@@ -104,6 +108,8 @@ def _print_stats(stats: UpdateStats, verbose: bool = False, quiet: bool = False)
         line = ", ".join(f"{k} {v:.2f}s" for k, v in t.items())
         if t.get("encode"):
             line += f"; encoding {stats.encoded / t['encode']:.1f} img/s"
+        if stats.engine:
+            line += f" on {stats.engine}"
         info(f"timings: {line}")
 
 
@@ -125,6 +131,7 @@ def index_command(
     model: ModelOpt = None,
     device: DeviceOpt = None,
     precision: PrecisionOpt = None,
+    engine: EngineOpt = None,
     batch_size: BatchOpt = None,
     workers: WorkersOpt = None,
     max_megapixels: MegapixelsOpt = None,
@@ -205,6 +212,7 @@ def search_command(
     model: ModelOpt = None,
     device: DeviceOpt = None,
     precision: PrecisionOpt = None,
+    engine: EngineOpt = None,
     db: DbOpt = None,
 ) -> None:
     """Find photos by a sentence, an example photo, or a weighted mix of both."""
@@ -252,6 +260,7 @@ def similar_command(
     model: ModelOpt = None,
     device: DeviceOpt = None,
     precision: PrecisionOpt = None,
+    engine: EngineOpt = None,
     db: DbOpt = None,
 ) -> None:
     """Photos that look like PHOTO."""
@@ -280,6 +289,7 @@ def duplicates_command(
     model: ModelOpt = None,
     device: DeviceOpt = None,
     precision: PrecisionOpt = None,
+    engine: EngineOpt = None,
     db: DbOpt = None,
 ) -> None:
     """Groups of exact copies (same bytes) and near-duplicates (embeddings above --threshold)."""

@@ -11,6 +11,7 @@ from cliplens.cli.common import (
     MAX_MEGAPIXELS,
     DbOpt,
     DeviceOpt,
+    EngineOpt,
     FiniteFloat,
     ModelOpt,
     PrecisionOpt,
@@ -71,6 +72,7 @@ def serve_command(
     db: DbOpt = None,
     device: DeviceOpt = None,
     precision: PrecisionOpt = None,
+    engine: EngineOpt = None,
 ) -> None:
     """Serve the JSON API under /v1 (schema at /openapi.json, docs at /docs) and the search
     page at /. Search reads the catalog, or a build-index folder with --index. It refuses

@@ -42,8 +42,8 @@ from cliplens.distributed.manifest import (
 from cliplens.errors import DependencyMissingError, InvalidInputError
 from cliplens.images import IMAGE_EXTENSIONS, is_remote, iter_image_files
 from cliplens.limits import finite_number
+from cliplens.models.openvino import Engine, parse_engine
 from cliplens.models.ref import ModelRef
-from cliplens.models.registry import load_model
 from cliplens.paths import from_text, to_text
 from cliplens.preprocess import Preprocessing
 from cliplens.progress import progress_bar
@@ -77,6 +77,7 @@ class EmbedJob:
     address: str | None = None  # an existing Ray cluster; None starts a local one
     num_cpus: int | None = None  # for a local Ray instance
     precision: Precision | str | None = None  # a str is parsed into a Precision
+    engine: Engine | str | None = None  # a str is parsed into an Engine (CPU actors)
     max_megapixels: float | None = None
     max_shards: int | None = None  # stop after writing this many shards (this run)
     add_new: bool = False  # the sources gained files: embed those into new shards
@@ -97,6 +98,7 @@ class EmbedJob:
         if not self.sources:
             raise InvalidInputError("no sources: give image folders, files or URIs")
         object.__setattr__(self, "precision", parse_precision(self.precision))
+        object.__setattr__(self, "engine", parse_engine(self.engine))
         object.__setattr__(self, "sources", tuple(self.sources))
         object.__setattr__(self, "out", Path(self.out))
         object.__setattr__(self, "model", self.model or get_settings().default_model)
@@ -205,13 +207,14 @@ def _decode_one(
 class _EncodeActor:
     """Holds one Encoder; embeds the batch's decoded crops."""
 
-    def __init__(self, model: str, precision: Precision | None) -> None:
+    def __init__(self, model: str, precision: Precision | None, engine: Engine) -> None:
         import torch  # in the actor process only
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
         if device == "cpu":  # Ray caps threads at the actor's 1 CPU; use the node's cores
             torch.set_num_threads(os.cpu_count() or 1)
-        self.encoder = load_model(model, device=device, precision=precision)
+        # on CPU, the engine ModelRef picks (OpenVINO where kept and faster)
+        self.encoder = ModelRef(model, device=device, precision=precision, engine=engine).ready()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ok = np.array([e == "" for e in batch["error"]], bool)
@@ -255,7 +258,7 @@ def embed_dataset(
     out = Path(job.out)
     out.mkdir(parents=True, exist_ok=True)
     files = list_images(job.sources)
-    info = ModelRef(job.model, precision=job.precision).info
+    info = ModelRef(job.model, precision=job.precision, engine=job.engine).info
     manifest = _open_manifest(job, out, files, info)
     pending, report = _plan_shards(job, out, files, manifest)
     if not pending:
@@ -366,7 +369,11 @@ def _embedded_batches(
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=job.actors),
         num_gpus=gpus,
-        fn_constructor_kwargs={"model": job.model, "precision": job.precision},
+        fn_constructor_kwargs={
+            "model": job.model,
+            "precision": job.precision,
+            "engine": job.engine,
+        },
     )
     yield from ds.iter_batches(batch_size=None, batch_format="numpy")
 

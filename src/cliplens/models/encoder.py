@@ -18,6 +18,7 @@ from cliplens.models.info import ModelInfo
 
 if TYPE_CHECKING:
     from cliplens.images import ImageSource
+    from cliplens.models.batched import BatchedEncoder
     from cliplens.models.torch_encoder import TorchEncoder
 
 
@@ -50,7 +51,11 @@ class Encoder(Protocol):
         ...
 
     def load(self) -> TorchEncoder:
-        """The loaded network (itself for a loaded encoder): what training needs."""
+        """The PyTorch network (itself for a loaded one): what training and gradients need."""
+        ...
+
+    def ready(self) -> BatchedEncoder:
+        """The encoder that runs images, on its engine (itself for a loaded encoder)."""
         ...
 
     def encode_images(

@@ -10,6 +10,9 @@ from typing import Any
 from cliplens.device import Precision
 from cliplens.preprocess import Preprocessing
 
+# an int8 network's model_id is its full-precision model's with this suffix
+INT8_SUFFIX = "+int8"
+
 
 @dataclass(frozen=True)
 class ModelInfo:
@@ -34,8 +37,18 @@ class ModelInfo:
     n_params: int = 0
     device: str = "cpu"
     precision: Precision = Precision.FP32
+    # what runs the network: "torch" or "openvino" (models.openvino)
+    engine: str = "torch"
+    # an int8 network's full-precision model: its text tower and space (model_id differs,
+    # so a catalog keeps int8 vectors apart from fp32 and bf16 ones)
+    quantized_from: str | None = None
     # multi-label default: cosine similarity above which a label counts as present
     cosine_threshold: float = 0.25
+
+    @property
+    def text_id(self) -> str:
+        """The model_id whose text tower embeds this model's texts."""
+        return self.quantized_from or self.model_id
 
     @property
     def weights_bytes(self) -> int:

@@ -244,7 +244,10 @@ class OfflineEncoder(TorchEncoder):
         ImageNet classes an image resembles, which says little about blur or noise: a
         distortion probe on held-out photos reaches 0.58 accuracy on these features against
         0.26 on the embeddings (5 types, chance 0.20; benchmarks/RESULTS.md)."""
-        pooled = self._pooled_features
+
+        def pooled(pixels: np.ndarray) -> np.ndarray:
+            return self._torch_rows(self._pooled_features, pixels)
+
         return self._encode(items, batch_size, progress, max_megapixels, False, pooled)
 
     def _pooled_features(self, pixels: torch.Tensor) -> torch.Tensor:

@@ -14,14 +14,17 @@ import contextlib
 import json
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
 from cliplens import __version__
-from cliplens.device import Precision, parse_precision
+from cliplens.device import Precision, gpu_visible, parse_precision
+from cliplens.errors import DependencyMissingError, InvalidInputError, ModelError
+from cliplens.models import openvino
 from cliplens.models.encoder import ImageEncoding
 from cliplens.models.info import ModelInfo
 from cliplens.models.onnx_text import (
@@ -31,12 +34,14 @@ from cliplens.models.onnx_text import (
     export_text,
     find_text_encoder,
 )
+from cliplens.models.openvino import Engine, parse_engine
 from cliplens.models.registry import load_model
 from cliplens.settings import get_settings
 from cliplens.store.files import write_atomic
 
 if TYPE_CHECKING:
     from cliplens.images import ImageSource
+    from cliplens.models.batched import BatchedEncoder
     from cliplens.models.torch_encoder import TorchEncoder
 
 
@@ -98,6 +103,8 @@ class ModelRef:
     Why: a catalog scan or a text query needs the model's identity, not its network;
     the identity comes from the record of an earlier load and text queries from the
     ONNX text tower, so neither imports torch while the weight files are unchanged.
+    Images go through the engine `ready()` picks: OpenVINO on CPU where it is installed
+    and measured faster (models.openvino), else PyTorch.
 
     >>> import cliplens
     >>> model = cliplens.ModelRef("offline")
@@ -109,23 +116,40 @@ class ModelRef:
         name: str | None = None,
         device: str | None = None,
         precision: Precision | str | None = None,
+        engine: Engine | str | None = None,
     ) -> None:
         name = (name or "").strip()
         self.name = get_settings().default_model if name in ("", "default") else name
         self.device = device
         self.precision: Precision | None = parse_precision(precision)
+        self.engine = parse_engine(engine)
+        if self.precision is Precision.INT8 and self.engine is Engine.TORCH:
+            raise InvalidInputError(
+                "precision int8 runs on the OpenVINO engine; use `engine` openvino or auto"
+            )
         self._encoder: TorchEncoder | None = None
+        self._ready: BatchedEncoder | None = None
         self._info: ModelInfo | None = None
         self._text: OnnxTextEncoder | Literal[False] | None = None  # False: there is none
         self._text_lock = threading.Lock()
         self._load_lock = threading.Lock()
+        self._ready_lock = threading.Lock()
+        # told before work that takes long once (converting and measuring for OpenVINO)
+        self.announce: Callable[[str], None] | None = None
 
     @property
     def loaded(self) -> bool:
-        return self._encoder is not None
+        return self._encoder is not None or self._ready is not None
 
     @property
     def info(self) -> ModelInfo:
+        """The identity of the vectors this model makes (an int8 network's are its own)."""
+        if self._ready is not None:
+            return self._ready.info
+        base = self._base_info()
+        return openvino.int8_info(base) if self.precision is Precision.INT8 else base
+
+    def _base_info(self) -> ModelInfo:
         if self._encoder is not None:
             return self._encoder.info
         if self._info is None:
@@ -135,28 +159,120 @@ class ModelRef:
     @property
     def feature_id(self) -> str:
         """Names the space of `encode_features` (loads the model: backends differ)."""
-        return self.load().feature_id
+        return self.ready().feature_id
 
     def load(self) -> TorchEncoder:
         """The loaded encoder itself (imports torch and builds the network the first
         time, once even when several threads ask at once)."""
         with self._load_lock:
             if self._encoder is None:
-                name, device, precision = self.name, self.device, self.precision
-                self._encoder = load_model(name, device=device, precision=precision)
+                precision = None if self.precision is Precision.INT8 else self.precision
+                self._encoder = load_model(self.name, device=self.device, precision=precision)
                 record_info(self.name, self._encoder.info)
         return self._encoder
 
+    def ready(self) -> BatchedEncoder:
+        """The encoder images go through, on the engine chosen for this model and CPU
+        (measured once: models.openvino), built the first time it is needed."""
+        with self._ready_lock:
+            if self._ready is None:
+                self._ready = self._engine_encoder()
+        return self._ready
+
+    def _uses_openvino(self) -> bool:
+        forced = self.engine is Engine.OPENVINO or self.precision is Precision.INT8
+        if self.engine is Engine.TORCH:
+            return False
+        if self.device not in (None, "", "auto", "cpu") or (not self.device and gpu_visible()):
+            if forced and self.device not in (None, "", "auto"):
+                raise InvalidInputError(
+                    f"device '{self.device}': the OpenVINO engine runs on CPU here; use "
+                    f"`device` cpu, or `engine` torch"
+                )
+            return forced
+        if not openvino.available():
+            if forced:
+                openvino.require(f"model {self.name} on the OpenVINO engine")
+            return False
+        return True
+
+    def _engine_encoder(self) -> BatchedEncoder:
+        if not self._uses_openvino():
+            return self.load()
+        base = self._base_info()
+        want = self.precision
+        measured = openvino.read_measured(base.model_id)
+        if measured is None or (want is not None and want not in measured.variants):
+            measured = self._measure(base, want)
+            if measured is None:  # auto, and OpenVINO cannot take this model here
+                return self.load()
+        variant = measured.best(want)
+        if variant is None and want is Precision.INT8 and os.environ.get(openvino.UNCHECKED_ENV):
+            variant = measured.variants.get(want)  # refused, and asked for anyway (timing)
+        auto = self.engine is Engine.AUTO and want is not Precision.INT8
+        if auto and (variant is None or variant.images_per_s <= measured.torch_images_per_s):
+            return self.load()
+        if variant is None:
+            failed = measured.variants.get(want or Precision.FP32)
+            raise openvino.refusal(base, failed, want or Precision.FP32, measured.reason)
+        if want is Precision.INT8:
+            info = openvino.int8_info(base)
+        else:
+            info = replace(base, precision=variant.precision, engine="openvino", device="cpu")
+        from cliplens.models.openvino_runtime import OpenVinoEncoder  # openvino, numpy, Pillow
+
+        return OpenVinoEncoder(info, variant, measured.feature_id, self.load, self._text_rows)
+
+    def _measure(self, base: ModelInfo, want: Precision | None) -> openvino.Measured | None:
+        """Convert and measure once (imports torch; a minute for a ViT-B, more for int8)."""
+        from cliplens.device import cpu_has_fast_bf16
+        from cliplens.models.openvino_convert import measure
+
+        precisions = [Precision.FP32] + ([Precision.BF16] if cpu_has_fast_bf16() else [])
+        if want is not None and want not in precisions:
+            precisions.append(want)
+        if self.announce is not None:
+            done = ", ".join(precisions)
+            self.announce(
+                f"converting {self.name} for OpenVINO and measuring it against PyTorch on "
+                f"this CPU ({done}; once per model, a minute or more)"
+            )
+        torch_now = self.load()  # as the PyTorch engine would run (its speed is the bar)
+        fp32 = torch_now if torch_now.info.precision is Precision.FP32 else None
+        fp32 = fp32 or load_model(self.name, device="cpu", precision=Precision.FP32)
+        try:
+            return measure(fp32, torch_now, precisions)
+        except DependencyMissingError:
+            if self.engine is Engine.AUTO and want is not Precision.INT8:
+                return None  # no nncf or no photos to check with: PyTorch, as before
+            raise
+        except ModelError:
+            raise
+        except Exception as e:  # a tower the converter cannot take: remembered, not retried
+            reason = f"OpenVINO could not convert it ({type(e).__name__}: {e})"[:300]
+            openvino.write_unsupported(base.model_id, reason)
+            if self.engine is Engine.AUTO and want is not Precision.INT8:
+                return None
+            raise ModelError(f"model {self.name}: {reason}; use `engine` torch") from e
+
+    def _text_rows(self, texts: list[str]) -> np.ndarray:
+        fast = self.fast_text()
+        if fast is not None:
+            return fast.encode_texts(texts)
+        return self.load().encode_texts(texts)
+
     def unload(self) -> None:
         """Drop the loaded network (its memory returns once nothing else holds it)."""
-        self._info = self._info or (self._encoder.info if self._encoder else None)
+        if self._info is None and self._encoder is not None:
+            self._info = self._encoder.info
         self._encoder = None
+        self._ready = None
 
     def fast_text(self) -> OnnxTextEncoder | None:
         """The ONNX text encoder for this model, or None."""
         with self._text_lock:
             if self._text is None:
-                self._text = find_text_encoder(self.info.model_id) or False
+                self._text = find_text_encoder(self.info.text_id) or False
         return self._text or None
 
     def preload_text(self) -> None:
@@ -195,7 +311,7 @@ class ModelRef:
         max_megapixels: float | None = None,
     ) -> np.ndarray:
         """Embed images in input order; the first unreadable image raises its ImageError."""
-        return self.load().encode_images(items, batch_size, progress, max_megapixels)
+        return self.ready().encode_images(items, batch_size, progress, max_megapixels)
 
     def encode_images_lenient(
         self,
@@ -205,7 +321,7 @@ class ModelRef:
         max_megapixels: float | None = None,
     ) -> ImageEncoding:
         """Embed what can be read; unreadable images are skipped and reported."""
-        return self.load().encode_images_lenient(items, batch_size, progress, max_megapixels)
+        return self.ready().encode_images_lenient(items, batch_size, progress, max_megapixels)
 
     def encode_features(
         self,
@@ -215,11 +331,11 @@ class ModelRef:
         max_megapixels: float | None = None,
     ) -> ImageEncoding:
         """Image features for linear probes, in the space named by `feature_id`."""
-        return self.load().encode_features(items, batch_size, progress, max_megapixels)
+        return self.ready().encode_features(items, batch_size, progress, max_megapixels)
 
     def needs_fast_text(self) -> bool:
         """True when the text tower could be exported for torch-free queries but is not yet."""
-        return not attempted(self.info.model_id) and can_export()
+        return not attempted(self.info.text_id) and can_export()
 
     def prepare_fast_text(self) -> bool:
         """Export the text tower for torch-free queries, once per model. True if ready."""

@@ -187,3 +187,35 @@ def _describe_pretrained(spec: ModelSpec) -> PretrainedDescription:
         cached=there,
         cache_path=str(weights) if there else str(get_settings().model_cache),
     )
+
+
+def describe_engines(name: str) -> dict[str, str]:
+    """What runs `name`'s image tower on this CPU: each engine and precision measured
+    here (models.openvino), and which one `engine` auto picks. Torch-free.
+
+    >>> import cliplens
+    >>> cliplens.describe_engines("offline")  # doctest: +SKIP
+    """
+    from cliplens.device import gpu_visible
+    from cliplens.models import openvino
+    from cliplens.models.ref import recorded_info
+
+    if not openvino.available():
+        return {"engine (auto)": f"torch (for OpenVINO: {openvino.INSTALL})"}
+    info = recorded_info(parse_model_name(name).name)
+    measured = openvino.read_measured(info.model_id) if info else None
+    if measured is None:
+        return {"engine (auto)": "measured on this CPU the first time images are encoded"}
+    out = {"torch": f"{measured.torch_precision}, {measured.torch_images_per_s:.1f} images/s"}
+    if measured.reason:
+        out["openvino"] = f"not used: {measured.reason}"
+    for precision, v in measured.variants.items():
+        verdict = "kept" if v.kept else f"refused ({v.reason})"
+        out[f"openvino {precision}"] = f"{verdict}: {v.figures()}"
+    best = measured.best(None)
+    faster = best is not None and best.images_per_s > measured.torch_images_per_s
+    if faster and not gpu_visible():
+        out["engine (auto)"] = f"openvino {best.precision}"  # type: ignore[union-attr]
+    else:
+        out["engine (auto)"] = f"torch {measured.torch_precision}"
+    return out

@@ -57,7 +57,7 @@ def embed_files(
     encoded: dict[str, np.ndarray] = {}
     failures: list[ImageError] = []
     if todo:
-        encoder = model.load()  # the network: what is not in the catalog is encoded
+        encoder = model.ready()  # the network: what is not in the catalog is encoded
         encode = encoder.encode_features if features else encoder.encode_images_lenient
         result = encode(todo, progress=progress, max_megapixels=max_megapixels)
         encoded = {todo[i]: v for i, v in zip(result.kept, result.vectors, strict=True)}
