@@ -31,7 +31,8 @@ run() {  # run LABEL PREP CMD...: one timed run appended to $T.LABEL
   eval "$prep"
   /usr/bin/time -a -o "$T.$label" -f "%e %M" "$@" > "$BENCH/cl_last.out" 2> "$BENCH/cl_last.err"
 }
-report() {
+report() {  # report LABEL TEXT (nothing when LABEL was not run, e.g. RUNS=0)
+  [ -s "$T.$1" ] || return 0
   "$PY" -c '
 import statistics as st, sys
 rows = [tuple(map(float, l.split())) for l in open(sys.argv[1]) if l[:1].isdigit()]
@@ -44,7 +45,8 @@ engine_args() {  # engine_args ENGINE[:PRECISION] -> the index flags
   echo "--engine $e"; [ "$p" != "$1" ] && echo "--precision $p"
 }
 # once, untimed in the table: each engine's one-time work over 20 photos (timed on its own)
-mkdir -p "$BENCH/once" && ls | head -20 | while read -r f; do ln -sf "$PWD/$f" "$BENCH/once/$f"; done
+photos=(*) && mkdir -p "$BENCH/once"
+for f in "${photos[@]:0:20}"; do ln -sf "$PWD/$f" "$BENCH/once/$f"; done
 for e in "${ENGINES[@]}"; do
   # shellcheck disable=SC2046
   /usr/bin/time -f "one-time work for $e: %e s, peak RSS %M KiB" "${CL[@]}" index "$BENCH/once" \

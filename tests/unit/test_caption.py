@@ -343,6 +343,9 @@ def test_embeddings_are_computed_once(tmp_path, tiny, photos):
         def load(self):
             return self
 
+        def ready(self):  # the encoder images go through (Encoder.ready)
+            return self
+
         def encode_images_lenient(self, items, **kw):
             calls.append(len(items))
             return tiny.encode_images_lenient(items, **kw)
