@@ -119,6 +119,36 @@ def test_auto_runs_the_engine_measured_faster_here(ov_home, name):
         path.write_text(original)
 
 
+def test_text_tower_converted_checked_and_used_for_many_texts(ov_home, name):
+    torch_id = ModelRef(name, engine="torch").info.model_id
+    ModelRef(name, device="cpu", precision="fp32", engine="openvino").ready()
+    text = openvino.read_measured(torch_id).text
+    assert text["kept"] and text["min_cosine"] >= 0.9999 and text["texts_per_s"] > 0
+    labels = [f"a photo of thing number {i}" for i in range(100)]
+    want = ModelRef(name, device="cpu", precision="fp32", engine="torch").encode_texts(labels)
+    path = _meta_path(torch_id)
+    original = path.read_text()
+    try:
+        for bar, used in ((1e-3, True), (1e9, False)):  # measured faster, then slower
+            meta = json.loads(original)
+            for entry in meta["cpus"].values():
+                entry["text"]["bar_texts_per_s"] = bar
+            path.write_text(json.dumps(meta))
+            ref = ModelRef(name, device="cpu", engine="auto")
+            got = ref.encode_texts(labels)
+            assert (ref._ov_text_tower is not None) is used
+            if used:  # the converted fp32 tower
+                assert (got * want).sum(1).min() >= 0.9999
+            else:  # the path texts took before (here no ONNX export: PyTorch)
+                before = ModelRef(name, device="cpu", engine="torch").encode_texts(labels)
+                np.testing.assert_allclose(got, before, atol=1e-6)
+            one = ModelRef(name, device="cpu", engine="auto")
+            one.encode_texts(["a cat"])  # a one-shot query stays on ONNX Runtime
+            assert one._ov_text_tower is None
+    finally:
+        path.write_text(original)
+
+
 def test_int8_is_its_own_model_kept_apart_in_a_catalog(
     ov_home, name, files, want, photos, tmp_path, capsys, monkeypatch
 ):

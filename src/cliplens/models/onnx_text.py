@@ -97,7 +97,7 @@ def clean_clip(text: str) -> str:
     return " ".join(text.split()).lower()
 
 
-_CLEANERS: dict[str, Callable[[str], str]] = {"clip": clean_clip, "none": lambda t: t}
+CLEANERS: dict[str, Callable[[str], str]] = {"clip": clean_clip, "none": lambda t: t}
 
 
 class OnnxTextEncoder:
@@ -112,7 +112,7 @@ class OnnxTextEncoder:
         self.folder = folder
         self.meta = json.loads((folder / "meta.json").read_text())
         self.tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
-        self._clean = _CLEANERS[self.meta["cleaner"]]
+        self._clean = CLEANERS[self.meta["cleaner"]]
         opts = ort.SessionOptions()
         opts.log_severity_level = 4  # failures surface as exceptions
         # the graph was optimised at export; skipping that here makes loading 6x faster
@@ -208,7 +208,7 @@ def export_text(encoder: TorchEncoder) -> OnnxTextEncoder | None:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        clean = _CLEANERS[graph.cleaner]
+        clean = CLEANERS[graph.cleaner]
         batch = graph.tokenizer.encode_batch([clean(t) for t in PROBES])
         ours = [[i for i, m in zip(e.ids, e.attention_mask, strict=True) if m] for e in batch]
         if ours != graph.token_ids(PROBES):

@@ -37,7 +37,7 @@ from cliplens.models.info import INT8_SUFFIX, ModelInfo
 from cliplens.settings import get_settings
 from cliplens.store.files import write_atomic
 
-FORMAT = 2
+FORMAT = 3
 # what the int8 check is; a verdict made under another one is measured again
 INT8_GATE = "63 views, 100 ImageNet prompts, mean cosine 0.99, top-1 agreement 0.98"
 # runs an int8 network the check refused: for timing on random weights, never for real use
@@ -133,6 +133,7 @@ class Measured:
     feature_id: str  # the torch encoder's: features other than the embeddings need torch
     photos: int  # how many fixed photos the checks ran on
     reason: str = ""  # why there are no variants (the converter cannot take the tower)
+    text: dict[str, Any] | None = None  # the text tower's figures (models.openvino_text)
 
     def best(self, precision: Precision | None) -> Variant | None:
         """The kept variant at `precision`, or the fastest kept fp32/bf16 one for None."""
@@ -163,6 +164,7 @@ def read_measured(model_id: str) -> Measured | None:
         feature_id=meta.get("feature_id", model_id),
         photos=entry.get("photos", 0),
         reason=entry.get("reason", ""),
+        text=entry.get("text"),
     )
 
 
@@ -184,6 +186,7 @@ def write_measured(measured: Measured) -> None:
         "variants": variants,
         "photos": measured.photos,
         "reason": measured.reason,
+        "text": measured.text,
         "int8_gate": INT8_GATE,
     }
     path = folder_for(measured.model_id) / "meta.json"

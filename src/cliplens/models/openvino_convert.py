@@ -133,7 +133,7 @@ def _is_transformer(module: torch.nn.Module) -> bool:
     return any("attention" in type(m).__name__.lower() for m in module.modules())
 
 
-def _save_ir(model: Any, xml: Path) -> None:
+def save_ir(model: Any, xml: Path) -> None:
     """Save an IR (xml + bin) so that a reader never sees half of one: both under
     temporary names, then the weights and the graph renamed into place."""
     import openvino as ov
@@ -147,10 +147,10 @@ def _save_ir(model: Any, xml: Path) -> None:
 def _convert(module: torch.nn.Module, example: np.ndarray, xml: Path) -> None:
     import openvino as ov
 
-    with warnings.catch_warnings(), torch.inference_mode(), _quiet():
+    with warnings.catch_warnings(), torch.inference_mode(), quiet():
         warnings.simplefilter("ignore")
         model = ov.convert_model(module, example_input=torch.from_numpy(example[:1]))
-    _save_ir(model, xml)
+    save_ir(model, xml)
 
 
 def _quantize(xml: Path, calibration: np.ndarray, transformer: bool, out: Path) -> None:
@@ -165,16 +165,16 @@ def _quantize(xml: Path, calibration: np.ndarray, transformer: bool, out: Path) 
 
     dataset = nncf.Dataset([calibration[i : i + 1] for i in range(len(calibration))])
     kwargs = {"model_type": nncf.ModelType.TRANSFORMER} if transformer else {}
-    with warnings.catch_warnings(), _quiet():
+    with warnings.catch_warnings(), quiet():
         warnings.simplefilter("ignore")
         quantized = nncf.quantize(
             ov.Core().read_model(xml), dataset, subset_size=len(calibration), **kwargs
         )
-    _save_ir(quantized, out)
+    save_ir(quantized, out)
 
 
 @contextlib.contextmanager
-def _quiet() -> Iterator[None]:
+def quiet() -> Iterator[None]:
     """The converter and NNCF report and draw progress bars on stdout, where a command's
     output goes: kept off it."""
     import logging
@@ -221,6 +221,7 @@ def measure(
         variants=variants,
         feature_id=encoder.feature_id,
         photos=len(check),
+        text=earlier.text if earlier else None,
     )
     write_measured(measured)
     return measured

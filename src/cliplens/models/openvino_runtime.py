@@ -22,15 +22,16 @@ if TYPE_CHECKING:
     from cliplens.models.torch_encoder import TorchEncoder
 
 
-def compile_config(precision: Precision) -> dict[str, Any]:
-    """How a tower is compiled: throughput streams over this process's cores, and the
-    inference precision (int8 networks run their other layers in bf16 where the CPU has
-    it, as OpenVINO does by default)."""
+def compile_config(precision: Precision, hint: str = "THROUGHPUT") -> dict[str, Any]:
+    """How a tower is compiled: throughput streams over this process's cores (or one
+    stream on all of them, for LATENCY), and the inference precision (int8 networks run
+    their other layers in bf16 where the CPU has it, as OpenVINO does by default)."""
+    mode = hint
     hint = "bf16" if precision is Precision.BF16 else "f32"
     if precision is Precision.INT8:
         hint = "bf16" if cpu_has_fast_bf16() else "f32"
     threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
-    config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "THROUGHPUT"}
+    config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": mode}
     if threads:
         config["INFERENCE_NUM_THREADS"] = threads
     return config

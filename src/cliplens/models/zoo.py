@@ -212,6 +212,16 @@ def describe_engines(name: str) -> dict[str, str]:
     for precision, v in measured.variants.items():
         verdict = "kept" if v.kept else f"refused ({v.reason})"
         out[f"openvino {precision}"] = f"{verdict}: {v.figures()}"
+    text = measured.text or {}
+    if "none" in text:
+        out["openvino text"] = f"not used: {text['none']}"
+    elif text:
+        verdict = "kept" if text["kept"] else f"refused ({text['reason']})"
+        out["openvino text"] = (
+            f"{verdict}: {text['precision']}, min cosine {text['min_cosine']:.5f}, "
+            f"{text['texts_per_s']:.0f} texts/s against {text['bar_texts_per_s']:.0f} on "
+            f"{text['bar']} (used for 64 texts or more)"
+        )
     best = measured.best(None)
     faster = best is not None and best.images_per_s > measured.torch_images_per_s
     if faster and not gpu_visible():
