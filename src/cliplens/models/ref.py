@@ -222,7 +222,11 @@ class ModelRef:
             info = replace(base, precision=variant.precision, engine="openvino", device="cpu")
         from cliplens.models.openvino_runtime import OpenVinoEncoder  # openvino, numpy, Pillow
 
-        return OpenVinoEncoder(info, variant, measured.feature_id, self.load, self._text_rows)
+        encoder = OpenVinoEncoder(info, variant, measured.feature_id, self.load, self._text_rows)
+        if self._encoder is not None:  # built to measure: not held beside the compiled network
+            self._info = self._info or self._encoder.info
+            self._encoder = None
+        return encoder
 
     def _measure(self, base: ModelInfo, want: Precision | None) -> openvino.Measured | None:
         """Convert and measure once (imports torch; a minute for a ViT-B, more for int8)."""
