@@ -91,8 +91,15 @@ def process_pool(
     workers: int, initializer: Callable[..., None], initargs: tuple[Any, ...] = ()
 ) -> Iterator[Pool]:
     """`workers` processes (forked on Linux), each set up by `initializer(*initargs)` and
-    killed by the kernel when this process dies. `decode` must be a module-level function."""
+    killed by the kernel when this process dies. `decode` must be a module-level function.
+
+    Once OpenVINO is loaded in this process, workers come from a fork server instead: a
+    child forked from a process running OpenVINO's thread pool spun at full CPU, growing
+    to 9.7 GB, and never decoded (seen where a test process had compiled a tower before
+    indexing). The fork server is a fresh interpreter, so its children inherit no threads."""
     method = "fork" if sys.platform == "linux" else "spawn"
+    if method == "fork" and "openvino" in sys.modules:
+        method = "forkserver"
     context = mp.get_context(method)
     setup = (initializer, *initargs)
     with context.Pool(workers, initializer=_start_worker, initargs=setup) as pool:

@@ -234,3 +234,19 @@ def test_without_openvino_everything_runs_on_pytorch(tmp_path, name, photos):
         assert refused.returncode == 1, refused.stderr
         assert "pip install 'cliplens[openvino]'" in refused.stderr
         assert "Traceback" not in refused.stderr and refused.stderr.count("\n") == 1
+
+
+def _parent_of(_: object) -> int:
+    return os.getppid()
+
+
+def test_decoders_are_not_forked_from_a_process_running_openvino():
+    """A decoder forked from a process with OpenVINO's threads spun and never decoded:
+    once openvino is loaded, the indexer's workers come from a fork server."""
+    import openvino  # noqa: F401 (loaded, as by a compiled tower)
+
+    from cliplens.decode_ahead import process_pool
+
+    with process_pool(2, int) as pool:
+        parents = {pool.submit(_parent_of, i).result() for i in range(4)}
+    assert os.getpid() not in parents and len(parents) == 1  # the fork server's children
