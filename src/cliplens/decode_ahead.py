@@ -93,17 +93,27 @@ def process_pool(
     """`workers` processes (forked on Linux), each set up by `initializer(*initargs)` and
     killed by the kernel when this process dies. `decode` must be a module-level function.
 
-    Once OpenVINO is loaded in this process, workers come from a fork server instead: a
-    child forked from a process running OpenVINO's thread pool spun at full CPU, growing
-    to 9.7 GB, and never decoded (seen where a test process had compiled a tower before
-    indexing). The fork server is a fresh interpreter, so its children inherit no threads."""
+    Once this process runs a thread pool that a forked child must not inherit (an
+    OpenVINO network: `mark_fork_unsafe`), workers come from a fork server instead: a child
+    forked from a process that had compiled a tower spun at full CPU, growing to 9.7 GB, and
+    never decoded. The fork server is a fresh interpreter, so its children inherit no
+    threads."""
     method = "fork" if sys.platform == "linux" else "spawn"
-    if method == "fork" and "openvino" in sys.modules:
+    if method == "fork" and _fork_unsafe:
         method = "forkserver"
     context = mp.get_context(method)
     setup = (initializer, *initargs)
     with context.Pool(workers, initializer=_start_worker, initargs=setup) as pool:
         yield _ProcessPool(pool)
+
+
+_fork_unsafe = False
+
+
+def mark_fork_unsafe() -> None:
+    """Say that this process now runs threads a forked child must not inherit."""
+    global _fork_unsafe
+    _fork_unsafe = True
 
 
 def _start_worker(initializer: Callable[..., None], *initargs: Any) -> None:

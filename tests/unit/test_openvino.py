@@ -240,13 +240,14 @@ def _parent_of(_: object) -> int:
     return os.getppid()
 
 
-def test_decoders_are_not_forked_from_a_process_running_openvino():
+def test_decoders_are_not_forked_from_a_process_running_openvino(ov_home, name):
     """A decoder forked from a process with OpenVINO's threads spun and never decoded:
     once openvino is loaded, the indexer's workers come from a fork server."""
-    import openvino  # noqa: F401 (loaded, as by a compiled tower)
-
+    from cliplens import decode_ahead
     from cliplens.decode_ahead import process_pool
 
+    ModelRef(name, device="cpu", precision="fp32", engine="openvino").ready()  # compiled
+    assert decode_ahead._fork_unsafe
     with process_pool(2, int) as pool:
         parents = {pool.submit(_parent_of, i).result() for i in range(4)}
     assert os.getpid() not in parents and len(parents) == 1  # the fork server's children

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from cliplens.decode_ahead import mark_fork_unsafe
 from cliplens.device import Precision, cpu_has_fast_bf16
 from cliplens.models.batched import BatchedEncoder, unit_rows
 from cliplens.models.info import ModelInfo
@@ -44,6 +45,7 @@ class CompiledTower:
     def __init__(self, xml: Path, precision: Precision) -> None:
         import openvino as ov  # ~0.3 s: only when a network runs
 
+        mark_fork_unsafe()  # OpenVINO's threads: decoder processes must not be forked now
         core = ov.Core()
         self.compiled = core.compile_model(core.read_model(xml), "CPU", compile_config(precision))
         self.streams = max(1, int(self.compiled.get_property("NUM_STREAMS")))

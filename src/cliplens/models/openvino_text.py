@@ -66,11 +66,13 @@ class TextTower:
         import openvino as ov  # only when a tower runs
         from tokenizers import Tokenizer
 
+        from cliplens.decode_ahead import mark_fork_unsafe
         from cliplens.models.openvino_runtime import compile_config
 
         self.tokenizer = Tokenizer.from_file(str(folder / TOKENIZER))
         self.clean = CLEANERS[variant.cleaner]
         self.with_mask = variant.with_mask
+        mark_fork_unsafe()  # OpenVINO's threads (decode_ahead.process_pool)
         core = ov.Core()
         config = compile_config(variant.precision, hint="LATENCY")  # one batch, all cores
         self.compiled = core.compile_model(core.read_model(folder / TEXT_IR), "CPU", config)
