@@ -136,7 +136,7 @@ def test_text_tower_converted_checked_and_used_for_many_texts(ov_home, name):
             path.write_text(json.dumps(meta))
             ref = ModelRef(name, device="cpu", engine="auto")
             got = ref.encode_texts(labels)
-            assert (ref._ov_text_tower is not None) is used
+            assert bool(ref._ov_text_tower) is used  # a tower built (False: decided none)
             if used:  # the converted fp32 tower
                 assert (got * want).sum(1).min() >= 0.9999
             else:  # the path texts took before (here no ONNX export: PyTorch)
@@ -144,7 +144,7 @@ def test_text_tower_converted_checked_and_used_for_many_texts(ov_home, name):
                 np.testing.assert_allclose(got, before, atol=1e-6)
             one = ModelRef(name, device="cpu", engine="auto")
             one.encode_texts(["a cat"])  # a one-shot query stays on ONNX Runtime
-            assert one._ov_text_tower is None
+            assert not one._ov_text_tower
     finally:
         path.write_text(original)
 
@@ -251,3 +251,16 @@ def test_decoders_are_not_forked_from_a_process_running_openvino(ov_home, name):
     with process_pool(2, int) as pool:
         parents = {pool.submit(_parent_of, i).result() for i in range(4)}
     assert os.getpid() not in parents and len(parents) == 1  # the fork server's children
+
+
+def test_auto_leaves_a_visible_gpu_to_pytorch(ov_home, name, monkeypatch):
+    from cliplens.models import ref as ref_module
+    from cliplens.models.openvino_runtime import OpenVinoEncoder
+
+    ModelRef(name, device="cpu", precision="fp32", engine="openvino").ready()  # measured
+    monkeypatch.setattr(ref_module, "gpu_visible", lambda: True)
+    for device in (None, "auto"):
+        assert not isinstance(
+            ModelRef(name, device=device, engine="auto")._engine_encoder(), OpenVinoEncoder
+        )
+    assert isinstance(ModelRef(name, device="cpu", engine="openvino").ready(), OpenVinoEncoder)

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from cliplens.settings import get_settings
+from cliplens.store.files import read_record
 
 if TYPE_CHECKING:
     from cliplens.models.info import ModelInfo
@@ -150,12 +151,7 @@ def _enabled() -> bool:
 
 
 def _meta(model_id: str) -> dict[str, Any] | None:
-    try:
-        meta = json.loads((folder_for(model_id) / "meta.json").read_text())
-    except (OSError, ValueError):
-        return None
-    ok = meta.get("format") == FORMAT and meta.get("model_id") == model_id
-    return meta if ok else None
+    return read_record(folder_for(model_id) / "meta.json", FORMAT, model_id)
 
 
 def attempted(model_id: str) -> bool:

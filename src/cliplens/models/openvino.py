@@ -1,7 +1,8 @@
 """The OpenVINO engine: image towers converted once, checked, and run without torch.
 
 On CPU, OpenVINO runs a CLIP image tower faster than PyTorch (on this project's 2-core
-Zen 4: bf16 30.9 against 25.0 images/s for ViT-B-32, int8 46.1; benchmarks/RESULTS.md).
+Zen 4, ViT-B-32-256 at batch 32: bf16 33.9 against PyTorch's 24.8 images/s, int8 61.9;
+benchmarks/RESULTS.md).
 A model's image tower is converted from its fp32 PyTorch module once, into
 CLIPLENS_HOME/openvino/<model_id>/ (models.openvino_convert), and each precision is kept
 only where it reproduces PyTorch's fp32 forward on fixed photos:
@@ -35,7 +36,7 @@ from cliplens.device import Precision, cpu_name
 from cliplens.errors import DependencyMissingError, InvalidInputError, ModelError
 from cliplens.models.info import INT8_SUFFIX, ModelInfo
 from cliplens.settings import get_settings
-from cliplens.store.files import write_atomic
+from cliplens.store.files import read_record, write_atomic
 
 FORMAT = 3
 # what the int8 check is; a verdict made under another one is measured again
@@ -200,12 +201,7 @@ def write_unsupported(model_id: str, reason: str) -> None:
 
 
 def _read_meta(model_id: str) -> dict[str, Any] | None:
-    try:
-        meta = json.loads((folder_for(model_id) / "meta.json").read_text())
-    except (OSError, ValueError):
-        return None
-    ok = meta.get("format") == FORMAT and meta.get("model_id") == model_id
-    return meta if ok else None
+    return read_record(folder_for(model_id) / "meta.json", FORMAT, model_id)
 
 
 def refusal(

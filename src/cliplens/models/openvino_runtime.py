@@ -23,11 +23,10 @@ if TYPE_CHECKING:
     from cliplens.models.torch_encoder import TorchEncoder
 
 
-def compile_config(precision: Precision, hint: str = "THROUGHPUT") -> dict[str, Any]:
+def compile_config(precision: Precision, mode: str = "THROUGHPUT") -> dict[str, Any]:
     """How a tower is compiled: throughput streams over this process's cores (or one
     stream on all of them, for LATENCY), and the inference precision (int8 networks run
     their other layers in bf16 where the CPU has it, as OpenVINO does by default)."""
-    mode = hint
     hint = "bf16" if precision is Precision.BF16 else "f32"
     if precision is Precision.INT8:
         hint = "bf16" if cpu_has_fast_bf16() else "f32"

@@ -74,7 +74,7 @@ class TextTower:
         self.with_mask = variant.with_mask
         mark_fork_unsafe()  # OpenVINO's threads (decode_ahead.process_pool)
         core = ov.Core()
-        config = compile_config(variant.precision, hint="LATENCY")  # one batch, all cores
+        config = compile_config(variant.precision, mode="LATENCY")  # one batch, all cores
         self.compiled = core.compile_model(core.read_model(folder / TEXT_IR), "CPU", config)
         self._lock = threading.Lock()
 

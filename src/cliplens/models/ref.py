@@ -134,7 +134,8 @@ class ModelRef:
         self._text_lock = threading.Lock()
         self._load_lock = threading.Lock()
         self._ready_lock = threading.Lock()
-        self._ov_text_tower: Any = None  # models.openvino_text.TextTower, once built
+        # models.openvino_text.TextTower once built; False: none kept and faster here
+        self._ov_text_tower: Any = None
         # told before work that takes long once (converting and measuring for OpenVINO)
         self.announce: Callable[[str], None] | None = None
 
@@ -184,8 +185,9 @@ class ModelRef:
         forced = self.engine is Engine.OPENVINO or self.precision is Precision.INT8
         if self.engine is Engine.TORCH:
             return False
-        if self.device not in (None, "", "auto", "cpu") or (not self.device and gpu_visible()):
-            if forced and self.device not in (None, "", "auto"):
+        automatic = self.device in (None, "", "auto")
+        if not (automatic or self.device == "cpu") or (automatic and gpu_visible()):
+            if forced and not automatic:
                 raise InvalidInputError(
                     f"device '{self.device}': the OpenVINO engine runs on CPU here; use "
                     f"`device` cpu, or `engine` torch"
@@ -291,21 +293,22 @@ class ModelRef:
         """The OpenVINO text tower where it was kept and measured faster, for many texts
         or once the image engine is loaded anyway; None for a one-shot query (ORT)."""
         if self._ov_text_tower is not None:
-            return self._ov_text_tower
+            return self._ov_text_tower or None
         engine_loaded = self._ready is not None and self._ready.info.engine == "openvino"
         if self.engine is Engine.TORCH or (n < 64 and not engine_loaded):
             return None
         measured = openvino.read_measured(self.info.text_id)
         text = measured.text if measured else None
-        if not text or "none" in text or not openvino.available():
+        if not measured or not text or "none" in text or not openvino.available():
+            if measured:  # measured here, and no tower: decided for this process
+                self._ov_text_tower = False
             return None
         from cliplens.models.openvino_text import TextTower, TextVariant
 
         variant = TextVariant(**{**text, "precision": Precision(text["precision"])})
-        if not variant.faster:
-            return None
-        self._ov_text_tower = TextTower(openvino.folder_for(self.info.text_id), variant)
-        return self._ov_text_tower
+        folder = openvino.folder_for(self.info.text_id)
+        self._ov_text_tower = TextTower(folder, variant) if variant.faster else False
+        return self._ov_text_tower or None
 
     def _text_rows(self, texts: list[str]) -> np.ndarray:
         tower = self._ov_text(len(texts))

@@ -223,9 +223,8 @@ def describe_engines(name: str) -> dict[str, str]:
             f"{text['bar']} (used for 64 texts or more)"
         )
     best = measured.best(None)
-    faster = best is not None and best.images_per_s > measured.torch_images_per_s
-    if faster and not gpu_visible():
-        out["engine (auto)"] = f"openvino {best.precision}"  # type: ignore[union-attr]
+    if best is not None and best.images_per_s > measured.torch_images_per_s and not gpu_visible():
+        out["engine (auto)"] = f"openvino {best.precision}"
     else:
         out["engine (auto)"] = f"torch {measured.torch_precision}"
     return out

@@ -6,7 +6,7 @@ import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 
 def _read_umask() -> int:
@@ -17,6 +17,18 @@ def _read_umask() -> int:
 
 # read once, at import: changing it for a moment on every write would race other threads
 _MODE = 0o666 & ~_read_umask()
+
+
+def read_record(path: Path, format: int, model_id: str) -> dict[str, Any] | None:
+    """A JSON record of `model_id` in `format`, or None (missing, damaged, or another's)."""
+    import json
+
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    ok = isinstance(meta, dict) and meta.get("format") == format
+    return meta if ok and meta.get("model_id") == model_id else None
 
 
 def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
