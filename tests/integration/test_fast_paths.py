@@ -70,11 +70,33 @@ def test_text_tower_export_matches_pytorch(tiny_model_dir, fresh_home):
     got = fast.encode_texts(texts)
     assert got.shape == want.shape
     assert float((want * got).sum(1).min()) > 0.9999
+    # the tokenizer was saved in the form that loads fast, and still gives the backend's ids
+    saved = json.loads((fast.folder / "tokenizer.json").read_text(encoding="utf-8"))
+    assert saved["model"]["merges"] and all(isinstance(m, str) for m in saved["model"]["merges"])
+    ids, mask = fast.token_ids(texts)
+    unpadded = [row[keep.astype(bool)].tolist() for row, keep in zip(ids, mask, strict=True)]
+    assert unpadded == torch_encoder.text_graph().token_ids(texts)
 
     fresh = ModelRef(name)  # a later process: text queries without loading the model
     vec = fresh.encode_texts(["a red boat on a lake"])
     assert not fresh.loaded
     np.testing.assert_allclose(vec[0], want[-2], atol=1e-4)
+
+
+def test_a_saved_tokenizer_keeps_merges_it_cannot_write_as_strings(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from cliplens.models.onnx_text import save_tokenizer
+
+    vocab = {"a": 0, "b": 1, " ": 2, "ab": 3, "a ": 4, "a b": 5}
+    bpe = models.BPE(vocab=vocab, merges=[("a", "b"), ("a", " "), ("a ", "b")])
+    tok = Tokenizer(bpe)
+    tok.pre_tokenizer = pre_tokenizers.Split("|", behavior="removed")
+    save_tokenizer(tok, tmp_path / "t.json")
+    merges = json.loads((tmp_path / "t.json").read_text())["model"]["merges"]
+    assert merges == [["a", "b"], ["a", " "], ["a ", "b"]]  # "a  b" would not split back
+    back = Tokenizer.from_file(str(tmp_path / "t.json"))
+    assert back.encode("a b|ab|a b a").ids == tok.encode("a b|ab|a b a").ids == [5, 3, 5, 2, 0]
 
 
 def test_offline_text_export_matches_pytorch(fresh_home):
@@ -179,3 +201,33 @@ def test_unexportable_model_is_noted_once(tmp_path, monkeypatch):
     assert fast_text.attempted(model_id) and not fast_text.exported(model_id)
     assert not ref.needs_fast_text()  # not tried again
     assert find_text_encoder(model_id) is None
+
+
+def test_the_command_exits_with_mains_code_and_its_objects_frozen(tmp_path):
+    """`cliplens` (cli.main.run) skips the cycle collector's pass over every object at exit,
+    and keeps main's exit code and what atexit handlers do."""
+    probe = (
+        "import atexit, gc, sys; "
+        "atexit.register(lambda: print('frozen', gc.get_freeze_count() > 0)); "
+        "from cliplens.cli.main import run; sys.argv[0] = 'cliplens'; run()"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    bad = subprocess.run(
+        [sys.executable, "-c", probe, "search", "x", "--top", "0"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert bad.returncode == 2, bad.stderr
+    assert bad.stdout.strip() == "frozen True"
+    assert bad.stderr.startswith("error: ")
+    ok = subprocess.run(
+        [sys.executable, "-c", probe, "--help"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.splitlines()[-1] == "frozen True"

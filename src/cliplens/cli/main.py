@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import sys
 from collections.abc import Callable
@@ -169,5 +170,19 @@ def main(argv: list[str] | None = None) -> int:
     return code if isinstance(code, int) else 0
 
 
+def run() -> None:
+    """The `cliplens` command: `main`, then exit without collecting garbage.
+
+    At exit the interpreter runs the cycle collector over every object of every module it
+    tears down: 50-60 ms of a one-shot query's 0.5 s here (numpy, onnxruntime, typer and
+    the catalog loaded). `gc.freeze()` moves all objects out of the collector's reach;
+    everything else (atexit handlers, threads joined, files closed and flushed) runs as
+    usual. Only in the process's own entry point: `main` called in-process keeps its
+    collector."""
+    code = main()
+    gc.freeze()
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -66,6 +66,32 @@ class TextGraph:
     token_ids: Callable[[list[str]], list[list[int]]]  # the backend's own ids, unpadded
 
 
+def save_tokenizer(tokenizer: Any, path: Path) -> None:
+    """Save a `tokenizers` Tokenizer so that it loads fast, and check that the saved file
+    gives the same token ids on the probes.
+
+    A byte-level BPE's merges go out as "a b" strings, not pairs: `Tokenizer.from_file`
+    reads them about 25% faster (70 against 93 ms for CLIP's 48,894 merges here), which a
+    one-shot query waits for. Pairs stay where a token holds a space (the string form
+    could not be split back)."""
+    from tokenizers import Tokenizer
+
+    config = json.loads(tokenizer.to_str())
+    merges = config.get("model", {}).get("merges")
+    if merges and all(isinstance(m, list) and " " not in "".join(m) for m in merges):
+        config["model"]["merges"] = [" ".join(m) for m in merges]
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(config, ensure_ascii=False), encoding="utf-8")
+    saved = Tokenizer.from_file(str(tmp))
+    probes = [str(t) for t in PROBES]
+    if [e.ids for e in saved.encode_batch(probes)] != [
+        e.ids for e in tokenizer.encode_batch(probes)
+    ]:
+        tmp.unlink()
+        raise RuntimeError(f"{path.name}: the saved tokenizer gives other token ids")
+    tmp.replace(path)
+
+
 def _optimise(source: Path, target: Path) -> None:
     """Save ONNX Runtime's portable graph optimisations, weights in a separate file that
     loads without being parsed as protobuf."""
@@ -120,6 +146,9 @@ class OnnxTextEncoder:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         if not prepack:
             opts.add_session_config_entry("session.disable_prepacking", "1")
+        # threads that spin after a run take the core the query's product over the
+        # catalog needs next (a one-shot query over 100k vectors: 37-52 against 17-28 ms)
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(
             str(folder / GRAPH), opts, providers=["CPUExecutionProvider"]
         )
@@ -217,7 +246,7 @@ def export_text(encoder: TorchEncoder) -> OnnxTextEncoder | None:
         _optimise(tmp / "text.onnx", tmp / GRAPH)
         for raw in tmp.glob("text.onnx*"):  # the exporter's graph and its weights file
             raw.unlink()
-        graph.tokenizer.save(str(tmp / "tokenizer.json"))
+        save_tokenizer(graph.tokenizer, tmp / "tokenizer.json")
         meta = {
             "format": FORMAT,
             "model_id": info.model_id,

@@ -23,7 +23,13 @@ import numpy as np
 
 from cliplens.device import Precision
 from cliplens.models.batched import unit_rows
-from cliplens.models.onnx_text import CLEANERS, MIN_COSINE, PROBES, find_text_encoder
+from cliplens.models.onnx_text import (
+    CLEANERS,
+    MIN_COSINE,
+    PROBES,
+    find_text_encoder,
+    save_tokenizer,
+)
 
 if TYPE_CHECKING:
     from cliplens.models.torch_encoder import TorchEncoder
@@ -134,7 +140,7 @@ def measure_text(
             input=[ov.PartialShape([-1, -1])] * len(args),
         )
     save_ir(model, folder / TEXT_IR)
-    graph.tokenizer.save(str(folder / TOKENIZER))
+    save_tokenizer(graph.tokenizer, folder / TOKENIZER)
     labels = _labels()
     texts = [*PROBES, *labels]  # the export's probes, and label-like texts
     want = encoder.encode_texts(texts)
