@@ -16,13 +16,12 @@ import numpy as np
 from cliplens.catalog.db import Catalog, open_catalog, resolve_folders
 from cliplens.catalog.errors import CatalogBusyError, CatalogReadOnlyError
 from cliplens.catalog.vectors import refresh_ann
-from cliplens.catalog.worker import CropDecoder, Decoded, FileJob, decode_file, init_worker
-from cliplens.decode_ahead import INLINE, decode_ahead, process_pool
 from cliplens.images import iter_image_files
 from cliplens.models.info import INT8_SUFFIX
 from cliplens.progress import progress_bar
 
 if TYPE_CHECKING:
+    from cliplens.catalog.worker import CropDecoder, Decoded, FileJob
     from cliplens.models.batched import BatchedEncoder
     from cliplens.models.encoder import Encoder
     from cliplens.models.info import ModelInfo
@@ -237,6 +236,8 @@ def _update_catalog(
     if encoder is not None:
         stats.engine = f"{encoder.info.engine} {encoder.info.precision}"
     bs = batch_size or (encoder.default_batch_size if encoder else 1)
+    from cliplens.catalog.worker import CropDecoder  # here: a no-op run decodes nothing
+
     decoder = CropDecoder(info.preprocessing, max_megapixels, frozenset(known))
     writer = _BatchWriter(catalog, encoder, key, stats)
     with progress_bar(len(plan.jobs), "indexing", progress) as advance:
@@ -342,6 +343,9 @@ def _decoded(
     (in this process with `workers` 0)."""
     if not jobs:
         return
+    from cliplens.catalog.worker import decode_file, init_worker
+    from cliplens.decode_ahead import INLINE, decode_ahead, process_pool
+
     n = workers if workers is not None else (os.cpu_count() or 1)
     args = (decoder.known, decoder.prep, decoder.max_megapixels)
     if n <= 0:
