@@ -5,6 +5,12 @@ from __future__ import annotations
 
 import pytest
 import schemathesis
+
+# imported here, while the collection runs alone: from_asgi imports it on first use, and
+# pytest rewrites (parses) it then, beside the app's threads; CPython 3.11's AST builder
+# keeps one recursion count for all threads and raised "AST constructor recursion depth
+# mismatch" on a CI run (python/cpython#106905)
+import schemathesis.specs.openapi.schemas
 from hypothesis import HealthCheck, given, settings
 from schemathesis.specs.openapi.checks import (
     content_type_conformance,
