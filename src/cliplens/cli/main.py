@@ -139,12 +139,12 @@ def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit code instead of a traceback for every error: 2 for bad
     usage, the error's own code (1 or 2) for cliplens errors, 130 when interrupted."""
     _make_streams_lossless()
+    args = sys.argv[1:] if argv is None else list(argv)
     try:
         # without standalone mode click returns the exit code of typer.Exit instead of exiting
-        args = sys.argv[1:] if argv is None else list(argv)
         code = _app_for(args)(args=args, prog_name="cliplens", standalone_mode=False)
     except ClipLensError as e:
-        message = name_params(str(e), _flag_namer(sys.argv[1:] if argv is None else argv))
+        message = name_params(str(e), _flag_namer(args))
         print(f"error: {readable(message)}", file=sys.stderr)
         return e.exit_code
     except typer.Exit as e:

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from cliplens.settings import get_settings
-from cliplens.store.files import read_record
+from cliplens.store.files import read_record, write_atomic
 
 if TYPE_CHECKING:
     from cliplens.models.info import ModelInfo
@@ -80,16 +80,14 @@ def save_tokenizer(tokenizer: Any, path: Path) -> None:
     merges = config.get("model", {}).get("merges")
     if merges and all(isinstance(m, list) and " " not in "".join(m) for m in merges):
         config["model"]["merges"] = [" ".join(m) for m in merges]
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(config, ensure_ascii=False), encoding="utf-8")
-    saved = Tokenizer.from_file(str(tmp))
-    probes = [str(t) for t in PROBES]
-    if [e.ids for e in saved.encode_batch(probes)] != [
-        e.ids for e in tokenizer.encode_batch(probes)
-    ]:
-        tmp.unlink()
-        raise RuntimeError(f"{path.name}: the saved tokenizer gives other token ids")
-    tmp.replace(path)
+    want = [e.ids for e in tokenizer.encode_batch(PROBES)]
+
+    def write(tmp: Path) -> None:
+        tmp.write_text(json.dumps(config, ensure_ascii=False), encoding="utf-8")
+        if [e.ids for e in Tokenizer.from_file(str(tmp)).encode_batch(PROBES)] != want:
+            raise RuntimeError(f"{path.name}: the saved tokenizer gives other token ids")
+
+    write_atomic(path, write)
 
 
 def _optimise(source: Path, target: Path) -> None:

@@ -275,13 +275,8 @@ class ModelRef:
 
         if measured.text is not None:
             return measured
-        # fp32: a bf16 text tower passed the check and then missed 0.9999 on other texts
-        # (0.99990 on a tiny random CLIP), where bf16 image towers keep 0.99995
-        precision = Precision.FP32
         try:
-            variant = measure_text(
-                fp32, torch_now, precision, openvino.folder_for(fp32.info.model_id)
-            )
+            variant = measure_text(fp32, torch_now, openvino.folder_for(fp32.info.model_id))
             text = asdict(variant) if variant else {"none": "no exportable text tower"}
         except Exception as e:  # the image engine stands without it
             text = {"none": f"OpenVINO could not convert it ({type(e).__name__}: {e})"[:300]}
@@ -305,7 +300,7 @@ class ModelRef:
             return None
         from cliplens.models.openvino_text import TextTower, TextVariant
 
-        variant = TextVariant(**{**text, "precision": Precision(text["precision"])})
+        variant = TextVariant.from_record(text)
         folder = openvino.folder_for(self.info.text_id)
         self._ov_text_tower = TextTower(folder, variant) if variant.faster else False
         return self._ov_text_tower or None

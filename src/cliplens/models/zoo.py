@@ -216,12 +216,10 @@ def describe_engines(name: str) -> dict[str, str]:
     if "none" in text:
         out["openvino text"] = f"not used: {text['none']}"
     elif text:
-        verdict = "kept" if text["kept"] else f"refused ({text['reason']})"
-        out["openvino text"] = (
-            f"{verdict}: {text['precision']}, min cosine {text['min_cosine']:.5f}, "
-            f"{text['texts_per_s']:.0f} texts/s against {text['bar_texts_per_s']:.0f} on "
-            f"{text['bar']} (used for 64 texts or more)"
-        )
+        from cliplens.models.openvino_text import TextVariant
+
+        figures = TextVariant.from_record(text).figures()
+        out["openvino text"] = f"{figures} (used for 64 texts or more)"
     best = measured.best(None)
     if best is not None and best.images_per_s > measured.torch_images_per_s and not gpu_visible():
         out["engine (auto)"] = f"openvino {best.precision}"
