@@ -76,6 +76,8 @@ def test_text_tower_export_matches_pytorch(tiny_model_dir, fresh_home):
     ids, mask = fast.token_ids(texts)
     unpadded = [row[keep.astype(bool)].tolist() for row, keep in zip(ids, mask, strict=True)]
     assert unpadded == torch_encoder.text_graph().token_ids(texts)
+    # CLIP's BPE tables beside it, which a one-shot query reads instead of the file
+    assert fast.tokenizer.tables is not None
 
     fresh = ModelRef(name)  # a later process: text queries without loading the model
     vec = fresh.encode_texts(["a red boat on a lake"])

@@ -16,7 +16,6 @@ import numpy as np
 from cliplens.catalog.db import Catalog, open_catalog, resolve_folders
 from cliplens.catalog.errors import CatalogBusyError, CatalogReadOnlyError
 from cliplens.catalog.vectors import refresh_ann
-from cliplens.images import iter_image_files
 from cliplens.models.info import INT8_SUFFIX
 from cliplens.progress import progress_bar
 
@@ -79,6 +78,8 @@ class UpdateStats:
 
 
 def _scan(roots: Sequence[str]) -> dict[str, tuple[int, int]]:
+    from cliplens.images import iter_image_files  # Pillow: not on the --no-index path
+
     found: dict[str, tuple[int, int]] = {}
     for path in iter_image_files(roots):
         try:

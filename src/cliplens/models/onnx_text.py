@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from cliplens.models.bpe import TextTokenizer, write_tables
 from cliplens.settings import get_settings
 from cliplens.store.files import read_record, write_atomic
 
@@ -33,7 +34,7 @@ if TYPE_CHECKING:
     from cliplens.models.info import ModelInfo
     from cliplens.models.torch_encoder import TorchEncoder
 
-FORMAT = 1
+FORMAT = 2  # 2: the BPE tables beside the tokenizer (models.bpe)
 GRAPH = "text.opt.onnx"  # + text.opt.data (the weights)
 MIN_COSINE = 0.9999
 # texts the export must reproduce: cases, punctuation, digits, entities, accents, CJK,
@@ -88,6 +89,7 @@ def save_tokenizer(tokenizer: Any, path: Path) -> None:
             raise RuntimeError(f"{path.name}: the saved tokenizer gives other token ids")
 
     write_atomic(path, write)
+    write_tables(path)  # where it is CLIP's BPE: a one-shot query need not parse the file
 
 
 def _optimise(source: Path, target: Path) -> None:
@@ -132,11 +134,10 @@ class OnnxTextEncoder:
         """`prepack` lays the weights out for speed: +0.2 s to load, -5 ms a batch; worth
         it for a long-lived process, not for a one-shot query."""
         import onnxruntime as ort  # optional, and ~0.2 s: only where a tower is used
-        from tokenizers import Tokenizer  # ~0.1 s: only where a tower is used
 
         self.folder = folder
         self.meta = json.loads((folder / "meta.json").read_text())
-        self.tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        self.tokenizer = TextTokenizer(folder / "tokenizer.json")
         self._clean = CLEANERS[self.meta["cleaner"]]
         opts = ort.SessionOptions()
         opts.log_severity_level = 4  # failures surface as exceptions
@@ -156,10 +157,7 @@ class OnnxTextEncoder:
         return self.meta["model_id"]
 
     def token_ids(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        batch = self.tokenizer.encode_batch([self._clean(str(t)) for t in texts])
-        ids = np.array([e.ids for e in batch], dtype=np.int64)
-        mask = np.array([e.attention_mask for e in batch], dtype=np.int64)
-        return ids, mask
+        return self.tokenizer([self._clean(str(t)) for t in texts])
 
     def encode_texts(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
         rows = []

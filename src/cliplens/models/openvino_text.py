@@ -25,6 +25,7 @@ import numpy as np
 from cliplens.decode_ahead import mark_fork_unsafe
 from cliplens.device import Precision
 from cliplens.models.batched import unit_rows
+from cliplens.models.bpe import TextTokenizer
 from cliplens.models.onnx_text import (
     CLEANERS,
     MIN_COSINE,
@@ -77,11 +78,10 @@ class TextTower:
 
     def __init__(self, folder: Path, variant: TextVariant) -> None:
         import openvino as ov  # only when a tower runs
-        from tokenizers import Tokenizer
 
         from cliplens.models.openvino_runtime import compile_config
 
-        self.tokenizer = Tokenizer.from_file(str(folder / TOKENIZER))
+        self.tokenizer = TextTokenizer(folder / TOKENIZER)
         self.clean = CLEANERS[variant.cleaner]
         self.with_mask = variant.with_mask
         mark_fork_unsafe()  # OpenVINO's threads (decode_ahead.process_pool)
@@ -93,13 +93,8 @@ class TextTower:
     def __call__(self, texts: list[str]) -> np.ndarray:
         rows = []
         for start in range(0, len(texts), BATCH):
-            batch = self.tokenizer.encode_batch(
-                [self.clean(str(t)) for t in texts[start : start + BATCH]]
-            )
-            ids = np.array([e.ids for e in batch], dtype=np.int64)
-            feed = [ids]
-            if self.with_mask:
-                feed.append(np.array([e.attention_mask for e in batch], dtype=np.int64))
+            ids, mask = self.tokenizer([self.clean(str(t)) for t in texts[start : start + BATCH]])
+            feed = [ids, mask] if self.with_mask else [ids]
             with self._lock:
                 rows.append(np.array(self.compiled(feed)[0], dtype=np.float32))
         return unit_rows(np.concatenate(rows)) if rows else np.zeros((0, 0), np.float32)

@@ -23,11 +23,11 @@ import numpy as np
 from cliplens.catalog.db import Catalog, resolve_folders
 from cliplens.catalog.vectors import load_vectors
 from cliplens.errors import InvalidInputError
-from cliplens.images import ImageSource
 from cliplens.models.encoder import Encoder
 from cliplens.searchable import Hit, Searchable
 
 if TYPE_CHECKING:
+    from cliplens.images import ImageSource
     from cliplens.models.ref import ModelRef
 
 __all__ = [
