@@ -23,6 +23,9 @@ $(STAMP): pyproject.toml Makefile
 	# VQGAN modules (taming-transformers, packaged); its metadata pulls pytorch-lightning,
 	# which the modules cliplens uses do not import, hence --no-deps (einops comes with dev)
 	$(BIN)/pip install -q --no-deps taming-transformers-rom1504==0.0.6
+	# clip-retrieval's client and web front end, for the tests of serve --clip-retrieval; its
+	# back end's dependencies (flask, tensorflow, ...) are not needed by them, hence --no-deps
+	$(BIN)/pip install -q --no-deps clip-retrieval==2.45.0
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
 

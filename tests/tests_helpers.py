@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+import pytest
 
 from cliplens.cli.main import main
 
@@ -101,11 +105,38 @@ def live_server(app, settings) -> Iterator[int]:
 def job_with(whole: Path, shards: Path, first: list[str]) -> None:
     """The embed-dataset folder `shards` as it stood when the job `whole` had written only
     the shards `first`."""
-    import shutil
-
     manifest = json.loads((whole / "manifest.json").read_text())
     for name in first:
         for part in (f"{name}.parquet", f"{name}.failures.parquet"):
             shutil.copy(whole / part, shards / part)
     done = {n: manifest["shards"][n] for n in first}
     (shards / "manifest.json").write_text(json.dumps({**manifest, "shards": done}))
+
+
+CHROMIUM = os.environ.get("CLIPLENS_CHROMIUM", "/usr/bin/chromium")
+
+
+def browser_or_skip() -> None:
+    """Skip (a failure under CLIPLENS_NO_SKIPS=1) where Chromium or Playwright is missing."""
+    missing = []
+    if not Path(CHROMIUM).exists() and not shutil.which("chromium"):
+        missing.append(f"no Chromium at {CHROMIUM} (apt-get install chromium)")
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        missing.append("no playwright package (pip install playwright)")
+    if missing:
+        pytest.skip("; ".join(missing))
+
+
+def calm_policy(folder: Path) -> Path:
+    """A moderation policy that flags none of the demo photos under any model. The default
+    one was set for ViT-B/32 and flags 5 of the 7 under the offline model, which clients
+    that ask for moderation by default (clip-retrieval's) would then never see."""
+    path = folder / "calm-policy.yaml"
+    concepts = "\n".join(
+        f"  {name}:\n    - text: {text}\n      threshold: 0.99"
+        for name, text in [("sexual", "a sexually explicit photo"), ("violence", "a fight")]
+    )
+    path.write_text(f"name: calm\ncategories:\n{concepts}\n")
+    return path

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -196,3 +197,30 @@ def test_cli_index_search_formats(tmp_path, capsys, photos):
     assert code == 0 and len(data) == 3 and all(not d["path"].endswith("cat.jpg") for d in data)
     code = main(["search", "./nope.jpg", "--db", db, "--model", "offline"])
     assert code == 2 and "does not exist" in capsys.readouterr().err
+
+
+def test_cli_pages_and_cut_off_are_slices_of_one_long_list(tmp_path, capsys, photos):
+    db = str(tmp_path / "c.db")
+    assert main(["index", str(photos), "--model", "offline", "--db", db, "--workers", "0"]) == 0
+    where = ["--in", str(photos), "--model", "offline", "--db", db, "--no-index", "-f", "json"]
+    for command in (["search", "a photo"], ["similar", str(photos / "cat.jpg")]):
+        assert main([*command, *where, "-n", "7"]) == 0
+        whole = json.loads(capsys.readouterr().out)
+        assert len(whole) == (7 if command[0] == "search" else 6)
+        pages = []
+        for offset in (0, 2, 4, 6):
+            assert main([*command, *where, "-n", "2", "--offset", str(offset)]) == 0
+            pages += json.loads(capsys.readouterr().out)
+        assert pages == whole
+        cut = (whole[2]["score"] + whole[3]["score"]) / 2
+        above = [h for h in whole if h["score"] >= cut]
+        assert len(above) == 3
+        assert main([*command, *where, "-n", "7", "--min-score", str(cut)]) == 0
+        assert json.loads(capsys.readouterr().out) == above
+        code = main([*command, *where, "-n", "2", "--offset", "1", "--min-score", str(cut)])
+        assert code == 0 and json.loads(capsys.readouterr().out) == above[1:3]
+    # the table numbers results from the offset
+    assert main(["search", "a photo", *where[:-2], "-n", "1", "--offset", "4"]) == 0
+    assert re.search(r"│ 5 +│", capsys.readouterr().out)
+    assert main(["search", "a photo", *where, "--min-score", "2"]) == 2
+    assert "--min-score" in capsys.readouterr().err

@@ -588,3 +588,40 @@ def test_a_rebuilt_index_is_served_without_a_restart(tmp_path, settings, catalog
         assert paths(c) == before  # incomplete: the open index keeps serving
         replace("index.json")
         assert paths(c) == [f"{p}.v2" for p in before]
+
+
+def test_search_pages_and_cut_off_are_slices_of_one_long_list(client, photos):
+    def get(path: str, **params) -> dict:
+        r = client.get(path, params=params)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    cat_id = next(
+        h["id"] for h in get("/v1/search", q="a photo", n=7)["results"] if h["name"] == "cat.jpg"
+    )
+    routes = [("/v1/search", {"q": "a photo"}), (f"/v1/similar/{cat_id}", {})]
+    for path, params in routes:
+        whole = get(path, **params, n=7)["results"]
+        pages, offset, offsets = [], 0, []
+        while offset is not None:
+            offsets.append(offset)
+            body = get(path, **params, n=2, offset=offset)
+            assert body["offset"] == offset
+            pages += body["results"]
+            offset = body["next_offset"]
+        assert pages == whole and offsets == list(range(0, len(whole), 2))
+        cut = (whole[2]["score"] + whole[3]["score"]) / 2
+        above = [h for h in whole if h["score"] >= cut]
+        body = get(path, **params, n=2, offset=1, min_score=cut)
+        assert body["results"] == above[1:3] and body["next_offset"] is None
+    # POST /v1/search and the image search page the same way
+    terms = {"terms": [{"text": "a photo"}]}
+    whole = client.post("/v1/search", json=terms | {"n": 7}).json()["results"]
+    second = client.post("/v1/search", json=terms | {"n": 3, "offset": 3}).json()
+    assert second["results"] == whole[3:6] and second["next_offset"] == 6
+    upload = [_upload(photos / "rocket.jpg", "image")]
+    by_image = client.post("/v1/search/image", files=upload, data={"n": "7"}).json()["results"]
+    paged = client.post("/v1/search/image", files=upload, data={"n": "2", "offset": "2"}).json()
+    assert paged["results"] == by_image[2:4] and paged["next_offset"] == 4
+    _error(client.get("/v1/search", params={"q": "a", "offset": -1}), 422, "invalid_request")
+    _error(client.get("/v1/search", params={"q": "a", "min_score": 1.5}), 422, "invalid_request")

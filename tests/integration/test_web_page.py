@@ -10,7 +10,6 @@ sets), which makes every skip a failure (tests/conftest.py)."""
 from __future__ import annotations
 
 import base64
-import os
 import shutil
 import socket
 import threading
@@ -19,19 +18,7 @@ from pathlib import Path
 
 import pytest
 
-CHROMIUM = os.environ.get("CLIPLENS_CHROMIUM", "/usr/bin/chromium")
-
-
-def _browser_or_skip() -> None:
-    missing = []
-    if not Path(CHROMIUM).exists() and not shutil.which("chromium"):
-        missing.append(f"no Chromium at {CHROMIUM} (apt-get install chromium)")
-    try:
-        import playwright.sync_api  # noqa: F401
-    except ImportError:
-        missing.append("no playwright package (pip install playwright)")
-    if missing:
-        pytest.skip("; ".join(missing))
+from tests_helpers import CHROMIUM, browser_or_skip
 
 
 def _free_port() -> int:
@@ -81,7 +68,7 @@ def live_server(request, tmp_path_factory, offline_catalog):
 
 @pytest.mark.slow
 def test_search_click_similar_and_classify_in_chromium(live_server, photos, tmp_path):
-    _browser_or_skip()
+    browser_or_skip()
     from playwright.sync_api import expect, sync_playwright
 
     with sync_playwright() as p:
@@ -152,3 +139,49 @@ def test_search_click_similar_and_classify_in_chromium(live_server, photos, tmp_
     for shot in ("search-a-cat.png", "similar-to-cat.png", "classify-coffee.png"):
         assert (tmp_path / shot).stat().st_size > 10_000
     print(f"screenshots in {tmp_path}")
+
+
+@pytest.mark.slow
+def test_scrolling_loads_the_next_page_and_the_cut_off_applies_to_all(live_server, tmp_path):
+    """Pages of 3 (`?n=3`) over the 7 photos: scrolling to "More" loads the next page, in
+    the order of one long list; a cut-off shows only the photos scoring at least it."""
+    browser_or_skip()
+    import httpx
+    from playwright.sync_api import expect, sync_playwright
+
+    query = "a photo"
+    whole = httpx.get(f"{live_server}/v1/search", params={"q": query, "n": 7}).json()["results"]
+    assert len(whole) == 7
+    with sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=shutil.which("chromium") or CHROMIUM, args=["--no-sandbox"]
+        )
+        # short, so that "More" starts below the fold and only scrolling reaches it
+        page = browser.new_page(viewport={"width": 1280, "height": 360})
+        errors: list[str] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(live_server + "/?n=3")
+        page.fill("#q", query)
+        page.keyboard.press("Enter")
+        names = page.locator("#results .hit .name")
+        expect(names).to_have_count(3, timeout=30_000)
+        more = page.locator("#more")
+        expect(more).to_be_visible()
+        for count in (6, 7):
+            more.scroll_into_view_if_needed()
+            expect(names).to_have_count(count, timeout=30_000)
+        expect(more).to_be_hidden()
+        assert names.all_inner_texts() == [h["name"] for h in whole]
+        scores = [float(s) for s in page.locator("#results .hit .score").all_inner_texts()]
+        assert scores == sorted(scores, reverse=True)
+
+        # a cut-off between the 3rd and the 4th score leaves the first 3, and no "More"
+        cut = (whole[2]["score"] + whole[3]["score"]) / 2
+        page.fill("#min-score", f"{cut:.6f}")
+        page.locator("#min-score").dispatch_event("change")
+        expect(names).to_have_count(3, timeout=30_000)
+        expect(more).to_be_hidden()
+        assert names.all_inner_texts() == [h["name"] for h in whole[:3]]
+        page.screenshot(path=tmp_path / "cut-off.png", full_page=True)
+        browser.close()
+    assert errors == []

@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -56,6 +56,18 @@ InOpt = Annotated[
 ]
 MAX_TOP = 100_000  # results of one query: beyond it, a listing is the better tool
 TopOpt = Annotated[int, typer.Option("-n", "--top", min=1, max=MAX_TOP, help="Number of results.")]
+MinScoreOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--min-score",
+        help="Only results scoring at least this (cosine; what a score means depends on the "
+        "model and the query).",
+        click_type=FiniteFloat(-1, 1),
+    ),
+]
+OffsetOpt = Annotated[
+    int, typer.Option("--offset", min=0, max=MAX_TOP, help="Skip this many results (paging).")
+]
 NoIndexOpt = Annotated[
     bool, typer.Option("--no-index", help="Search the catalog as it is, without updating it.")
 ]
@@ -179,15 +191,14 @@ def _open(
     return found.catalog, ref
 
 
-def _print_hits(hits: list[Hit], fmt: HitFormat) -> None:
+def _print_hits(hits: list[Hit], fmt: HitFormat, offset: int = 0) -> None:
     if fmt is HitFormat.json:
         print_json([h.to_dict() for h in hits])
     elif fmt is HitFormat.paths:
         print_paths([h.path for h in hits])
     else:
-        print_table(
-            ["#", "score", "path"], [(i + 1, f"{h.score:.3f}", h.path) for i, h in enumerate(hits)]
-        )
+        rows = [(offset + i + 1, f"{h.score:.3f}", h.path) for i, h in enumerate(hits)]
+        print_table(["#", "score", "path"], rows)
 
 
 def _folders(in_dirs: list[Path] | None) -> list[Path]:
@@ -200,6 +211,8 @@ def search_command(
     ],
     in_dirs: InOpt = None,
     n: TopOpt = 10,
+    min_score: MinScoreOpt = None,
+    offset: OffsetOpt = 0,
     fmt: Annotated[HitFormat, typer.Option("--format", "-f")] = HitFormat.table,
     no_index: NoIndexOpt = False,
     exact: Annotated[
@@ -220,14 +233,16 @@ def search_command(
 
     text = " ".join(query)
     terms = parse_query(text)  # bad queries fail before any model loads
+    paging = {"min_score": min_score, "offset": offset}
     if index is not None:
-        _search_built_index(index, terms, n, fmt, model, device, precision)
+        _search_built_index(index, terms, n, fmt, model, device, precision, paging)
         return
     folders = _folders(in_dirs)
     texts = any(t.text is not None for t in terms)
     catalog, ref = _open(db, model, device, precision, folders, no_index, texts)
-    hits = search(catalog, ref, query_vector(ref, terms, catalog), n, folders, exact=exact)
-    _print_hits(hits, fmt)
+    vec = query_vector(ref, terms, catalog)
+    hits = search(catalog, ref, vec, n, folders, exact=exact, **paging)
+    _print_hits(hits, fmt, offset)
     _prepare_fast_text(ref)
 
 
@@ -239,6 +254,7 @@ def _search_built_index(
     model: str | None,
     device: str | None,
     precision: str | None,
+    paging: dict[str, Any],
 ) -> None:
     """A query against a build-index folder: the model is the one its vectors came from."""
     from cliplens.index.built import open_built_index
@@ -248,13 +264,16 @@ def _search_built_index(
     built = open_built_index(folder)
     ref = ModelRef(model or built.model, device=device, precision=precision)
     built.require_model(ref.info.model_id)  # before the text tower loads
-    _print_hits(search(built, ref, query_vector(ref, terms, built), n), fmt)
+    hits = search(built, ref, query_vector(ref, terms, built), n, **paging)
+    _print_hits(hits, fmt, paging["offset"])
 
 
 def similar_command(
     photo: Annotated[Path, typer.Argument(help="A photo; need not be indexed.")],
     in_dirs: InOpt = None,
     n: TopOpt = 10,
+    min_score: MinScoreOpt = None,
+    offset: OffsetOpt = 0,
     fmt: Annotated[HitFormat, typer.Option("--format", "-f")] = HitFormat.table,
     no_index: NoIndexOpt = False,
     model: ModelOpt = None,
@@ -271,7 +290,8 @@ def similar_command(
         raise ImageNotFoundError(str(photo), "no such file")
     folders = _folders(in_dirs)
     catalog, ref = _open(db, model, device, precision, folders, no_index)
-    _print_hits(similar(catalog, ref, photo, n, folders), fmt)
+    hits = similar(catalog, ref, photo, n, folders, min_score=min_score, offset=offset)
+    _print_hits(hits, fmt, offset)
 
 
 def duplicates_command(

@@ -68,6 +68,30 @@ def serve_command(
         Path | None,
         typer.Option("--index", help="Search a 'cliplens build-index' folder, not the catalog."),
     ] = None,
+    clip_retrieval: Annotated[
+        bool,
+        typer.Option(
+            "--clip-retrieval",
+            help="Also answer clip-retrieval's API (/knn-service...), for ClipClient and "
+            "clip-front; those routes take no token.",
+        ),
+    ] = False,
+    allow_url_fetch: Annotated[
+        bool,
+        typer.Option(
+            "--allow-url-fetch",
+            help="Let clip-retrieval's image_url make the server fetch an image (public "
+            "addresses only).",
+        ),
+    ] = False,
+    clip_retrieval_aesthetic: Annotated[
+        bool,
+        typer.Option(
+            "--clip-retrieval-aesthetic",
+            help="Mix clip-retrieval's aesthetic_score into queries as a prompt term (off: "
+            "measured not to help on the offline model).",
+        ),
+    ] = False,
     model: ModelOpt = None,
     db: DbOpt = None,
     device: DeviceOpt = None,
@@ -99,7 +123,15 @@ def serve_command(
         cors_origins=tuple(cors_origin or ()),
         device=device,
         precision=precision,
+        clip_retrieval=clip_retrieval,
+        allow_url_fetch=allow_url_fetch,
+        clip_retrieval_aesthetic=clip_retrieval_aesthetic,
     )
+    if clip_retrieval and token is not None:
+        warn(
+            "--clip-retrieval: its routes take no token (its clients cannot send one); "
+            "anyone who can reach the server can search the photos and see thumbnails there"
+        )
     if host not in ("127.0.0.1", "localhost", "::1") and token is None:
         exposed = "anyone who can reach it can search your photos"
         warn(f"serving on {host} without --token: {exposed}")

@@ -253,6 +253,10 @@ class OfflineEncoder(TorchEncoder):
     def _pooled_features(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.net.features(pixels.to(self._device)).float().mean((2, 3))
 
+    def token_counts(self, texts: list[str]) -> list[int] | None:
+        ids = self.text.tokenizer(list(texts), truncation=True, max_length=self.text.max_length)
+        return [len(row) for row in ids["input_ids"]]
+
     def text_graph(self) -> TextGraph | None:
         if self._dtype != torch.float32:
             return None

@@ -64,6 +64,17 @@ class OpenClipEncoder(TorchEncoder):
         tokens = self.tokenizer(texts).to(self._device)
         return self.model.encode_text(tokens)
 
+    def token_counts(self, texts: list[str]) -> list[int] | None:
+        tok = self.tokenizer
+        if isinstance(tok, SimpleTokenizer):  # + start and end, as its __call__ counts
+            return [min(len(tok.encode(t)) + 2, tok.context_length) for t in texts]
+        inner = getattr(tok, "tokenizer", None)  # open_clip's HFTokenizer wraps transformers'
+        if inner is None or not callable(inner):
+            return None
+        length = getattr(tok, "context_length", None)
+        ids = inner(list(texts), truncation=length is not None, max_length=length)["input_ids"]
+        return [len(row) for row in ids]
+
     def text_graph(self) -> TextGraph | None:
 
         tok = self.tokenizer

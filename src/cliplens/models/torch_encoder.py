@@ -60,6 +60,11 @@ class TorchEncoder(BatchedEncoder):
         under a new model_id; the text side is shared."""
         raise InvalidInputError(f"model {self.info.name}: its image tower cannot be replaced")
 
+    def token_counts(self, texts: list[str]) -> list[int] | None:
+        """How many tokens the text tower sees for each text (start and end tokens
+        included, padding not, cut at the context length); None where unknown."""
+        return None
+
     def text_graph(self) -> TextGraph | None:
         """The text tower and tokenizer for an ONNX export (models.onnx_text), if supported.
 

@@ -4,7 +4,9 @@ routes share is in service.py).
 `create_app(ServerSettings(...))` builds an app with no module-level state, so tests and
 embedding applications can run several. The routes only parse the request, call the
 library, and shape the response; every cliplens error becomes
-`{"error": kind, "detail": one line}` with a 4xx/5xx status.
+`{"error": kind, "detail": one line}` with a 4xx/5xx status, except under /openai/,
+where OpenAI's API is served (routes/openai_api.py) and errors take its shape instead:
+`{"error": {"message", "type", "param", "code"}}` (`_openai_error`; `_reply` chooses).
 
 Safety: the model is called by one request at a time (a lock, taken in a worker thread);
 a request that waits or runs longer than `timeout_s` gets 503 (it keeps its place: the
@@ -14,7 +16,7 @@ body that stalls for `body_timeout_s` gets 408 (slow request heads: listen.py); 
 are only ever read by id (the catalog's, or a built index's rows), never by a path from
 the client, and only when they pass the checks of files.py. Every response, errors and
 unknown paths included, says `X-Content-Type-Options: nosniff`; every error, whatever
-raised it, has the JSON shape above.
+raised it, has the JSON shape of its path.
 
 Settings that cannot work (an empty token, a nan limit, a corrupt or newer catalog) stop
 `create_app` with a typed error, so a server never starts only to fail every request.
@@ -23,6 +25,7 @@ Settings that cannot work (an empty token, a nan limit, a corrupt or newer catal
 from __future__ import annotations
 
 import hmac
+import time
 from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
@@ -55,7 +58,17 @@ from cliplens.errors import (
 )
 from cliplens.paths import readable
 from cliplens.searchable import NotEmbeddedError, NotServedError, UnknownIdError
-from cliplens.server.routes import caption, classify, embed, meta, moderate, quality, score
+from cliplens.server.routes import (
+    caption,
+    classify,
+    clip_retrieval,
+    embed,
+    meta,
+    moderate,
+    openai_api,
+    quality,
+    score,
+)
 from cliplens.server.routes import search as search_routes
 from cliplens.server.service import (
     ERRORS,
@@ -105,36 +118,100 @@ def _named(param: str) -> str:
     return param
 
 
+def _line(detail: str, kind: str, fields: list[str] | None = None) -> str:
+    """`detail` as one readable line, each `param` of a library message named by
+    `_named`; the request fields it names are added to `fields`."""
+
+    def named(param: str) -> str:
+        if fields is not None and param not in _SETTINGS:
+            fields.append(param)
+        return _named(param)
+
+    return readable(" ".join(name_params(str(detail), named).split())) or kind
+
+
 def _error(
     status: int, kind: str, detail: str, headers: dict[str, str] | None = None
 ) -> JSONResponse:
-    """The one error shape: {"error": kind, "detail": one readable line}, with each
-    `param` of a library message named by `_named`."""
-    line = readable(" ".join(name_params(str(detail), _named).split())) or kind
+    """The one error shape: {"error": kind, "detail": one readable line}."""
+    line = _line(detail, kind)
     return JSONResponse({"error": kind, "detail": line}, status_code=status, headers=headers)
+
+
+_OPENAI_CODES = {"unauthorized": "invalid_api_key"}  # OpenAI's code, where it has one
+
+
+def _openai_error(
+    status: int,
+    kind: str,
+    detail: str,
+    headers: dict[str, str] | None = None,
+    param: str | None = None,
+) -> JSONResponse:
+    """OpenAI's error shape, which its clients turn into their typed exceptions:
+    `param` is the request field at fault (default: the first the message names),
+    `code` the error kind."""
+    fields: list[str] = []
+    error = {
+        "message": _line(detail, kind, fields),
+        "type": "invalid_request_error" if status < 500 else "server_error",
+        "param": param or next(iter(fields), None),
+        "code": _OPENAI_CODES.get(kind, kind),
+    }
+    return JSONResponse({"error": error}, status_code=status, headers=headers)
+
+
+def _is_openai(scope: dict) -> bool:
+    """Whether the request is one for OpenAI's API (its path, below any root path)."""
+    path, root = scope.get("path", ""), scope.get("root_path", "")
+    if root and path.startswith(root):
+        path = path[len(root) :]
+    return path.startswith("/openai/")
+
+
+def _reply(
+    scope: dict,
+    status: int,
+    kind: str,
+    detail: str,
+    headers: dict[str, str] | None = None,
+    param: str | None = None,
+) -> JSONResponse:
+    """An error in the shape of the request's path: OpenAI's under /openai/, else ours."""
+    if _is_openai(scope):
+        return _openai_error(status, kind, detail, headers, param)
+    return _error(status, kind, detail, headers)
 
 
 _PARSE_FAILED = "There was an error parsing the body"  # FastAPI's words, with the cause chained
 _KINDS = {400: "invalid_body", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed"}
 
 
-def _unparsable(cause: BaseException | None) -> str:
+_SHAPE = "send the documented shape (see /docs)"
+_OPENAI_SHAPE = "send the body OpenAI's API documents"  # its routes are not in /docs
+
+
+def _shape(scope: dict) -> str:
+    return _OPENAI_SHAPE if _is_openai(scope) else _SHAPE
+
+
+def _unparsable(cause: BaseException | None, shape: str) -> str:
     """Why a request body could not be parsed, for the client."""
     if isinstance(cause, UnicodeDecodeError):
         return "the JSON body is not UTF-8 text; send UTF-8 JSON"
     if isinstance(cause, RecursionError):
-        return "the JSON body is nested too deeply; send the documented shape (see /docs)"
+        return f"the JSON body is nested too deeply; {shape}"
     if isinstance(cause, ValueError) and "digits" in str(cause):
         return "the JSON body holds a number with too many digits; send numbers in range"
     what = f" ({type(cause).__name__})" if cause else ""
-    return f"the request body cannot be parsed{what}; send the documented shape (see /docs)"
+    return f"the request body cannot be parsed{what}; {shape}"
 
 
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ClipLensError)
-    async def cliplens_error(_: Request, e: ClipLensError) -> JSONResponse:
+    async def cliplens_error(request: Request, e: ClipLensError) -> JSONResponse:
         status, kind = _status(e)
-        return _error(status, kind, str(e))
+        return _reply(request.scope, status, kind, str(e))
 
     # starlette's class: also what the router, the static files and body parsing raise
     @app.exception_handler(StarletteHTTPException)
@@ -142,10 +219,12 @@ def _install_error_handlers(app: FastAPI) -> None:
         kind = getattr(e, "kind", None) or _KINDS.get(e.status_code, "http")
         detail = str(e.detail)
         if detail == _PARSE_FAILED:
-            detail = _unparsable(e.__cause__)
+            detail = _unparsable(e.__cause__, _shape(request.scope))
         elif kind in ("not_found", "method_not_allowed") and not isinstance(e, ApiError):
             where = request.url.path[:200]
-            if kind == "not_found":
+            if kind == "not_found" and _is_openai(request.scope):
+                detail = f"nothing at {where}; OpenAI's API here is {openai_api.ROUTES}"
+            elif kind == "not_found":
                 detail = f"nothing at {where}; the API is under /v1 (see /docs)"
             else:
                 detail = f"{request.method} is not allowed on {where}"
@@ -154,27 +233,32 @@ def _install_error_handlers(app: FastAPI) -> None:
             headers["WWW-Authenticate"] = "Bearer"
         if e.status_code == 408:  # the rest of the body is not awaited: end the connection
             headers["Connection"] = "close"
-        return _error(e.status_code, kind, detail, headers)
+        param = getattr(e, "param", None)  # openai_api.OpenAIError names its field
+        return _reply(request.scope, e.status_code, kind, detail, headers, param)
 
     @app.exception_handler(RequestValidationError)
-    async def validation_error(_: Request, e: RequestValidationError) -> JSONResponse:
-        return _invalid(e.errors())
+    async def validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
+        return _invalid(request.scope, e.errors())
 
     @app.exception_handler(ValidationError)  # a model built from client input in a route
-    async def model_error(_: Request, e: ValidationError) -> JSONResponse:
-        return _invalid(e.errors())
+    async def model_error(request: Request, e: ValidationError) -> JSONResponse:
+        return _invalid(request.scope, e.errors())
 
     @app.exception_handler(Exception)  # a bug: still the one shape, never a traceback
-    async def internal_error(_: Request, e: Exception) -> JSONResponse:
+    async def internal_error(request: Request, e: Exception) -> JSONResponse:
         why = f"the server failed on this request ({type(e).__name__}); see the server log"
-        return _error(500, "internal", why)
+        return _reply(request.scope, 500, "internal", why)
 
 
-def _invalid(errors: Any) -> JSONResponse:
+def _invalid(scope: dict, errors: Any) -> JSONResponse:
+    """A body or query that does not fit the schema: 422, or 400 under /openai/ (OpenAI's
+    status for it), naming the field at fault."""
     first = errors[0] if errors else {}
     loc, kind = tuple(first.get("loc", ())), first.get("type")
     msg = first.get("msg", "invalid request")
-    shape = "send the documented shape (see /docs)"
+    shape = _shape(scope)
+    fields = [p for p in loc if p not in ("body", "query", "path")]
+    param = fields[0] if fields and isinstance(fields[0], str) else None
     if kind == "json_invalid":  # cut short or malformed: FastAPI's loc is ("body", offset)
         why = first.get("ctx", {}).get("error", msg)
         msg = f"the JSON body is not valid JSON ({why} at character {loc[-1]}); {shape}"
@@ -182,7 +266,8 @@ def _invalid(errors: Any) -> JSONResponse:
         msg = f"the request has no body; {shape}"
     elif where := ".".join(str(p) for p in loc if p != "body"):
         msg = f"{where}: {msg}"
-    return _error(422, "invalid_request", msg)
+    status = 400 if _is_openai(scope) else 422
+    return _reply(scope, status, "invalid_request", msg, param=param)
 
 
 class _Guard:
@@ -206,7 +291,8 @@ class _Guard:
 
         for name, value in scope.get("headers", ()):
             if name == b"content-length" and value.isdigit() and int(value) > self.limit:
-                resp = _error(413, "too_large", BodyTooLargeError(self.limit_mb).detail)
+                detail = BodyTooLargeError(self.limit_mb).detail
+                resp = _reply(scope, 413, "too_large", detail)
                 return await resp(scope, receive, nosniff)
         seen, more = 0, True
 
@@ -267,12 +353,17 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
         redoc_url=None,
     )
     app.state.service = service
+    app.state.started = int(time.time())  # "created" of the model in OpenAI's API
     _install_error_handlers(app)
     protected = [Depends(_auth(settings.token))]
     app.include_router(meta.public)
+    if settings.clip_retrieval:  # its clients cannot send a token: see the module
+        app.include_router(clip_retrieval.router, responses=ERRORS)
     app.include_router(meta.router, dependencies=protected, responses=ERRORS)
     for module in (embed, classify, search_routes, moderate, quality, score, caption):
         app.include_router(module.router, dependencies=protected, responses=ERRORS)
+    # OpenAI's API, its errors in OpenAI's shape: out of the schema (see the module)
+    app.include_router(openai_api.router, dependencies=protected)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,

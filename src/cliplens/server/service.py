@@ -59,6 +59,10 @@ class ServerSettings:
     head_timeout_s: float = 20.0  # a request head must arrive within this (`serve`, listen.py)
     body_timeout_s: float = 30.0  # the longest wait for the next part of a request body
     keep_alive_s: float = 5.0  # an idle connection between requests is closed after this
+    clip_retrieval: bool = False  # also clip-retrieval's API (routes/clip_retrieval.py)
+    allow_url_fetch: bool = False  # its image_url may make the server fetch (server/fetch.py)
+    clip_retrieval_aesthetic: bool = False  # its aesthetic_score/weight as a prompt term
+    url_fetch_timeout_s: float = 10.0  # the whole fetch, redirects included
 
     def __post_init__(self) -> None:
         if self.token is not None:
@@ -77,6 +81,7 @@ _LIMITS = (
     "head_timeout_s",
     "body_timeout_s",
     "keep_alive_s",
+    "url_fetch_timeout_s",
 )
 
 
@@ -209,6 +214,11 @@ class Service:
                 return None
             cat = self._local.catalog = Catalog(self.db, readonly=True)
         return cat
+
+    @property
+    def searched_name(self) -> str:
+        """What search reads, by name: the build-index folder's, or the catalog file's."""
+        return Path(self.settings.index).name if self.settings.index else self.db.stem
 
     @property
     def searches(self) -> SearchableKind:

@@ -159,12 +159,15 @@ def search(
     folders: list[str | os.PathLike[str]] | None = None,
     exclude: str | None = None,
     exact: bool = False,
+    min_score: float | None = None,
+    offset: int = 0,
 ) -> list[Hit]:
     """The n best matches for a query string (or a ready query vector), best first.
 
     Why: one call for text, image and weighted queries over the catalog or a built index;
     `folders` keeps photos under them, `exclude` leaves out one path, `exact` skips an
-    approximate index.
+    approximate index. `min_score` and `offset` page through the results: the same hits
+    as one long list cut at `min_score`, then sliced from `offset` (`page`).
 
     >>> import cliplens
     >>> model = cliplens.load_model("offline")
@@ -175,7 +178,18 @@ def search(
     else:
         vec = query_vector(encoder, parse_query(query), searched)
     model_id = encoder.info.model_id
-    return searched.search(vec, n, model_id, exclude=exclude, within=folders, exact=exact)
+    hits = searched.search(vec, n + offset, model_id, exclude=exclude, within=folders, exact=exact)
+    return page(hits, n, offset, min_score)
+
+
+def page(hits: list[Hit], n: int, offset: int = 0, min_score: float | None = None) -> list[Hit]:
+    """Hits (best first) cut at `min_score`, then `n` of them from `offset`: a fixed page of
+    one long list, whatever the cut-off."""
+    if offset < 0 or n < 1:
+        raise InvalidInputError(f"offset {offset} and n {n}: give offset >= 0 and n >= 1")
+    if min_score is not None:
+        hits = [h for h in hits if h.score >= min_score]
+    return hits[offset : offset + n]
 
 
 def search_many(
@@ -198,6 +212,8 @@ def similar(
     photo: str | os.PathLike[str] | int,
     n: int = 10,
     folders: list[str | os.PathLike[str]] | None = None,
+    min_score: float | None = None,
+    offset: int = 0,
 ) -> list[Hit]:
     """Photos most like `photo` (itself excluded), using its stored vector when held.
     `photo` is a path, or the id of a photo `searched` holds (its `Hit.id`: the stored
@@ -209,14 +225,17 @@ def similar(
     >>> model = cliplens.load_model("offline")
     >>> cliplens.similar(cliplens.open_catalog(readonly=True), model, "beach.jpg", n=5)
     """
+    paging = {"min_score": min_score, "offset": offset}
     if isinstance(photo, int):
         vec = searched.vector(photo, encoder.info.model_id)
-        return search(searched, encoder, vec, n, folders, exclude=searched.path_of(photo))
+        exclude = searched.path_of(photo)
+        return search(searched, encoder, vec, n, folders, exclude=exclude, **paging)
     path = str(Path(photo).expanduser().resolve())
     vec = searched.stored_vector(path, encoder.info.model_id)
     if vec is None:
         vec = encoder.encode_images([path])[0]
-    return search(searched, encoder, vec / np.linalg.norm(vec), n, folders, exclude=path)
+    unit = vec / np.linalg.norm(vec)
+    return search(searched, encoder, unit, n, folders, exclude=path, **paging)
 
 
 def fast_text_due(ref: ModelRef) -> bool:

@@ -25,6 +25,7 @@ from cliplens.server.service import Service, service_of
 from cliplens.server.uploads import read_images
 from cliplens.tasks.search import (
     MAX_WEIGHT,  # the bound of parse_query's weights too
+    page,
     parse_query,
     query_vector,
     search,
@@ -49,6 +50,8 @@ class SearchHit(BaseModel):
 class SearchOut(BaseModel):
     query: str
     results: list[SearchHit]
+    offset: int = 0  # of the first result in the whole list
+    next_offset: int | None = None  # the next page's offset; None: this is the last page
 
 
 def _hit(hit: Hit) -> SearchHit:
@@ -68,6 +71,34 @@ def _hits(hits: list[Hit]) -> list[SearchHit]:
     return [_hit(h) for h in hits]
 
 
+MAX_OFFSET = 10_000
+MinScore = Annotated[
+    float | None,
+    Query(ge=-1, le=1, allow_inf_nan=False, description="Only results scoring at least this."),
+]
+Offset = Annotated[int, Query(ge=0, le=MAX_OFFSET, description="Results to skip (paging).")]
+
+
+def _page(
+    query: str,
+    hits: list[Hit],
+    n: int,
+    offset: int,
+    min_score: float | None,
+    skip: bool = True,
+) -> SearchOut:
+    """A page of `n` from hits fetched `n + 1` past `offset` (one more: is there a next?),
+    from the first hit (`skip`) or from hits that start at `offset` already."""
+    kept = page(hits, n + 1, offset if skip else 0, min_score)
+    more = len(kept) > n
+    return SearchOut(
+        query=query,
+        results=_hits(kept[:n]),
+        offset=offset,
+        next_offset=offset + n if more else None,
+    )
+
+
 class Term(BaseModel):
     """One weighted term: a text, or a searched photo by its id."""
 
@@ -85,9 +116,11 @@ class Term(BaseModel):
 class SearchRequest(BaseModel):
     terms: list[Term] = Field(min_length=1, max_length=32)
     n: int = Field(20, ge=1, le=MAX_N)
+    min_score: float | None = Field(None, ge=-1, le=1, allow_inf_nan=False)
+    offset: int = Field(0, ge=0, le=MAX_OFFSET)
 
 
-async def _search(svc: Service, terms: list[Term], n: int) -> list[SearchHit]:
+async def _search(svc: Service, terms: list[Term], n: int) -> list[Hit]:
     """Hits for weighted terms (texts, photo ids: never paths), batched with concurrent
     queries."""
     texts = [(t.text, t.weight) for t in terms if t.text is not None]
@@ -99,7 +132,7 @@ async def _search(svc: Service, terms: list[Term], n: int) -> list[SearchHit]:
         [w for _, w in ids],
         n,
     )
-    return _hits(await svc.batcher.search(query))
+    return await svc.batcher.search(query)
 
 
 def _text_terms(q: str) -> list[Term]:
@@ -118,10 +151,15 @@ QueryText = Annotated[
 
 @router.get("/search", response_model=SearchOut)
 async def search_get(
-    request: Request, q: QueryText, n: Annotated[int, Query(ge=1, le=MAX_N)] = 20
+    request: Request,
+    q: QueryText,
+    n: Annotated[int, Query(ge=1, le=MAX_N)] = 20,
+    min_score: MinScore = None,
+    offset: Offset = 0,
 ) -> SearchOut:
-    """Search the catalog with a text query."""
-    return SearchOut(query=q, results=await _search(service_of(request), _text_terms(q), n))
+    """Search the catalog with a text query; `offset` and `min_score` page through it."""
+    hits = await _search(service_of(request), _text_terms(q), n + offset + 1)
+    return _page(q, hits, n, offset, min_score)
 
 
 @router.post("/search", response_model=SearchOut)
@@ -130,8 +168,8 @@ async def search_post(request: Request, body: SearchRequest) -> SearchOut:
     {"terms": [{"text": "beach"}, {"id": 12, "weight": 0.5}, {"text": "people", "weight": -1}]}."""
     named = [t.text if t.text is not None else f"#{t.id}" for t in body.terms]
     label = " + ".join(f"{t.weight:g}:{name}" for t, name in zip(body.terms, named, strict=True))
-    svc = service_of(request)
-    return SearchOut(query=label, results=await _search(svc, body.terms, body.n))
+    hits = await _search(service_of(request), body.terms, body.n + body.offset + 1)
+    return _page(label, hits, body.n, body.offset, body.min_score)
 
 
 @router.post("/search/image", response_model=SearchOut)
@@ -143,6 +181,8 @@ async def search_image(
     ] = None,
     image_weight: Annotated[float, Form(ge=-MAX_WEIGHT, le=MAX_WEIGHT, allow_inf_nan=False)] = 1.0,
     n: Annotated[int, Form(ge=1, le=MAX_N)] = 20,
+    min_score: Annotated[float | None, Form(ge=-1, le=1, allow_inf_nan=False)] = None,
+    offset: Annotated[int, Form(ge=0, le=MAX_OFFSET)] = 0,
 ) -> SearchOut:
     """Search by an uploaded photo, optionally with text terms."""
     svc = service_of(request)
@@ -154,14 +194,18 @@ async def search_image(
         searched = svc.searched()
         vec = query_vector(svc.ref, terms, images=[(pics[0], image_weight)])
         svc.model_id()  # a built index's model, not another
-        return search(searched, svc.ref, vec, n)
+        return search(searched, svc.ref, vec, n + 1, offset=offset)
 
-    return SearchOut(query=label, results=_hits(await svc.run(work)))
+    return _page(label, await svc.run(work), n, offset, min_score, skip=False)
 
 
 @router.get("/similar/{file_id}", response_model=SearchOut)
 async def similar(
-    request: Request, file_id: FileId, n: Annotated[int, Query(ge=1, le=MAX_N)] = 20
+    request: Request,
+    file_id: FileId,
+    n: Annotated[int, Query(ge=1, le=MAX_N)] = 20,
+    min_score: MinScore = None,
+    offset: Offset = 0,
 ) -> SearchOut:
     """Photos most like the photo `file_id` (itself excluded)."""
     svc = service_of(request)
@@ -169,9 +213,10 @@ async def similar(
     def work() -> list[Hit]:
         searched = svc.searched()
         svc.model_id()  # a built index's model, not another
-        return similar_photos(searched, svc.ref, file_id, n)
+        return similar_photos(searched, svc.ref, file_id, n + 1, offset=offset)
 
-    return SearchOut(query=f"similar to {file_id}", results=_hits(await svc.run(work)))
+    hits = await svc.run(work)
+    return _page(f"similar to {file_id}", hits, n, offset, min_score, skip=False)
 
 
 def _update_hint(svc: Service) -> str:
@@ -232,19 +277,8 @@ def _thumbnail(photo: PhotoFile, side: int, max_megapixels: float) -> bytes:
     return buf.getvalue()
 
 
-@router.get(
-    "/thumbs/{file_id}", response_class=Response, responses={200: {"content": {"image/jpeg": {}}}}
-)
-def thumb(
-    request: Request, file_id: FileId, size: Annotated[int, Query(ge=16, le=1024)] = 256
-) -> Response:
-    """A JPEG thumbnail of a photo, at most `size` pixels on its long side.
-
-    A file on disk is opened (and checked as a file) on every request and keyed by its
-    (device, inode, size, mtime): a hit was made from that very file, so its content is
-    not identified again, and a changed file is a new key. An object-store photo is keyed
-    by its URI, and read only on a miss."""
-    svc = service_of(request)
+def thumbnail_bytes(svc: Service, file_id: int, size: int) -> bytes:
+    """The JPEG thumbnail of a served photo, from the server's cache or made now."""
     path = svc.searched().servable(file_id)
     photo = None if is_remote(path) else open_photo(path, f"photo {file_id}", _update_hint(svc))
     key = (file_id, path if photo is None else photo.version, size)
@@ -259,5 +293,21 @@ def thumb(
     finally:
         if photo is not None:
             photo.close()
+    return data
+
+
+@router.get(
+    "/thumbs/{file_id}", response_class=Response, responses={200: {"content": {"image/jpeg": {}}}}
+)
+def thumb(
+    request: Request, file_id: FileId, size: Annotated[int, Query(ge=16, le=1024)] = 256
+) -> Response:
+    """A JPEG thumbnail of a photo, at most `size` pixels on its long side.
+
+    A file on disk is opened (and checked as a file) on every request and keyed by its
+    (device, inode, size, mtime): a hit was made from that very file, so its content is
+    not identified again, and a changed file is a new key. An object-store photo is keyed
+    by its URI, and read only on a miss."""
+    data = thumbnail_bytes(service_of(request), file_id, size)
     cache_control = {"Cache-Control": "private, max-age=3600"}
     return Response(data, media_type="image/jpeg", headers=cache_control)

@@ -40,10 +40,24 @@ async function setImage(img, url) {
   if (response.ok) img.src = URL.createObjectURL(await response.blob());
 }
 
-function showResults(data, title) {
+// Results come a page at a time (?n= sets its size, 40 by default); "More", or scrolling
+// to it, loads the next page. The cut-off (min score) applies to every page.
+const PAGE = Math.min(200, Math.max(1, parseInt(new URLSearchParams(location.search).get("n"), 10) || 40));
+let current = null; // { title, fetchPage(offset), next, loading }
+
+function cutoff() {
+  return $("min-score").value.trim();
+}
+
+function paging(offset) {
+  const min = cutoff();
+  return `n=${PAGE}&offset=${offset}${min === "" ? "" : `&min_score=${encodeURIComponent(min)}`}`;
+}
+
+function showResults(data, title, append) {
   $("results-title").textContent = title;
   const list = $("results");
-  list.replaceChildren();
+  if (!append) list.replaceChildren();
   for (const hit of data.results) {
     const item = document.createElement("li");
     const button = document.createElement("button");
@@ -68,35 +82,64 @@ function showResults(data, title) {
     item.append(button);
     list.append(item);
   }
-  status(data.results.length ? `${data.results.length} photos` : "No photos found.");
+  const count = list.children.length;
+  const more = data.next_offset !== null && data.next_offset !== undefined;
+  $("more").hidden = !more;
+  status(count ? `${count} photos${more ? ", more below" : ""}` : "No photos found.");
 }
 
-async function run(title, request) {
+async function run(title, fetchPage) {
+  current = { title, fetchPage, next: null, loading: false };
+  const mine = current;
   status("Searching…");
+  $("more").hidden = true;
   try {
-    showResults(await request(), title);
+    const data = await fetchPage(0);
+    if (current !== mine) return; // a newer search started meanwhile
+    mine.next = data.next_offset;
+    showResults(data, title, false);
   } catch (error) {
     status(`Error: ${error.message}`);
   }
 }
 
+async function loadMore() {
+  const mine = current;
+  if (!mine || mine.loading || mine.next === null || mine.next === undefined) return;
+  mine.loading = true;
+  try {
+    const data = await mine.fetchPage(mine.next);
+    if (current !== mine) return;
+    mine.next = data.next_offset;
+    showResults(data, mine.title, true);
+  } catch (error) {
+    status(`Error: ${error.message}`);
+  } finally {
+    mine.loading = false;
+  }
+}
+
 function searchText(q) {
-  history.replaceState(null, "", `?q=${encodeURIComponent(q)}`);
-  return run(`Results for “${q}”`, () => api(`/v1/search?q=${encodeURIComponent(q)}&n=40`));
+  history.replaceState(null, "", `?q=${encodeURIComponent(q)}${PAGE === 40 ? "" : `&n=${PAGE}`}`);
+  return run(`Results for “${q}”`,
+             (offset) => api(`/v1/search?q=${encodeURIComponent(q)}&${paging(offset)}`));
 }
 
 function searchImage(file) {
-  const form = new FormData();
-  form.append("image", file);
   const q = $("q").value.trim();
-  if (q) form.append("q", q);
-  form.append("n", "40");
-  return run(`Photos like ${file.name}${q ? ` + “${q}”` : ""}`,
-             () => api("/v1/search/image", { method: "POST", body: form }));
+  return run(`Photos like ${file.name}${q ? ` + “${q}”` : ""}`, (offset) => {
+    const form = new FormData();
+    form.append("image", file);
+    if (q) form.append("q", q);
+    form.append("n", String(PAGE));
+    form.append("offset", String(offset));
+    if (cutoff() !== "") form.append("min_score", cutoff());
+    return api("/v1/search/image", { method: "POST", body: form });
+  });
 }
 
 function similar(hit) {
-  return run(`Similar to ${hit.name}`, () => api(`/v1/similar/${hit.id}?n=40`));
+  return run(`Similar to ${hit.name}`, (offset) => api(`/v1/similar/${hit.id}?${paging(offset)}`));
 }
 
 async function classify(file) {
@@ -158,6 +201,10 @@ $("token-form").addEventListener("submit", (e) => {
   if (q) searchText(q);
 });
 $("classify-form").addEventListener("submit", (e) => e.preventDefault());
+$("more").addEventListener("click", loadMore);
+new IntersectionObserver((seen) => { if (seen.some((e) => e.isIntersecting)) loadMore(); })
+  .observe($("more"));
+$("min-score").addEventListener("change", () => { if (current) run(current.title, current.fetchPage); });
 dropZone($("drop"), $("search-file"), searchImage);
 dropZone($("classify-drop"), $("classify-file"), classify);
 document.addEventListener("keydown", (e) => {
