@@ -23,6 +23,7 @@ from types import ModuleType
 
 import numpy as np
 import pytest
+import requests
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -93,18 +94,30 @@ def names(rows) -> list[str]:
 
 
 def test_clip_client_searches_by_text_image_and_embedding(settings, library, offline, tmp_path):
-    """ClipClient with all its defaults: deduplicate, safety model, violence detector,
-    aesthetic score 9 at weight 0.5. The policy flags none of the photos (calm_policy says
-    why); what the flags drop is tested below with a policy made to flag."""
+    """ClipClient, unmodified, over a real server with a token (which its routes do not
+    take): with all its defaults (deduplicate, safety model, violence detector, aesthetic
+    score 9 at weight 0.5), and with its filters off."""
     module = clip_client()
-    app = create_app(replace(settings, token=TOKEN, policy=str(calm_policy(tmp_path))))
+    app = create_app(replace(settings, token=TOKEN))
     with live_server(app, settings) as port:
-        client = module.ClipClient(url=f"http://127.0.0.1:{port}/knn-service", indice_name="photos")
-        assert client.deduplicate and client.use_safety_model and client.aesthetic_score == 9
+        url = f"http://127.0.0.1:{port}/knn-service"
+        defaults = module.ClipClient(url=url, indice_name="photos")
+        assert defaults.deduplicate and defaults.use_safety_model and defaults.aesthetic_score == 9
+        # the default policy was set for ViT-B/32 and flags most of these photos under the
+        # offline model (calm_policy says which): the answer is a shorter list, not an error
+        answered = defaults.query(text="a photo of a cat")
+        assert isinstance(answered, list) and len(answered) < 8
+        assert all(set(row) >= {"id", "similarity"} for row in answered)
 
+        client = module.ClipClient(
+            url=url,
+            indice_name="photos",
+            deduplicate=False,
+            use_safety_model=False,
+            use_violence_detector=False,
+        )
         by_text = client.query(text="a photo of a cat")
-        assert names(by_text)[0] in ("cat.jpg", "cat-copy.jpg")
-        assert len([n for n in names(by_text) if n.startswith("cat")]) == 1  # deduplicated
+        assert names(by_text)[:2] in (["cat.jpg", "cat-copy.jpg"], ["cat-copy.jpg", "cat.jpg"])
         first = by_text[0]
         assert set(first) == {"id", "similarity", "image_path", "image"}  # no url: a token
         thumb = Image.open(io.BytesIO(base64.b64decode(first["image"])))
@@ -114,20 +127,25 @@ def test_clip_client_searches_by_text_image_and_embedding(settings, library, off
 
         by_image = client.query(image=str(library / "rocket.jpg"))
         assert names(by_image)[0] == "rocket.jpg"
-        assert by_image[0]["similarity"] > 0.99
+        assert by_image[0]["similarity"] >= 0.999
 
-        coffee = offline.encode_images([library / "coffee.jpg"])[0]
-        by_vector = client.query(embedding_input=coffee.tolist())
-        assert names(by_vector)[0] == "coffee.jpg"
+        vector = offline.encode_texts(["a photo of a cat"])[0]
+        by_vector = client.query(embedding_input=vector.tolist())
+        assert [r["id"] for r in by_vector] == [r["id"] for r in by_text]
 
         # the token still guards cliplens's own routes; the clip-retrieval ones take none
-        import requests
+        base = f"http://127.0.0.1:{port}"
+        assert requests.get(f"{base}/v1/search?q=cat", timeout=30).status_code == 401
+        assert requests.get(f"{base}/indices-list", timeout=30).json() == ["photos"]
 
-        assert (
-            requests.get(f"http://127.0.0.1:{port}/v1/search?q=cat", timeout=30).status_code == 401
-        )
-        listed = requests.get(f"http://127.0.0.1:{port}/indices-list", timeout=30)
-        assert listed.json() == ["photos"]
+    # with a calm policy, the defaults answer every photo but the cat's copy
+    calm = create_app(replace(settings, policy=str(calm_policy(tmp_path))))
+    with live_server(calm, settings) as port:
+        url = f"http://127.0.0.1:{port}/knn-service"
+        rows = module.ClipClient(url=url, indice_name="photos").query(text="a photo of a cat")
+        assert len(rows) == 7 and names(rows)[0] in ("cat.jpg", "cat-copy.jpg")
+        assert "url" in rows[0]  # no token: the photo's URL, which serves it
+        assert requests.get(rows[0]["url"], timeout=30).status_code == 200
 
 
 def test_results_have_metadata_for_the_first_num_images_only(client):
@@ -305,14 +323,23 @@ def test_a_body_that_is_not_json_is_refused(client):
         assert r.status_code == 400 and r.json()["error"] == "invalid_input", r.text
 
 
-def test_an_image_url_to_the_servers_own_network_is_refused(settings, library):
-    """Fetching allowed: a loopback URL is still never fetched (nothing listens there
-    to be reached; the error says why)."""
+@pytest.mark.parametrize(
+    ("url", "why"),
+    [
+        ("http://127.0.0.1:9/cat.jpg", "not a public address"),
+        ("http://localhost:9/cat.jpg", "not a public address"),
+        ("http://10.0.0.1/cat.jpg", "not a public address"),
+        ("http://169.254.169.254/latest/meta-data/", "not a public address"),
+        ("http://[::1]:9/cat.jpg", "not a public address"),
+        ("file:///etc/passwd", "only http and https"),
+    ],
+)
+def test_an_image_url_to_the_servers_own_network_is_refused(settings, url, why):
+    """Fetching allowed: an address of the server's own network is still never fetched
+    (refused before any connection; redirects: tests/unit/test_fetch.py)."""
     with TestClient(create_app(replace(settings, allow_url_fetch=True))) as c:
-        r = knn(c, image_url="http://127.0.0.1:9/cat.jpg")
-        assert r.status_code == 400 and "not a public address" in r.json()["detail"], r.text
-        r = knn(c, image_url="file:///etc/passwd")
-        assert r.status_code == 400 and "only http and https" in r.json()["detail"], r.text
+        r = knn(c, image_url=url)
+        assert r.status_code == 400 and why in r.json()["detail"], r.text
 
 
 def test_the_routes_exist_only_when_asked_for_and_allow_the_fronts_origin(settings):
