@@ -8,6 +8,7 @@ exception. `iter_image_files` walks folders in a deterministic order.
 from __future__ import annotations
 
 import errno
+import functools
 import io
 import logging
 import math
@@ -34,6 +35,8 @@ from cliplens.errors import (
     UnsupportedImageError,
     one_line,
 )
+from cliplens.exclusions import Exclusions
+from cliplens.raw import RAW_EXTENSIONS, decode_raw, is_raw
 from cliplens.settings import get_settings
 
 logger = logging.getLogger(__name__)
@@ -41,7 +44,9 @@ logger = logging.getLogger(__name__)
 _EXTENSIONS = (
     ".jpg .jpeg .png .webp .gif .bmp .tif .tiff .heic .heif .avif .jp2 .pnm .pbm .pgm .ppm"
 )
-IMAGE_EXTENSIONS: frozenset[str] = frozenset(_EXTENSIONS.split())
+# RAW photos are listed whether or not rawpy is installed: without it each one is reported
+# as failed, naming the extra to install, rather than skipped without a word.
+IMAGE_EXTENSIONS: frozenset[str] = frozenset(_EXTENSIONS.split()) | RAW_EXTENSIONS
 
 ImageSource = str | os.PathLike | BinaryIO | Image.Image | np.ndarray
 
@@ -178,6 +183,9 @@ def _header(file: BinaryIO, label: str, cap: float, formats: list[str] | None) -
 
 
 def _decode(file: BinaryIO, label: str, cap: float, min_size: int | None) -> Image.Image:
+    if is_raw(file):  # before Pillow, which would read a DNG's thumbnail IFD as the photo
+        preview = functools.partial(_decode, label=label, cap=cap, min_size=min_size)
+        return decode_raw(file, label, cap, min_size, preview, _too_large)
     img = _header(file, label, cap, None)
     try:
         with img:  # closes what Pillow opened for an animation; never the caller's file
@@ -406,10 +414,13 @@ def iter_image_files(
     *,
     extensions: Collection[str] = IMAGE_EXTENSIONS,
     include_hidden: bool = False,
+    exclude: Exclusions | None = None,
 ) -> Iterator[Path]:
     """Yield image files under `paths`, sorted at each level, each file once.
 
     Files named explicitly are yielded whatever their extension (the user chose them).
+    Folders and files that `exclude` leaves out (its patterns, and the `.cliplensignore`
+    files met on the way: cliplens.exclusions) are not entered or yielded.
     Symbolic links are followed. Each real file (st_dev, st_ino) comes once: under a name
     reached without a link where it has one (a link to a photo in the folders gives way to
     the photo, which, unlike a link, the server serves), else under the first link to it.
@@ -435,11 +446,13 @@ def iter_image_files(
             return True
         return False
 
+    rules = exclude if exclude is not None else Exclusions()
+
     def walk(root: Path, dev: int, linked: bool) -> None:
         """Depth-first with an explicit stack, so deep trees hit no recursion limit."""
-        stack = [(dev, linked, _scandir_sorted(root))]
+        stack = [(dev, linked, _scandir_sorted(root), rules.at_root(str(root)))]
         while stack:
-            dir_dev, dir_linked, entries = stack[-1]
+            dir_dev, dir_linked, entries, specs = stack[-1]
             entry = next(entries, None)
             if entry is None:
                 stack.pop()
@@ -451,9 +464,14 @@ def iter_image_files(
                 is_link = entry.is_symlink()
                 through = dir_linked or is_link
                 if entry.is_dir():  # follows links; a broken link is neither dir nor file
+                    if specs and rules.excluded(specs, entry.path, True):
+                        continue
                     st = entry.stat()
                     if may_enter((st.st_dev, st.st_ino), through):
-                        stack.append((st.st_dev, through, _scandir_sorted(Path(entry.path))))
+                        inner = rules.below(specs, entry.path)
+                        stack.append((st.st_dev, through, _scandir_sorted(Path(entry.path)), inner))
+                elif wanted and specs and rules.excluded(specs, entry.path, False):
+                    continue
                 elif entry.is_file() and wanted:
                     # d_ino is free for a plain file; a link needs stat() for its target
                     st = entry.stat() if is_link else None

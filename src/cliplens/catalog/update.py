@@ -77,11 +77,12 @@ class UpdateStats:
         return ", ".join(parts)
 
 
-def _scan(roots: Sequence[str]) -> dict[str, tuple[int, int]]:
+def _scan(roots: Sequence[str], exclude: Sequence[str] = ()) -> dict[str, tuple[int, int]]:
+    from cliplens.exclusions import exclusions
     from cliplens.images import iter_image_files  # Pillow: not on the --no-index path
 
     found: dict[str, tuple[int, int]] = {}
-    for path in iter_image_files(roots):
+    for path in iter_image_files(roots, exclude=exclusions(exclude)):
         try:
             st = path.stat()
         except OSError:
@@ -98,13 +99,16 @@ def update_catalog(
     workers: int | None = None,
     progress: bool = False,
     max_megapixels: float | None = None,
+    exclude: Sequence[str] = (),
 ) -> UpdateStats:
     """Bring the catalog up to date with the image files under `roots` for one model.
 
     Why: search reads embeddings from the catalog; this embeds only what is new or
     changed since the last run (a ModelRef loads the network only if some file needs
     encoding), and a killed run loses at most the batch in flight. One index run at a
-    time per catalog: a second one gets CatalogBusyError at once.
+    time per catalog: a second one gets CatalogBusyError at once. Files that `exclude`
+    (gitignore patterns) or a `.cliplensignore` leaves out are not indexed, and leave the
+    catalog if it held them (cliplens.exclusions).
 
     >>> import cliplens
     >>> catalog = cliplens.open_catalog("photos.db")
@@ -119,6 +123,7 @@ def update_catalog(
             workers=workers,
             progress=progress,
             max_megapixels=max_megapixels,
+            exclude=exclude,
         )
 
 
@@ -157,6 +162,7 @@ def catalog_for_query(
     roots: Sequence[str | os.PathLike],
     update: bool = True,
     progress: bool = False,
+    exclude: Sequence[str] = (),
 ) -> QueryCatalog:
     """The catalog at `db` for a query by `model`: `roots` brought up to date first (unless
     not `update`); a busy or read-only catalog is searched as it is, and says so.
@@ -167,7 +173,7 @@ def catalog_for_query(
         return QueryCatalog(open_catalog(db, readonly=True))
     try:
         catalog = open_catalog(db)
-        stats = update_catalog(catalog, model, roots, progress=progress)
+        stats = update_catalog(catalog, model, roots, progress=progress, exclude=exclude)
     except CatalogBusyError as e:  # that run encodes the new photos: search what it has
         return QueryCatalog(open_catalog(db, readonly=True), not_updated="busy", detail=e.what)
     except CatalogReadOnlyError as e:
@@ -184,8 +190,14 @@ class _Plan:
     gone: list[str]
 
 
-def _plan(catalog: Catalog, folders: Sequence[str], known: set[str], stats: UpdateStats) -> _Plan:
-    found = _scan(folders)
+def _plan(
+    catalog: Catalog,
+    folders: Sequence[str],
+    known: set[str],
+    stats: UpdateStats,
+    exclude: Sequence[str],
+) -> _Plan:
+    found = _scan(folders, exclude)
     existing = catalog.files_under(folders)
     jobs: list[FileJob] = []
     kinds: dict[str, Literal["new", "changed"]] = {}
@@ -215,6 +227,7 @@ def _update_catalog(
     workers: int | None,
     progress: bool,
     max_megapixels: float | None,
+    exclude: Sequence[str],
 ) -> UpdateStats:
     t0 = time.perf_counter()
     stats = UpdateStats()
@@ -222,7 +235,7 @@ def _update_catalog(
     info = model.info
     key = catalog.model_key(info.model_id, info.dim)
     known = catalog.hashes_with_embedding(key)
-    plan = _plan(catalog, folders, known, stats)
+    plan = _plan(catalog, folders, known, stats, exclude)
     if plan.jobs:
         stats.notes += _precision_notes(catalog, info)
     stats.timings["scan"] = time.perf_counter() - t0

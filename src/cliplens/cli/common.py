@@ -140,6 +140,14 @@ BatchSizeOpt = Annotated[  # BatchOpt with a default of the command's own
         "--batch-size", "-b", help="Images per batch (pairs, in training).", min=1, max=MAX_BATCH
     ),
 ]
+ExcludeOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--exclude",
+        help="Leave out files and folders matching this gitignore pattern, e.g. "
+        "'node_modules/' or '*.tmp' (repeatable; .cliplensignore files apply too).",
+    ),
+]
 MegapixelsOpt = Annotated[
     float | None,
     typer.Option(
@@ -152,12 +160,17 @@ MegapixelsOpt = Annotated[
 # ------------------------------------------------------------------ input images
 
 
-def collect_images(paths: list[Path]) -> tuple[list[Path], list[ImageError]]:
-    """Files as given and image files under folders; a missing path, a symlink loop or an
+def collect_images(
+    paths: list[Path], exclude: list[str] | None = None
+) -> tuple[list[Path], list[ImageError]]:
+    """Files as given and image files under folders, less what `exclude` (gitignore
+    patterns) and `.cliplensignore` files leave out; a missing path, a symlink loop or an
     unreadable path is a failure of that path (`iter_image_files` raises ImageNotFoundError
     for it), not of the run."""
+    from cliplens.exclusions import exclusions
     from cliplens.images import iter_image_files
 
+    rules = exclusions(exclude)
     files: dict[Path, None] = {}  # ordered, each file once
     missing: list[ImageError] = []
     for path in paths:
@@ -165,7 +178,7 @@ def collect_images(paths: list[Path]) -> tuple[list[Path], list[ImageError]]:
             missing.append(ImageNotFoundError(str(path), "no such file or folder"))
             continue
         try:
-            found = list(iter_image_files([path]))
+            found = list(iter_image_files([path], exclude=rules))
         except ImageError as e:
             missing.append(e)
             continue

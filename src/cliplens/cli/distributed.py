@@ -1,4 +1,5 @@
-"""`cliplens embed-dataset` (Ray) and `cliplens catalog import`."""
+"""`cliplens embed-dataset` (Ray) and `cliplens catalog import` (registered in the catalog
+group, cli/catalog.py)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from cliplens.cli.common import (
     BatchSizeOpt,
     DbOpt,
     EngineOpt,
+    ExcludeOpt,
     FiniteFloat,
     MegapixelsOpt,
     ModelOpt,
@@ -26,10 +28,6 @@ from cliplens.limits import MAX_MINUTES, MAX_QUERIES
 
 MAX_SHARD_SIZE = 10_000_000  # files per shard: a shard is held in memory while it fills
 MAX_ACTORS = 4096  # encoder actors, or CPUs of a local Ray instance
-
-catalog_app = typer.Typer(
-    help="The catalog: import embeddings made elsewhere.", no_args_is_help=True
-)
 
 
 def embed_dataset_command(
@@ -72,6 +70,7 @@ def embed_dataset_command(
     precision: PrecisionOpt = None,
     engine: EngineOpt = None,
     max_megapixels: MegapixelsOpt = None,
+    exclude: ExcludeOpt = None,
 ) -> None:
     """Embed a large image collection on Ray into Parquet shards; run again to resume, or
     with --add-new to add the files that appeared since."""
@@ -92,6 +91,7 @@ def embed_dataset_command(
         max_megapixels=max_megapixels,
         max_shards=max_shards,
         add_new=add_new,
+        exclude=tuple(exclude or ()),
     )
     report = embed_dataset(job, progress=show_progress())
     if report.gone:
@@ -114,7 +114,6 @@ def embed_dataset_command(
     info(f"shards and manifest in {out}")
 
 
-@catalog_app.command("import")
 def import_command(
     shards: Annotated[Path, typer.Argument(help="The --out folder of embed-dataset.")],
     db: DbOpt = None,

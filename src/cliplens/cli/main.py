@@ -13,6 +13,7 @@ from typer._click.exceptions import ClickException, NoArgsIsHelpError
 
 from cliplens.cli import (
     caption,
+    catalog,
     classify,
     datasets,
     distributed,
@@ -61,7 +62,7 @@ COMMANDS: dict[str, Callable[..., None]] = {
 app = _new_app()
 for _name, _command in COMMANDS.items():
     app.command(_name)(_command)
-app.add_typer(distributed.catalog_app, name="catalog")
+app.add_typer(catalog.app, name="catalog")
 app.add_typer(moderate.app, name="moderate")
 app.add_typer(quality.app, name="quality")
 app.add_typer(caption.app, name="caption")

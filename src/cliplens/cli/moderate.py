@@ -17,6 +17,7 @@ from cliplens.cli.common import (
     DefaultCommandGroup,
     DeviceOpt,
     EngineOpt,
+    ExcludeOpt,
     FiniteFloat,
     MegapixelsOpt,
     ModelOpt,
@@ -91,6 +92,7 @@ def check_command(
     engine: EngineOpt = None,
     db: DbOpt = None,
     max_megapixels: MegapixelsOpt = None,
+    exclude: ExcludeOpt = None,
 ) -> None:
     """Verdict per image: flagged or not, category, closest concept, score, margin."""
     from cliplens.tasks.moderate import moderate
@@ -98,7 +100,7 @@ def check_command(
 
     if redact is not None:
         out_folder(redact, "--redact")
-    files, missing = collect_images(paths)
+    files, missing = collect_images(paths, exclude)
     ref, moderator = _moderator(policy, model, device, precision)
     catalog, progress = read_catalog(db), show_progress()
     done = moderate(

@@ -1,19 +1,31 @@
 """Formatting results for people (a table) and for programs (JSON, CSV), and messages.
 
 File names that are not UTF-8 appear in tables, JSON, CSV and messages with their odd
-bytes as \\xNN (JSON and CSV must be valid UTF-8); `--format paths` writes the names'
-own bytes, so a pipe into xargs gets files that exist."""
+bytes as \\xNN (JSON and CSV must be valid UTF-8), and in tables and messages their
+control characters too (a name can hold an escape sequence a terminal would obey);
+`--format paths` writes the names' own bytes, so a pipe into xargs gets files that exist."""
 
 from __future__ import annotations
 
 import csv
 import json
+import re
 import sys
 from collections.abc import Sequence
 from enum import Enum
 from typing import Any
 
 from cliplens.paths import readable
+
+# control characters in text shown on a terminal (a file may be named with an escape
+# sequence); a newline stays, as tables put one path a line in a cell
+_CONTROL = re.compile(r"[\x00-\x09\x0b-\x1f\x7f-\x9f]")
+
+
+def shown(text: str) -> str:
+    """Text for a terminal: undecodable bytes and control characters as \\xNN."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", readable(text))
+
 
 # Commands import the library inside their bodies, so that `cliplens --help` and every
 # other command start without torch (tests/unit/test_structure.py checks --help).
@@ -26,11 +38,11 @@ class Format(str, Enum):
 
 
 def warn(message: str) -> None:
-    print(f"warning: {readable(message)}", file=sys.stderr)
+    print(f"warning: {shown(message)}", file=sys.stderr)
 
 
 def info(message: str) -> None:
-    print(readable(message), file=sys.stderr)
+    print(shown(message), file=sys.stderr)
 
 
 def _readable(data: Any) -> Any:
@@ -69,7 +81,7 @@ def print_table(
 
     table = Table(*header, title=title, title_justify="left", header_style="bold")
     for row in rows:
-        table.add_row(*(readable(str(c)) for c in row))
+        table.add_row(*(shown(str(c)) for c in row))
     # piped output keeps whole rows (a table is only as wide as its content)
     Console(width=None if sys.stdout.isatty() else 1000).print(table)
 

@@ -17,6 +17,7 @@ from cliplens.cli.common import (
     DefaultCommandGroup,
     DeviceOpt,
     EngineOpt,
+    ExcludeOpt,
     MegapixelsOpt,
     ModelOpt,
     PrecisionOpt,
@@ -87,12 +88,13 @@ def check_command(
     engine: EngineOpt = None,
     db: DbOpt = None,
     max_megapixels: MegapixelsOpt = None,
+    exclude: ExcludeOpt = None,
 ) -> None:
     """Report corrupt files (exit code 1 if any), then score the readable ones."""
     from cliplens.models.ref import ModelRef
     from cliplens.tasks.quality import PROMPT_SETS, problem_of, screen
 
-    files, missing = collect_images(paths)
+    files, missing = collect_images(paths, exclude)
     ref = None if integrity_only else ModelRef(model, device=device, precision=precision)
     found = screen(
         files,

@@ -14,6 +14,7 @@ from cliplens.cli.common import (
     DbOpt,
     DeviceOpt,
     EngineOpt,
+    ExcludeOpt,
     FiniteFloat,
     MegapixelsOpt,
     ModelOpt,
@@ -88,6 +89,7 @@ def _index(
     max_megapixels: float | None = None,
     verbose: bool = False,
     quiet: bool = False,
+    exclude: list[str] | None = None,
 ) -> tuple[Catalog, UpdateStats]:
     from cliplens.catalog.db import open_catalog
     from cliplens.catalog.update import update_catalog
@@ -103,6 +105,7 @@ def _index(
         workers=workers,
         progress=progress,
         max_megapixels=max_megapixels,
+        exclude=exclude or (),
     )
     _print_stats(stats, verbose, quiet)
     return catalog, stats
@@ -147,6 +150,7 @@ def index_command(
     batch_size: BatchOpt = None,
     workers: WorkersOpt = None,
     max_megapixels: MegapixelsOpt = None,
+    exclude: ExcludeOpt = None,
     db: DbOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
@@ -156,7 +160,9 @@ def index_command(
 
     ref = ModelRef(model, device=device, precision=precision)
     quiet = fmt is Format.json
-    _, stats = _index(db, ref, folders, batch_size, workers, max_megapixels, verbose, quiet)
+    _, stats = _index(
+        db, ref, folders, batch_size, workers, max_megapixels, verbose, quiet, exclude
+    )
     if fmt is Format.json:
         counts = {k: v for k, v in vars(stats).items() if k != "errors"}
         errors = [{"path": p, "error": e} for p, e in stats.errors]
@@ -172,6 +178,7 @@ def _open(
     folders: list[Path],
     no_index: bool,
     texts: bool = False,
+    exclude: list[str] | None = None,
 ) -> tuple[Catalog, ModelRef]:
     """The catalog and model for a query, the folders brought up to date unless no_index.
     With `texts`, the text encoder loads in the background meanwhile."""
@@ -181,7 +188,9 @@ def _open(
     ref = ModelRef(model, device=device, precision=precision)
     if texts:
         ref.preload_text()
-    found = catalog_for_query(db, ref, folders, update=not no_index, progress=show_progress())
+    found = catalog_for_query(
+        db, ref, folders, update=not no_index, progress=show_progress(), exclude=exclude or ()
+    )
     if found.stats is not None:
         _print_stats(found.stats, quiet=True)
     if found.not_updated == "busy":
@@ -191,12 +200,17 @@ def _open(
     return found.catalog, ref
 
 
-def _print_hits(hits: list[Hit], fmt: HitFormat, offset: int = 0) -> None:
+def _print_hits(hits: list[Hit], fmt: HitFormat, offset: int = 0, preview: bool = False) -> None:
     if fmt is HitFormat.json:
         print_json([h.to_dict() for h in hits])
     elif fmt is HitFormat.paths:
         print_paths([h.path for h in hits])
     else:
+        if preview:
+            from cliplens.cli.preview import print_previews  # Pillow, only when drawing
+
+            if print_previews(hits, offset):
+                return
         rows = [(offset + i + 1, f"{h.score:.3f}", h.path) for i, h in enumerate(hits)]
         print_table(["#", "score", "path"], rows)
 
@@ -214,7 +228,17 @@ def search_command(
     min_score: MinScoreOpt = None,
     offset: OffsetOpt = 0,
     fmt: Annotated[HitFormat, typer.Option("--format", "-f")] = HitFormat.table,
+    preview: Annotated[
+        bool,
+        typer.Option(
+            "--preview",
+            help="Thumbnails beside the results (table format) where the terminal draws "
+            "images: kitty, Ghostty, iTerm2, WezTerm, sixel; CLIPLENS_PREVIEW="
+            "kitty|iterm2|sixel|none overrides.",
+        ),
+    ] = False,
     no_index: NoIndexOpt = False,
+    exclude: ExcludeOpt = None,
     exact: Annotated[
         bool, typer.Option("--exact", help="Exact search even where an ANN index exists.")
     ] = False,
@@ -235,14 +259,14 @@ def search_command(
     terms = parse_query(text)  # bad queries fail before any model loads
     paging = {"min_score": min_score, "offset": offset}
     if index is not None:
-        _search_built_index(index, terms, n, fmt, model, device, precision, paging)
+        _search_built_index(index, terms, n, fmt, model, device, precision, paging, preview)
         return
     folders = _folders(in_dirs)
     texts = any(t.text is not None for t in terms)
-    catalog, ref = _open(db, model, device, precision, folders, no_index, texts)
+    catalog, ref = _open(db, model, device, precision, folders, no_index, texts, exclude)
     vec = query_vector(ref, terms, catalog)
     hits = search(catalog, ref, vec, n, folders, exact=exact, **paging)
-    _print_hits(hits, fmt, offset)
+    _print_hits(hits, fmt, offset, preview)
     _prepare_fast_text(ref)
 
 
@@ -255,6 +279,7 @@ def _search_built_index(
     device: str | None,
     precision: str | None,
     paging: dict[str, Any],
+    preview: bool = False,
 ) -> None:
     """A query against a build-index folder: the model is the one its vectors came from."""
     from cliplens.index.built import open_built_index
@@ -265,7 +290,7 @@ def _search_built_index(
     ref = ModelRef(model or built.model, device=device, precision=precision)
     built.require_model(ref.info.model_id)  # before the text tower loads
     hits = search(built, ref, query_vector(ref, terms, built), n, **paging)
-    _print_hits(hits, fmt, paging["offset"])
+    _print_hits(hits, fmt, paging["offset"], preview)
 
 
 def similar_command(
@@ -275,7 +300,17 @@ def similar_command(
     min_score: MinScoreOpt = None,
     offset: OffsetOpt = 0,
     fmt: Annotated[HitFormat, typer.Option("--format", "-f")] = HitFormat.table,
+    preview: Annotated[
+        bool,
+        typer.Option(
+            "--preview",
+            help="Thumbnails beside the results (table format) where the terminal draws "
+            "images: kitty, Ghostty, iTerm2, WezTerm, sixel; CLIPLENS_PREVIEW="
+            "kitty|iterm2|sixel|none overrides.",
+        ),
+    ] = False,
     no_index: NoIndexOpt = False,
+    exclude: ExcludeOpt = None,
     model: ModelOpt = None,
     device: DeviceOpt = None,
     precision: PrecisionOpt = None,
@@ -289,9 +324,9 @@ def similar_command(
     if not photo.is_file():
         raise ImageNotFoundError(str(photo), "no such file")
     folders = _folders(in_dirs)
-    catalog, ref = _open(db, model, device, precision, folders, no_index)
+    catalog, ref = _open(db, model, device, precision, folders, no_index, exclude=exclude)
     hits = similar(catalog, ref, photo, n, folders, min_score=min_score, offset=offset)
-    _print_hits(hits, fmt, offset)
+    _print_hits(hits, fmt, offset, preview)
 
 
 def duplicates_command(
@@ -306,6 +341,7 @@ def duplicates_command(
     ] = 0.95,
     fmt: Annotated[Format, typer.Option("--format", "-f")] = Format.table,
     no_index: NoIndexOpt = False,
+    exclude: ExcludeOpt = None,
     model: ModelOpt = None,
     device: DeviceOpt = None,
     precision: PrecisionOpt = None,
@@ -315,7 +351,7 @@ def duplicates_command(
     """Groups of exact copies (same bytes) and near-duplicates (embeddings above --threshold)."""
     from cliplens.tasks.search import duplicates
 
-    catalog, ref = _open(db, model, device, precision, folders, no_index)
+    catalog, ref = _open(db, model, device, precision, folders, no_index, exclude=exclude)
     groups = duplicates(catalog, ref.info.model_id, list(folders), threshold)
     if fmt is Format.json:
         print_json([g.to_dict() for g in groups])

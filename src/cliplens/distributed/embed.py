@@ -40,6 +40,7 @@ from cliplens.distributed.manifest import (
     save_manifest,
 )
 from cliplens.errors import DependencyMissingError, InvalidInputError
+from cliplens.exclusions import exclusions
 from cliplens.images import IMAGE_EXTENSIONS, is_remote, iter_image_files
 from cliplens.limits import finite_number
 from cliplens.models.openvino import Engine, parse_engine
@@ -81,6 +82,7 @@ class EmbedJob:
     max_megapixels: float | None = None
     max_shards: int | None = None  # stop after writing this many shards (this run)
     add_new: bool = False  # the sources gained files: embed those into new shards
+    exclude: tuple[str, ...] = ()  # gitignore patterns left out of the listing (exclusions)
 
     def __post_init__(self) -> None:
         if self.shard_size < 1 or self.batch_size < 1 or self.actors < 1:
@@ -100,6 +102,7 @@ class EmbedJob:
         object.__setattr__(self, "precision", parse_precision(self.precision))
         object.__setattr__(self, "engine", parse_engine(self.engine))
         object.__setattr__(self, "sources", tuple(self.sources))
+        object.__setattr__(self, "exclude", tuple(self.exclude))
         object.__setattr__(self, "out", Path(self.out))
         object.__setattr__(self, "model", self.model or get_settings().default_model)
 
@@ -129,10 +132,15 @@ class EmbedReport:
 # ------------------------------------------------------------------ listing
 
 
-def list_images(sources: tuple[str, ...] | list[str]) -> list[str]:
-    """Image files under each source, as local absolute paths or protocol URIs, sorted."""
+def list_images(
+    sources: tuple[str, ...] | list[str], exclude: tuple[str, ...] | list[str] = ()
+) -> list[str]:
+    """Image files under each source, as local absolute paths or protocol URIs, sorted;
+    less what `exclude` (gitignore patterns) leaves out, and in local folders what their
+    `.cliplensignore` files leave out."""
     import fsspec  # installed with Ray: only embed-dataset lists sources through it
 
+    rules = exclusions(exclude)
     found: set[str] = set()
     local_roots: list[Path] = []
     for source in sources:
@@ -148,11 +156,13 @@ def list_images(sources: tuple[str, ...] | list[str]) -> list[str]:
             raise InvalidInputError(f"source {source}: nothing there (check the URI)")
         names = [root] if fs.isfile(root) else fs.find(root)
         images = [n for n in names if Path(n).suffix.lower() in IMAGE_EXTENSIONS]
+        base = root.rstrip("/") + "/"
+        images = [n for n in images if not rules.excludes_relative(n.removeprefix(base))]
         found.update(fs.unstrip_protocol(n) for n in images)
     # one walk over the local roots, each file once across them, under a name reached
     # without a link where there is one (the server never serves a link); the roots
     # resolved, the files as found; names that are not UTF-8 kept as cliplens.paths text
-    found.update(to_text(str(p)) for p in iter_image_files(local_roots))
+    found.update(to_text(str(p)) for p in iter_image_files(local_roots, exclude=rules))
     if not found:
         raise InvalidInputError(f"no image files under {', '.join(sources)}")
     return sorted(found)
@@ -257,7 +267,7 @@ def embed_dataset(
     t0 = time.perf_counter()
     out = Path(job.out)
     out.mkdir(parents=True, exist_ok=True)
-    files = list_images(job.sources)
+    files = list_images(job.sources, job.exclude)
     info = ModelRef(job.model, precision=job.precision, engine=job.engine).info
     manifest = _open_manifest(job, out, files, info)
     pending, report = _plan_shards(job, out, files, manifest)
