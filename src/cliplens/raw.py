@@ -24,7 +24,7 @@ import logging
 import os
 import struct
 from collections.abc import Callable
-from pathlib import Path, PurePath
+from pathlib import PurePath
 from typing import Any, BinaryIO
 
 import numpy as np
@@ -151,47 +151,20 @@ def _import_rawpy(label: str) -> Any:
     return rawpy
 
 
-_forks_guarded = False
-
-
 def _guard_forks(rawpy: Any) -> None:
-    """Make forked children run LibRaw on one OpenMP thread.
+    """Decoder processes come from a fork server from now on (decode_ahead.process_pool).
 
     rawpy's wheels build LibRaw with OpenMP (their own libgomp). Once a process has run
     LibRaw, its OpenMP thread pool exists; a child forked from it (the indexer's decoder
-    processes, a multiprocessing pool) inherits the pool's bookkeeping but not its threads,
-    and its first demosaic waits for them forever (measured: `cliplens search x.dng` then
-    indexing with workers hung in LibRaw::raw2image_ex). On one thread LibRaw never uses
-    the pool; the children are one per core already. The process itself keeps its threads.
-    """
-    global _forks_guarded
-    if _forks_guarded or not hasattr(os, "register_at_fork"):
-        return
-    _forks_guarded = True
-    if not (getattr(rawpy, "flags", None) or {}).get("OPENMP"):
-        return
-    openmp = _openmp_library(rawpy)
-    if openmp is None:
-        logger.debug("rawpy uses OpenMP but its library was not found: forks are unguarded")
-        return
-    set_threads = openmp.omp_set_num_threads
-    os.register_at_fork(after_in_child=lambda: set_threads(1))
+    processes) inherits the pool's bookkeeping but not its threads, and its first demosaic
+    waits for them forever (seen: `cliplens search x.dng` then indexing with workers hung
+    in LibRaw::raw2image_ex; in the test suite, a forked decoder waited on a futex with
+    one thread even with OpenMP set to one thread in the child). A fork server is a fresh
+    interpreter: its children inherit no threads, as for OpenVINO's."""
+    from cliplens.decode_ahead import mark_fork_unsafe
 
-
-def _openmp_library(rawpy: Any) -> Any:
-    """rawpy's own OpenMP runtime (bundled beside it by auditwheel or delocate), as the
-    already loaded library."""
-    import ctypes
-
-    package = Path(rawpy.__file__).parent
-    for folder in (package.parent / "rawpy.libs", package / ".dylibs", package):
-        for pattern in ("libgomp*.so*", "libomp*.dylib", "libgomp*.dylib"):
-            for path in sorted(folder.glob(pattern)):
-                try:
-                    return ctypes.CDLL(str(path))
-                except OSError:
-                    continue
-    return None
+    if (getattr(rawpy, "flags", None) or {}).get("OPENMP", True):
+        mark_fork_unsafe()
 
 
 def _check_bytes(file: BinaryIO, label: str, cap: float) -> None:

@@ -236,6 +236,31 @@ def test_merge_gives_the_union_of_two_folders_and_again_adds_nothing(capsys, tmp
     assert code == 0 and "0 files added" in err, err
 
 
+def test_merge_of_overlapping_folders_is_one_index_run_over_both(capsys, tmp_path, halves, ref):
+    """One catalog of a and b, another of b alone (the overlap): the merge holds what one
+    run over a and b gives, each file once, and passes check."""
+    a, b = halves
+    mine = index(tmp_path / "ab.db", ref, a, b)
+    theirs = index(tmp_path / "b.db", ref, b)
+    both = index(tmp_path / "both.db", ref, a, b)
+    report = cli_json(capsys, "catalog", "merge", theirs, "--db", mine, "--format", "json")
+    assert report["files_added"] == report["embeddings_added"] == 0
+    assert report["files_kept"] == len(list(b.iterdir()))
+    theirs2 = index(tmp_path / "a-only.db", ref, a)
+    index(theirs2, ref, b)  # the same folders, indexed in two runs
+    report = cli_json(capsys, "catalog", "merge", theirs2, "--db", theirs, "--format", "json")
+    assert report["files_added"] == len(list(a.iterdir()))
+    model_id = ref.info.model_id
+    for merged_db in (mine, theirs):
+        with Catalog(merged_db, readonly=True) as merged, Catalog(both, readonly=True) as whole:
+            assert sorted(merged.files_under([a, b])) == sorted(whole.files_under([a, b]))
+            for path in whole.files_under([a, b]):
+                want = whole.embedding_of(path, model_id)
+                np.testing.assert_array_equal(merged.embedding_of(path, model_id), want)
+            assert_same_results(ranked(merged, ref), ranked(whole, ref))
+            assert check_catalog(merged).healthy
+
+
 def test_merge_keeps_the_newer_record_of_a_path(tmp_path, photos, ref):
     folder = tmp_path / "lib"
     shutil.copytree(photos, folder)

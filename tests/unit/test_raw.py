@@ -254,18 +254,22 @@ def test_raw_files_are_listed_by_the_folder_walk(tmp_path):
     assert [p.name for p in iter_image_files([tmp_path])] == ["a.DNG", "b.nef", "c.CR3", "d.jpg"]
 
 
-def test_a_process_that_ran_libraw_can_fork_decoders(tmp_path, cat):
+def test_a_process_that_ran_libraw_can_start_decoders(tmp_path, cat):
     """LibRaw's OpenMP pool does not survive a fork: the indexer's decoder processes,
-    forked after the process decoded a RAW (a query by a RAW photo, a server upload),
-    would wait forever for its threads."""
+    started after the process decoded a RAW (a query by a RAW photo, a server upload),
+    would wait forever for its threads if they were forked. They come from a fork server
+    from then on (decode_ahead.process_pool), and decode."""
     path = str(write_dng(tmp_path / "cat.dng", cat))
     code = (
-        "import multiprocessing as mp\n"
+        "from functools import partial\n"
+        "from cliplens import decode_ahead\n"
         "from cliplens.images import open_image\n"
+        "assert not decode_ahead._fork_unsafe\n"
         f"open_image({path!r}, min_size=100)  # the OpenMP threads exist now\n"
-        "with mp.get_context('fork').Pool(1) as pool:\n"
-        f"    job = pool.apply_async(open_image, ({path!r},), {{'min_size': 100}})\n"
-        "    print(job.get(timeout=60).size)\n"
+        "assert decode_ahead._fork_unsafe\n"
+        "with decode_ahead.process_pool(1, int) as pool:\n"
+        f"    job = pool.submit(partial(open_image, min_size=100), {path!r})\n"
+        "    print(job.result().size)\n"
     )
     env = {**os.environ, "OMP_NUM_THREADS": "2"}  # a team of threads even on one core
     out = subprocess.run(
