@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import random
 import string
@@ -125,3 +126,14 @@ def test_unreadable_tables_fall_back_to_tokenizers(tmp_path):
     ours = TextTokenizer(tmp_path / "t.json")
     ids, _ = ours(["a photo of a cat"])
     assert ids[0].tolist() == hf.encode("a photo of a cat").ids
+
+
+def test_the_word_cache_stays_bounded(tmp_path, monkeypatch):
+    save_tokenizer(clip_tokenizer(False), tmp_path / "t.json")
+    ours = TextTokenizer(tmp_path / "t.json")
+    monkeypatch.setattr(bpe, "MAX_CACHED", 50)
+    words = ["".join(w) for w in itertools.islice(itertools.product("abcdefghij", repeat=3), 120)]
+    ids, _ = ours(words)
+    assert ours.tables is not None and 0 < len(ours.tables._cache) <= 50  # of 120 words
+    want = clip_tokenizer(False).encode_batch(words)
+    np.testing.assert_array_equal(ids, [e.ids for e in want])

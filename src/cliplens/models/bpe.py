@@ -28,6 +28,7 @@ import numpy as np
 from cliplens.store.files import write_atomic
 
 FORMAT = 1
+MAX_CACHED = 10_000  # words whose ids are kept (a query's words recur; a server's are many)
 # the character classes of CLIP's pre-tokenizer (open_clip and transformers write it with
 # them), and what each matches on printable ASCII, the only text encoded from the tables:
 # there \p{L} is [A-Za-z], \p{N} is [0-9], and the only white space is " "
@@ -238,6 +239,8 @@ class Tables:
         ids = dict(self.db.execute(query, tuple(word)).fetchall())
         if len(ids) != len(set(word)):
             raise KeyError(f"tokens missing from the vocabulary: {set(word) - ids.keys()}")
+        if len(self._cache) >= MAX_CACHED:  # a server meets words without end: start over
+            self._cache.clear()
         self._cache[piece] = out = [ids[t] for t in word]
         return out
 
