@@ -69,6 +69,15 @@ MinScoreOpt = Annotated[
 OffsetOpt = Annotated[
     int, typer.Option("--offset", min=0, max=MAX_TOP, help="Skip this many results (paging).")
 ]
+PreviewOpt = Annotated[
+    bool,
+    typer.Option(
+        "--preview",
+        help="Thumbnails beside the results (table format) where the terminal draws "
+        "images: kitty, Ghostty, iTerm2, WezTerm, sixel; CLIPLENS_PREVIEW="
+        "kitty|iterm2|sixel|none overrides.",
+    ),
+]
 NoIndexOpt = Annotated[
     bool, typer.Option("--no-index", help="Search the catalog as it is, without updating it.")
 ]
@@ -228,15 +237,7 @@ def search_command(
     min_score: MinScoreOpt = None,
     offset: OffsetOpt = 0,
     fmt: Annotated[HitFormat, typer.Option("--format", "-f")] = HitFormat.table,
-    preview: Annotated[
-        bool,
-        typer.Option(
-            "--preview",
-            help="Thumbnails beside the results (table format) where the terminal draws "
-            "images: kitty, Ghostty, iTerm2, WezTerm, sixel; CLIPLENS_PREVIEW="
-            "kitty|iterm2|sixel|none overrides.",
-        ),
-    ] = False,
+    preview: PreviewOpt = False,
     no_index: NoIndexOpt = False,
     exclude: ExcludeOpt = None,
     exact: Annotated[
@@ -300,15 +301,7 @@ def similar_command(
     min_score: MinScoreOpt = None,
     offset: OffsetOpt = 0,
     fmt: Annotated[HitFormat, typer.Option("--format", "-f")] = HitFormat.table,
-    preview: Annotated[
-        bool,
-        typer.Option(
-            "--preview",
-            help="Thumbnails beside the results (table format) where the terminal draws "
-            "images: kitty, Ghostty, iTerm2, WezTerm, sixel; CLIPLENS_PREVIEW="
-            "kitty|iterm2|sixel|none overrides.",
-        ),
-    ] = False,
+    preview: PreviewOpt = False,
     no_index: NoIndexOpt = False,
     exclude: ExcludeOpt = None,
     model: ModelOpt = None,
