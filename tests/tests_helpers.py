@@ -116,6 +116,12 @@ def job_with(whole: Path, shards: Path, first: list[str]) -> None:
 CHROMIUM = os.environ.get("CLIPLENS_CHROMIUM", "/usr/bin/chromium")
 
 
+def launch_chromium(playwright):
+    """Headless Chromium (Debian's, or CLIPLENS_CHROMIUM) through Playwright."""
+    path = shutil.which("chromium") or CHROMIUM
+    return playwright.chromium.launch(executable_path=path, args=["--no-sandbox"])
+
+
 def browser_or_skip() -> None:
     """Skip (a failure under CLIPLENS_NO_SKIPS=1) where Chromium or Playwright is missing."""
     missing = []

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from cliplens.errors import InvalidInputError
@@ -43,7 +43,6 @@ class Exclusions:
 
     patterns: tuple[str, ...] = ()
     ignore_files: bool = True
-    _cache: dict[str, object] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         for p in self.patterns:
@@ -54,25 +53,24 @@ class Exclusions:
                 )
         self._given = _spec(list(self.patterns), "--exclude") if self.patterns else None
 
-    def _file_spec(self, folder: str):
-        """The `.cliplensignore` of `folder`, parsed once per walk (None where there is none)."""
-        if folder not in self._cache:
-            path = Path(folder) / IGNORE_FILE
-            spec = None
-            if self.ignore_files and path.is_file():
-                text = read_text(path, IGNORE_FILE, "gitignore patterns, one a line")
-                spec = _spec(text.splitlines(), str(path))
-            self._cache[folder] = spec
-        return self._cache[folder]
+    def _file_spec(self, folder: str, present: bool):
+        """The patterns of `folder`'s `.cliplensignore` where the walk saw one, else None."""
+        if not (present and self.ignore_files):
+            return None
+        path = Path(folder) / IGNORE_FILE
+        return _spec(
+            read_text(path, IGNORE_FILE, "gitignore patterns, one a line").splitlines(), str(path)
+        )
 
-    def at_root(self, root: str) -> Specs:
-        """The patterns that apply in a root folder: `--exclude`'s, then its own file's."""
-        found = [(root, self._given), (root, self._file_spec(root))]
+    def at_root(self, root: str, has_file: bool) -> Specs:
+        """The patterns that apply in a root folder: `--exclude`'s, then its own file's
+        (`has_file`: its listing holds a `.cliplensignore`)."""
+        found = [(root, self._given), (root, self._file_spec(root, has_file))]
         return tuple((base, spec) for base, spec in found if spec is not None)
 
-    def below(self, specs: Specs, folder: str) -> Specs:
+    def below(self, specs: Specs, folder: str, has_file: bool) -> Specs:
         """The patterns that apply in `folder`: its parent's, then its own file's."""
-        own = self._file_spec(folder)
+        own = self._file_spec(folder, has_file)
         return specs if own is None else (*specs, (folder, own))
 
     def excludes_relative(self, rel: str) -> bool:
@@ -85,8 +83,8 @@ class Exclusions:
         """Whether `path` is left out: the last of the patterns that matches it decides, as in
         git (a folder's pattern also matches the folder with a trailing /)."""
         verdict = False
-        for base, spec in specs:
-            rel = os.path.relpath(path, base).replace(os.sep, "/") + ("/" if is_dir else "")
+        for base, spec in specs:  # `path` lies below `base`: the walk made it from it
+            rel = path[len(base) :].lstrip(os.sep).replace(os.sep, "/") + ("/" if is_dir else "")
             result = spec.check_file(rel)
             if result.include is not None:
                 verdict = bool(result.include)
@@ -94,7 +92,6 @@ class Exclusions:
 
 
 Specs = tuple[tuple[str, object], ...]  # (folder, its patterns), from the root down
-NO_EXCLUSIONS = Exclusions(ignore_files=False)
 
 
 def exclusions(patterns: Sequence[str] | None = None) -> Exclusions:

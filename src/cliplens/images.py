@@ -7,6 +7,7 @@ exception. `iter_image_files` walks folders in a deterministic order.
 
 from __future__ import annotations
 
+import bisect
 import errno
 import functools
 import io
@@ -35,7 +36,7 @@ from cliplens.errors import (
     UnsupportedImageError,
     one_line,
 )
-from cliplens.exclusions import Exclusions
+from cliplens.exclusions import IGNORE_FILE, Exclusions
 from cliplens.raw import RAW_EXTENSIONS, decode_raw, is_raw
 from cliplens.settings import get_settings
 
@@ -450,7 +451,9 @@ def iter_image_files(
 
     def walk(root: Path, dev: int, linked: bool) -> None:
         """Depth-first with an explicit stack, so deep trees hit no recursion limit."""
-        stack = [(dev, linked, _scandir_sorted(root), rules.at_root(str(root)))]
+        listing = _scandir_sorted(root)
+        specs = rules.at_root(str(root), _holds(listing, IGNORE_FILE))
+        stack = [(dev, linked, iter(listing), specs)]
         while stack:
             dir_dev, dir_linked, entries, specs = stack[-1]
             entry = next(entries, None)
@@ -468,8 +471,9 @@ def iter_image_files(
                         continue
                     st = entry.stat()
                     if may_enter((st.st_dev, st.st_ino), through):
-                        inner = rules.below(specs, entry.path)
-                        stack.append((st.st_dev, through, _scandir_sorted(Path(entry.path)), inner))
+                        listing = _scandir_sorted(Path(entry.path))
+                        inner = rules.below(specs, entry.path, _holds(listing, IGNORE_FILE))
+                        stack.append((st.st_dev, through, iter(listing), inner))
                 elif wanted and specs and rules.excluded(specs, entry.path, False):
                     continue
                 elif entry.is_file() and wanted:
@@ -513,10 +517,16 @@ def iter_image_files(
         yield from settle()
 
 
-def _scandir_sorted(path: Path) -> Iterator[os.DirEntry[str]]:
+def _scandir_sorted(path: Path) -> list[os.DirEntry[str]]:
     try:
         with os.scandir(path) as it:
-            return iter(sorted(it, key=lambda e: e.name))
+            return sorted(it, key=lambda e: e.name)
     except OSError as e:
         logger.warning("skipping directory %s: %s", path, one_line(e))
-        return iter(())
+        return []
+
+
+def _holds(entries: list[os.DirEntry[str]], name: str) -> bool:
+    """Whether a folder's sorted listing holds a file `name` (no stat of its own)."""
+    i = bisect.bisect_left(entries, name, key=lambda e: e.name)
+    return i < len(entries) and entries[i].name == name and entries[i].is_file()

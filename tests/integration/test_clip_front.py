@@ -27,7 +27,7 @@ from cliplens.catalog.db import Catalog
 from cliplens.catalog.update import update_catalog
 from cliplens.models.ref import ModelRef
 from cliplens.server import ServerSettings, create_app
-from tests_helpers import CHROMIUM, browser_or_skip, calm_policy, live_server
+from tests_helpers import browser_or_skip, calm_policy, launch_chromium, live_server
 
 
 @contextmanager
@@ -72,9 +72,7 @@ def test_clip_front_searches_this_server_in_chromium(tmp_path, photos):
             config = {"defaultBackend": back, "defaultIndex": "photos"}
             (front / "config.json").write_text(json.dumps(config))
             with sync_playwright() as p:
-                browser = p.chromium.launch(
-                    executable_path=shutil.which("chromium") or CHROMIUM, args=["--no-sandbox"]
-                )
+                browser = launch_chromium(p)
                 page = browser.new_page(viewport={"width": 1280, "height": 900})
                 errors: list[str] = []
                 page.on("pageerror", lambda e: errors.append(str(e)))

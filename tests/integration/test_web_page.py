@@ -10,7 +10,6 @@ sets), which makes every skip a failure (tests/conftest.py)."""
 from __future__ import annotations
 
 import base64
-import shutil
 import socket
 import threading
 import time
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests_helpers import CHROMIUM, browser_or_skip
+from tests_helpers import browser_or_skip, launch_chromium
 
 
 def _free_port() -> int:
@@ -72,9 +71,7 @@ def test_search_click_similar_and_classify_in_chromium(live_server, photos, tmp_
     from playwright.sync_api import expect, sync_playwright
 
     with sync_playwright() as p:
-        browser = p.chromium.launch(
-            executable_path=shutil.which("chromium") or CHROMIUM, args=["--no-sandbox"]
-        )
+        browser = launch_chromium(p)
         page = browser.new_page(viewport={"width": 1280, "height": 900})
         errors: list[str] = []
         page.on("pageerror", lambda e: errors.append(str(e)))
@@ -153,9 +150,7 @@ def test_scrolling_loads_the_next_page_and_the_cut_off_applies_to_all(live_serve
     whole = httpx.get(f"{live_server}/v1/search", params={"q": query, "n": 7}).json()["results"]
     assert len(whole) == 7
     with sync_playwright() as p:
-        browser = p.chromium.launch(
-            executable_path=shutil.which("chromium") or CHROMIUM, args=["--no-sandbox"]
-        )
+        browser = launch_chromium(p)
         # short, so that "More" starts below the fold and only scrolling reaches it
         page = browser.new_page(viewport={"width": 1280, "height": 360})
         errors: list[str] = []

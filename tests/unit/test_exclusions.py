@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from cliplens.errors import InvalidInputError
-from cliplens.exclusions import NO_EXCLUSIONS, Exclusions
+from cliplens.exclusions import Exclusions
 from cliplens.images import iter_image_files
 
 TREE = [
@@ -62,9 +62,9 @@ def test_ignore_files_apply_below_their_folder_and_can_bring_back(tree):
         "sub/deep/keep.jpg",
         "sub/exports/e2.jpg",
     ]
-    # --exclude adds to the files; NO_EXCLUSIONS reads none of them
+    # --exclude adds to the files; ignore_files=False reads none of them
     assert "node_modules/pkg/x.jpg" not in walk(tree, Exclusions(("node_modules",)))
-    assert walk(tree, NO_EXCLUSIONS) == sorted(TREE)
+    assert walk(tree, Exclusions(ignore_files=False)) == sorted(TREE)
 
 
 def test_a_folder_left_out_is_not_entered(tree, monkeypatch):

@@ -15,5 +15,5 @@ def test_tables_and_messages_show_control_characters_as_escapes(capsys):
     for text in (out, err):
         assert "\x1b" not in text and "\x07" not in text and "\x9b" not in text
         assert "evil\\x1b]0;owned\\x07\\x1b[2J.jpg" in text
-    assert "a/b.jpg" in out and "c/d.jpg" in out  # a cell's lines stay lines
+    assert "a/b.jpg" in out and "c/d.jpg" in out and "\\x0a" not in out  # lines stay lines
     assert "\\x9b" in err

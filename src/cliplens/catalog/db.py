@@ -284,6 +284,7 @@ class Catalog(CatalogSearch):
         except BaseException as e:
             with contextlib.suppress(sqlite3.Error):
                 self.db.execute("ROLLBACK")
+            self._model_ids.clear()  # a model added inside is gone again
             if isinstance(e, sqlite3.Error):
                 raise sqlite_error(self.path, e) from e
             raise

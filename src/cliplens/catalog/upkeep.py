@@ -406,7 +406,7 @@ def merge_catalogs(
         with catalog.transaction(), progress_bar(total, "merging", progress) as advance:
             _merge_files(catalog, theirs, report, advance)
             for their_key, (model_id, dim) in models.items():
-                key = _model_key(catalog, model_id, dim)
+                key = catalog.model_key(model_id, dim)
                 _merge_embeddings(catalog, theirs, their_key, key, report, advance)
             if catalog.garbage_pending:  # replaced records may leave content unused
                 catalog.collect_garbage()
@@ -477,18 +477,6 @@ def _models_to_merge(
             report.models_added.append(model_id)
         models[key] = (model_id, dim)
     return models
-
-
-def _model_key(catalog: Catalog, model_id: str, dim: int) -> int:
-    """Our key of a model (added with its dim where new), inside the merge's transaction.
-    Not `Catalog.model_key`, which remembers keys: a rolled-back merge would leave it
-    remembering a model the catalog does not hold."""
-    catalog.db.execute(
-        "INSERT OR IGNORE INTO models (model_id, dim) VALUES (?, ?)", (model_id, dim)
-    )
-    return int(
-        catalog.db.execute("SELECT id FROM models WHERE model_id = ?", (model_id,)).fetchone()[0]
-    )
 
 
 def _merge_files(catalog: Catalog, theirs: Catalog, report: MergeReport, advance: Any) -> None:

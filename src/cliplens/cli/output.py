@@ -22,9 +22,11 @@ from cliplens.paths import readable
 _CONTROL = re.compile(r"[\x00-\x09\x0b-\x1f\x7f-\x9f]")
 
 
-def shown(text: str) -> str:
-    """Text for a terminal: undecodable bytes and control characters as \\xNN."""
-    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", readable(text))
+def shown(text: str, newlines: bool = True) -> str:
+    """Text for a terminal: undecodable bytes and control characters as \\xNN (newlines
+    too, unless `newlines`)."""
+    text = _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", readable(text))
+    return text if newlines else text.replace("\n", "\\x0a")
 
 
 # Commands import the library inside their bodies, so that `cliplens --help` and every

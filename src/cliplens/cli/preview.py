@@ -23,8 +23,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
+from cliplens.cli.output import shown
 from cliplens.errors import ClipLensError, InvalidInputError
-from cliplens.paths import readable
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -50,7 +50,6 @@ KITTY_CHUNK = 4096  # base64 bytes per kitty escape code (the spec's limit)
 SIXEL_COLORS = 256  # colour registers: what xterm, mlterm, foot and wezterm offer
 
 _DA1_REPLY = re.compile(rb"\x1b\[\?([0-9;]*)c")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 # ------------------------------------------------------------------ detection
 
@@ -315,12 +314,6 @@ def _drawn(path: str, protocol: Protocol, cells: Cells) -> str | None:
         return None
 
 
-def _safe(text: str) -> str:
-    """A path for the terminal: undecodable bytes and control characters as \\xNN, so a
-    file name cannot carry escape codes of its own."""
-    return _CONTROL.sub(lambda m: f"\\x{ord(m.group(0)):02x}", readable(text))
-
-
 def block(image: str | None, text: str, cells: Cells) -> str:
     """One result: its thumbnail with the text beside it, cut into lines that fit beside.
     Lines are reserved first (scrolling if need be) and the image drawn between saving
@@ -345,7 +338,11 @@ def blocks(hits: Sequence[Hit], offset: int, protocol: Protocol, cells: Cells) -
     with ThreadPoolExecutor(max_workers=min(8, max(1, len(hits)))) as pool:
         drawn = pool.map(lambda h: _drawn(h.path, protocol, cells), hits)
         for i, (hit, image) in enumerate(zip(hits, drawn, strict=True)):
-            yield block(image, f"{offset + i + 1}  {hit.score:.3f}  {_safe(hit.path)}", cells)
+            yield block(
+                image,
+                f"{offset + i + 1}  {hit.score:.3f}  {shown(hit.path, newlines=False)}",
+                cells,
+            )
 
 
 def print_previews(

@@ -188,7 +188,7 @@ _KINDS = {400: "invalid_body", 401: "unauthorized", 404: "not_found", 405: "meth
 
 
 _SHAPE = "send the documented shape (see /docs)"
-_OPENAI_SHAPE = "send the body OpenAI's API documents"  # its routes are not in /docs
+_OPENAI_SHAPE = "send the body OpenAI's API documents"
 
 
 def _shape(scope: dict) -> str:
@@ -362,7 +362,7 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
     app.include_router(meta.router, dependencies=protected, responses=ERRORS)
     for module in (embed, classify, search_routes, moderate, quality, score, caption):
         app.include_router(module.router, dependencies=protected, responses=ERRORS)
-    # OpenAI's API, its errors in OpenAI's shape: out of the schema (see the module)
+    # OpenAI's API, its errors in OpenAI's shape (in the schema with its own error model)
     app.include_router(openai_api.router, dependencies=protected)
     if settings.cors_origins:
         app.add_middleware(

@@ -43,12 +43,14 @@ import binascii
 import json
 from typing import Annotated, Any, Literal
 
+import anyio
 import numpy as np
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from cliplens.errors import ClipLensError, InvalidInputError
 from cliplens.images import open_image_bytes
+from cliplens.paths import readable
 from cliplens.searchable import Hit
 from cliplens.server.fetch import fetch
 from cliplens.server.routes.search import thumbnail_bytes
@@ -160,24 +162,25 @@ async def knn_service(request: Request) -> list[dict[str, Any]]:
     if sum(x is not None and x != "" for x in given) != 1:
         raise InvalidInputError("send exactly one of text, image, image_url, embedding_input")
     image = await _image(svc, body)
-    n = max(body.num_result_ids or body.num_images, 1)
+    n = body.num_result_ids or body.num_images
     base = str(request.base_url).rstrip("/")
 
-    def work() -> list[dict[str, Any]]:
+    def work() -> list[Hit]:
         searched = svc.searched()
-        model_id = svc.model_id()
         vec = _query(svc, body, image)
-        hits = searched.search(vec, n, model_id)
-        hits = _filtered(svc, hits, body)
-        rows = []
+        return _filtered(svc, searched.search(vec, n, svc.model_id()), body)
+
+    def rows(hits: list[Hit]) -> list[dict[str, Any]]:
+        out = []
         for i, hit in enumerate(hits):
             row: dict[str, Any] = {"id": hit.id, "similarity": round(hit.score, 6)}
             if i < body.num_images:
                 row |= _metadata(svc, hit, base, thumbnail=i < MAX_THUMBS)
-            rows.append(row)
-        return rows
+            out.append(row)
+        return out
 
-    return await svc.run(work)
+    hits = await svc.run(work)  # the model's part; thumbnails without its lock
+    return await _in_thread(rows, hits)
 
 
 @router.post("/metadata", openapi_extra=_json_body(MetadataRequest))
@@ -198,7 +201,7 @@ async def metadata(request: Request) -> list[dict[str, Any]]:
                 out.append({"id": photo_id, "metadata": _metadata(svc, hit, base)})
         return out
 
-    return await svc.run(work)
+    return await _in_thread(work)  # no model: files and thumbnails only
 
 
 async def _image(svc: Service, body: KnnRequest) -> Any:
@@ -224,8 +227,6 @@ async def _image(svc: Service, body: KnnRequest) -> Any:
         label = "image_url"
     else:
         return None
-    if len(data) > svc.settings.max_upload_mb * 1024 * 1024:
-        raise InvalidInputError(f"image: over {svc.settings.max_upload_mb:g} MB; send less")
     prep = await _in_thread(lambda: svc.ref.info.preprocessing)
     return await _in_thread(
         open_image_bytes,
@@ -237,8 +238,6 @@ async def _image(svc: Service, body: KnnRequest) -> Any:
 
 
 async def _in_thread(fn: Any, *args: Any, **kwargs: Any) -> Any:
-    import anyio
-
     return await anyio.to_thread.run_sync(lambda: fn(*args, **kwargs))
 
 
@@ -337,8 +336,6 @@ def flagged(moderator: Moderator, vectors: np.ndarray) -> tuple[np.ndarray, np.n
 def _metadata(svc: Service, hit: Hit, base: str, thumbnail: bool = True) -> dict[str, Any]:
     """A result's metadata as clip-retrieval gives it: its path, a thumbnail, and a URL
     to the photo where a client can fetch it without a token."""
-    from cliplens.paths import readable
-
     meta: dict[str, Any] = {"image_path": readable(hit.path)}
     if svc.settings.token is None:
         meta["url"] = f"{base}/v1/images/{hit.id}"

@@ -46,8 +46,6 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel
 
 from cliplens.images import open_image_bytes
-from cliplens.models import onnx_text
-from cliplens.models.bpe import TextTokenizer
 from cliplens.models.info import ModelInfo
 from cliplens.models.ref import ModelRef
 from cliplens.server.service import ApiError, Service, service_of
@@ -191,7 +189,7 @@ def _model(request: Request, name: str) -> ModelOut:
 
 async def _served(svc: Service, model: str) -> ModelInfo:
     """The served model's info, where `model` names it (by name or model_id)."""
-    info: ModelInfo = await svc.run(lambda: svc.ref.info)
+    info: ModelInfo = await anyio.to_thread.run_sync(lambda: svc.ref.info)
     if model not in (svc.ref.name, info.model_id):
         asked = json.dumps(model[:200], ensure_ascii=False)
         raise OpenAIError(
@@ -290,15 +288,11 @@ def _token_counter(ref: ModelRef) -> TokenCounter | None:
     included, padding not), or None where the backend gives no way to count them.
 
     The exported text tower's tokenizer first (no torch: checked at export to give the
-    backend's own ids), else the backend's ids; loads the model only where no export
+    backend's own ids), else the backend's count; loads the model only where no export
     exists, which encoding the texts does then anyway."""
-    text_id = ref.info.text_id
-    if onnx_text.exported(text_id):
-        folder = onnx_text.folder_for(text_id)
-        meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
-        clean = onnx_text.CLEANERS[meta["cleaner"]]
-        tokenizer = TextTokenizer(folder / "tokenizer.json")
-        return lambda texts: tokenizer([clean(t) for t in texts])[1].sum(axis=1).tolist()
+    fast = ref.fast_text()
+    if fast is not None:
+        return lambda texts: fast.token_ids(texts)[1].sum(axis=1).tolist()
     counts = getattr(ref.load(), "token_counts", None)
     if counts is None or counts(["a"]) is None:
         return None
