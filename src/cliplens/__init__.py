@@ -45,6 +45,7 @@ _EXPORTS = {
     "Catalog": "cliplens.catalog.db",
     "update_catalog": "cliplens.catalog.update",
     "UpdateStats": "cliplens.catalog.update",
+    "VideoSampling": "cliplens.video",
     "Searchable": "cliplens.searchable",
     "Hit": "cliplens.searchable",
     "StoredModel": "cliplens.searchable",

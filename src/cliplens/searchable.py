@@ -28,19 +28,27 @@ SearchableKind = Literal["catalog", "index"]
 
 @dataclass(frozen=True)
 class Hit:
-    """One search result: a photo's path, its cosine similarity to the query, its id.
+    """One search result: a photo's path, its cosine similarity to the query, its id; for
+    a video, the moment found (`time`, seconds from its start) and its best moments among
+    those found, as (seconds, score), best first.
 
     >>> import cliplens
     >>> hits = cliplens.search(cliplens.open_catalog(), cliplens.load_model("offline"), "a cat")
-    >>> hits[0].path, hits[0].score  # doctest: +SKIP
+    >>> hits[0].path, hits[0].score, hits[0].time  # doctest: +SKIP
     """
 
     path: str
     score: float
     id: int | None = None  # the photo's id where it was found: catalog file id or index row
+    time: float | None = None  # a video's moment, in seconds; None for a photo
+    moments: tuple[tuple[float, float], ...] = ()
 
-    def to_dict(self) -> dict[str, str | float]:
-        return {"path": self.path, "score": round(self.score, 6)}
+    def to_dict(self) -> dict[str, object]:
+        out: dict[str, object] = {"path": self.path, "score": round(self.score, 6)}
+        if self.time is not None:
+            out["time"] = round(self.time, 3)
+            out["moments"] = [{"time": round(t, 3), "score": round(s, 6)} for t, s in self.moments]
+        return out
 
 
 class StoredModel(NamedTuple):

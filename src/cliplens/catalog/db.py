@@ -20,6 +20,7 @@ from typing import Literal
 
 import numpy as np
 
+from cliplens.catalog import frames
 from cliplens.catalog.errors import (
     SQLITE_MAGIC,
     CatalogBusyError,
@@ -28,6 +29,7 @@ from cliplens.catalog.errors import (
     not_a_catalog,
     sqlite_error,
 )
+from cliplens.catalog.schema import MIGRATIONS, SCHEMA_VERSION
 from cliplens.catalog.vectors import CatalogSearch
 from cliplens.errors import ImageNotFoundError, InvalidInputError
 from cliplens.paths import from_text, to_text
@@ -42,41 +44,10 @@ __all__ = [
     "open_catalog",
 ]
 
-SCHEMA_VERSION = 1
-
-# Migrations: MIGRATIONS[v] brings a catalog from version v to v + 1.
-MIGRATIONS: dict[int, str] = {
-    0: """
-    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-    CREATE TABLE files (
-        id INTEGER PRIMARY KEY,
-        path TEXT NOT NULL UNIQUE,
-        size INTEGER NOT NULL,
-        mtime_ns INTEGER NOT NULL,
-        hash TEXT,
-        status TEXT NOT NULL CHECK (status IN ('ok', 'failed')),
-        error TEXT,
-        updated_at REAL NOT NULL
-    );
-    CREATE INDEX files_hash ON files (hash);
-    CREATE TABLE models (
-        id INTEGER PRIMARY KEY,
-        model_id TEXT NOT NULL UNIQUE,
-        dim INTEGER NOT NULL
-    );
-    CREATE TABLE embeddings (
-        model INTEGER NOT NULL REFERENCES models (id) ON DELETE CASCADE,
-        hash TEXT NOT NULL,
-        vector BLOB NOT NULL,
-        PRIMARY KEY (model, hash)
-    ) WITHOUT ROWID;
-    INSERT INTO meta VALUES ('generation', '0');
-    """,
-}
-
-
 #: a file the indexer read as an image, or one it could not read
 FileStatus = Literal["ok", "failed"]
+#: a photo, or a video (searched by its moments: catalog/frames.py)
+FileKind = Literal["image", "video"]
 
 
 @dataclass(frozen=True)
@@ -88,9 +59,10 @@ class FileRow:
     hash: str | None
     status: FileStatus
     error: str | None
+    kind: FileKind = "image"
 
 
-_FILE_COLUMNS = "id, path, size, mtime_ns, hash, status, error"
+_FILE_COLUMNS = "id, path, size, mtime_ns, hash, status, error, kind"
 
 
 def _file_row(r: tuple) -> FileRow:
@@ -377,18 +349,19 @@ class Catalog(CatalogSearch):
 
     def upsert_files(
         self,
-        rows: Iterable[tuple[str, int, int, str | None, str, str | None]],
+        rows: Iterable[tuple],
     ) -> None:
-        """(path, size, mtime_ns, hash, status, error) rows; call inside a transaction."""
+        """(path, size, mtime_ns, hash, status, error[, kind]) rows (kind: "image" when
+        left out); call inside a transaction."""
         now = time.time()
-        rows = [(to_text(r[0]), *r[1:]) for r in rows]
+        rows = [(to_text(r[0]), *r[1:6], r[6] if len(r) > 6 else "image") for r in rows]
         if self._replaces_content(rows):
             self._mark_garbage()
         self.db.executemany(
-            "INSERT INTO files (path, size, mtime_ns, hash, status, error, updated_at) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(path) DO UPDATE SET size=excluded.size, "
+            "INSERT INTO files (path, size, mtime_ns, hash, status, error, kind, updated_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(path) DO UPDATE SET size=excluded.size, "
             "mtime_ns=excluded.mtime_ns, hash=excluded.hash, status=excluded.status, "
-            "error=excluded.error, updated_at=excluded.updated_at",
+            "error=excluded.error, kind=excluded.kind, updated_at=excluded.updated_at",
             [(*r, now) for r in rows],
         )
         self._bump()
@@ -439,11 +412,10 @@ class Catalog(CatalogSearch):
         return n
 
     def collect_garbage(self) -> int:
-        """Drop embeddings that no file refers to any more (deleted or changed content)."""
-        n = self.db.execute(
-            "DELETE FROM embeddings WHERE hash NOT IN "
-            "(SELECT hash FROM files WHERE hash IS NOT NULL)"
-        ).rowcount
+        """Drop embeddings that no file refers to any more (deleted or changed content),
+        and the moments of videos no file holds."""
+        self.db.execute(frames.GARBAGE_SQL[0])
+        n = self.db.execute(frames.GARBAGE_SQL[1]).rowcount
         self.db.execute("DELETE FROM meta WHERE key = 'garbage'")
         if n:
             self._bump()
@@ -452,20 +424,15 @@ class Catalog(CatalogSearch):
     # ------------------------------------------------------------ reading vectors
 
     def vectors(self, model_id: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(file ids, content keys, float16 matrix) of every readable file embedded by the
-        model. A content key is the first 60 bits of the file's hash: it changes when the
-        file does, which tells an ANN index which rows to replace."""
+        """(row ids, content keys, float16 matrix) of every readable photo and video moment
+        embedded by the model, by row id (a photo's is its file id; a moment's:
+        catalog/frames.py). A content key is the first 60 bits of the file's hash: it
+        changes when the file does, which tells an ANN index which rows to replace."""
         row = self.db.execute("SELECT id, dim FROM models WHERE model_id=?", (model_id,)).fetchone()
         if row is None:
             return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, 0), np.float16)
         model, dim = row
-        cur = self.db.execute(
-            "SELECT f.id, substr(f.hash, 1, 15), e.vector FROM files f "
-            "JOIN embeddings e ON e.hash = f.hash "
-            "WHERE e.model = ? AND f.status = 'ok' ORDER BY f.id",
-            (model,),
-        )
-        rows = cur.fetchall()
+        rows = self.db.execute(frames.VECTORS_SQL, {"model": model}).fetchall()
         ids = np.fromiter((r[0] for r in rows), np.int64, len(rows))
         keys = np.fromiter((int(r[1], 16) for r in rows), np.int64, len(rows))
         matrix = np.frombuffer(b"".join(r[2] for r in rows), "<f2").reshape(len(rows), dim)
@@ -484,13 +451,12 @@ class Catalog(CatalogSearch):
         return False
 
     def count_embedded(self, model_id: str) -> int:
-        """How many readable files have an embedding by the model (rows of `vectors`)."""
-        row = self.db.execute(
-            "SELECT count(*) FROM files f JOIN embeddings e ON e.hash = f.hash "
-            "JOIN models m ON m.id = e.model WHERE m.model_id = ? AND f.status = 'ok'",
-            (model_id,),
-        ).fetchone()
-        return int(row[0])
+        """How many readable photos and video moments have an embedding by the model (rows
+        of `vectors`)."""
+        row = self.db.execute("SELECT id FROM models WHERE model_id = ?", (model_id,)).fetchone()
+        if row is None:
+            return 0
+        return int(self.db.execute(frames.COUNT_SQL, {"model": row[0]}).fetchone()[0])
 
     def paths(self, ids: Iterable[int]) -> dict[int, str]:
         ids = [int(i) for i in ids]

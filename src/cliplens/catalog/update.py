@@ -5,6 +5,7 @@ run skips what was committed and carries on.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections.abc import Iterator, Sequence
@@ -15,6 +16,7 @@ import numpy as np
 
 from cliplens.catalog.db import Catalog, open_catalog, resolve_folders
 from cliplens.catalog.errors import CatalogBusyError, CatalogReadOnlyError
+from cliplens.catalog.frames import put_moments
 from cliplens.catalog.vectors import refresh_ann
 from cliplens.models.info import INT8_SUFFIX
 from cliplens.progress import progress_bar
@@ -24,6 +26,7 @@ if TYPE_CHECKING:
     from cliplens.models.batched import BatchedEncoder
     from cliplens.models.encoder import Encoder
     from cliplens.models.info import ModelInfo
+    from cliplens.video import VideoSampling
 
 
 class FileFailure(NamedTuple):
@@ -52,7 +55,8 @@ class UpdateStats:
     removed: int = 0
     failed: int = 0  # newly failed in this run
     failed_before: int = 0  # failed earlier and unchanged since: not retried
-    encoded: int = 0
+    encoded: int = 0  # crops encoded: photos and video moments
+    videos: int = 0  # videos embedded in this run (their moments are counted in `encoded`)
     engine: str = ""  # what encoded, e.g. "openvino bf16" (empty when nothing was encoded)
     timings: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # what the user should know about the run
@@ -74,20 +78,35 @@ class UpdateStats:
         ]
         if self.failed_before:
             parts.append(f"{self.failed_before} failed before, not retried")
+        if self.videos:
+            parts.append(f"{self.videos} video{'' if self.videos == 1 else 's'} embedded")
         return ", ".join(parts)
 
 
-def _scan(roots: Sequence[str], exclude: Sequence[str] = ()) -> dict[str, tuple[int, int]]:
+def _scan(
+    roots: Sequence[str], exclude: Sequence[str], notes: list[str]
+) -> dict[str, tuple[int, int]]:
+    """Every photo and video under the roots, with its size and mtime; videos only where
+    PyAV can read them (else a note says how many were left out)."""
+    from cliplens import video
     from cliplens.exclusions import exclusions
-    from cliplens.images import iter_image_files  # Pillow: not on the --no-index path
+    from cliplens.images import IMAGE_EXTENSIONS, iter_image_files  # Pillow: not on --no-index
 
+    extensions = {*IMAGE_EXTENSIONS, *video.VIDEO_EXTENSIONS}
+    videos = video.available()
     found: dict[str, tuple[int, int]] = {}
-    for path in iter_image_files(roots, exclude=exclusions(exclude)):
+    left_out = 0
+    for path in iter_image_files(roots, extensions=extensions, exclude=exclusions(exclude)):
+        if not videos and video.is_video(path):
+            left_out += 1
+            continue
         try:
             st = path.stat()
         except OSError:
             continue
         found[str(path)] = (st.st_size, st.st_mtime_ns)
+    if left_out:
+        notes.append(f"{left_out} videos were not indexed: they need PyAV ({video.INSTALL})")
     return found
 
 
@@ -100,15 +119,17 @@ def update_catalog(
     progress: bool = False,
     max_megapixels: float | None = None,
     exclude: Sequence[str] = (),
+    video: VideoSampling | None = None,
 ) -> UpdateStats:
-    """Bring the catalog up to date with the image files under `roots` for one model.
+    """Bring the catalog up to date with the photos and videos under `roots` for one model.
 
     Why: search reads embeddings from the catalog; this embeds only what is new or
     changed since the last run (a ModelRef loads the network only if some file needs
     encoding), and a killed run loses at most the batch in flight. One index run at a
     time per catalog: a second one gets CatalogBusyError at once. Files that `exclude`
     (gitignore patterns) or a `.cliplensignore` leaves out are not indexed, and leave the
-    catalog if it held them (cliplens.exclusions).
+    catalog if it held them (cliplens.exclusions). A video is embedded at the moments
+    `video` chooses (`VideoSampling`; PyAV, the `video` extra), whole or not at all.
 
     >>> import cliplens
     >>> catalog = cliplens.open_catalog("photos.db")
@@ -124,6 +145,7 @@ def update_catalog(
             progress=progress,
             max_megapixels=max_megapixels,
             exclude=exclude,
+            video=video,
         )
 
 
@@ -197,7 +219,7 @@ def _plan(
     stats: UpdateStats,
     exclude: Sequence[str],
 ) -> _Plan:
-    found = _scan(folders, exclude)
+    found = _scan(folders, exclude, stats.notes)
     existing = catalog.files_under(folders)
     jobs: list[FileJob] = []
     kinds: dict[str, Literal["new", "changed"]] = {}
@@ -214,7 +236,11 @@ def _plan(
         else:
             kinds[path] = "new" if row is None else "changed"
         jobs.append((path, size, mtime))
+    from cliplens import video
+
     gone = [p for p in existing if p not in found]
+    if not video.available():  # videos were not looked at: they are not gone
+        gone = [p for p in gone if existing[p].kind != "video"]
     return _Plan(jobs, kinds, gone)
 
 
@@ -228,6 +254,7 @@ def _update_catalog(
     progress: bool,
     max_megapixels: float | None,
     exclude: Sequence[str],
+    video: VideoSampling | None,
 ) -> UpdateStats:
     t0 = time.perf_counter()
     stats = UpdateStats()
@@ -250,9 +277,12 @@ def _update_catalog(
     if encoder is not None:
         stats.engine = f"{encoder.info.engine} {encoder.info.precision}"
     bs = batch_size or (encoder.default_batch_size if encoder else 1)
+    from cliplens.catalog.frames import sampled_times
     from cliplens.catalog.worker import CropDecoder  # here: a no-op run decodes nothing
 
-    decoder = CropDecoder(info.preprocessing, max_megapixels, frozenset(known))
+    sampled = sampled_times(catalog, key)
+    video = _sampling(catalog, video)
+    decoder = CropDecoder(info.preprocessing, max_megapixels, frozenset(known), video, sampled)
     writer = _BatchWriter(catalog, encoder, key, stats)
     with progress_bar(len(plan.jobs), "indexing", progress) as advance:
         for item in _decoded(plan.jobs, decoder, workers, bs):
@@ -272,6 +302,29 @@ def _update_catalog(
     stats.timings.update(write=writer.t_write, ann=time.perf_counter() - t)
     stats.timings["total"] = time.perf_counter() - t0
     return stats
+
+
+def _sampling(catalog: Catalog, video: VideoSampling | None) -> VideoSampling:
+    """The catalog's video sampling: `video` when given (then kept for its later runs,
+    such as a search's update), else the one kept, else the defaults."""
+    import json
+
+    from cliplens.video import VideoSampling
+
+    if video is not None:
+        with catalog.transaction() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES ('video_sampling', ?)",
+                (json.dumps(dataclasses.asdict(video)),),
+            )
+        return video
+    row = catalog.db.execute("SELECT value FROM meta WHERE key = 'video_sampling'").fetchone()
+    if row is None:
+        return VideoSampling()
+    try:
+        return VideoSampling(**json.loads(row[0]))
+    except (ValueError, TypeError):  # written by another version: the defaults
+        return VideoSampling()
 
 
 def _precision_notes(catalog: Catalog, info: ModelInfo) -> list[str]:
@@ -304,6 +357,8 @@ def _count(item: Decoded, plan: _Plan, known: set[str], stats: UpdateStats) -> N
         stats.changed += 1
     else:
         stats.new += 1
+    if item.kind == "video" and item.crop is not None:
+        stats.videos += 1
 
 
 class _BatchWriter:
@@ -315,14 +370,16 @@ class _BatchWriter:
     ) -> None:
         self.catalog, self.encoder, self.key, self.stats = catalog, encoder, key, stats
         self.pending: list[Decoded] = []
-        self.crops = 0  # pending items with a crop to encode
+        self.crops = 0  # crops the pending items hold (a video's moments are several)
+        self.bs = 1
         self.t_decode = self.t_encode = self.t_write = 0.0
 
     def add(self, item: Decoded, bs: int) -> None:
         """Queue one file; commit once a batch of crops (or 4x as many files) is queued."""
         self.t_decode += item.seconds
         self.pending.append(item)
-        self.crops += item.crop is not None
+        self.crops += item.n_crops
+        self.bs = bs
         if self.crops >= bs or len(self.pending) >= 4 * bs:
             self.flush()
 
@@ -330,24 +387,40 @@ class _BatchWriter:
         if not self.pending:
             return
         pending, catalog = self.pending, self.catalog
-        crops = [d for d in pending if d.crop is not None]
+        encoded = [d for d in pending if d.crop is not None]
         t = time.perf_counter()
-        vectors = None
-        if crops:
-            assert self.encoder is not None, "crops come only from jobs, which load the model"
-            vectors = self.encoder.encode_crops(np.stack([d.crop for d in crops]))
+        vectors = self._encode(encoded)
         self.t_encode += time.perf_counter() - t
         t = time.perf_counter()
         with catalog.transaction():
-            if vectors is not None:
-                catalog.put_embeddings(self.key, [d.hash for d in crops], vectors)
+            photos = [i for i, d in enumerate(encoded) if d.kind == "image"]
+            if photos:
+                rows = np.asarray([vectors[i][0] for i in photos])
+                catalog.put_embeddings(self.key, [encoded[i].hash for i in photos], rows)
+            for d, vecs in zip(encoded, vectors, strict=True):
+                if d.kind == "video":
+                    assert d.hash is not None and d.times_ms is not None
+                    put_moments(catalog, self.key, d.hash, d.times_ms, vecs)
             catalog.upsert_files(
-                (d.path, d.size, d.mtime_ns, d.hash, "failed" if d.error else "ok", d.error)
+                (d.path, d.size, d.mtime_ns, d.hash, "failed" if d.error else "ok", d.error, d.kind)
                 for d in pending
             )
         self.t_write += time.perf_counter() - t
-        self.stats.encoded += len(crops)
+        self.stats.encoded += sum(d.n_crops for d in encoded)
         self.pending, self.crops = [], 0
+
+    def _encode(self, encoded: list[Decoded]) -> list[np.ndarray]:
+        """Each item's vectors (1 x D for a photo, F x D for a video), encoded in batches."""
+        if not encoded:
+            return []
+        assert self.encoder is not None, "crops come only from jobs, which load the model"
+        crops = np.concatenate([d.crop if d.kind == "video" else d.crop[None] for d in encoded])
+        bs = max(1, self.bs)
+        out = np.concatenate(
+            [self.encoder.encode_crops(crops[i : i + bs]) for i in range(0, len(crops), bs)]
+        )
+        ends = np.cumsum([d.n_crops for d in encoded])
+        return np.split(out, ends[:-1])
 
 
 def _decoded(
@@ -361,7 +434,7 @@ def _decoded(
     from cliplens.decode_ahead import INLINE, decode_ahead, process_pool
 
     n = workers if workers is not None else (os.cpu_count() or 1)
-    args = (decoder.known, decoder.prep, decoder.max_megapixels)
+    args = (decoder,)
     if n <= 0:
         init_worker(*args)
         for _, batch in decode_ahead(jobs, decode_file, bs, INLINE, ahead=0):

@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, cast
 
 import numpy as np
 
+from cliplens.catalog import frames
 from cliplens.catalog import ivf as ann_mod
 from cliplens.searchable import (
     Hit,
@@ -40,7 +42,8 @@ AnnMode = Literal["auto", "train", "off"]
 
 
 class CatalogVectors:
-    """ids (N,) int64 file ids; matrix (N, D) rows L2-normalised (float16 or float32)."""
+    """ids (N,) int64 row ids, sorted: a photo's file id, or a video moment's
+    (catalog/frames.py); matrix (N, D) rows L2-normalised (float16 or float32)."""
 
     def __init__(
         self,
@@ -54,6 +57,8 @@ class CatalogVectors:
         self.ann = ann
         self._source = matrix
         self._matrix: np.ndarray | None = matrix if matrix.dtype == np.float32 else None
+        self.moments = frames.has_moments(ids)  # whether some rows are video moments
+        self.files = frames.file_of(ids) if self.moments else ids  # each row's file id
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -72,7 +77,8 @@ class CatalogVectors:
         allowed: np.ndarray | None = None,
         exact: bool = False,
     ) -> list[tuple[int, float]]:
-        """The k rows most similar to `query` (cosine), optionally among allowed file ids.
+        """The k rows most similar to `query` (cosine), as (row id, score), optionally among
+        the rows of allowed file ids.
 
         Uses the ANN index when there is one, unless `exact`; a folder filter that keeps
         under half the rows is searched exactly over those rows.
@@ -84,7 +90,9 @@ class CatalogVectors:
                 return self.ann.search(query, k)
             if len(allowed) >= len(self.ids) // 2:
                 ok = set(np.asarray(allowed).tolist())
-                hits = [h for h in self.ann.search(query, 4 * k) if h[0] in ok]
+                found = self.ann.search(query, 4 * k)
+                files = frames.file_of(np.asarray([h[0] for h in found], np.int64))
+                hits = [h for h, f in zip(found, files.tolist(), strict=True) if f in ok]
                 if len(hits) >= k:
                     return hits[:k]
         return self._exact(query, k, allowed)
@@ -112,7 +120,7 @@ class CatalogVectors:
     ) -> list[tuple[int, float]]:
         ids, matrix = self.ids, self.matrix
         if allowed is not None:
-            keep = np.isin(ids, allowed)
+            keep = np.isin(self.files, allowed)
             ids, matrix = ids[keep], matrix[keep]
         if len(ids) == 0:
             return []
@@ -194,6 +202,26 @@ def refresh_ann(catalog: Catalog, model_id: str, changed: bool) -> bool:
     return load_vectors(catalog, model_id, ann="train").ann is not None
 
 
+MOMENTS = 3  # a video hit's best moments, listed with it
+
+
+def _files_in(rows: list[tuple[int, float]]) -> int:
+    return len(set(frames.file_of(np.asarray([r for r, _ in rows], np.int64)).tolist()))
+
+
+def _enough(
+    search: Callable[[int], list[tuple[int, float]]], want: int, vectors: CatalogVectors
+) -> list[tuple[int, float]]:
+    """The rows `search(k)` finds, with k grown until they hold `want` files (or all rows):
+    without videos, k = want at once."""
+    k = want * 4 if vectors.moments else want  # and rows for a video's other moments
+    while True:
+        found = search(k)
+        if not vectors.moments or len(found) < k or _files_in(found) >= want:
+            return found
+        k *= 4
+
+
 class CatalogSearch:
     """The catalog's side of the `Searchable` protocol; `Catalog` inherits it.
 
@@ -226,20 +254,48 @@ class CatalogSearch:
         exact: bool = False,
     ) -> list[Hit]:
         """Large catalogs are searched through their ANN index unless `exact`; `within`
-        filters only when it excludes something."""
+        filters only when it excludes something. A video is one hit, at its best moment,
+        with its best moments among those found (`Hit.moments`)."""
         catalog = self._catalog()
         vectors = load_vectors(catalog, model_id, ann="off" if exact else "auto")
         allowed = catalog.ids_within(within) if within else None
-        found = vectors.search(query, n + (exclude is not None), allowed, exact=exact)
-        paths = catalog.paths(i for i, _ in found)
-        hits = [Hit(paths[i], s, i) for i, s in found if i in paths and paths[i] != exclude]
+        want = n + (exclude is not None)
+        found = _enough(lambda k: vectors.search(query, k, allowed, exact=exact), want, vectors)
+        hits = [h for h in self._grouped([found])[0] if h.path != exclude]
         return hits[:n]
 
     def search_many(self, queries: np.ndarray, n: int, model_id: str) -> list[list[Hit]]:
+        vectors = load_vectors(self._catalog(), model_id)
+        queries = np.atleast_2d(queries)
+        found = vectors.search_many(queries, n)
+        for b, rows in enumerate(found):  # a query whose moments fill its rows: more rows
+            if vectors.moments and len(rows) == n and _files_in(rows) < n:
+                found[b] = _enough(lambda k, q=queries[b]: vectors.search(q, k), n, vectors)
+        return [hits[:n] for hits in self._grouped(found)]
+
+    def _grouped(self, found: list[list[tuple[int, float]]]) -> list[list[Hit]]:
+        """Each list of (row id, score), best first, as hits: one per file, a video at its
+        best moment with its best `MOMENTS` found."""
         catalog = self._catalog()
-        found = load_vectors(catalog, model_id).search_many(np.atleast_2d(queries), n)
-        paths = catalog.paths({i for hits in found for i, _ in hits})
-        return [[Hit(paths[i], s, i) for i, s in hits if i in paths] for hits in found]
+        every = [row for rows in found for row, _ in rows]
+        paths = catalog.paths(set(frames.file_of(np.asarray(every, np.int64)).tolist()))
+        times = frames.moment_times(catalog, every)
+        out = []
+        for rows in found:
+            files = frames.file_of(np.asarray([r for r, _ in rows], np.int64)).tolist()
+            hits: dict[int, Hit] = {}
+            for (row, score), file_id in zip(rows, files, strict=True):
+                if file_id not in paths:
+                    continue
+                hit = hits.get(file_id)
+                t = times.get(row)
+                if hit is None:
+                    moments = ((t, score),) if t is not None else ()
+                    hits[file_id] = Hit(paths[file_id], score, file_id, t, moments)
+                elif t is not None and len(hit.moments) < MOMENTS:
+                    hits[file_id] = replace(hit, moments=(*hit.moments, (t, score)))
+            out.append(list(hits.values()))
+        return out
 
     def path_of(self, photo_id: int) -> str | None:
         row = self._catalog().file(photo_id)

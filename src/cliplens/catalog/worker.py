@@ -13,20 +13,28 @@ import hashlib
 import os
 import stat
 import time
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from cliplens.errors import ImageError, NotAnImageError
 from cliplens.images import is_remote, open_image, open_image_bytes
 from cliplens.preprocess import Preprocessing
+from cliplens.video import is_video
+
+if TYPE_CHECKING:
+    from cliplens.catalog.db import FileKind
+    from cliplens.video import VideoSampling
 
 FileJob = tuple[str, int, int]  # path, size and mtime_ns as the scan found them
 
 
 @dataclass
 class Decoded:
-    """One file after decoding: its hash and crop, or why it could not be read."""
+    """One file after decoding: its hash and crop, or why it could not be read. A video's
+    `crop` holds its moments' crops (F x H x W x 3) and `times_ms` their times."""
 
     path: str
     size: int
@@ -35,16 +43,28 @@ class Decoded:
     crop: np.ndarray | None = None  # uint8 HWC; None when the hash already has an embedding
     error: str | None = None
     seconds: float = 0.0
+    kind: FileKind = "image"
+    times_ms: list[int] | None = None
+
+    @property
+    def n_crops(self) -> int:
+        if self.crop is None:
+            return 0
+        return len(self.crop) if self.kind == "video" else 1
 
 
 @dataclass(frozen=True)
 class CropDecoder:
     """Hashes a file and, unless its content is already embedded (`known`), decodes it to
-    the model's uint8 crop. Unreadable files come back with `error`, never raised."""
+    the model's uint8 crop; a video (by its extension) to its moments' crops, sampled by
+    `video` or at the times another model embedded (`sampled`, by content hash).
+    Unreadable files come back with `error`, never raised."""
 
     prep: Preprocessing
     max_megapixels: float | None = None
     known: frozenset[str] = frozenset()
+    video: VideoSampling | None = None
+    sampled: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
 
     def __call__(self, job: FileJob) -> Decoded:
         """A scanned local file, keeping the size and mtime the scan found."""
@@ -84,7 +104,11 @@ class CropDecoder:
         try:
             out.hash, n_bytes = content_hash(path)
             out.size = n_bytes if size is None else size
-            if out.hash not in self.known:
+            if is_video(path):
+                out.kind = "video"
+                if out.hash not in self.known:
+                    self._read_video(out)
+            elif out.hash not in self.known:
                 image = open_image(
                     path, min_size=self._min_size, max_megapixels=self.max_megapixels
                 )
@@ -95,6 +119,14 @@ class CropDecoder:
             out.error = f"cannot read: {e.strerror or e}"
         out.seconds = time.perf_counter() - start
         return out
+
+    def _read_video(self, out: Decoded) -> None:
+        from cliplens.video import read_moments  # PyAV: only where a video is read
+
+        assert out.hash is not None
+        at = self.sampled.get(out.hash)
+        moments = read_moments(out.path, self.prep, self.video, at_ms=at)
+        out.crop, out.times_ms = moments.crops, moments.times_ms
 
     @property
     def _min_size(self) -> int:
@@ -120,10 +152,10 @@ def content_hash(path: str) -> tuple[str, int]:
 _decoder: CropDecoder | None = None  # this worker's, set by init_worker
 
 
-def init_worker(known: frozenset[str], prep: Preprocessing, max_megapixels: float | None) -> None:
+def init_worker(decoder: CropDecoder) -> None:
     """Set up a decoder process (or the indexer itself, decoding without workers)."""
     global _decoder
-    _decoder = CropDecoder(prep, max_megapixels, known)
+    _decoder = decoder
 
 
 def decode_file(job: FileJob) -> Decoded:

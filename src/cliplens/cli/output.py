@@ -29,6 +29,23 @@ def shown(text: str, newlines: bool = True) -> str:
     return text if newlines else text.replace("\n", "\\x0a")
 
 
+def clock(seconds: float) -> str:
+    """A moment of a video as people read it: 01:23, or 1:02:03 past an hour."""
+    whole = int(seconds)
+    h, m, sec = whole // 3600, whole // 60 % 60, whole % 60
+    return f"{h}:{m:02d}:{sec:02d}" if h else f"{m:02d}:{sec:02d}"
+
+
+def hit_label(path: str, time: float | None, moments: Sequence[tuple[float, float]] = ()) -> str:
+    """A result's path; a video's with its moment, and its other best moments:
+    "trip.mp4 @ 01:23 (also 00:12, 02:40)"."""
+    if time is None:
+        return path
+    others = [clock(t) for t, _ in moments if abs(t - time) > 1e-6]
+    also = f" (also {', '.join(others)})" if others else ""
+    return f"{path} @ {clock(time)}{also}"
+
+
 # Commands import the library inside their bodies, so that `cliplens --help` and every
 # other command start without torch (tests/unit/test_structure.py checks --help).
 

@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
-from cliplens.cli.output import shown
+from cliplens.cli.output import hit_label, shown
 from cliplens.errors import ClipLensError, InvalidInputError
 
 if TYPE_CHECKING:
@@ -273,13 +273,19 @@ def measure(stream: Any, protocol: Protocol) -> Cells:
     return Cells(cell_w=cell_w, cell_h=cell_h, width=width)
 
 
-def thumbnail(path: str, box: tuple[int, int]) -> Image.Image:
-    """The photo through cliplens's opener, decoded small (JPEG draft mode), fit in box."""
+def thumbnail(path: str, box: tuple[int, int], time: float | None = None) -> Image.Image:
+    """The photo through cliplens's opener, decoded small (JPEG draft mode), fit in box; a
+    video's frame at `time`."""
     from PIL import Image
 
     from cliplens.images import open_image
 
-    image = open_image(path, min_size=max(box))
+    if time is not None:
+        from cliplens.video import frame_at  # PyAV: only for a video's moment
+
+        image = frame_at(path, time, max(box) * 2)
+    else:
+        image = open_image(path, min_size=max(box))
     image.thumbnail(box, Image.Resampling.LANCZOS)
     return image
 
@@ -305,11 +311,11 @@ def encode(image: Image.Image, protocol: Protocol, cells: Cells) -> str:
     return draw(png, cells.cols, cells.rows)
 
 
-def _drawn(path: str, protocol: Protocol, cells: Cells) -> str | None:
+def _drawn(hit: Hit, protocol: Protocol, cells: Cells) -> str | None:
     """The thumbnail's escape codes, or None for a photo that cannot be read (gone,
     damaged, not served from here): its row is printed without one."""
     try:
-        return encode(thumbnail(path, cells.box), protocol, cells)
+        return encode(thumbnail(hit.path, cells.box, hit.time), protocol, cells)
     except (ClipLensError, OSError, ValueError):  # Pillow's failures included
         return None
 
@@ -336,13 +342,10 @@ def blocks(hits: Sequence[Hit], offset: int, protocol: Protocol, cells: Cells) -
     """Each result's block, in order, thumbnails made a few at a time (Pillow decodes
     without the GIL)."""
     with ThreadPoolExecutor(max_workers=min(8, max(1, len(hits)))) as pool:
-        drawn = pool.map(lambda h: _drawn(h.path, protocol, cells), hits)
+        drawn = pool.map(lambda h: _drawn(h, protocol, cells), hits)
         for i, (hit, image) in enumerate(zip(hits, drawn, strict=True)):
-            yield block(
-                image,
-                f"{offset + i + 1}  {hit.score:.3f}  {shown(hit.path, newlines=False)}",
-                cells,
-            )
+            label = shown(hit_label(hit.path, hit.time, hit.moments), newlines=False)
+            yield block(image, f"{offset + i + 1}  {hit.score:.3f}  {label}", cells)
 
 
 def print_previews(

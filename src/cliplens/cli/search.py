@@ -19,9 +19,11 @@ from cliplens.cli.common import (
     MegapixelsOpt,
     ModelOpt,
     PrecisionOpt,
+    library_names,
 )
 from cliplens.cli.output import (
     Format,
+    hit_label,
     info,
     print_json,
     print_paths,
@@ -36,9 +38,12 @@ if TYPE_CHECKING:
     from cliplens.models.ref import ModelRef
     from cliplens.searchable import Hit
     from cliplens.tasks.search import Term
+    from cliplens.video import VideoSampling
 
 # Commands import the library inside their bodies, so that `cliplens --help` and every
 # other command start without torch (tests/unit/test_structure.py checks --help).
+
+library_names("index", min_gap="--min-frame-gap", max_gap="--max-frame-gap")
 
 MAX_WORKERS = 256  # decoder processes
 WorkersOpt = Annotated[
@@ -99,6 +104,7 @@ def _index(
     verbose: bool = False,
     quiet: bool = False,
     exclude: list[str] | None = None,
+    video: VideoSampling | None = None,
 ) -> tuple[Catalog, UpdateStats]:
     from cliplens.catalog.db import open_catalog
     from cliplens.catalog.update import update_catalog
@@ -115,6 +121,7 @@ def _index(
         progress=progress,
         max_megapixels=max_megapixels,
         exclude=exclude or (),
+        video=video,
     )
     _print_stats(stats, verbose, quiet)
     return catalog, stats
@@ -160,17 +167,44 @@ def index_command(
     workers: WorkersOpt = None,
     max_megapixels: MegapixelsOpt = None,
     exclude: ExcludeOpt = None,
+    min_frame_gap: Annotated[
+        float | None,
+        typer.Option(
+            "--min-frame-gap",
+            help="Videos: seconds at least between two moments (default 1; kept for the "
+            "catalog's later runs).",
+            click_type=FiniteFloat(0, 3600, min_open=True),
+        ),
+    ] = None,
+    max_frame_gap: Annotated[
+        float | None,
+        typer.Option(
+            "--max-frame-gap",
+            help="Videos: a moment at least this often, in seconds, even in one long shot "
+            "(default 10).",
+            click_type=FiniteFloat(0, 86400, min_open=True),
+        ),
+    ] = None,
     db: DbOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
-    """Bring the catalog up to date: new and changed photos are encoded, moved ones reuse
-    their embedding, deleted ones leave; a killed run resumes where it stopped."""
+    """Bring the catalog up to date: new and changed photos and videos are encoded, moved
+    ones reuse their embeddings, deleted ones leave; a killed run resumes where it
+    stopped. A video is searched by its moments: a frame at each new scene."""
     from cliplens.models.ref import ModelRef
+    from cliplens.video import VideoSampling
 
     ref = ModelRef(model, device=device, precision=precision)
     quiet = fmt is Format.json
+    video = None
+    if min_frame_gap is not None or max_frame_gap is not None:
+        defaults = VideoSampling()
+        video = VideoSampling(
+            min_gap=defaults.min_gap if min_frame_gap is None else min_frame_gap,
+            max_gap=defaults.max_gap if max_frame_gap is None else max_frame_gap,
+        )
     _, stats = _index(
-        db, ref, folders, batch_size, workers, max_megapixels, verbose, quiet, exclude
+        db, ref, folders, batch_size, workers, max_megapixels, verbose, quiet, exclude, video
     )
     if fmt is Format.json:
         counts = {k: v for k, v in vars(stats).items() if k != "errors"}
@@ -220,7 +254,10 @@ def _print_hits(hits: list[Hit], fmt: HitFormat, offset: int = 0, preview: bool 
 
             if print_previews(hits, offset):
                 return
-        rows = [(offset + i + 1, f"{h.score:.3f}", h.path) for i, h in enumerate(hits)]
+        rows = [
+            (offset + i + 1, f"{h.score:.3f}", hit_label(h.path, h.time, h.moments))
+            for i, h in enumerate(hits)
+        ]
         print_table(["#", "score", "path"], rows)
 
 
@@ -349,11 +386,15 @@ def duplicates_command(
     if fmt is Format.json:
         print_json([g.to_dict() for g in groups])
     elif fmt is Format.csv:
-        print("group,kind,score,path")
+        print("group,kind,score,path,time")
         for i, g in enumerate(groups):
-            for p in g.paths:
-                print(f"{i + 1},{g.kind},{g.score:.4f},{json.dumps(p)}")
+            for p, t in g.members():
+                at = "" if t is None else f"{t:.3f}"
+                print(f"{i + 1},{g.kind},{g.score:.4f},{json.dumps(p)},{at}")
     else:
-        rows = [(i + 1, g.kind, f"{g.score:.3f}", "\n".join(g.paths)) for i, g in enumerate(groups)]
+        rows = [
+            (i + 1, g.kind, f"{g.score:.3f}", "\n".join(hit_label(p, t) for p, t in g.members()))
+            for i, g in enumerate(groups)
+        ]
         print_table(["group", "kind", "score", "paths"], rows)
         info(f"{len(groups)} groups")

@@ -265,6 +265,7 @@ DuplicateKind = Literal["exact", "near"]
 class DuplicateGroup:
     """Photos that are copies: the same bytes ("exact"), or embeddings above a threshold
     ("near"); `score` is the lowest similarity inside the group (1.0 for exact copies).
+    A video's moment in a group has its time in `times` (None for a photo or a whole file).
 
     >>> import cliplens
     >>> groups = cliplens.duplicates(cliplens.open_catalog(readonly=True), "MODEL_ID", ["."])
@@ -274,9 +275,18 @@ class DuplicateGroup:
     kind: DuplicateKind
     paths: list[str]
     score: float
+    times: list[float | None] | None = None
 
-    def to_dict(self) -> dict[str, str | float | list[str]]:
-        return {"kind": self.kind, "score": round(self.score, 6), "paths": self.paths}
+    def to_dict(self) -> dict[str, object]:
+        out: dict[str, object] = {"kind": self.kind, "score": round(self.score, 6)}
+        out["paths"] = self.paths
+        if self.times and any(t is not None for t in self.times):
+            out["times"] = [None if t is None else round(t, 3) for t in self.times]
+        return out
+
+    def members(self) -> list[tuple[str, float | None]]:
+        """(path, time) of each member: time None for a photo or a whole file."""
+        return list(zip(self.paths, self.times or [None] * len(self.paths), strict=True))
 
 
 def duplicates(
@@ -286,7 +296,8 @@ def duplicates(
     threshold: float = 0.95,
     block: int = 4096,
 ) -> list[DuplicateGroup]:
-    """Exact copies (same content hash) and near-duplicates (cosine >= threshold), as groups.
+    """Exact copies (same content hash) and near-duplicates (cosine >= threshold), as groups;
+    a video's moments take part beside the photos (never grouped with their own video).
 
     Why: a catalog knows both the bytes (hashes) and the looks (embeddings) of its photos,
     so one pass finds copies of either kind (a build-index folder keeps no hashes).
@@ -295,39 +306,63 @@ def duplicates(
     >>> model_id = cliplens.load_model("offline").info.model_id
     >>> cliplens.duplicates(cliplens.open_catalog(readonly=True), model_id, ["."])
     """
+    from cliplens.catalog.frames import moment_times
+
     resolved = resolve_folders(folders)
     groups = [DuplicateGroup("exact", g, 1.0) for g in catalog.duplicate_hashes(resolved)]
     index = load_vectors(catalog, model_id)
-    mask = np.isin(index.ids, catalog.ids_under(resolved))
-    ids, m = index.ids[mask], index.matrix[mask]
-    paths = catalog.paths(ids)
+    mask = np.isin(index.files, catalog.ids_under(resolved))
+    rows, files, m = index.ids[mask], index.files[mask], index.matrix[mask]
+    paths = catalog.paths(files)
     exact_of = {p: i for i, g in enumerate(groups) for p in g.paths}
-    parent = list(range(len(ids)))
+    pairs = _near_pairs(m, files, threshold, block)
+    pairs = {
+        (r, c): s
+        for (r, c), s in pairs.items()
+        if not (
+            paths[int(files[r])] in exact_of
+            and exact_of.get(paths[int(files[c])]) == exact_of[paths[int(files[r])]]
+        )  # already an exact group
+    }
+    times = moment_times(catalog, rows[sorted({i for pair in pairs for i in pair})].tolist())
+    for members, score in _components(pairs):
+        found = sorted((paths[int(files[i])], times.get(int(rows[i]))) for i in members)
+        groups.append(DuplicateGroup("near", [p for p, _ in found], score, [t for _, t in found]))
+    return groups
+
+
+def _near_pairs(
+    m: np.ndarray, files: np.ndarray, threshold: float, block: int
+) -> dict[tuple[int, int], float]:
+    """(row, col) -> cosine of every pair of rows of different files at >= threshold."""
+    pairs: dict[tuple[int, int], float] = {}
+    for start in range(0, len(m), block):
+        sims = m[start : start + block] @ m.T
+        rows, cols = np.nonzero(sims >= threshold)
+        for r, c in zip(rows + start, cols, strict=True):
+            if c > r and files[r] != files[c]:
+                pairs[(int(r), int(c))] = float(sims[r - start, c])
+    return pairs
+
+
+def _components(pairs: dict[tuple[int, int], float]) -> list[tuple[list[int], float]]:
+    """The connected groups of the pairs, each with its lowest similarity."""
+    parent: dict[int, int] = {}
 
     def find(i: int) -> int:
+        parent.setdefault(i, i)
         while parent[i] != i:
             parent[i] = parent[parent[i]]
             i = parent[i]
         return i
 
-    best: dict[tuple[int, int], float] = {}
-    for start in range(0, len(ids), block):
-        sims = m[start : start + block] @ m.T
-        rows, cols = np.nonzero(sims >= threshold)
-        for r, c in zip(rows + start, cols, strict=True):
-            if c <= r:
-                continue
-            a, b = paths[int(ids[r])], paths[int(ids[c])]
-            if a in exact_of and exact_of.get(b) == exact_of[a]:
-                continue  # already an exact group
-            parent[find(r)] = find(c)
-            best[(r, c)] = float(sims[r - start, c])
+    for a, b in pairs:
+        parent[find(a)] = find(b)
     members: dict[int, list[int]] = {}
-    for i in {i for pair in best for i in pair}:
+    for i in {i for pair in pairs for i in pair}:
         members.setdefault(find(i), []).append(i)
-    for rows_ in members.values():
-        inside = [s for (a, b), s in best.items() if find(a) == find(rows_[0])]
-        groups.append(
-            DuplicateGroup("near", sorted(paths[int(ids[i])] for i in rows_), min(inside))
-        )
-    return groups
+    lowest: dict[int, float] = {}
+    for (a, _), s in pairs.items():
+        root = find(a)
+        lowest[root] = min(lowest.get(root, 1.0), s)
+    return [(sorted(rows), lowest[root]) for root, rows in members.items()]

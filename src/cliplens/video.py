@@ -1,0 +1,296 @@
+"""Videos (mp4, mov, webm, mkv, avi...) through PyAV (FFmpeg): their moments, as frames.
+
+A video is searched by its moments: frames taken where the picture changes (a new scene),
+never closer than `VideoSampling.min_gap` seconds and never further apart than
+`max_gap`, each cropped for the model like a photo and stored with its time under the
+video's file row (catalog/frames.py). The first frame is always one.
+
+How a change is seen: every decoded frame is shrunk to a 16x16 grey thumbnail (FFmpeg's
+scaler does it while the frame is in its own memory) and compared with the thumbnail of
+the last moment kept; a mean absolute difference above `change` (0-1 of full scale) is a
+new view. A cut makes a difference of 0.15-0.4; sensor noise and a still shot stay below
+0.03, so a slow pan yields a moment each time it has moved on enough.
+
+Damaged videos get the typed errors photos get (`VideoError`): no video stream, nothing
+decodable, or frames that end well before the length the container states (a file cut
+short). PyAV is optional (the `video` extra) and imported only when a video is read.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import PurePath
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from cliplens.errors import DependencyMissingError, ImageError
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from cliplens.preprocess import Preprocessing
+
+logger = logging.getLogger(__name__)
+
+_NAMES = ".mp4 .m4v .mov .qt .webm .mkv .avi .3gp .mts .m2ts .wmv .mpg .mpeg .ogv"
+VIDEO_EXTENSIONS: frozenset[str] = frozenset(_NAMES.split())
+INSTALL = "pip install 'cliplens[video]'"
+_THUMB = 16  # side of the grey thumbnails compared to find a new view
+
+
+class VideoError(ImageError):
+    """A video could not be read: `reason` says why (no video stream, damaged, cut short)."""
+
+
+@dataclass(frozen=True)
+class VideoSampling:
+    """Which frames of a video become its searchable moments.
+
+    Why: a phone clip is one to a few shots; a moment per new view (at most one per
+    `min_gap` seconds) finds "the dog jumping into the lake" without embedding every frame,
+    and one every `max_gap` seconds keeps a long single shot searchable along its length.
+    `change` is how different (mean absolute difference of 16x16 grey thumbnails, 0-1) a
+    frame must look from the last moment kept to be a new view; `max_frames` caps the
+    moments of one video.
+
+    >>> import cliplens
+    >>> sampling = cliplens.VideoSampling(min_gap=0.5, max_gap=5.0)
+    >>> cliplens.update_catalog(cliplens.open_catalog(), cliplens.ModelRef(), ["clips/"],
+    ...                         video=sampling)
+    """
+
+    min_gap: float = 1.0
+    max_gap: float = 10.0
+    change: float = 0.1
+    max_frames: int = 2000
+
+    def __post_init__(self) -> None:
+        from cliplens.errors import InvalidInputError
+
+        if not (0 < self.min_gap <= self.max_gap) or not math.isfinite(self.max_gap):
+            raise InvalidInputError(
+                f"video frame gaps {self.min_gap} to {self.max_gap} s: give 0 < `min_gap` "
+                "<= `max_gap`, in seconds"
+            )
+        if not (0 < self.change < 1):
+            raise InvalidInputError(f"video `change` {self.change}: give a number in (0, 1)")
+        if not (1 <= self.max_frames <= 100_000):
+            raise InvalidInputError(
+                f"video `max_frames` {self.max_frames}: give a number from 1 to 100000"
+            )
+
+
+@dataclass
+class VideoFrames:
+    """A video's moments: times in milliseconds from its start and the model's crops
+    (uint8, F x H x W x 3), with the video's length in seconds."""
+
+    times_ms: list[int]
+    crops: np.ndarray
+    duration: float
+
+
+def is_video(path: str | PurePath) -> bool:
+    """Whether a file is a video, by its extension (the walk's rule for every format)."""
+    return PurePath(path).suffix.lower() in VIDEO_EXTENSIONS
+
+
+def require_av() -> Any:
+    """PyAV, or DependencyMissingError naming the extra to install."""
+    try:
+        import av  # optional: the `video` extra
+    except ImportError:
+        raise DependencyMissingError(f"videos need PyAV; install it with {INSTALL}") from None
+    av.logging.set_level(av.logging.PANIC)  # damage is reported as VideoError, once
+    return av
+
+
+def available() -> bool:
+    """Whether videos can be read here (PyAV installed)."""
+    try:
+        require_av()
+    except DependencyMissingError:
+        return False
+    return True
+
+
+def read_moments(
+    path: str,
+    prep: Preprocessing,
+    sampling: VideoSampling | None = None,
+    at_ms: Sequence[int] | None = None,
+) -> VideoFrames:
+    """The video's moments, cropped for the model: chosen by `sampling`, or (`at_ms`) the
+    frames at those times, as a video already sampled for another model is read again.
+    VideoError when it cannot be read whole."""
+    sampling = sampling or VideoSampling()
+    times: list[int] = []
+    crops: list[np.ndarray] = []
+    with _opened(path) as (container, stream):
+        duration = _stated_duration(container, stream)
+        pick = _Picker(sampling, at_ms)
+        last_t = 0.0
+        for t, frame in _frames(path, container, stream):
+            last_t = t
+            if pick(t, frame):
+                times.append(round(t * 1000))
+                crops.append(prep.crop(_upright(frame, prep.resize_size)))
+                if len(times) >= sampling.max_frames and at_ms is None:
+                    break
+        else:
+            _check_whole(path, last_t, duration, stream)
+    if not times:
+        raise VideoError(path, "no frame of the video could be decoded")
+    return VideoFrames(times, np.stack(crops), duration or last_t)
+
+
+def frame_at(path: str, seconds: float, max_side: int) -> Image.Image:
+    """The upright frame shown at `seconds` (the last one at or before it), at most
+    `max_side` pixels on its long side: a video's thumbnail at a moment."""
+    av = require_av()
+    with _opened(path) as (container, stream):
+        target = max(0.0, seconds)
+        start = float(stream.start_time or 0) * float(stream.time_base or 0)
+        try:
+            container.seek(int((start + target) / stream.time_base), stream=stream)
+        except av.error.FFmpegError:
+            container.seek(0)
+        found = None
+        for t, frame in _frames(path, container, stream):
+            if found is not None and t > target + 1e-3:
+                break
+            found = frame
+        if found is None:
+            raise VideoError(path, f"no frame at {seconds:.1f} s")
+        image = _upright(found, None)
+    image.thumbnail((max_side, max_side))
+    return image
+
+
+class _Picker:
+    """Decides, frame by frame, which become moments (see the module's words)."""
+
+    def __init__(self, sampling: VideoSampling, at_ms: Sequence[int] | None) -> None:
+        self.s = sampling
+        self.wanted = sorted(at_ms) if at_ms is not None else None
+        self.last_t: float | None = None
+        self.last_thumb: np.ndarray | None = None
+
+    def __call__(self, t: float, frame: Any) -> bool:
+        if self.wanted is not None:  # the first frame at or after each stored time
+            if self.wanted and t * 1000 >= self.wanted[0] - 0.5:
+                while self.wanted and t * 1000 >= self.wanted[0] - 0.5:
+                    self.wanted.pop(0)
+                return True
+            return False
+        if self.last_t is not None:
+            since = t - self.last_t
+            if since < self.s.min_gap:
+                return False
+            thumb = _thumb(frame)
+            changed = np.abs(thumb - self.last_thumb).mean() > self.s.change
+            if not changed and since < self.s.max_gap:
+                return False
+            self.last_thumb = thumb
+        else:
+            self.last_thumb = _thumb(frame)
+        self.last_t = t
+        return True
+
+
+def _thumb(frame: Any) -> np.ndarray:
+    small = frame.reformat(width=_THUMB, height=_THUMB, format="gray")
+    return small.to_ndarray().astype(np.float32) / 255.0
+
+
+def _upright(frame: Any, short_side: int | None) -> Image.Image:
+    """The frame as an RGB image turned as it is shown (the stream's display rotation),
+    shrunk by FFmpeg's scaler to `short_side` on its short side first when larger."""
+    w, h = frame.width, frame.height
+    if short_side and min(w, h) > short_side:
+        scale = short_side / min(w, h)
+        w, h = max(short_side, round(w * scale)), max(short_side, round(h * scale))
+        frame = frame.reformat(width=w, height=h, format="rgb24", interpolation="AREA")
+    image = frame.to_image()
+    turn = round((frame.rotation or 0) / 90) % 4  # counterclockwise quarter turns
+    if turn:
+        from PIL import Image
+
+        transpose = (None, Image.Transpose.ROTATE_90, Image.Transpose.ROTATE_180)
+        image = image.transpose(
+            Image.Transpose.ROTATE_270 if turn == 3 else transpose[turn]  # type: ignore[arg-type]
+        )
+    return image
+
+
+@contextmanager
+def _opened(path: str) -> Iterator[tuple[Any, Any]]:
+    """The container and its first video stream, closed on leaving; VideoError when the
+    file is not a readable video."""
+    av = require_av()
+    try:
+        container = av.open(path, "r")
+    except (av.error.FFmpegError, UnicodeDecodeError) as e:
+        raise VideoError(path, f"not a readable video ({_why(e)})") from None
+    except OSError as e:
+        raise VideoError(path, f"cannot read: {e.strerror or e}") from None
+    try:
+        streams = container.streams.video
+        if not streams:
+            raise VideoError(path, "the file holds no video stream")
+        stream = streams[0]
+        stream.thread_type = "AUTO"
+        yield container, stream
+    finally:
+        container.close()
+
+
+def _frames(path: str, container: Any, stream: Any) -> Iterator[tuple[float, Any]]:
+    """(seconds from the stream's start, frame), in presentation order as decoded."""
+    av = require_av()
+    base = float(stream.time_base) if stream.time_base else 0.0
+    start = stream.start_time or 0
+    rate = float(stream.average_rate or 0) or 30.0
+    n = 0
+    try:
+        for frame in container.decode(stream):
+            timed = frame.pts is not None and base
+            t = max(0.0, (frame.pts - start) * base) if timed else n / rate
+            n += 1
+            yield t, frame
+    except av.error.FFmpegError as e:
+        if n == 0:
+            raise VideoError(path, f"damaged video: {_why(e)}") from None
+        raise VideoError(path, f"damaged video after {n} frames: {_why(e)}") from None
+
+
+def _stated_duration(container: Any, stream: Any) -> float | None:
+    """The length the file states, in seconds: the stream's, else the container's."""
+    if stream.duration and stream.time_base:
+        return float(stream.duration * stream.time_base)
+    if container.duration:
+        return container.duration / 1_000_000
+    return None
+
+
+def _check_whole(path: str, last_t: float, duration: float | None, stream: Any) -> None:
+    """VideoError when the frames end well before the stated length (a file cut short):
+    more than a second and 5% of it missing."""
+    if not duration:
+        return
+    rate = float(stream.average_rate or 0) or 30.0
+    missing = duration - (last_t + 1 / rate)
+    if missing > max(1.0, 0.05 * duration):
+        raise VideoError(
+            path, f"truncated: its frames end at {last_t:.1f} s of the {duration:.1f} s it states"
+        )
+
+
+def _why(e: BaseException) -> str:
+    text = getattr(e, "strerror", None) or str(e)
+    return text.split(": '")[0].strip().rstrip(".").lower() or type(e).__name__
