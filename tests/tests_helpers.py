@@ -146,3 +146,40 @@ def calm_policy(folder: Path) -> Path:
     )
     path.write_text(f"name: calm\ncategories:\n{concepts}\n")
     return path
+
+
+def make_video(
+    path: Path,
+    segments: list[tuple[object, float]],
+    fps: int = 10,
+    size: tuple[int, int] = (320, 240),
+    codec: str | None = None,
+    rotation: int | None = None,
+    noise: int = 4,
+) -> Path:
+    """A real video of still shots: each segment is (an RGB image as an array or PIL
+    image, seconds), with a little sensor noise per frame. H.264 in .mp4/.mov/.mkv (the
+    index at the front, as phones write it), VP9 in .webm, MPEG-4 part 2 in .avi."""
+    import av
+    import numpy as np
+    from PIL import Image
+
+    suffix = path.suffix.lower()
+    codec = codec or {".webm": "libvpx-vp9", ".avi": "mpeg4"}.get(suffix, "libx264")
+    options = {"movflags": "+faststart"} if suffix in (".mp4", ".mov", ".m4v") else {}
+    rng = np.random.default_rng(0)
+    with av.open(str(path), "w", options=options) as out:
+        stream = out.add_stream(codec, rate=fps)
+        stream.width, stream.height = size
+        stream.pix_fmt = "yuv420p"
+        if rotation is not None:
+            stream.set_display_rotation(rotation)
+        for image, seconds in segments:
+            picture = image if isinstance(image, Image.Image) else Image.fromarray(image)
+            base = np.asarray(picture.convert("RGB").resize(size), np.int16)
+            for _ in range(round(seconds * fps)):
+                shaken = base + rng.integers(-noise, noise + 1, base.shape)
+                frame = av.VideoFrame.from_ndarray(np.clip(shaken, 0, 255).astype(np.uint8))
+                out.mux(stream.encode(frame))
+        out.mux(stream.encode())
+    return path

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from cliplens.catalog.db import Catalog
+from cliplens.catalog.schema import SCHEMA_VERSION
 from cliplens.catalog.update import update_catalog
 from cliplens.catalog.upkeep import check_catalog, merge_catalogs
 from cliplens.cli.main import main
@@ -85,9 +86,17 @@ def test_info_counts_what_was_indexed(capsys, tmp_path, photos, ref):
     n = len(list(photos.iterdir()))
     assert data["files"] == {"ok": n + 1, "failed": 1}
     assert data["failed"] == 1 and data["total_files"] == n + 2
-    assert data["schema"] == 1 and data["path"] == str(db.resolve())
+    assert data["schema"] == SCHEMA_VERSION and data["path"] == str(db.resolve())
     (model,) = data["models"]
-    assert model == {"model_id": ref.info.model_id, "dim": 32, "embeddings": n, "files": n + 1}
+    assert model == {
+        "model_id": ref.info.model_id,
+        "dim": 32,
+        "embeddings": n,
+        "files": n + 1,
+        "videos": 0,
+        "moments": 0,
+    }
+    assert data["videos"] == {"ok": 0, "failed": 0} and data["moments"] == 0
     size = data["size"]
     assert size["db"] == db.stat().st_size > 0
     assert size["total"] == size["db"] + size["wal"] + size["shm"] + size["vectors"]
@@ -318,12 +327,12 @@ def test_merge_refuses_itself_another_schema_and_another_dim(capsys, tmp_path, h
     newer = tmp_path / "newer.db"
     shutil.copy2(theirs, newer)
     with sqlite3.connect(newer) as con:
-        con.execute("PRAGMA user_version = 2")
+        con.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
     with Catalog(mine, readonly=True) as catalog:
         generation = catalog.generation
     code, _, err = run(capsys, "catalog", "merge", newer, "--db", mine)
     assert code == 1 and err.count("\n") == 1, err
-    assert "schema 2" in err and "schema 1" in err, err
+    assert f"schema {SCHEMA_VERSION + 1}" in err and f"schema {SCHEMA_VERSION})" in err, err
 
     wider = tmp_path / "wider.db"
     shutil.copy2(theirs, wider)

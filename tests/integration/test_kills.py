@@ -1,13 +1,15 @@
 """Every long job, killed with SIGKILL as a subprocess and run again, loses nothing and ends
-as a run never killed: `index` (at three seeded moments), a re-index after renames and
-deletes, `build-index` (after training, mid-add, before index.json), `build-index
---update`, `train clip` (at an epoch's checkpoint and between checkpoints) and `caption
-train`. `embed-dataset`'s kill is in test_distributed.py, beside its Ray instance.
+as a run never killed: `index` (at three seeded moments, and inside a video), a re-index
+after renames and deletes, `build-index` (after training, mid-add, before index.json),
+`build-index --update`, `train clip` (at an epoch's checkpoint and between checkpoints)
+and `caption train`. `embed-dataset`'s kill is in test_distributed.py, beside its Ray
+instance.
 
 Two ways to kill: from outside, when what the job has committed reaches a seeded random
 amount (the catalog's rows), or from inside, at the Nth call of one of the job's own
 functions (`KILL_AT` below): the process sends itself SIGKILL, so nothing of Python's
-clean-up runs, exactly as when the machine loses power there."""
+clean-up runs, exactly as when the machine loses power there. A video index is killed
+inside a video's transaction, after its moments were written there."""
 
 from __future__ import annotations
 
@@ -201,6 +203,65 @@ def test_a_reindex_after_renames_and_deletes_killed_midway_ends_as_a_fresh_index
         update_catalog(cat, model, [folder], workers=0)
     _same_catalog(db, reference, model)
     assert _count(db, "SELECT COUNT(*) FROM files") == 105
+
+
+def _video_state(db: Path, model: ModelRef) -> dict[tuple[str, int | None], np.ndarray]:
+    """(path, moment in ms or None) -> vector of every photo and video moment, after
+    checking the catalog is whole: every ok video has its mean row and its moments'
+    vectors, no vector or moment without a file."""
+    with sqlite3.connect(db) as con:
+        assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        orphans = con.execute(
+            "SELECT count(*) FROM embeddings WHERE hash NOT IN (SELECT hash FROM files "
+            "WHERE hash IS NOT NULL) AND hash NOT IN (SELECT key FROM frames)"
+        ).fetchone()[0]
+        assert orphans == 0
+        unembedded = con.execute(
+            "SELECT count(*) FROM files f WHERE status = 'ok' AND (NOT EXISTS (SELECT 1 FROM "
+            "embeddings e WHERE e.hash = f.hash) OR (kind = 'video' AND NOT EXISTS (SELECT 1 "
+            "FROM frames fr JOIN embeddings e ON e.hash = fr.key WHERE fr.video = f.hash)))"
+        ).fetchone()[0]
+        assert unembedded == 0
+    from cliplens.catalog.frames import file_of, moment_times
+
+    with Catalog(db, readonly=True) as cat:
+        rows, _, matrix = cat.vectors(model.info.model_id)
+        paths, times = cat.paths(file_of(rows).tolist()), moment_times(cat, rows.tolist())
+        return {
+            (paths[int(f)], None if r not in times else round(times[r] * 1000)): v
+            for r, f, v in zip(rows.tolist(), file_of(rows).tolist(), matrix, strict=True)
+        }
+
+
+def test_a_video_index_killed_mid_video_resumes_and_loses_nothing(tmp_path, tiny_model_dir, model):
+    from skimage import data
+
+    from tests_helpers import make_video
+
+    folder = tmp_path / "clips"
+    folder.mkdir()
+    shots = [data.chelsea(), data.rocket(), data.coffee(), data.astronaut()]
+    for i in range(4):
+        make_video(folder / f"v{i}.mp4", [(shots[i], 1.0), (shots[(i + 1) % 4], 1.0)])
+    make_photos(folder, 3)
+    env = _env(tiny_model_dir)
+    db = tmp_path / "c.db"
+    args = ["index", folder, "--db", db, "-b", "2", "--workers", "0", "--precision", "fp32"]
+    args += ["--min-frame-gap", "0.5"]
+    # killed inside the third video's transaction, after its moments were written there
+    _killed_at("cliplens.catalog.frames:put_moments", "after", 3, args, env)
+    assert 0 < _count(db, "SELECT count(*) FROM files WHERE kind = 'video'") < 4
+    _cliplens(args, env)
+    reference = tmp_path / "reference.db"
+    with Catalog(reference) as cat:
+        from cliplens.video import VideoSampling
+
+        update_catalog(cat, model, [folder], workers=0, video=VideoSampling(min_gap=0.5))
+    got, want = _video_state(db, model), _video_state(reference, model)
+    assert sorted(got, key=str) == sorted(want, key=str)
+    assert sum(t is not None for _, t in want) == 8  # two moments a video
+    for key, v in want.items():
+        np.testing.assert_allclose(got[key], v, atol=2e-3, err_msg=str(key))
 
 
 # ------------------------------------------------------------ build-index

@@ -5,7 +5,8 @@ folding another catalog into it (`merge_catalogs`).
 Nothing here invents a second way to change a catalog: garbage goes through
 `Catalog.collect_garbage`, rows through `upsert_files` and `put_embeddings`, work that
 must land whole through `Catalog.transaction`, and a second writer is kept out by the
-indexer's lock (`Catalog.updating`). SQLite's VACUUM is atomic by itself.
+indexer's lock (`Catalog.updating`). SQLite's VACUUM is atomic by itself. Videos'
+moments are counted, checked and merged by upkeep_videos.py.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from cliplens.catalog import upkeep_videos as videos
 from cliplens.catalog.db import SCHEMA_VERSION, Catalog, default_db_path
 from cliplens.catalog.errors import SQLITE_MAGIC, CatalogError, not_a_catalog, sqlite_error
 from cliplens.catalog.vectors import cache_dir
@@ -107,13 +109,17 @@ def catalog_size(catalog: Catalog) -> CatalogSize:
 
 @dataclass(frozen=True)
 class ModelCount:
-    """A model in the catalog: its vectors (one per content hash) and the readable files
-    they cover (more than the vectors when files share content)."""
+    """A model in the catalog: its vectors (one per content hash: photos, videos' own
+    rows and their moments), the readable files they cover (more than the vectors when
+    files share content), the videos among those files, and its moments' vectors (one
+    per moment of a video's content)."""
 
     model_id: str
     dim: int
     embeddings: int
     files: int
+    videos: int = 0
+    moments: int = 0
 
 
 @dataclass
@@ -132,6 +138,8 @@ class CatalogInfo:
     models: list[ModelCount]
     size: CatalogSize
     garbage_pending: bool  # embeddings may be unused since a killed run (vacuum drops them)
+    videos: dict[str, int] = field(default_factory=dict)  # video files by status (in `files`)
+    moments: int = 0  # moments stored, one set per video content
 
     @property
     def failed(self) -> int:
@@ -158,10 +166,12 @@ def _info(catalog: Catalog) -> CatalogInfo:
     db = catalog.db
     files = {"ok": 0, "failed": 0}
     files.update(db.execute("SELECT status, count(*) FROM files GROUP BY status").fetchall())
+    keys = dict(db.execute("SELECT model_id, id FROM models"))
     models = [
-        ModelCount(m.model_id, m.dim, m.count, catalog.count_embedded(m.model_id))
+        ModelCount(m.model_id, m.dim, m.count, *videos.model_video_counts(db, keys[m.model_id]))
         for m in catalog.models()
     ]
+    video_files, moments = videos.video_counts(db)
     return CatalogInfo(
         path=str(catalog.path.resolve()),
         schema=_user_version(db),
@@ -170,6 +180,8 @@ def _info(catalog: Catalog) -> CatalogInfo:
         models=models,
         size=catalog_size(catalog),
         garbage_pending=catalog.garbage_pending,
+        videos=video_files,
+        moments=moments,
     )
 
 
@@ -198,12 +210,16 @@ def _user_version(db: sqlite3.Connection) -> int:
 class CheckReport:
     """What `cliplens catalog check` found; `healthy` when none of it is a problem.
 
-    Orphans are embeddings no file refers to (left by a run killed before it collected
-    its garbage: `vacuum_catalog` drops them); unembedded files are files read as images
-    that have no embedding by any model (indexing never leaves one: a damaged or
-    hand-edited catalog); bad vectors are embeddings whose size is not their model's
-    dim; missing files are recorded but no longer on disk (the next `cliplens index` of
-    their folder forgets them). Files named by URI are not looked for.
+    Orphans are embeddings no file refers to, orphan frames the moments of videos no
+    file holds, orphan moments moment embeddings whose frame is gone (left by a run
+    killed before it collected its garbage, or by damage: `vacuum_catalog` drops them);
+    unembedded files are readable files that have no embedding by any model, incomplete
+    videos videos a model marked embedded whose moments lack its embeddings or are gone
+    in part (indexing leaves neither: a damaged or hand-edited catalog; `vacuum_catalog`
+    unmarks such videos, so the next index run embeds them again); bad vectors are
+    embeddings whose size is not their model's dim; missing files are recorded but no
+    longer on disk (the next `cliplens index` of their folder forgets them). Files named
+    by URI are not looked for.
 
     >>> import cliplens
     >>> from cliplens.catalog.upkeep import check_catalog
@@ -215,6 +231,9 @@ class CheckReport:
     integrity: list[str] = field(default_factory=list)  # SQLite's messages; empty: sound
     foreign_keys: int = 0  # embeddings of a model the catalog does not list
     orphans: dict[str, int] = field(default_factory=dict)  # model_id -> embeddings
+    orphan_frames: int = 0  # moments of videos no file holds
+    orphan_moments: dict[str, int] = field(default_factory=dict)  # model_id -> embeddings
+    incomplete_videos: dict[str, list[str]] = field(default_factory=dict)  # model_id -> paths
     bad_vectors: dict[str, int] = field(default_factory=dict)  # model_id -> embeddings
     unembedded: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
@@ -234,6 +253,22 @@ class CheckReport:
             found.append(
                 f"{n} embeddings of {model_id} belong to no file (orphans); "
                 "'cliplens catalog vacuum' removes them"
+            )
+        if self.orphan_frames:
+            found.append(
+                f"{self.orphan_frames} moments belong to videos no file holds (orphan frames); "
+                "'cliplens catalog vacuum' removes them and their embeddings"
+            )
+        for model_id, n in self.orphan_moments.items():
+            found.append(
+                f"{n} moment embeddings of {model_id} belong to no moment (orphans); "
+                "'cliplens catalog vacuum' removes them"
+            )
+        for model_id, paths in self.incomplete_videos.items():
+            found.append(
+                f"{len(paths)} videos embedded by {model_id} lack some of their moments or "
+                "their embeddings; 'cliplens catalog vacuum', then 'cliplens index' of their "
+                "folders, embeds them again"
             )
         for model_id, n in self.bad_vectors.items():
             found.append(f"{n} embeddings of {model_id} do not have the model's size")
@@ -273,13 +308,10 @@ def _check_rows(catalog: Catalog, report: CheckReport) -> None:
     lines = [row[0] for row in db.execute("PRAGMA integrity_check(100)")]
     report.integrity = [] if lines == ["ok"] else lines
     report.foreign_keys = len(db.execute("PRAGMA foreign_key_check(embeddings)").fetchall())
-    report.orphans = dict(
-        db.execute(
-            "SELECT m.model_id, count(*) FROM embeddings e JOIN models m ON m.id = e.model "
-            "WHERE NOT EXISTS (SELECT 1 FROM files f WHERE f.hash = e.hash) "
-            "GROUP BY m.id ORDER BY m.model_id"
-        ).fetchall()
-    )
+    report.orphans = videos.orphans(db)
+    report.orphan_frames = videos.orphan_frames(db)
+    report.orphan_moments = videos.orphan_moments(db)
+    report.incomplete_videos = videos.incomplete_videos(db)
     report.bad_vectors = dict(
         db.execute(
             "SELECT m.model_id, count(*) FROM embeddings e JOIN models m ON m.id = e.model "
@@ -316,20 +348,26 @@ def _check_files(catalog: Catalog, report: CheckReport, progress: bool) -> None:
 
 @dataclass(frozen=True)
 class VacuumReport:
-    """Bytes of the database and its log before and after, and the unused embeddings
-    dropped first."""
+    """Bytes of the database and its log before and after, and what was dropped first:
+    unused embeddings (`garbage`), moments (`frames`: of videos no file holds, and of
+    videos some of whose moments were gone), and the marks of videos whose moments lack
+    a model's embeddings (`videos_unmarked`: the next index run over them embeds them
+    again)."""
 
     path: str
     before: int
     after: int
     garbage: int
+    frames: int = 0
+    videos_unmarked: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
 def vacuum_catalog(catalog: Catalog) -> VacuumReport:
-    """Drop embeddings no file refers to, then rewrite the database without its free
+    """Drop embeddings no file refers to and moments of videos no file holds, unmark
+    videos embedded without all their moments, then rewrite the database without its free
     pages (SQLite's VACUUM, atomic: a kill leaves the catalog as it was) and fold the
     write-ahead log back into it.
 
@@ -346,15 +384,20 @@ def vacuum_catalog(catalog: Catalog) -> VacuumReport:
         raise CatalogError(f"catalog {catalog.path} was opened read-only; it cannot be vacuumed")
     with catalog.updating():
         before = catalog_size(catalog).database
-        with catalog.transaction():
+        with catalog.transaction() as db:
+            frames = videos.frame_count(db)
+            unmarked = videos.drop_incomplete_marks(db)
+            if unmarked:
+                catalog._bump()  # the videos' own rows are gone: caches of them are stale
             garbage = catalog.collect_garbage()
+            frames -= videos.frame_count(db)
         try:
             catalog.db.execute("VACUUM")
             catalog.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         except sqlite3.Error as e:
             raise sqlite_error(catalog.path, e) from e
         after = catalog_size(catalog).database
-    return VacuumReport(str(catalog.path.resolve()), before, after, garbage)
+    return VacuumReport(str(catalog.path.resolve()), before, after, garbage, frames, unmarked)
 
 
 # ------------------------------------------------------------------ merge
@@ -363,7 +406,10 @@ def vacuum_catalog(catalog: Catalog) -> VacuumReport:
 @dataclass
 class MergeReport:
     """What `merge_catalogs` copied. A path both catalogs hold keeps the record with the
-    later mtime (the file as it was last seen); on a tie, the catalog's own.
+    later mtime (the file as it was last seen); on a tie, the catalog's own. A video
+    sampled at other moments in the other catalog keeps its own moments, and none of the
+    other's embeddings of it are copied (`video_conflicts`: a path of each such video;
+    the next index run by a model it lacks embeds it at its own moments).
 
     >>> import cliplens
     >>> from cliplens.catalog.upkeep import merge_catalogs
@@ -374,8 +420,10 @@ class MergeReport:
     files_added: int = 0  # paths the catalog did not hold
     files_replaced: int = 0  # paths whose record in the other catalog is newer
     files_kept: int = 0  # paths whose own record is as new or newer
-    embeddings_added: int = 0
+    embeddings_added: int = 0  # photos', videos' own and moments' vectors
     models_added: list[str] = field(default_factory=list)
+    frames_added: int = 0  # moments of videos, copied with the videos
+    video_conflicts: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -384,10 +432,11 @@ class MergeReport:
 def merge_catalogs(
     catalog: Catalog, other: str | os.PathLike[str], progress: bool = False
 ) -> MergeReport:
-    """Copy another catalog's files and embeddings into `catalog`, in one transaction:
-    a kill leaves it as it was. Embeddings are keyed by (model, content hash), so none
-    is stored twice and merging again adds nothing; models it lacks arrive with their
-    dim. Refuses the catalog itself, another schema, and a model stored with another dim.
+    """Copy another catalog's files, videos' moments and embeddings into `catalog`, in
+    one transaction: a kill leaves it as it was. Embeddings are keyed by (model, content
+    hash or moment), so none is stored twice and merging again adds nothing; models it
+    lacks arrive with their dim. Refuses the catalog itself, another schema, and a model
+    stored with another dim.
 
     Why: a laptop's and a desktop's catalogs, or one per disk, searched as one.
     """
@@ -403,11 +452,15 @@ def merge_catalogs(
         models = _models_to_merge(catalog, theirs, report)
         total = int(theirs.db.execute("SELECT count(*) FROM files").fetchone()[0])
         total += int(theirs.db.execute("SELECT count(*) FROM embeddings").fetchone()[0])
+        total += int(theirs.db.execute("SELECT count(*) FROM frames").fetchone()[0])
         with catalog.transaction(), progress_bar(total, "merging", progress) as advance:
             _merge_files(catalog, theirs, report, advance)
+            frames = videos.merge_frames(catalog.db, theirs.db, advance)
+            report.frames_added = frames.added
+            report.video_conflicts = sorted(frames.conflicts.values())
             for their_key, (model_id, dim) in models.items():
                 key = catalog.model_key(model_id, dim)
-                _merge_embeddings(catalog, theirs, their_key, key, report, advance)
+                _merge_embeddings(catalog, theirs, (their_key, key), frames, report, advance)
             if catalog.garbage_pending:  # replaced records may leave content unused
                 catalog.collect_garbage()
     return report
@@ -482,7 +535,7 @@ def _models_to_merge(
 def _merge_files(catalog: Catalog, theirs: Catalog, report: MergeReport, advance: Any) -> None:
     """Their file records, where ours lack the path or hold an older record of it."""
     rows = theirs.db.execute(
-        "SELECT path, size, mtime_ns, hash, status, error FROM files ORDER BY id"
+        "SELECT path, size, mtime_ns, hash, status, error, kind FROM files ORDER BY id"
     )
     while batch := rows.fetchmany(_CHUNK):
         marks = ",".join("?" * len(batch))
@@ -503,13 +556,15 @@ def _merge_files(catalog: Catalog, theirs: Catalog, report: MergeReport, advance
 def _merge_embeddings(
     catalog: Catalog,
     theirs: Catalog,
-    their_key: int,
-    key: int,
+    keys: tuple[int, int],
+    frames: videos.FrameMerge,
     report: MergeReport,
     advance: Any,
 ) -> None:
-    """Their vectors of one model that ours lack, for content some file of ours holds
-    now (their records kept or not: ours may share that content)."""
+    """Their vectors of one model (their key, ours) that ours lack, for content some file
+    of ours holds now (their records kept or not: ours may share that content) and for
+    the moments ours holds now, but none of a video whose moments differ in the two."""
+    their_key, key = keys
     rows = theirs.db.execute("SELECT hash, vector FROM embeddings WHERE model = ?", (their_key,))
     while batch := rows.fetchmany(_CHUNK):
         marks = ",".join("?" * len(batch))
@@ -524,10 +579,13 @@ def _merge_embeddings(
         used = {
             h
             for (h,) in catalog.db.execute(
-                f"SELECT DISTINCT hash FROM files WHERE hash IN ({marks})", hashes
+                f"SELECT DISTINCT hash FROM files WHERE hash IN ({marks}) "
+                f"UNION SELECT key FROM frames WHERE key IN ({marks}) "
+                "AND video IN (SELECT hash FROM files)",
+                hashes * 2,
             )
         }
-        new = [(h, v) for h, v in batch if h in used and h not in have]
+        new = [(h, v) for h, v in batch if h in used and h not in have and not frames.skips(h)]
         if new:
             vectors = np.stack([np.frombuffer(v, "<f2") for _, v in new])
             catalog.put_embeddings(key, [h for h, _ in new], vectors)

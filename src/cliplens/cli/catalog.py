@@ -66,13 +66,19 @@ def _print_info(found: CatalogInfo) -> None:
         ("schema", found.schema),
         ("files", f"{sum(found.files.values())} ({statuses})"),
         ("failed", found.failed),
+        (
+            "videos",
+            f"{sum(found.videos.values())} ({found.videos.get('ok', 0)} ok), "
+            f"{found.moments} moments",
+        ),
         ("size", f"{_size(size.total)} ({', '.join(f'{k} {_size(v)}' for k, v in parts.items())})"),
     ]
     if found.garbage_pending:
         rows.append(("garbage", "unused embeddings may remain: 'cliplens catalog vacuum'"))
     print_table(["field", "value"], rows, title="catalog")
-    models = [(m.model_id, m.dim, m.embeddings, m.files) for m in found.models]
-    print_table(["model", "dim", "embeddings", "files"], models, title="models")
+    models = [(m.model_id, m.dim, m.embeddings, m.files, m.videos, m.moments) for m in found.models]
+    header = ["model", "dim", "embeddings", "files", "videos", "moments"]
+    print_table(header, models, title="models")
 
 
 @app.command("check")
@@ -94,10 +100,14 @@ def check_command(db: DbOpt = None, fmt: FormatOpt = ReportFormat.table) -> None
 
 def _print_check(report: CheckReport) -> None:
     integrity = "; ".join(report.integrity[:3]) or "ok"
+    incomplete = sorted({p for paths in report.incomplete_videos.values() for p in paths})
     rows = [
         ("integrity", integrity),
         ("embeddings of unlisted models", report.foreign_keys),
         ("orphan embeddings", sum(report.orphans.values())),
+        ("moments of videos no file holds", report.orphan_frames),
+        ("orphan moment embeddings", sum(report.orphan_moments.values())),
+        ("videos embedded without all moments", len(incomplete)),
         ("embeddings of the wrong size", sum(report.bad_vectors.values())),
         ("readable files without embeddings", len(report.unembedded)),
         ("files missing on disk", f"{len(report.missing)} of {report.files}"),
@@ -107,7 +117,12 @@ def _print_check(report: CheckReport) -> None:
     print_table(["check", "found"], rows, title=report.path)
     for problem in report.problems():
         warn(problem)
-    for what, paths in (("no embedding", report.unembedded), ("missing", report.missing)):
+    listed = (
+        ("no embedding", report.unembedded),
+        ("moments missing", incomplete),
+        ("missing", report.missing),
+    )
+    for what, paths in listed:
         for path in paths[:SHOWN_PATHS]:
             warn(f"{what}: {path}")
         if len(paths) > SHOWN_PATHS:
@@ -130,8 +145,17 @@ def vacuum_command(db: DbOpt = None, fmt: FormatOpt = ReportFormat.table) -> Non
     if fmt is ReportFormat.json:
         print_json(report.to_dict())
         return
-    dropped = f"; {report.garbage} unused embeddings dropped" if report.garbage else ""
-    info(f"{report.path}: {_size(report.before)} before, {_size(report.after)} after{dropped}")
+    dropped = [
+        f"{n} {what}"
+        for n, what in (
+            (report.garbage, "unused embeddings dropped"),
+            (report.frames, "video moments dropped"),
+            (report.videos_unmarked, "videos missing moments unmarked (index them again)"),
+        )
+        if n
+    ]
+    gone = "".join(f"; {d}" for d in dropped)
+    info(f"{report.path}: {_size(report.before)} before, {_size(report.after)} after{gone}")
 
 
 @app.command("merge")
@@ -153,8 +177,17 @@ def merge_command(
     info(
         f"merged {report.other}: {report.files_added} files added, {report.files_replaced} "
         f"replaced by newer records, {report.files_kept} kept, "
-        f"{report.embeddings_added} embeddings added{models}"
+        f"{report.embeddings_added} embeddings added, {report.frames_added} video moments "
+        f"added{models}"
     )
+    if report.video_conflicts:
+        warn(
+            f"{len(report.video_conflicts)} videos have other moments in {report.other}: "
+            "their moments and embeddings were kept from this catalog ('cliplens index' "
+            "embeds them by the models it lacks)"
+        )
+        for path in report.video_conflicts[:SHOWN_PATHS]:
+            warn(f"other moments: {path}")
 
 
 @app.command("export")
@@ -189,6 +222,8 @@ def export_command(
     header = ["model", "dim", "shards", "rows", "failures", "not embedded"]
     row = (report.model_id, report.dim, report.shards, report.rows, report.failures)
     print_table(header, [(*row, report.not_embedded)])
+    for note in report.notes:
+        warn(note)
     info(f"shards and manifest in {out}; index them with 'cliplens build-index {out} --out DIR'")
 
 

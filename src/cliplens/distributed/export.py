@@ -8,6 +8,11 @@ manifest.json (`ShardManifest`) naming the model and the finished shards. So
 `cliplens build-index` builds a faiss index over a photo catalog, and `cliplens catalog
 import` loads it into another. The vectors stay the catalog's float16 values.
 
+Videos are left out, and counted: a shard row is a file by its path, which build-index
+returns as a hit and `import_shards` records as a photo, so a video's moments (several
+vectors of one path, each at a time) have no row to go in, and its own row (their mean)
+would be searched as a photo that cannot be opened as one.
+
 It is written whole or not at all: into a hidden folder beside OUT, renamed to OUT when
 complete. A killed export leaves no OUT (build-index refuses a folder without a
 manifest); the next export removes what it left.
@@ -20,7 +25,7 @@ import hashlib
 import os
 import secrets
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -41,9 +46,9 @@ _FETCH = 1000  # rows read from the catalog at a time
 
 @dataclass
 class ExportReport:
-    """What `export_shards` wrote: shards of `rows` embedded files and `failures`
-    unreadable ones; `not_embedded` readable files have no vector of this model and are
-    left out.
+    """What `export_shards` wrote: shards of `rows` embedded photos and `failures`
+    unreadable ones; `not_embedded` readable photos have no vector of this model and
+    `videos` are video files, both left out (`notes` says what to do about the videos).
 
     >>> import cliplens
     >>> from cliplens.distributed.export import export_shards
@@ -58,6 +63,8 @@ class ExportReport:
     rows: int
     failures: int
     not_embedded: int
+    videos: int = 0
+    notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -108,10 +115,20 @@ def export_shards(
         raise
     rows = sum(s.rows for s in manifest.shards.values())
     failures = sum(s.failures for s in manifest.shards.values())
-    readable = catalog.db.execute("SELECT count(*) FROM files WHERE status = 'ok'").fetchone()[0]
-    return ExportReport(
+    readable, videos = catalog.db.execute(
+        "SELECT coalesce(sum(kind = 'image' AND status = 'ok'), 0), "
+        "coalesce(sum(kind = 'video'), 0) FROM files"
+    ).fetchone()
+    report = ExportReport(
         str(out), model_id, name, dim, len(manifest.shards), rows, failures, readable - rows
     )
+    if videos:
+        report.videos = videos
+        report.notes.append(
+            f"{videos} videos not exported: build-index holds photos only; search them in "
+            "the catalog"
+        )
+    return report
 
 
 def _choose_model(catalog: Catalog, model: str | None) -> tuple[str, int, str | None]:
@@ -176,15 +193,15 @@ def _into_place(staging: Path, out: Path) -> None:
         ) from e
 
 
-_ROWS = (
+_ROWS = (  # photos only: the module's docstring says why
     "FROM files f LEFT JOIN embeddings e ON e.model = ? AND e.hash = f.hash "
-    "WHERE f.status = 'failed' OR e.vector IS NOT NULL"
+    "WHERE f.kind = 'image' AND (f.status = 'failed' OR e.vector IS NOT NULL)"
 )
 
 
 def _write_shards(catalog: Catalog, folder: Path, manifest: ShardManifest, progress: bool) -> None:
-    """Every file of the catalog embedded by the model, or unreadable, in path order, cut
-    into shards; the manifest records each shard and the listing."""
+    """Every photo of the catalog embedded by the model, or unreadable, in path order,
+    cut into shards; the manifest records each shard and the listing."""
     (key,) = catalog.db.execute(
         "SELECT id FROM models WHERE model_id = ?", (manifest.model_id,)
     ).fetchone()

@@ -1,0 +1,227 @@
+"""Videos in the catalog end to end: found at their moments, one row per video, indexed
+incrementally, shared between models, reported when damaged, compared with photos by
+`similar` and `duplicates`, and an old catalog upgraded to hold them. Real videos are
+written from real photos (a cat shot, then a rocket shot)."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from skimage import data
+
+import cliplens
+from cliplens.catalog.db import Catalog, CatalogError
+from cliplens.catalog.schema import MIGRATIONS, SCHEMA_VERSION
+from cliplens.catalog.update import update_catalog
+from cliplens.cli.main import main
+from cliplens.tasks.search import duplicates, search, similar
+from tests_helpers import make_video, run_json
+
+CAT, ROCKET = data.chelsea(), data.rocket()
+QUICK = cliplens.VideoSampling(min_gap=0.5, max_gap=2.0)
+CAT_SHOT, ROCKET_SHOT = (0.0, 5.0), (5.0, 10.0)  # seconds of each shot in the trip video
+
+
+@pytest.fixture(scope="module")
+def library(tmp_path_factory) -> Path:
+    """A phone library: the trip video (a cat shot, then a rocket shot) beside two photos."""
+    folder = tmp_path_factory.mktemp("library")
+    make_video(folder / "trip.mp4", [(CAT, 5.0), (ROCKET, 5.0)])
+    Image.fromarray(data.coffee()).save(folder / "coffee.jpg")
+    Image.fromarray(data.astronaut()).save(folder / "astronaut.jpg")
+    return folder
+
+
+def _inside(t: float, shot: tuple[float, float]) -> bool:
+    return shot[0] <= t < shot[1]
+
+
+def test_a_cat_and_a_rocket_are_found_at_their_moments_of_one_video(
+    tmp_path, library, capsys, monkeypatch
+):
+    monkeypatch.setenv("CLIPLENS_MODEL", "offline")
+    db = str(tmp_path / "c.db")
+    gaps = ["--min-frame-gap", "0.5", "--max-frame-gap", "2"]
+    stats = run_json(
+        capsys, ["index", str(library), "--db", db, "--workers", "0", "-f", "json", *gaps]
+    )
+    assert (stats["new"], stats["videos"], stats["failed"]) == (3, 1, 0)
+    assert stats["encoded"] == 2 + 6  # two photos, and the video's moments at 0, 2, 4, 5, 7, 9 s
+    for query, shot in (("a cat", CAT_SHOT), ("a rocket", ROCKET_SHOT)):
+        argv = ["search", query, "--in", str(library), "--db", db, "--no-index", "-f", "json"]
+        hits = run_json(capsys, argv)
+        assert len({h["path"] for h in hits}) == len(hits) == 3  # one row per video
+        best = hits[0]
+        assert Path(best["path"]).name == "trip.mp4" and _inside(best["time"], shot), best
+        assert best["moments"][0] == {"time": best["time"], "score": best["score"]}
+        assert [m["score"] for m in best["moments"]] == sorted(
+            (m["score"] for m in best["moments"]), reverse=True
+        )
+        assert all(_inside(m["time"], shot) for m in best["moments"][:2])
+        assert all("time" not in h for h in hits if not h["path"].endswith(".mp4"))
+    table = ["search", "a rocket", "--in", str(library), "--db", db, "--no-index"]
+    assert main(table) == 0
+    shown = capsys.readouterr().out
+    assert "trip.mp4 @ 00:0" in shown and "(also 00:0" in shown
+
+
+def test_paging_and_a_cut_off_count_a_video_once(tmp_path, library, offline):
+    with Catalog(tmp_path / "c.db") as cat:
+        update_catalog(cat, offline, [library], workers=0, video=QUICK)
+        whole = search(cat, offline, "a rocket", n=3)
+        assert [h.path for h in whole] == sorted(
+            {h.path for h in whole}, key=[h.path for h in whole].index
+        )
+        pages = [search(cat, offline, "a rocket", n=1, offset=i) for i in range(3)]
+        assert [p[0].path for p in pages] == [h.path for h in whole]
+        cut = whole[1].score
+        assert [h.path for h in search(cat, offline, "a rocket", n=3, min_score=cut)] == [
+            h.path for h in whole[:2]
+        ]
+
+
+def test_videos_are_indexed_incrementally_and_moved_ones_keep_their_moments(tmp_path, tiny):
+    folder = tmp_path / "clips"
+    folder.mkdir()
+    make_video(folder / "a.mp4", [(CAT, 2.0), (ROCKET, 2.0)])
+    with Catalog(tmp_path / "c.db") as cat:
+        first = update_catalog(cat, tiny, [folder], workers=0, video=QUICK)
+        assert (first.new, first.videos, first.encoded) == (1, 1, 2)  # at 0 and 2 s
+        assert update_catalog(cat, tiny, [folder], workers=0).unchanged == 1
+        (folder / "a.mp4").rename(folder / "b.mp4")
+        moved = update_catalog(cat, tiny, [folder], workers=0)
+        assert (moved.moved, moved.removed, moved.encoded) == (1, 1, 0)
+        hits = search(cat, tiny, "a rocket", n=1)
+        assert Path(hits[0].path).name == "b.mp4" and hits[0].time is not None
+        make_video(folder / "b.mp4", [(ROCKET, 1.0)])  # new content under the same name
+        changed = update_catalog(cat, tiny, [folder], workers=0)
+        assert (changed.changed, changed.videos) == (1, 1)
+        (video_hash,) = cat.db.execute("SELECT hash FROM files").fetchone()
+        assert cat.db.execute("SELECT DISTINCT video FROM frames").fetchall() == [(video_hash,)]
+        (folder / "b.mp4").unlink()
+        assert update_catalog(cat, tiny, [folder], workers=0).removed == 1
+        for table in ("frames", "embeddings"):
+            assert cat.db.execute(f"SELECT count(*) FROM {table}").fetchone()[0] == 0, table
+
+
+def test_a_second_model_embeds_the_moments_the_first_one_chose(tmp_path, library, tiny, offline):
+    with Catalog(tmp_path / "c.db") as cat:
+        update_catalog(cat, offline, [library], workers=0, video=QUICK)
+        chosen = cat.db.execute("SELECT ordinal, t_ms FROM frames ORDER BY ordinal").fetchall()
+        # the tiny model's run uses the defaults (one moment per 10 s), yet embeds the same
+        later = update_catalog(cat, tiny, [library], workers=0, video=cliplens.VideoSampling())
+        assert later.encoded == 2 + len(chosen)
+        assert (
+            cat.db.execute("SELECT ordinal, t_ms FROM frames ORDER BY ordinal").fetchall() == chosen
+        )
+        for model in (offline, tiny):
+            hit = next(h for h in search(cat, model, "a rocket", n=3) if h.time is not None)
+            assert round(hit.time * 1000) in {t for _, t in chosen}
+
+
+def test_a_truncated_video_is_reported_with_its_reason_and_not_retried(
+    tmp_path, tiny, capsys, monkeypatch, tiny_model_dir
+):
+    folder = tmp_path / "clips"
+    folder.mkdir()
+    whole = make_video(tmp_path / "whole.mp4", [(CAT, 3.0), (ROCKET, 3.0)]).read_bytes()
+    (folder / "cut.mp4").write_bytes(whole[: len(whole) * 3 // 4])
+    make_video(folder / "fine.mp4", [(CAT, 1.0)])
+    monkeypatch.setenv("CLIPLENS_MODEL", f"local:{tiny_model_dir}")
+    db = str(tmp_path / "c.db")
+    stats = run_json(capsys, ["index", str(folder), "--db", db, "--workers", "0", "-f", "json"])
+    assert (stats["new"], stats["failed"], stats["videos"]) == (1, 1, 1)
+    (error,) = stats["errors"]
+    assert error["path"].endswith("cut.mp4")
+    assert error["error"].startswith("truncated: its frames end at ") and "6.0 s" in error["error"]
+    again = run_json(capsys, ["index", str(folder), "--db", db, "--workers", "0", "-f", "json"])
+    assert (again["failed"], again["failed_before"]) == (0, 1)
+    with Catalog(db, readonly=True) as cat:
+        assert [Path(p).name for p, _ in cat.failures()] == ["cut.mp4"]
+        assert all(not h.path.endswith("cut.mp4") for h in search(cat, tiny, "a cat", n=5))
+
+
+def test_videos_decode_in_worker_processes_as_in_the_indexer(tmp_path, library, tiny):
+    states = []
+    for workers in (0, 2):
+        with Catalog(tmp_path / f"w{workers}.db") as cat:
+            update_catalog(cat, tiny, [library], workers=workers, video=QUICK)
+            _, _, matrix = cat.vectors(tiny.info.model_id)
+            states.append((cat.db.execute("SELECT t_ms FROM frames").fetchall(), matrix))
+    assert states[0][0] == states[1][0]
+    np.testing.assert_allclose(states[0][1], states[1][1], atol=2e-3)
+
+
+def test_similar_and_duplicates_compare_photos_with_moments(tmp_path, library, offline):
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    for name in ("trip.mp4", "coffee.jpg"):
+        (folder / name).write_bytes((library / name).read_bytes())
+    Image.fromarray(CAT).save(folder / "cat.png")
+    with Catalog(tmp_path / "c.db") as cat:
+        update_catalog(cat, offline, [folder], workers=0, video=QUICK)
+        hits = similar(cat, offline, folder / "cat.png", n=2)
+        assert Path(hits[0].path).name == "trip.mp4" and _inside(hits[0].time, CAT_SHOT)
+        video_id = hits[0].id
+        like_video = similar(cat, offline, video_id, n=2)  # the video's own vector: its mean
+        assert all(h.id != video_id for h in like_video)
+        groups = duplicates(cat, offline.info.model_id, [folder], threshold=0.9)
+    (group,) = [g for g in groups if g.kind == "near"]
+    members = group.members()
+    assert (str((folder / "cat.png").resolve()), None) in members
+    moments = [t for p, t in members if p.endswith("trip.mp4")]
+    assert moments and all(_inside(t, CAT_SHOT) for t in moments)
+    assert group.to_dict()["times"] == [None if t is None else round(t, 3) for _, t in members]
+
+
+def test_a_catalog_of_the_first_schema_is_upgraded_to_hold_videos(tmp_path, tiny, library):
+    db = tmp_path / "old.db"
+    con = sqlite3.connect(db)
+    con.executescript(f"BEGIN; {MIGRATIONS[0]}; PRAGMA user_version=1; COMMIT;")
+    con.execute(
+        "INSERT INTO files (path, size, mtime_ns, hash, status, error, updated_at) "
+        "VALUES ('/gone/a.jpg', 1, 1, 'abc', 'failed', 'damaged', 0)"
+    )
+    con.commit()
+    con.close()
+    with pytest.raises(CatalogError, match="needs upgrading"):
+        Catalog(db, readonly=True)
+    with Catalog(db) as cat:
+        assert cat.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+        (row,) = cat.files_under(["/gone"]).values()
+        assert (row.kind, row.status, row.error) == ("image", "failed", "damaged")
+        update_catalog(cat, tiny, [library], workers=0, video=QUICK)
+        assert search(cat, tiny, "a cat", n=3)
+
+
+def test_without_pyav_videos_are_left_as_they_are_with_a_note(tmp_path, library, tiny, monkeypatch):
+    import cliplens.video
+
+    with Catalog(tmp_path / "c.db") as cat:
+        update_catalog(cat, tiny, [library], workers=0, video=QUICK)
+        monkeypatch.setattr(cliplens.video, "available", lambda: False)
+        stats = update_catalog(cat, tiny, [library], workers=0)
+        assert stats.removed == 0 and stats.unchanged == 2
+        assert stats.notes == [
+            "1 videos were not indexed: they need PyAV (pip install 'cliplens[video]')"
+        ]
+        assert any(h.time is not None for h in search(cat, tiny, "a cat", n=3))
+
+
+def test_the_catalog_keeps_the_video_sampling_it_was_given(tmp_path, tiny):
+    folder = tmp_path / "clips"
+    folder.mkdir()
+    make_video(folder / "a.mp4", [(CAT, 5.0)])
+    with Catalog(tmp_path / "c.db") as cat:
+        update_catalog(cat, tiny, [folder], workers=0, video=QUICK)
+        make_video(folder / "b.mp4", [(ROCKET, 5.0)])
+        update_catalog(cat, tiny, [folder], workers=0)  # a later run, as a search's update
+        rows = cat.db.execute(
+            "SELECT f.path, count(*) FROM files f JOIN frames fr ON fr.video = f.hash "
+            "GROUP BY f.path"
+        ).fetchall()
+    assert sorted((Path(p).name, n) for p, n in rows) == [("a.mp4", 3), ("b.mp4", 3)]
