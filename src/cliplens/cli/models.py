@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+import enum
+from typing import Annotated, Any
 
 import typer
 
@@ -16,32 +17,73 @@ app = typer.Typer(help="List models and show their details.", invoke_without_com
 FormatOpt = Annotated[Format, typer.Option("--format", "-f", help="Output format.")]
 
 
+class SortKey(str, enum.Enum):
+    imagenet = "imagenet"
+    params = "params"
+    name = "name"
+
+
+# the listing's columns: a ModelEntry field each, and its heading in a table
+_COLUMNS = {
+    "name": "name",
+    "resolution": "px",
+    "params_m": "params (M)",
+    "imagenet_pct": "ImageNet %",
+    "average_pct": "avg %",
+}
+
+
+def _cell(value: Any) -> str:
+    """A figure as a table shows it: one decimal (JSON keeps the table's precision)."""
+    if value is None:
+        return "-"
+    return f"{value:.1f}" if isinstance(value, float) else str(value)
+
+
 @app.callback()
 def list_models(
     ctx: typer.Context,
     cached: Annotated[
         bool, typer.Option("--cached", help="Only models ready to use offline.")
     ] = False,
+    search: Annotated[
+        str | None,
+        typer.Option("--search", metavar="TEXT", help="Only names holding TEXT (any case)."),
+    ] = None,
+    sort: Annotated[
+        SortKey | None,
+        typer.Option(
+            "--sort",
+            help="imagenet: best zero-shot ImageNet first; params: smallest first; "
+            "name: A to Z (default: open_clip's order).",
+        ),
+    ] = None,
     fmt: FormatOpt = Format.table,
 ) -> None:
-    """List known model names (offline, and every open_clip ARCH:TAG), marking what is cached."""
+    """List known model names (offline, and every open_clip ARCH:TAG) with their input
+    size, parameters and open_clip's zero-shot figures, marking what is cached."""
     if ctx.invoked_subcommand is not None:
         return
-    from cliplens.models.zoo import known_models
+    from cliplens.models.zoo import FIGURES_NOTE, FIGURES_SOURCE, known_models
     from cliplens.settings import get_settings
 
-    entries = [e for e in known_models() if e.cached or not cached]
+    entries = known_models(search, cached_only=cached, sort=sort.value if sort else None)
     if fmt is Format.json:
         print_json([e.to_dict() for e in entries])
-    elif fmt is Format.csv:
-        print_csv(["name", "cached", "default"], [(e.name, e.cached, e.default) for e in entries])
-    else:
-        rows = [
-            (e.name, "yes" if e.cached else "", "default" if e.default else "") for e in entries
-        ]
-        title = f"{len(entries)} models; cache: {get_settings().model_cache}"
-        print_table(["name", "cached", ""], rows, title=title)
-        print("Other forms: hf-hub:ORG/NAME, local:PATH (a checkpoint), ARCH:PATH (a state dict).")
+        return
+    if fmt is Format.csv:
+        header = list(entries[0].to_dict()) if entries else ["name"]
+        print_csv(header, [list(e.to_dict().values()) for e in entries])
+        return
+    rows = [
+        [_cell(getattr(e, field)) for field in _COLUMNS]
+        + ["yes" if e.cached else "", "default" if e.default else ""]
+        for e in entries
+    ]
+    title = f"{len(entries)} models; cache: {get_settings().model_cache}"
+    print_table([*_COLUMNS.values(), "cached", ""], rows, title=title)
+    print(f"Figures: {FIGURES_SOURCE}. {FIGURES_NOTE}")
+    print("Other forms: hf-hub:ORG/NAME, local:PATH (a checkpoint), ARCH:PATH (a state dict).")
 
 
 @app.command("info")
@@ -49,7 +91,8 @@ def model_info(
     name: Annotated[str, typer.Argument(help="A model name, e.g. offline or ViT-B-32:openai.")],
     fmt: FormatOpt = Format.table,
 ) -> None:
-    """Show a model's embedding size, preprocessing, size, cache path and engines."""
+    """Show a model's embedding size, preprocessing, size, open_clip's zero-shot figures,
+    cache path and engines."""
     from cliplens.models.zoo import describe_engines, describe_model
 
     details = describe_model(name).to_dict() | describe_engines(name)

@@ -51,9 +51,18 @@ def _records_path() -> Path:
 
 def _record_key(name: str) -> str:
     """Names with relative paths in them mean different files in different folders."""
+    text, plus, image = name.removeprefix("multilingual:").partition("+")
+    if name.startswith("multilingual:") and plus:  # a text folder + an image model's name
+        folder = str(Path(text).expanduser().resolve()) if os.sep in text else text
+        return f"multilingual:{folder}+{_record_key(image)}"
     prefix, sep, target = name.rpartition(":")
-    looks_like_path = target.startswith((".", "~", os.sep)) or os.sep in target
-    if sep and looks_like_path and not name.startswith("hf-hub:"):
+    explicit = target.startswith((".", "~", os.sep))
+    looks_like_path = explicit or os.sep in target
+    # ORG/NAME on the hub, unless such a folder is here
+    hub = name.startswith("hf-hub:") or (
+        name.startswith("transformers:") and not explicit and not Path(target).exists()
+    )
+    if sep and looks_like_path and not hub:
         return f"{prefix}:{Path(target).expanduser().resolve()}"
     return name
 

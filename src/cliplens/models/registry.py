@@ -5,6 +5,11 @@ ARCH:TAG                    open_clip architecture + pretrained tag (downloaded,
 ARCH:PATH                   open_clip architecture + a state-dict file
 hf-hub:ORG/NAME             an open_clip model on the Hugging Face hub
 local:PATH                  a checkpoint folder or file that records its architecture
+transformers:ORG/NAME       a transformers CLIP, SigLIP or SigLIP2 model on the hub
+transformers:FOLDER         one saved with `save_pretrained`
+multilingual:NAME           a multilingual text tower paired with the image tower it was
+                            trained to match (sentence-transformers' layout)
+multilingual:TEXT+IMAGE     a sentence-transformers folder with any image model's name
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ class Kind(str, Enum):
     PRETRAINED = "pretrained"  # arch:tag or arch:path
     HUB = "hf-hub"
     LOCAL = "local"
+    TRANSFORMERS = "transformers"
+    MULTILINGUAL = "multilingual"
 
 
 @dataclass(frozen=True)
@@ -60,6 +67,16 @@ def parse_model_name(name: str | None) -> ModelSpec:
         if not path:
             raise UnknownModelError(f"model '{name}': write local:PATH to a checkpoint")
         return ModelSpec(name, Kind.LOCAL, target=path)
+    for kind, form in (
+        (Kind.TRANSFORMERS, "ORG/NAME or FOLDER"),
+        (Kind.MULTILINGUAL, "NAME or TEXT_FOLDER+IMAGE_MODEL"),
+    ):
+        prefix = f"{kind.value}:"
+        if name.startswith(prefix):
+            target = name.removeprefix(prefix).strip()
+            if not target:
+                raise UnknownModelError(f"model '{name}': write {prefix}{form}")
+            return ModelSpec(name, kind, target=target)
     import open_clip  # heavy (torch): only to check a name that is not offline or local
 
     arch, sep, target = name.partition(":")
@@ -69,7 +86,7 @@ def parse_model_name(name: str | None) -> ModelSpec:
         hint = f"; did you mean {', '.join(close)}?" if close else ""
         raise UnknownModelError(
             f"model '{name}' is unknown{hint} (see 'cliplens models'; other forms: offline, "
-            f"hf-hub:ORG/NAME, local:PATH)"
+            f"hf-hub:ORG/NAME, local:PATH, transformers:ORG/NAME, multilingual:NAME)"
         )
     tags = open_clip.list_pretrained_tags_by_model(arch)
     if not sep or not target:
@@ -109,6 +126,14 @@ def load_model(
         from cliplens.models.offline import OfflineEncoder  # heavy: torch, only when loaded
 
         return OfflineEncoder(dev, prec)
+    if spec.kind is Kind.TRANSFORMERS:
+        from cliplens.models.hf_transformers import load_transformers  # heavy: transformers
+
+        return load_transformers(spec.name, spec.target, dev, prec)
+    if spec.kind is Kind.MULTILINGUAL:
+        from cliplens.models.multilingual import load_multilingual  # heavy: transformers
+
+        return load_multilingual(spec.name, spec.target, dev, prec, load_image=load_model)
     from cliplens.models import openclip  # heavy: torch and open_clip, only when loaded
 
     if spec.kind is Kind.HUB:

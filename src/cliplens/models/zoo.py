@@ -2,26 +2,141 @@
 
 from __future__ import annotations
 
+import csv
+import functools
 from dataclasses import asdict, dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
-from cliplens.errors import DependencyMissingError
+from cliplens.errors import DependencyMissingError, InvalidInputError
 from cliplens.models.registry import OFFLINE, Kind, ModelSpec, parse_model_name
 from cliplens.preprocess import Interpolation, ResizeMode
 from cliplens.settings import get_settings
 
+# open_clip's published figures, shipped as data (models/data/*.tsv name their source)
+RESULTS_FILE = "openclip_results.tsv"
+PROFILE_FILE = "openclip_profile.tsv"
+FIGURES_SOURCE = (
+    "open_clip's docs/openclip_results.csv and docs/model_profile.csv "
+    "(github.com/mlfoundations/open_clip at f862f86, MIT licence)"
+)
+FIGURES_NOTE = (
+    "ImageNet %: zero-shot top-1 on ImageNet-1k; avg %: the mean over open_clip's 38 "
+    "zero-shot datasets; params: both towers; '-': open_clip has published no figure. "
+    "open_clip records no licence or download size per tag: see each tag's model card "
+    "(cliplens models info NAME shows where its weights come from)."
+)
+
+ModelSort = Literal["imagenet", "params", "name"]
+
 
 @dataclass
 class ModelEntry:
-    """One row of `known_models`."""
+    """One row of `known_models`: enough to choose a model by, without loading one."""
 
     name: str
     cached: bool
     default: bool = False
+    resolution: int | None = None
+    params_m: float | None = None
+    gflops: float | None = None
+    imagenet_pct: float | None = None
+    average_pct: float | None = None
+    source: str | None = None  # where the figures come from, when there are any
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class PublishedFigures:
+    """What open_clip publishes about one arch:tag (None where it publishes nothing)."""
+
+    image_size: int | None = None
+    params_m: float | None = None
+    gflops: float | None = None
+    imagenet_pct: float | None = None
+    average_pct: float | None = None
+
+    @property
+    def source(self) -> str | None:
+        return FIGURES_SOURCE if self != PublishedFigures() else None
+
+
+@functools.cache
+def _read_table(filename: str) -> tuple[dict[str, str], ...]:
+    """A shipped table's rows; read through importlib.resources, so that an installed
+    wheel (or a zip) finds it as a source checkout does."""
+    text = resources.files("cliplens.models").joinpath("data").joinpath(filename)
+    lines = [ln for ln in text.read_text("utf-8").splitlines() if ln and ln[0] != "#"]
+    return tuple(csv.DictReader(lines, delimiter="\t"))
+
+
+@functools.cache
+def _scores() -> dict[tuple[str, str], tuple[float, float]]:
+    return {
+        (r["name"], r["pretrained"]): (float(r["imagenet1k"]), float(r["average38"]))
+        for r in _read_table(RESULTS_FILE)
+    }
+
+
+@functools.cache
+def _profiles() -> dict[str, tuple[int, float, float]]:
+    return {
+        r["model"]: (int(r["image_size"]), float(r["mparams"]), float(r["gflops"]))
+        for r in _read_table(PROFILE_FILE)
+    }
+
+
+def _twin(arch: str) -> str:
+    """The same architecture with the other activation: open_clip publishes some weights
+    under both ViT-L-14:dfn2b and ViT-L-14-quickgelu:dfn2b, and measured only one."""
+    return arch.removesuffix("-quickgelu") if arch.endswith("-quickgelu") else f"{arch}-quickgelu"
+
+
+def _weights_source(arch: str, tag: str) -> str | None:
+    import open_clip  # torch: see known_models
+
+    cfg = open_clip.get_pretrained_cfg(arch, tag) or {}
+    return cfg.get("hf_hub") or cfg.get("url") or None
+
+
+def published_figures(arch: str, tag: str) -> PublishedFigures:
+    """open_clip's published size, compute and zero-shot accuracy of arch:tag, from the
+    tables shipped with cliplens; a twin's row counts only when it has the same weights.
+
+    Why: to compare models by what open_clip measured, without downloading or building
+    any. A tag the tables lack gets None, never 0.
+
+    >>> from cliplens.models.zoo import published_figures
+    >>> published_figures("ViT-B-32", "openai").imagenet_pct
+    """
+    twin = _twin(arch)
+    scores = _scores().get((arch, tag))
+    if scores is None and (twin, tag) in _scores():
+        mine = _weights_source(arch, tag)
+        if mine is not None and mine == _weights_source(twin, tag):
+            scores = _scores()[(twin, tag)]
+    profile = _profiles().get(arch) or _profiles().get(twin)
+    size, params, gflops = profile or (None, None, None)
+    imagenet, average = scores or (None, None)
+    return PublishedFigures(
+        image_size=size,
+        params_m=params,
+        gflops=gflops,
+        imagenet_pct=None if imagenet is None else round(imagenet * 100, 2),
+        average_pct=None if average is None else round(average * 100, 2),
+    )
+
+
+def _side(size: Any) -> int | None:
+    """A config's image size as one number: the longer side where it gives two."""
+    if isinstance(size, int):
+        return size
+    if isinstance(size, list | tuple) and size:
+        return int(max(size))
+    return None
 
 
 def _offline_installed() -> bool:
@@ -33,10 +148,16 @@ def _offline_installed() -> bool:
         return False
 
 
-def known_models() -> list[ModelEntry]:
-    """The offline model and every arch:tag open_clip publishes, marking what is cached.
+def known_models(
+    search: str | None = None, *, cached_only: bool = False, sort: ModelSort | None = None
+) -> list[ModelEntry]:
+    """The offline model and every arch:tag open_clip publishes, marking what is cached,
+    with each one's input size, parameters and open_clip's zero-shot figures.
 
-    Why: the names `load_model` takes, and which of them work without a download.
+    Why: the names `load_model` takes, which of them work without a download, and what
+    to choose by. `search` keeps names holding it (any case); `sort` puts the best
+    ImageNet figure, the fewest parameters or the names first (unknown figures last);
+    without it the order is open_clip's. No model is built.
 
     >>> import cliplens
     >>> ready = [m.name for m in cliplens.known_models() if m.cached]
@@ -46,12 +167,42 @@ def known_models() -> list[ModelEntry]:
 
     from cliplens.models.openclip import cached_weights  # torch and open_clip, as above
 
+    if sort is not None and sort not in ("imagenet", "params", "name"):
+        raise InvalidInputError(f"`sort` {sort!r} is not one of imagenet, params or name")
     default = get_settings().default_model
-    entries = [ModelEntry(OFFLINE, cached=_offline_installed(), default=default == OFFLINE)]
+    entries = [ModelEntry(OFFLINE, _offline_installed(), default == OFFLINE, resolution=224)]
     for arch, tag in open_clip.list_pretrained():
         name = f"{arch}:{tag}"
-        entries.append(ModelEntry(name, cached_weights(arch, tag) is not None, name == default))
-    return entries
+        vision = (open_clip.get_model_config(arch) or {}).get("vision_cfg", {})
+        figures = published_figures(arch, tag)
+        entries.append(
+            ModelEntry(
+                name,
+                cached=cached_weights(arch, tag) is not None,
+                default=name == default,
+                resolution=_side(vision.get("image_size")) or figures.image_size,
+                params_m=figures.params_m,
+                gflops=figures.gflops,
+                imagenet_pct=figures.imagenet_pct,
+                average_pct=figures.average_pct,
+                source=figures.source,
+            )
+        )
+    return _select(entries, search, cached_only, sort)
+
+
+def _select(
+    entries: list[ModelEntry], search: str | None, cached_only: bool, sort: ModelSort | None
+) -> list[ModelEntry]:
+    needle = (search or "").casefold()
+    kept = [e for e in entries if needle in e.name.casefold() and (e.cached or not cached_only)]
+    if sort == "imagenet":
+        kept.sort(key=lambda e: (e.imagenet_pct is None, -(e.imagenet_pct or 0.0)))
+    elif sort == "params":
+        kept.sort(key=lambda e: (e.params_m is None, e.params_m or 0.0))
+    elif sort == "name":
+        kept.sort(key=lambda e: e.name.casefold())
+    return kept
 
 
 # the values of registry.Kind, as a description holds them
@@ -99,6 +250,10 @@ class PretrainedDescription(ModelDescription):
     context_length: int | None
     preprocessing: PreprocessingDescription
     params_m: float
+    gflops: float | None
+    imagenet_pct: float | None  # open_clip's published figures, as known_models lists them
+    average_pct: float | None
+    figures_source: str | None
     size_mb: float | None
     source: str
     cached: bool
@@ -165,6 +320,7 @@ def _describe_pretrained(spec: ModelSpec) -> PretrainedDescription:
         model = open_clip.create_model(spec.arch, device="meta", pretrained_text=False)
         n_params = sum(p.numel() for p in model.parameters())
     weights = cached_weights(spec.arch, spec.target) if tag_cfg else Path(spec.target)
+    figures = published_figures(spec.arch, spec.target) if tag_cfg else PublishedFigures()
     there = bool(weights and weights.exists())
     preprocessing = PreprocessingDescription(
         interpolation=tag_cfg.get("interpolation", "bicubic"),
@@ -182,6 +338,10 @@ def _describe_pretrained(spec: ModelSpec) -> PretrainedDescription:
         context_length=cfg.get("text_cfg", {}).get("context_length"),
         preprocessing=preprocessing,
         params_m=round(n_params / 1e6, 1),
+        gflops=figures.gflops,
+        imagenet_pct=figures.imagenet_pct,
+        average_pct=figures.average_pct,
+        figures_source=figures.source,
         size_mb=round(weights.stat().st_size / 1e6, 1) if there else None,
         source=tag_cfg.get("hf_hub") or tag_cfg.get("url") or str(weights),
         cached=there,
