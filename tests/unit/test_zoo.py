@@ -1,5 +1,6 @@
-"""`known_models` and `cliplens models`: open_clip's zoo with the figures it publishes,
-read from the tables cliplens ships (checked here against those tables, read on their own)."""
+"""`known_models` and `cliplens models`: open_clip's zoo with the figures open_clip (or,
+for the newest families, their authors) publish, read from the tables cliplens ships
+(checked here against those tables, read on their own)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ except ModuleNotFoundError:  # Python 3.10: pytest brings tomli
     import tomli as tomllib
 
 DATA_FILES = ("openclip_results.tsv", "openclip_profile.tsv")
+AUTHORS_FILE = "published_results.tsv"
 
 
 def shipped_rows(filename: str) -> list[dict[str, str]]:
@@ -86,6 +88,7 @@ def test_every_row_of_the_table_reaches_the_listing(entries):
 
 def test_a_tag_absent_from_the_table_has_none_not_zero(entries, pretrained):
     measured = {r["name"] for r in shipped_rows("openclip_results.tsv")}
+    measured |= {r["name"] for r in shipped_rows(AUTHORS_FILE)}
     absent = [f"{a}:{t}" for a, t in pretrained if "SigLIP2" in a and a not in measured]
     assert absent
     profiled = {r["model"] for r in shipped_rows("openclip_profile.tsv")}
@@ -94,6 +97,66 @@ def test_a_tag_absent_from_the_table_has_none_not_zero(entries, pretrained):
         assert entry.imagenet_pct is None and entry.average_pct is None
         if name.split(":")[0] not in profiled:
             assert entry.params_m is None and entry.source is None
+
+
+AUTHORS_TAGS = [
+    ("MobileCLIP2-S4:dfndr2b", "apple/ml-mobileclip"),
+    ("PE-Core-L-14-336:meta", "facebookresearch/perception_models"),
+    ("ViT-B-16-SigLIP2:webli", "google-research/big_vision"),
+]
+
+
+def authors_row(name: str) -> dict[str, str]:
+    (row,) = [r for r in shipped_rows(AUTHORS_FILE) if f"{r['name']}:{r['pretrained']}" == name]
+    return row
+
+
+@pytest.mark.parametrize(("name", "repo"), AUTHORS_TAGS)
+def test_a_new_familys_tag_has_its_authors_figure_and_source(name, repo, entries):
+    row = authors_row(name)
+    entry = entries[name]
+    assert entry.imagenet_pct == pytest.approx(float(row["imagenet1k"]) * 100, abs=0.005)
+    assert 20 < entry.imagenet_pct < 100
+    if row["average"]:
+        assert entry.average_pct == pytest.approx(float(row["average"]) * 100, abs=0.005)
+    else:
+        assert entry.average_pct is None
+    repo_of_row, _, rest = row["source"].partition("@")
+    assert repo_of_row == repo
+    assert entry.source is not None and repo in entry.source and rest[:7] in entry.source
+    assert zoo.FIGURES_SOURCE not in entry.source  # open_clip's tables hold nothing of it
+
+
+def test_mobileclip2_carries_its_authors_average(entries):
+    row = authors_row("MobileCLIP2-S4:dfndr2b")
+    assert row["average"] and entries["MobileCLIP2-S4:dfndr2b"].average_pct is not None
+
+
+def test_every_row_of_the_authors_file_names_an_installed_tag(entries, pretrained):
+    rows = shipped_rows(AUTHORS_FILE)
+    assert len(rows) >= 11
+    installed = {f"{a}:{t}" for a, t in pretrained}
+    open_clips = {(r["name"], r["pretrained"]) for r in shipped_rows("openclip_results.tsv")}
+    text = resources.files("cliplens.models").joinpath("data").joinpath(AUTHORS_FILE)
+    header = text.read_text("utf-8")
+    for r in rows:
+        name = f"{r['name']}:{r['pretrained']}"
+        assert name in installed, name
+        assert (r["name"], r["pretrained"]) not in open_clips  # open_clip's row would win
+        assert 0 < float(r["imagenet1k"]) < 1 and (not r["average"] or 0 < float(r["average"]) < 1)
+        repo, _, rest = r["source"].partition("@")
+        commit, _, path = rest.partition(":")
+        assert len(commit) == 40 and all(c in "0123456789abcdef" for c in commit), r["source"]
+        assert repo in header and commit in header and path  # the header names each source
+        assert entries[name].imagenet_pct == pytest.approx(float(r["imagenet1k"]) * 100, abs=0.005)
+
+
+def test_open_clips_table_comes_before_the_authors(monkeypatch):
+    mine = zoo.published_figures("ViT-B-32", "openai")
+    monkeypatch.setattr(
+        zoo, "_authors_scores", lambda: {("ViT-B-32", "openai"): (0.1, None, "a/b@c:d")}
+    )
+    assert zoo.published_figures("ViT-B-32", "openai") == mine
 
 
 def test_a_twin_lends_its_figures_only_with_the_same_weights(entries, monkeypatch):
@@ -155,6 +218,15 @@ def test_info_includes_the_tags_figures(capsys, entries):
     assert info["figures_source"] == zoo.FIGURES_SOURCE and info["gflops"] == entry.gflops
 
 
+def test_info_names_the_authors_source_for_a_new_familys_tag(capsys, entries):
+    assert main(["models", "info", "PE-Core-B-16:meta", "--format", "json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    entry = entries["PE-Core-B-16:meta"]
+    assert info["imagenet_pct"] == entry.imagenet_pct is not None
+    assert info["figures_source"] == entry.source
+    assert "facebookresearch/perception_models" in info["figures_source"]
+
+
 def test_the_data_files_are_package_resources_a_wheel_carries():
     data = resources.files("cliplens.models").joinpath("data")
     pyproject = Path(__file__).parents[2] / "pyproject.toml"
@@ -165,3 +237,6 @@ def test_the_data_files_are_package_resources_a_wheel_carries():
         assert "f862f86cd92123615a8695ce8bcb6ecc066af452" in text
         packaged = f"models/data/{filename}"
         assert any(fnmatch.fnmatch(packaged, g) for g in globs["cliplens"]), packaged
+    packaged = f"models/data/{AUTHORS_FILE}"
+    assert any(fnmatch.fnmatch(packaged, g) for g in globs["cliplens"]), packaged
+    assert "licence" in data.joinpath(AUTHORS_FILE).read_text("utf-8")

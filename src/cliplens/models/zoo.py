@@ -17,13 +17,17 @@ from cliplens.settings import get_settings
 # open_clip's published figures, shipped as data (models/data/*.tsv name their source)
 RESULTS_FILE = "openclip_results.tsv"
 PROFILE_FILE = "openclip_profile.tsv"
+# the authors' own figures for tags open_clip's table predates, each row naming its source
+AUTHORS_FILE = "published_results.tsv"
 FIGURES_SOURCE = (
     "open_clip's docs/openclip_results.csv and docs/model_profile.csv "
     "(github.com/mlfoundations/open_clip at f862f86, MIT licence)"
 )
 FIGURES_NOTE = (
-    "ImageNet %: zero-shot top-1 on ImageNet-1k; avg %: the mean over open_clip's 38 "
-    "zero-shot datasets; params: both towers; '-': open_clip has published no figure. "
+    "Tags that table predates (MobileCLIP2, PE-Core, SigLIP2) take their authors' own "
+    "published figures (models/data/published_results.tsv; --format json names each "
+    "row's source). ImageNet %: zero-shot top-1 on ImageNet-1k; avg %: the mean over the "
+    "38 zero-shot datasets; params: both towers; '-': no figure published. "
     "open_clip records no licence or download size per tag: see each tag's model card "
     "(cliplens models info NAME shows where its weights come from)."
 )
@@ -51,17 +55,15 @@ class ModelEntry:
 
 @dataclass(frozen=True)
 class PublishedFigures:
-    """What open_clip publishes about one arch:tag (None where it publishes nothing)."""
+    """What open_clip, or else the model's authors, publish about one arch:tag (None
+    where nobody publishes anything), and where those figures come from."""
 
     image_size: int | None = None
     params_m: float | None = None
     gflops: float | None = None
     imagenet_pct: float | None = None
     average_pct: float | None = None
-
-    @property
-    def source(self) -> str | None:
-        return FIGURES_SOURCE if self != PublishedFigures() else None
+    source: str | None = None
 
 
 @functools.cache
@@ -79,6 +81,26 @@ def _scores() -> dict[tuple[str, str], tuple[float, float]]:
         (r["name"], r["pretrained"]): (float(r["imagenet1k"]), float(r["average38"]))
         for r in _read_table(RESULTS_FILE)
     }
+
+
+@functools.cache
+def _authors_scores() -> dict[tuple[str, str], tuple[float, float | None, str]]:
+    """The authors' rows: ImageNet and average (None where unpublished) and the source."""
+    return {
+        (r["name"], r["pretrained"]): (
+            float(r["imagenet1k"]),
+            float(r["average"]) if r["average"] else None,
+            r["source"],
+        )
+        for r in _read_table(AUTHORS_FILE)
+    }
+
+
+def _describe_source(ref: str) -> str:
+    """A row's repo@commit:path as a reader wants it."""
+    repo, _, rest = ref.partition("@")
+    commit, _, path = rest.partition(":")
+    return f"the authors' {path} (github.com/{repo} at {commit[:7]})"
 
 
 @functools.cache
@@ -105,20 +127,29 @@ def _weights_source(arch: str, tag: str) -> str | None:
 def published_figures(arch: str, tag: str) -> PublishedFigures:
     """open_clip's published size, compute and zero-shot accuracy of arch:tag, from the
     tables shipped with cliplens; a twin's row counts only when it has the same weights.
+    A tag open_clip's table lacks takes its authors' figures (published_results.tsv),
+    and `source` names whichever tables the figures come from.
 
-    Why: to compare models by what open_clip measured, without downloading or building
-    any. A tag the tables lack gets None, never 0.
+    Why: to compare models by what was measured, without downloading or building any.
+    A tag the tables lack gets None, never 0.
 
     >>> from cliplens.models.zoo import published_figures
     >>> published_figures("ViT-B-32", "openai").imagenet_pct
     """
     twin = _twin(arch)
-    scores = _scores().get((arch, tag))
+    scores: tuple[float, float | None] | None = _scores().get((arch, tag))
     if scores is None and (twin, tag) in _scores():
         mine = _weights_source(arch, tag)
         if mine is not None and mine == _weights_source(twin, tag):
             scores = _scores()[(twin, tag)]
+    sources = [FIGURES_SOURCE] if scores is not None else []
+    authors = _authors_scores().get((arch, tag)) if scores is None else None
+    if authors is not None:
+        scores = authors[:2]
+        sources.append(_describe_source(authors[2]))
     profile = _profiles().get(arch) or _profiles().get(twin)
+    if profile is not None and FIGURES_SOURCE not in sources:
+        sources.append(FIGURES_SOURCE)
     size, params, gflops = profile or (None, None, None)
     imagenet, average = scores or (None, None)
     return PublishedFigures(
@@ -127,6 +158,7 @@ def published_figures(arch: str, tag: str) -> PublishedFigures:
         gflops=gflops,
         imagenet_pct=None if imagenet is None else round(imagenet * 100, 2),
         average_pct=None if average is None else round(average * 100, 2),
+        source="; ".join(sources) or None,
     )
 
 
@@ -152,7 +184,7 @@ def known_models(
     search: str | None = None, *, cached_only: bool = False, sort: ModelSort | None = None
 ) -> list[ModelEntry]:
     """The offline model and every arch:tag open_clip publishes, marking what is cached,
-    with each one's input size, parameters and open_clip's zero-shot figures.
+    with each one's input size, parameters and published zero-shot figures.
 
     Why: the names `load_model` takes, which of them work without a download, and what
     to choose by. `search` keeps names holding it (any case); `sort` puts the best
@@ -251,7 +283,7 @@ class PretrainedDescription(ModelDescription):
     preprocessing: PreprocessingDescription
     params_m: float
     gflops: float | None
-    imagenet_pct: float | None  # open_clip's published figures, as known_models lists them
+    imagenet_pct: float | None  # published figures, as known_models lists them
     average_pct: float | None
     figures_source: str | None
     size_mb: float | None
