@@ -112,7 +112,8 @@ def require_av() -> Any:
         import av  # optional: the `video` extra
     except ImportError:
         raise DependencyMissingError(f"videos need PyAV; install it with {INSTALL}") from None
-    av.logging.set_level(av.logging.PANIC)  # damage is reported as VideoError, once
+    # FFmpeg's log stays off (PyAV's default): a Python log callback, called from FFmpeg's
+    # decoding threads, can deadlock videos read in several threads at once
     return av
 
 

@@ -10,8 +10,13 @@ following a link (`O_NOFOLLOW` from the root down: the open is the check, so not
 be swapped for a link in between), and the opened file must be regular (`fstat`, not the
 path).
 Then, local or remote, `images.identify` must find one of the formats in SERVED in its
-first bytes, with the megapixel cap every image gets. The Content-Type is that format's,
-never the extension's; every response also says `nosniff` (app.py).
+first bytes, with the megapixel cap every image gets; a video's first bytes must start one
+of the containers in VIDEOS_SERVED (`served_video_type`). The Content-Type is that
+format's, never the extension's; every response also says `nosniff` (app.py).
+
+A browser seeks in a video by asking for byte ranges, so `PhotoResponse` answers one
+`Range: bytes=...` with a 206 of those bytes (several ranges, or one it cannot parse: the
+whole file, which HTTP allows), and one that starts past the end with a 416.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from __future__ import annotations
 import errno
 import io
 import os
+import re
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +34,7 @@ import anyio
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from cliplens.errors import NotAnImageError
+from cliplens.errors import EmptyImageError, NotAnImageError
 from cliplens.images import identify
 from cliplens.paths import readable
 from cliplens.server.service import ApiError
@@ -47,6 +53,15 @@ SERVED: dict[str, str] = {
     "JPEG2000": "image/jp2",
     "PPM": "image/x-portable-anymap",
 }
+# the video containers served: a browser plays MP4 and WebM (and what it can of the rest)
+VIDEOS_SERVED = ("MP4", "QuickTime", "WebM", "Matroska", "AVI")
+# ISO BMFF brands of still images (HEIF, AVIF): an `ftyp` box that is no video
+_IMAGE_BRANDS = frozenset(
+    b"mif1 msf1 heic heix heim heis hevc hevx avif avis avci jpeg".split()  # 4 bytes each
+)
+_EBML_MAGIC = b"\x1a\x45\xdf\xa3"
+_DOC_TYPE = 0x4282  # the EBML header's DocType element
+_HEAD = 4096  # bytes read to type a video: its container's header is in the first few
 _CHUNK = 1 << 20
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _FLAGS = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
@@ -120,6 +135,76 @@ def served_type(photo: PhotoFile, max_megapixels: float) -> str:
     return SERVED[found]
 
 
+def served_video_type(photo: PhotoFile) -> str:
+    """The Content-Type of the video container the file's first bytes start (the file is
+    left at its start); NotAnImageError (415) for anything else, whatever its name says."""
+    try:
+        head = photo.file.read(_HEAD)
+    finally:
+        photo.file.seek(0)
+    if not head:
+        raise EmptyImageError(photo.label, "the file is empty")
+    found = video_type(head)
+    if found is None:
+        served = ", ".join(VIDEOS_SERVED)
+        why = "its content is no video container that is served"
+        raise NotAnImageError(photo.label, f"{why}; served videos: {served} only")
+    return found
+
+
+def video_type(head: bytes) -> str | None:
+    """The Content-Type of the video container `head` (a file's first bytes) starts, or
+    None: ISO BMFF (an `ftyp` box first; brand `qt  ` is QuickTime, still-image brands are
+    none), EBML by its DocType (WebM, else Matroska, its default), RIFF AVI."""
+    if head[4:8] == b"ftyp":
+        brand = head[8:12]
+        if len(brand) < 4 or brand in _IMAGE_BRANDS:
+            return None
+        return "video/quicktime" if brand == b"qt  " else "video/mp4"
+    if head[:4] == _EBML_MAGIC:
+        doc = _ebml_doc_type(head)
+        if doc == "webm":
+            return "video/webm"
+        return "video/x-matroska" if doc in (None, "matroska") else None
+    if head[:4] == b"RIFF" and head[8:12] == b"AVI ":
+        return "video/x-msvideo"
+    return None
+
+
+def _ebml_doc_type(head: bytes) -> str | None:
+    """The DocType of the EBML header at the start of `head` ("webm", "matroska"...), None
+    where the header names none (or is cut off within `head`)."""
+    header = _vint(head, 4)
+    if header is None:
+        return None
+    pos = 4 + header[1]
+    end = min(len(head), pos + header[0])
+    while pos < end:
+        element = _vint(head, pos, marker=True)
+        size = _vint(head, pos + element[1]) if element else None
+        if element is None or size is None:
+            return None
+        pos += element[1] + size[1]
+        if element[0] == _DOC_TYPE:
+            return head[pos : pos + size[0]].rstrip(b"\0").decode("ascii", "replace")
+        pos += size[0]
+    return None
+
+
+def _vint(data: bytes, pos: int, marker: bool = False) -> tuple[int, int] | None:
+    """The EBML variable-length integer at `pos` as (value, its length in bytes), None
+    where it is cut off or invalid; `marker` keeps the length bits (as element ids do)."""
+    if pos >= len(data) or data[pos] == 0:
+        return None
+    length = 9 - data[pos].bit_length()
+    if pos + length > len(data):
+        return None
+    value = data[pos] if marker else data[pos] & ((1 << (8 - length)) - 1)
+    for byte in data[pos + 1 : pos + length]:
+        value = value << 8 | byte
+    return value, length
+
+
 def _normalised(path: str) -> bool:
     """Absolute, with no '.', '..' or empty part (nor a NUL): the form the walk below
     expects. Links are the walk's to refuse, so no lstat of each component here."""
@@ -128,7 +213,10 @@ def _normalised(path: str) -> bool:
 
 
 def _not_served(label: str, shown: str, why: str) -> ApiError:
-    rule = "only regular image files in the indexed folders, reached without a link, are served"
+    rule = (
+        "only regular image and video files in the indexed folders, reached without a link, "
+        "are served"
+    )
     return ApiError(404, "not_served", f"{label} ({shown}) {why}; {rule}")
 
 
@@ -154,13 +242,61 @@ def _open_without_links(path: str) -> int:
         os.close(folder)
 
 
-class PhotoResponse(Response):
-    """The checked file's bytes from the file already open (never the path again)."""
+class RangeNotSatisfiableError(ApiError):
+    """A byte range that starts past the end of the file (416), with the `Content-Range`
+    that tells the client the file's size."""
 
-    def __init__(self, photo: PhotoFile, media_type: str, headers: dict[str, str]) -> None:
-        super().__init__(None, media_type=media_type, headers=headers)
+    def __init__(self, label: str, size: int) -> None:
+        fits = f"ask for bytes 0 to {size - 1}" if size else "the file is empty"
+        super().__init__(416, "range_not_satisfiable", f"{label} has {size} bytes; {fits}")
+        self.headers = {"Content-Range": f"bytes */{size}", "Accept-Ranges": "bytes"}
+
+
+_RANGE = re.compile(r"\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*", re.ASCII | re.IGNORECASE)
+_HUGE = 10**18  # a position past any file: longer numbers are not parsed (int's digit limit)
+
+
+def byte_range(header: str | None, size: int, label: str) -> tuple[int, int] | None:
+    """The one range `header` asks for, as (first, last) byte positions within the file,
+    or None for the whole file: no header, several ranges, another unit or a malformed
+    one (HTTP lets a server ignore what it does not parse). RangeNotSatisfiableError for a
+    range that starts at or past the end (or asks for the last 0 bytes)."""
+    match = _RANGE.fullmatch(header) if header else None
+    if match is None or match.groups() == ("", ""):
+        return None
+    first, last = (None if not g else int(g) if len(g) < 19 else _HUGE for g in match.groups())
+    if first is None:  # "-n": the last n bytes
+        if not last or not size:
+            raise RangeNotSatisfiableError(label, size)
+        return max(0, size - last), size - 1
+    if last is not None and last < first:
+        return None  # invalid: ignored, as HTTP says
+    if first >= size:
+        raise RangeNotSatisfiableError(label, size)
+    return first, size - 1 if last is None else min(last, size - 1)
+
+
+class PhotoResponse(Response):
+    """The checked file's bytes from the file already open (never the path again): all of
+    them, or (206) the one range `range_header` asks for (`byte_range`)."""
+
+    def __init__(
+        self,
+        photo: PhotoFile,
+        media_type: str,
+        headers: dict[str, str],
+        range_header: str | None = None,
+    ) -> None:
+        span = byte_range(range_header, photo.size, photo.label)
+        status = 200 if span is None else 206
+        headers = {**headers, "Accept-Ranges": "bytes"}
+        super().__init__(None, status_code=status, media_type=media_type, headers=headers)
         self.photo = photo
-        self.headers["content-length"] = str(photo.size)
+        self.start, last = (0, photo.size - 1) if span is None else span
+        self.length = last - self.start + 1
+        self.headers["content-length"] = str(self.length)
+        if span is not None:
+            self.headers["content-range"] = f"bytes {self.start}-{last}/{photo.size}"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         file = self.photo.file
@@ -172,7 +308,9 @@ class PhotoResponse(Response):
                     "headers": self.raw_headers,
                 }
             )
-            left = self.photo.size
+            if self.start:
+                await anyio.to_thread.run_sync(file.seek, self.start)
+            left = self.length
             while True:  # never more than fstat said: a file growing meanwhile stays whole
                 chunk = await anyio.to_thread.run_sync(file.read, min(_CHUNK, left))
                 left -= len(chunk)

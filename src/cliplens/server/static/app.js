@@ -1,5 +1,6 @@
-// The cliplens page: search the catalog by text or photo, browse similar photos, classify a
-// dropped photo. Plain JavaScript, no external files: it works offline.
+// The cliplens page: search the catalog by text or photo, browse similar photos, play a
+// video found from its moment, classify a dropped photo. Plain JavaScript, no external
+// files: it works offline.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -54,38 +55,136 @@ function paging(offset) {
   return `n=${PAGE}&offset=${offset}${min === "" ? "" : `&min_score=${encodeURIComponent(min)}`}`;
 }
 
+// A moment as the page shows it: mm:ss, or h:mm:ss past an hour (01:23, 1:02:03).
+function clock(seconds) {
+  const s = Math.max(0, Math.floor(seconds));
+  const two = (n) => String(n).padStart(2, "0");
+  const h = Math.floor(s / 3600), m = Math.floor((s % 3600) / 60);
+  return h ? `${h}:${two(m)}:${two(s % 60)}` : `${two(m)}:${two(s % 60)}`;
+}
+
+// A result's thumbnail at the page's size. A video's thumb_url carries its moment
+// (?t=...), so the size is set among the URL's parameters, not appended.
+function thumbnail(hit) {
+  const url = new URL(hit.thumb_url, location.href);
+  url.searchParams.set("size", "360");
+  const img = document.createElement("img");
+  img.alt = hit.name;
+  img.loading = "lazy";
+  img.width = 180;
+  img.height = 180;
+  setImage(img, url.pathname + url.search);
+  return img;
+}
+
+function label(className, text) {
+  const span = document.createElement("span");
+  span.className = className;
+  span.textContent = text;
+  return span;
+}
+
+// A photo: one button, which shows similar photos.
+function photoCard(hit) {
+  const button = document.createElement("button");
+  button.type = "button";
+  button.className = "hit";
+  button.dataset.id = hit.id;
+  button.title = `${hit.path}\nShow similar photos`;
+  button.append(thumbnail(hit), label("name", hit.name), label("score", hit.score.toFixed(3)));
+  button.addEventListener("click", () => similar(hit));
+  return button;
+}
+
+// A video: its frame at the moment found, with that moment's badge; clicking plays it
+// from there, in the card. Its other moments found play from theirs; "Similar" shows
+// what looks like it.
+function videoCard(hit) {
+  const card = document.createElement("div");
+  card.className = "hit video";
+  card.dataset.id = hit.id;
+  const play = document.createElement("button");
+  play.type = "button";
+  play.className = "play";
+  play.title = `${hit.path}\nPlay from ${clock(hit.time)}`;
+  play.append(thumbnail(hit), label("badge", `▶ ${clock(hit.time)}`));
+  play.addEventListener("click", () => playVideo(card, hit, hit.time));
+  const moments = label("moments", "");
+  const others = hit.moments.filter((m) => m.time !== hit.time).sort((a, b) => a.time - b.time);
+  for (const moment of others) {
+    const chip = document.createElement("button");
+    chip.type = "button";
+    chip.className = "moment";
+    chip.textContent = `▶ ${clock(moment.time)}`;
+    chip.title = `Play from ${clock(moment.time)} (score ${moment.score.toFixed(3)})`;
+    chip.addEventListener("click", () => playVideo(card, hit, moment.time));
+    moments.append(chip);
+  }
+  const more = document.createElement("button");
+  more.type = "button";
+  more.className = "similar";
+  more.textContent = "Similar";
+  more.title = `Show photos and videos like ${hit.name}`;
+  more.addEventListener("click", () => similar(hit));
+  card.append(play, label("name", hit.name), label("score", hit.score.toFixed(3)), moments, more);
+  return card;
+}
+
+// The card's player, made on the first play in place of the thumbnail. The moment is set
+// once the video's length is known (loadedmetadata), or at once when it already is.
+async function playVideo(card, hit, time) {
+  let video = card.querySelector("video");
+  if (video && video.readyState >= HTMLMediaElement.HAVE_METADATA) {
+    video.currentTime = time;
+    video.play().catch(() => {});
+    return;
+  }
+  if (video) {
+    video.dataset.start = String(time);
+    return;
+  }
+  video = document.createElement("video");
+  video.controls = true;
+  video.playsInline = true;
+  video.preload = "metadata";
+  video.dataset.start = String(time);
+  video.addEventListener("loadedmetadata", () => {
+    video.currentTime = Number(video.dataset.start);
+    video.play().catch(() => {});
+  });
+  video.addEventListener("error", () => status(`${hit.name} cannot be played in this browser.`));
+  card.querySelector(".play").replaceWith(video);
+  try {
+    video.src = await videoSource(hit);
+  } catch (error) {
+    status(`Error: ${error.message}`);
+  }
+}
+
+// Where the player reads the video. Without a token, its URL: the browser fetches the
+// byte ranges it needs and seeks by them. A <video> cannot send the Authorization header,
+// so with a token the video is fetched here, whole, as a blob: a large video then
+// downloads entirely (and sits in memory) before it starts playing.
+async function videoSource(hit) {
+  if (!token) return hit.image_url;
+  const response = await fetch(hit.image_url, { headers: headers() });
+  if (!response.ok) throw new Error(`${response.status} ${response.statusText}`);
+  return URL.createObjectURL(await response.blob());
+}
+
 function showResults(data, title, append) {
   $("results-title").textContent = title;
   const list = $("results");
   if (!append) list.replaceChildren();
   for (const hit of data.results) {
     const item = document.createElement("li");
-    const button = document.createElement("button");
-    button.type = "button";
-    button.className = "hit";
-    button.dataset.id = hit.id;
-    button.title = `${hit.path}\nShow similar photos`;
-    const img = document.createElement("img");
-    img.alt = hit.name;
-    img.loading = "lazy";
-    img.width = 180;
-    img.height = 180;
-    setImage(img, `${hit.thumb_url}?size=360`);
-    const name = document.createElement("span");
-    name.className = "name";
-    name.textContent = hit.name;
-    const score = document.createElement("span");
-    score.className = "score";
-    score.textContent = hit.score.toFixed(3);
-    button.append(img, name, score);
-    button.addEventListener("click", () => similar(hit));
-    item.append(button);
+    item.append(hit.kind === "video" ? videoCard(hit) : photoCard(hit));
     list.append(item);
   }
   const count = list.children.length;
   const more = data.next_offset !== null && data.next_offset !== undefined;
   $("more").hidden = !more;
-  status(count ? `${count} photos${more ? ", more below" : ""}` : "No photos found.");
+  status(count ? `${count} results${more ? ", more below" : ""}` : "No photos or videos found.");
 }
 
 async function run(title, fetchPage) {
