@@ -39,17 +39,16 @@ import contextlib
 import copy
 import json
 import math
-import socket
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import torch
 
 from cliplens.device import Precision
 from cliplens.errors import InvalidInputError, ModelError, ModelUnavailableError, one_line
+from cliplens.models.hub import check_reachable
 from cliplens.models.info import ModelInfo
 from cliplens.models.onnx_text import TextGraph
 from cliplens.models.torch_encoder import TorchEncoder
@@ -214,20 +213,6 @@ class TransformersEncoder(TorchEncoder):
 # ---------------------------------------------------------------- the checkpoint's files
 
 
-def _check_hub_reachable(name: str, cache: Path) -> None:
-    """Fail in milliseconds when offline, instead of the hub client's minute of retries
-    (as open_clip names do)."""
-    from huggingface_hub import constants
-
-    if constants.HF_HUB_OFFLINE:
-        raise ModelUnavailableError(name, cache, "HF_HUB_OFFLINE is set")
-    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
-    try:
-        socket.getaddrinfo(host, 443)
-    except OSError as e:
-        raise ModelUnavailableError(name, cache, f"no network: cannot resolve {host}") from e
-
-
 def _weights(folder: Path) -> tuple[Path, ...]:
     return tuple(p for p in sorted(folder.iterdir()) if p.suffix in WEIGHT_SUFFIXES)
 
@@ -248,7 +233,7 @@ def _snapshot(name: str, repo: str) -> Path:
             return folder
     except Exception:  # not cached (or cached by another tool without these files)
         pass
-    _check_hub_reachable(name, cache)
+    check_reachable(name, cache)
     cache.mkdir(parents=True, exist_ok=True)
     try:
         folder = Path(snapshot_download(repo, cache_dir=str(cache), allow_patterns=HUB_FILES))

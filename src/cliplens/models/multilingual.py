@@ -149,7 +149,8 @@ def hub_folder(name: str, repo: str) -> Path:
     the one-line `ModelUnavailableError` at once)."""
     from huggingface_hub import list_repo_files, snapshot_download
 
-    from cliplens.models.openclip import _check_hub_reachable, _short_reason
+    from cliplens.models.hub import check_reachable as _check_hub_reachable
+    from cliplens.models.hub import short_reason as _short_reason
 
     cache = get_settings().model_cache
     hit = _cached_snapshot(repo, cache)

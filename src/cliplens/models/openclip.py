@@ -5,16 +5,14 @@ from __future__ import annotations
 import copy
 import json
 import os
-import socket
 from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import open_clip
 import torch
-from huggingface_hub import constants, try_to_load_from_cache
+from huggingface_hub import try_to_load_from_cache
 from open_clip.tokenizer import SimpleTokenizer
 from open_clip.transform import PreprocessCfg
 from safetensors.torch import load_file, save_file
@@ -22,6 +20,8 @@ from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors
 
 from cliplens.device import Precision
 from cliplens.errors import InvalidInputError, ModelError, ModelUnavailableError
+from cliplens.models.hub import check_reachable as _check_hub_reachable
+from cliplens.models.hub import short_reason as _short_reason
 from cliplens.models.info import ModelInfo
 from cliplens.models.offline import build_towers_clip, is_towers_config
 from cliplens.models.onnx_text import TextGraph
@@ -200,12 +200,6 @@ def _embed_dim(model: Any) -> int:
         return int(model.encode_text(tokens.to(next(model.parameters()).device)).shape[-1])
 
 
-def _short_reason(e: BaseException) -> str:
-    text = " ".join(str(e).split())
-    text = text if len(text) <= 200 else text[:197] + "..."
-    return type(e).__name__ + (f": {text}" if text else "")
-
-
 # ---------------------------------------------------------------- weights on the hub
 
 
@@ -226,18 +220,6 @@ def cached_weights(arch: str, tag: str) -> Path | None:
         if path.is_file():
             return path
     return None
-
-
-def _check_hub_reachable(name: str, cache: Path, url: str | None = None) -> None:
-    """Fail in milliseconds when offline, instead of the hub client's minute of retries."""
-
-    if constants.HF_HUB_OFFLINE:
-        raise ModelUnavailableError(name, cache, "HF_HUB_OFFLINE is set")
-    host = urlparse(url or constants.ENDPOINT).hostname or "huggingface.co"
-    try:
-        socket.getaddrinfo(host, 443)
-    except OSError as e:
-        raise ModelUnavailableError(name, cache, f"no network: cannot resolve {host}") from e
 
 
 def fetch_weights(name: str, arch: str, tag: str) -> Path:
