@@ -357,10 +357,10 @@ def _jpeg(img: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-# One video decoded at a time: with a PyAV log level set (video.require_av sets one),
-# FFmpeg's decoding threads take the GIL to log, and two decodes at once in one process
-# deadlocked (one waiting for the GIL inside FFmpeg, the other holding it and waiting for
-# FFmpeg). A busy Python thread of another kind can meet it too.
+# One video decoded at a time, so that a page of video results does not start a dozen
+# FFmpeg decoders, each with its threads, at once. (FFmpeg's log stays off: with a PyAV
+# log level set, its decoding threads take the GIL to log, and concurrent decodes
+# deadlocked; see video.require_av.)
 _DECODING = threading.Lock()
 _FD_FOLDERS = ("/proc/self/fd", "/dev/fd")  # a path per open descriptor
 
