@@ -302,8 +302,13 @@ def test_timeouts_and_failures_are_server_errors(settings, monkeypatch):
 
     monkeypatch.setattr(app.state.service.ref, "encode_texts", broken)
     with TestClient(app, headers=AUTH, raise_server_exceptions=False) as c:
-        message = _oai(_embed(c, settings.model, input="a"), 500, "internal")
+        r = _embed(c, settings.model, input="a")
+        message = _oai(r, 500, "internal")
         assert "RuntimeError" in message and "a bug" not in message
+        assert r.headers.get_list("x-content-type-options") == ["nosniff"]
+        ours = c.post("/v1/embed", data={"texts": ["a cat"]})
+        assert ours.status_code == 500 and ours.json()["error"] == "internal", ours.text
+        assert ours.headers.get_list("x-content-type-options") == ["nosniff"]
 
 
 def test_v1_errors_keep_their_own_shape(settings, app_client):

@@ -247,7 +247,8 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)  # a bug: still the one shape, never a traceback
     async def internal_error(request: Request, e: Exception) -> JSONResponse:
         why = f"the server failed on this request ({type(e).__name__}); see the server log"
-        return _reply(request.scope, 500, "internal", why)
+        # sent by Starlette's outermost middleware, outside _Guard: the header is set here
+        return _reply(request.scope, 500, "internal", why, {"X-Content-Type-Options": "nosniff"})
 
 
 def _invalid(scope: dict, errors: Any) -> JSONResponse:
