@@ -232,6 +232,20 @@ def test_score_moderate_quality_and_caption_routes(client, tiny, photos):
         assert g["distortion"] == w["distortion"] and len(g["attributes"]) >= 6
         for name, value in g["attributes"].items():
             assert value == pytest.approx(w[name], abs=1e-3), name
+    assert (r.json()["iqa"], r.json()["prompts"]) == ("crop", "attributes")
+    # pyiqa's prompt set, as `quality check --prompts clipiqa` scores it
+    r = client.post("/v1/quality", data={"prompts": "clipiqa"}, files=[_upload(cat)])
+    assert r.status_code == 200 and r.json()["prompts"] == "clipiqa", r.text
+    want = screen([cat], tiny, prompts="clipiqa").scores[0].to_dict()
+    assert set(r.json()["scores"][0]["attributes"]) == {"quality"}
+    assert r.json()["scores"][0]["attributes"]["quality"] == pytest.approx(
+        want["quality"], abs=1e-3
+    )
+    faithful = client.post("/v1/quality", data={"iqa": "faithful"}, files=[_upload(cat)])
+    assert "faithful" in _error(faithful, 400, "invalid_input")
+    assert (
+        client.post("/v1/quality", data={"prompts": "x"}, files=[_upload(cat)]).status_code == 422
+    )
     _error(client.post("/v1/caption", files=[_upload(cat)]), 404, "no_captioner")
 
 
