@@ -1,9 +1,9 @@
 """Every long job, killed with SIGKILL as a subprocess and run again, loses nothing and ends
 as a run never killed: `index` (at three seeded moments, and inside a video), a re-index
 after renames and deletes, `build-index` (after training, mid-add, before index.json),
-`build-index --update`, `train clip` (at an epoch's checkpoint and between checkpoints)
-and `caption train`. `embed-dataset`'s kill is in test_distributed.py, beside its Ray
-instance.
+`build-index --update` (before and after its commit record), `train clip` (at an epoch's
+checkpoint and between checkpoints) and `caption train`. `embed-dataset`'s kill is in
+test_distributed.py, beside its Ray instance.
 
 Two ways to kill: from outside, when what the job has committed reaches a seeded random
 amount (the catalog's rows), or from inside, at the Nth call of one of the job's own
@@ -321,12 +321,22 @@ def test_a_build_killed_resumes_and_answers_like_one_never_killed(
     np.testing.assert_allclose(distances, want_distances, atol=1e-5)
 
 
-def test_an_update_killed_is_refused_whole_and_builds_again(tmp_path, tiny_model_dir):
-    """`build-index --update` holds the index in memory: killed before the end, the folder
-    is refused as incomplete (never served half-updated), and a build over the same shards
-    then answers like an update never killed."""
-    from cliplens.errors import InvalidInputError
-    from cliplens.index.built import open_built_index
+@pytest.mark.parametrize(
+    ("target", "when", "finished"),
+    [
+        ("cliplens.index.build:write_atomic", "before", False),  # the new index not written
+        ("cliplens.index.build:commit_update", "before", False),  # all new files, no record
+        ("cliplens.index.built:_swap", "after", True),  # recorded, only index.faiss renamed
+    ],
+)
+def test_an_update_killed_keeps_the_old_build_or_finishes_the_new(
+    tmp_path, tiny_model_dir, target, when, finished
+):
+    """`build-index --update` writes its files beside the old ones and renames them in
+    after its commit record: killed before the record, the folder answers as it did
+    before the update, and the update run again answers like one never killed; killed
+    after, the next open finishes it. Never a mix, never a folder to build again."""
+    from cliplens.index.built import NEXT, UPDATE_FILE, open_built_index
 
     env = _env(tiny_model_dir)
     whole, shards = tmp_path / "whole", tmp_path / "shards"
@@ -335,22 +345,33 @@ def test_an_update_killed_is_refused_whole_and_builds_again(tmp_path, tiny_model
     write_synthetic_shards(whole, 3_000, 16, shard=500)  # 6 shards of 500
     names = sorted(json.loads((whole / "manifest.json").read_text())["shards"])
     job_with(whole, shards, names[:4])
-    index, twin = tmp_path / "index", tmp_path / "twin"
-    build = ["build-index", shards, "--kind", "flat", "--queries", "20"]
-    _cliplens([*build, "--out", index], env)
+    index, old, twin = tmp_path / "index", tmp_path / "old", tmp_path / "twin"
+    _cliplens(["build-index", shards, "--kind", "flat", "--queries", "20", "--out", index], env)
     job_with(whole, shards, names)  # the collection grew
+    shutil.copytree(index, old)
     shutil.copytree(index, twin)
     _cliplens(["build-index", shards, "--out", twin, "--update", "--queries", "20"], env)
     update = ["build-index", shards, "--out", index, "--update", "--queries", "20"]
-    _killed_at("cliplens.index.build:write_atomic", "before", 1, update, env)
-    with pytest.raises(InvalidInputError, match=INCOMPLETE):
-        open_built_index(index)
-    _cliplens([*build, "--out", index], env)
+    _killed_at(target, when, 1, update, env)
     queries = np.random.default_rng(4).standard_normal((20, 16)).astype(np.float32)
-    ids, distances = _answers(index, queries)
-    want_ids, want_distances = _answers(twin, queries)
-    np.testing.assert_array_equal(ids, want_ids)
-    np.testing.assert_allclose(distances, want_distances, atol=1e-5)
+
+    def same(a: Path, b: Path) -> None:
+        ids, distances = _answers(a, queries)
+        want_ids, want_distances = _answers(b, queries)
+        np.testing.assert_array_equal(ids, want_ids)
+        np.testing.assert_allclose(distances, want_distances, atol=1e-5)
+        built, other = open_built_index(a), open_built_index(b)
+        assert len(built) == len(other) and built.meta.report.n == other.meta.report.n
+        assert [built.path_of(r) for r in (0, len(built) - 1)] == [
+            other.path_of(r) for r in (0, len(other) - 1)
+        ]
+
+    same(index, twin if finished else old)
+    assert not (index / UPDATE_FILE).exists()
+    if not finished:
+        _cliplens(update, env)
+        same(index, twin)
+    assert not list(index.glob(f"{NEXT}*")) and not list(index.glob(".*.tmp"))
 
 
 # ------------------------------------------------------------ training

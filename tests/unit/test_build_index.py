@@ -201,3 +201,38 @@ def test_needs_rebuild_once_an_ivfpq_index_outgrows_its_training():
     assert not meta.needs_rebuild(replace(report, kind="flat", n=10_000))
     grown = replace(meta, report=replace(report, n=5000), trained_n=1000)
     assert grown.needs_rebuild()
+
+
+def test_an_update_recorded_but_not_renamed_is_finished_by_the_first_open(tmp_path, monkeypatch):
+    """After the commit record, an open renames the update's files into place (index.json
+    last); where it may not rename them, it says so in one line and keeps the folder."""
+    import json
+    from pathlib import Path
+
+    from cliplens.index.built import NEXT, UPDATE_FILE, commit_update, finish_update
+
+    (tmp_path / "shards").mkdir()
+    write_synthetic_shards(tmp_path / "shards", 400, 8, shard=200)
+    out = tmp_path / "index"
+    assert build_index(tmp_path / "shards", out, "flat", queries=5).n == 400
+    for name in ("index.faiss", "paths.arrow"):  # an update's files, as it writes them
+        (out / (NEXT + name)).write_bytes((out / name).read_bytes())
+    meta = json.loads((out / "index.json").read_text())
+    meta["queries"] = 4  # tells the new index.json from the old
+    (out / (NEXT + "index.json")).write_text(json.dumps(meta))
+    real = Path.replace
+
+    def refused(self, target):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(Path, "replace", refused)
+    (out / UPDATE_FILE).write_text("{}")  # the commit record
+    with pytest.raises(InvalidInputError, match="cut off after it was complete") as e:
+        open_built_index(out)
+    assert "\n" not in str(e.value) and (out / UPDATE_FILE).exists()
+    monkeypatch.setattr(Path, "replace", real)
+    assert open_built_index(out).meta.report.queries == 4  # finished: the new index.json
+    assert not (out / UPDATE_FILE).exists() and not list(out.glob(f"{NEXT}*"))
+    assert finish_update(out) is False  # nothing left to finish
+    commit_update(out)  # a record whose files another process renamed already
+    assert open_built_index(out).meta.report.queries == 4 and not (out / UPDATE_FILE).exists()

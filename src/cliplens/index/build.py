@@ -36,12 +36,15 @@ from cliplens.index.built import (
     INDEX_FILE,
     KINDS,
     META_FILE,
+    NEXT,
     PATHS_FILE,
     REFINES,
     IndexKind,
     IndexMeta,
     IndexReport,
     Refine,
+    commit_update,
+    discard_update,
     open_built_index,
 )
 from cliplens.limits import MAX_QUERIES, finite_number, whole_number
@@ -200,6 +203,7 @@ def build_index(
     # index.json is written last: without it the folder is incomplete, and an earlier
     # build's index.json must not vouch for a half-rewritten folder
     (Path(out) / META_FILE).unlink(missing_ok=True)
+    discard_update(out)  # an earlier update's files would otherwise replace this build's
     report, _, _ = build_faiss_index(
         source, out, kind, refine, queries, seed, progress=progress, checkpoint_s=checkpoint_s
     )
@@ -228,8 +232,9 @@ def update_index(
     recall over all the data: `cliplens build-index --update`.
 
     Why: a grown collection is searchable without a new build. The index is read into
-    memory to be added to; a kill before the end leaves the folder refused as incomplete
-    (build it again).
+    memory to be added to, and the new files are written beside the old ones: killed
+    before they are complete, the folder keeps its old build (run the update again);
+    after, the next open finishes it (`finish_update`). Never a mix of the two.
 
     >>> import cliplens
     >>> report, added, before = cliplens.update_index("SHARDS", "INDEX")
@@ -239,7 +244,8 @@ def update_index(
 
     check_measure(queries)
     out = Path(out)
-    built = open_built_index(out)
+    built = open_built_index(out)  # finishes an update killed after its commit record
+    discard_update(out)  # one killed before it
     meta = built.meta
     source, manifest = shard_source(shards)
     new = _new_shards(shards, out, built.model_id, manifest, meta)
@@ -250,9 +256,8 @@ def update_index(
     add_s = _add_all(index, added_source, progress)
     q = held_out_queries(source, queries, seed)
     recall, query_ms = measure(index, q, exact_top_k(source, q, 10, progress))
-    (out / META_FILE).unlink()  # incomplete until the new index.json is written
-    write_atomic(out / INDEX_FILE, lambda p: faiss.write_index(index, str(p)))
-    size = (out / INDEX_FILE).stat().st_size
+    write_atomic(out / (NEXT + INDEX_FILE), lambda p: faiss.write_index(index, str(p)))
+    size = (out / (NEXT + INDEX_FILE)).stat().st_size
     report = replace(
         meta.report,
         n=index.ntotal,
@@ -272,7 +277,9 @@ def update_index(
         trained_n=meta.trained_on,
         shards_added=manifest.to_dict()["shards"],
     )
-    write_index_folder(out, itertools.chain(built.paths.chunks, new_paths), after)
+    chunks = itertools.chain(built.paths.chunks, new_paths)
+    write_index_folder(out, chunks, after, prefix=NEXT)
+    commit_update(out)
     return report, added_source.n, meta
 
 
@@ -309,12 +316,14 @@ def _add_all(index: Any, source: VectorSource, progress: bool) -> float:
     return time.perf_counter() - t
 
 
-def write_index_folder(out: str | os.PathLike[str], paths: Iterable[Any], meta: IndexMeta) -> None:
+def write_index_folder(
+    out: str | os.PathLike[str], paths: Iterable[Any], meta: IndexMeta, prefix: str = ""
+) -> None:
     """Complete a folder that holds index.faiss: the row -> path table and index.json,
     which names the model. `paths` yields batches of paths (Arrow arrays or lists) in the
     order the vectors were added; each is written as it comes, uncompressed, in an Arrow
     IPC file of large strings, so that a server memory-maps the paths instead of holding
-    them, and no size is too large."""
+    them, and no size is too large. An update writes them under `prefix` (`NEXT`)."""
     import pyarrow as pa  # heavy: loaded only where paths are written
 
     out = Path(out)
@@ -327,8 +336,8 @@ def write_index_folder(out: str | os.PathLike[str], paths: Iterable[Any], meta: 
                 for chunk in chunked.cast(pa.large_string()).chunks:
                     writer.write_batch(pa.record_batch([chunk], schema=schema))
 
-    write_atomic(out / PATHS_FILE, write_paths)
-    write_atomic(out / META_FILE, lambda p: p.write_text(meta.to_json()))
+    write_atomic(out / (prefix + PATHS_FILE), write_paths)
+    write_atomic(out / (prefix + META_FILE), lambda p: p.write_text(meta.to_json()))
     (out / STATE_FILE).unlink(missing_ok=True)  # whole: nothing is left to resume
 
 

@@ -4,10 +4,17 @@ The folder holds `index.faiss` (the vectors, memory-mapped when opened), `paths.
 (row number -> path, in the order the vectors were added) and `index.json` (`IndexMeta`:
 the model, how the index was built and measured), written last: a folder without it is
 incomplete. `BuiltIndex` is searchable like the catalog (the `Searchable` protocol).
+
+An update (`build-index --update`) writes its three files beside the old ones
+(`next-index.faiss`...), then its commit record (`update.json`), then renames them into
+place, index.json last: killed before the record, the folder holds the old build and the
+new files are discarded by the next update; killed after it, the first open or update
+finishes the renames (`finish_update`). The folder holds one build or the other.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Sequence
@@ -20,6 +27,7 @@ import numpy as np
 from cliplens.errors import ClipLensError, InvalidInputError
 from cliplens.paths import from_text
 from cliplens.searchable import Hit, SearchableKind, StoredModel, UnknownIdError
+from cliplens.store.files import write_atomic
 
 #: flat: exact inner product; hnsw: a graph over the full vectors; ivfpq: inverted lists
 #: of product-quantised codes
@@ -34,6 +42,9 @@ INDEX_FILE = "index.faiss"
 META_FILE = "index.json"
 PATHS_FILE = "paths.arrow"  # row number -> path, in the order vectors were added
 REBUILD_GROWTH = 4  # an ivfpq index grown past this times its training vectors: rebuild
+UPDATE_FILE = "update.json"  # an update's commit record: its next- files are complete
+NEXT = "next-"  # an update's new files, named beside the ones they replace
+_SWAPPED = (INDEX_FILE, PATHS_FILE, META_FILE)  # in this order: index.json last
 
 
 @dataclass
@@ -259,6 +270,50 @@ def meta_stamp(folder: Path) -> tuple[int, int] | None:
     return st.st_mtime_ns, st.st_ino
 
 
+def commit_update(folder: str | os.PathLike[str]) -> None:
+    """Put an update's complete `next-` files in place: its commit record first (from
+    here on the update is done, killed or not), then the renames (`finish_update`)."""
+    folder = Path(folder)
+    record = json.dumps({"files": [NEXT + name for name in _SWAPPED]})
+    write_atomic(folder / UPDATE_FILE, lambda p: p.write_text(record))
+    finish_update(folder)
+
+
+def finish_update(folder: str | os.PathLike[str]) -> bool:
+    """Finish the renames of an update whose commit record was written (a kill can land
+    between them); True if there was one. Safe to run by several processes at once, and
+    again after a kill: a file already renamed is skipped."""
+    folder = Path(folder)
+    if not (folder / UPDATE_FILE).exists():
+        return False
+    try:
+        for name in _SWAPPED:
+            _swap(folder / (NEXT + name), folder / name)
+        (folder / UPDATE_FILE).unlink(missing_ok=True)
+    except PermissionError as e:
+        raise InvalidInputError(
+            f"{folder}: an update was cut off after it was complete and cannot be finished "
+            f"here ({e.strerror}); open it once with write access, or run "
+            "'cliplens build-index --update' again"
+        ) from None
+    return True
+
+
+def _swap(new: Path, old: Path) -> None:
+    """One rename of an update (gone already if another process or an earlier try did it)."""
+    with contextlib.suppress(FileNotFoundError):
+        new.replace(old)
+
+
+def discard_update(folder: str | os.PathLike[str]) -> None:
+    """Remove what an update left that was never committed (its `next-` files), or that a
+    new build makes stale (a commit record, then its files)."""
+    folder = Path(folder)
+    (folder / UPDATE_FILE).unlink(missing_ok=True)
+    for name in _SWAPPED:
+        (folder / (NEXT + name)).unlink(missing_ok=True)
+
+
 def open_built_index(folder: str | os.PathLike[str], mmap: bool = True) -> BuiltIndex:
     """An index written by `cliplens build-index`, ready to search.
 
@@ -272,6 +327,7 @@ def open_built_index(folder: str | os.PathLike[str], mmap: bool = True) -> Built
     import pyarrow as pa  # heavy: loaded only where an index is opened
 
     folder = Path(folder)
+    finish_update(folder)  # an update killed after its commit record
     index = _read_faiss(folder, mmap)
     try:
         meta = IndexMeta.from_json((folder / META_FILE).read_text())
