@@ -101,3 +101,46 @@ def test_the_http_api_page_lists_every_route_and_no_other():
     listed = {(m, norm(p)) for m, p in re.findall(route, text)}
     assert not served - listed, f"docs/http-api.md lacks {sorted(served - listed)}"
     assert not listed - served, f"docs/http-api.md lists {sorted(listed - served)}, not served"
+
+
+def _help(args: list[str]) -> str:
+    """`cliplens ARGS --help` as a 500-column terminal shows it (nothing wraps)."""
+    from typer.testing import CliRunner
+
+    done = CliRunner().invoke(app, [*args, "--help"], env={"COLUMNS": "500"})
+    assert done.exit_code == 0, done.output
+    return done.output
+
+
+def test_help_prints_every_word_of_every_help_text():
+    """Every command's help and every option's help appear in its --help whole: square
+    brackets (`[tiny-shapes]`) are not taken for markup and dropped."""
+    import inspect
+
+    commands = typer.main.get_command(app)
+    for path in _app_commands():
+        command = commands
+        for part in path.split()[1:]:
+            command = command.commands[part]
+        # Markdown's code and emphasis marks are styles on the terminal, not characters
+        shown = re.sub(
+            r"[`*]", "", " ".join(re.sub(r"[│╭╮╰╯─]", " ", _help(path.split()[1:])).split())
+        )
+        texts = [inspect.cleandoc(command.help or "")]
+        texts += [getattr(p, "help", None) or "" for p in command.params]
+        for text in texts:
+            for word in text.split():
+                assert re.sub(r"[`*]", "", word) in shown, (path, word)
+    assert "[tiny-shapes]" in _help(["train", "clip"])
+
+
+def test_the_list_of_commands_shows_each_first_paragraph_on_one_line():
+    """A docstring's line breaks are not kept in the list of commands."""
+    import inspect
+
+    commands = typer.main.get_command(app).commands
+    listing = _help([]).splitlines()
+    for name, command in commands.items():
+        first = " ".join(inspect.cleandoc(command.help or "").split("\n\n")[0].split())
+        row = next(line for line in listing if line.startswith(f"│ {name} "))
+        assert first in " ".join(row.split()), (name, row)

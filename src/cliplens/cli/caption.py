@@ -26,6 +26,7 @@ from cliplens.cli.common import (
     collect_images,
     embed_paths,
     library_names,
+    new_app,
     out_file,
     out_folder,
     read_catalog,
@@ -50,7 +51,7 @@ from cliplens.limits import (
 library_names("caption run", beams="--beam", candidates="--rerank")
 library_names("caption eval", beams="--beam", candidates="--rerank")
 library_names("caption train", out_dir="--out", train_lm="--freeze-lm")
-app = typer.Typer(
+app = new_app(
     cls=DefaultCommandGroup,
     help="Caption images with a CLIP prefix and a language model (ClipCap): caption, train, eval.",
     no_args_is_help=True,

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from cliplens.cli import distributed
-from cliplens.cli.common import DbOpt, out_folder
+from cliplens.cli.common import DbOpt, new_app, out_folder
 from cliplens.cli.distributed import MAX_SHARD_SIZE
 from cliplens.cli.output import info, print_json, print_table, show_progress, warn
 
@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
 SHOWN_PATHS = 10  # paths listed per problem in a table; --format json lists them all
 
-app = typer.Typer(
+app = new_app(
     help="The catalog: what it holds, checking, compacting, merging, exporting and "
     "importing embeddings.",
     no_args_is_help=True,

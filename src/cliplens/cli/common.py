@@ -300,6 +300,13 @@ def embed_paths(
     )
 
 
+def new_app(**kwargs: Any) -> typer.Typer:
+    """A command group whose help texts are read as Markdown (backticks are code): Rich's
+    own markup would take a bracketed part of a help text (`[tiny-shapes]`) for a style
+    and drop it, and keep a docstring's line breaks in the list of commands."""
+    return typer.Typer(rich_markup_mode="markdown", **kwargs)
+
+
 class DefaultCommandGroup(typer.core.TyperGroup):
     """A command group whose first command runs when no subcommand is named:
     `cliplens moderate PHOTOS` is `cliplens moderate check PHOTOS`."""

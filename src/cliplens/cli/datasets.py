@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from cliplens.cli.common import SeedOpt, out_folder
+from cliplens.cli.common import SeedOpt, new_app, out_folder
 from cliplens.cli.output import info
 from cliplens.limits import DISTORTION_LEVELS, MAX_SHAPE_SIZE, MIN_SHAPE_SIZE
 
@@ -21,7 +21,7 @@ from cliplens.limits import DISTORTION_LEVELS, MAX_SHAPE_SIZE, MIN_SHAPE_SIZE
 MAX_SHAPES = 10_000_000  # images
 LEVELS = f"{DISTORTION_LEVELS[0]}-{DISTORTION_LEVELS[-1]}"
 
-app = typer.Typer(help="Write small datasets for demos, tests and docs.", no_args_is_help=True)
+app = new_app(help="Write small datasets for demos, tests and docs.", no_args_is_help=True)
 
 
 @app.command("photos")

@@ -27,7 +27,7 @@ from cliplens.cli import (
     serve,
     train,
 )
-from cliplens.cli.common import PARAM_FLAGS
+from cliplens.cli.common import PARAM_FLAGS, new_app
 from cliplens.errors import ClipLensError, name_params
 from cliplens.paths import readable
 
@@ -36,7 +36,7 @@ from cliplens.paths import readable
 
 
 def _new_app() -> typer.Typer:
-    return typer.Typer(
+    return new_app(
         name="cliplens",
         help="CLIP toolkit: zero-shot classification, photo search, moderation and more.",
         no_args_is_help=True,

@@ -7,12 +7,13 @@ from typing import Annotated, Any
 
 import typer
 
+from cliplens.cli.common import new_app
 from cliplens.cli.output import Format, print_csv, print_json, print_table
 
 # Commands import the library inside their bodies, so that `cliplens --help` and every
 # other command start without torch (tests/unit/test_structure.py checks --help).
 
-app = typer.Typer(help="List models and show their details.", invoke_without_command=True)
+app = new_app(help="List models and show their details.", invoke_without_command=True)
 
 FormatOpt = Annotated[Format, typer.Option("--format", "-f", help="Output format.")]
 

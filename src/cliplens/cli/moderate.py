@@ -24,6 +24,7 @@ from cliplens.cli.common import (
     PrecisionOpt,
     collect_images,
     library_names,
+    new_app,
     out_file,
     out_folder,
     read_catalog,
@@ -45,7 +46,7 @@ if TYPE_CHECKING:
 # Commands import the library inside their bodies, so that `cliplens --help` and every
 # other command start without torch (tests/unit/test_structure.py checks --help).
 
-app = typer.Typer(
+app = new_app(
     cls=DefaultCommandGroup,
     help="Flag images by cosine similarity to unsafe concepts (a YAML policy).",
     no_args_is_help=True,

@@ -23,6 +23,7 @@ from cliplens.cli.common import (
     TemplatesOpt,
     collect_images,
     library_names,
+    new_app,
     out_file,
     read_catalog,
 )
@@ -40,7 +41,7 @@ if TYPE_CHECKING:
     from cliplens.models.ref import ModelRef
     from cliplens.tasks.probe import LabelledVectors
 
-app = typer.Typer(
+app = new_app(
     help="Linear probes: fit a classifier on embeddings, predict, k-shot curves.",
     no_args_is_help=True,
 )

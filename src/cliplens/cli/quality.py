@@ -22,6 +22,7 @@ from cliplens.cli.common import (
     ModelOpt,
     PrecisionOpt,
     collect_images,
+    new_app,
     out_file,
     read_catalog,
 )
@@ -41,7 +42,7 @@ if TYPE_CHECKING:
 # Commands import the library inside their bodies, so that `cliplens --help` and every
 # other command start without torch (tests/unit/test_structure.py checks --help).
 
-app = typer.Typer(
+app = new_app(
     cls=DefaultCommandGroup,
     help="Screen images: corrupt files, quality scores (CLIP-IQA), distortion type.",
     no_args_is_help=True,

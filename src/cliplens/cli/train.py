@@ -17,6 +17,7 @@ from cliplens.cli.common import (
     SeedOpt,
     TemplatesOpt,
     library_names,
+    new_app,
     out_folder,
 )
 from cliplens.cli.output import Format, info, print_json, print_table, show_progress
@@ -30,7 +31,7 @@ if TYPE_CHECKING:
 # Commands import the library inside their bodies, so that `cliplens --help` and every
 # other command start without torch (tests/unit/test_structure.py checks --help).
 
-app = typer.Typer(help="Train CLIP models.", no_args_is_help=True)
+app = new_app(help="Train CLIP models.", no_args_is_help=True)
 # the library's names of parameters that these commands' options call otherwise
 library_names("train clip", out_dir="--out")
 library_names("train robust", out_dir="--out")
