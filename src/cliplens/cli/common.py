@@ -87,7 +87,8 @@ ModelOpt = Annotated[
     typer.Option(
         "--model",
         "-m",
-        help="Model name: offline, ARCH:TAG, hf-hub:ORG/NAME, local:PATH.",
+        help="Model name: offline, ARCH:TAG, hf-hub:ORG/NAME, local:PATH, "
+        "transformers:ORG/NAME, multilingual:NAME (see cliplens models).",
         envvar="CLIPLENS_MODEL",
         show_default=DEFAULT_MODEL,
     ),

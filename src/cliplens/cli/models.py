@@ -84,7 +84,11 @@ def list_models(
     title = f"{len(entries)} models; cache: {get_settings().model_cache}"
     print_table([*_COLUMNS.values(), "cached", ""], rows, title=title)
     print(f"Figures: {FIGURES_SOURCE}. {FIGURES_NOTE}")
-    print("Other forms: hf-hub:ORG/NAME, local:PATH (a checkpoint), ARCH:PATH (a state dict).")
+    print(
+        "Other forms: hf-hub:ORG/NAME, local:PATH (a checkpoint), ARCH:PATH (a state dict), "
+        "transformers:ORG/NAME or FOLDER (CLIP, SigLIP, SigLIP2 in transformers' format), "
+        "multilingual:NAME or TEXT_FOLDER+IMAGE_MODEL (a multilingual text tower)."
+    )
 
 
 @app.command("info")
