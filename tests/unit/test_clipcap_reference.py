@@ -313,3 +313,26 @@ def test_raw_embeddings_are_the_image_towers(tmp_path, tokenizer_dir, tiny, phot
     unit = raw / np.linalg.norm(raw, axis=1, keepdims=True)
     np.testing.assert_allclose(unit, tiny.encode_images(files), atol=1e-5)
     assert not np.allclose(np.linalg.norm(raw, axis=1), 1.0, atol=1e-2)  # not normalised
+
+
+def test_a_mapped_read_gives_the_tensors_of_zip_and_legacy_files(tmp_path, tokenizer_dir):
+    """What a server's start reads (`mmap`): the same tensors as a full read, for the zip
+    format and for a legacy file (which cannot be mapped and is read instead); junk is
+    refused with the plain reader's reason, in one line."""
+    from cliplens.captioning.reference import read_state
+
+    _, path = _checkpoint(tmp_path, tokenizer_dir, "mlp")
+    legacy = tmp_path / "legacy.pt"
+    torch.save(torch.load(path), legacy, _use_new_zipfile_serialization=False)
+    want = read_state(path)
+    for file in (path, legacy):
+        got = read_state(file, mmap=True)
+        assert set(got) == set(want)
+        for name, tensor in want.items():
+            assert torch.equal(got[name], tensor), (file.name, name)
+        assert infer_config(got, str(file)) == infer_config(want, str(file))
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"junk" * 10)
+    with pytest.raises(InvalidInputError, match="no PyTorch file's header") as e:
+        read_state(junk, mmap=True)
+    assert "\n" not in str(e.value)

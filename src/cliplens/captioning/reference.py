@@ -484,13 +484,23 @@ def load_tokenizer(name: str) -> Any:
         ) from e
 
 
-def read_state(path: Path) -> dict[str, torch.Tensor]:
+def read_state(path: Path, mmap: bool = False) -> dict[str, torch.Tensor]:
+    """A checkpoint's tensors by name. With `mmap`, the tensors of a zip-format file are
+    mapped, not read: only what is touched is loaded (a server checking the file at
+    start reads its names and shapes, not its 600 MB)."""
     if not path.is_file():
         raise InvalidInputError(f"`captioner` {path}: no such file")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        except Exception:  # a legacy (pre-zip) file cannot be mapped: read it (junk fails
+            if not mmap:  # again, with the plain reader's reason)
+                raise
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # unpickling fails in many ways; all mean "not a checkpoint"
         reason = str(e).strip().split("\n")[0][:200]
+        if reason.isdigit():  # torch's legacy reader names only the bad magic number
+            reason = f"no PyTorch file's header: {type(e).__name__} {reason}"
         raise InvalidInputError(
             f"`captioner` {path} cannot be read as a PyTorch state dict ({reason}); pass the "
             "authors' .pt file or a folder written by `cliplens caption train`"

@@ -109,7 +109,8 @@ def _read_parts(settings: ServerSettings) -> None:
         from cliplens.captioning.reference import infer_config, is_checkpoint_file, read_state
 
         if is_checkpoint_file(settings.captioner):  # the ClipCap authors' .pt file
-            infer_config(read_state(Path(settings.captioner)), str(settings.captioner))
+            state = read_state(Path(settings.captioner), mmap=True)  # names and shapes
+            infer_config(state, str(settings.captioner))
         else:
             read_config(settings.captioner)
     if settings.quality_probe is not None:
