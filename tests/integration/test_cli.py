@@ -133,7 +133,11 @@ def test_usage_errors_are_one_line(capsys, photos, args, needle):
 
 def test_empty_folder_and_unexpected_errors(capsys, tmp_path, monkeypatch):
     code, _, err = run(capsys, "classify", str(tmp_path), "--labels", "a,b")
-    assert code == 2 and "no images under" in err
+    assert code == 2 and f"no images under {tmp_path} " in err and err.count("\n") == 1
+    named = tmp_path / "holiday.jpg"  # a folder named like a photo, empty
+    named.mkdir()
+    code, _, err = run(capsys, "score", str(named), "--prompt", "a cat")
+    assert code == 2 and f"no images under {named} " in err and err.count("\n") == 1
 
     def boom(*args, **kwargs):
         raise OSError("disk on fire")

@@ -22,6 +22,7 @@ from cliplens.cli.common import (
     PrecisionOpt,
     TemplatesOpt,
     collect_images,
+    no_images,
 )
 from cliplens.cli.output import (
     Format,
@@ -98,9 +99,7 @@ def classify_command(
 
     files, failures = collect_images(paths)
     if not files and not failures:
-        raise InvalidInputError(
-            f"no images under {', '.join(map(str, paths))} (extensions: jpg, png, webp, ...)"
-        )
+        raise no_images(paths)
     encoder = ModelRef(model, device=device, precision=precision)
     result = task.classify(
         encoder,

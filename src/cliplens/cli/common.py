@@ -187,6 +187,18 @@ def collect_images(
     return list(files), missing
 
 
+def no_images(paths: list[Path]) -> InvalidInputError:
+    """The error of a run given paths that hold no image at all (empty folders, or files
+    of other kinds), naming them."""
+    shown = ", ".join(map(str, paths[:3])) + (
+        f" and {len(paths) - 3} more" if len(paths) > 3 else ""
+    )
+    return InvalidInputError(
+        f"no images under {shown or 'the paths given'} (extensions: jpg, png, webp, heic, "
+        "dng, ...); give image files or folders that hold them"
+    )
+
+
 # ------------------------------------------------------------------ output paths
 
 

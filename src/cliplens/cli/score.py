@@ -19,6 +19,7 @@ from cliplens.cli.common import (
     ModelOpt,
     PrecisionOpt,
     collect_images,
+    no_images,
     out_folder,
     read_catalog,
 )
@@ -103,9 +104,10 @@ def score_command(
         expected = "reference captions, one per line"
         shared_refs = read_lines(refs, "--refs", expected, comments=True, required=True)
     rows = read_captions(captions) if captions else None
-    files, missing = collect_images([r.image for r in rows] if rows else (paths or []))
+    given = [r.image for r in rows] if rows else (paths or [])
+    files, missing = collect_images(given)
     if not files and not missing:
-        raise InvalidInputError("no images: give image files or folders")
+        raise no_images(given)
     ref = ModelRef(model, device=device, precision=precision)
     report = score_images(
         files,
