@@ -109,13 +109,17 @@ class Searchable(Protocol):
         exclude: str | None = None,
         within: Sequence[str | os.PathLike[str]] | None = None,
         exact: bool = False,
+        each_moment: bool = False,
     ) -> list[Hit]:
         """The n photos most like `query` (a unit vector of the model), best first;
         `exclude` leaves out a path, `within` keeps photos under these folders, `exact`
-        compares with every vector even where an approximate index exists."""
+        compares with every vector even where an approximate index exists. A video is
+        one hit at its best moment, or with `each_moment` one hit per moment found."""
         ...
 
-    def search_many(self, queries: np.ndarray, n: int, model_id: str) -> list[list[Hit]]:
+    def search_many(
+        self, queries: np.ndarray, n: int, model_id: str, each_moment: bool = False
+    ) -> list[list[Hit]]:
         """`search` for each row of `queries` (B, D), over all photos, in one pass."""
         ...
 

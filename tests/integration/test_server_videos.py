@@ -115,6 +115,40 @@ def test_search_finds_the_video_at_its_moment(client, ids, q, start, end):
     assert photo["thumb_url"] == f"/v1/thumbs/{ids['photo']}"
 
 
+def test_each_moment_is_the_library_s_list_through_every_search_route(client, media, ids):
+    """`each_moment`: a video's moments are results of their own, as the library lists
+    them, by GET, POST and in a batch beside a grouped query."""
+    import cliplens
+    from cliplens.server.batching import SearchQuery
+
+    with cliplens.open_catalog(media["db"], readonly=True) as cat:
+        want = cliplens.search(cat, cliplens.ModelRef("offline"), "a cat", 30, each_moment=True)
+    expected = [(Path(h.path).name, None if h.time is None else round(h.time, 3)) for h in want]
+    assert sum(name == "clip.mp4" for name, _ in expected) >= 4  # its moments, each a row
+    body = {"terms": [{"text": "a cat"}], "n": 30, "each_moment": True}
+    for r in (
+        client.get("/v1/search", params={"q": "a cat", "n": 30, "each_moment": "true"}),
+        client.post("/v1/search", json=body),
+    ):
+        assert r.status_code == 200, r.text
+        got = r.json()["results"]
+        assert [(g["name"], g["time"]) for g in got] == expected
+        assert got[0]["score"] == pytest.approx(want[0].score, abs=1e-4)
+        clips = [g for g in got if g["name"] == "clip.mp4"]
+        assert {g["id"] for g in clips} == {ids["mp4"]}
+        assert all(g["moments"] == [{"time": g["time"], "score": g["score"]}] for g in clips)
+        assert all(g["thumb_url"].endswith(f"?t={g['time']:g}") for g in clips)
+    # a batch holding both kinds of query answers each as it asked
+    service = client.app.state.service
+    grouped, each = service.batcher._answer(
+        [SearchQuery(["a cat"], [1.0], [], [], 30), SearchQuery(["a cat"], [1.0], [], [], 30, True)]
+    )
+    assert [(Path(h.path).name, h.time) for h in each] == [
+        (Path(h.path).name, h.time) for h in want
+    ]
+    assert len({h.path for h in grouped}) == len(grouped) < len(each)
+
+
 def test_similar_to_a_video_finds_the_same_clip_as_a_video(client, ids):
     r = client.get(f"/v1/similar/{ids['mp4']}", params={"n": 5})
     assert r.status_code == 200, r.text

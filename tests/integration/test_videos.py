@@ -67,6 +67,14 @@ def test_a_cat_and_a_rocket_are_found_at_their_moments_of_one_video(
     assert main(table) == 0
     shown = capsys.readouterr().out
     assert "trip.mp4 @ 00:0" in shown and "(also 00:0" in shown
+    # --each-moment: the video's moments as rows of their own
+    argv = ["search", "a cat", "--in", str(library), "--db", db, "--no-index", "-n", "20"]
+    rows = run_json(capsys, [*argv, "--each-moment", "-f", "json"])
+    times = [h["time"] for h in rows if h["path"].endswith("trip.mp4")]
+    assert sorted(times) == [0, 2, 4, 5, 7, 9] and len(rows) == 8
+    assert main([*argv, "--each-moment"]) == 0
+    shown = capsys.readouterr().out
+    assert shown.count("trip.mp4 @ ") == 6 and "(also" not in shown
 
 
 def test_paging_and_a_cut_off_count_a_video_once(tmp_path, library, offline):
@@ -82,6 +90,36 @@ def test_paging_and_a_cut_off_count_a_video_once(tmp_path, library, offline):
         assert [h.path for h in search(cat, offline, "a rocket", n=3, min_score=cut)] == [
             h.path for h in whole[:2]
         ]
+
+
+def test_each_moment_lists_a_videos_moments_as_results_of_their_own(tmp_path, library, offline):
+    """`each_moment`: every moment found is a result with its own time, in the order of
+    their scores; the grouped result is the best of them with the next best as its
+    moments; photos are the same either way; pages are slices of the one list."""
+    with Catalog(tmp_path / "c.db") as cat:
+        update_catalog(cat, offline, [library], workers=0, video=QUICK)
+        every = search(cat, offline, "a cat", n=20, each_moment=True)
+        grouped = search(cat, offline, "a cat", n=20)
+        video = [h for h in every if h.path.endswith("trip.mp4")]
+        assert len(every) == 2 + 6 and len({h.time for h in video}) == 6  # 0, 2, 4, 5, 7, 9 s
+        assert [h.score for h in every] == sorted((h.score for h in every), reverse=True)
+        assert all(h.moments == ((h.time, h.score),) for h in video)
+        assert all(_inside(h.time, CAT_SHOT) for h in video[:2])
+        one = next(h for h in grouped if h.path.endswith("trip.mp4"))
+        assert (one.time, one.score) == (video[0].time, video[0].score)
+        assert list(one.moments) == [(h.time, h.score) for h in video[:3]]
+        photos = [(h.path, h.score, h.time) for h in every if not h.path.endswith(".mp4")]
+        assert photos == [(h.path, h.score, h.time) for h in grouped if h is not one]
+        pages = [search(cat, offline, "a cat", n=3, offset=o, each_moment=True) for o in (0, 3, 6)]
+        assert [h for page in pages for h in page] == every
+        # leaving out the video leaves out all its moments, however many rows they fill
+        query = offline.encode_texts(["a cat"])[0]
+        model_id = offline.info.model_id
+        rest = cat.search(query, 2, model_id, exclude=video[0].path, each_moment=True)
+        assert [h.path for h in rest] == [p for p, _, _ in photos]
+        (batched,) = cat.search_many(query[None], 20, model_id, each_moment=True)
+        assert [(h.path, h.time) for h in batched] == [(h.path, h.time) for h in every]
+        assert [h.score for h in batched] == pytest.approx([h.score for h in every], abs=1e-5)
 
 
 def test_videos_are_indexed_incrementally_and_moved_ones_keep_their_moments(tmp_path, tiny):

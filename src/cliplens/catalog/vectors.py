@@ -252,30 +252,58 @@ class CatalogSearch:
         exclude: str | None = None,
         within: Sequence[str | os.PathLike[str]] | None = None,
         exact: bool = False,
+        each_moment: bool = False,
     ) -> list[Hit]:
         """Large catalogs are searched through their ANN index unless `exact`; `within`
         filters only when it excludes something. A video is one hit, at its best moment,
-        with its best moments among those found (`Hit.moments`)."""
+        with its best moments among those found (`Hit.moments`); with `each_moment`, each
+        of its moments is a hit of its own."""
         catalog = self._catalog()
         vectors = load_vectors(catalog, model_id, ann="off" if exact else "auto")
         allowed = catalog.ids_within(within) if within else None
-        want = n + (exclude is not None)
-        found = _enough(lambda k: vectors.search(query, k, allowed, exact=exact), want, vectors)
-        hits = [h for h in self._grouped([found])[0] if h.path != exclude]
+
+        def search(k: int) -> list[tuple[int, float]]:
+            return vectors.search(query, k, allowed, exact=exact)
+
+        if each_moment:
+            hits = self._each_row(search, n, exclude)
+        else:
+            found = _enough(search, n + (exclude is not None), vectors)
+            hits = [h for h in self._grouped([found])[0] if h.path != exclude]
         return hits[:n]
 
-    def search_many(self, queries: np.ndarray, n: int, model_id: str) -> list[list[Hit]]:
+    def _each_row(
+        self, search: Callable[[int], list[tuple[int, float]]], n: int, exclude: str | None
+    ) -> list[Hit]:
+        """The best `n` rows as hits, a video's moments each their own, less the rows of
+        `exclude` (all of a video's: rows are fetched until n others are found)."""
+        k = n + (exclude is not None)
+        while True:
+            found = search(k)
+            hits = [h for h in self._grouped([found], each_moment=True)[0] if h.path != exclude]
+            if len(hits) >= n or len(found) < k:
+                return hits
+            k *= 4
+
+    def search_many(
+        self, queries: np.ndarray, n: int, model_id: str, each_moment: bool = False
+    ) -> list[list[Hit]]:
         vectors = load_vectors(self._catalog(), model_id)
         queries = np.atleast_2d(queries)
         found = vectors.search_many(queries, n)
+        if each_moment:
+            return self._grouped(found, each_moment=True)
         for b, rows in enumerate(found):  # a query whose moments fill its rows: more rows
             if vectors.moments and len(rows) == n and _files_in(rows) < n:
                 found[b] = _enough(lambda k, q=queries[b]: vectors.search(q, k), n, vectors)
         return [hits[:n] for hits in self._grouped(found)]
 
-    def _grouped(self, found: list[list[tuple[int, float]]]) -> list[list[Hit]]:
+    def _grouped(
+        self, found: list[list[tuple[int, float]]], each_moment: bool = False
+    ) -> list[list[Hit]]:
         """Each list of (row id, score), best first, as hits: one per file, a video at its
-        best moment with its best `MOMENTS` found."""
+        best moment with its best `MOMENTS` found; or with `each_moment`, one per row (a
+        moment's hit lists itself as its one moment)."""
         catalog = self._catalog()
         every = [row for rows in found for row, _ in rows]
         paths = catalog.paths(set(frames.file_of(np.asarray(every, np.int64)).tolist()))
@@ -287,9 +315,12 @@ class CatalogSearch:
             for (row, score), file_id in zip(rows, files, strict=True):
                 if file_id not in paths:
                     continue
-                hit = hits.get(file_id)
+                hit = hits.get(row if each_moment else file_id)
                 t = times.get(row)
-                if hit is None:
+                if each_moment:
+                    moment = ((t, score),) if t is not None else ()
+                    hits[row] = Hit(paths[file_id], score, file_id, t, moment)
+                elif hit is None:
                     moments = ((t, score),) if t is not None else ()
                     hits[file_id] = Hit(paths[file_id], score, file_id, t, moments)
                 elif t is not None and len(hit.moments) < MOMENTS:

@@ -275,6 +275,14 @@ def search_command(
     offset: OffsetOpt = 0,
     fmt: Annotated[HitFormat, typer.Option("--format", "-f")] = HitFormat.table,
     preview: PreviewOpt = False,
+    each_moment: Annotated[
+        bool,
+        typer.Option(
+            "--each-moment",
+            help="List each moment of a video found as a result of its own (default: one "
+            "result per video, at its best moment, with its next best).",
+        ),
+    ] = False,
     no_index: NoIndexOpt = False,
     exclude: ExcludeOpt = None,
     exact: Annotated[
@@ -303,7 +311,7 @@ def search_command(
     texts = any(t.text is not None for t in terms)
     catalog, ref = _open(db, model, device, precision, folders, no_index, texts, exclude)
     vec = query_vector(ref, terms, catalog)
-    hits = search(catalog, ref, vec, n, folders, exact=exact, **paging)
+    hits = search(catalog, ref, vec, n, folders, exact=exact, each_moment=each_moment, **paging)
     _print_hits(hits, fmt, offset, preview)
     _prepare_fast_text(ref)
 

@@ -193,6 +193,7 @@ class BuiltIndex:
         exclude: str | None = None,
         within: Sequence[str | os.PathLike[str]] | None = None,
         exact: bool = False,
+        each_moment: bool = False,  # a built index holds no videos' moments: one row a hit
     ) -> list[Hit]:
         self.require_model(model_id)
         if within:
@@ -207,7 +208,9 @@ class BuiltIndex:
         found = self.search_rows(query, n + (exclude is not None))[0]
         return [h for h in self._hits(found) if h.path != exclude][:n]
 
-    def search_many(self, queries: np.ndarray, n: int, model_id: str) -> list[list[Hit]]:
+    def search_many(
+        self, queries: np.ndarray, n: int, model_id: str, each_moment: bool = False
+    ) -> list[list[Hit]]:
         self.require_model(model_id)
         return [self._hits(found) for found in self.search_rows(queries, n)]
 

@@ -24,13 +24,15 @@ if TYPE_CHECKING:
 
 @dataclass
 class SearchQuery:
-    """One search: weighted texts and weighted photo ids, and how many results."""
+    """One search: weighted texts and weighted photo ids, how many results, and whether
+    each moment of a video is a result of its own."""
 
     texts: list[str]
     text_weights: list[float]
     ids: list[int]
     id_weights: list[float]
     n: int
+    each_moment: bool = False
 
 
 Answer = list[Hit] | Exception  # what one query of a batch gets
@@ -91,10 +93,14 @@ class SearchBatcher:
                 answers.append(None)
             except Exception as e:  # bad terms, unknown id: that request's own error
                 answers.append(e)
-        ok = [i for i, a in enumerate(answers) if a is None]
-        if ok:
-            n = max(queries[i].n for i in ok)
-            found = search_many(searched, svc.ref, np.stack(vectors), n)
-            for i, hits in zip(ok, found, strict=True):
-                answers[i] = hits[: queries[i].n]
+        ok = [i for i, a in enumerate(answers) if a is None]  # vectors[j] is ok[j]'s
+        for each_moment in (False, True):  # one pass for each way of listing videos
+            group = [j for j, i in enumerate(ok) if queries[i].each_moment == each_moment]
+            if not group:
+                continue
+            n = max(queries[ok[j]].n for j in group)
+            stacked = np.stack([vectors[j] for j in group])
+            found = search_many(searched, svc.ref, stacked, n, each_moment=each_moment)
+            for j, hits in zip(group, found, strict=True):
+                answers[ok[j]] = hits[: queries[ok[j]].n]
         return [a for a in answers if a is not None]

@@ -161,13 +161,16 @@ def search(
     exact: bool = False,
     min_score: float | None = None,
     offset: int = 0,
+    each_moment: bool = False,
 ) -> list[Hit]:
     """The n best matches for a query string (or a ready query vector), best first.
 
     Why: one call for text, image and weighted queries over the catalog or a built index;
     `folders` keeps photos under them, `exclude` leaves out one path, `exact` skips an
     approximate index. `min_score` and `offset` page through the results: the same hits
-    as one long list cut at `min_score`, then sliced from `offset` (`page`).
+    as one long list cut at `min_score`, then sliced from `offset` (`page`). A video is
+    one hit at its best moment (`Hit.time`, its next best in `Hit.moments`), or with
+    `each_moment` one hit per moment.
 
     >>> import cliplens
     >>> model = cliplens.load_model("offline")
@@ -178,7 +181,9 @@ def search(
     else:
         vec = query_vector(encoder, parse_query(query), searched)
     model_id = encoder.info.model_id
-    hits = searched.search(vec, n + offset, model_id, exclude=exclude, within=folders, exact=exact)
+    hits = searched.search(
+        vec, n + offset, model_id, exclude, folders, exact=exact, each_moment=each_moment
+    )
     return page(hits, n, offset, min_score)
 
 
@@ -193,9 +198,14 @@ def page(hits: list[Hit], n: int, offset: int = 0, min_score: float | None = Non
 
 
 def search_many(
-    searched: Searchable, encoder: Encoder, queries: np.ndarray, n: int = 10
+    searched: Searchable,
+    encoder: Encoder,
+    queries: np.ndarray,
+    n: int = 10,
+    each_moment: bool = False,
 ) -> list[list[Hit]]:
-    """`search` for a batch of query vectors (B, D) over all photos, in one pass.
+    """`search` for a batch of query vectors (B, D) over all photos, in one pass
+    (`each_moment` as there).
 
     Why: concurrent queries (the server's) cost about one.
 
@@ -203,7 +213,8 @@ def search_many(
     >>> model, photos = cliplens.load_model("offline"), cliplens.open_catalog(readonly=True)
     >>> cliplens.search_many(photos, model, model.encode_texts(["a cat", "a boat"]), n=5)
     """
-    return searched.search_many(np.atleast_2d(queries), n, encoder.info.model_id)
+    model_id = encoder.info.model_id
+    return searched.search_many(np.atleast_2d(queries), n, model_id, each_moment=each_moment)
 
 
 def similar(

@@ -117,6 +117,11 @@ MinScore = Annotated[
     Query(ge=-1, le=1, allow_inf_nan=False, description="Only results scoring at least this."),
 ]
 Offset = Annotated[int, Query(ge=0, le=MAX_OFFSET, description="Results to skip (paging).")]
+EACH_MOMENT = (
+    "Each moment of a video found is a result of its own (default: one result per video, at "
+    "its best moment, with its next best in `moments`)."
+)
+EachMoment = Annotated[bool, Query(description=EACH_MOMENT)]
 
 
 def _page(
@@ -158,9 +163,10 @@ class SearchRequest(BaseModel):
     n: int = Field(20, ge=1, le=MAX_N)
     min_score: float | None = Field(None, ge=-1, le=1, allow_inf_nan=False)
     offset: int = Field(0, ge=0, le=MAX_OFFSET)
+    each_moment: bool = Field(False, description=EACH_MOMENT)
 
 
-async def _search(svc: Service, terms: list[Term], n: int) -> list[Hit]:
+async def _search(svc: Service, terms: list[Term], n: int, each_moment: bool) -> list[Hit]:
     """Hits for weighted terms (texts, photo ids: never paths), batched with concurrent
     queries."""
     texts = [(t.text, t.weight) for t in terms if t.text is not None]
@@ -171,6 +177,7 @@ async def _search(svc: Service, terms: list[Term], n: int) -> list[Hit]:
         [i for i, _ in ids],
         [w for _, w in ids],
         n,
+        each_moment,
     )
     return await svc.batcher.search(query)
 
@@ -196,9 +203,10 @@ async def search_get(
     n: Annotated[int, Query(ge=1, le=MAX_N)] = 20,
     min_score: MinScore = None,
     offset: Offset = 0,
+    each_moment: EachMoment = False,
 ) -> SearchOut:
     """Search the catalog with a text query; `offset` and `min_score` page through it."""
-    hits = await _search(service_of(request), _text_terms(q), n + offset + 1)
+    hits = await _search(service_of(request), _text_terms(q), n + offset + 1, each_moment)
     return _page(q, hits, n, offset, min_score)
 
 
@@ -208,7 +216,9 @@ async def search_post(request: Request, body: SearchRequest) -> SearchOut:
     {"terms": [{"text": "beach"}, {"id": 12, "weight": 0.5}, {"text": "people", "weight": -1}]}."""
     named = [t.text if t.text is not None else f"#{t.id}" for t in body.terms]
     label = " + ".join(f"{t.weight:g}:{name}" for t, name in zip(body.terms, named, strict=True))
-    hits = await _search(service_of(request), body.terms, body.n + body.offset + 1)
+    hits = await _search(
+        service_of(request), body.terms, body.n + body.offset + 1, body.each_moment
+    )
     return _page(label, hits, body.n, body.offset, body.min_score)
 
 
@@ -223,6 +233,7 @@ async def search_image(
     n: Annotated[int, Form(ge=1, le=MAX_N)] = 20,
     min_score: Annotated[float | None, Form(ge=-1, le=1, allow_inf_nan=False)] = None,
     offset: Annotated[int, Form(ge=0, le=MAX_OFFSET)] = 0,
+    each_moment: Annotated[bool, Form(description=EACH_MOMENT)] = False,
 ) -> SearchOut:
     """Search by an uploaded photo, optionally with text terms."""
     svc = service_of(request)
@@ -234,7 +245,7 @@ async def search_image(
         searched = svc.searched()
         vec = query_vector(svc.ref, terms, images=[(pics[0], image_weight)])
         svc.model_id()  # a built index's model, not another
-        return search(searched, svc.ref, vec, n + 1, offset=offset)
+        return search(searched, svc.ref, vec, n + 1, offset=offset, each_moment=each_moment)
 
     return _page(label, await svc.run(work), n, offset, min_score, skip=False)
 
