@@ -253,6 +253,8 @@ def _opened(path: str) -> Iterator[tuple[Any, Any]]:
         if not streams:
             raise VideoError(path, "the file holds no video stream")
         stream = streams[0]
+        if stream.codec_context is None:  # FFmpeg has no decoder for its codec
+            raise VideoError(path, "no decoder for the video's codec in this FFmpeg (PyAV's)")
         stream.thread_type = "AUTO"
         yield container, stream
     finally:
@@ -279,12 +281,31 @@ def _frames(path: str, container: Any, stream: Any) -> Iterator[tuple[float, Any
 
 
 def _stated_duration(container: Any, stream: Any) -> float | None:
-    """The length the file states, in seconds: the stream's, else the container's."""
+    """The length the file states for the video, in seconds: the stream's; in Matroska
+    and WebM, which state none, the track's DURATION tag; else the container's, but only
+    where the video is its one stream (with a longer audio track, the container's length
+    is the audio's, and the video would look cut short)."""
     if stream.duration and stream.time_base:
         return float(stream.duration * stream.time_base)
-    if container.duration:
+    tagged = _clock_seconds(stream.metadata.get("DURATION") or stream.metadata.get("duration"))
+    if tagged is not None:
+        return tagged
+    if container.duration and len(container.streams) == 1:
         return container.duration / 1_000_000
     return None
+
+
+def _clock_seconds(text: str | None) -> float | None:
+    """'00:01:23.500000000' (Matroska's DURATION tag) in seconds; None if it is not one."""
+    parts = (text or "").strip().split(":")
+    if len(parts) != 3:
+        return None
+    try:
+        h, m, sec = int(parts[0]), int(parts[1]), float(parts[2])
+    except ValueError:
+        return None
+    total = h * 3600 + m * 60 + sec
+    return total if total > 0 and math.isfinite(total) else None
 
 
 def _check_whole(path: str, last_t: float, duration: float | None, stream: Any) -> None:

@@ -116,6 +116,46 @@ def test_a_file_with_sound_only_holds_no_video_stream(tmp_path):
         read_moments(str(path), PREP)
 
 
+def _with_sound(path: Path, video_s: float, sound_s: float) -> Path:
+    """A video track of `video_s` seconds beside a silent sound track of `sound_s`."""
+    import av
+
+    video_codec = "libvpx-vp9" if path.suffix == ".webm" else "libx264"
+    sound_codec, layout = ("libopus", "flt") if path.suffix == ".webm" else ("aac", "fltp")
+    with av.open(str(path), "w") as out:
+        video = out.add_stream(video_codec, rate=10)
+        video.width, video.height, video.pix_fmt = 160, 120, "yuv420p"
+        sound = out.add_stream(sound_codec, rate=48000)
+        for i in range(round(video_s * 10)):
+            picture = np.full((120, 160, 3), (i * 8) % 256, np.uint8)
+            out.mux(video.encode(av.VideoFrame.from_ndarray(picture)))
+        out.mux(video.encode())
+        for i in range(round(sound_s * 48000 / 960)):
+            samples = av.AudioFrame.from_ndarray(np.zeros((1, 960), np.float32), layout, "mono")
+            samples.sample_rate, samples.pts = 48000, i * 960
+            out.mux(sound.encode(samples))
+        out.mux(sound.encode())
+    return path
+
+
+@pytest.mark.parametrize("name", ["clip.webm", "clip.mkv", "clip.mp4"])
+def test_a_sound_track_longer_than_the_video_is_no_sign_of_a_cut(tmp_path, name):
+    """Matroska and WebM state no length per stream: the container's is the longer sound
+    track's, and the video's own (its DURATION tag) is the one its frames must reach."""
+    clip = _with_sound(tmp_path / name, video_s=3.0, sound_s=5.0)
+    assert read_moments(str(clip), PREP).times_ms[0] == 0
+
+
+def test_a_codec_this_ffmpeg_cannot_decode_is_a_video_error(tmp_path):
+    whole = make_video(tmp_path / "whole.mp4", [(CAT, 1.0)]).read_bytes()
+    unknown = tmp_path / "unknown.mp4"
+    unknown.write_bytes(whole.replace(b"avc1", b"zzz9"))  # a codec tag no decoder claims
+    with pytest.raises(VideoError, match="no decoder for the video's codec"):
+        read_moments(str(unknown), PREP)
+    with pytest.raises(VideoError, match="no decoder for the video's codec"):
+        frame_at(str(unknown), 0.0, 64)
+
+
 def test_sampling_refuses_gaps_that_cannot_work():
     with pytest.raises(InvalidInputError, match="`min_gap` <= `max_gap`"):
         VideoSampling(min_gap=3, max_gap=2)
