@@ -236,6 +236,39 @@ def test_a_catalog_of_the_first_schema_is_upgraded_to_hold_videos(tmp_path, tiny
         assert search(cat, tiny, "a cat", n=3)
 
 
+def test_a_catalog_upgraded_by_another_process_meanwhile_is_not_upgraded_twice(tmp_path):
+    """Two processes open an old catalog at once: the second waits for the first one's
+    upgrade, then sees it done (it had run the migration again: duplicate column)."""
+    import threading
+    import time
+
+    db = tmp_path / "old.db"
+    other = sqlite3.connect(db, isolation_level=None)
+    other.executescript(f"BEGIN; {MIGRATIONS[0]}; PRAGMA user_version=1; COMMIT;")
+    other.execute("PRAGMA journal_mode=WAL")
+    other.execute("BEGIN IMMEDIATE")  # the other process, upgrading
+    opened: dict[str, object] = {}
+
+    def open_it() -> None:
+        try:
+            with Catalog(db) as cat:
+                opened["version"] = cat.db.execute("PRAGMA user_version").fetchone()[0]
+        except Exception as e:  # what the test reports
+            opened["error"] = e
+
+    waiting = threading.Thread(target=open_it)
+    waiting.start()
+    time.sleep(1.0)  # it has read version 1 and waits for the lock
+    for statement in MIGRATIONS[1].split(";"):
+        if statement.strip():
+            other.execute(statement)
+    other.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+    other.execute("COMMIT")
+    waiting.join(timeout=60)
+    other.close()
+    assert opened == {"version": SCHEMA_VERSION}
+
+
 def test_without_pyav_videos_are_left_as_they_are_with_a_note(tmp_path, library, tiny, monkeypatch):
     import cliplens.video
 

@@ -235,12 +235,16 @@ class Catalog(CatalogSearch):
                 "it once with this cliplens"
             )
         while version < SCHEMA_VERSION:
-            # one script, one transaction: a migration lands whole or not at all
-            # (executescript commits whatever is open, so the script carries its own BEGIN)
-            script = MIGRATIONS[version]
-            self.db.executescript(
-                f"BEGIN IMMEDIATE; {script}; PRAGMA user_version={version + 1}; COMMIT;"
-            )
+            # one script, one transaction: a migration lands whole or not at all. The
+            # version is read again under the write lock: another process that opened the
+            # catalog at the same time may have upgraded it while this one waited
+            with self.transaction() as db:
+                version = self._version()
+                if version >= SCHEMA_VERSION:
+                    break
+                for statement in _statements(MIGRATIONS[version]):
+                    db.execute(statement)
+                db.execute(f"PRAGMA user_version={version + 1}")
             version += 1
 
     @contextmanager
@@ -549,3 +553,15 @@ def resolve_folders(roots: Sequence[str | os.PathLike]) -> list[str]:
             raise ImageNotFoundError(str(root), "no such file or folder")
         out.append(str(p.resolve()))
     return out
+
+
+def _statements(script: str) -> Iterator[str]:
+    """The SQL statements of a script, one at a time (`executescript` would commit the
+    transaction they must run in)."""
+    pending = ""
+    for piece in script.split(";"):
+        pending += piece + ";"
+        if sqlite3.complete_statement(pending):  # not a ';' inside a string or a trigger
+            if pending.strip(" \n\t;"):
+                yield pending.strip()
+            pending = ""
