@@ -122,6 +122,29 @@ def test_each_moment_lists_a_videos_moments_as_results_of_their_own(tmp_path, li
         assert [h.score for h in batched] == pytest.approx([h.score for h in every], abs=1e-5)
 
 
+def test_a_moment_sampled_again_at_another_time_is_replaced_in_the_ann_index(
+    tmp_path, library, tiny
+):
+    """A moment's content key holds its time: a video read again into other times (same
+    ordinals) changes those rows' keys, so the IVF index replaces their vectors instead
+    of keeping the old ones (the photos' and the other moments' rows stay)."""
+    from cliplens.catalog import ivf
+
+    with Catalog(tmp_path / "c.db") as cat:
+        update_catalog(cat, tiny, [library], workers=0, video=QUICK)
+        model_id = tiny.info.model_id
+        ids, keys, matrix = cat.vectors(model_id)
+        moments = ids >= (1 << 62)
+        assert moments.sum() == 6 and len(set(keys[moments].tolist())) == 6
+        ann = ivf.build(ids, keys, matrix.astype(np.float32))
+        with cat.transaction() as db:
+            db.execute("UPDATE frames SET t_ms = t_ms + 250 WHERE ordinal = 2")
+        ids2, keys2, matrix2 = cat.vectors(model_id)
+        moved = moments & ((ids & 0xFFFFF) == 2)  # ordinal 2, in the low 20 bits
+        assert (ids2 == ids).all() and ((keys2 != keys) == moved).all()
+        assert ivf.update(ann, ids2, keys2, matrix2.astype(np.float32)) == 2  # out, then in
+
+
 def test_videos_are_indexed_incrementally_and_moved_ones_keep_their_moments(tmp_path, tiny):
     folder = tmp_path / "clips"
     folder.mkdir()

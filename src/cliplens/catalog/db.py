@@ -430,15 +430,16 @@ class Catalog(CatalogSearch):
     def vectors(self, model_id: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(row ids, content keys, float16 matrix) of every readable photo and video moment
         embedded by the model, by row id (a photo's is its file id; a moment's:
-        catalog/frames.py). A content key is the first 60 bits of the file's hash: it
-        changes when the file does, which tells an ANN index which rows to replace."""
+        catalog/frames.py). A content key is the first 60 bits of the file's hash (with a
+        moment's time mixed in: `frames.content_key`): it changes when the file does, which
+        tells an ANN index which rows to replace."""
         row = self.db.execute("SELECT id, dim FROM models WHERE model_id=?", (model_id,)).fetchone()
         if row is None:
             return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, 0), np.float16)
         model, dim = row
         rows = self.db.execute(frames.VECTORS_SQL, {"model": model}).fetchall()
         ids = np.fromiter((r[0] for r in rows), np.int64, len(rows))
-        keys = np.fromiter((int(r[1], 16) for r in rows), np.int64, len(rows))
+        keys = np.fromiter((frames.content_key(r[1], r[3]) for r in rows), np.int64, len(rows))
         matrix = np.frombuffer(b"".join(r[2] for r in rows), "<f2").reshape(len(rows), dim)
         return ids, keys, matrix
 

@@ -43,16 +43,30 @@ def has_moments(rows: np.ndarray) -> bool:
 # the matrix of one model: photos (their file's hash) and moments (their frame key), the
 # rows of ok files only, by row id; a moment's content key is its video's
 VECTORS_SQL = f"""
-SELECT f.id, substr(f.hash, 1, 15), e.vector FROM files f
+SELECT f.id, substr(f.hash, 1, 15), e.vector, NULL FROM files f
     JOIN embeddings e ON e.model = :model AND e.hash = f.hash
     WHERE f.status = 'ok' AND f.kind = 'image'
 UNION ALL
-SELECT {FRAME_ROW} | (f.id << {ORDINAL_BITS}) | fr.ordinal, substr(f.hash, 1, 15), e.vector
+SELECT {FRAME_ROW} | (f.id << {ORDINAL_BITS}) | fr.ordinal, substr(f.hash, 1, 15), e.vector,
+    fr.t_ms
     FROM files f JOIN frames fr ON fr.video = f.hash
     JOIN embeddings e ON e.model = :model AND e.hash = fr.key
     WHERE f.status = 'ok' AND f.kind = 'video'
 ORDER BY 1
 """
+
+_KEY_BITS = (1 << 60) - 1
+
+
+def content_key(hash_prefix: str, t_ms: int | None) -> int:
+    """A row's content key (VECTORS_SQL's second and fourth columns): a photo's is the
+    first 60 bits of its hash; a moment's also mixes in its time, so that a video sampled
+    again (the same ordinals at other times) changes the keys of the rows it moved."""
+    key = int(hash_prefix, 16)
+    if t_ms is None:
+        return key
+    return key ^ (((t_ms + 1) * 0x9E3779B97F4A7C15) & _KEY_BITS)
+
 
 COUNT_SQL = """
 SELECT (SELECT count(*) FROM files f JOIN embeddings e ON e.model = :model AND e.hash = f.hash
