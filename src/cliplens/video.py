@@ -139,7 +139,9 @@ def read_moments(
     times: list[int] = []
     crops: list[np.ndarray] = []
     with _opened(path) as (container, stream):
-        if not sampling.all_frames:
+        # stored times are read again from every frame, so each lands on the frame it
+        # was (sampled with or without the frames no other refers to, whatever is asked)
+        if not sampling.all_frames and at_ms is None:
             stream.codec_context.skip_frame = "NONREF"
         duration = _stated_duration(container, stream)
         pick = _Picker(sampling, at_ms)
@@ -149,7 +151,9 @@ def read_moments(
             if pick(t, frame):
                 times.append(round(t * 1000))
                 crops.append(prep.crop(_upright(frame, prep.resize_size)))
-                if len(times) >= sampling.max_frames and at_ms is None:
+                if at_ms is None and len(times) >= sampling.max_frames:
+                    break
+                if at_ms is not None and not pick.wanted:  # every stored time read
                     break
         else:
             _check_whole(path, last_t, duration, stream)

@@ -56,6 +56,13 @@ def test_stored_moments_are_read_again_as_they_were(tmp_path):
     again = read_moments(str(clip), PREP, VideoSampling(min_gap=5.0), at_ms=first.times_ms)
     assert again.times_ms == first.times_ms
     np.testing.assert_array_equal(again.crops, first.crops)
+    # moments chosen among every frame (B-frames too) are read again at their own times
+    # by a reader whose sampling skips those frames (as another model's index may)
+    busy = make_video(tmp_path / "busy.mp4", [(CAT, 4.0)], fps=30)
+    fine = read_moments(str(busy), PREP, VideoSampling(min_gap=0.1, max_gap=0.5, all_frames=True))
+    coarse = VideoSampling(min_gap=0.1, max_gap=0.5)
+    assert read_moments(str(busy), PREP, coarse).times_ms != fine.times_ms  # they differ
+    assert read_moments(str(busy), PREP, coarse, at_ms=fine.times_ms).times_ms == fine.times_ms
 
 
 @pytest.mark.parametrize("name", ["clip.webm", "clip.mkv", "clip.avi", "clip.mov"])
