@@ -319,3 +319,30 @@ def test_the_catalog_keeps_the_video_sampling_it_was_given(tmp_path, tiny):
             "GROUP BY f.path"
         ).fetchall()
     assert sorted((Path(p).name, n) for p, n in rows) == [("a.mp4", 3), ("b.mp4", 3)]
+
+
+def test_one_frame_gap_given_changes_only_that_gap_of_the_kept_sampling(tmp_path, tiny_model_dir):
+    """`index --max-frame-gap` alone keeps the catalog's other settings, and brings the
+    minimum gap down where the two would cross (it had failed: min 1 s > max 0.5 s)."""
+    import json
+
+    from cliplens.catalog.update import kept_sampling
+
+    folder = tmp_path / "clips"
+    folder.mkdir()
+    make_video(folder / "a.mp4", [(CAT, 2.0)])
+    db = tmp_path / "c.db"
+    model = ["--model", f"local:{tiny_model_dir}", "--workers", "0", "--db", str(db)]
+    kept = {"min_gap": 1.5, "max_gap": 6.0, "change": 0.2, "max_frames": 50}
+    with Catalog(db) as cat, cat.transaction() as con:  # settings the command line lacks
+        con.execute(
+            "INSERT INTO meta (key, value) VALUES ('video_sampling', ?)", (json.dumps(kept),)
+        )
+    assert main(["index", str(folder), *model, "--max-frame-gap", "8"]) == 0
+    with Catalog(db) as cat:
+        got = kept_sampling(cat)
+    assert (got.min_gap, got.max_gap, got.change, got.max_frames) == (1.5, 8.0, 0.2, 50)
+    assert main(["index", str(folder), *model, "--max-frame-gap", "0.5"]) == 0
+    with Catalog(db) as cat:
+        got = kept_sampling(cat)
+    assert (got.min_gap, got.max_gap, got.change) == (0.5, 0.5, 0.2)

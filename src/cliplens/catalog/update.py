@@ -266,6 +266,8 @@ def _update_catalog(
     if plan.jobs:
         stats.notes += _precision_notes(catalog, info)
     stats.timings["scan"] = time.perf_counter() - t0
+    if video is not None:  # kept even by a run with nothing to read
+        video = _sampling(catalog, video)
     if not plan.jobs and not plan.gone:
         if catalog.garbage_pending:  # left by a run killed before it collected
             with catalog.transaction():
@@ -281,7 +283,7 @@ def _update_catalog(
     from cliplens.catalog.worker import CropDecoder  # here: a no-op run decodes nothing
 
     sampled = sampled_times(catalog, key)
-    video = _sampling(catalog, video)
+    video = video or _sampling(catalog, None)
     decoder = CropDecoder(info.preprocessing, max_megapixels, frozenset(known), video, sampled)
     writer = _BatchWriter(catalog, encoder, key, stats)
     with progress_bar(len(plan.jobs), "indexing", progress) as advance:
@@ -309,7 +311,6 @@ def _sampling(catalog: Catalog, video: VideoSampling | None) -> VideoSampling:
     such as a search's update), else the one kept, else the defaults."""
     import json
 
-    from cliplens.video import VideoSampling
 
     if video is not None:
         with catalog.transaction() as db:
@@ -318,6 +319,15 @@ def _sampling(catalog: Catalog, video: VideoSampling | None) -> VideoSampling:
                 (json.dumps(dataclasses.asdict(video)),),
             )
         return video
+    return kept_sampling(catalog)
+
+
+def kept_sampling(catalog: Catalog) -> VideoSampling:
+    """The video sampling the catalog keeps for its runs (the defaults if none)."""
+    import json
+
+    from cliplens.video import VideoSampling
+
     row = catalog.db.execute("SELECT value FROM meta WHERE key = 'video_sampling'").fetchone()
     if row is None:
         return VideoSampling()

@@ -94,6 +94,25 @@ class HitFormat(str, enum.Enum):
     paths = "paths"
 
 
+def _changed_sampling(catalog: Catalog, gaps: dict[str, float | None]) -> VideoSampling | None:
+    """The catalog's kept video sampling with the gaps given changed (None: none given).
+    One gap given moves the other where they would cross: `--max-frame-gap 0.5` alone
+    also brings the minimum gap down to 0.5 s."""
+    from dataclasses import replace
+
+    from cliplens.catalog.update import kept_sampling
+
+    low, high = gaps.get("min_gap"), gaps.get("max_gap")
+    if low is None and high is None:
+        return None
+    kept = kept_sampling(catalog)
+    if low is None:
+        low = min(kept.min_gap, float(high))
+    if high is None:
+        high = max(kept.max_gap, low)
+    return replace(kept, min_gap=low, max_gap=high)
+
+
 def _index(
     db: Path | None,
     ref: ModelRef,
@@ -104,12 +123,13 @@ def _index(
     verbose: bool = False,
     quiet: bool = False,
     exclude: list[str] | None = None,
-    video: VideoSampling | None = None,
+    gaps: dict[str, float | None] | None = None,
 ) -> tuple[Catalog, UpdateStats]:
     from cliplens.catalog.db import open_catalog
     from cliplens.catalog.update import update_catalog
 
     catalog = open_catalog(db)
+    video = _changed_sampling(catalog, gaps or {})
     progress = show_progress()
     ref.announce = info
     stats = update_catalog(
@@ -192,19 +212,12 @@ def index_command(
     ones reuse their embeddings, deleted ones leave; a killed run resumes where it
     stopped. A video is searched by its moments: a frame at each new scene."""
     from cliplens.models.ref import ModelRef
-    from cliplens.video import VideoSampling
 
     ref = ModelRef(model, device=device, precision=precision)
     quiet = fmt is Format.json
-    video = None
-    if min_frame_gap is not None or max_frame_gap is not None:
-        defaults = VideoSampling()
-        video = VideoSampling(
-            min_gap=defaults.min_gap if min_frame_gap is None else min_frame_gap,
-            max_gap=defaults.max_gap if max_frame_gap is None else max_frame_gap,
-        )
+    gaps = {"min_gap": min_frame_gap, "max_gap": max_frame_gap}
     _, stats = _index(
-        db, ref, folders, batch_size, workers, max_megapixels, verbose, quiet, exclude, video
+        db, ref, folders, batch_size, workers, max_megapixels, verbose, quiet, exclude, gaps
     )
     if fmt is Format.json:
         counts = {k: v for k, v in vars(stats).items() if k != "errors"}
