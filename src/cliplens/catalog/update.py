@@ -311,7 +311,6 @@ def _sampling(catalog: Catalog, video: VideoSampling | None) -> VideoSampling:
     such as a search's update), else the one kept, else the defaults."""
     import json
 
-
     if video is not None:
         with catalog.transaction() as db:
             db.execute(
