@@ -61,10 +61,16 @@ class ModelUnavailableError(ModelError):
 
     def __init__(self, name: str, cache_dir: Path, reason: str) -> None:
         self.name, self.cache_dir, self.reason = name, cache_dir, reason
+        # a form of the same kind of model that reads files already here, where there is one
+        kin = {
+            "transformers:": ", 'transformers:FOLDER' (one saved with save_pretrained)",
+            "multilingual:": ", 'multilingual:TEXT_FOLDER+IMAGE_MODEL' (a text tower you have)",
+        }
+        same_kind = next((v for k, v in kin.items() if name.startswith(k)), "")
         super().__init__(
             f"cannot fetch weights for model '{name}' ({reason}); they are cached under "
             f"{cache_dir} once downloaded. Without network give `model` 'offline' (bundled, "
-            f"no download) or 'local:PATH' (a checkpoint you already have)"
+            f"no download), 'local:PATH' (a checkpoint you already have){same_kind}"
         )
 
 

@@ -197,6 +197,7 @@ def test_a_documented_pairing_offline_fails_at_once(fresh_home, monkeypatch):
         assert time.monotonic() - start < 2
         message = str(e.value)
         assert "\n" not in message and name in message and str(fresh_home / "models") in message
+        assert "'offline'" in message and "'multilingual:TEXT_FOLDER+IMAGE_MODEL'" in message
 
 
 def test_a_documented_pairing_loads_from_the_cache(fresh_home, monkeypatch, text_folder, tiny):
@@ -414,3 +415,87 @@ def test_an_activation_outside_torch_is_refused(text_folder, tiny_model_dir):
     path.write_text(json.dumps(json.loads(path.read_text()) | {"activation_function": "os.system"}))
     with pytest.raises(InvalidInputError, match=r"not a torch\.nn module"):
         load_model(f"multilingual:{folder}+local:{tiny_model_dir}", "cpu", "fp32")
+
+
+def test_a_dense_layer_without_a_saved_activation_is_tanh(text_folder, tiny_model_dir):
+    """sentence-transformers reads a Dense config without activation_function as Tanh."""
+    import shutil
+
+    folder = text_folder.parent / "no-activation"
+    shutil.copytree(text_folder, folder)
+    path = folder / "2_Dense" / "config.json"
+    cfg = json.loads(path.read_text())
+    del cfg["activation_function"]
+    path.write_text(json.dumps(cfg))
+    model = load_model(f"multilingual:{folder}+local:{tiny_model_dir}", "cpu", "fp32")
+    np.testing.assert_allclose(model.encode_texts(TEXTS), _reference(folder, TEXTS), atol=1e-5)
+
+
+def test_a_cached_snapshot_without_its_weights_is_fetched_again(
+    fresh_home, monkeypatch, text_folder
+):
+    """A download cut short leaves modules.json without weights: such a snapshot is not
+    the cache's answer (offline, the one-line error that it cannot be fetched)."""
+    import shutil
+
+    from huggingface_hub import constants
+
+    from cliplens.models.multilingual import hub_folder
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    name = "multilingual:clip-ViT-B-32-multilingual-v1"
+    for n, missing in enumerate(("model.safetensors", "2_Dense/model.safetensors", None)):
+        repo = f"test/partial-{n}"
+        cached = fresh_home / "models" / ("models--" + repo.replace("/", "--"))
+        commit = "0" * 40
+        (cached / "refs").mkdir(parents=True)
+        (cached / "refs" / "main").write_text(commit)
+        snapshot = shutil.copytree(text_folder, cached / "snapshots" / commit)
+        if missing is None:  # complete: the cache's answer
+            assert hub_folder(name, repo) == snapshot
+            continue
+        (snapshot / missing).unlink()
+        with pytest.raises(ModelUnavailableError, match="HF_HUB_OFFLINE"):
+            hub_folder(name, repo)
+
+
+def test_texts_from_several_threads(paired):
+    """Batches and token counts tokenize with different padding: from 6 threads at once,
+    each gets what it gets alone."""
+    import threading
+
+    texts = [f"ein Foto einer Katze {i} " * (i % 5 + 1) for i in range(32)]
+    want, counts = paired.encode_texts(texts), paired.token_counts(texts)
+    failures: list[str] = []
+
+    def work(k: int) -> None:
+        for _ in range(15):
+            try:
+                if k % 2:
+                    assert paired.token_counts(texts) == counts
+                else:
+                    np.testing.assert_allclose(paired.encode_texts(texts), want, atol=1e-5)
+            except Exception as e:  # any failure, reported below
+                failures.append(f"{type(e).__name__}: {e}")
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not failures, failures[:3]
+
+
+def test_loading_leaves_transformers_progress_bars_as_they_were(text_folder):
+    from transformers.utils import logging as hf_logging
+
+    from cliplens.models.multilingual import SentenceTower
+
+    was = hf_logging.is_progress_bar_enabled()
+    try:
+        for enabled in (True, False):
+            (hf_logging.enable_progress_bar if enabled else hf_logging.disable_progress_bar)()
+            SentenceTower("m", text_folder, torch.device("cpu"), Precision.FP32)
+            assert hf_logging.is_progress_bar_enabled() is enabled
+    finally:
+        (hf_logging.enable_progress_bar if was else hf_logging.disable_progress_bar)()

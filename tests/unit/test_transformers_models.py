@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import copy
 import io
+import json
 import math
 import shutil
 import socket
+import threading
 import time
 from pathlib import Path
 
@@ -296,7 +298,8 @@ def test_info_from_the_checkpoint(kind, loaded):
     assert pp.resize_mode == ("shortest" if kind == "clip" else "squash")
     assert pp.interpolation == ("bilinear" if kind == "siglip2" else "bicubic")
     assert pp.mean == ((0.48145466, 0.4578275, 0.40821073) if kind == "clip" else (0.5,) * 3)
-    assert [p.suffix for p in info.weights] == [".safetensors"]
+    assert info.weights[0].suffix == ".safetensors"
+    assert {"config.json", "processor_config.json"} <= {p.name for p in info.weights[1:]}
 
 
 def test_model_id_follows_the_weights(saved, loaded, tmp_path):
@@ -305,6 +308,135 @@ def test_model_id_follows_the_weights(saved, loaded, tmp_path):
     load = lambda f: cliplens.load_model(f"transformers:{f}", device="cpu", precision="fp32")  # noqa: E731
     assert load(same).info.model_id == loaded["clip"].info.model_id
     assert load(other).info.model_id != loaded["clip"].info.model_id
+
+
+def _edit_json(path: Path, edit) -> None:
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize(
+    "file, section, setting",
+    [
+        ("processor_config.json", "image_processor", {"image_mean": [0.5] * 3}),
+        ("processor_config.json", "image_processor", {"crop_size": {"height": 24, "width": 24}}),
+        ("config.json", "vision_config", {"layer_norm_eps": 0.1}),
+        ("config.json", "text_config", {"hidden_act": "gelu"}),
+        ("tokenizer_config.json", None, {"model_max_length": 8}),
+    ],
+)
+def test_model_id_follows_the_files_that_shape_vectors(
+    file, section, setting, saved, loaded, tmp_path
+):
+    """Beside the weights, the model's, processor's and tokenizer's settings decide the
+    vectors: an edited copy is another model, a moved one the same."""
+    moved = tmp_path / "moved"
+    shutil.move(shutil.copytree(saved["clip"], tmp_path / "copy"), moved)
+    edited = shutil.copytree(saved["clip"], tmp_path / "edited")
+    _edit_json(edited / file, lambda d: (d[section] if section else d).update(setting))
+    load = lambda f: cliplens.load_model(f"transformers:{f}", device="cpu", precision="fp32")  # noqa: E731
+    assert load(moved).info.model_id == loaded["clip"].info.model_id
+    assert load(edited).info.model_id != loaded["clip"].info.model_id
+
+
+def test_a_record_is_not_used_once_a_processor_setting_changes(saved, tmp_path, fresh_home):
+    from cliplens.models.ref import ModelRef, recorded_info
+
+    folder = shutil.copytree(saved["clip"], tmp_path / "m")
+    name = f"transformers:{folder}"
+    first = ModelRef(name, device="cpu", precision="fp32")
+    first.load()
+    assert recorded_info(first.name) is not None
+    _edit_json(
+        folder / "processor_config.json", lambda d: d["image_processor"].update(image_std=[0.5] * 3)
+    )
+    assert recorded_info(first.name) is None  # loaded again, not read from the record
+    again = ModelRef(name, device="cpu", precision="fp32")
+    assert again.info.preprocessing.std == (0.5,) * 3
+    assert again.info.model_id != first.info.model_id
+
+
+def test_siglip_scores_are_read_in_fp32_under_bf16(tmp_path):
+    """A logit_scale of 117.33 is 115.5 in bf16 and a bias of -12.93 is -12.9375, which
+    moves sigmoid scores near 0.5: both come from the checkpoint, unrounded."""
+    folder = make_siglip(tmp_path / "siglip")
+    model = transformers.AutoModel.from_pretrained(str(folder))
+    with torch.no_grad():
+        model.logit_scale.fill_(math.log(117.33))
+        model.logit_bias.fill_(-12.93)
+    model.save_pretrained(folder)
+    for precision in ("fp32", "bf16"):
+        info = cliplens.load_model(f"transformers:{folder}", device="cpu", precision=precision).info
+        assert info.logit_scale == pytest.approx(117.33, rel=1e-6), precision
+        assert info.logit_bias == pytest.approx(-12.93, abs=1e-6), precision
+
+
+def test_open_clip_scores_are_read_in_fp32_under_bf16(tiny_model_dir, tiny):
+    """The open_clip backend too: the tiny model's scale, 1/0.07 = 14.29, is 14.25 in bf16."""
+    model = cliplens.load_model(f"local:{tiny_model_dir}", device="cpu", precision="bf16")
+    assert model.info.logit_scale == pytest.approx(1 / 0.07, rel=1e-5)
+    assert model.info.logit_scale == pytest.approx(tiny.info.logit_scale, rel=1e-6)
+
+
+def test_a_checkpoint_missing_weights_is_refused(saved, tmp_path):
+    """A safetensors without the text tower would load with random text weights."""
+    from safetensors.torch import load_file, save_file
+
+    folder = shutil.copytree(saved["clip"], tmp_path / "partial")
+    state = load_file(str(folder / "model.safetensors"))
+    kept = {k: v for k, v in state.items() if not k.startswith("text_model.")}
+    save_file(kept, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(InvalidInputError) as err:
+        cliplens.load_model(f"transformers:{folder}", device="cpu", precision="fp32")
+    msg = str(err.value)
+    n = len(state) - len(kept)
+    assert str(folder) in msg and f"lacks {n} " in msg and "text_model." in msg
+    assert "\n" not in msg
+
+
+def test_height_and_width_are_squashed_before_the_crop(tmp_path):
+    """CLIPImageProcessor with a height x width size squashes to it, then crops: an odd
+    photo gets the processor's own pixels (the Pillow processor, resampled as cliplens)."""
+    saved_to = tmp_path / "processor"
+    transformers.CLIPImageProcessor(
+        size={"height": 32, "width": 32}, crop_size={"height": 32, "width": 32}
+    ).save_pretrained(saved_to)
+    image = transformers.AutoImageProcessor.from_pretrained(str(saved_to), use_fast=False)
+    pp, _ = preprocessing_of("m", image.to_dict())
+    rng = np.random.default_rng(0)
+    photo = Image.fromarray(rng.integers(0, 256, (45, 37, 3), dtype=np.uint8))  # 37x45
+    want = image(images=[photo], return_tensors="pt")["pixel_values"][0].numpy()
+    assert np.abs(pp(photo) - want).max() <= 1e-5
+    # a squash and then a smaller crop is not a preprocessing cliplens has
+    with pytest.raises(InvalidInputError, match="crop_size equal to size"):
+        preprocessing_of("m", image.to_dict() | {"crop_size": {"height": 24, "width": 24}})
+
+
+def test_texts_from_several_threads(loaded):
+    """Batches and token counts tokenize with different padding: from 6 threads at once,
+    each gets what it gets alone."""
+    encoder = loaded["clip"]
+    texts = [f"a photo of a cat number {i} " * (i % 9 + 1) for i in range(32)]
+    want, counts = encoder.encode_texts(texts), encoder.token_counts(texts)
+    failures: list[str] = []
+
+    def work(k: int) -> None:
+        for _ in range(15):
+            try:
+                if k % 2:
+                    assert encoder.token_counts(texts) == counts
+                else:
+                    assert np.abs(encoder.encode_texts(texts) - want).max() <= 1e-5
+            except Exception as e:  # any failure, reported below
+                failures.append(f"{type(e).__name__}: {e}")
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not failures, failures[:3]
 
 
 def test_preprocessing_of_processor_settings():
@@ -372,6 +504,8 @@ def test_hub_name_without_network_fails_at_once(monkeypatch):
     cache = cliplens.settings.get_settings().model_cache
     assert name in msg and str(cache) in msg and "cannot resolve" in msg
     assert "\n" not in msg
+    # the alternatives that need no network: the bundled model, or files already here
+    assert all(f"'{alt}" in msg for alt in ("offline", "local:PATH", "transformers:FOLDER"))
 
 
 def test_hub_offline_flag_fails_at_once(monkeypatch):

@@ -8,19 +8,24 @@ format (config.json + model.safetensors + a processor), not open_clip's. Any mod
 What cliplens takes from the checkpoint, so that its vectors are transformers' own:
 
 - pixels: the image processor's size, crop, resampling filter, mean and std become a
-  `Preprocessing` (a centre crop after resizing the short side where the processor
-  crops, as CLIPImageProcessor does; a squash to the square otherwise, as
-  SiglipImageProcessor does). cliplens resizes with Pillow, transformers' default
-  processors with torchvision, so photos that must be resized differ by resampling
-  rounding (vectors within about 1e-4); photos already at the model's size give the
-  processor's input.
+  `Preprocessing` (a centre crop after resizing the short side where the processor's
+  size is a shortest_edge, as CLIPImageProcessor does; a squash to height x width where
+  it is a height and width, as CLIPImageProcessor and SiglipImageProcessor do).
+  cliplens resizes with Pillow, transformers' default processors with torchvision, so
+  photos that must be resized differ by resampling rounding (vectors within about
+  1e-4); photos already at the model's size give the processor's input.
 - texts: the processor's tokenizer, padded the way the model was trained. SigLIP's text
   tower pools the last position, so it is padded to its full context (64 tokens,
   `padding="max_length"`, which Siglip2Processor does by default and SigLIP's model card
   asks for); CLIP's pools its end-of-text token, so padding to the longest text in a
   batch gives the same vectors for less work.
-- scores: `logit_scale` and, for SigLIP, `logit_bias`, so `classify` with `multi_label`
-  gives sigmoid probabilities (tasks/classify.py).
+- scores: `logit_scale` and, for SigLIP, `logit_bias`, read from the checkpoint's own
+  tensors (not the model cast to bf16 or fp16), so `classify` with `multi_label` gives
+  sigmoid probabilities (tasks/classify.py).
+
+Identity: the model_id is a digest of the weights and of the files that shape the
+vectors beside them (`SHAPING_FILES`: the model's config, the processor's and the
+tokenizer's), by content, so a moved folder keeps its id and an edited one gets another.
 
 SigLIP 2's NaFlex models (Siglip2Model) take patches, not images: pixel_values
 (B, N, 3*P*P), pixel_attention_mask and spatial_shapes. Siglip2ImageProcessor resizes
@@ -39,7 +44,8 @@ import contextlib
 import copy
 import json
 import math
-from collections.abc import Iterator
+import threading
+from collections.abc import Iterable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -72,6 +78,22 @@ _RESAMPLE: dict[int, Interpolation] = {
     5: "bilinear",
 }
 _TEXT_INPUTS = ("input_ids", "attention_mask", "position_ids")
+# beside the weights, the files that decide what a vector is (the architecture's settings,
+# the pixels, the tokens); sentencepiece models (*.model) count too (`shaping_files`)
+SHAPING_FILES = (
+    "config.json",
+    "preprocessor_config.json",
+    "processor_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+)
+# the scores' parameters, read in fp32 from the checkpoint (`_checkpoint_scalars`)
+_SCORE_PARAMS = ("logit_scale", "logit_bias")
 
 
 def _features(out: Any) -> torch.Tensor:
@@ -146,6 +168,9 @@ class TransformersEncoder(TorchEncoder):
         self.model, self.tokenizer, self.info = model, tokenizer, info
         self._tower = tower  # None: get_image_features on the pixels as they are
         self._text_kwargs = text_kwargs
+        # a fast tokenizer keeps its padding and truncation settings in shared state, set
+        # anew by a call with other settings: one call at a time (copies share the lock)
+        self._tokenizer_lock = threading.Lock()
         self._device = torch.device(info.device)
         self._dtype = info.precision.dtype
 
@@ -156,17 +181,21 @@ class TransformersEncoder(TorchEncoder):
         return _features(self.model.get_image_features(pixel_values=pixels))
 
     def _tokens(self, texts: list[str]) -> dict[str, torch.Tensor]:
-        batch = self.tokenizer(list(texts), return_tensors="pt", **self._text_kwargs)
+        with self._tokenizer_lock:
+            batch = self.tokenizer(list(texts), return_tensors="pt", **self._text_kwargs)
         return {k: batch[k].to(self._device) for k in _TEXT_INPUTS if k in batch}
+
+    def _ids(self, texts: list[str]) -> list[list[int]]:
+        """The token ids the tower sees, unpadded and cut at the context."""
+        length = self._text_kwargs["max_length"]
+        with self._tokenizer_lock:
+            return self.tokenizer(list(texts), truncation=True, max_length=length)["input_ids"]
 
     def _encode_text_batch(self, texts: list[str]) -> torch.Tensor:
         return _features(self.model.get_text_features(**self._tokens(texts)))
 
     def token_counts(self, texts: list[str]) -> list[int] | None:
-        ids = self.tokenizer(
-            list(texts), truncation=True, max_length=self._text_kwargs["max_length"]
-        )["input_ids"]
-        return [len(row) for row in ids]
+        return [len(row) for row in self._ids(texts)]
 
     def image_tower(self) -> torch.nn.Module:
         if self._tower is None:
@@ -197,16 +226,13 @@ class TransformersEncoder(TorchEncoder):
         tok = Tokenizer.from_str(backend.to_str())
         tok.enable_truncation(max_length=length)
         tok.enable_padding(pad_id=self.tokenizer.pad_token_id, pad_token=self.tokenizer.pad_token)
-        hf = self.tokenizer
         return TextGraph(
             module=_TextTower(self.model).eval(),
             tokenizer=tok,
             cleaner="none",
             with_mask=True,
             any_length=True,
-            token_ids=lambda texts: hf(list(texts), truncation=True, max_length=length)[
-                "input_ids"
-            ],
+            token_ids=self._ids,
         )
 
 
@@ -219,6 +245,37 @@ def _weights(folder: Path) -> tuple[Path, ...]:
 
 def _complete(folder: Path) -> bool:
     return (folder / "config.json").is_file() and bool(_weights(folder))
+
+
+def shaping_files(
+    folder: Path, names: Iterable[str] = SHAPING_FILES, patterns: Iterable[str] = ("*.model",)
+) -> tuple[Path, ...]:
+    """The files in `folder` named in `names` or matching `patterns` (by default its
+    sentencepiece models), those that exist, each once."""
+    found = [folder / n for n in names if (folder / n).is_file()]
+    found += [p for pattern in patterns for p in sorted(folder.glob(pattern)) if p.is_file()]
+    return tuple(dict.fromkeys(found))
+
+
+def _checkpoint_scalars(weights: Iterable[Path], names: Iterable[str]) -> dict[str, float]:
+    """The one-number parameters `names` as the weight files hold them, in fp32 (a model
+    loaded in bf16 holds them rounded: a logit_scale of 117.33 as 115.5)."""
+    from safetensors import safe_open
+
+    wanted = tuple(names)
+    out: dict[str, float] = {}
+    for path in weights:
+        try:
+            if path.suffix == ".safetensors":
+                with safe_open(str(path), framework="pt") as f:
+                    keys = set(f.keys())
+                    out |= {n: float(f.get_tensor(n).float().item()) for n in wanted if n in keys}
+            else:
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                out |= {n: float(state[n].float().item()) for n in wanted if n in state}
+        except Exception:  # unreadable here: the loaded model's values stand in
+            continue
+    return out
 
 
 def _snapshot(name: str, repo: str) -> Path:
@@ -299,7 +356,7 @@ def _config(name: str, folder: Path) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def _no_progress_bars() -> Iterator[None]:
+def no_progress_bars() -> Iterator[None]:
     """transformers draws a bar per weight file it loads; cliplens reports its own
     progress, and a one-shot command's output should not carry them."""
     from transformers.utils import logging
@@ -318,12 +375,22 @@ def _build(name: str, folder: Path, precision: Precision) -> tuple[Any, Any, Any
     import transformers
 
     try:
-        with _no_progress_bars():
-            model = transformers.AutoModel.from_pretrained(str(folder), dtype=precision.dtype)
+        with no_progress_bars():
+            model, loading = transformers.AutoModel.from_pretrained(
+                str(folder), dtype=precision.dtype, output_loading_info=True
+            )
     except Exception as e:  # unknown model type, weights that do not fit...
         raise ModelError(
             f"model '{name}': transformers could not build it ({_short_reason(e)})"
         ) from e
+    # transformers leaves out of this what a model may lack (its buffers, tied weights)
+    missing = sorted(loading.get("missing_keys") or ())
+    if missing:
+        shown = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
+        raise InvalidInputError(
+            f"model '{name}': {folder} lacks {len(missing)} of the model's weights ({shown}), "
+            f"which would be random; save the whole model there with save_pretrained"
+        )
     if not all(
         callable(getattr(model, f, None)) for f in ("get_image_features", "get_text_features")
     ):
@@ -413,11 +480,21 @@ def preprocessing_of(name: str, cfg: dict[str, Any]) -> tuple[Preprocessing, int
         patch = int(cfg["patch_size"])
         side = math.isqrt(int(cfg["max_num_patches"])) * patch
         return Preprocessing(side, side, mean, std, interpolation, "squash"), patch
-    resize = _side(name, cfg.get("size"), "size")
+    size = cfg.get("size")
+    resize = _side(name, size, "size")
+    squashed = isinstance(size, dict) and "shortest_edge" not in size  # height x width
     if cfg.get("do_center_crop"):
         crop = _side(name, cfg.get("crop_size") or resize, "crop_size")
-        return Preprocessing(crop, resize, mean, std, interpolation, "shortest"), None
-    if "shortest_edge" in dict(cfg.get("size") or {}):  # no crop: read as a centre crop
+        if not squashed:
+            return Preprocessing(crop, resize, mean, std, interpolation, "shortest"), None
+        if crop != resize:  # a squash, then a crop of part of it
+            raise InvalidInputError(
+                f"model '{name}': its image processor squashes images to {resize}x{resize} "
+                f"and then crops {crop}x{crop}; cliplens squashes only to the crop itself, "
+                f"so save the processor with crop_size equal to size"
+            )
+        return Preprocessing(resize, resize, mean, std, interpolation, "squash"), None
+    if not squashed:  # a short side without a crop: read as a centre crop
         return Preprocessing(resize, resize, mean, std, interpolation, "shortest"), None
     return Preprocessing(resize, resize, mean, std, interpolation, "squash"), None
 
@@ -460,19 +537,22 @@ def load_transformers(
     preprocessing, patch = preprocessing_of(name, cfg)
     tower = _tower(model, patch, cfg)
     model_type = str(config["model_type"])
-    scale = getattr(model, "logit_scale", None)
-    logit_bias = getattr(model, "logit_bias", None)
+    present = [n for n in _SCORE_PARAMS if getattr(model, n, None) is not None]
+    scores = {n: float(getattr(model, n).float().item()) for n in present}
+    scores |= _checkpoint_scalars(weights, present)
     kwargs = _text_kwargs(model, processor)
+    # what the identity is a digest of, and what ModelRef's records check
+    files = (*weights, *shaping_files(folder))
     info = ModelInfo(
         name=name,
-        model_id=f"transformers:{model_type}@{combined_digest(weights)}",
+        model_id=f"transformers:{model_type}@{combined_digest(files)}",
         arch=f"transformers:{model_type}",
         dim=0,
         preprocessing=preprocessing,
-        logit_scale=float(scale.exp().item()) if scale is not None else 100.0,
-        logit_bias=float(logit_bias.item()) if logit_bias is not None else None,
+        logit_scale=math.exp(scores["logit_scale"]) if "logit_scale" in scores else 100.0,
+        logit_bias=scores.get("logit_bias"),
         context_length=kwargs["max_length"],
-        weights=weights,
+        weights=files,
         n_params=sum(p.numel() for p in model.parameters()),
         device=str(device),
         precision=precision,

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -45,6 +46,7 @@ import torch
 
 from cliplens.device import Precision
 from cliplens.errors import InvalidInputError, ModelUnavailableError, UnknownModelError
+from cliplens.models.hf_transformers import no_progress_bars, shaping_files
 from cliplens.models.info import ModelInfo
 from cliplens.models.onnx_text import TextGraph
 from cliplens.models.torch_encoder import TorchEncoder
@@ -175,7 +177,19 @@ def _cached_snapshot(repo: str, cache: Path) -> Path | None:
         folder = Path(snapshot_download(repo, cache_dir=str(cache), local_files_only=True))
     except Exception:  # not cached (the hub client's own LocalEntryNotFoundError and kin)
         return None
-    return folder if (folder / "modules.json").is_file() else None
+    return folder if _complete(folder) else None
+
+
+def _complete(folder: Path) -> bool:
+    """Whether a snapshot holds what loading it reads: modules.json, and the weights of
+    its Transformer and of each Dense layer (a download cut short lacks some)."""
+    try:
+        modules = json.loads((folder / "modules.json").read_text())
+        kinds = [(str(m.get("type", "")).rpartition(".")[2], m.get("path", "")) for m in modules]
+    except (OSError, ValueError, TypeError, AttributeError):
+        return False
+    needs = [folder / path for kind, path in kinds if kind in ("Transformer", "Dense")]
+    return bool(needs) and all(any((d / fn).is_file() for fn in WEIGHT_FILES) for d in needs)
 
 
 def _wanted(files: list[str]) -> list[str]:
@@ -304,7 +318,11 @@ def _dense(name: str, folder: Path) -> tuple[torch.nn.Module, Path]:
         raise InvalidInputError(
             f"model '{name}': {weights} does not fit {folder}/config.json"
         ) from e
-    return torch.nn.Sequential(linear, _activation(name, cfg.get("activation_function"))), weights
+    if "activation_function" in cfg:
+        activation = _activation(name, cfg["activation_function"])
+    else:  # none saved: sentence-transformers' default
+        activation = torch.nn.Tanh()
+    return torch.nn.Sequential(linear, activation), weights
 
 
 class _PooledDense(torch.nn.Module):
@@ -331,9 +349,7 @@ class SentenceTower:
     def __init__(self, name: str, folder: Path, device: torch.device, precision: Precision) -> None:
         from tokenizers import normalizers
         from transformers import AutoModel, AutoTokenizer
-        from transformers.utils import logging as hf_logging
 
-        hf_logging.disable_progress_bar()
         modules = _modules(name, folder)
         root = modules[0][1]
         _check_pooling(name, modules[1][1])
@@ -341,8 +357,9 @@ class SentenceTower:
         sbert = root / "sentence_bert_config.json"
         cfg = _read_json(name, sbert) if sbert.is_file() else {}
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(str(root))
-            model = AutoModel.from_pretrained(str(root))
+            with no_progress_bars():
+                self.tokenizer = AutoTokenizer.from_pretrained(str(root))
+                model = AutoModel.from_pretrained(str(root))
         except (OSError, ValueError) as e:
             raise InvalidInputError(f"model '{name}': transformers cannot load {root} ({e})") from e
         if cfg.get("do_lower_case") and self.tokenizer.is_fast:  # as sentence-transformers does
@@ -360,19 +377,30 @@ class SentenceTower:
         out = [m for layer, _ in layers for m in layer.modules() if isinstance(m, torch.nn.Linear)]
         self.dim = out[-1].out_features if out else int(model.config.hidden_size)
         folders = dict.fromkeys([folder, *(path for _, path in modules)])
-        shaping = [d / f for d in folders for f in SHAPING_FILES if (d / f).is_file()]
+        shaping = [f for d in folders for f in shaping_files(d, SHAPING_FILES, patterns=())]
         # what the identity is a digest of, and what ModelRef's records check
         self.files = (_weights_in(name, root), *(w for _, w in layers), *shaping)
         self.n_params = sum(p.numel() for p in self.module.parameters())
+        # a fast tokenizer keeps its padding and truncation settings in shared state, set
+        # anew by a call with other settings: one call at a time
+        self._tokenizer_lock = threading.Lock()
 
     def ids(self, texts: list[str]) -> list[list[int]]:
         """The token ids the tower sees, unpadded and cut at `max_length`."""
-        return self.tokenizer(list(texts), truncation=True, max_length=self.max_length)["input_ids"]
+        with self._tokenizer_lock:
+            batch = self.tokenizer(list(texts), truncation=True, max_length=self.max_length)
+        return batch["input_ids"]
 
     def __call__(self, texts: list[str]) -> torch.Tensor:
-        batch = self.tokenizer(
-            texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
-        ).to(self.device)
+        with self._tokenizer_lock:
+            batch = self.tokenizer(
+                list(texts),
+                padding=True,
+                truncation=True,
+                max_length=self.max_length,
+                return_tensors="pt",
+            )
+        batch = batch.to(self.device)
         return self.module(batch["input_ids"], batch["attention_mask"])
 
 

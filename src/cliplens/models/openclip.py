@@ -107,12 +107,15 @@ class OpenClipEncoder(TorchEncoder):
         weights: tuple[Path, ...] = (),
     ) -> OpenClipEncoder:
         """Wrap an open_clip model (already built) as an Encoder on a device and precision."""
+        # the scores' parameters before the cast: bf16 would round a scale of 117.33 to 115.5
+        logit_scale = float(model.logit_scale.float().exp().item())
+        bias = getattr(model, "logit_bias", None)
+        logit_bias = float(bias.float().item()) if bias is not None else None
         model = model.to(device=device, dtype=precision.dtype).eval()
         model.requires_grad_(False)
         pp = dict(model.visual.preprocess_cfg)
         size = pp.get("size", 224)
         size = size if isinstance(size, int) else int(size[0])
-        logit_bias = getattr(model, "logit_bias", None)
         info = ModelInfo(
             name=name,
             model_id=model_id,
@@ -126,8 +129,8 @@ class OpenClipEncoder(TorchEncoder):
                 interpolation=pp.get("interpolation", "bicubic"),
                 resize_mode=pp.get("resize_mode", "shortest"),
             ),
-            logit_scale=float(model.logit_scale.exp().item()),
-            logit_bias=float(logit_bias.item()) if logit_bias is not None else None,
+            logit_scale=logit_scale,
+            logit_bias=logit_bias,
             context_length=getattr(model, "context_length", None),
             weights=weights,
             n_params=sum(p.numel() for p in model.parameters()),
