@@ -171,18 +171,34 @@ def frame_at(path: str, seconds: float, max_side: int) -> Image.Image:
         start = float(stream.start_time or 0) * float(stream.time_base or 0)
         try:
             container.seek(int((start + target) / stream.time_base), stream=stream)
+            found = _shown_at(path, container, stream, target)
         except av.error.FFmpegError:
-            container.seek(0)
-        found = None
-        for t, frame in _frames(path, container, stream):
-            if found is not None and t > target + 1e-3:
-                break
-            found = frame
+            found = None
+        if found is None:  # a seek that lands past the moment or after every key frame
+            container.seek(0)  # (MPEG-TS, MPEG-PS): read from the start
+            found = _shown_at(path, container, stream, target, from_start=True)
         if found is None:
             raise VideoError(path, f"no frame at {seconds:.1f} s")
         image = _upright(found, None)
     image.thumbnail((max_side, max_side))
     return image
+
+
+def _shown_at(
+    path: str, container: Any, stream: Any, target: float, from_start: bool = False
+) -> Any | None:
+    """The last frame decoded at or before `target` seconds, from where the container
+    stands; None if none decodes, or (after a seek, not `from_start`) if the first comes
+    later. From the start, the first frame stands for times before it."""
+    found = None
+    for t, frame in _frames(path, container, stream):
+        if t > target + 1e-3:
+            if found is None and not from_start:
+                return None
+            if found is not None:
+                break
+        found = frame
+    return found
 
 
 class _Picker:

@@ -303,6 +303,41 @@ def test_the_served_type_is_the_content_s(client, media, ids):
     assert photo.headers["content-type"] == "image/jpeg"
 
 
+def test_every_container_the_indexer_reads_gets_thumbnails_and_is_served(tmp_path, offline):
+    """Camcorders' MPEG-TS (.mts as TS, .m2ts with its time codes), MPEG-PS, ASF and Ogg:
+    indexed like the rest, so their results must have a frame at a moment (they had been
+    refused as no served container) and their bytes, typed by their content."""
+    from skimage import data
+
+    import cliplens
+
+    folder = tmp_path / "camcorder"
+    folder.mkdir()
+    made = {
+        "a.mts": ("libx264", "video/mp2t"),
+        "b.m2ts": ("libx264", "video/mp2t"),
+        "c.mpg": ("mpeg2video", "video/mpeg"),
+        "d.wmv": ("wmv2", "video/x-ms-asf"),
+        "e.ogv": ("libvpx", "video/ogg"),
+    }
+    for name, (codec, _) in made.items():
+        make_video(folder / name, [(data.chelsea(), 1.0), (data.rocket(), 1.0)], codec=codec)
+    db = tmp_path / "c.db"
+    with cliplens.open_catalog(db) as cat:
+        sampling = cliplens.VideoSampling(min_gap=0.5, max_gap=2)
+        stats = cliplens.update_catalog(cat, offline, [folder], video=sampling, workers=0)
+        assert (stats.videos, stats.failed) == (5, 0)
+        ids = {Path(p).name: r.id for p, r in cat.files_under([folder]).items()}
+    with TestClient(create_app(ServerSettings(model="offline", db=db))) as c:
+        for name, (_, content_type) in made.items():
+            thumb = c.get(f"/v1/thumbs/{ids[name]}", params={"t": 1.5, "size": 48})
+            assert thumb.status_code == 200, (name, thumb.text)
+            assert max(Image.open(io.BytesIO(thumb.content)).size) == 48
+            whole = c.get(f"/v1/images/{ids[name]}", headers={"Range": "bytes=0-99"})
+            assert whole.status_code == 206 and whole.headers["content-type"] == content_type
+            assert whole.content == (folder / name).read_bytes()[:100]
+
+
 @pytest.mark.parametrize("name", ["text", "playlist"])
 def test_a_video_that_is_not_one_is_refused(client, ids, name):
     for route in ("images", "thumbs"):
@@ -335,7 +370,13 @@ def _ebml(doc_type: bytes | None) -> bytes:
         (b"RIFF\x10\x00\x00\x00WAVEfmt ", None),
         (b"#EXTM3U\n#EXTINF:4,\n", None),
         (b"<!doctype html>", None),
-        (b"\x00\x00\x01\xba", None),
+        (b"\x00\x00\x01\xba\x44\x00", "video/mpeg"),  # an MPEG-PS pack header
+        (b"\x00\x00\x01\xb3", None),  # a bare MPEG video stream: no container
+        (bytes.fromhex("3026b2758e66cf11a6d900aa0062ce6c") + b"\x00" * 8, "video/x-ms-asf"),
+        (b"OggS\x00\x02", "video/ogg"),
+        ((b"G" + b"\x00" * 187) * 3, "video/mp2t"),  # three 188-byte packets
+        ((b"\x00" * 4 + b"G" + b"\x00" * 187) * 3, "video/mp2t"),  # M2TS: 192 bytes each
+        ((b"G" + b"\x00" * 187) * 2, None),  # two packets are not enough to tell
     ],
 )
 def test_video_containers_by_their_first_bytes(head, expected):

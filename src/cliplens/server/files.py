@@ -53,8 +53,10 @@ SERVED: dict[str, str] = {
     "JPEG2000": "image/jp2",
     "PPM": "image/x-portable-anymap",
 }
-# the video containers served: a browser plays MP4 and WebM (and what it can of the rest)
-VIDEOS_SERVED = ("MP4", "QuickTime", "WebM", "Matroska", "AVI")
+# the video containers served: a browser plays MP4 and WebM (and what it can of the rest);
+# the others are there for thumbnails (camcorders' MPEG-TS, DVDs' MPEG-PS, Windows' ASF)
+VIDEOS_SERVED = ("MP4", "QuickTime", "WebM", "Matroska", "AVI", "MPEG-TS", "MPEG-PS", "ASF", "Ogg")
+_ASF_GUID = bytes.fromhex("3026b2758e66cf11a6d900aa0062ce6c")
 # ISO BMFF brands of still images (HEIF, AVIF): an `ftyp` box that is no video
 _IMAGE_BRANDS = frozenset(
     b"mif1 msf1 heic heix heim heis hevc hevx avif avis avci jpeg".split()  # 4 bytes each
@@ -155,7 +157,9 @@ def served_video_type(photo: PhotoFile) -> str:
 def video_type(head: bytes) -> str | None:
     """The Content-Type of the video container `head` (a file's first bytes) starts, or
     None: ISO BMFF (an `ftyp` box first; brand `qt  ` is QuickTime, still-image brands are
-    none), EBML by its DocType (WebM, else Matroska, its default), RIFF AVI."""
+    none), EBML by its DocType (WebM, else Matroska, its default), RIFF AVI, MPEG-TS (a
+    sync byte every 188 bytes, or every 192 in a camcorder's M2TS), an MPEG-PS pack
+    header, ASF's header object, an Ogg page."""
     if head[4:8] == b"ftyp":
         brand = head[8:12]
         if len(brand) < 4 or brand in _IMAGE_BRANDS:
@@ -168,6 +172,16 @@ def video_type(head: bytes) -> str | None:
         return "video/x-matroska" if doc in (None, "matroska") else None
     if head[:4] == b"RIFF" and head[8:12] == b"AVI ":
         return "video/x-msvideo"
+    for first, packet in ((0, 188), (4, 192)):  # TS, and M2TS's 4-byte time codes
+        syncs = head[first : first + 3 * packet : packet]
+        if len(syncs) == 3 and syncs == b"GGG":  # 0x47, three packets running
+            return "video/mp2t"
+    if head[:4] == b"\x00\x00\x01\xba":
+        return "video/mpeg"
+    if head[:16] == _ASF_GUID:
+        return "video/x-ms-asf"
+    if head[:4] == b"OggS":
+        return "video/ogg"
     return None
 
 
