@@ -135,6 +135,7 @@ def read_moments(
     """The video's moments, cropped for the model: chosen by `sampling`, or (`at_ms`) the
     frames at those times, as a video already sampled for another model is read again.
     VideoError when it cannot be read whole."""
+    av = require_av()
     sampling = sampling or VideoSampling()
     times: list[int] = []
     crops: list[np.ndarray] = []
@@ -148,9 +149,14 @@ def read_moments(
         last_t = 0.0
         for t, frame in _frames(path, container, stream):
             last_t = t
-            if pick(t, frame):
+            try:  # FFmpeg's scaler on a frame it cannot convert (an odd pixel format)
+                crop = prep.crop(_upright(frame, prep.resize_size)) if pick(t, frame) else None
+            except av.error.FFmpegError as e:
+                why = f"its frame at {t:.1f} s cannot be converted: {_why(e)}"
+                raise VideoError(path, why) from None
+            if crop is not None:
                 times.append(round(t * 1000))
-                crops.append(prep.crop(_upright(frame, prep.resize_size)))
+                crops.append(crop)
                 if at_ms is None and len(times) >= sampling.max_frames:
                     break
                 if at_ms is not None and not pick.wanted:  # every stored time read

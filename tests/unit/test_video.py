@@ -163,6 +163,21 @@ def test_a_codec_this_ffmpeg_cannot_decode_is_a_video_error(tmp_path):
         frame_at(str(unknown), 0.0, 64)
 
 
+def test_a_frame_ffmpeg_cannot_convert_is_a_video_error(tmp_path, monkeypatch):
+    import av
+
+    import cliplens.video
+
+    clip = make_video(tmp_path / "clip.mp4", [(CAT, 1.0)])
+
+    def refused(frame, short_side):
+        raise av.error.FFmpegError(22, "Invalid argument")
+
+    monkeypatch.setattr(cliplens.video, "_upright", refused)
+    with pytest.raises(VideoError, match=r"its frame at 0\.0 s cannot be converted: invalid arg"):
+        read_moments(str(clip), PREP)
+
+
 def test_sampling_refuses_gaps_that_cannot_work():
     with pytest.raises(InvalidInputError, match="`min_gap` <= `max_gap`"):
         VideoSampling(min_gap=3, max_gap=2)
