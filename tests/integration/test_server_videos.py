@@ -175,6 +175,23 @@ def looks(offline):
     return catness
 
 
+def test_clip_retrieval_shows_a_video_at_the_moment_found(settings, looks):
+    """clip-front's thumbnails of a video result are its frame at the moment the query
+    found (the rocket's, 4 s in), not its first frame (the cat's)."""
+    import base64
+    import json
+    from dataclasses import replace
+
+    body = {"text": "a rocket", "modality": "image", "num_images": 10, "num_result_ids": 10}
+    with TestClient(create_app(replace(settings, clip_retrieval=True))) as c:
+        r = c.post("/knn-service", content=json.dumps(body), headers={"Content-Type": "text/plain"})
+    assert r.status_code == 200, r.text
+    videos = [row for row in r.json() if row["image_path"].endswith((".mp4", ".webm"))]
+    assert len(videos) == 2
+    for row in videos:
+        assert looks(base64.b64decode(row["image"])) < 0, row["image_path"]  # the rocket
+
+
 @pytest.mark.parametrize(("t", "cat"), [("1", True), ("5", False), ("0.5", True), ("7.5", False)])
 def test_a_video_thumbnail_is_its_frame_at_t(client, ids, looks, t, cat):
     r = client.get(f"/v1/thumbs/{ids['mp4']}", params={"t": t, "size": 128})

@@ -334,15 +334,16 @@ def flagged(moderator: Moderator, vectors: np.ndarray) -> tuple[np.ndarray, np.n
 
 
 def _metadata(svc: Service, hit: Hit, base: str, thumbnail: bool = True) -> dict[str, Any]:
-    """A result's metadata as clip-retrieval gives it: its path, a thumbnail, and a URL
-    to the photo where a client can fetch it without a token."""
+    """A result's metadata as clip-retrieval gives it: its path, a thumbnail (a video's:
+    its frame at the moment found), and a URL to the photo where a client can fetch it
+    without a token."""
     meta: dict[str, Any] = {"image_path": readable(hit.path)}
     if svc.settings.token is None:
         meta["url"] = f"{base}/v1/images/{hit.id}"
     if not thumbnail:
         return meta
     try:
-        data = thumbnail_bytes(svc, int(hit.id or 0), THUMB_SIDE)
+        data = thumbnail_bytes(svc, int(hit.id or 0), THUMB_SIDE, hit.time)  # a video's moment
     except (ApiError, ClipLensError, OSError):
         return meta  # a photo gone or not served: its row stays, without an image
     meta["image"] = base64.b64encode(data).decode("ascii")
