@@ -176,6 +176,38 @@ def test_hub_model_without_network(monkeypatch):
         load_model("hf-hub:laion/CLIP-ViT-B-32-laion2B-s34B-b79K")
 
 
+def test_behind_a_proxy_only_the_proxy_must_resolve(monkeypatch, tmp_path):
+    """Where HTTPS_PROXY reaches the hub (and the hub's name does not resolve here, as on
+    many company networks), the check asks only for the proxy; NO_PROXY is honoured."""
+    import socket
+
+    from huggingface_hub import constants
+
+    from cliplens.models.hub import check_reachable
+
+    def only(*names: str):
+        def resolve(host, *args, **kwargs):
+            if host in names:
+                return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("10.0.0.8", 443))]
+            raise socket.gaierror(-2, "Name or service not known")
+
+        return resolve
+
+    for var in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.test:3128")
+    monkeypatch.setattr(socket, "getaddrinfo", only("proxy.test"))
+    check_reachable("ViT-B-32:openai", tmp_path)  # the proxy resolves: go on to download
+    monkeypatch.setattr(socket, "getaddrinfo", only())
+    with pytest.raises(ModelUnavailableError, match=r"cannot resolve the proxy proxy\.test"):
+        check_reachable("ViT-B-32:openai", tmp_path)
+    monkeypatch.setenv("NO_PROXY", "huggingface.co")  # the hub is reached directly
+    monkeypatch.setattr(socket, "getaddrinfo", only("proxy.test"))
+    with pytest.raises(ModelUnavailableError, match=r"cannot resolve huggingface\.co"):
+        check_reachable("ViT-B-32:openai", tmp_path)
+
+
 def test_cached_weights_are_used_without_network(monkeypatch):
     """A tag whose weights are in the cache loads with the network gone."""
     import socket
