@@ -22,6 +22,46 @@ def run_json(capsys, argv: list[str]):
     return json.loads(captured.out)
 
 
+def run_cli(capsys, *args) -> tuple[int, str, str]:
+    """`cliplens ARGS` in this process: (exit code, stdout, stderr)."""
+    code = main([str(a) for a in args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def cli_json(capsys, *args):
+    """`run_json` with the arguments as they come (paths included)."""
+    return run_json(capsys, [str(a) for a in args])
+
+
+def texts_from_threads(encoder, texts: list[str], threads: int = 6, rounds: int = 15) -> None:
+    """Batches and token counts (which tokenize with other padding) from several threads
+    at once: each must get what it gets alone."""
+    import threading
+
+    import numpy as np
+
+    want, counts = encoder.encode_texts(texts), encoder.token_counts(texts)
+    failures: list[str] = []
+
+    def work(k: int) -> None:
+        for _ in range(rounds):
+            try:
+                if k % 2:
+                    assert encoder.token_counts(texts) == counts
+                else:
+                    np.testing.assert_allclose(encoder.encode_texts(texts), want, atol=1e-5)
+            except Exception as e:  # any failure, reported below
+                failures.append(f"{type(e).__name__}: {e}")
+
+    started = [threading.Thread(target=work, args=(k,)) for k in range(threads)]
+    for t in started:
+        t.start()
+    for t in started:
+        t.join()
+    assert not failures, failures[:3]
+
+
 def built_index_from_catalog(folder: Path, catalog_db: Path, model: str, path_of=str) -> Path:
     """A flat build-index folder over the catalog's own vectors, with each photo's path
     rewritten by `path_of` (a local path, or an object-store URI)."""
@@ -120,6 +160,14 @@ def launch_chromium(playwright):
     """Headless Chromium (Debian's, or CLIPLENS_CHROMIUM) through Playwright."""
     path = shutil.which("chromium") or CHROMIUM
     return playwright.chromium.launch(executable_path=path, args=["--no-sandbox"])
+
+
+def watched_page(browser, height: int = 900):
+    """A new 1280-wide page of `browser`, and the list its script errors go to."""
+    page = browser.new_page(viewport={"width": 1280, "height": height})
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    return page, errors
 
 
 def browser_or_skip() -> None:

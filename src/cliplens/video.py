@@ -198,11 +198,8 @@ def _shown_at(
     later. From the start, the first frame stands for times before it."""
     found = None
     for t, frame in _frames(path, container, stream):
-        if t > target + 1e-3:
-            if found is None and not from_start:
-                return None
-            if found is not None:
-                break
+        if t > target + 1e-3 and (found is not None or not from_start):
+            return found
         found = frame
     return found
 

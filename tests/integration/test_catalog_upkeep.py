@@ -20,24 +20,14 @@ from cliplens.catalog.db import Catalog
 from cliplens.catalog.schema import SCHEMA_VERSION
 from cliplens.catalog.update import update_catalog
 from cliplens.catalog.upkeep import check_catalog, merge_catalogs
-from cliplens.cli.main import main
 from cliplens.index.built import open_built_index
 from cliplens.models.ref import ModelRef
 from cliplens.tasks.search import search
 from conftest import TINY_CFG, make_photos, make_tiny_clip
-from tests_helpers import run_json
+from tests_helpers import cli_json
+from tests_helpers import run_cli as run
 
 QUERIES = ("a cat", "a rocket", "coffee")
-
-
-def run(capsys, *args: str | Path) -> tuple[int, str, str]:
-    code = main([str(a) for a in args])
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
-def cli_json(capsys, *args: str | Path):
-    return run_json(capsys, [str(a) for a in args])
 
 
 def index(db: Path, ref: ModelRef, *folders: Path) -> Path:

@@ -16,25 +16,15 @@ from skimage import data
 from cliplens.catalog.db import Catalog
 from cliplens.catalog.update import update_catalog
 from cliplens.catalog.upkeep import check_catalog
-from cliplens.cli.main import main
 from cliplens.models.ref import ModelRef
 from cliplens.tasks.search import search
 from cliplens.video import VideoSampling, read_moments
 from conftest import TINY_CFG, make_tiny_clip
-from tests_helpers import make_video, run_json
+from tests_helpers import cli_json, make_video
+from tests_helpers import run_cli as run
 
 SAMPLING = VideoSampling(min_gap=0.5, max_gap=2)
 CAT, ROCKET = data.chelsea(), data.rocket()
-
-
-def run(capsys, *args: str | Path) -> tuple[int, str, str]:
-    code = main([str(a) for a in args])
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
-def cli_json(capsys, *args: str | Path):
-    return run_json(capsys, [str(a) for a in args])
 
 
 def index(db: Path, ref: ModelRef, *folders: Path, video: VideoSampling = SAMPLING) -> Path:

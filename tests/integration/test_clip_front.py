@@ -27,7 +27,7 @@ from cliplens.catalog.db import Catalog
 from cliplens.catalog.update import update_catalog
 from cliplens.models.ref import ModelRef
 from cliplens.server import ServerSettings, create_app
-from tests_helpers import browser_or_skip, calm_policy, launch_chromium, live_server
+from tests_helpers import browser_or_skip, calm_policy, launch_chromium, live_server, watched_page
 
 
 @contextmanager
@@ -73,9 +73,7 @@ def test_clip_front_searches_this_server_in_chromium(tmp_path, photos):
             (front / "config.json").write_text(json.dumps(config))
             with sync_playwright() as p:
                 browser = launch_chromium(p)
-                page = browser.new_page(viewport={"width": 1280, "height": 900})
-                errors: list[str] = []
-                page.on("pageerror", lambda e: errors.append(str(e)))
+                page, errors = watched_page(browser)
                 page.goto(f"{origin}/?back={back}&index=photos")
                 page.locator("#searchBar").fill("a cat")
                 page.locator("#searchBar").press("Enter")

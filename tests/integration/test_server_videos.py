@@ -22,7 +22,7 @@ from PIL import Image
 from cliplens.server import ServerSettings, create_app
 from cliplens.server.files import video_type
 from server_fixtures import error_of
-from tests_helpers import browser_or_skip, launch_chromium, live_server, make_video
+from tests_helpers import browser_or_skip, launch_chromium, live_server, make_video, watched_page
 
 CAT_UNTIL = 4.0  # the clip: the cat from 0 to 4 s, the rocket from 4 to 8 s
 END = 8.0
@@ -451,9 +451,7 @@ def test_a_video_result_plays_from_its_moment_in_chromium(settings, client, ids,
     with live_server(create_app(settings), settings) as port, sync_playwright() as p:
         origin = f"http://127.0.0.1:{port}"
         browser = launch_chromium(p)
-        page = browser.new_page(viewport={"width": 1280, "height": 900})
-        errors: list[str] = []
-        page.on("pageerror", lambda e: errors.append(str(e)))
+        page, errors = watched_page(browser)
         served: list[str] = []
         page.on(
             "response",
@@ -488,9 +486,7 @@ def test_with_a_token_the_video_is_fetched_with_it_and_plays(media, settings, cl
     with live_server(create_app(guarded), guarded) as port, sync_playwright() as p:
         origin = f"http://127.0.0.1:{port}"
         browser = launch_chromium(p)
-        page = browser.new_page(viewport={"width": 1280, "height": 900})
-        errors: list[str] = []
-        page.on("pageerror", lambda e: errors.append(str(e)))
+        page, errors = watched_page(browser)
         page.goto(origin + "/")
         expect(page.locator("#token-form")).to_be_visible()
         page.fill("#token", "s3cret-token")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests_helpers import browser_or_skip, launch_chromium
+from tests_helpers import browser_or_skip, launch_chromium, watched_page
 
 
 def _free_port() -> int:
@@ -72,9 +72,7 @@ def test_search_click_similar_and_classify_in_chromium(live_server, photos, tmp_
 
     with sync_playwright() as p:
         browser = launch_chromium(p)
-        page = browser.new_page(viewport={"width": 1280, "height": 900})
-        errors: list[str] = []
-        page.on("pageerror", lambda e: errors.append(str(e)))
+        page, errors = watched_page(browser)
         page.goto(live_server + "/")
         expect(page.locator("#token-form")).to_be_hidden()  # this server has no token
 
@@ -152,9 +150,7 @@ def test_scrolling_loads_the_next_page_and_the_cut_off_applies_to_all(live_serve
     with sync_playwright() as p:
         browser = launch_chromium(p)
         # short, so that "More" starts below the fold and only scrolling reaches it
-        page = browser.new_page(viewport={"width": 1280, "height": 360})
-        errors: list[str] = []
-        page.on("pageerror", lambda e: errors.append(str(e)))
+        page, errors = watched_page(browser, height=360)
         page.goto(live_server + "/?n=3")
         page.fill("#q", query)
         page.keyboard.press("Enter")

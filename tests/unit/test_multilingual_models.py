@@ -19,6 +19,7 @@ from cliplens import load_model
 from cliplens.device import Precision
 from cliplens.errors import InvalidInputError, ModelUnavailableError, UnknownModelError
 from cliplens.models.multilingual import PAIRINGS, load_multilingual
+from tests_helpers import texts_from_threads
 
 st = pytest.importorskip("sentence_transformers")
 
@@ -462,28 +463,8 @@ def test_a_cached_snapshot_without_its_weights_is_fetched_again(
 def test_texts_from_several_threads(paired):
     """Batches and token counts tokenize with different padding: from 6 threads at once,
     each gets what it gets alone."""
-    import threading
-
     texts = [f"ein Foto einer Katze {i} " * (i % 5 + 1) for i in range(32)]
-    want, counts = paired.encode_texts(texts), paired.token_counts(texts)
-    failures: list[str] = []
-
-    def work(k: int) -> None:
-        for _ in range(15):
-            try:
-                if k % 2:
-                    assert paired.token_counts(texts) == counts
-                else:
-                    np.testing.assert_allclose(paired.encode_texts(texts), want, atol=1e-5)
-            except Exception as e:  # any failure, reported below
-                failures.append(f"{type(e).__name__}: {e}")
-
-    threads = [threading.Thread(target=work, args=(k,)) for k in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not failures, failures[:3]
+    texts_from_threads(paired, texts)
 
 
 def test_loading_leaves_transformers_progress_bars_as_they_were(text_folder):

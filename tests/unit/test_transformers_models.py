@@ -10,7 +10,6 @@ import json
 import math
 import shutil
 import socket
-import threading
 import time
 from pathlib import Path
 
@@ -25,6 +24,7 @@ pytest.importorskip("sentencepiece")  # SigLIP's tokenizer
 import cliplens  # noqa: E402
 from cliplens.errors import InvalidInputError, ModelUnavailableError  # noqa: E402
 from cliplens.models.hf_transformers import preprocessing_of  # noqa: E402
+from tests_helpers import texts_from_threads  # noqa: E402
 
 TEXTS = [
     "a photo of a cat",
@@ -416,27 +416,9 @@ def test_height_and_width_are_squashed_before_the_crop(tmp_path):
 def test_texts_from_several_threads(loaded):
     """Batches and token counts tokenize with different padding: from 6 threads at once,
     each gets what it gets alone."""
-    encoder = loaded["clip"]
-    texts = [f"a photo of a cat number {i} " * (i % 9 + 1) for i in range(32)]
-    want, counts = encoder.encode_texts(texts), encoder.token_counts(texts)
-    failures: list[str] = []
-
-    def work(k: int) -> None:
-        for _ in range(15):
-            try:
-                if k % 2:
-                    assert encoder.token_counts(texts) == counts
-                else:
-                    assert np.abs(encoder.encode_texts(texts) - want).max() <= 1e-5
-            except Exception as e:  # any failure, reported below
-                failures.append(f"{type(e).__name__}: {e}")
-
-    threads = [threading.Thread(target=work, args=(k,)) for k in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not failures, failures[:3]
+    texts_from_threads(
+        loaded["clip"], [f"a photo of a cat number {i} " * (i % 9 + 1) for i in range(32)]
+    )
 
 
 def test_preprocessing_of_processor_settings():

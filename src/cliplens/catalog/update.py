@@ -267,7 +267,7 @@ def _update_catalog(
         stats.notes += _precision_notes(catalog, info)
     stats.timings["scan"] = time.perf_counter() - t0
     if video is not None:  # kept even by a run with nothing to read
-        video = _sampling(catalog, video)
+        _keep_sampling(catalog, video)
     if not plan.jobs and not plan.gone:
         if catalog.garbage_pending:  # left by a run killed before it collected
             with catalog.transaction():
@@ -283,7 +283,7 @@ def _update_catalog(
     from cliplens.catalog.worker import CropDecoder  # here: a no-op run decodes nothing
 
     sampled = sampled_times(catalog, key)
-    video = video or _sampling(catalog, None)
+    video = video or kept_sampling(catalog)
     decoder = CropDecoder(info.preprocessing, max_megapixels, frozenset(known), video, sampled)
     writer = _BatchWriter(catalog, encoder, key, stats)
     with progress_bar(len(plan.jobs), "indexing", progress) as advance:
@@ -306,19 +306,15 @@ def _update_catalog(
     return stats
 
 
-def _sampling(catalog: Catalog, video: VideoSampling | None) -> VideoSampling:
-    """The catalog's video sampling: `video` when given (then kept for its later runs,
-    such as a search's update), else the one kept, else the defaults."""
+def _keep_sampling(catalog: Catalog, video: VideoSampling) -> None:
+    """Keep `video` as the catalog's sampling for its later runs (a search's update too)."""
     import json
 
-    if video is not None:
-        with catalog.transaction() as db:
-            db.execute(
-                "INSERT OR REPLACE INTO meta (key, value) VALUES ('video_sampling', ?)",
-                (json.dumps(dataclasses.asdict(video)),),
-            )
-        return video
-    return kept_sampling(catalog)
+    with catalog.transaction() as db:
+        db.execute(
+            "INSERT OR REPLACE INTO meta (key, value) VALUES ('video_sampling', ?)",
+            (json.dumps(dataclasses.asdict(video)),),
+        )
 
 
 def kept_sampling(catalog: Catalog) -> VideoSampling:

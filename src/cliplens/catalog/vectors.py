@@ -315,14 +315,12 @@ class CatalogSearch:
             for (row, score), file_id in zip(rows, files, strict=True):
                 if file_id not in paths:
                     continue
-                hit = hits.get(row if each_moment else file_id)
                 t = times.get(row)
-                if each_moment:
+                key = row if each_moment else file_id  # a hit per row, or per file
+                hit = hits.get(key)
+                if hit is None:
                     moment = ((t, score),) if t is not None else ()
-                    hits[row] = Hit(paths[file_id], score, file_id, t, moment)
-                elif hit is None:
-                    moments = ((t, score),) if t is not None else ()
-                    hits[file_id] = Hit(paths[file_id], score, file_id, t, moments)
+                    hits[key] = Hit(paths[file_id], score, file_id, t, moment)
                 elif t is not None and len(hit.moments) < MOMENTS:
                     hits[file_id] = replace(hit, moments=(*hit.moments, (t, score)))
             out.append(list(hits.values()))

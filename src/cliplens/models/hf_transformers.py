@@ -56,7 +56,7 @@ from cliplens.device import Precision
 from cliplens.errors import InvalidInputError, ModelError, ModelUnavailableError, one_line
 from cliplens.models.hub import check_reachable
 from cliplens.models.info import ModelInfo
-from cliplens.models.onnx_text import TextGraph
+from cliplens.models.onnx_text import TextGraph, padded_tokenizer
 from cliplens.models.torch_encoder import TorchEncoder
 from cliplens.models.weights import combined_digest
 from cliplens.preprocess import Interpolation, Preprocessing
@@ -214,21 +214,15 @@ class TransformersEncoder(TorchEncoder):
         """CLIP with a fast tokenizer: its `tokenizers` pipeline (which lowercases and
         normalises itself) and the tower over any number of tokens. SigLIP's towers and
         sentencepiece tokenizers keep the PyTorch path."""
-        from tokenizers import Tokenizer
-
         backend = getattr(self.tokenizer, "backend_tokenizer", None)
         model_type = getattr(self.model.config, "model_type", "")
         if model_type != "clip" or backend is None or self._dtype != torch.float32:
             return None
         if self._text_kwargs.get("padding") == "max_length":
             return None
-        length = self._text_kwargs["max_length"]
-        tok = Tokenizer.from_str(backend.to_str())
-        tok.enable_truncation(max_length=length)
-        tok.enable_padding(pad_id=self.tokenizer.pad_token_id, pad_token=self.tokenizer.pad_token)
         return TextGraph(
             module=_TextTower(self.model).eval(),
-            tokenizer=tok,
+            tokenizer=padded_tokenizer(self.tokenizer, self._text_kwargs["max_length"]),
             cleaner="none",
             with_mask=True,
             any_length=True,

@@ -48,7 +48,7 @@ from cliplens.device import Precision
 from cliplens.errors import InvalidInputError, ModelUnavailableError, UnknownModelError
 from cliplens.models.hf_transformers import no_progress_bars, shaping_files
 from cliplens.models.info import ModelInfo
-from cliplens.models.onnx_text import TextGraph
+from cliplens.models.onnx_text import TextGraph, padded_tokenizer
 from cliplens.models.torch_encoder import TorchEncoder
 from cliplens.models.weights import combined_digest
 from cliplens.settings import get_settings
@@ -473,15 +473,9 @@ class MultilingualEncoder(TorchEncoder):
     def text_graph(self) -> TextGraph | None:
         if self.info.precision != Precision.FP32:
             return None
-        from tokenizers import Tokenizer  # only for an ONNX export
-
-        hf = self.text.tokenizer
-        tok = Tokenizer.from_str(hf.backend_tokenizer.to_str())
-        tok.enable_truncation(max_length=self.text.max_length)
-        tok.enable_padding(pad_id=hf.pad_token_id or 0, pad_token=hf.pad_token or "[PAD]")
         return TextGraph(
             module=self.text.module,
-            tokenizer=tok,
+            tokenizer=padded_tokenizer(self.text.tokenizer, self.text.max_length),
             cleaner="none",
             with_mask=True,
             any_length=True,

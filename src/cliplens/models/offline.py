@@ -30,7 +30,7 @@ from cliplens.device import Precision
 from cliplens.errors import DependencyMissingError, InvalidInputError, ModelError
 from cliplens.models.encoder import ImageEncoding
 from cliplens.models.info import ModelInfo
-from cliplens.models.onnx_text import TextGraph
+from cliplens.models.onnx_text import TextGraph, padded_tokenizer
 from cliplens.models.torch_encoder import TorchEncoder
 from cliplens.models.weights import combined_digest, verify_sha256
 from cliplens.preprocess import Preprocessing
@@ -260,14 +260,9 @@ class OfflineEncoder(TorchEncoder):
     def text_graph(self) -> TextGraph | None:
         if self._dtype != torch.float32:
             return None
-        from tokenizers import Tokenizer  # only for an ONNX export
-
-        tok = Tokenizer.from_str(self.text.tokenizer.backend_tokenizer.to_str())
-        tok.enable_truncation(max_length=self.text.max_length)
-        tok.enable_padding(pad_id=self.text.tokenizer.pad_token_id)
         return TextGraph(
             module=self.text.pooled,
-            tokenizer=tok,
+            tokenizer=padded_tokenizer(self.text.tokenizer, self.text.max_length),
             cleaner="none",
             with_mask=True,
             any_length=True,

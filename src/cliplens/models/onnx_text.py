@@ -67,6 +67,17 @@ class TextGraph:
     token_ids: Callable[[list[str]], list[list[int]]]  # the backend's own ids, unpadded
 
 
+def padded_tokenizer(hf: Any, max_length: int) -> Any:
+    """The `tokenizers` pipeline of a transformers fast tokenizer, cut at `max_length` and
+    padded with its pad token: a TextGraph's tokenizer."""
+    from tokenizers import Tokenizer  # only for an ONNX export
+
+    tok = Tokenizer.from_str(hf.backend_tokenizer.to_str())
+    tok.enable_truncation(max_length=max_length)
+    tok.enable_padding(pad_id=hf.pad_token_id or 0, pad_token=hf.pad_token or "[PAD]")
+    return tok
+
+
 def save_tokenizer(tokenizer: Any, path: Path) -> None:
     """Save a `tokenizers` Tokenizer so that it loads fast, and check that the saved file
     gives the same token ids on the probes.
